@@ -1,0 +1,43 @@
+"""Shared fixtures: an isolated VLHUB_HOME per test session and the built-in tiny models in it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vlhub.cache.tiny import ensure_tiny_model
+from vlhub.catalog import get_model
+
+
+@pytest.fixture(scope="session", autouse=True)
+def vlhub_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    home = tmp_path_factory.mktemp("vlhub-home")
+    os.environ["VLHUB_HOME"] = str(home)
+    return home
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_vl(vlhub_home: Path) -> Path:
+    return ensure_tiny_model(get_model("tiny-qwen2-vl"))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_5_vl(vlhub_home: Path) -> Path:
+    return ensure_tiny_model(get_model("tiny-qwen2.5-vl"))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_vl(vlhub_home: Path) -> Path:
+    return ensure_tiny_model(get_model("tiny-qwen-vl"))
+
+
+def run_vlhub(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the real `vlhub` entry point in a fresh interpreter, as a user's shell would."""
+    return subprocess.run(
+        [sys.executable, "-m", "vlhub", *args],
+        capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=600,
+    )

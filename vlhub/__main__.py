@@ -1,0 +1,3 @@
+from vlhub.cli.app import main
+
+main()

@@ -1,0 +1,40 @@
+"""How a command fails: one line on stderr and an exit code, a traceback only with VLHUB_DEBUG=1."""
+
+from __future__ import annotations
+
+import functools
+import os
+import traceback
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar
+
+import typer
+
+from vlhub.cli._output import stderr
+from vlhub.errors import VlhubError
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def debug_enabled() -> bool:
+    return os.environ.get("VLHUB_DEBUG", "") not in ("", "0", "false")
+
+
+def reports_errors(command: Callable[P, R]) -> Callable[P, R]:
+    """Wrap a command so a `VlhubError` becomes `error: <message>` and its exit code."""
+
+    @functools.wraps(command)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return command(*args, **kwargs)
+        except VlhubError as exc:
+            if debug_enabled():
+                traceback.print_exc()
+            stderr.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            stderr.print("interrupted", markup=False)
+            raise typer.Exit(130) from None
+
+    return wrapper

@@ -1,0 +1,44 @@
+"""The `vlhub` application: wiring only; each command lives in its own module."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from vlhub import __version__
+from vlhub.cli.inspect import inspect
+from vlhub.cli.models import models
+
+app = typer.Typer(
+    name="vlhub",
+    help="Convert, check and deploy Qwen-VL family checkpoints (Paddle Inference, TPU-MLIR, vamc).",
+    epilog="Errors print one line and exit 2 (bad input) or 1 (a check failed); VLHUB_DEBUG=1 shows tracebacks.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        print(f"vlhub {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_show_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Convert, check and deploy Qwen-VL family checkpoints."""
+
+
+app.command()(models)
+app.command()(inspect)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

@@ -1,0 +1,52 @@
+"""The two contracts every checkpoint format implements: a lazy reader and a streaming shard writer."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+import numpy as np
+
+from vlhub.tensors import TensorMeta
+
+
+class TensorFile(Protocol):
+    """One checkpoint file, opened lazily.
+
+    Opening parses only the header (or scans the pickle): `tensors()` is known before any data is
+    read, and `read()` reads exactly one tensor's bytes. Corrupt input raises `CorruptCheckpoint`.
+    """
+
+    path: Path
+
+    def tensors(self) -> dict[str, TensorMeta]:
+        """Every tensor in the file, in file order, with `shard` set to the file name."""
+        ...
+
+    def read(self, name: str) -> np.ndarray:
+        """One tensor as a C-contiguous array in its storage dtype (bfloat16 as uint16 bits)."""
+        ...
+
+    def close(self) -> None: ...
+
+    def __enter__(self) -> TensorFile: ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+
+class ShardWriter(Protocol):
+    """Writes one shard into an open binary stream, tensor by tensor.
+
+    The constructor receives every tensor of the shard up front (formats with a header need the
+    layout before the data); `write()` is then called once per tensor in that same order, and
+    `finish()` once at the end. A shard is never held in memory as a whole.
+    """
+
+    def __init__(
+        self, stream: BinaryIO, tensors: Sequence[TensorMeta], metadata: Mapping[str, str] | None = None
+    ) -> None: ...
+
+    def write(self, meta: TensorMeta, array: np.ndarray) -> None: ...
+
+    def finish(self) -> None: ...

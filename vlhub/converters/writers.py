@@ -1,0 +1,157 @@
+"""Sharded, atomic checkpoint writing in any format, one tensor at a time."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+
+from vlhub.converters.base import ShardWriter
+from vlhub.converters.formats import FORMATS, Format
+from vlhub.tensors import TensorMeta
+
+
+def plan_shards(tensors: Sequence[TensorMeta], max_shard_size: int) -> list[list[TensorMeta]]:
+    """Split tensors, in order, into shards of at most `max_shard_size` bytes (a bigger tensor gets its own)."""
+    shards: list[list[TensorMeta]] = [[]]
+    size = 0
+    for meta in tensors:
+        if shards[-1] and size + meta.nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(meta)
+        size += meta.nbytes
+    return shards
+
+
+def temporary_name(path: Path) -> Path:
+    """Where `path` is written until it is complete: hidden, in the same directory, so rename is atomic."""
+    return path.with_name(f".{path.name}.vlhub-{os.getpid()}.tmp")
+
+
+class CheckpointWriter:
+    """Writes a checkpoint whose tensors are all known up front, streaming their data in that order.
+
+    Shards follow the format's naming (`model-00001-of-00003.safetensors`, `model_state-...pdparams`,
+    `pytorch_model-...bin`) with an index file, or the single-file name when one shard suffices.
+    Everything is written under temporary names and renamed only by `close()`; leaving the context
+    on an exception removes the temporaries, so no file ever exists under a final name half-written.
+    """
+
+    def __init__(
+        self,
+        out_dir: Path | str,
+        format: str | Format,
+        tensors: Sequence[TensorMeta],
+        *,
+        max_shard_size: int | None = None,
+        metadata: Mapping[str, str] | None = None,
+        on_bytes: Callable[[int], None] | None = None,
+    ) -> None:
+        self.format = FORMATS[format] if isinstance(format, str) else format
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        limit = max_shard_size or self.format.default_max_shard_size
+        self._shards = plan_shards(tensors, limit)
+        count = len(self._shards)
+        self.shard_names = (
+            [self.format.single_file] if count == 1 else [self.format.shard_name(i + 1, count) for i in range(count)]
+        )
+        self._order = [meta for shard in self._shards for meta in shard]
+        self._metadata = metadata
+        self._on_bytes = on_bytes
+        self._next = 0
+        self._shard_index = -1
+        self._written_in_shard = 0
+        self._stream: BinaryIO | None = None
+        self._writer: ShardWriter | None = None
+        self._temporaries: list[Path] = []
+        self.written: list[Path] = []
+
+    @property
+    def weight_map(self) -> dict[str, str]:
+        return {meta.name: name for shard, name in zip(self._shards, self.shard_names) for meta in shard}
+
+    def write(self, name: str, array: np.ndarray) -> None:
+        """Write the next tensor; names must come in the order the writer was given."""
+        if self._next >= len(self._order) or self._order[self._next].name != name:
+            expected = self._order[self._next].name if self._next < len(self._order) else "nothing more"
+            raise ValueError(f"tensor {name!r} written out of order; expected {expected}")
+        meta = self._order[self._next]
+        if self._writer is None:
+            self._open_next_shard()
+        assert self._writer is not None
+        self._writer.write(meta, array)
+        self._next += 1
+        self._written_in_shard += 1
+        if self._on_bytes:
+            self._on_bytes(meta.nbytes)
+        if self._written_in_shard == len(self._shards[self._shard_index]):
+            self._finish_shard()
+
+    def _open_next_shard(self) -> None:
+        self._shard_index += 1
+        self._written_in_shard = 0
+        temp = temporary_name(self.out_dir / self.shard_names[self._shard_index])
+        self._temporaries.append(temp)
+        self._stream = open(temp, "wb")  # noqa: SIM115 - closed in _finish_shard / abort
+        self._writer = self.format.writer(self._stream, self._shards[self._shard_index], self._metadata)
+
+    def _finish_shard(self) -> None:
+        assert self._writer is not None and self._stream is not None
+        self._writer.finish()
+        self._stream.close()
+        self._writer = self._stream = None
+
+    def close(self) -> list[Path]:
+        """Check every tensor was written, then give each file its final name (the index last)."""
+        if self._next != len(self._order):
+            missing = len(self._order) - self._next
+            raise ValueError(f"{missing} tensors were never written, starting with {self._order[self._next].name!r}")
+        if not self._order:  # an empty checkpoint is still a valid single file
+            self._open_next_shard()
+            self._finish_shard()
+        for temp, name in zip(self._temporaries, self.shard_names):
+            os.replace(temp, self.out_dir / name)
+            self.written.append(self.out_dir / name)
+        self._temporaries.clear()
+        if len(self.shard_names) > 1:
+            index = {
+                "metadata": {"total_size": sum(meta.nbytes for meta in self._order)},
+                "weight_map": self.weight_map,
+            }
+            self.written.append(write_json_atomic(self.out_dir / self.format.index_file, index))
+        return self.written
+
+    def abort(self) -> None:
+        """Remove everything written so far."""
+        if self._stream is not None:
+            self._stream.close()
+            self._writer = self._stream = None
+        for temp in self._temporaries:
+            temp.unlink(missing_ok=True)
+        self._temporaries.clear()
+
+    def __enter__(self) -> CheckpointWriter:
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def write_json_atomic(path: Path, data: object) -> Path:
+    """Write JSON (indented, as HF writes its files) under a temporary name, then rename it."""
+    temp = temporary_name(path)
+    try:
+        temp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
+    return path

@@ -1,0 +1,38 @@
+"""Turn what a user typed as SRC (a catalog name, a repo id or a path) into a local path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from vlhub.catalog import ModelSpec, find_model, unknown_model_message
+from vlhub.errors import UserError
+
+
+def resolve_source(source: str) -> Path:
+    """A local path for SRC. Tiny models are generated on first use; other catalog models must
+    already be on disk (the Hugging Face cache is consulted, offline)."""
+    path = Path(source).expanduser()
+    if path.exists():
+        return path
+    spec = find_model(source)
+    if spec is not None:
+        return _local_copy(spec)
+    if path.suffix or source.startswith((".", "/", "~")) or source.count("/") > 1:
+        raise UserError(f"no such file or directory: {source}")
+    raise UserError(unknown_model_message(source))
+
+
+def _local_copy(spec: ModelSpec) -> Path:
+    if spec.tiny:
+        from vlhub.cache.tiny import ensure_tiny_model
+
+        return ensure_tiny_model(spec)
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(spec.hf_repo, local_files_only=True))
+    except LocalEntryNotFoundError:
+        raise UserError(
+            f"{spec.name} ({spec.hf_repo}) is not on this machine: download it, then pass its directory"
+        ) from None
