@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 
 from rich.console import Console
 
-stdout = Console(highlight=False, soft_wrap=True)
+# piped output is read by scripts and grep: never cut table cells to fit an imaginary 80 columns
+_PIPE_WIDTH = None if sys.stdout.isatty() or "COLUMNS" in os.environ else 200
+stdout = Console(highlight=False, width=_PIPE_WIDTH)
 stderr = Console(stderr=True, highlight=False)
 
 

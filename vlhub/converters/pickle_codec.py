@@ -5,8 +5,8 @@ called: allow-listed globals become `Global` placeholders, their calls become `R
 and byte payloads stay in the file as `FileSpan`s, so scanning costs memory in proportion to the
 pickle's structure, not to its tensor data. `read_span_into` later fills an array from one span.
 
-Writing: `PickleEmitter` writes opcodes straight to a stream; array payloads go from the array's
-memory to the stream without an intermediate `bytes` copy.
+Writing: `PickleEmitter` writes opcodes straight to a stream; the caller writes array payloads
+after `bytes_header` straight from the array's memory, without an intermediate `bytes` copy.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import _compat_pickle
 import codecs
 import io
+import math
 import os
 import struct
 from collections.abc import Callable, Collection
@@ -22,12 +23,14 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from vlhub.converters.io_utils import read_exact_into
 from vlhub.errors import CorruptCheckpoint, UnsafePickle
 
 # Strings longer than this are left in the file: a protocol-2 pickle stores tensor bytes as text.
-_INLINE_TEXT_LIMIT = 1 << 16
+_INLINE_TEXT_LIMIT = 1 << 12
 _GLOBAL_LINE_LIMIT = 1024
-_READ_CHUNK = 1 << 24
+_READ_CHUNK = 1 << 22
+_MAX_DIMS = 64
 
 
 @dataclass(frozen=True)
@@ -91,19 +94,19 @@ PersistentLoad = Callable[[Any], Any]
 _SCALAR_KEY_TYPES = (str, int, float, bool, type(None), bytes)
 
 
-def read_span_into(stream: BinaryIO, source: ByteSource, out: memoryview, where: str) -> None:
-    """Fill `out` (a flat byte view) exactly with the bytes of `source`, or raise `CorruptCheckpoint`."""
+def read_span_into(stream: BinaryIO, source: ByteSource, out: np.ndarray, where: str) -> None:
+    """Fill `out` (flat uint8) exactly with the bytes of `source`, or raise `CorruptCheckpoint`."""
     if isinstance(source, bytes):
-        if len(source) != len(out):
-            raise CorruptCheckpoint(f"{where}: payload holds {len(source)} bytes, expected {len(out)}")
-        out[:] = source
+        if len(source) != out.size:
+            raise CorruptCheckpoint(f"{where}: payload holds {len(source)} bytes, expected {out.size}")
+        out[:] = np.frombuffer(source, dtype=np.uint8)
+        return
+    if not source.utf8_latin1:
+        if source.length != out.size:
+            raise CorruptCheckpoint(f"{where}: payload holds {source.length} bytes, expected {out.size}")
+        read_exact_into(stream, source.offset, out, where)
         return
     stream.seek(source.offset)
-    if not source.utf8_latin1:
-        if source.length != len(out):
-            raise CorruptCheckpoint(f"{where}: payload holds {source.length} bytes, expected {len(out)}")
-        read_exact_into(stream, out, where)
-        return
     decoder = codecs.getincrementaldecoder("utf-8")()
     filled = 0
     remaining = source.length
@@ -114,24 +117,14 @@ def read_span_into(stream: BinaryIO, source: ByteSource, out: memoryview, where:
                 raise CorruptCheckpoint(f"{where}: file is truncated inside a tensor payload")
             remaining -= len(chunk)
             decoded = decoder.decode(chunk, final=remaining == 0).encode("latin-1")
-            if filled + len(decoded) > len(out):
-                raise CorruptCheckpoint(f"{where}: payload holds more than the expected {len(out)} bytes")
-            out[filled : filled + len(decoded)] = decoded
+            if filled + len(decoded) > out.size:
+                raise CorruptCheckpoint(f"{where}: payload holds more than the expected {out.size} bytes")
+            out[filled : filled + len(decoded)] = np.frombuffer(decoded, dtype=np.uint8)
             filled += len(decoded)
     except UnicodeError as exc:
         raise CorruptCheckpoint(f"{where}: tensor payload is not latin-1 text ({exc.reason})") from None
-    if filled != len(out):
-        raise CorruptCheckpoint(f"{where}: payload holds {filled} bytes, expected {len(out)}")
-
-
-def read_exact_into(stream: BinaryIO, out: memoryview, where: str) -> None:
-    """`readinto` until `out` is full; a short file raises `CorruptCheckpoint`."""
-    filled = 0
-    while filled < len(out):
-        got = stream.readinto(out[filled:])
-        if not got:
-            raise CorruptCheckpoint(f"{where}: file is truncated inside a tensor payload")
-        filled += got
+    if filled != out.size:
+        raise CorruptCheckpoint(f"{where}: payload holds {filled} bytes, expected {out.size}")
 
 
 def stream_size(stream: BinaryIO) -> int:
@@ -425,8 +418,8 @@ class PickleEmitter:
         self.protocol = protocol
         stream.write(b"\x80" + bytes([protocol]))
 
-    def value(self, obj: None | bool | int | str | tuple[Any, ...]) -> None:
-        """A plain value: None, bool, int, str, or a tuple of those."""
+    def value(self, obj: None | bool | int | str | bytes | tuple[Any, ...]) -> None:
+        """A plain value: None, bool, int, str, small bytes, or a tuple of those."""
         if obj is None:
             self.stream.write(b"N")
         elif isinstance(obj, bool):
@@ -435,13 +428,19 @@ class PickleEmitter:
             self.integer(obj)
         elif isinstance(obj, str):
             self.text(obj)
+        elif isinstance(obj, bytes) and self.protocol >= 3 and len(obj) < 1 << 8:
+            self.stream.write(b"C" + struct.pack("<B", len(obj)) + obj)
         elif isinstance(obj, tuple):
             self.mark()
-            for item in obj:
-                self.value(item)
+            self.values(*obj)
             self.tuple_from_mark()
         else:
             raise TypeError(f"PickleEmitter.value cannot write {type(obj).__name__}")
+
+    def values(self, *objs: None | bool | int | str | bytes | tuple[Any, ...]) -> None:
+        """Several plain values in turn (the items of an enclosing tuple or call)."""
+        for obj in objs:
+            self.value(obj)
 
     def integer(self, n: int) -> None:
         if 0 <= n < 1 << 8:
@@ -490,25 +489,28 @@ class PickleEmitter:
     def persistent_id(self) -> None:
         self.stream.write(b"Q")
 
-    def array_bytes(self, array: np.ndarray) -> None:
-        """A bytes object holding a C-contiguous array's memory, written without copying it."""
+    def bytes_header(self, nbytes: int) -> None:
+        """The opcode and length of a bytes object; the caller writes its `nbytes` of payload next."""
         if self.protocol < 3:
             raise ValueError("bytes opcodes need pickle protocol 3 or later")
-        data = memoryview(flat_bytes(array))
-        if len(data) < 1 << 32:
-            self.stream.write(b"B" + struct.pack("<I", len(data)))
+        if nbytes < 1 << 32:
+            self.stream.write(b"B" + struct.pack("<I", nbytes))
         elif self.protocol >= 4:
-            self.stream.write(b"\x8e" + struct.pack("<Q", len(data)))
+            self.stream.write(b"\x8e" + struct.pack("<Q", nbytes))
         else:
             raise ValueError("payloads of 4 GiB or more need pickle protocol 4")
-        self.stream.write(data)
 
     def stop(self) -> None:
         self.stream.write(b".")
 
 
-def flat_bytes(array: np.ndarray) -> np.ndarray:
-    """A flat uint8 view of a C-contiguous array's memory (no copy)."""
-    if not array.flags.c_contiguous:
-        raise ValueError("array must be C-contiguous to be written as-is")
-    return array.reshape(-1).view(np.uint8)
+def checked_shape(value: Any, where: str) -> tuple[int, ...]:
+    """A shape (or stride/axis list) from a pickle: non-negative ints whose product numpy can index."""
+    if (
+        not isinstance(value, tuple | list)
+        or len(value) > _MAX_DIMS
+        or not all(type(dim) is int and 0 <= dim < 1 << 62 for dim in value)
+        or math.prod(max(dim, 1) for dim in value) >= 1 << 62
+    ):
+        raise CorruptCheckpoint(f"{where}: malformed shape")
+    return tuple(value)

@@ -1,0 +1,61 @@
+"""Shared by the benchmark scripts: full-size synthetic checkpoints and measured child processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from vlhub.catalog import get_model
+from vlhub.synthetic import write_synthetic_checkpoint
+
+# the official Qwen2(.5)-VL uploads cut shards at about 4 GB
+OFFICIAL_SHARD_SIZE = 4 * 10**9
+
+
+def full_size_checkpoint(model: str, root: Path) -> Path:
+    """A checkpoint with random weights in the official shapes, dtype and sharding (made once)."""
+    spec = get_model(model)
+    out = root / model
+    if not (out / "config.json").is_file():
+        print(f"generating {model} ({spec.size_bytes / 1e9:.1f} GB) in {out} ...", file=sys.stderr)
+        write_synthetic_checkpoint(out, spec.family, spec.config, max_shard_size=OFFICIAL_SHARD_SIZE)
+    return out
+
+
+def drop_page_cache() -> bool:
+    """Start cold when the machine lets us (root on Linux); report whether it did."""
+    try:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+@dataclass
+class Run:
+    seconds: float
+    peak_rss_bytes: int
+    stdout: str
+
+
+def measure(argv: list[str], *, cold: bool = True) -> Run:
+    """Run a command in a child process; wall time and the child's peak resident memory."""
+    if cold:
+        drop_page_cache()
+    start = time.perf_counter()
+    child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    out = child.stdout.read() if child.stdout else ""
+    _, status, usage = os.wait4(child.pid, 0)
+    elapsed = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{argv} failed")
+    return Run(elapsed, usage.ru_maxrss * 1024, out)
+
+
+def python(code: str) -> list[str]:
+    return [sys.executable, "-c", code]
