@@ -44,18 +44,33 @@ class Run:
 
 
 def measure(argv: list[str], *, cold: bool = True) -> Run:
-    """Run a command in a child process; wall time and the child's peak resident memory."""
+    """Run a command in a child process; wall time and the child's peak resident memory.
+
+    The command is started by a fresh interpreter running this file: a child forked straight from a
+    benchmark that has just generated 16 GB would inherit that process's peak RSS figure.
+    """
     if cold:
         drop_page_cache()
+    result = subprocess.run([sys.executable, __file__, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"{argv} failed:\n{result.stderr}")
+    *_, last = result.stderr.strip().splitlines()
+    seconds, peak = last.split()
+    return Run(float(seconds), int(peak), result.stdout)
+
+
+def _run_and_report(argv: list[str]) -> int:
     start = time.perf_counter()
-    child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    out = child.stdout.read() if child.stdout else ""
+    child = subprocess.Popen(argv, stderr=subprocess.DEVNULL)
     _, status, usage = os.wait4(child.pid, 0)
-    elapsed = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"{argv} failed")
-    return Run(elapsed, usage.ru_maxrss * 1024, out)
+    print(f"{time.perf_counter() - start:.6f} {usage.ru_maxrss * 1024}", file=sys.stderr)
+    return os.waitstatus_to_exitcode(status)
 
 
 def python(code: str) -> list[str]:
     return [sys.executable, "-c", code]
+
+
+if __name__ == "__main__":
+    sys.exit(_run_and_report(sys.argv[1:]))

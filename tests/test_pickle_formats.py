@@ -1,4 +1,4 @@
-"""The pickle-based formats (.pdparams, torch zip) against real paddle and torch, hostile pickles, fuzzing and laziness."""
+"""The pickle-based formats (.pdparams, torch zip): paddle/torch round trips, hostile pickles, fuzzing, laziness."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import tracemalloc
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 import pytest
@@ -21,8 +22,12 @@ from vlhub.converters.torch_io import TorchBinFile, TorchBinShardWriter
 from vlhub.errors import CorruptCheckpoint, UnsafePickle
 from vlhub.tensors import TensorMeta, bf16_bits_from_float32
 
+if TYPE_CHECKING:
+    import torch
+
 Reader = type[PdparamsFile] | type[TorchBinFile]
 Writer = type[PdparamsShardWriter] | type[TorchBinShardWriter]
+FORMATS = [(PdparamsShardWriter, PdparamsFile), (TorchBinShardWriter, TorchBinFile)]
 
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 KB = 1 << 10
@@ -61,7 +66,7 @@ def assert_bits_equal(actual: np.ndarray, expected: np.ndarray) -> None:
     assert actual.tobytes() == expected.tobytes()
 
 
-def torch_bits(tensor) -> np.ndarray:  # noqa: ANN001 - torch is imported lazily
+def torch_bits(tensor: torch.Tensor) -> np.ndarray:
     import torch
 
     tensor = tensor.detach().contiguous()
@@ -168,7 +173,8 @@ def test_plain_pickles_of_any_layout_read_c_contiguous(tmp_path: Path, protocol:
     }
     legacy = {"legacy": ("generated_tensor_0", base[0])}  # paddle 2.1 stored (name, array)
     path = tmp_path / "plain.pdparams"
-    path.write_bytes(pickle.dumps({**arrays, **legacy, "StructuredToParameterName@@": {"bool": "b"}}, protocol=protocol))
+    name_table = {"StructuredToParameterName@@": {"bool": "generated_tensor_1"}}
+    path.write_bytes(pickle.dumps({**arrays, **legacy, **name_table}, protocol=protocol))
 
     read = read_all(PdparamsFile, path)
 
@@ -288,7 +294,9 @@ def hostile_pickle(target: str, via: str, marker: Path) -> bytes:
     return b"\x80\x04}" + binunicode("w") + call + b"s."
 
 
-HOSTILE = [(target, via) for target in ("os.system", "builtins.eval", "posix.system") for via in ("GLOBAL", "STACK_GLOBAL")]
+HOSTILE = [
+    (target, via) for target in ("os.system", "builtins.eval", "posix.system") for via in ("GLOBAL", "STACK_GLOBAL")
+]
 
 
 @pytest.mark.parametrize(("target", "via"), HOSTILE)
@@ -437,17 +445,20 @@ def test_damaged_torch_data_pkl_in_a_sound_zip(
 # --- laziness and memory -----------------------------------------------------------------------
 
 
-def bytes_read_during(action: Callable[[], object]) -> int:
-    """Bytes this process read through read syscalls while `action` ran (/proc/self/io rchar)."""
+Result = TypeVar("Result")
+
+
+def reads_during(action: Callable[[], Result]) -> tuple[Result, int]:
+    """What `action` returned, and how many bytes this process read meanwhile (/proc/self/io rchar)."""
 
     def rchar() -> int:
         line = next(line for line in Path("/proc/self/io").read_text().splitlines() if line.startswith("rchar:"))
         return int(line.split()[1])
 
     before = rchar()
-    action()
+    result = action()
     # reading /proc/self/io itself counts too, but only a few hundred bytes
-    return rchar() - before
+    return result, rchar() - before
 
 
 BIG_TENSOR = TensorMeta("big", "float32", (4 * MB, 4))  # 64 MiB
@@ -460,7 +471,7 @@ def big_and_small() -> list[tuple[TensorMeta, np.ndarray]]:
     return [(BIG_TENSOR, big), (SMALL_TENSOR, np.arange(1000, dtype=np.float16))]
 
 
-@pytest.mark.parametrize(("writer", "reader"), [(PdparamsShardWriter, PdparamsFile), (TorchBinShardWriter, TorchBinFile)])
+@pytest.mark.parametrize(("writer", "reader"), FORMATS)
 def test_scanning_is_lazy_and_reads_fetch_one_tensor(
     tmp_path: Path, writer: Writer, reader: Reader, big_and_small: list[tuple[TensorMeta, np.ndarray]]
 ) -> None:
@@ -469,17 +480,18 @@ def test_scanning_is_lazy_and_reads_fetch_one_tensor(
     path = tmp_path / "big.ckpt"
     write_shard(writer, path, big_and_small)
     assert path.stat().st_size > 64 * MB
-    opened: list[PdparamsFile | TorchBinFile] = []
 
-    scanned = bytes_read_during(lambda: opened.append(reader(path)))
-    with opened[0] as checkpoint:
+    checkpoint, scanned = reads_during(lambda: reader(path))
+    with checkpoint:
         assert list(checkpoint.tensors()) == ["big", "small"]
-        small = bytes_read_during(lambda: checkpoint.read("small"))
-        big = bytes_read_during(lambda: checkpoint.read("big"))
+        small, small_reads = reads_during(lambda: checkpoint.read("small"))
+        big, big_reads = reads_during(lambda: checkpoint.read("big"))
 
-    assert big >= BIG_TENSOR.nbytes  # the probe does see tensor reads
+    assert_bits_equal(small, big_and_small[1][1])
+    assert_bits_equal(big, big_and_small[0][1])
+    assert big_reads >= BIG_TENSOR.nbytes  # the probe does see tensor reads
     assert scanned < 256 * KB
-    assert small < SMALL_TENSOR.nbytes + 256 * KB  # (it may come partly from the read buffer)
+    assert small_reads < SMALL_TENSOR.nbytes + 256 * KB  # (it may come partly from the read buffer)
 
 
 def test_protocol2_text_payloads_are_not_read_while_scanning(tmp_path: Path) -> None:
@@ -488,17 +500,16 @@ def test_protocol2_text_payloads_are_not_read_while_scanning(tmp_path: Path) -> 
     array = np.random.default_rng(4).integers(0, 1 << 16, size=4 * MB, dtype=np.uint16)  # 8 MiB as latin-1 text
     path = tmp_path / "protocol2.pdparams"
     path.write_bytes(pickle.dumps({"w": array, "b": np.ones(3, np.float32)}, protocol=2))
-    opened: list[PdparamsFile] = []
 
-    scanned = bytes_read_during(lambda: opened.append(PdparamsFile(path)))
-    with opened[0] as checkpoint:
+    checkpoint, scanned = reads_during(lambda: PdparamsFile(path))
+    with checkpoint:
         assert_bits_equal(checkpoint.read("w"), array)
         assert_bits_equal(checkpoint.read("b"), np.ones(3, np.float32))
 
     assert scanned < 256 * KB
 
 
-@pytest.mark.parametrize(("writer", "reader"), [(PdparamsShardWriter, PdparamsFile), (TorchBinShardWriter, TorchBinFile)])
+@pytest.mark.parametrize(("writer", "reader"), FORMATS)
 def test_peak_memory_is_about_one_tensor(
     tmp_path: Path, writer: Writer, reader: Reader, big_and_small: list[tuple[TensorMeta, np.ndarray]]
 ) -> None:

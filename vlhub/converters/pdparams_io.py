@@ -106,9 +106,9 @@ class PdparamsFile:
         for piece in entry.pieces:
             read_span_into(self._stream, piece.data, raw[position : position + piece.nbytes], where)
             position += piece.nbytes
-        only = entry.pieces[0]
-        if len(entry.pieces) == 1 and only.axes is not None:
-            return np.ascontiguousarray(raw.view(entry.dtype).reshape(only.stored_shape).transpose(only.axes))
+        first = entry.pieces[0]
+        if first.axes is not None:  # only an unsplit array of two or more dimensions has axes
+            return np.ascontiguousarray(raw.view(entry.dtype).reshape(first.stored_shape).transpose(first.axes))
         return raw.view(entry.dtype).reshape(entry.shape)
 
     def close(self) -> None:
@@ -191,15 +191,13 @@ def _parse_reconstruct(value: Reduced, where: str) -> _StoredArray:
     state = value.state
     if isinstance(state, tuple) and len(state) == 5:
         state = state[1:]  # drop the state version; older numpy pickles have none
-    if not isinstance(state, tuple) or len(state) != 4:
+    if not isinstance(state, tuple) or len(state) != 4 or not isinstance(state[2], bool):
         raise CorruptCheckpoint(f"{where}: malformed ndarray state")
     shape, dtype, fortran, data = state
     shape = checked_shape(shape, where)
-    if not isinstance(fortran, bool):
-        raise CorruptCheckpoint(f"{where}: malformed ndarray state")
-    if fortran and len(shape) > 1:
-        return _checked(_StoredArray(_dtype(dtype, where), shape[::-1], tuple(reversed(range(len(shape)))), data), where)
-    return _checked(_StoredArray(_dtype(dtype, where), shape, None, data), where)
+    if fortran:
+        return _stored_array(_dtype(dtype, where), shape[::-1], _reversed_axes(shape), data, where)
+    return _stored_array(_dtype(dtype, where), shape, None, data, where)
 
 
 def _parse_frombuffer(value: Reduced, where: str) -> _StoredArray:
@@ -212,20 +210,26 @@ def _parse_frombuffer(value: Reduced, where: str) -> _StoredArray:
     shape = checked_shape(shape, where)
     dtype = _dtype(dtype, where)
     if order == "C" or (order == "K" and axis_order is None):
-        return _checked(_StoredArray(dtype, shape, None, data), where)
+        return _stored_array(dtype, shape, None, data, where)
     if order == "F":
-        axes = tuple(reversed(range(len(shape))))
-        return _checked(_StoredArray(dtype, shape[::-1], axes if len(shape) > 1 else None, data), where)
+        return _stored_array(dtype, shape[::-1], _reversed_axes(shape), data, where)
     if order == "K":
         axes = checked_shape(axis_order, where)
         if sorted(axes) != list(range(len(shape))):
             raise CorruptCheckpoint(f"{where}: malformed numpy axis order")
-        return _checked(_StoredArray(dtype, shape, axes, data), where)
+        return _stored_array(dtype, shape, axes, data, where)
     raise CorruptCheckpoint(f"{where}: unsupported array order {order!r}")
 
 
-def _checked(array: _StoredArray, where: str) -> _StoredArray:
-    data = array.data
+def _reversed_axes(shape: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(reversed(range(len(shape))))
+
+
+def _stored_array(
+    dtype: np.dtype, stored_shape: tuple[int, ...], axes: tuple[int, ...] | None, data: Any, where: str
+) -> _StoredArray:
+    """A checked `_StoredArray`; permuting fewer than two axes changes nothing, so such `axes` are dropped."""
+    array = _StoredArray(dtype, stored_shape, axes if len(stored_shape) > 1 else None, data)
     if isinstance(data, bytes):
         fits = len(data) == array.nbytes
     elif isinstance(data, FileSpan):

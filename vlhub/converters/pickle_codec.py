@@ -411,7 +411,7 @@ class _Scanner:
 
 
 class PickleEmitter:
-    """Writes pickle opcodes to a stream, in order, without a memo."""
+    """Writes pickle opcodes to a stream, in order, without a memo; creating one writes the PROTO header."""
 
     def __init__(self, stream: BinaryIO, protocol: int) -> None:
         self.stream = stream

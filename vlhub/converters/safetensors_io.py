@@ -82,7 +82,7 @@ class SafetensorsFile:
         if not isinstance(info, dict):
             raise self._fail(f"malformed header entry for {name!r}")
         code, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-        if code not in BY_SAFETENSORS_CODE:
+        if not isinstance(code, str) or code not in BY_SAFETENSORS_CODE:
             raise self._fail(f"tensor {name!r} has unsupported dtype {code!r}")
         if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
             raise self._fail(f"tensor {name!r} has a malformed shape {shape!r}")

@@ -1,4 +1,4 @@
-"""Torch zip checkpoints (`torch.save`, e.g. `pytorch_model-00001-of-00010.bin`): a lazy reader and a streaming writer.
+"""Torch zip checkpoints (what `torch.save` writes, e.g. `pytorch_model-00001-of-00010.bin`): reader and writer.
 
 torch is never imported: `data.pkl` is scanned by the restricted pickle VM and tensor bytes are read
 straight from their stored (uncompressed) zip entries.
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import lzma
-import math
 import struct
 import zipfile
 import zlib
@@ -20,14 +19,12 @@ from typing import IO, Any, BinaryIO
 
 import numpy as np
 
-from vlhub.converters.io_utils import write_array
+from vlhub.converters.io_utils import read_exact_into, write_array
 from vlhub.converters.pickle_codec import (
-    FileSpan,
     Global,
     PickleEmitter,
     Reduced,
     checked_shape,
-    read_span_into,
     scan_pickle,
     stream_size,
 )
@@ -132,7 +129,7 @@ class TorchBinFile:
         if pickle_info is None or pickle_info.file_size > _MAX_DATA_PKL_BYTES:
             raise CorruptCheckpoint(f"{name}: no usable {prefix}/data.pkl in the zip")
         byteorder = records.get(f"{prefix}/byteorder")
-        if byteorder is not None and archive.read(byteorder) != b"little":
+        if byteorder is not None and (byteorder.file_size != len(b"little") or archive.read(byteorder) != b"little"):
             raise CorruptCheckpoint(f"{name}: only little-endian torch checkpoints are supported")
         where = f"{name}:{pickle_info.filename}"
         root = scan_pickle(
@@ -155,10 +152,12 @@ class TorchBinFile:
         return tensors, data_offsets
 
     def _data_offset(self, info: zipfile.ZipInfo, file_size: int) -> int:
-        """Where a stored entry's bytes start: after its local header, whose extra field may differ from the central one."""
+        """Where a stored entry's bytes start: after its local header (whose extra field is not the central one)."""
         name = self.path.name
         if info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size:
-            raise CorruptCheckpoint(f"{name}: tensor entry {info.filename} is compressed; torch stores tensor data uncompressed")
+            raise CorruptCheckpoint(
+                f"{name}: tensor entry {info.filename} is compressed; torch stores tensor data uncompressed"
+            )
         self._stream.seek(info.header_offset)
         signature, name_length, extra_length = _LOCAL_HEADER.unpack(self._stream.read(_LOCAL_HEADER.size))
         if signature != _LOCAL_HEADER_SIGNATURE:
@@ -181,14 +180,14 @@ class TorchBinFile:
         dtype = dtype_info(tensor.storage.dtype).storage
         start = self._data_offsets[tensor.storage.key] + tensor.offset * dtype.itemsize
         if tensor.is_c_contiguous:
-            raw = np.empty(math.prod(tensor.shape) * dtype.itemsize, dtype=np.uint8)
-            read_span_into(self._stream, FileSpan(start, raw.size), raw, f"{self.path.name}: {name!r}")
-            return raw.view(dtype).reshape(tensor.shape)
-        raw = np.empty(tensor.span * dtype.itemsize, dtype=np.uint8)
-        read_span_into(self._stream, FileSpan(start, raw.size), raw, f"{self.path.name}: {name!r}")
+            array = np.empty(tensor.shape, dtype=dtype)
+            read_exact_into(self._stream, start, array, self.path.name)
+            return array
+        # a view (transpose, slice, expand): read the storage range it touches, then copy into C order
+        touched = np.empty(tensor.span, dtype=dtype)
+        read_exact_into(self._stream, start, touched, self.path.name)
         strides = tuple(stride * dtype.itemsize for stride in tensor.stride)
-        view = np.lib.stride_tricks.as_strided(raw.view(dtype), tensor.shape, strides, writeable=False)
-        return np.ascontiguousarray(view)
+        return np.ascontiguousarray(np.lib.stride_tricks.as_strided(touched, tensor.shape, strides, writeable=False))
 
     def close(self) -> None:
         self._stream.close()
