@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
 from vlhub.converters.safetensors_io import SafetensorsFile, SafetensorsShardWriter
 from vlhub.errors import CorruptCheckpoint

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import BinaryIO, Protocol, TypeVar
 
 import numpy as np
 
 from vlhub.tensors import TensorMeta
+
+_Self = TypeVar("_Self", bound="OpenTensorFile")
 
 
 class TensorFile(Protocol):
@@ -33,6 +35,21 @@ class TensorFile(Protocol):
     def __enter__(self) -> TensorFile: ...
 
     def __exit__(self, *exc: object) -> None: ...
+
+
+class OpenTensorFile:
+    """Plumbing every reader shares: the open `_stream`, closed by `close()` or on leaving a `with`."""
+
+    _stream: BinaryIO
+
+    def close(self) -> None:
+        self._stream.close()
+
+    def __enter__(self: _Self) -> _Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class ShardWriter(Protocol):

@@ -14,6 +14,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from vlhub.converters.base import OpenTensorFile
 from vlhub.converters.io_utils import write_array
 from vlhub.converters.pickle_codec import (
     ByteSource,
@@ -77,7 +78,7 @@ class _Entry:
     pieces: tuple[_StoredArray, ...]
 
 
-class PdparamsFile:
+class PdparamsFile(OpenTensorFile):
     """A `.pdparams` file opened lazily: the pickle is scanned once, tensor bytes stay on disk."""
 
     def __init__(self, path: Path) -> None:
@@ -110,15 +111,6 @@ class PdparamsFile:
         if first.axes is not None:  # only an unsplit array of two or more dimensions has axes
             return np.ascontiguousarray(raw.view(entry.dtype).reshape(first.stored_shape).transpose(first.axes))
         return raw.view(entry.dtype).reshape(entry.shape)
-
-    def close(self) -> None:
-        self._stream.close()
-
-    def __enter__(self) -> PdparamsFile:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def _collect_entries(root: Any, where: str) -> dict[str, _Entry]:

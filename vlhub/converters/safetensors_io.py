@@ -15,6 +15,7 @@ from typing import BinaryIO
 
 import numpy as np
 
+from vlhub.converters.base import OpenTensorFile
 from vlhub.converters.io_utils import read_exact_into, write_array
 from vlhub.errors import CorruptCheckpoint
 from vlhub.tensors import BY_SAFETENSORS_CODE, TensorMeta, dtype_info
@@ -23,27 +24,27 @@ from vlhub.tensors import BY_SAFETENSORS_CODE, TensorMeta, dtype_info
 MAX_HEADER_BYTES = 100_000_000
 
 
-class SafetensorsFile:
+class SafetensorsFile(OpenTensorFile):
     """A lazily read safetensors file (see `vlhub.converters.base.TensorFile`)."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self._file = open(self.path, "rb", buffering=0)  # noqa: SIM115 - closed by close()
+        self._stream = open(self.path, "rb", buffering=0)  # noqa: SIM115 - closed by close()
         try:
             self._offsets: dict[str, tuple[int, int]] = {}
             self._metas = self._parse_header()
         except BaseException:
-            self._file.close()
+            self._stream.close()
             raise
 
     def _fail(self, problem: str) -> CorruptCheckpoint:
         return CorruptCheckpoint(f"{self.path}: {problem}")
 
     def _parse_header(self) -> dict[str, TensorMeta]:
-        size = os.fstat(self._file.fileno()).st_size
+        size = os.fstat(self._stream.fileno()).st_size
         if size < 8:
             raise self._fail(f"truncated safetensors file ({size} bytes, not even the 8-byte header length)")
-        (header_len,) = struct.unpack("<Q", self._file.read(8))
+        (header_len,) = struct.unpack("<Q", self._stream.read(8))
         if header_len > size - 8:
             raise self._fail(
                 f"header length {header_len} is larger than the file ({size} bytes): truncated or not safetensors"
@@ -51,7 +52,7 @@ class SafetensorsFile:
         if header_len > MAX_HEADER_BYTES:
             raise self._fail(f"header length {header_len} exceeds the 100 MB limit")
         try:
-            header = json.loads(self._file.read(header_len))
+            header = json.loads(self._stream.read(header_len))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise self._fail(f"malformed header JSON ({exc})") from None
         if not isinstance(header, dict):
@@ -116,17 +117,8 @@ class SafetensorsFile:
         meta = self._metas[name]
         array = np.empty(meta.shape, dtype=dtype_info(meta.dtype).storage)
         begin, _ = self._offsets[name]
-        read_exact_into(self._file, self._data_start + begin, array, self.path)
+        read_exact_into(self._stream, self._data_start + begin, array, self.path)
         return array
-
-    def close(self) -> None:
-        self._file.close()
-
-    def __enter__(self) -> SafetensorsFile:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 class SafetensorsShardWriter:

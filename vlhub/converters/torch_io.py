@@ -19,6 +19,7 @@ from typing import IO, Any, BinaryIO
 
 import numpy as np
 
+from vlhub.converters.base import OpenTensorFile
 from vlhub.converters.io_utils import read_exact_into, write_array
 from vlhub.converters.pickle_codec import (
     Global,
@@ -101,7 +102,7 @@ class _TorchTensor:
         return 1 + sum((size - 1) * stride for size, stride in zip(self.shape, self.stride))
 
 
-class TorchBinFile:
+class TorchBinFile(OpenTensorFile):
     """A torch zip checkpoint opened lazily: data.pkl is scanned, tensor bytes stay in the zip."""
 
     def __init__(self, path: Path) -> None:
@@ -188,15 +189,6 @@ class TorchBinFile:
         read_exact_into(self._stream, start, touched, self.path.name)
         strides = tuple(stride * dtype.itemsize for stride in tensor.stride)
         return np.ascontiguousarray(np.lib.stride_tricks.as_strided(touched, tensor.shape, strides, writeable=False))
-
-    def close(self) -> None:
-        self._stream.close()
-
-    def __enter__(self) -> TorchBinFile:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 @contextmanager
