@@ -8,7 +8,7 @@ from pathlib import Path
 
 from vlhub.converters.readers import Checkpoint, open_checkpoint
 from vlhub.families import tie_word_embeddings
-from vlhub.layouts import detect_family, detect_layout
+from vlhub.layouts import describe_layout, detect_family, detect_layout
 
 _EMBEDDINGS = ("model.embed_tokens.weight", "model.language_model.embed_tokens.weight",
                "transformer.wte.weight", "transformer.llm.wte.weight", "qwen.wte.weight")
@@ -29,6 +29,7 @@ class InspectReport:
     path: str
     family: str | None
     layout: str
+    layout_description: str
     format: str
     shards: list[str]
     index_file: str | None
@@ -57,10 +58,12 @@ def describe(checkpoint: Checkpoint, *, list_tensors: bool = False) -> InspectRe
     """An `InspectReport` for an opened checkpoint."""
     metas = checkpoint.tensors
     family = detect_family(checkpoint.config, list(metas))
+    layout = detect_layout(family, metas, checkpoint.config)
     return InspectReport(
         path=str(checkpoint.root),
         family=family,
-        layout=detect_layout(family, metas, checkpoint.config),
+        layout=layout,
+        layout_description=describe_layout(family, layout),
         format=checkpoint.format.name,
         shards=checkpoint.shards,
         index_file=checkpoint.index_file,

@@ -1,83 +1,83 @@
 """Recognise a checkpoint's family and key layout from its names, shapes and config.json.
 
-Layouts (qwen_keys.md section 1, paddle.md sections 1-2):
-- official: the Hugging Face upload (`model.layers.N.*`, `visual.*`, `lm_head`; Qwen-VL `transformer.*`);
-- transformers-5: what transformers >= 4.52 holds in memory (`model.language_model.*`, `model.visual.*`);
-- paddlemix: PaddleMIX dygraph weights: Qwen2(.5)-VL keeps the official names with Linear weights
-  stored [in, out]; Qwen-VL uses `transformer.llm.*` and a top-level `visual.*`;
-- paddle-inference: PaddleNLP's Qwen-VL inference names (`qwen.wte`, `qwen.h.N.*`, `qwen.ln_f`).
+Every layout is declared in the family's key map (`vlhub/keymaps/*.toml`); a layout matches the
+names it would produce. Layouts that share names (official Qwen2-VL and PaddleMIX) differ only in
+whether Linear weights are stored transposed, which one declared probe tensor's shape settles.
 """
 
 from __future__ import annotations
 
-import re
-
-from vlhub.families import family_of_config, text_config
+from vlhub.families import FAMILIES, family_of_config
+from vlhub.keymaps import KeyMap, Layout, evaluate, load_keymap
 from vlhub.tensors import TensorMeta
 
-LAYOUTS = {
-    "official": "official Hugging Face names",
-    "transformers-5": "transformers >= 4.52 names (model.language_model.*, model.visual.*)",
-    "paddlemix": "PaddleMIX names, Linear weights stored [in, out]",
-    "paddle-inference": "PaddleNLP inference names (qwen.*)",
-    "unknown": "not a layout vlhub recognises",
-}
+UNKNOWN = "unknown"
 
-# A non-square Linear weight whose orientation tells torch [out, in] from Paddle [in, out]:
-# the MLP up-projection, whose output width (config key) is larger than its input width.
-_ORIENTATION_PROBES = {
-    "qwen_vl": (re.compile(r"(transformer\.(llm\.)?|qwen\.)h\.\d+\.mlp\.w1\.weight"), "intermediate_size", 2),
-    "qwen2_vl": (re.compile(r"model\.(language_model\.)?layers\.\d+\.mlp\.up_proj\.weight"), "intermediate_size", 1),
-    "qwen2_5_vl": (re.compile(r"model\.(language_model\.)?layers\.\d+\.mlp\.up_proj\.weight"), "intermediate_size", 1),
-}
+
+def describe_layout(family: str | None, layout: str) -> str:
+    """A layout's description as its family's key map gives it."""
+    if family is None or layout == UNKNOWN:
+        return "not a layout vlhub recognises"
+    return load_keymap(family).layouts[layout].description
+
+
+def match_count(keymap: KeyMap, layout: Layout, names: list[str]) -> int:
+    """How many names are this layout's spelling of an official tensor."""
+    count = 0
+    for name in names:
+        official = layout.to_official(name)
+        if layout.from_official(official) == name and keymap.rule_for(official) is not None:
+            count += 1
+    return count
 
 
 def detect_family(config: dict | None, names: list[str]) -> str | None:
-    """The family config.json names, or else the one the key names betray."""
+    """The family config.json names, or else the one whose layouts explain most key names."""
     family = family_of_config(config)
     if family is not None:
         return family.name
-    if any(n.startswith(("transformer.", "qwen.")) for n in names):
-        return "qwen_vl"
-    if any(re.match(r"(model\.)?visual\.blocks\.\d+\.mlp\.gate_proj\.", n) for n in names):
-        return "qwen2_5_vl"
-    if any(re.match(r"(model\.)?visual\.blocks\.\d+\.mlp\.fc1\.", n) for n in names):
-        return "qwen2_vl"
-    return None
+    best, best_count = None, 0
+    for candidate in FAMILIES.values():
+        keymap = candidate.keymap
+        count = max(match_count(keymap, layout, names) for layout in keymap.layouts.values())
+        if count > best_count:
+            best, best_count = candidate.name, count
+    return best
 
 
-def linear_orientation(family: str, tensors: dict[str, TensorMeta], config: dict | None) -> str | None:
-    """"out_in" (torch) or "in_out" (Paddle) from one probe tensor, or None if there is none."""
-    pattern, width_key, divisor = _ORIENTATION_PROBES[family]
-    probe = next((meta for name, meta in tensors.items() if pattern.fullmatch(name)), None)
-    if probe is None or len(probe.shape) != 2:
+def linear_orientation(keymap: KeyMap, layout: Layout, tensors: dict[str, TensorMeta],
+                       config: dict | None) -> str | None:
+    """"out_in" (torch) or "in_out" (Paddle), from the family's declared probe tensor, if present."""
+    official = keymap.orientation_probe.replace("{layer}", "0")
+    probe = tensors.get(layout.from_official(official))
+    rule = keymap.rule_for(official)
+    if probe is None or rule is None or len(probe.shape) != 2:
         return None
-    width = text_config(config).get(width_key) if config else None
-    if isinstance(width, int):
-        width //= divisor
-        if probe.shape[0] == width != probe.shape[1]:
+    if config:
+        expected = tuple(int(evaluate(e, keymap.resolve_dims(config))) for e in rule.shape)  # type: ignore
+        if probe.shape == expected and expected[0] != expected[1]:
             return "out_in"
-        if probe.shape[1] == width != probe.shape[0]:
+        if probe.shape == expected[::-1] and expected[0] != expected[1]:
             return "in_out"
         return None
     return "out_in" if probe.shape[0] > probe.shape[1] else "in_out"
 
 
 def detect_layout(family: str | None, tensors: dict[str, TensorMeta], config: dict | None) -> str:
-    """One of `LAYOUTS`."""
-    names = list(tensors)
+    """The name of the declared layout the checkpoint is in, or "unknown"."""
     if family is None:
-        return "unknown"
-    if family == "qwen_vl":
-        if any(n.startswith("qwen.") for n in names):
-            return "paddle-inference"
-        if any(n.startswith(("transformer.llm.", "visual.")) for n in names):
-            return "paddlemix"
-        if not any(n.startswith("transformer.") for n in names):
-            return "unknown"
-    elif any(n.startswith(("model.language_model.", "model.visual.")) for n in names):
-        return "transformers-5"
-    elif not any(n.startswith(("model.layers.", "visual.")) for n in names):
-        return "unknown"
-    orientation = linear_orientation(family, tensors, config)
-    return {"out_in": "official", "in_out": "paddlemix"}.get(orientation or "", "unknown")
+        return UNKNOWN
+    keymap = load_keymap(family)
+    names = list(tensors)
+    counts = {name: match_count(keymap, layout, names) for name, layout in keymap.layouts.items()}
+    best = max(counts.values())
+    if best == 0:
+        return UNKNOWN
+    tied = [keymap.layouts[name] for name, count in counts.items() if count == best]
+    if len(tied) == 1:
+        return tied[0].name
+    orientation = linear_orientation(keymap, tied[0], tensors, config)
+    if orientation is None:
+        return UNKNOWN
+    stored_transposed = orientation == "in_out"
+    return next((layout.name for layout in tied if layout.transposes("linear") == stored_transposed), UNKNOWN)

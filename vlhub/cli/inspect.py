@@ -17,7 +17,6 @@ from vlhub.cli._errors import reports_errors
 from vlhub.cli._options import JsonOpt, SourceArg
 from vlhub.cli._output import print_json, stdout
 from vlhub.inspect import InspectReport, inspect_checkpoint
-from vlhub.layouts import LAYOUTS
 from vlhub.sources import resolve_source
 from vlhub.units import format_count, format_size
 
@@ -38,7 +37,7 @@ def _print_report(report: InspectReport) -> None:
     summary = Table(show_header=False, box=None)
     summary.add_row("path", report.path)
     summary.add_row("family", report.family or "unknown")
-    summary.add_row("layout", f"{report.layout} ({LAYOUTS[report.layout]})")
+    summary.add_row("layout", f"{report.layout} ({report.layout_description})")
     shards = f"{len(report.shards)}" + (f" (index {report.index_file})" if report.index_file else f" ({report.shards[0]})")
     summary.add_row("format", report.format)
     summary.add_row("shards", shards)

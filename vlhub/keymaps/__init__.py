@@ -1,0 +1,215 @@
+"""Key maps: one data file per family naming every official tensor, its kind and shape, and the
+layouts it is stored in (renames and transposes). One map drives both directions of a conversion.
+
+A family file (`qwen2_vl.toml`, ...) may `include` fragments (`_qwen2_decoder.toml`); their sections
+are merged, the including file's tensors first. Placeholders such as `{layer}` range over a count
+read from config.json.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import re
+import sys
+from dataclasses import dataclass, field
+from functools import cache
+from importlib import resources
+
+from vlhub.errors import UserError
+from vlhub.keymaps.expr import evaluate
+
+__all__ = ["FAMILY_FILES", "ExpectedTensor", "KeyMap", "Layout", "TensorRule", "evaluate", "load_keymap"]
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+FAMILY_FILES = ("qwen_vl", "qwen2_vl", "qwen2_5_vl")
+_PLACEHOLDER = re.compile(r"\{(\w+)\}")
+
+
+@dataclass(frozen=True)
+class TensorRule:
+    """One official tensor (or one per layer, with a placeholder): its kind, shape and condition."""
+
+    template: str
+    kind: str
+    shape: tuple[str, ...]
+    when: str | None = None
+
+    @property
+    def pattern(self) -> re.Pattern[str]:
+        return _compile(self.template)
+
+    @property
+    def placeholders(self) -> list[str]:
+        return _PLACEHOLDER.findall(self.template)
+
+
+@dataclass(frozen=True)
+class ExpectedTensor:
+    """A concrete official tensor for one config."""
+
+    name: str
+    kind: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a layout stores the official tensors: prefix renames and which kinds it transposes."""
+
+    name: str
+    description: str
+    rename: tuple[tuple[str, str], ...] = ()
+    transpose: frozenset[str] = frozenset()
+    format: str | None = None
+    input_only: bool = False
+
+    def from_official(self, name: str) -> str:
+        """This layout's name for an official name (the longest matching official prefix wins)."""
+        return _swap_prefix(name, self.rename)
+
+    def to_official(self, name: str) -> str:
+        """The official name for one of this layout's names."""
+        return _swap_prefix(name, tuple((new, old) for old, new in self.rename))
+
+    def transposes(self, kind: str) -> bool:
+        return kind in self.transpose
+
+
+def _swap_prefix(name: str, pairs: tuple[tuple[str, str], ...]) -> str:
+    best = max((pair for pair in pairs if name.startswith(pair[0])), key=lambda p: len(p[0]), default=None)
+    return name if best is None else best[1] + name[len(best[0]):]
+
+
+@cache
+def _compile(template: str) -> re.Pattern[str]:
+    parts = re.split(r"(\{\w+\})", template)
+    return re.compile("".join(
+        f"(?P<{p[1:-1]}>0|[1-9][0-9]*)" if _PLACEHOLDER.fullmatch(p) else re.escape(p) for p in parts
+    ))
+
+
+@dataclass(frozen=True)
+class KeyMap:
+    """A family's key map, loaded from its TOML file and fragments."""
+
+    id: str
+    model_type: str
+    architecture: str
+    checkpoint_format: str
+    orientation_probe: str
+    dims: dict[str, dict]
+    derived: dict[str, str]
+    counts: dict[str, str]
+    tensors: tuple[TensorRule, ...]
+    drop: dict[str, str]
+    layouts: dict[str, Layout]
+    digest: str = field(default="")
+
+    def resolve_dims(self, config: dict) -> dict[str, object]:
+        """Every dim and derived value for one config.json (flat official or transformers-5 nested)."""
+        values: dict[str, object] = {}
+        for name, spec in self.dims.items():
+            found = _config_value(config, spec["key"])
+            if found is None:
+                if "default" in spec:
+                    found = spec["default"]
+                elif "default_from" in spec:
+                    found = values[spec["default_from"]]
+                else:
+                    raise UserError(f"config.json has no {spec['key']!r}, which a {self.id} checkpoint needs")
+            values[name] = found
+        for name, expression in self.derived.items():
+            values[name] = evaluate(expression, values)
+        return values
+
+    def expected(self, config: dict) -> list[ExpectedTensor]:
+        """Every tensor the official checkpoint holds for this config, in official order (layer by layer)."""
+        dims = self.resolve_dims(config)
+        rules = [rule for rule in self.tensors if not rule.when or evaluate(rule.when, dims)]
+        out = []
+        # consecutive rules over the same placeholders form one block, expanded index by index
+        for placeholders, block in itertools.groupby(rules, key=lambda rule: tuple(rule.placeholders)):
+            block_rules = list(block)
+            ranges = [range(int(dims[self.counts[p]])) for p in placeholders]  # type: ignore[call-overload]
+            for indices in itertools.product(*ranges):
+                bound = dict(zip(placeholders, map(str, indices)))
+                for rule in block_rules:
+                    name = _PLACEHOLDER.sub(lambda m: bound[m.group(1)], rule.template)
+                    shape = tuple(int(evaluate(expr, dims)) for expr in rule.shape)  # type: ignore[call-overload]
+                    out.append(ExpectedTensor(name, rule.kind, shape))
+        return out
+
+    def rule_for(self, official_name: str) -> TensorRule | None:
+        """The rule an official name matches, if any."""
+        for rule in self.tensors:
+            if rule.pattern.fullmatch(official_name):
+                return rule
+        return None
+
+    def layout(self, name: str) -> Layout:
+        try:
+            return self.layouts[name]
+        except KeyError:
+            raise UserError(f"{self.id} has no layout {name!r}; it has {', '.join(self.layouts)}") from None
+
+
+def _config_value(config: dict, key: str) -> object:
+    """config[key], looking inside nested sections for dotted keys and in `text_config` for text keys."""
+    section, _, leaf = key.rpartition(".")
+    if section:
+        holder = config.get(section)
+        return holder.get(leaf) if isinstance(holder, dict) else None
+    if key in config:
+        return config[key]
+    text = config.get("text_config")
+    return text.get(key) if isinstance(text, dict) else None
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged.setdefault(key, value)
+    return merged
+
+
+@cache
+def load_keymap(family: str) -> KeyMap:
+    """The key map of a family (`qwen_vl`, `qwen2_vl`, `qwen2_5_vl`)."""
+    if family not in FAMILY_FILES:
+        raise UserError(f"no key map for family {family!r}; vlhub has {', '.join(FAMILY_FILES)}")
+    root = resources.files(__package__)
+    texts = [(root / f"{family}.toml").read_text()]
+    data = tomllib.loads(texts[0])
+    for fragment in data.get("include", []):
+        texts.append((root / f"{fragment}.toml").read_text())
+        data = _merge(data, tomllib.loads(texts[-1]))
+    rules = tuple(
+        TensorRule(template, spec["kind"], tuple(s.strip() for s in spec["shape"].split(",")), spec.get("when"))
+        for template, spec in data["tensors"].items()
+    )
+    layouts = {
+        name: Layout(
+            name=name,
+            description=spec["description"],
+            rename=tuple((old, new) for old, new in spec.get("rename", [])),
+            transpose=frozenset(spec.get("transpose", [])),
+            format=spec.get("format"),
+            input_only=spec.get("input_only", False),
+        )
+        for name, spec in data["layouts"].items()
+    }
+    return KeyMap(
+        id=data["id"], model_type=data["model_type"], architecture=data["architecture"],
+        checkpoint_format=data["checkpoint_format"], orientation_probe=data["orientation_probe"],
+        dims=data.get("dims", {}), derived=data.get("derived", {}), counts=data.get("counts", {}),
+        tensors=rules, drop=data.get("drop", {}), layouts=layouts,
+        digest=hashlib.sha256("\n".join(texts).encode()).hexdigest()[:16],
+    )
