@@ -150,3 +150,20 @@ def test_directory_precedence_follows_paddlenlp(tmp_path: Path) -> None:
     _write(tmp_path, "safetensors", tensors, max_shard_size=10**9)
     with open_checkpoint(tmp_path) as checkpoint:
         assert checkpoint.format.name == "safetensors" and checkpoint.other_formats == ["pdparams"]
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "pdparams", "torch"])
+def test_stored_bytes_copy_into_any_format_bit_identically(tmp_path: Path, fmt: str) -> None:
+    tensors = _tensors("bfloat16")
+    _write(tmp_path / "src", fmt, tensors, max_shard_size=10_000)
+    (tmp_path / "src" / "config.json").write_text(json.dumps({"dtype": "bfloat16"}))
+    with open_checkpoint(tmp_path / "src") as source:
+        metas = list(source.tensors.values())
+        with CheckpointWriter(tmp_path / "out", "safetensors", metas) as writer:
+            for meta in metas:
+                stored = source.stored_bytes(meta.name)
+                assert stored is not None and stored.length == meta.nbytes
+                writer.write(meta.name, stored)
+    with open_checkpoint(tmp_path / "out") as copied:
+        for meta, expected in tensors:
+            assert np.array_equal(copied.read(meta.name), expected)

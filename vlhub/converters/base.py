@@ -8,6 +8,7 @@ from typing import BinaryIO, Protocol, TypeVar
 
 import numpy as np
 
+from vlhub.converters.io_utils import StoredBytes, TensorData
 from vlhub.tensors import TensorMeta
 
 _Self = TypeVar("_Self", bound="OpenTensorFile")
@@ -28,6 +29,11 @@ class TensorFile(Protocol):
 
     def read(self, name: str) -> np.ndarray:
         """One tensor as a C-contiguous array in its storage dtype (bfloat16 as uint16 bits)."""
+        ...
+
+    def stored_bytes(self, name: str) -> StoredBytes | None:
+        """Where the tensor's bytes lie when the file holds them plainly in C order, so a writer can
+        copy them without decoding; None when they must be read (a view, a split or text payload)."""
         ...
 
     def close(self) -> None: ...
@@ -64,6 +70,8 @@ class ShardWriter(Protocol):
         self, stream: BinaryIO, tensors: Sequence[TensorMeta], metadata: Mapping[str, str] | None = None
     ) -> None: ...
 
-    def write(self, meta: TensorMeta, array: np.ndarray) -> None: ...
+    def write(self, meta: TensorMeta, array: TensorData) -> None:
+        """One tensor: an array, or `StoredBytes` copied from the source file in small pieces."""
+        ...
 
     def finish(self) -> None: ...

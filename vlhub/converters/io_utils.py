@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Union
 
 import numpy as np
 
@@ -27,8 +28,41 @@ def read_exact_into(file: BinaryIO, offset: int, array: np.ndarray, path: Path |
         done += n
 
 
-def write_array(stream: BinaryIO, meta: TensorMeta, array: np.ndarray) -> None:
-    """Write an array's bytes straight from its buffer after checking it is what `meta` promised."""
+@dataclass(frozen=True)
+class StoredBytes:
+    """A tensor's bytes where they lie in a file, already in C order: copied out, never decoded."""
+
+    path: Path
+    offset: int
+    length: int
+
+
+# what a writer accepts for one tensor: an array, or bytes to copy from a source file
+TensorData = Union[np.ndarray, StoredBytes]
+
+
+def copy_stored_bytes(source: StoredBytes, stream: BinaryIO) -> None:
+    """Copy a tensor's bytes from its file to `stream` through one reusable 16 MiB buffer."""
+    buffer = bytearray(min(source.length, _READ_CHUNK))
+    view = memoryview(buffer)
+    with open(source.path, "rb", buffering=0) as file:
+        file.seek(source.offset)
+        left = source.length
+        while left:
+            n = file.readinto(view[: min(left, len(buffer))])
+            if not n:
+                raise CorruptCheckpoint(f"{source.path}: file ends {left} bytes early: it is truncated")
+            stream.write(view[:n])
+            left -= n
+
+
+def write_array(stream: BinaryIO, meta: TensorMeta, array: TensorData) -> None:
+    """Write a tensor's bytes (from an array's buffer, or copied from its file) after checking them."""
+    if isinstance(array, StoredBytes):
+        if array.length != meta.nbytes:
+            raise ValueError(f"{meta.name}: {array.length} stored bytes, planned {meta.nbytes}")
+        copy_stored_bytes(array, stream)
+        return
     storage = dtype_info(meta.dtype).storage
     if array.dtype != storage or tuple(array.shape) != meta.shape:
         raise ValueError(

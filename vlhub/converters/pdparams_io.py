@@ -15,7 +15,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from vlhub.converters.base import OpenTensorFile
-from vlhub.converters.io_utils import write_array
+from vlhub.converters.io_utils import StoredBytes, TensorData, write_array
 from vlhub.converters.pickle_codec import (
     ByteSource,
     FileSpan,
@@ -111,6 +111,16 @@ class PdparamsFile(OpenTensorFile):
         if first.axes is not None:  # only an unsplit array of two or more dimensions has axes
             return np.ascontiguousarray(raw.view(entry.dtype).reshape(first.stored_shape).transpose(first.axes))
         return raw.view(entry.dtype).reshape(entry.shape)
+
+    def stored_bytes(self, name: str) -> StoredBytes | None:
+        """Where one tensor's bytes lie, when one plain C-ordered payload holds them."""
+        pieces = self._entries[name].pieces
+        if len(pieces) != 1:
+            return None
+        piece = pieces[0]
+        if piece.axes is not None or not isinstance(piece.data, FileSpan) or piece.data.utf8_latin1:
+            return None
+        return StoredBytes(self.path, piece.data.offset, piece.data.length)
 
 
 def _collect_entries(root: Any, where: str) -> dict[str, _Entry]:
@@ -270,7 +280,7 @@ class PdparamsShardWriter:
         # the module numpy itself pickles `_reconstruct` under: numpy._core on 2.x, numpy.core on 1.x
         self._reconstruct_module = np.empty(0).__reduce__()[0].__module__
 
-    def write(self, meta: TensorMeta, array: np.ndarray) -> None:
+    def write(self, meta: TensorMeta, array: TensorData) -> None:
         storage = dtype_info(meta.dtype).storage
         emit = self._emit
         emit.text(meta.name)

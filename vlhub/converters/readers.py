@@ -10,6 +10,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from vlhub.converters.base import TensorFile
+from vlhub.converters.io_utils import StoredBytes
 from vlhub.converters.formats import DIRECTORY_PRECEDENCE, FORMATS, Format, format_of_file
 from vlhub.errors import CorruptCheckpoint, UserError
 from vlhub.tensors import TensorMeta
@@ -49,6 +50,10 @@ class Checkpoint:
         except KeyError:
             raise UserError(f"no tensor {name!r} in {self.root}") from None
         return self._file(meta.shard).read(name)
+
+    def stored_bytes(self, name: str) -> StoredBytes | None:
+        """Where a tensor's bytes lie, if a writer can copy them without decoding (see `TensorFile`)."""
+        return self._file(self.tensors[name].shard).stored_bytes(name)
 
     def iter_tensors(self, names: Iterable[str] | None = None) -> Iterator[tuple[TensorMeta, np.ndarray]]:
         """Tensors one at a time, shard by shard, so each shard is opened once."""

@@ -16,7 +16,7 @@ from typing import BinaryIO
 import numpy as np
 
 from vlhub.converters.base import OpenTensorFile
-from vlhub.converters.io_utils import read_exact_into, write_array
+from vlhub.converters.io_utils import StoredBytes, TensorData, read_exact_into, write_array
 from vlhub.errors import CorruptCheckpoint
 from vlhub.tensors import BY_SAFETENSORS_CODE, TensorMeta, dtype_info
 
@@ -120,6 +120,11 @@ class SafetensorsFile(OpenTensorFile):
         read_exact_into(self._stream, self._data_start + begin, array, self.path)
         return array
 
+    def stored_bytes(self, name: str) -> StoredBytes:
+        """Where one tensor's bytes lie (safetensors always stores them plainly, in C order)."""
+        begin, end = self._offsets[name]
+        return StoredBytes(self.path, self._data_start + begin, end - begin)
+
 
 class SafetensorsShardWriter:
     """Writes one safetensors shard: the header from the planned tensors, then each tensor's bytes."""
@@ -141,7 +146,7 @@ class SafetensorsShardWriter:
         stream.write(raw)
         self._stream = stream
 
-    def write(self, meta: TensorMeta, array: np.ndarray) -> None:
+    def write(self, meta: TensorMeta, array: TensorData) -> None:
         write_array(self._stream, meta, array)
 
     def finish(self) -> None:

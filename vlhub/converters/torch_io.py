@@ -6,6 +6,8 @@ straight from their stored (uncompressed) zip entries.
 
 from __future__ import annotations
 
+import math
+
 import io
 import lzma
 import struct
@@ -20,7 +22,7 @@ from typing import IO, Any, BinaryIO
 import numpy as np
 
 from vlhub.converters.base import OpenTensorFile
-from vlhub.converters.io_utils import read_exact_into, write_array
+from vlhub.converters.io_utils import StoredBytes, TensorData, read_exact_into, write_array
 from vlhub.converters.pickle_codec import (
     Global,
     PickleEmitter,
@@ -190,6 +192,15 @@ class TorchBinFile(OpenTensorFile):
         strides = tuple(stride * dtype.itemsize for stride in tensor.stride)
         return np.ascontiguousarray(np.lib.stride_tricks.as_strided(touched, tensor.shape, strides, writeable=False))
 
+    def stored_bytes(self, name: str) -> StoredBytes | None:
+        """Where one tensor's bytes lie, when they are stored plainly in C order (not for views)."""
+        tensor = self._tensors[name]
+        if not tensor.is_c_contiguous:
+            return None
+        itemsize = dtype_info(tensor.storage.dtype).itemsize
+        start = self._data_offsets[tensor.storage.key] + tensor.offset * itemsize
+        return StoredBytes(self.path, start, math.prod(tensor.shape) * itemsize)
+
 
 @contextmanager
 def _zip_errors(name: str) -> Iterator[None]:
@@ -256,7 +267,7 @@ class TorchBinShardWriter:
         self._write_record("data.pkl", _data_pickle(tensors))
         self._write_record("byteorder", b"little")
 
-    def write(self, meta: TensorMeta, array: np.ndarray) -> None:
+    def write(self, meta: TensorMeta, array: TensorData) -> None:
         with self._open_record(f"data/{self._keys[meta.name]}", meta.nbytes) as record:
             write_array(record, meta, array)
 
