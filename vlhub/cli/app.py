@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from vlhub import __version__
+from vlhub.cli.convert import convert
 from vlhub.cli.inspect import inspect
 from vlhub.cli.models import models
 
@@ -37,6 +38,7 @@ def _root(
 
 app.command()(models)
 app.command()(inspect)
+app.command()(convert)
 
 
 def main() -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from vlhub.cli._errors import reports_errors
@@ -35,9 +36,9 @@ def inspect(source: SourceArg, tensors: TensorsOpt = False, json: JsonOpt = Fals
 
 def _print_report(report: InspectReport) -> None:
     summary = Table(show_header=False, box=None)
-    summary.add_row("path", report.path)
+    summary.add_row("path", escape(report.path))
     summary.add_row("family", report.family or "unknown")
-    summary.add_row("layout", f"{report.layout} ({report.layout_description})")
+    summary.add_row("layout", escape(f"{report.layout} ({report.layout_description})"))
     shards = f"{len(report.shards)}" + (f" (index {report.index_file})" if report.index_file else f" ({report.shards[0]})")
     summary.add_row("format", report.format)
     summary.add_row("shards", shards)
@@ -53,5 +54,5 @@ def _print_report(report: InspectReport) -> None:
     if report.tensors is not None:
         table = Table("name", "shape", "dtype", "shard", box=None)
         for row in report.tensors:
-            table.add_row(row.name, "x".join(map(str, row.shape)) or "scalar", row.dtype, row.shard)
+            table.add_row(escape(row.name), "x".join(map(str, row.shape)) or "scalar", row.dtype, escape(row.shard))
         stdout.print(table)

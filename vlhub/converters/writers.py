@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 
@@ -26,6 +26,46 @@ def plan_shards(tensors: Sequence[TensorMeta], max_shard_size: int) -> list[list
         shards[-1].append(meta)
         size += meta.nbytes
     return shards
+
+
+class _HashingFile:
+    """A file being written that hashes its bytes on the way out (sha256 for the manifest).
+
+    A seek (zip rewrites its local headers) breaks the running hash; `sha256()` then reads the file back.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file = open(path, "wb")  # noqa: SIM115 - closed by close()
+        self._hash = hashlib.sha256()
+        self._sequential = True
+
+    def write(self, data: bytes | memoryview) -> int:
+        if self._sequential:
+            self._hash.update(data)
+        return self._file.write(data)
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        self._sequential = False
+        return self._file.seek(offset, whence)
+
+    def __getattr__(self, name: str) -> object:  # tell, flush, seekable, ...: the file's own
+        return getattr(self._file, name)
+
+    def close(self) -> None:
+        self._file.close()
+
+    def sha256(self) -> str:
+        return self._hash.hexdigest() if self._sequential else file_sha256(self.path)
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, read in 16 MiB pieces."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(16 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def temporary_name(path: Path) -> Path:
@@ -67,10 +107,12 @@ class CheckpointWriter:
         self._next = 0
         self._shard_index = -1
         self._written_in_shard = 0
-        self._stream: BinaryIO | None = None
+        self._stream: _HashingFile | None = None
         self._writer: ShardWriter | None = None
         self._temporaries: list[Path] = []
+        self._hashes: list[str] = []
         self.written: list[Path] = []
+        self.sha256: dict[str, str] = {}
 
     @property
     def weight_map(self) -> dict[str, str]:
@@ -98,13 +140,14 @@ class CheckpointWriter:
         self._written_in_shard = 0
         temp = temporary_name(self.out_dir / self.shard_names[self._shard_index])
         self._temporaries.append(temp)
-        self._stream = open(temp, "wb")  # noqa: SIM115 - closed in _finish_shard / abort
-        self._writer = self.format.writer(self._stream, self._shards[self._shard_index], self._metadata)
+        self._stream = _HashingFile(temp)
+        self._writer = self.format.writer(self._stream, self._shards[self._shard_index], self._metadata)  # type: ignore[arg-type]
 
     def _finish_shard(self) -> None:
         assert self._writer is not None and self._stream is not None
         self._writer.finish()
         self._stream.close()
+        self._hashes.append(self._stream.sha256())
         self._writer = self._stream = None
 
     def close(self) -> list[Path]:
@@ -115,16 +158,19 @@ class CheckpointWriter:
         if not self._order:  # an empty checkpoint is still a valid single file
             self._open_next_shard()
             self._finish_shard()
-        for temp, name in zip(self._temporaries, self.shard_names):
+        for temp, name, digest in zip(self._temporaries, self.shard_names, self._hashes):
             os.replace(temp, self.out_dir / name)
             self.written.append(self.out_dir / name)
+            self.sha256[name] = digest
         self._temporaries.clear()
         if len(self.shard_names) > 1:
             index = {
                 "metadata": {"total_size": sum(meta.nbytes for meta in self._order)},
                 "weight_map": self.weight_map,
             }
-            self.written.append(write_json_atomic(self.out_dir / self.format.index_file, index))
+            index_path = write_json_atomic(self.out_dir / self.format.index_file, index)
+            self.written.append(index_path)
+            self.sha256[index_path.name] = file_sha256(index_path)
         return self.written
 
     def abort(self) -> None:

@@ -1,0 +1,82 @@
+"""`vlhub convert`: any supported checkpoint to Paddle (PaddleMIX), safetensors or torch, streaming.
+
+Examples:
+    vlhub convert tiny-qwen2-vl --to paddle
+    vlhub convert ./Qwen2-VL-7B-Instruct --to paddle --out ./Qwen2-VL-7B-Instruct-paddle
+    vlhub convert ./Qwen2-VL-7B-Instruct-paddle --to safetensors --dtype bfloat16
+    vlhub convert qwen2.5-vl-72b --to paddle --dry-run
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from vlhub.cli._errors import reports_errors
+from vlhub.cli._options import JsonOpt, SourceArg
+from vlhub.cli._output import byte_progress, print_json, stdout
+from vlhub.convert import TARGETS, Conversion, plan_json, plan_table_rows, prepare_conversion
+from vlhub.units import format_size, parse_size
+
+ToOpt = Annotated[str, typer.Option("--to", help=f"Target format: {', '.join(TARGETS)}.", show_default=False)]
+OutOpt = Annotated[Optional[Path], typer.Option("--out", help="Output directory [default: beside the source].")]
+DtypeOpt = Annotated[
+    Optional[str],
+    typer.Option("--dtype", help="Cast floating tensors: bfloat16, float16 or float32 [default: keep the source's]."),
+]
+ShardOpt = Annotated[
+    Optional[str], typer.Option("--max-shard-size", help="Largest shard, e.g. 5GB or 2GiB [default: per format].")
+]
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the plan and write nothing.")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty output directory.")]
+UnmatchedOpt = Annotated[
+    bool, typer.Option("--allow-unmatched", help="Pass tensors the key map does not know through unchanged.")
+]
+
+
+@reports_errors
+def convert(
+    source: SourceArg,
+    to: ToOpt,
+    out: OutOpt = None,
+    dtype: DtypeOpt = None,
+    max_shard_size: ShardOpt = None,
+    dry_run: DryRunOpt = False,
+    overwrite: OverwriteOpt = False,
+    allow_unmatched: UnmatchedOpt = False,
+    json: JsonOpt = False,
+) -> None:
+    """Convert a checkpoint tensor by tensor: keys through the family's key map, Linear weights transposed
+    where the target stores them [in, out], dtypes cast only when asked. Nothing is left behind on error."""
+    shard_limit = parse_size(max_shard_size) if max_shard_size else None
+    conversion = prepare_conversion(source, to=to, dtype=dtype, allow_unmatched=allow_unmatched, dry_run=dry_run)
+    if dry_run:
+        _show_plan(conversion, json)
+        return
+    with byte_progress(f"converting to {to}", conversion.plan.total_bytes) as advance:
+        result = conversion.write(out, overwrite=overwrite, max_shard_size=shard_limit, on_bytes=advance)
+    if json:
+        print_json({"out": str(result.out), **plan_json(conversion.plan), "files": result.manifest["files"]})
+    else:
+        ops = ", ".join(f"{op} x{n}" for op, n in conversion.plan.op_counts.items()) or "copy only"
+        stdout.print(f"{escape(str(result.out))}  ({len(conversion.plan.steps)} tensors, "
+                     f"{format_size(conversion.plan.total_bytes)}; {ops})")
+
+
+def _show_plan(conversion: Conversion, as_json: bool) -> None:
+    plan = conversion.plan
+    if as_json:
+        print_json(plan_json(plan))
+        return
+    table = Table("source", "target", "shape", "ops", "bytes", box=None,
+                  title=f"{plan.family}: {plan.source_layout} -> {plan.target_layout} ({conversion.target_format})")
+    for source, target, before, after, ops, nbytes in plan_table_rows(plan):
+        shape = before if before == after else f"{before} -> {after}"
+        table.add_row(escape(source), escape(target) if target != source else "=", shape, ops, format_size(nbytes))
+    stdout.print(table)
+    ops = ", ".join(f"{op} x{n}" for op, n in plan.op_counts.items()) or "copy only"
+    stdout.print(f"{len(plan.steps)} tensors, {format_size(plan.total_bytes)}; {ops}; nothing written (--dry-run)")

@@ -1,0 +1,250 @@
+"""`vlhub convert`: a checkpoint in any supported layout and format to torch, safetensors or Paddle.
+
+    conversion = prepare_conversion("tiny-qwen2-vl", to="paddle")
+    result = conversion.write()            # or conversion.plan for a dry run
+
+Everything lands in a staging directory beside the output and is renamed into place at the end;
+an error or an interruption leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import shutil
+import signal
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vlhub import __version__
+from vlhub.catalog import ModelSpec, find_model
+from vlhub.configs import target_config
+from vlhub.converters.formats import format_of_file
+from vlhub.converters.pipeline import ordered_steps, run_plan
+from vlhub.converters.plan import Plan, plan_conversion
+from vlhub.converters.readers import Checkpoint, open_checkpoint
+from vlhub.converters.writers import CheckpointWriter, file_sha256, write_json_atomic
+from vlhub.errors import UserError
+from vlhub.sources import resolve_source
+from vlhub.tensors import TensorMeta
+from vlhub.units import format_size
+
+# --to name -> (key-map layout, file format)
+TARGETS: dict[str, tuple[str, str]] = {
+    "paddle": ("paddlemix", "pdparams"),
+    "safetensors": ("official", "safetensors"),
+    "torch": ("official", "torch"),
+}
+MANIFEST = "vlhub-manifest.json"
+# files a converted directory must not inherit: weights and indexes (a loader could pick a stale one)
+_NOT_CARRIED = (".index.json", ".safetensors", ".pdparams", ".bin", ".pt", ".pth")
+
+
+@dataclass
+class ConvertResult:
+    out: Path
+    files: dict[str, str]  # file name -> sha256
+    manifest: dict
+
+
+@dataclass
+class Conversion:
+    """A planned conversion: `plan` says what will happen; `write()` does it."""
+
+    source: str
+    source_path: Path | None  # None for a dry run of a catalog model that is not on this machine
+    to: str
+    plan: Plan
+    config: dict
+    checkpoint: Checkpoint | None
+    source_format: str
+    model: ModelSpec | None = None
+    extra_files: list[Path] = field(default_factory=list)
+
+    @property
+    def target_format(self) -> str:
+        return TARGETS[self.to][1]
+
+    def default_out(self) -> Path:
+        if self.source_path is None or self.model is not None:
+            return Path.cwd() / f"{self.model.name if self.model else 'model'}-{self.to}"
+        base = self.source_path if self.source_path.is_dir() else self.source_path.parent
+        return base.with_name(f"{base.name}-{self.to}")
+
+    def write(
+        self,
+        out: Path | None = None,
+        *,
+        overwrite: bool = False,
+        max_shard_size: int | None = None,
+        on_bytes: Callable[[int], None] | None = None,
+        memory_budget: int | None = None,
+    ) -> ConvertResult:
+        """Convert into `out` (default: beside the source), atomically."""
+        if self.checkpoint is None:
+            raise UserError(f"{self.source} is not on this machine: only --dry-run can plan it")
+        out = Path(out) if out else self.default_out()
+        _check_destination(out, overwrite, self.plan.total_bytes + sum(p.stat().st_size for p in self.extra_files))
+        staging = out.with_name(f".{out.name}.vlhub-{os.getpid()}.tmp")
+        staging.mkdir(parents=True)
+        try:
+            steps = ordered_steps(self.plan, self.checkpoint)
+            metadata = {"format": "pt"} if self.target_format == "safetensors" else None
+            with CheckpointWriter(staging, self.target_format, [s.target for s in steps],
+                                  max_shard_size=max_shard_size, metadata=metadata, on_bytes=on_bytes) as writer:
+                largest = max((s.target.nbytes for s in steps), default=0)
+                run_plan(self.plan, self.checkpoint, writer, memory_budget=memory_budget or max(largest, 256 << 20))
+            files = dict(writer.sha256)
+            for extra in self.extra_files:
+                shutil.copy2(extra, staging / extra.name)
+                files[extra.name] = file_sha256(staging / extra.name)
+            config = target_config(self.config, dtype=self._output_dtype(), for_paddle=self.to == "paddle")
+            files["config.json"] = file_sha256(write_json_atomic(staging / "config.json", config))
+            manifest = self._manifest(files, staging)
+            write_json_atomic(staging / MANIFEST, manifest)
+            _commit(staging, out)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        finally:
+            self.checkpoint.close()
+        return ConvertResult(out, files, manifest)
+
+    def _output_dtype(self) -> str:
+        """The dtype most of the output's bytes have (what config.json should declare)."""
+        by_dtype: dict[str, int] = {}
+        for step in self.plan.steps:
+            by_dtype[step.target.dtype] = by_dtype.get(step.target.dtype, 0) + step.target.nbytes
+        return max(by_dtype, key=by_dtype.__getitem__) if by_dtype else "bfloat16"
+
+    def _manifest(self, files: dict[str, str], staging: Path) -> dict:
+        layout, fmt = TARGETS[self.to]
+        return {
+            "vlhub_version": __version__,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "source": {
+                "path": str(self.source_path),
+                "model": self.model.name if self.model else None,
+                "repo": self.model.hf_repo if self.model else None,
+                "revision": _hub_revision(self.source_path),
+                "format": self.source_format,
+                "layout": self.plan.source_layout,
+            },
+            "keymap": {"id": self.plan.keymap.id, "digest": self.plan.keymap.digest},
+            "target": {"format": fmt, "layout": layout, "dtype": self.plan.dtype or "unchanged"},
+            "ops": self.plan.op_counts,
+            "tensors": len(self.plan.steps),
+            "total_bytes": self.plan.total_bytes,
+            "files": {name: {"sha256": digest, "size": (staging / name).stat().st_size}
+                      for name, digest in sorted(files.items())},
+        }
+
+
+def prepare_conversion(
+    source: str,
+    *,
+    to: str,
+    dtype: str | None = None,
+    allow_unmatched: bool = False,
+    dry_run: bool = False,
+) -> Conversion:
+    """Read the source's headers and plan the conversion; nothing is read or written beyond headers."""
+    if to not in TARGETS:
+        raise UserError(f"unknown target format {to!r}; choose one of {', '.join(TARGETS)}")
+    model = find_model(source)
+    try:
+        path = resolve_source(source)
+    except UserError:
+        if not (dry_run and model is not None):
+            raise
+        # a dry run of a catalog model needs no data: plan from its official tensor list
+        tensors = {name: TensorMeta(name, "bfloat16", shape, model.family.checkpoint_format)
+                   for name, shape in model.family.official_tensors(model.config)}
+        plan = plan_conversion(tensors, model.config, target_layout=TARGETS[to][0], dtype=dtype)
+        return Conversion(source, None, to, plan, model.config, None, model.family.checkpoint_format, model)
+    checkpoint = open_checkpoint(path)
+    try:
+        plan = plan_conversion(checkpoint.tensors, checkpoint.config, target_layout=TARGETS[to][0],
+                               dtype=dtype, allow_unmatched=allow_unmatched)
+    except BaseException:
+        checkpoint.close()
+        raise
+    extra = _carried_files(checkpoint.root) if path.is_dir() or path.name.endswith(".index.json") else []
+    return Conversion(source, path, to, plan, checkpoint.config or {}, checkpoint, checkpoint.format.name,
+                      model, extra)
+
+
+def _carried_files(root: Path) -> list[Path]:
+    """Tokenizer, processor, generation and chat-template files: everything but weights and config."""
+    return sorted(
+        p for p in root.iterdir()
+        if p.is_file() and not p.name.startswith(".") and p.name not in ("config.json", MANIFEST)
+        and not p.name.endswith(_NOT_CARRIED) and format_of_file(p.name) is None
+    )
+
+
+def _check_destination(out: Path, overwrite: bool, needed: int) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} exists and is not a directory; choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"{out} exists and is not empty; pass --overwrite to replace it, or choose another --out")
+    parent = out.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(parent).free
+    if free < needed:
+        raise UserError(f"not enough disk space in {parent}: the output needs {format_size(needed)}, "
+                        f"{format_size(free)} is free")
+
+
+@contextmanager
+def _signals_held() -> Iterator[None]:
+    """Defer Ctrl-C and SIGTERM for the few renames that publish an output, so they happen all or none."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _commit(staging: Path, out: Path) -> None:
+    old = out.with_name(f".{out.name}.vlhub-{os.getpid()}.old")
+    with _signals_held():
+        if out.exists():
+            os.rename(out, old)
+        os.rename(staging, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _hub_revision(path: Path | None) -> str | None:
+    """The commit a Hugging Face cache snapshot path names (…/snapshots/<revision>/…), if it is one."""
+    if path is None:
+        return None
+    parts = path.resolve().parts
+    return parts[parts.index("snapshots") + 1] if "snapshots" in parts[:-1] else None
+
+
+def plan_table_rows(plan: Plan) -> Iterator[tuple[str, str, str, str, str, int]]:
+    """(source name, target name, shape before, shape after, ops, bytes) for a dry-run table."""
+    for step in plan.steps:
+        yield (step.source.name, step.target.name, "x".join(map(str, step.source.shape)),
+               "x".join(map(str, step.target.shape)), ", ".join(step.ops) or "copy", step.target.nbytes)
+
+
+def plan_json(plan: Plan) -> dict:
+    return {
+        "family": plan.family,
+        "keymap": plan.keymap.id,
+        "source_layout": plan.source_layout,
+        "target_layout": plan.target_layout,
+        "dtype": plan.dtype,
+        "ops": plan.op_counts,
+        "tensors": len(plan.steps),
+        "total_bytes": plan.total_bytes,
+        "dropped": plan.dropped,
+        "steps": [dict(zip(("source", "target", "shape_before", "shape_after", "ops", "bytes"), row))
+                  for row in plan_table_rows(plan)],
+    }
+
