@@ -55,11 +55,10 @@ def linear_orientation(keymap: KeyMap, layout: Layout, tensors: dict[str, Tensor
         return None
     if config:
         expected = tuple(int(evaluate(e, keymap.resolve_dims(config))) for e in rule.shape)  # type: ignore
-        if probe.shape == expected and expected[0] != expected[1]:
-            return "out_in"
-        if probe.shape == expected[::-1] and expected[0] != expected[1]:
-            return "in_out"
-        return None
+        if expected[0] != expected[1] and probe.shape in (expected, expected[::-1]):
+            return "out_in" if probe.shape == expected else "in_out"
+    # no config, or one the shapes contradict (the plan then reports the mismatch): the probe is an
+    # up-projection, wider out than in
     return "out_in" if probe.shape[0] > probe.shape[1] else "in_out"
 
 
