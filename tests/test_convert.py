@@ -235,7 +235,7 @@ def test_an_interrupted_conversion_leaves_nothing(tiny_qwen2_vl: Path, tmp_path:
 
     calls = []
 
-    def failing_transpose(array: np.ndarray) -> np.ndarray:
+    def failing_transpose(array: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         calls.append(1)
         if len(calls) == 10:
             raise KeyboardInterrupt

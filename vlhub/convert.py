@@ -22,7 +22,7 @@ from vlhub import __version__
 from vlhub.catalog import ModelSpec, find_model
 from vlhub.configs import target_config
 from vlhub.converters.formats import format_of_file
-from vlhub.converters.pipeline import ordered_steps, run_plan
+from vlhub.converters.pipeline import buffer_cost, ordered_steps, run_plan
 from vlhub.converters.plan import Plan, plan_conversion
 from vlhub.converters.readers import Checkpoint, open_checkpoint
 from vlhub.converters.writers import CheckpointWriter, file_sha256, write_json_atomic
@@ -94,8 +94,9 @@ class Conversion:
             metadata = {"format": "pt"} if self.target_format == "safetensors" else None
             with CheckpointWriter(staging, self.target_format, [s.target for s in steps],
                                   max_shard_size=max_shard_size, metadata=metadata, on_bytes=on_bytes) as writer:
-                largest = max((s.target.nbytes for s in steps), default=0)
-                run_plan(self.plan, self.checkpoint, writer, memory_budget=memory_budget or max(largest, 256 << 20))
+                # room for the largest tensor and its transposed copy; smaller ones pipeline within it
+                largest = max((buffer_cost(s) for s in steps), default=0)
+                run_plan(self.plan, self.checkpoint, writer, memory_budget=memory_budget or max(largest, 512 << 20))
             files = dict(writer.sha256)
             for extra in self.extra_files:
                 shutil.copy2(extra, staging / extra.name)

@@ -9,6 +9,7 @@ import typer
 from vlhub import __version__
 from vlhub.cli.convert import convert
 from vlhub.cli.inspect import inspect
+from vlhub.cli.keys import keys
 from vlhub.cli.models import models
 
 app = typer.Typer(
@@ -39,6 +40,7 @@ def _root(
 app.command()(models)
 app.command()(inspect)
 app.command()(convert)
+app.command()(keys)
 
 
 def main() -> None:

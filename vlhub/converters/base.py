@@ -27,8 +27,9 @@ class TensorFile(Protocol):
         """Every tensor in the file, in file order, with `shard` set to the file name."""
         ...
 
-    def read(self, name: str) -> np.ndarray:
-        """One tensor as a C-contiguous array in its storage dtype (bfloat16 as uint16 bits)."""
+    def read(self, name: str, out: np.ndarray | None = None) -> np.ndarray:
+        """One tensor as a C-contiguous array in its storage dtype (bfloat16 as uint16 bits); `out`, a
+        C-contiguous array of that shape and dtype, receives it instead of a new array when given."""
         ...
 
     def stored_bytes(self, name: str) -> StoredBytes | None:

@@ -16,6 +16,15 @@ from vlhub.tensors import TensorMeta, dtype_info
 _READ_CHUNK = 16 << 20
 
 
+def output_array(shape: tuple[int, ...], dtype: np.dtype, out: np.ndarray | None) -> np.ndarray:
+    """`out` when a caller lends a buffer for the tensor (checked), else a new array."""
+    if out is None:
+        return np.empty(shape, dtype=dtype)
+    if out.shape != tuple(shape) or out.dtype != dtype or not out.flags.c_contiguous:
+        raise ValueError(f"output buffer is {out.dtype}{list(out.shape)}, the tensor is {dtype}{list(shape)}")
+    return out
+
+
 def read_exact_into(file: BinaryIO, offset: int, array: np.ndarray, path: Path | str) -> None:
     """Fill `array` (C-contiguous) with the bytes at `offset`, or raise if the file ends first."""
     view = memoryview(array.reshape(-1)).cast("B") if array.nbytes else memoryview(b"")

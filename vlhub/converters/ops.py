@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from vlhub.converters.io_utils import output_array
 from vlhub.tensors import bf16_bits_from_float32, dtype_info, float32_from_bf16_bits
 
 FLOAT_DTYPES = ("bfloat16", "float16", "float32", "float64")
@@ -67,10 +68,10 @@ class Cast:
         return cast_float(array, self.source, self.target)
 
 
-def transpose_2d(array: np.ndarray) -> np.ndarray:
-    """A C-contiguous transpose of a 2-D array, copied tile by tile."""
+def transpose_2d(array: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """A C-contiguous transpose of a 2-D array, copied tile by tile (into `out` if given)."""
     rows, cols = array.shape
-    out = np.empty((cols, rows), dtype=array.dtype)
+    out = output_array((cols, rows), array.dtype, out)
     for i in range(0, rows, _TILE):
         for j in range(0, cols, _TILE):
             out[j : j + _TILE, i : i + _TILE] = array[i : i + _TILE, j : j + _TILE].T
@@ -89,12 +90,12 @@ def _from_float32(values: np.ndarray, dtype: str) -> np.ndarray:
     return values.astype(dtype_info(dtype).storage)
 
 
-def cast_float(array: np.ndarray, source: str, target: str) -> np.ndarray:
+def cast_float(array: np.ndarray, source: str, target: str, out: np.ndarray | None = None) -> np.ndarray:
     """Values of a float tensor in another float dtype (storage arrays; bfloat16 as uint16 bits)."""
     if source == target:
         return array
     flat_in = array.reshape(-1)
-    out = np.empty(array.shape, dtype=dtype_info(target).storage)
+    out = output_array(array.shape, dtype_info(target).storage, out)
     flat_out = out.reshape(-1)
     for start in range(0, flat_in.size, _CAST_CHUNK):
         piece = flat_in[start : start + _CAST_CHUNK]

@@ -15,7 +15,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from vlhub.converters.base import OpenTensorFile
-from vlhub.converters.io_utils import StoredBytes, TensorData, write_array
+from vlhub.converters.io_utils import StoredBytes, TensorData, output_array, write_array
 from vlhub.converters.pickle_codec import (
     ByteSource,
     FileSpan,
@@ -98,19 +98,24 @@ class PdparamsFile(OpenTensorFile):
             for name, entry in self._entries.items()
         }
 
-    def read(self, name: str) -> np.ndarray:
-        """One tensor as a C-contiguous array in its storage dtype."""
+    def read(self, name: str, out: np.ndarray | None = None) -> np.ndarray:
+        """One tensor as a C-contiguous array in its storage dtype (into `out` if given)."""
         entry = self._entries[name]
         where = f"{self.path.name}: tensor {name!r}"
-        raw = np.empty(math.prod(entry.shape) * entry.dtype.itemsize, dtype=np.uint8)
+        first = entry.pieces[0]
+        # an unsplit array of two or more dimensions stored in another order has axes: read, then reorder
+        reorder = first.axes is not None
+        array = output_array(first.stored_shape if reorder else entry.shape, entry.dtype, None if reorder else out)
+        raw = array.reshape(-1).view(np.uint8)
         position = 0
         for piece in entry.pieces:
             read_span_into(self._stream, piece.data, raw[position : position + piece.nbytes], where)
             position += piece.nbytes
-        first = entry.pieces[0]
-        if first.axes is not None:  # only an unsplit array of two or more dimensions has axes
-            return np.ascontiguousarray(raw.view(entry.dtype).reshape(first.stored_shape).transpose(first.axes))
-        return raw.view(entry.dtype).reshape(entry.shape)
+        if not reorder:
+            return array
+        result = output_array(entry.shape, entry.dtype, out)
+        np.copyto(result, array.transpose(first.axes))
+        return result
 
     def stored_bytes(self, name: str) -> StoredBytes | None:
         """Where one tensor's bytes lie, when one plain C-ordered payload holds them."""

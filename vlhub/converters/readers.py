@@ -43,13 +43,13 @@ class Checkpoint:
             self._open = self.format.reader(self.root / shard)
         return self._open
 
-    def read(self, name: str) -> np.ndarray:
-        """One tensor in its storage dtype (bfloat16 as uint16 bits)."""
+    def read(self, name: str, out: np.ndarray | None = None) -> np.ndarray:
+        """One tensor in its storage dtype (bfloat16 as uint16 bits), into `out` if given."""
         try:
             meta = self.tensors[name]
         except KeyError:
             raise UserError(f"no tensor {name!r} in {self.root}") from None
-        return self._file(meta.shard).read(name)
+        return self._file(meta.shard).read(name, out)
 
     def stored_bytes(self, name: str) -> StoredBytes | None:
         """Where a tensor's bytes lie, if a writer can copy them without decoding (see `TensorFile`)."""

@@ -16,7 +16,7 @@ from typing import BinaryIO
 import numpy as np
 
 from vlhub.converters.base import OpenTensorFile
-from vlhub.converters.io_utils import StoredBytes, TensorData, read_exact_into, write_array
+from vlhub.converters.io_utils import StoredBytes, TensorData, output_array, read_exact_into, write_array
 from vlhub.errors import CorruptCheckpoint
 from vlhub.tensors import BY_SAFETENSORS_CODE, TensorMeta, dtype_info
 
@@ -112,10 +112,10 @@ class SafetensorsFile(OpenTensorFile):
         """Every tensor, in data order."""
         return dict(self._metas)
 
-    def read(self, name: str) -> np.ndarray:
-        """One tensor's bytes, read with a single positioned read."""
+    def read(self, name: str, out: np.ndarray | None = None) -> np.ndarray:
+        """One tensor's bytes, read from where the header says they are."""
         meta = self._metas[name]
-        array = np.empty(meta.shape, dtype=dtype_info(meta.dtype).storage)
+        array = output_array(meta.shape, dtype_info(meta.dtype).storage, out)
         begin, _ = self._offsets[name]
         read_exact_into(self._stream, self._data_start + begin, array, self.path)
         return array

@@ -22,7 +22,7 @@ from typing import IO, Any, BinaryIO
 import numpy as np
 
 from vlhub.converters.base import OpenTensorFile
-from vlhub.converters.io_utils import StoredBytes, TensorData, read_exact_into, write_array
+from vlhub.converters.io_utils import StoredBytes, TensorData, output_array, read_exact_into, write_array
 from vlhub.converters.pickle_codec import (
     Global,
     PickleEmitter,
@@ -177,20 +177,21 @@ class TorchBinFile(OpenTensorFile):
             for name, tensor in self._tensors.items()
         }
 
-    def read(self, name: str) -> np.ndarray:
-        """One tensor as a C-contiguous array in its storage dtype (bfloat16 as uint16 bits)."""
+    def read(self, name: str, out: np.ndarray | None = None) -> np.ndarray:
+        """One tensor as a C-contiguous array in its storage dtype (bfloat16 as uint16 bits), into `out` if given."""
         tensor = self._tensors[name]
         dtype = dtype_info(tensor.storage.dtype).storage
         start = self._data_offsets[tensor.storage.key] + tensor.offset * dtype.itemsize
+        array = output_array(tensor.shape, dtype, out)
         if tensor.is_c_contiguous:
-            array = np.empty(tensor.shape, dtype=dtype)
             read_exact_into(self._stream, start, array, self.path.name)
             return array
         # a view (transpose, slice, expand): read the storage range it touches, then copy into C order
         touched = np.empty(tensor.span, dtype=dtype)
         read_exact_into(self._stream, start, touched, self.path.name)
         strides = tuple(stride * dtype.itemsize for stride in tensor.stride)
-        return np.ascontiguousarray(np.lib.stride_tricks.as_strided(touched, tensor.shape, strides, writeable=False))
+        np.copyto(array, np.lib.stride_tricks.as_strided(touched, tensor.shape, strides, writeable=False))
+        return array
 
     def stored_bytes(self, name: str) -> StoredBytes | None:
         """Where one tensor's bytes lie, when they are stored plainly in C order (not for views)."""

@@ -1,0 +1,438 @@
+"""`vlhub keys`: renamed keys with byte-identical data in safetensors and pdparams, checked by the reference
+libraries; rename rules, refusals, dry runs, atomic --in-place, and a memory bound that would catch a full read."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import vlhub.keys
+from tests.conftest import run_vlhub
+from vlhub.converters.io_utils import StoredBytes
+from vlhub.converters.pdparams_io import PdparamsFile, PdparamsShardWriter
+from vlhub.converters.readers import open_checkpoint
+from vlhub.converters.writers import CheckpointWriter
+from vlhub.errors import UserError
+from vlhub.keys import parse_rename, plan_renames, rename_keys
+from vlhub.tensors import TensorMeta, bf16_bits_from_float32
+
+MB = 1 << 20
+
+
+def _sample_tensors() -> dict[str, tuple[str, np.ndarray]]:
+    """Qwen-VL-style names (the visual tower repeats `transformer`) in every dtype shape the writers meet."""
+    rng = np.random.default_rng(0)
+    values = rng.standard_normal(4096).astype(np.float32)
+    return {
+        "transformer.wte.weight": ("bfloat16", bf16_bits_from_float32(values[:1024]).reshape(64, 16)),
+        "transformer.h.0.ln_1.weight": ("float32", values[:16].copy()),
+        "transformer.h.0.attn.c_attn.weight": ("float16", values[:768].astype(np.float16).reshape(48, 16)),
+        "transformer.visual.transformer.resblocks.0.attn.in_proj.weight": ("float32", values[:48].reshape(12, 4)),
+        "transformer.ln_f.weight": ("float32", values[16:32].copy()),
+        "lm_head.weight": ("bfloat16", bf16_bits_from_float32(values[1024:2048]).reshape(64, 16)),
+        "logit_scale": ("float32", np.array(values[0])),
+    }
+
+
+def _make_checkpoint(directory: Path, fmt: str, *, max_shard_size: int | None = None) -> Path:
+    """A checkpoint directory with weights (sharded when `max_shard_size` is small) and the files beside them."""
+    tensors = _sample_tensors()
+    metas = [TensorMeta(name, dtype, array.shape) for name, (dtype, array) in tensors.items()]
+    metadata = {"format": "pt"} if fmt == "safetensors" else None
+    with CheckpointWriter(directory, fmt, metas, max_shard_size=max_shard_size, metadata=metadata) as writer:
+        for name, (_, array) in tensors.items():
+            writer.write(name, array)
+    (directory / "config.json").write_text(json.dumps({"model_type": "qwen"}))
+    (directory / "qwen.tiktoken").write_text("tokens\n")
+    (directory / "processor").mkdir()
+    (directory / "processor" / "preprocessor_config.json").write_text("{}")
+    (directory / ".cache").mkdir()
+    (directory / ".cache" / "download.lock").write_text("stale")
+    return directory
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def _data_section(path: Path) -> bytes:
+    raw = path.read_bytes()
+    (header_len,) = struct.unpack("<Q", raw[:8])
+    return raw[8 + header_len:]
+
+
+def _one_line_error(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 2, result.stderr
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+QWEN = [("transformer.", "qwen.")]
+
+
+# --- rename rules ------------------------------------------------------------------------------
+
+
+def test_prefix_rules_apply_first_match_wins_in_the_order_given() -> None:
+    keys = ["transformer.llm.h.0.ln_1.weight", "transformer.wte.weight", "transformer.visual.conv1.weight", "lm_head.w"]
+    mapping = plan_renames(keys, [("transformer.llm.", "qwen."), ("transformer.visual.", "visual."),
+                                  ("transformer.", "qwen.")])
+    assert mapping == {"transformer.llm.h.0.ln_1.weight": "qwen.h.0.ln_1.weight",
+                       "transformer.wte.weight": "qwen.wte.weight",
+                       "transformer.visual.conv1.weight": "visual.conv1.weight", "lm_head.w": "lm_head.w"}
+    with pytest.raises(UserError, match="transformer.llm.=qwen. renames nothing: every key it matches is taken"):
+        plan_renames(keys, [("transformer.", "qwen."), ("transformer.llm.", "qwen.")])
+
+
+def test_regex_replaces_the_first_match_only() -> None:
+    keys = ["transformer.visual.transformer.resblocks.0.w", "model.layers.12.mlp.w", "model.norm.weight"]
+    mapping = plan_renames(keys, [(r"transformer\.", "qwen."), (r"^model\.layers\.(\d+)\.", r"llm.h.\1.")],
+                           regex=True)
+    assert mapping == {"transformer.visual.transformer.resblocks.0.w": "qwen.visual.transformer.resblocks.0.w",
+                       "model.layers.12.mlp.w": "llm.h.12.mlp.w", "model.norm.weight": "model.norm.weight"}
+
+
+def test_parse_rename_splits_at_the_last_equals_sign() -> None:
+    assert parse_rename("transformer=qwen") == ("transformer", "qwen")
+    assert parse_rename(r"(?<=h\.)0=zero") == (r"(?<=h\.)0", "zero")
+    assert parse_rename("model.=") == ("model.", "")
+    with pytest.raises(UserError, match="expected OLD=NEW"):
+        parse_rename("transformer")
+
+
+@pytest.mark.parametrize(
+    ("renames", "regex", "message"),
+    [
+        ([("a.", "c."), ("b.", "c.")], False, r"rename collision: 'a\.x', 'b\.x' would both be named 'c\.x'"),
+        ([("a.", "qwen.")], False, r"'a\.x', 'qwen\.x' \(not renamed\) would both be named 'qwen\.x'"),
+        ([("transfomer.", "qwen.")], False, r"--rename transfomer\.=qwen\. matches no key \(keys start with a\., "),
+        ([("(unclosed", "x")], True, r"bad regex"),
+        ([(r"^a\.", r"\2")], True, r"bad replacement"),
+        ([], False, r"at least one --rename"),
+    ],
+)
+def test_refused_renames(renames: list[tuple[str, str]], regex: bool, message: str) -> None:
+    with pytest.raises(UserError, match=message):
+        plan_renames(["a.x", "b.x", "qwen.x"], renames, regex=regex)
+
+
+# --- safetensors -------------------------------------------------------------------------------
+
+
+def test_sharded_safetensors_out_copies_data_verbatim(tiny_qwen2_vl: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+    import torch
+
+    out = tmp_path / "renamed"
+    result = rename_keys(tiny_qwen2_vl, [("model.", "llm.")], out=out)
+
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    source_index = json.loads((tiny_qwen2_vl / "model.safetensors.index.json").read_text())
+    renamed = {k.replace("model.", "llm.", 1) if k.startswith("model.") else k: v
+               for k, v in source_index["weight_map"].items()}
+    assert index == {**source_index, "weight_map": renamed}
+    assert sorted(p.name for p in result.written) == sorted(set(source_index["weight_map"].values())) + [
+        "model.safetensors.index.json"]
+    assert len(result.renamed) == sum(k.startswith("model.") for k in source_index["weight_map"])
+    for shard in set(source_index["weight_map"].values()):
+        assert _data_section(out / shard) == _data_section(tiny_qwen2_vl / shard)
+        before, after = load_file(tiny_qwen2_vl / shard), load_file(out / shard)  # the reference reader
+        assert list(after) == [renamed_name for name in before for renamed_name in [dict(result.renamed).get(name, name)]]
+        for name, tensor in before.items():
+            new = after[dict(result.renamed).get(name, name)]
+            assert new.dtype == tensor.dtype and torch.equal(new, tensor)
+    for name in ("config.json", "generation_config.json"):
+        assert (out / name).read_bytes() == (tiny_qwen2_vl / name).read_bytes()
+        assert (out / name).stat().st_ino == (tiny_qwen2_vl / name).stat().st_ino  # hard-linked
+
+
+def test_single_safetensors_file_keeps_metadata(tiny_qwen2_vl: Path, tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    shard = tiny_qwen2_vl / "model-00002-of-00004.safetensors"
+    out = tmp_path / "one.safetensors"
+    result = rename_keys(shard, [("model.", "llm.")], out=out)
+    assert result.written == [out] and result.copied == []
+    assert _data_section(out) == _data_section(shard)
+    with safe_open(out, "pt") as renamed, safe_open(shard, "pt") as original:
+        assert renamed.metadata() == original.metadata() == {"format": "pt"}
+        assert list(renamed.keys()) == sorted(dict(result.renamed).get(k, k) for k in original.keys())
+
+
+def test_directory_out_carries_other_files_but_not_hidden_ones(tmp_path: Path) -> None:
+    source = _make_checkpoint(tmp_path / "src", "safetensors")
+    result = rename_keys(source, QWEN, out=tmp_path / "out")
+    assert sorted(_files(tmp_path / "out")) == ["config.json", "model.safetensors", "processor/preprocessor_config.json",
+                                                "qwen.tiktoken"]
+    assert sorted(p.name for p in result.copied) == ["config.json", "preprocessor_config.json", "qwen.tiktoken"]
+    assert _data_section(tmp_path / "out" / "model.safetensors") == _data_section(source / "model.safetensors")
+
+
+def test_kernel_copy_refused_falls_back_to_a_buffered_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    source = _make_checkpoint(tmp_path / "src", "safetensors", max_shard_size=3000)
+
+    def cross_device(*args: object) -> int:
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "copy_file_range", cross_device)
+    rename_keys(source, QWEN, out=tmp_path / "out")
+    for shard in json.loads((source / "model.safetensors.index.json").read_text())["weight_map"].values():
+        assert _data_section(tmp_path / "out" / shard) == _data_section(source / shard)
+
+
+# --- pdparams ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("max_shard_size", [None, 3000], ids=["single", "sharded"])
+def test_pdparams_renamed_and_bit_equal_in_paddle(tmp_path: Path, max_shard_size: int | None) -> None:
+    paddle = pytest.importorskip("paddle")
+    source = _make_checkpoint(tmp_path / "src", "pdparams", max_shard_size=max_shard_size)
+    result = rename_keys(source, QWEN, out=tmp_path / "out")
+
+    with open_checkpoint(source) as before:
+        shards = before.shards
+        index_file = before.index_file
+    assert len(shards) == (1 if max_shard_size is None else 3) and (index_file is None) == (max_shard_size is None)
+    loaded: dict[str, np.ndarray] = {}
+    for shard in shards:
+        loaded.update(paddle.load(str(tmp_path / "out" / shard), return_numpy=True))
+    expected = {name.replace("transformer.", "qwen.", 1): array for name, (_, array) in _sample_tensors().items()}
+    assert list(loaded) == list(expected)
+    for name, array in expected.items():
+        assert loaded[name].dtype == array.dtype and loaded[name].tobytes() == array.tobytes(), name
+    if index_file:
+        weight_map = json.loads((tmp_path / "out" / index_file).read_text())["weight_map"]
+        assert set(weight_map) == set(expected) and set(weight_map.values()) == set(shards)
+    assert len(result.renamed) == 5 and result.unchanged == 2
+
+
+def test_qwen_vl_readme_rename_gives_qwen_keys(tiny_qwen_vl: Path, tmp_path: Path) -> None:
+    paddle = pytest.importorskip("paddle")
+    paddle_dir = tmp_path / "qwen-vl-7b-inference"
+    with open_checkpoint(tiny_qwen_vl) as torch_checkpoint:  # convert's PaddleMIX layout is not what the README had
+        metas = list(torch_checkpoint.tensors.values())
+        with CheckpointWriter(paddle_dir, "pdparams", metas) as writer:
+            for meta, array in torch_checkpoint.iter_tensors():
+                writer.write(meta.name, array)
+    shutil.copy(tiny_qwen_vl / "config.json", paddle_dir)
+
+    result = run_vlhub("keys", str(paddle_dir), "--rename", "transformer=qwen", "--in-place", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["written"] == [str(paddle_dir / "model_state.pdparams")] and report["unchanged"] == 1
+    state = paddle.load(str(paddle_dir / "model_state.pdparams"), return_numpy=True)
+    assert "qwen.h.0.attn.c_attn.weight" in state and "qwen.wte.weight" in state and "lm_head.weight" in state
+    assert not any(name.startswith("transformer") for name in state)
+    with open_checkpoint(tiny_qwen_vl) as original:
+        for name in ("transformer.h.0.attn.c_attn.weight", "transformer.visual.conv1.weight"):
+            assert state[name.replace("transformer", "qwen", 1)].tobytes() == original.read(name).tobytes()
+
+
+def test_torch_bin_is_refused(tiny_qwen_vl: Path) -> None:
+    line = _one_line_error(run_vlhub("keys", str(tiny_qwen_vl), "--rename", "transformer=qwen", "--dry-run"))
+    assert "safetensors and pdparams" in line and "not torch" in line
+
+
+# --- destinations, dry run, in place -----------------------------------------------------------
+
+
+def test_dry_run_writes_nothing(tmp_path: Path) -> None:
+    source = _make_checkpoint(tmp_path / "src", "pdparams", max_shard_size=3000)
+    before = sorted((p, p.stat().st_mtime_ns) for p in tmp_path.rglob("*"))
+    result = rename_keys(source, QWEN, out=tmp_path / "out", dry_run=True)
+    assert result.written == [] and len(result.renamed) == 5
+    assert rename_keys(source, QWEN, dry_run=True).destination is None
+    table = run_vlhub("keys", str(source), "--rename", "transformer.=qwen.", "--in-place", "--dry-run")
+    assert table.returncode == 0, table.stderr
+    assert "transformer.wte.weight" in table.stdout and "qwen.wte.weight" in table.stdout
+    assert "5 keys renamed, 2 unchanged; nothing written" in table.stdout
+    assert sorted((p, p.stat().st_mtime_ns) for p in tmp_path.rglob("*")) == before
+
+
+def test_destination_refusals_write_nothing(tmp_path: Path) -> None:
+    source = _make_checkpoint(tmp_path / "src", "safetensors")
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("mine")
+    before = _files(tmp_path)
+    cases = [
+        ({"out": tmp_path / "o", "in_place": True}, "exclude each other"),
+        ({}, "say where to write"),
+        ({"out": tmp_path / "taken"}, "exists and is not empty; pass --overwrite"),
+        ({"out": source}, "is or contains SRC; use --in-place"),
+        ({"out": tmp_path}, "is or contains SRC"),
+        ({"out": source / "renamed"}, "is inside SRC"),
+        ({"out": tmp_path / "taken" / "keep.txt"}, "exists and is not a directory"),
+    ]
+    for options, message in cases:
+        with pytest.raises(UserError, match=message):
+            rename_keys(source, QWEN, **options)
+    with pytest.raises(UserError, match="is one shard of"):
+        sharded = _make_checkpoint(tmp_path / "sharded", "safetensors", max_shard_size=3000)
+        before = _files(tmp_path)
+        rename_keys(sharded / "model-00001-of-00003.safetensors", QWEN, in_place=True)
+    assert _files(tmp_path) == before
+
+
+def test_overwrite_replaces_the_old_output(tmp_path: Path) -> None:
+    source = _make_checkpoint(tmp_path / "src", "safetensors")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "stale.safetensors").write_text("old")
+    rename_keys(source, QWEN, out=tmp_path / "out", overwrite=True)
+    assert "stale.safetensors" not in _files(tmp_path / "out") and "model.safetensors" in _files(tmp_path / "out")
+    assert not [p for p in tmp_path.iterdir() if ".vlhub-" in p.name]
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "pdparams"])
+def test_in_place_rewrites_shards_and_index(tmp_path: Path, fmt: str) -> None:
+    source = _make_checkpoint(tmp_path / "src", fmt, max_shard_size=3000)
+    names_before = sorted(p.name for p in source.iterdir())
+    with open_checkpoint(source) as checkpoint:
+        original = {name: checkpoint.read(name) for name in checkpoint.tensors}
+    result = rename_keys(source, QWEN, in_place=True)
+    assert sorted(p.name for p in source.iterdir()) == names_before  # same shard names, no temporaries
+    assert result.destination == source and len(result.written) == 4
+    with open_checkpoint(source) as checkpoint:
+        for name, array in original.items():
+            assert checkpoint.read(name.replace("transformer.", "qwen.", 1)).tobytes() == array.tobytes()
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "pdparams"])
+def test_in_place_interrupted_while_writing_leaves_the_original(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str) -> None:
+    source = _make_checkpoint(tmp_path / "src", fmt, max_shard_size=3000)
+    before = _files(source)
+    target = "_copy_span" if fmt == "safetensors" else "_write_pdparams"
+    real = getattr(vlhub.keys, target)
+    calls = []
+
+    def interrupted_on_second_shard(*args: object) -> None:
+        calls.append(args)
+        if len(calls) == 2:
+            args[-2].write(b"partial")  # the stream: the second shard's temporary is half written
+            raise KeyboardInterrupt
+        real(*args)
+
+    monkeypatch.setattr(vlhub.keys, target, interrupted_on_second_shard)
+    with pytest.raises(KeyboardInterrupt):
+        rename_keys(source, QWEN, in_place=True)
+    assert _files(source) == before
+    assert not [p for p in source.rglob("*") if ".vlhub-" in p.name]
+
+
+def test_ctrl_c_during_the_commit_waits_for_it_to_finish(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    source = _make_checkpoint(tmp_path / "src", "safetensors", max_shard_size=3000)
+    real_replace = os.replace
+
+    def replace_after_ctrl_c(src: Path, dst: Path) -> None:
+        if not Path(dst).name.startswith("."):  # a commit rename, not one that completes a temporary
+            os.kill(os.getpid(), signal.SIGINT)  # held back until every rename is done
+        real_replace(src, dst)
+
+    # a thread that does not mask signals, as native pools started by imports do: the kernel may hand it the
+    # SIGINT, so masking the main thread alone would not hold it back
+    idle = threading.Event()
+    bystander = threading.Thread(target=idle.wait)
+    bystander.start()
+    monkeypatch.setattr(os, "replace", replace_after_ctrl_c)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            rename_keys(source, QWEN, in_place=True)
+    finally:
+        monkeypatch.undo()
+        idle.set()
+        bystander.join()
+    with open_checkpoint(source) as checkpoint:  # the index and every shard are the new ones
+        assert len(checkpoint.tensors) == 7 and all(not n.startswith("transformer.") for n in checkpoint.tensors)
+    assert not [p for p in source.rglob("*") if ".vlhub-" in p.name]
+
+
+# --- command line ------------------------------------------------------------------------------
+
+
+def test_cli_writes_and_reports_json(tmp_path: Path) -> None:
+    source = _make_checkpoint(tmp_path / "src", "safetensors", max_shard_size=3000)
+    result = run_vlhub("keys", str(source), "--rename", "transformer.visual.=visual.", "--rename", "transformer.=qwen.",
+                       "--rename", "lm_head=output", "--out", str(tmp_path / "out"), "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert ["transformer.wte.weight", "qwen.wte.weight"] in report["renamed"]
+    assert ["lm_head.weight", "output.weight"] in report["renamed"]
+    assert report["unchanged"] == 1 and report["destination"] == str(tmp_path / "out")
+    assert len(report["written"]) == 4 and len(report["copied"]) == 3
+    text = run_vlhub("keys", str(source), "--rename", "lm_head=output", "--out", str(tmp_path / "out2"))
+    assert text.stdout.startswith("renamed 1 keys (6 unchanged)")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--dry-run"], "at least one --rename"),
+        (["--rename", "transformer", "--dry-run"], "expected OLD=NEW"),
+        (["--rename", "(x=y", "--regex", "--dry-run"], "bad regex"),
+        (["--rename", "transfomer.=qwen.", "--dry-run"], "matches no key"),
+        (["--rename", "transformer.ln_f.=lm_head.", "--dry-run"], "'lm_head.weight' (not renamed) would both"),
+        (["--rename", "transformer.=qwen."], "say where to write"),
+        (["--rename", "transformer.=qwen.", "--in-place", "--out", "elsewhere"], "exclude each other"),
+    ],
+)
+def test_cli_errors_are_one_line_and_exit_2(tmp_path: Path, args: list[str], message: str) -> None:
+    source = _make_checkpoint(tmp_path / "src", "safetensors")
+    before = _files(tmp_path)
+    assert message in _one_line_error(run_vlhub("keys", str(source), *args))
+    assert _files(tmp_path) == before
+
+
+# --- memory ------------------------------------------------------------------------------------
+
+
+BIG = 256 * MB
+HARNESS = Path(__file__).parents[1] / "benchmarks" / "_harness.py"
+
+
+def _peak_rss(argv: list[str]) -> int:
+    """Peak resident memory of `argv` (which must succeed), started by the benchmark harness from a fresh
+    interpreter: a child forked from this test process would inherit its peak (paddle and torch are loaded)."""
+    result = subprocess.run([sys.executable, str(HARNESS), *argv], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return int(result.stderr.split()[-1])
+
+
+def test_renaming_a_256mb_pdparams_tensor_never_holds_it(tmp_path: Path) -> None:
+    zeros = tmp_path / "zeros.bin"
+    with open(zeros, "wb") as file:
+        file.truncate(BIG)  # sparse: the source is made without 256 MB in this process either
+    source = tmp_path / "big.pdparams"
+    meta = TensorMeta("model.big.weight", "float32", (BIG // 4,))
+    with open(source, "wb") as stream:
+        writer = PdparamsShardWriter(stream, [meta])
+        writer.write(meta, StoredBytes(zeros, 0, BIG))
+        writer.finish()
+    command = [sys.executable, "-m", "vlhub", "keys", str(source), "--rename", "model.=llm."]
+
+    baseline = _peak_rss([*command, "--dry-run"])  # the same process without copying any data
+    renamed = _peak_rss([*command, "--out", str(tmp_path / "out.pdparams")])
+    # the control: the same command made to read the tensor instead of copying it, which must show
+    full_read = _peak_rss([sys.executable, "-c",
+                           "import sys; from vlhub.converters.pdparams_io import PdparamsFile\n"
+                           "PdparamsFile.stored_bytes = lambda self, name: None\n"
+                           "from vlhub.cli.app import main; sys.argv[0] = 'vlhub'; main()",
+                           *command[3:], "--out", str(tmp_path / "read.pdparams")])
+
+    assert renamed - baseline < 48 * MB, (baseline, renamed)
+    assert full_read - baseline > BIG * 3 // 4, (baseline, full_read)
+    with PdparamsFile(tmp_path / "out.pdparams") as out:
+        assert out.tensors()["llm.big.weight"].shape == (BIG // 4,)
+        assert out.stored_bytes("llm.big.weight").length == BIG

@@ -1,0 +1,86 @@
+"""`vlhub keys`: rename tensor keys in a safetensors or pdparams checkpoint; tensor bytes are copied untouched.
+
+Examples:
+    vlhub keys ./qwen-vl-7b-inference --rename transformer=qwen --in-place
+    vlhub keys ./qwen-vl-7b --rename transformer.llm.=qwen. --rename transformer.=qwen. --out ./qwen-vl-7b-static
+    vlhub keys ./Qwen2-VL-2B-Instruct-paddle --rename model.=llm. --dry-run
+    vlhub keys model_state.pdparams --regex --rename '^model\\.layers\\.(\\d+)\\.=llm.h.\\1.' --out renamed.pdparams --json
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from vlhub.cli._errors import reports_errors
+from vlhub.cli._options import JsonOpt, SourceArg
+from vlhub.cli._output import byte_progress, print_json, stdout
+from vlhub.keys import RenameResult, parse_rename, rename_keys
+from vlhub.sources import resolve_source
+
+RenameOpt = Annotated[
+    Optional[list[str]],
+    typer.Option(
+        "--rename", metavar="OLD=NEW", show_default=False,
+        help="Keys starting with OLD get NEW instead of that prefix. Repeatable: each key takes the first --rename "
+             "that matches it, in the order given, so put longer prefixes first (transformer.llm.=qwen. before "
+             "transformer.=qwen.). Split at the last '='. A --rename that renames nothing is an error.",
+    ),
+]
+RegexOpt = Annotated[
+    bool,
+    typer.Option("--regex", help="Read OLD as a Python regex and NEW as its replacement: re.sub(OLD, NEW, key, "
+                                 "count=1), so only the first match in a key changes (anchor with ^ for a prefix)."),
+]
+OutOpt = Annotated[
+    Optional[Path],
+    typer.Option("--out", help="A new directory for a directory SRC (its other files are hard-linked or copied in), "
+                               "or the output file for a single-file SRC.", show_default=False),
+]
+InPlaceOpt = Annotated[
+    bool,
+    typer.Option("--in-place", help="Replace SRC's weight files and index atomically: the new files are written "
+                                    "beside them and renamed over them only once all are complete."),
+]
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the renames and write nothing.")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out.")]
+
+
+@reports_errors
+def keys(
+    source: SourceArg,
+    rename: RenameOpt = None,
+    regex: RegexOpt = False,
+    out: OutOpt = None,
+    in_place: InPlaceOpt = False,
+    dry_run: DryRunOpt = False,
+    overwrite: OverwriteOpt = False,
+    json: JsonOpt = False,
+) -> None:
+    """Rename tensor keys (e.g. transformer.* -> qwen.* for Qwen-VL static inference) without decoding any
+    tensor. Needs --out or --in-place unless --dry-run. --json prints an object with source, destination,
+    dry_run, renamed (a list of old/new pairs), unchanged (a count), written and copied (paths)."""
+    renames = [parse_rename(text) for text in rename or []]
+    result = rename_keys(resolve_source(source), renames, regex=regex, out=out, in_place=in_place,
+                         dry_run=dry_run, overwrite=overwrite, progress=partial(byte_progress, "renaming keys"))
+    if json:
+        print_json(result.to_json())
+    elif dry_run:
+        _print_renames(result)
+    else:
+        stdout.print(f"renamed {len(result.renamed)} keys ({result.unchanged} unchanged): "
+                     f"{escape(str(result.destination))}  ({len(result.written)} files rewritten, "
+                     f"{len(result.copied)} carried over)")
+
+
+def _print_renames(result: RenameResult) -> None:
+    table = Table("old", "", "new", box=None)
+    for old, new in result.renamed:
+        table.add_row(escape(old), "->", escape(new))
+    stdout.print(table)
+    stdout.print(f"{len(result.renamed)} keys renamed, {result.unchanged} unchanged; nothing written (--dry-run)")

@@ -1,0 +1,447 @@
+"""`vlhub keys`: rename tensor keys in a safetensors or pdparams checkpoint; tensor bytes are copied, never decoded.
+
+    rename_keys(Path("qwen-vl-7b"), [("transformer.", "qwen.")], in_place=True)
+
+Each rename is a prefix (a key starting with OLD gets NEW instead of that prefix) or, with
+`regex=True`, `re.sub(OLD, NEW, key, count=1)`. A key takes the first rename that matches it, in the
+order given. safetensors shards get a new header and their data section copied verbatim in the kernel
+(`copy_file_range`, as `cp` does); pdparams shards are rewritten as a new pickle whose payloads are
+copied from the old file in 16 MiB pieces. Shard names stay; the index's weight_map is rewritten.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import shutil
+import signal
+import threading
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import BinaryIO
+
+from vlhub.converters.io_utils import StoredBytes, copy_stored_bytes
+from vlhub.converters.readers import Checkpoint, open_checkpoint
+from vlhub.converters.safetensors_io import SafetensorsFile, SafetensorsShardWriter
+from vlhub.converters.writers import temporary_name, write_json_atomic
+from vlhub.errors import CorruptCheckpoint, UserError
+from vlhub.tensors import TensorMeta
+from vlhub.units import format_size
+
+SUPPORTED_FORMATS = ("safetensors", "pdparams")
+# one copy_file_range call per 64 MiB: big enough to run at disk speed, small enough for a live progress bar
+_COPY_CHUNK = 64 << 20
+# copy_file_range refusals that mean "not between these files", not "the copy failed"
+_NO_KERNEL_COPY = frozenset({errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP})
+
+OnBytes = Callable[[int], None]
+# called with the total bytes to copy; the context yields the function to call as bytes are written
+ProgressFactory = Callable[[int], AbstractContextManager[OnBytes]]
+
+
+@dataclass(frozen=True)
+class _Rule:
+    old: str
+    new: str
+    pattern: re.Pattern[str] | None
+
+    @classmethod
+    def make(cls, old: str, new: str, regex: bool) -> _Rule:
+        if not regex:
+            return cls(old, new, None)
+        try:
+            return cls(old, new, re.compile(old))
+        except re.error as exc:
+            raise UserError(f"--rename {old}={new}: bad regex ({exc})") from None
+
+    def apply(self, key: str) -> str | None:
+        """The new name, or None when the rule does not match `key`."""
+        if self.pattern is None:
+            return self.new + key[len(self.old):] if key.startswith(self.old) else None
+        try:
+            renamed, count = self.pattern.subn(self.new, key, count=1)
+        except re.error as exc:
+            raise UserError(f"--rename {self.old}={self.new}: bad replacement ({exc})") from None
+        return renamed if count else None
+
+
+@dataclass
+class RenameResult:
+    """What a rename did (or, for a dry run, would do)."""
+
+    source: Path
+    destination: Path | None  # the output path, SRC itself for --in-place, None for a dry run without either
+    dry_run: bool
+    renamed: list[tuple[str, str]]
+    unchanged: int
+    written: list[Path] = field(default_factory=list)  # weight files and index, rewritten
+    copied: list[Path] = field(default_factory=list)  # SRC's other files carried into a directory --out
+
+    def to_json(self) -> dict:
+        return {
+            "source": str(self.source),
+            "destination": str(self.destination) if self.destination else None,
+            "dry_run": self.dry_run,
+            "renamed": [[old, new] for old, new in self.renamed],
+            "unchanged": self.unchanged,
+            "written": [str(p) for p in self.written],
+            "copied": [str(p) for p in self.copied],
+        }
+
+
+def parse_rename(text: str) -> tuple[str, str]:
+    """Split `OLD=NEW` at the last `=` (a regex may hold `=` in a lookaround; tensor names never do)."""
+    old, sep, new = text.rpartition("=")
+    if not sep:
+        raise UserError(f"--rename {text!r}: expected OLD=NEW, e.g. --rename transformer.=qwen.")
+    return old, new
+
+
+def plan_renames(keys: Iterable[str], renames: Sequence[tuple[str, str]], *, regex: bool = False) -> dict[str, str]:
+    """Old name -> new name for every key (unmatched keys map to themselves).
+
+    Raises `UserError` when a rename changes nothing (a typo, or every key it matches was taken by an
+    earlier rename) or when two keys would end up with one name.
+    """
+    if not renames:
+        raise UserError("give at least one --rename OLD=NEW, e.g. --rename transformer.=qwen.")
+    rules = [_Rule.make(old, new, regex) for old, new in renames]
+    mapping: dict[str, str] = {}
+    applied: set[int] = set()
+    matched: set[int] = set()
+    for key in keys:
+        hits = [(i, new) for i, rule in enumerate(rules) if (new := rule.apply(key)) is not None]
+        matched.update(i for i, _ in hits)
+        if hits:
+            applied.add(hits[0][0])
+        mapping[key] = hits[0][1] if hits else key
+    for i, rule in enumerate(rules):
+        if i in applied:
+            continue
+        if i in matched:
+            raise UserError(f"--rename {rule.old}={rule.new} renames nothing: "
+                            "every key it matches is taken by an earlier --rename")
+        roots = sorted({key.split(".", 1)[0] + "." for key in mapping})
+        shown = ", ".join(roots[:8]) + (", ..." if len(roots) > 8 else "")
+        raise UserError(f"--rename {rule.old}={rule.new} matches no key (keys start with {shown})")
+    _check_collisions(mapping)
+    return mapping
+
+
+def _check_collisions(mapping: dict[str, str]) -> None:
+    by_new: dict[str, list[str]] = defaultdict(list)
+    for old, new in mapping.items():
+        by_new[new].append(old)
+    clashes = [(new, olds) for new, olds in by_new.items() if len(olds) > 1]
+    if not clashes:
+        return
+    new, olds = clashes[0]
+    names = ", ".join(repr(old) + (" (not renamed)" if old == new else "") for old in olds)
+    more = f"; {len(clashes) - 1} more collisions" if len(clashes) > 1 else ""
+    raise UserError(f"rename collision: {names} would {'both' if len(olds) == 2 else 'all'} be named {new!r}{more}")
+
+
+def rename_keys(
+    source: Path | str,
+    renames: Sequence[tuple[str, str]],
+    *,
+    regex: bool = False,
+    out: Path | str | None = None,
+    in_place: bool = False,
+    dry_run: bool = False,
+    overwrite: bool = False,
+    progress: ProgressFactory | None = None,
+) -> RenameResult:
+    """Rename keys of the checkpoint at `source` (a directory, weight file or index file).
+
+    Writes to `out` (a new directory for a directory or index source, with SRC's other files
+    hard-linked or copied in; the output file for a single-file source) or, with `in_place`, replaces
+    the source's weight files and index atomically. Everything is checked before anything is written;
+    on an error or Ctrl-C no temporary file is left behind.
+    """
+    if out is not None and in_place:
+        raise UserError("--out and --in-place exclude each other: choose one")
+    if out is None and not in_place and not dry_run:
+        raise UserError("say where to write: --out PATH, or --in-place to replace SRC's weights (--dry-run only looks)")
+    source = Path(source)
+    with open_checkpoint(source, bf16=False) as checkpoint:  # keep dtypes exactly as stored
+        if checkpoint.format.name not in SUPPORTED_FORMATS:
+            raise UserError(f"{source}: vlhub keys rewrites safetensors and pdparams checkpoints, "
+                            f"not {checkpoint.format.name} ({checkpoint.shards[0]}); convert it first")
+        mapping = plan_renames(checkpoint.tensors, renames, regex=regex)
+        whole_directory = source.is_dir() or checkpoint.index_file is not None
+        destination = Path(out).absolute() if out is not None else (source if in_place else None)
+        if in_place:
+            _check_in_place(checkpoint, source)
+            _check_free_space(checkpoint.root, checkpoint.total_bytes)
+        elif out is not None:
+            assert destination is not None
+            _check_out(destination, checkpoint.root if whole_directory else source, whole_directory, overwrite)
+            _check_free_space(destination.parent, checkpoint.total_bytes)
+        result = RenameResult(
+            source, destination, dry_run,
+            renamed=[(old, new) for old, new in mapping.items() if old != new],
+            unchanged=sum(old == new for old, new in mapping.items()),
+        )
+        if dry_run:
+            return result
+        with progress(checkpoint.total_bytes) if progress else nullcontext(_ignore_bytes) as on_bytes:
+            if in_place:
+                result.written = _rewrite_in_place(checkpoint, mapping, on_bytes)
+            elif whole_directory:
+                assert destination is not None
+                result.written, result.copied = _write_directory(checkpoint, mapping, destination, on_bytes)
+            else:
+                assert destination is not None
+                result.written = [_write_file(checkpoint, mapping, destination, on_bytes)]
+    return result
+
+
+def _ignore_bytes(n: int) -> None:
+    """The progress callback when nobody watches."""
+
+
+def _check_in_place(checkpoint: Checkpoint, source: Path) -> None:
+    """Refuse to rewrite one shard of a sharded checkpoint alone: its index would then name stale keys."""
+    if checkpoint.index_file is not None or source.is_dir():
+        return
+    index = source.parent / checkpoint.format.index_file
+    if index.is_file():
+        try:
+            listed = source.name in json.loads(index.read_text()).get("weight_map", {}).values()
+        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            raise CorruptCheckpoint(f"{index}: no valid weight_map") from None
+        if listed:
+            raise UserError(f"{source} is one shard of {index}: pass the directory (or the index) to rename "
+                            "every shard and the index together")
+
+
+def _check_out(out: Path, source: Path, directory: bool, overwrite: bool) -> None:
+    """`out` must be a new path (or an empty directory, or anything with --overwrite) and must not hold SRC."""
+    real_out, real_source = out.resolve(), source.resolve()
+    if real_out == real_source or real_out in real_source.parents:
+        raise UserError(f"--out {out} is or contains SRC; use --in-place to rewrite SRC itself")
+    if directory and real_source in real_out.parents:
+        raise UserError(f"--out {out} is inside SRC {source}; choose a path outside it")
+    if not os.path.lexists(out):
+        return
+    if directory and not out.is_dir():
+        raise UserError(f"{out} exists and is not a directory; choose another --out")
+    if not directory and out.is_dir():
+        raise UserError(f"{out} is a directory; for a single-file SRC, --out is the output file's path")
+    occupied = not out.is_dir() or any(out.iterdir())
+    if occupied and not overwrite:
+        raise UserError(f"{out} exists and is not empty; pass --overwrite to replace it, or choose another --out")
+
+
+def _check_free_space(directory: Path, needed: int) -> None:
+    existing = next(p for p in (directory, *directory.parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    if free < needed:
+        raise UserError(f"not enough disk space in {existing}: the renamed weights need {format_size(needed)}, "
+                        f"{format_size(free)} is free")
+
+
+def _write_directory(
+    checkpoint: Checkpoint, mapping: dict[str, str], out: Path, on_bytes: OnBytes
+) -> tuple[list[Path], list[Path]]:
+    """Build the whole output in a staging directory beside `out`, then swap it in."""
+    staging = temporary_name(out)
+    staging.mkdir(parents=True)
+    try:
+        rewritten = list(checkpoint.shards)
+        for shard in checkpoint.shards:
+            (staging / shard).parent.mkdir(parents=True, exist_ok=True)
+            _write_shard(checkpoint, shard, mapping, staging / shard, on_bytes, durable=False)
+        if checkpoint.index_file is not None:
+            write_json_atomic(staging / checkpoint.index_file, _renamed_index(checkpoint, mapping))
+            rewritten.append(checkpoint.index_file)
+        carried = _carry_other_files(checkpoint.root, {checkpoint.root / name for name in rewritten}, staging)
+        _swap_in(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return [out / name for name in rewritten], [out / path.relative_to(staging) for path in carried]
+
+
+def _write_file(checkpoint: Checkpoint, mapping: dict[str, str], out: Path, on_bytes: OnBytes) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    temp = temporary_name(out)
+    try:
+        _write_shard(checkpoint, checkpoint.shards[0], mapping, temp, on_bytes, durable=False)
+        os.replace(temp, out)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    return out
+
+
+def _rewrite_in_place(checkpoint: Checkpoint, mapping: dict[str, str], on_bytes: OnBytes) -> list[Path]:
+    """Write every new shard (and the index) beside the originals, then rename them over, the index last.
+
+    The new files are fsynced before the commit: after a crash the originals, the only copy of the
+    weights, must not be replaced by files whose data never reached the disk.
+    """
+    moves: list[tuple[Path, Path]] = []
+    try:
+        for shard in checkpoint.shards:
+            final = checkpoint.root / shard
+            moves.append((temporary_name(final), final))
+            _write_shard(checkpoint, shard, mapping, moves[-1][0], on_bytes, durable=True)
+        if checkpoint.index_file is not None:
+            final = checkpoint.root / checkpoint.index_file
+            moves.append((write_json_atomic(temporary_name(final), _renamed_index(checkpoint, mapping)), final))
+        # a rename within one directory does not fail once the new file exists, so the commit runs all or
+        # none; holding Ctrl-C and SIGTERM keeps the checkpoint from being left half old, half new
+        with _signals_deferred():
+            for temp, final in moves:
+                os.replace(temp, final)
+    except BaseException:
+        for temp, _ in moves:
+            temp.unlink(missing_ok=True)
+        raise
+    return [final for _, final in moves]
+
+
+def _swap_in(staging: Path, out: Path) -> None:
+    """Rename the finished `staging` directory to `out`, setting aside (then removing) what `out` held."""
+    old = temporary_name(out).with_suffix(".old")
+    with _signals_deferred():
+        if out.exists():
+            os.rename(out, old)
+        os.rename(staging, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM until the block ends, then let them act as they would have.
+
+    `signal.pthread_sigmask` is not enough: it masks the calling thread only, the kernel then hands the
+    signal to another thread (a native pool started by an import), and Python still raises
+    KeyboardInterrupt in the main thread at once; measured here, 1990 times in 2000. A Python-level handler
+    always runs in the main thread, so it can take note instead. Off the main thread no KeyboardInterrupt
+    arrives and handlers cannot be set, so there is nothing to hold.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {signum: signal.signal(signum, lambda signum, frame: received.append(signum)) for signum in held}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
+        if received:
+            signal.raise_signal(received[0])
+
+
+def _renamed_index(checkpoint: Checkpoint, mapping: dict[str, str]) -> dict:
+    """The source's index with its weight_map keys renamed (shards and every other field kept)."""
+    assert checkpoint.index_file is not None
+    index = json.loads((checkpoint.root / checkpoint.index_file).read_text())
+    index["weight_map"] = {mapping[name]: shard for name, shard in index["weight_map"].items()}
+    return index
+
+
+def _carry_other_files(root: Path, rewritten: set[Path], staging: Path) -> list[Path]:
+    """Hard-link (or copy, across filesystems) everything in `root` that is not rewritten or hidden."""
+    carried: list[Path] = []
+
+    def link_or_copy(src: str, dst: str) -> str:
+        try:
+            os.link(src, dst)  # follows a symlink (a Hugging Face cache snapshot) to the file itself
+        except OSError:
+            shutil.copy2(src, dst)
+        carried.append(Path(dst))
+        return dst
+
+    def ignored(directory: str, names: list[str]) -> set[str]:
+        # hidden entries are caches and stale temporaries (.cache/huggingface describes the old weights)
+        return {name for name in names if name.startswith(".") or Path(directory, name) in rewritten}
+
+    shutil.copytree(root, staging, ignore=ignored, copy_function=link_or_copy, dirs_exist_ok=True)
+    return carried
+
+
+def _write_shard(
+    checkpoint: Checkpoint, shard: str, mapping: dict[str, str], target: Path, on_bytes: OnBytes, *, durable: bool
+) -> None:
+    metas = [meta for meta in checkpoint.tensors.values() if meta.shard == shard]
+    with open(target, "wb") as stream:
+        if checkpoint.format.name == "safetensors":
+            _write_safetensors(checkpoint.root / shard, metas, mapping, stream, on_bytes)
+        else:
+            _write_pdparams(checkpoint, metas, mapping, stream, on_bytes)
+        if durable:
+            stream.flush()
+            os.fsync(stream.fileno())
+
+
+def _write_safetensors(
+    path: Path, metas: list[TensorMeta], mapping: dict[str, str], stream: BinaryIO, on_bytes: OnBytes
+) -> None:
+    """Only the header changes: write the renamed header, then copy the data section verbatim."""
+    with SafetensorsFile(path) as source:
+        spans = sorted(((source.stored_bytes(meta.name), meta) for meta in metas), key=lambda s: s[0].offset)
+        renamed = [replace(meta, name=mapping[meta.name]) for _, meta in spans]
+        # the writer's constructor writes the header for these tensors in data order; the data follows as is
+        SafetensorsShardWriter(stream, renamed, source.metadata)
+    for run in _contiguous_runs([span for span, _ in spans]):
+        _copy_span(run, stream, on_bytes)
+
+
+def _contiguous_runs(spans: list[StoredBytes]) -> list[StoredBytes]:
+    """Merge byte ranges that follow each other (all of them, in a file without gaps) into single copies."""
+    runs: list[StoredBytes] = []
+    for span in spans:
+        if runs and runs[-1].offset + runs[-1].length == span.offset:
+            runs[-1] = replace(runs[-1], length=runs[-1].length + span.length)
+        else:
+            runs.append(span)
+    return runs
+
+
+def _copy_span(span: StoredBytes, stream: BinaryIO, on_bytes: OnBytes) -> None:
+    """Append a file's byte range to `stream` in the kernel; where the filesystems refuse, through a buffer.
+
+    copy_file_range with sequential readahead is what cp does; on this project's ext4 disk it ran about
+    1.5x faster than a 16 MiB read/write loop (benchmarks/bench_keys.py).
+    """
+    stream.flush()
+    with open(span.path, "rb", buffering=0) as source:
+        os.posix_fadvise(source.fileno(), span.offset, span.length, os.POSIX_FADV_SEQUENTIAL)
+        done = 0
+        while done < span.length:
+            try:
+                n = os.copy_file_range(source.fileno(), stream.fileno(), min(_COPY_CHUNK, span.length - done),
+                                       span.offset + done)
+            except OSError as exc:
+                if done or exc.errno not in _NO_KERNEL_COPY:
+                    raise
+                copy_stored_bytes(span, stream)
+                on_bytes(span.length)
+                return
+            if not n:
+                raise CorruptCheckpoint(f"{span.path}: file ends {span.length - done} bytes early: it is truncated")
+            done += n
+            on_bytes(n)
+
+
+def _write_pdparams(
+    checkpoint: Checkpoint, metas: list[TensorMeta], mapping: dict[str, str], stream: BinaryIO, on_bytes: OnBytes
+) -> None:
+    """A new pickle, each payload copied from where it lies (read and re-encoded only if it is not plain)."""
+    renamed = [replace(meta, name=mapping[meta.name]) for meta in metas]
+    writer = checkpoint.format.writer(stream, renamed)
+    for meta, target in zip(metas, renamed):
+        writer.write(target, checkpoint.stored_bytes(meta.name) or checkpoint.read(meta.name))
+        on_bytes(meta.nbytes)
+    writer.finish()
