@@ -258,3 +258,13 @@ def test_too_little_disk_is_refused_before_writing(tiny_qwen2_vl: Path, tmp_path
     with pytest.raises(UserError, match=r"not enough disk space .* needs 78.9 MB, 10 MB is free"):
         prepare_conversion(str(tiny_qwen2_vl), to="paddle").write(tmp_path / "o")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_uint16_weights_without_a_bf16_config_are_refused(tiny_qwen2_vl: Path, tmp_path: Path) -> None:
+    # the Paddle trap: bf16 stored as uint16 must never be read as integers (paddle.md 1.3)
+    prepare_conversion(str(tiny_qwen2_vl), to="paddle").write(tmp_path / "p")
+    config = json.loads((tmp_path / "p" / "config.json").read_text())
+    config["dtype"] = "float16"
+    (tmp_path / "p" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="is uint16 .how Paddle stores bfloat16"):
+        prepare_conversion(str(tmp_path / "p"), to="safetensors", dtype="float16")

@@ -132,10 +132,10 @@ def _match(keymap: KeyMap, source: Layout, target: Layout, tensors: dict[str, Te
         stored = want.shape[::-1] if source.transposes(want.kind) else want.shape
         if meta.shape != stored:
             problems["mis-shaped"].append(f"{name} is {list(meta.shape)}, config.json says {list(stored)}")
-        if dtype is not None and meta.dtype not in FLOAT_DTYPES:
+        if meta.dtype not in FLOAT_DTYPES:  # every tensor these families hold is floating point
             problems["not float"].append(f"{name} is {meta.dtype}"
-                                         + (" (how Paddle stores bfloat16: say dtype bfloat16 in config.json)"
-                                            if meta.dtype == "uint16" else ""))
+                                         + (" (how Paddle stores bfloat16: if it is, say dtype bfloat16 in "
+                                            "config.json)" if meta.dtype == "uint16" else ""))
     problems["missing"] = [name for name in expected if name not in claimed]
     problems = {kind: keys for kind, keys in problems.items() if keys}
     if problems:

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -31,19 +32,31 @@ def plan_shards(tensors: Sequence[TensorMeta], max_shard_size: int) -> list[list
 class _HashingFile:
     """A file being written that hashes its bytes on the way out (sha256 for the manifest).
 
-    A seek (zip rewrites its local headers) breaks the running hash; `sha256()` then reads the file back.
+    Large writes are hashed on `hasher` while the write itself runs, so hashing costs no extra time
+    when the disk is the bottleneck (both release the GIL). A seek (zip rewrites its local headers)
+    breaks the running hash; `sha256()` then reads the file back.
     """
 
-    def __init__(self, path: Path) -> None:
+    _OVERLAP = 1 << 20  # below this, a second thread costs more than it saves
+
+    def __init__(self, path: Path, hasher: ThreadPoolExecutor) -> None:
         self.path = path
         self._file = open(path, "wb")  # noqa: SIM115 - closed by close()
         self._hash = hashlib.sha256()
+        self._hasher = hasher
         self._sequential = True
 
     def write(self, data: bytes | memoryview) -> int:
-        if self._sequential:
+        if not self._sequential:
+            return self._file.write(data)
+        if len(data) < self._OVERLAP:
             self._hash.update(data)
-        return self._file.write(data)
+            return self._file.write(data)
+        hashed = self._hasher.submit(self._hash.update, data)
+        try:
+            return self._file.write(data)
+        finally:
+            hashed.result()  # the caller may reuse `data` once write returns
 
     def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
         self._sequential = False
@@ -113,6 +126,7 @@ class CheckpointWriter:
         self._hashes: list[str] = []
         self.written: list[Path] = []
         self.sha256: dict[str, str] = {}
+        self._hasher = ThreadPoolExecutor(1, thread_name_prefix="vlhub-sha256")
 
     @property
     def weight_map(self) -> dict[str, str]:
@@ -140,7 +154,7 @@ class CheckpointWriter:
         self._written_in_shard = 0
         temp = temporary_name(self.out_dir / self.shard_names[self._shard_index])
         self._temporaries.append(temp)
-        self._stream = _HashingFile(temp)
+        self._stream = _HashingFile(temp, self._hasher)
         self._writer = self.format.writer(self._stream, self._shards[self._shard_index], self._metadata)  # type: ignore[arg-type]
 
     def _finish_shard(self) -> None:
@@ -171,10 +185,12 @@ class CheckpointWriter:
             index_path = write_json_atomic(self.out_dir / self.format.index_file, index)
             self.written.append(index_path)
             self.sha256[index_path.name] = file_sha256(index_path)
+        self._hasher.shutdown()
         return self.written
 
     def abort(self) -> None:
         """Remove everything written so far."""
+        self._hasher.shutdown()
         if self._stream is not None:
             self._stream.close()
             self._writer = self._stream = None
