@@ -16,13 +16,14 @@ from vlhub.synthetic import write_synthetic_checkpoint
 OFFICIAL_SHARD_SIZE = 4 * 10**9
 
 
-def full_size_checkpoint(model: str, root: Path) -> Path:
-    """A checkpoint with random weights in the official shapes, dtype and sharding (made once)."""
+def full_size_checkpoint(model: str, root: Path, *, format: str | None = None) -> Path:
+    """A checkpoint with random weights in the official shapes, dtype and sharding (made once), in the
+    family's own format or in `format` (then in a directory named after it: `qwen2-vl-2b-pdparams`)."""
     spec = get_model(model)
-    out = root / model
+    out = root / (f"{model}-{format}" if format else model)
     if not (out / "config.json").is_file():
         print(f"generating {model} ({spec.size_bytes / 1e9:.1f} GB) in {out} ...", file=sys.stderr)
-        write_synthetic_checkpoint(out, spec.family, spec.config, max_shard_size=OFFICIAL_SHARD_SIZE)
+        write_synthetic_checkpoint(out, spec.family, spec.config, format=format, max_shard_size=OFFICIAL_SHARD_SIZE)
     return out
 
 

@@ -249,13 +249,13 @@ def test_an_interrupted_conversion_leaves_nothing(tiny_qwen2_vl: Path, tmp_path:
 
 def test_too_little_disk_is_refused_before_writing(tiny_qwen2_vl: Path, tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    import vlhub.convert as convert_module
+    import vlhub.atomic as atomic
 
     # a full disk cannot be made on demand here; the free-space figure is what is faked
     real = shutil.disk_usage
-    monkeypatch.setattr(convert_module.shutil, "disk_usage",
+    monkeypatch.setattr(atomic.shutil, "disk_usage",
                         lambda p: real(p)._replace(free=10_000_000))
-    with pytest.raises(UserError, match=r"not enough disk space .* needs 78.9 MB, 10 MB is free"):
+    with pytest.raises(UserError, match=r"not enough disk space .* need 78.9 MB, 10 MB is free"):
         prepare_conversion(str(tiny_qwen2_vl), to="paddle").write(tmp_path / "o")
     assert list(tmp_path.iterdir()) == []
 

@@ -10,11 +10,8 @@ an error or an interruption leaves nothing behind.
 from __future__ import annotations
 
 import datetime
-import os
 import shutil
-import signal
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,11 +22,11 @@ from vlhub.converters.formats import format_of_file
 from vlhub.converters.pipeline import buffer_cost, ordered_steps, run_plan
 from vlhub.converters.plan import Plan, plan_conversion
 from vlhub.converters.readers import Checkpoint, open_checkpoint
-from vlhub.converters.writers import CheckpointWriter, file_sha256, write_json_atomic
+from vlhub.atomic import ensure_free_space, swap_in
+from vlhub.converters.writers import CheckpointWriter, file_sha256, temporary_name, write_json_atomic
 from vlhub.errors import UserError
 from vlhub.sources import resolve_source
 from vlhub.tensors import TensorMeta
-from vlhub.units import format_size
 
 # --to name -> (key-map layout, file format)
 TARGETS: dict[str, tuple[str, str]] = {
@@ -87,7 +84,7 @@ class Conversion:
             raise UserError(f"{self.source} is not on this machine: only --dry-run can plan it")
         out = Path(out) if out else self.default_out()
         _check_destination(out, overwrite, self.plan.total_bytes + sum(p.stat().st_size for p in self.extra_files))
-        staging = out.with_name(f".{out.name}.vlhub-{os.getpid()}.tmp")
+        staging = temporary_name(out)
         staging.mkdir(parents=True)
         try:
             steps = ordered_steps(self.plan, self.checkpoint)
@@ -105,7 +102,7 @@ class Conversion:
             files["config.json"] = file_sha256(write_json_atomic(staging / "config.json", config))
             manifest = self._manifest(files, staging)
             write_json_atomic(staging / MANIFEST, manifest)
-            _commit(staging, out)
+            swap_in(staging, out)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -191,32 +188,7 @@ def _check_destination(out: Path, overwrite: bool, needed: int) -> None:
         raise UserError(f"{out} exists and is not a directory; choose another --out")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise UserError(f"{out} exists and is not empty; pass --overwrite to replace it, or choose another --out")
-    parent = out.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(parent).free
-    if free < needed:
-        raise UserError(f"not enough disk space in {parent}: the output needs {format_size(needed)}, "
-                        f"{format_size(free)} is free")
-
-
-@contextmanager
-def _signals_held() -> Iterator[None]:
-    """Defer Ctrl-C and SIGTERM for the few renames that publish an output, so they happen all or none."""
-    held = {signal.SIGINT, signal.SIGTERM}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-
-
-def _commit(staging: Path, out: Path) -> None:
-    old = out.with_name(f".{out.name}.vlhub-{os.getpid()}.old")
-    with _signals_held():
-        if out.exists():
-            os.rename(out, old)
-        os.rename(staging, out)
-    shutil.rmtree(old, ignore_errors=True)
+    ensure_free_space(out.parent, needed, "the converted weights")
 
 
 def _hub_revision(path: Path | None) -> str | None:

@@ -11,16 +11,13 @@ copied from the old file in 16 MiB pieces. Shard names stay; the index's weight_
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
 import shutil
-import signal
-import threading
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import BinaryIO
@@ -28,16 +25,12 @@ from typing import BinaryIO
 from vlhub.converters.io_utils import StoredBytes, copy_stored_bytes
 from vlhub.converters.readers import Checkpoint, open_checkpoint
 from vlhub.converters.safetensors_io import SafetensorsFile, SafetensorsShardWriter
+from vlhub.atomic import ensure_free_space, signals_deferred, swap_in
 from vlhub.converters.writers import temporary_name, write_json_atomic
 from vlhub.errors import CorruptCheckpoint, UserError
 from vlhub.tensors import TensorMeta
-from vlhub.units import format_size
 
 SUPPORTED_FORMATS = ("safetensors", "pdparams")
-# one copy_file_range call per 64 MiB: big enough to run at disk speed, small enough for a live progress bar
-_COPY_CHUNK = 64 << 20
-# copy_file_range refusals that mean "not between these files", not "the copy failed"
-_NO_KERNEL_COPY = frozenset({errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP})
 
 OnBytes = Callable[[int], None]
 # called with the total bytes to copy; the context yields the function to call as bytes are written
@@ -175,30 +168,27 @@ def rename_keys(
                             f"not {checkpoint.format.name} ({checkpoint.shards[0]}); convert it first")
         mapping = plan_renames(checkpoint.tensors, renames, regex=regex)
         whole_directory = source.is_dir() or checkpoint.index_file is not None
-        destination = Path(out).absolute() if out is not None else (source if in_place else None)
+        out_path = Path(out).absolute() if out is not None else None
         if in_place:
             _check_in_place(checkpoint, source)
-            _check_free_space(checkpoint.root, checkpoint.total_bytes)
-        elif out is not None:
-            assert destination is not None
-            _check_out(destination, checkpoint.root if whole_directory else source, whole_directory, overwrite)
-            _check_free_space(destination.parent, checkpoint.total_bytes)
+            ensure_free_space(checkpoint.root, checkpoint.total_bytes, "the renamed weights")
+        elif out_path is not None:
+            _check_out(out_path, checkpoint.root if whole_directory else source, whole_directory, overwrite)
+            ensure_free_space(out_path.parent, checkpoint.total_bytes, "the renamed weights")
         result = RenameResult(
-            source, destination, dry_run,
+            source, out_path or (source if in_place else None), dry_run,
             renamed=[(old, new) for old, new in mapping.items() if old != new],
             unchanged=sum(old == new for old, new in mapping.items()),
         )
         if dry_run:
             return result
         with progress(checkpoint.total_bytes) if progress else nullcontext(_ignore_bytes) as on_bytes:
-            if in_place:
+            if out_path is None:  # not a dry run, so --in-place
                 result.written = _rewrite_in_place(checkpoint, mapping, on_bytes)
             elif whole_directory:
-                assert destination is not None
-                result.written, result.copied = _write_directory(checkpoint, mapping, destination, on_bytes)
+                result.written, result.copied = _write_directory(checkpoint, mapping, out_path, on_bytes)
             else:
-                assert destination is not None
-                result.written = [_write_file(checkpoint, mapping, destination, on_bytes)]
+                result.written = [_write_file(checkpoint, mapping, out_path, on_bytes)]
     return result
 
 
@@ -239,14 +229,6 @@ def _check_out(out: Path, source: Path, directory: bool, overwrite: bool) -> Non
         raise UserError(f"{out} exists and is not empty; pass --overwrite to replace it, or choose another --out")
 
 
-def _check_free_space(directory: Path, needed: int) -> None:
-    existing = next(p for p in (directory, *directory.parents) if p.exists())
-    free = shutil.disk_usage(existing).free
-    if free < needed:
-        raise UserError(f"not enough disk space in {existing}: the renamed weights need {format_size(needed)}, "
-                        f"{format_size(free)} is free")
-
-
 def _write_directory(
     checkpoint: Checkpoint, mapping: dict[str, str], out: Path, on_bytes: OnBytes
 ) -> tuple[list[Path], list[Path]]:
@@ -262,7 +244,7 @@ def _write_directory(
             write_json_atomic(staging / checkpoint.index_file, _renamed_index(checkpoint, mapping))
             rewritten.append(checkpoint.index_file)
         carried = _carry_other_files(checkpoint.root, {checkpoint.root / name for name in rewritten}, staging)
-        _swap_in(staging, out)
+        swap_in(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -298,7 +280,7 @@ def _rewrite_in_place(checkpoint: Checkpoint, mapping: dict[str, str], on_bytes:
             moves.append((write_json_atomic(temporary_name(final), _renamed_index(checkpoint, mapping)), final))
         # a rename within one directory does not fail once the new file exists, so the commit runs all or
         # none; holding Ctrl-C and SIGTERM keeps the checkpoint from being left half old, half new
-        with _signals_deferred():
+        with signals_deferred():
             for temp, final in moves:
                 os.replace(temp, final)
     except BaseException:
@@ -306,41 +288,6 @@ def _rewrite_in_place(checkpoint: Checkpoint, mapping: dict[str, str], on_bytes:
             temp.unlink(missing_ok=True)
         raise
     return [final for _, final in moves]
-
-
-def _swap_in(staging: Path, out: Path) -> None:
-    """Rename the finished `staging` directory to `out`, setting aside (then removing) what `out` held."""
-    old = temporary_name(out).with_suffix(".old")
-    with _signals_deferred():
-        if out.exists():
-            os.rename(out, old)
-        os.rename(staging, out)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-@contextmanager
-def _signals_deferred() -> Iterator[None]:
-    """Hold Ctrl-C and SIGTERM until the block ends, then let them act as they would have.
-
-    `signal.pthread_sigmask` is not enough: it masks the calling thread only, the kernel then hands the
-    signal to another thread (a native pool started by an import), and Python still raises
-    KeyboardInterrupt in the main thread at once; measured here, 1990 times in 2000. A Python-level handler
-    always runs in the main thread, so it can take note instead. Off the main thread no KeyboardInterrupt
-    arrives and handlers cannot be set, so there is nothing to hold.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    received: list[int] = []
-    held = (signal.SIGINT, signal.SIGTERM)
-    previous = {signum: signal.signal(signum, lambda signum, frame: received.append(signum)) for signum in held}
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
-        if received:
-            signal.raise_signal(received[0])
 
 
 def _renamed_index(checkpoint: Checkpoint, mapping: dict[str, str]) -> dict:
@@ -395,7 +342,7 @@ def _write_safetensors(
         # the writer's constructor writes the header for these tensors in data order; the data follows as is
         SafetensorsShardWriter(stream, renamed, source.metadata)
     for run in _contiguous_runs([span for span, _ in spans]):
-        _copy_span(run, stream, on_bytes)
+        copy_stored_bytes(run, stream, on_bytes)
 
 
 def _contiguous_runs(spans: list[StoredBytes]) -> list[StoredBytes]:
@@ -407,32 +354,6 @@ def _contiguous_runs(spans: list[StoredBytes]) -> list[StoredBytes]:
         else:
             runs.append(span)
     return runs
-
-
-def _copy_span(span: StoredBytes, stream: BinaryIO, on_bytes: OnBytes) -> None:
-    """Append a file's byte range to `stream` in the kernel; where the filesystems refuse, through a buffer.
-
-    copy_file_range with sequential readahead is what cp does; on this project's ext4 disk it ran about
-    1.5x faster than a 16 MiB read/write loop (benchmarks/bench_keys.py).
-    """
-    stream.flush()
-    with open(span.path, "rb", buffering=0) as source:
-        os.posix_fadvise(source.fileno(), span.offset, span.length, os.POSIX_FADV_SEQUENTIAL)
-        done = 0
-        while done < span.length:
-            try:
-                n = os.copy_file_range(source.fileno(), stream.fileno(), min(_COPY_CHUNK, span.length - done),
-                                       span.offset + done)
-            except OSError as exc:
-                if done or exc.errno not in _NO_KERNEL_COPY:
-                    raise
-                copy_stored_bytes(span, stream)
-                on_bytes(span.length)
-                return
-            if not n:
-                raise CorruptCheckpoint(f"{span.path}: file ends {span.length - done} bytes early: it is truncated")
-            done += n
-            on_bytes(n)
 
 
 def _write_pdparams(

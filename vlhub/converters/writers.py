@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -61,6 +62,10 @@ class _HashingFile:
     def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
         self._sequential = False
         return self._file.seek(offset, whence)
+
+    def fileno(self) -> int:
+        # without a descriptor, byte copies come through write() and are hashed
+        raise io.UnsupportedOperation("a hashing file is written through write()")
 
     def __getattr__(self, name: str) -> object:  # tell, flush, seekable, ...: the file's own
         return getattr(self._file, name)
