@@ -74,7 +74,7 @@ def keys(
         _print_renames(result)
     else:
         stdout.print(f"renamed {len(result.renamed)} keys ({result.unchanged} unchanged): "
-                     f"{escape(str(result.destination))}  ({len(result.written)} files rewritten, "
+                     f"{escape(str(result.destination))}  ({len(result.written)} file(s) rewritten, "
                      f"{len(result.copied)} carried over)")
 
 
