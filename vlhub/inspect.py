@@ -7,12 +7,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from vlhub.converters.readers import Checkpoint, open_checkpoint
+from vlhub.embeddings import embedding_candidates
 from vlhub.families import tie_word_embeddings
 from vlhub.layouts import describe_layout, detect_family, detect_layout
-
-_EMBEDDINGS = ("model.embed_tokens.weight", "model.language_model.embed_tokens.weight",
-               "transformer.wte.weight", "transformer.llm.wte.weight", "qwen.wte.weight")
-
 
 @dataclass
 class TensorRow:
@@ -71,17 +68,18 @@ def describe(checkpoint: Checkpoint, *, list_tensors: bool = False) -> InspectRe
         num_params=sum(meta.numel for meta in metas.values()),
         total_bytes=checkpoint.total_bytes,
         dtypes=dict(Counter(meta.dtype for meta in metas.values()).most_common()),
-        tie_word_embeddings=_tied(checkpoint),
+        tie_word_embeddings=_tied(checkpoint, family, layout),
         other_formats=checkpoint.other_formats,
         tensors=[TensorRow(m.name, list(m.shape), m.dtype, m.shard) for m in metas.values()] if list_tensors else None,
     )
 
 
-def _tied(checkpoint: Checkpoint) -> bool | None:
+def _tied(checkpoint: Checkpoint, family: str | None, layout: str) -> bool | None:
+    """config.json's word, else: an embedding without an lm_head beside it is tied."""
     if checkpoint.config:
         return tie_word_embeddings(checkpoint.config)
     if "lm_head.weight" in checkpoint.tensors:
         return False
-    if any(name in checkpoint.tensors for name in _EMBEDDINGS):
+    if any(name in checkpoint.tensors for name in embedding_candidates(family, layout)):
         return True
     return None

@@ -8,6 +8,7 @@ import typer
 
 from vlhub import __version__
 from vlhub.cli.convert import convert
+from vlhub.cli.embeddings import dump_embeddings
 from vlhub.cli.inspect import inspect
 from vlhub.cli.keys import keys
 from vlhub.cli.models import models
@@ -41,6 +42,7 @@ app.command()(models)
 app.command()(inspect)
 app.command()(convert)
 app.command()(keys)
+app.command(name="dump-embeddings")(dump_embeddings)
 
 
 def main() -> None:

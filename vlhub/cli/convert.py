@@ -23,13 +23,13 @@ from vlhub.convert import TARGETS, Conversion, plan_json, plan_table_rows, prepa
 from vlhub.units import format_size, parse_size
 
 ToOpt = Annotated[str, typer.Option("--to", help=f"Target format: {', '.join(TARGETS)}.", show_default=False)]
-OutOpt = Annotated[Optional[Path], typer.Option("--out", help="Output directory [default: beside the source].")]
+OutOpt = Annotated[Optional[Path], typer.Option("--out", help="Output directory (default: beside the source, named after --to).")]
 DtypeOpt = Annotated[
     Optional[str],
-    typer.Option("--dtype", help="Cast floating tensors: bfloat16, float16 or float32 [default: keep the source's]."),
+    typer.Option("--dtype", help="Cast floating tensors: bfloat16, float16 or float32 (default: keep each tensor's dtype)."),
 ]
 ShardOpt = Annotated[
-    Optional[str], typer.Option("--max-shard-size", help="Largest shard, e.g. 5GB or 2GiB [default: per format].")
+    Optional[str], typer.Option("--max-shard-size", help="Largest shard, e.g. 5GB or 2GiB (default: 5GB safetensors, 10GB pdparams and torch).")
 ]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the plan and write nothing.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty output directory.")]

@@ -10,10 +10,10 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from vlhub.converters.base import TensorFile
-from vlhub.converters.io_utils import StoredBytes
+from vlhub.converters.io_utils import StoredBytes, read_exact_into
 from vlhub.converters.formats import DIRECTORY_PRECEDENCE, FORMATS, Format, format_of_file
 from vlhub.errors import CorruptCheckpoint, UserError
-from vlhub.tensors import TensorMeta
+from vlhub.tensors import TensorMeta, dtype_info
 
 
 @dataclass
@@ -54,6 +54,41 @@ class Checkpoint:
     def stored_bytes(self, name: str) -> StoredBytes | None:
         """Where a tensor's bytes lie, if a writer can copy them without decoding (see `TensorFile`)."""
         return self._file(self.tensors[name].shard).stored_bytes(name)
+
+    def iter_blocks(self, name: str, size: int, *, axis: int = 0) -> Iterator[np.ndarray]:
+        """A 2-D tensor `size` rows (axis 0) or columns (axis 1) at a time, in its storage dtype.
+
+        Each block is C-contiguous and read straight from the stored bytes: one positioned read per
+        block of rows, one per stored row for a block of columns. Blocks are views of one buffer that
+        the next block overwrites, so memory stays at one block whatever the tensor's size.
+        """
+        meta = self.tensors[name]
+        if len(meta.shape) != 2 or axis not in (0, 1) or size < 1:
+            raise ValueError(f"{name} is {list(meta.shape)}: blocks need a 2-D tensor, axis 0 or 1 and size >= 1")
+        rows, cols = meta.shape
+        extent = meta.shape[axis]
+        stored = self.stored_bytes(name)
+        if stored is None:
+            # a pickled view has no byte range of its own: read it whole once (the one case where
+            # memory grows with the tensor), then hand it out in blocks like the others
+            whole = self.read(name)
+            for start in range(0, extent, size):
+                yield np.ascontiguousarray(whole[start:start + size] if axis == 0 else whole[:, start:start + size])
+            return
+        itemsize = dtype_info(meta.dtype).itemsize
+        buffer = np.empty(min(size, extent) * meta.shape[1 - axis], dtype_info(meta.dtype).storage)
+        with open(stored.path, "rb", buffering=0) as file:
+            for start in range(0, extent, size):
+                count = min(size, extent - start)
+                if axis == 0:
+                    block = buffer[: count * cols].reshape(count, cols)
+                    read_exact_into(file, stored.offset + start * cols * itemsize, block, stored.path)
+                else:
+                    block = buffer[: rows * count].reshape(rows, count)
+                    for row in range(rows):
+                        offset = stored.offset + (row * cols + start) * itemsize
+                        read_exact_into(file, offset, block[row], stored.path)
+                yield block
 
     def iter_tensors(self, names: Iterable[str] | None = None) -> Iterator[tuple[TensorMeta, np.ndarray]]:
         """Tensors one at a time, shard by shard, so each shard is opened once."""
