@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import statistics
 import subprocess
+import tempfile
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,6 +70,31 @@ def _run_and_report(argv: list[str]) -> int:
     _, status, usage = os.wait4(child.pid, 0)
     print(f"{time.perf_counter() - start:.6f} {usage.ru_maxrss * 1024}", file=sys.stderr)
     return os.waitstatus_to_exitcode(status)
+
+
+CP_BASELINE = "`cp -r` (baseline)"
+
+
+def against_cp(source: Path, command: Callable[[Path], str], name: str, *, rounds: int, scratch: Path) -> None:
+    """Run `command(out)` and `cp -r source out` in interleaved cold rounds (each followed by sync, so a
+    write counts once it is on disk) and print a markdown table with the median of per-round ratios:
+    this disk is noisy, and two runs made back to back share its mood."""
+    commands = {name: command, CP_BASELINE: lambda out: f"cp -r '{source}' '{out}'"}
+    results: dict[str, list[Run]] = {label: [] for label in commands}
+    for _ in range(rounds):
+        for label, make in commands.items():
+            with tempfile.TemporaryDirectory(dir=scratch) as directory:
+                results[label].append(measure(["sh", "-c", f"{make(Path(directory) / 'out')} && sync"]))
+            subprocess.run(["sync"], check=True)
+    baseline = results[CP_BASELINE]
+    print("| command | median time | peak RSS | median of per-round ratios to cp | all runs (s) |")
+    print("|---|---|---|---|---|")
+    for label, runs in results.items():
+        seconds = statistics.median(r.seconds for r in runs)
+        ratio = statistics.median(r.seconds / cp.seconds for r, cp in zip(runs, baseline))
+        peak = max(r.peak_rss_bytes for r in runs)
+        print(f"| {label} | {seconds:.1f} s | {peak / 1e6:,.0f} MB | {ratio:.2f}x | "
+              f"{', '.join(f'{r.seconds:.1f}' for r in runs)} |")
 
 
 def python(code: str) -> list[str]:

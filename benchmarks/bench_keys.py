@@ -14,12 +14,9 @@ Targets: peak RSS <= 500 MB, time <= 1.2x cp.
 from __future__ import annotations
 
 import argparse
-import statistics
-import subprocess
-import tempfile
 from pathlib import Path
 
-from _harness import full_size_checkpoint, measure
+from _harness import against_cp, full_size_checkpoint
 
 MODEL = "qwen2-vl-2b"
 
@@ -32,28 +29,10 @@ def main() -> None:
     args = parser.parse_args()
     source = full_size_checkpoint(MODEL, args.data, format=args.format)
     size = sum(p.stat().st_size for p in source.iterdir())
-    commands = {
-        "`vlhub keys --rename model.=llm. --out`": lambda out: [
-            "sh", "-c", f"vlhub keys '{source}' --rename model.=llm. --out '{out}' 2>/dev/null && sync"],
-        "`cp -r` (baseline)": lambda out: ["sh", "-c", f"cp -r '{source}' '{out}' && sync"],
-    }
-    results: dict[str, list] = {name: [] for name in commands}
-    for _ in range(args.rounds):
-        for name, command in commands.items():
-            with tempfile.TemporaryDirectory(dir=args.data) as scratch:
-                results[name].append(measure(command(Path(scratch) / "out")))
-            subprocess.run(["sync"], check=True)
-    baseline = results["`cp -r` (baseline)"]
     print(f"{MODEL}-shaped {args.format} ({size / 1e9:.2f} GB); {args.rounds} cold rounds, "
           "each command followed by sync\n")
-    print("| command | median time | peak RSS | median of per-round ratios to cp | all runs (s) |\n|---|---|---|---|---|")
-    for name, runs in results.items():
-        seconds = statistics.median(r.seconds for r in runs)
-        ratio = statistics.median(r.seconds / cp.seconds for r, cp in zip(runs, baseline))
-        peak = max(r.peak_rss_bytes for r in runs)
-        print(f"| {name} | {seconds:.1f} s | {peak / 1e6:.0f} MB | {ratio:.2f}x | "
-              f"{', '.join(f'{r.seconds:.1f}' for r in runs)} |")
-
+    against_cp(source, lambda out: f"vlhub keys '{source}' --rename model.=llm. --out '{out}' 2>/dev/null",
+               "`vlhub keys --rename model.=llm. --out`", rounds=args.rounds, scratch=args.data)
 
 if __name__ == "__main__":
     main()
