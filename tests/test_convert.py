@@ -255,7 +255,7 @@ def test_too_little_disk_is_refused_before_writing(tiny_qwen2_vl: Path, tmp_path
     real = shutil.disk_usage
     monkeypatch.setattr(atomic.shutil, "disk_usage",
                         lambda p: real(p)._replace(free=10_000_000))
-    with pytest.raises(UserError, match=r"not enough disk space .* need 78.9 MB, 10 MB is free"):
+    with pytest.raises(UserError, match=r"not enough disk space .* need \d+(\.\d+)? MB, 10 MB is free"):
         prepare_conversion(str(tiny_qwen2_vl), to="paddle").write(tmp_path / "o")
     assert list(tmp_path.iterdir()) == []
 
@@ -268,3 +268,20 @@ def test_uint16_weights_without_a_bf16_config_are_refused(tiny_qwen2_vl: Path, t
     (tmp_path / "p" / "config.json").write_text(json.dumps(config))
     with pytest.raises(UserError, match="is uint16 .how Paddle stores bfloat16"):
         prepare_conversion(str(tmp_path / "p"), to="safetensors", dtype="float16")
+
+
+def test_an_output_holding_the_source_is_refused_even_with_overwrite(tiny_qwen2_vl: Path, tmp_path: Path) -> None:
+    source = _copy(tiny_qwen2_vl, tmp_path / "parent" / "src")
+    (tmp_path / "parent" / "keep.txt").write_text("keep")
+    for out in (tmp_path / "parent", source):
+        result = run_vlhub("convert", str(source), "--to", "paddle", "--out", str(out), "--overwrite")
+        assert result.returncode == 2 and "is or contains the source" in result.stderr
+    assert (tmp_path / "parent" / "keep.txt").exists() and (source / "config.json").exists()
+
+
+def test_an_unwritable_output_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("")
+    result = run_vlhub("convert", "tiny-qwen2-vl", "--to", "paddle", "--out", str(tmp_path / "a-file" / "out"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: ") and "is a file" in result.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["a-file"]

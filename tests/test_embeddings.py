@@ -333,6 +333,18 @@ def test_too_little_disk_is_refused_before_writing(tmp_path: Path, monkeypatch: 
 
     real = atomic.shutil.disk_usage
     monkeypatch.setattr(atomic.shutil, "disk_usage", lambda p: real(p)._replace(free=50_000_000))
-    with pytest.raises(UserError, match=r"not enough disk space in .*: the tables need 77.8 MB, 50 MB is free"):
+    with pytest.raises(UserError, match=r"not enough disk space in .*: the tables need \d+(\.\d+)? MB, 50 MB is free"):
         prepare_dump("tiny-qwen2-vl", out=tmp_path, lm_head=True)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_output_over_the_checkpoints_own_files_is_refused(tiny_qwen2_5_vl: Path, tmp_path: Path) -> None:
+    import shutil
+
+    source = tmp_path / "src"
+    shutil.copytree(tiny_qwen2_5_vl, source)
+    before = {p.name: p.read_bytes() for p in source.iterdir()}
+    for out in (source / "model-00001-of-00003.safetensors", source / "config.bin"):
+        result = run_vlhub("dump-embeddings", str(source), "--out", str(out))
+        assert result.returncode == 2 and "would overwrite the checkpoint's own" in result.stderr
+    assert {p.name: p.read_bytes() for p in source.iterdir()} == before

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from vlhub.catalog import models
+from vlhub.errors import UserError
 from vlhub.keymaps import FAMILY_FILES, load_keymap
 from vlhub.keymaps.expr import evaluate
 
@@ -78,3 +81,20 @@ def test_expressions_compute() -> None:
     assert evaluate("int(w * r)", {"w": 1664, "r": 4.9231}) == 8192
     assert evaluate("not tied", {"tied": False}) is True
     assert evaluate("v != out", {"v": 64, "out": 128}) is True
+
+
+@pytest.mark.parametrize(("model", "key"), [("qwen2-vl-7b", "hidden_size"), ("qwen2.5-vl-7b", "out_hidden_size")])
+def test_a_missing_merger_width_defaults_to_the_llm_width(model: str, key: str) -> None:
+    config = json.loads(json.dumps(models()[model].config))
+    del config["vision_config"][key]
+    keymap = load_keymap(models()[model].family.name)
+    assert keymap.expected(config) == keymap.expected(models()[model].config)
+
+
+@pytest.mark.parametrize("value", ["128", 0, -4, None])
+def test_a_malformed_dim_is_a_clean_error(value) -> None:
+    config = dict(models()["tiny-qwen2-vl"].config, num_attention_heads=value)
+    if value is None:
+        del config["num_attention_heads"]
+    with pytest.raises(UserError, match="num_attention_heads"):
+        load_keymap("qwen2_vl").expected(config)

@@ -157,7 +157,7 @@ def test_sharded_safetensors_out_copies_data_verbatim(tiny_qwen2_vl: Path, tmp_p
             assert renamed_tensor.dtype == tensor.dtype and torch.equal(renamed_tensor, tensor)
     for name in ("config.json", "generation_config.json"):
         assert (out / name).read_bytes() == (tiny_qwen2_vl / name).read_bytes()
-        assert (out / name).stat().st_ino == (tiny_qwen2_vl / name).stat().st_ino  # hard-linked
+        assert (out / name).stat().st_ino != (tiny_qwen2_vl / name).stat().st_ino  # a copy: edits stay apart
 
 
 def test_single_safetensors_file_keeps_metadata(tiny_qwen2_vl: Path, tmp_path: Path) -> None:
@@ -273,8 +273,8 @@ def test_destination_refusals_write_nothing(tmp_path: Path) -> None:
         ({"out": tmp_path / "o", "in_place": True}, "exclude each other"),
         ({}, "say where to write"),
         ({"out": tmp_path / "taken"}, "exists and is not empty; pass --overwrite"),
-        ({"out": source}, "is or contains SRC; use --in-place"),
-        ({"out": tmp_path}, "is or contains SRC"),
+        ({"out": source}, "is or contains the source"),
+        ({"out": tmp_path}, "is or contains the source"),
         ({"out": source / "renamed"}, "is inside SRC"),
         ({"out": tmp_path / "taken" / "keep.txt"}, "exists and is not a directory"),
     ]
@@ -437,3 +437,10 @@ def test_renaming_a_256mb_pdparams_tensor_never_holds_it(tmp_path: Path) -> None
     with PdparamsFile(tmp_path / "out.pdparams") as out:
         assert out.tensors()["llm.big.weight"].shape == (BIG // 4,)
         assert out.stored_bytes("llm.big.weight").length == BIG
+
+
+def test_in_place_refuses_a_shared_catalog_copy(tiny_qwen2_vl: Path) -> None:
+    before = {p.name: p.stat().st_mtime_ns for p in tiny_qwen2_vl.iterdir()}
+    result = run_vlhub("keys", "tiny-qwen2-vl", "--rename", "model.=llm.", "--in-place")
+    assert result.returncode == 2 and "--in-place needs a directory you own" in result.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in tiny_qwen2_vl.iterdir()} == before

@@ -48,15 +48,28 @@ def swap_in(staging: Path, out: Path) -> None:
         with signals_deferred():
             if out.exists():
                 os.rename(out, old)
-            os.rename(staging, out)
+            try:
+                os.rename(staging, out)
+            except OSError:
+                if old.exists():  # put the previous output back rather than lose both
+                    os.rename(old, out)
+                raise
     finally:  # also when a Ctrl-C held back during the swap is raised at its end
         shutil.rmtree(old, ignore_errors=True)
+
+
+def refuse_output_holding(out: Path, source: Path) -> None:
+    """An output that is the source, or a directory holding it, would destroy it when replaced."""
+    real_out, real_source = out.resolve(), source.resolve()
+    if real_out == real_source or real_out in real_source.parents:
+        raise UserError(f"--out {out} is or contains the source {source}; choose a path outside it")
 
 
 def ensure_free_space(directory: Path, needed: int, what: str) -> None:
     """Refuse before writing when the filesystem of `directory` (or its first existing parent) is too full."""
     existing = next(p for p in (directory, *directory.parents) if p.exists())
     free = shutil.disk_usage(existing).free
+    needed += needed // 100 + (16 << 20)  # headers, pickle framing, configs and the manifest
     if free < needed:
         raise UserError(f"not enough disk space in {existing}: {what} need {format_size(needed)}, "
                         f"{format_size(free)} is free")

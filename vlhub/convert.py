@@ -22,7 +22,7 @@ from vlhub.converters.formats import format_of_file
 from vlhub.converters.pipeline import buffer_cost, ordered_steps, run_plan
 from vlhub.converters.plan import Plan, plan_conversion
 from vlhub.converters.readers import Checkpoint, open_checkpoint
-from vlhub.atomic import ensure_free_space, swap_in
+from vlhub.atomic import ensure_free_space, refuse_output_holding, swap_in
 from vlhub.converters.writers import CheckpointWriter, file_sha256, temporary_name, write_json_atomic
 from vlhub.errors import UserError
 from vlhub.sources import resolve_source
@@ -83,6 +83,7 @@ class Conversion:
         if self.checkpoint is None:
             raise UserError(f"{self.source} is not on this machine: only --dry-run can plan it")
         out = Path(out) if out else self.default_out()
+        refuse_output_holding(out, self.source_path)
         _check_destination(out, overwrite, self.plan.total_bytes + sum(p.stat().st_size for p in self.extra_files))
         staging = temporary_name(out)
         staging.mkdir(parents=True)
@@ -184,6 +185,9 @@ def _carried_files(root: Path) -> list[Path]:
 
 
 def _check_destination(out: Path, overwrite: bool, needed: int) -> None:
+    nearest = next(p for p in out.absolute().parents if p.exists())
+    if not nearest.is_dir():
+        raise UserError(f"{nearest} is a file, so {out} cannot be created; choose another --out")
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} exists and is not a directory; choose another --out")
     if out.is_dir() and any(out.iterdir()) and not overwrite:

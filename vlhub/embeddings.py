@@ -19,6 +19,7 @@ written [out, in], so row i is still token i.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -127,7 +128,8 @@ class EmbeddingDump:
             return dumped
         finally:
             for temp in temporaries:
-                temp.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):  # a failed cleanup must not hide why the write failed
+                    temp.unlink(missing_ok=True)
             self.checkpoint.close()
 
     def _sidecar(self, table: Table, path: Path, digest: str, size: int) -> dict:
@@ -192,6 +194,7 @@ def prepare_dump(
             tables = [_table(checkpoint, family, layout, find_embedding(checkpoint, family, layout), role="embedding")]
         if lm_head:
             tables.append(_lm_head(checkpoint, family, layout, compare_with=None if tensor else tables[0]))
+        _refuse_overwriting_the_source(checkpoint, paths)
         dump = EmbeddingDump(source, source_path, checkpoint, family, layout, dtype, format, list(zip(tables, paths)))
         ensure_free_space(paths[0].parent, dump.total_bytes, "the tables")
     except BaseException:
@@ -218,6 +221,17 @@ def output_paths(out: Path | str | None, format: str, lm_head: bool) -> list[Pat
             raise UserError(f"--out {path.name} would collide with the lm_head output; choose another name")
         paths.append(head)
     return paths
+
+
+def _refuse_overwriting_the_source(checkpoint: Checkpoint, paths: list[Path]) -> None:
+    """An output (or its sidecar) must not replace one of the checkpoint's own files."""
+    own = {(checkpoint.root / name).resolve() for name in [*checkpoint.shards, checkpoint.index_file, "config.json"]
+           if name}
+    for path in paths:
+        for target in (path, sidecar_path(path)):
+            if target.resolve() in own:
+                raise UserError(f"--out {target} would overwrite the checkpoint's own {target.name}; "
+                                "choose another path")
 
 
 def sidecar_path(path: Path) -> Path:

@@ -22,10 +22,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import BinaryIO
 
+from vlhub.convert import MANIFEST
 from vlhub.converters.io_utils import StoredBytes, copy_stored_bytes
 from vlhub.converters.readers import Checkpoint, open_checkpoint
 from vlhub.converters.safetensors_io import SafetensorsFile, SafetensorsShardWriter
-from vlhub.atomic import ensure_free_space, signals_deferred, swap_in
+from vlhub.atomic import ensure_free_space, refuse_output_holding, signals_deferred, swap_in
 from vlhub.converters.writers import temporary_name, write_json_atomic
 from vlhub.errors import CorruptCheckpoint, UserError
 from vlhub.tensors import TensorMeta
@@ -213,9 +214,8 @@ def _check_in_place(checkpoint: Checkpoint, source: Path) -> None:
 
 def _check_out(out: Path, source: Path, directory: bool, overwrite: bool) -> None:
     """`out` must be a new path (or an empty directory, or anything with --overwrite) and must not hold SRC."""
+    refuse_output_holding(out, source)
     real_out, real_source = out.resolve(), source.resolve()
-    if real_out == real_source or real_out in real_source.parents:
-        raise UserError(f"--out {out} is or contains SRC; use --in-place to rewrite SRC itself")
     if directory and real_source in real_out.parents:
         raise UserError(f"--out {out} is inside SRC {source}; choose a path outside it")
     if not os.path.lexists(out):
@@ -299,22 +299,24 @@ def _renamed_index(checkpoint: Checkpoint, mapping: dict[str, str]) -> dict:
 
 
 def _carry_other_files(root: Path, rewritten: set[Path], staging: Path) -> list[Path]:
-    """Hard-link (or copy, across filesystems) everything in `root` that is not rewritten or hidden."""
+    """Copy everything in `root` that is not rewritten, hidden or a manifest of the old weights.
+
+    Copies, not hard links: editing the new config.json in place must not edit the source's too.
+    """
     carried: list[Path] = []
 
-    def link_or_copy(src: str, dst: str) -> str:
-        try:
-            os.link(src, dst)  # follows a symlink (a Hugging Face cache snapshot) to the file itself
-        except OSError:
-            shutil.copy2(src, dst)
+    def copy(src: str, dst: str) -> str:
+        shutil.copy2(src, dst)  # follows a symlink (a Hugging Face cache snapshot) to the file itself
         carried.append(Path(dst))
         return dst
 
     def ignored(directory: str, names: list[str]) -> set[str]:
-        # hidden entries are caches and stale temporaries (.cache/huggingface describes the old weights)
-        return {name for name in names if name.startswith(".") or Path(directory, name) in rewritten}
+        # hidden entries are caches and stale temporaries (.cache/huggingface describes the old weights);
+        # a vlhub manifest lists the old files' hashes
+        return {name for name in names
+                if name.startswith(".") or name == MANIFEST or Path(directory, name) in rewritten}
 
-    shutil.copytree(root, staging, ignore=ignored, copy_function=link_or_copy, dirs_exist_ok=True)
+    shutil.copytree(root, staging, ignore=ignored, copy_function=copy, dirs_exist_ok=True)
     return carried
 
 

@@ -21,6 +21,12 @@ def debug_enabled() -> bool:
     return os.environ.get("VLHUB_DEBUG", "") not in ("", "0", "false")
 
 
+def _report(message: str) -> None:
+    if debug_enabled():
+        traceback.print_exc()
+    stderr.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
+
+
 def reports_errors(command: Callable[P, R]) -> Callable[P, R]:
     """Wrap a command so a `VlhubError` becomes `error: <message>` and its exit code."""
 
@@ -29,10 +35,12 @@ def reports_errors(command: Callable[P, R]) -> Callable[P, R]:
         try:
             return command(*args, **kwargs)
         except VlhubError as exc:
-            if debug_enabled():
-                traceback.print_exc()
-            stderr.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+            _report(str(exc))
             raise typer.Exit(exc.exit_code) from None
+        except OSError as exc:  # the machine refused: a read-only or full disk, a path through a file
+            where = f" {exc.filename}" if exc.filename else ""
+            _report(f"cannot use{where}: {exc.strerror or exc}")
+            raise typer.Exit(2) from None
         except KeyboardInterrupt:
             stderr.print("interrupted", markup=False)
             raise typer.Exit(130) from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from typing import Annotated
 
 import typer
@@ -45,6 +46,12 @@ app.command()(keys)
 app.command(name="dump-embeddings")(dump_embeddings)
 
 
+def _terminate(signum: int, frame: object) -> None:
+    # `kill`, `timeout` and container stops send SIGTERM: unwind like Ctrl-C so temporaries are removed
+    raise KeyboardInterrupt
+
+
 def main() -> None:
     """Console-script entry point."""
+    signal.signal(signal.SIGTERM, _terminate)
     app()

@@ -17,7 +17,9 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from vlhub.catalog import find_model
 from vlhub.cli._errors import reports_errors
+from vlhub.errors import UserError
 from vlhub.cli._options import JsonOpt, SourceArg
 from vlhub.cli._output import byte_progress, print_json, stdout
 from vlhub.keys import RenameResult, parse_rename, rename_keys
@@ -66,6 +68,9 @@ def keys(
     tensor. Needs --out or --in-place unless --dry-run. --json prints an object with source, destination,
     dry_run, renamed (a list of old/new pairs), unchanged (a count), written and copied (paths)."""
     renames = [parse_rename(text) for text in rename or []]
+    if in_place and find_model(source) is not None and not Path(source).exists():
+        raise UserError(f"{source} names a shared copy (built-in or in the Hugging Face cache) that other "
+                        "commands rely on: --in-place needs a directory you own; use --out")
     result = rename_keys(resolve_source(source), renames, regex=regex, out=out, in_place=in_place,
                          dry_run=dry_run, overwrite=overwrite, progress=partial(byte_progress, "renaming keys"))
     if json:

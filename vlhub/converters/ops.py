@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from vlhub.converters.io_utils import output_array
+from vlhub.errors import UserError
 from vlhub.tensors import bf16_bits_from_float32, dtype_info, float32_from_bf16_bits
 
 FLOAT_DTYPES = ("bfloat16", "float16", "float32", "float64")
@@ -98,7 +99,11 @@ def cast_float(array: np.ndarray, source: str, target: str, out: np.ndarray | No
     flat_in = array.reshape(-1)
     out = output_array(array.shape, dtype_info(target).storage, out)
     flat_out = out.reshape(-1)
-    for start in range(0, flat_in.size, _CAST_CHUNK):
-        piece = flat_in[start : start + _CAST_CHUNK]
-        flat_out[start : start + _CAST_CHUNK] = _from_float32(_to_float32(piece, source), target)
+    try:
+        with np.errstate(over="raise"):  # a finite weight must not silently become inf
+            for start in range(0, flat_in.size, _CAST_CHUNK):
+                piece = flat_in[start : start + _CAST_CHUNK]
+                flat_out[start : start + _CAST_CHUNK] = _from_float32(_to_float32(piece, source), target)
+    except FloatingPointError:
+        raise UserError(f"values beyond {target}'s range would become inf; cast to bfloat16 or float32") from None
     return out

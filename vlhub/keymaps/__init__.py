@@ -113,7 +113,8 @@ class KeyMap:
     def resolve_dims(self, config: dict) -> dict[str, object]:
         """Every dim and derived value for one config.json (flat official or transformers-5 nested)."""
         values: dict[str, object] = {}
-        for name, spec in self.dims.items():
+        # defaults that name another dim are filled once every dim read from the config is known
+        for name, spec in sorted(self.dims.items(), key=lambda item: "default_from" in item[1]):
             found = _config_value(config, spec["key"])
             if found is None:
                 if "default" in spec:
@@ -122,6 +123,10 @@ class KeyMap:
                     found = values[spec["default_from"]]
                 else:
                     raise UserError(f"config.json has no {spec['key']!r}, which a {self.id} checkpoint needs")
+            if isinstance(found, bool) != isinstance(spec.get("default", 0), bool) or not isinstance(
+                    found, (int, float)) or (not isinstance(found, bool) and found <= 0):
+                raise UserError(f"config.json {spec['key']} is {found!r}; a {self.id} checkpoint needs "
+                                + ("true or false" if isinstance(spec.get("default"), bool) else "a positive number"))
             values[name] = found
         for name, expression in self.derived.items():
             values[name] = evaluate(expression, values)
