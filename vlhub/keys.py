@@ -154,7 +154,7 @@ def rename_keys(
     """Rename keys of the checkpoint at `source` (a directory, weight file or index file).
 
     Writes to `out` (a new directory for a directory or index source, with SRC's other files
-    hard-linked or copied in; the output file for a single-file source) or, with `in_place`, replaces
+    copied in; the output file for a single-file source) or, with `in_place`, replaces
     the source's weight files and index atomically. Everything is checked before anything is written;
     on an error or Ctrl-C no temporary file is left behind.
     """

@@ -41,7 +41,7 @@ RegexOpt = Annotated[
 ]
 OutOpt = Annotated[
     Optional[Path],
-    typer.Option("--out", help="A new directory for a directory SRC (its other files are hard-linked or copied in), "
+    typer.Option("--out", help="A new directory for a directory SRC (its other files are copied in, except a vlhub manifest of the old weights), "
                                "or the output file for a single-file SRC.", show_default=False),
 ]
 InPlaceOpt = Annotated[
