@@ -34,5 +34,6 @@ def main() -> None:
     against_cp(source, lambda out: f"vlhub keys '{source}' --rename model.=llm. --out '{out}' 2>/dev/null",
                "`vlhub keys --rename model.=llm. --out`", rounds=args.rounds, scratch=args.data)
 
+
 if __name__ == "__main__":
     main()

@@ -38,14 +38,13 @@ from vlhub.converters.readers import Checkpoint, open_checkpoint
 from vlhub.converters.writers import temporary_name, write_json_atomic
 from vlhub.errors import UserError
 from vlhub.families import tie_word_embeddings
-from vlhub.keymaps import FAMILY_FILES, KeyMap, load_keymap
-from vlhub.layouts import UNKNOWN, detect_family, detect_layout
+from vlhub.keymaps import load_keymap
+from vlhub.layouts import UNKNOWN, detect_family, detect_layout, embedding_candidates, spellings
 from vlhub.sources import resolve_source
 from vlhub.tensors import TensorMeta, dtype_info
 
 DTYPES = ("float16", "bfloat16", "float32")
 FORMATS = ("bin", "npy")
-EMBEDDING_KIND = "embedding"
 LM_HEAD = "lm_head.weight"  # the output projection's official name in every family
 # Stored bytes per block: 16 MiB reads are what io_utils measured fastest on a cold disk, and a dump
 # holds only a few blocks (the read, two output buffers being cast and written in turn).
@@ -239,12 +238,6 @@ def sidecar_path(path: Path) -> Path:
     return path.with_suffix(".json")
 
 
-def embedding_candidates(family: str | None, layout: str) -> list[str]:
-    """Every name the family's key map gives its embedding, the detected layout's first (all families'
-    when the family is unknown)."""
-    return _spellings(family, layout, lambda keymap: [r.template for r in keymap.tensors if r.kind == EMBEDDING_KIND])
-
-
 def find_embedding(checkpoint: Checkpoint, family: str | None, layout: str) -> str:
     """The embedding table's name in this checkpoint, from the key map."""
     candidates = embedding_candidates(family, layout)
@@ -324,15 +317,6 @@ def _npy_header(shape: tuple[int, int], dtype: str) -> bytes:
     return header.getvalue()
 
 
-def _spellings(family: str | None, layout: str, officials: Callable[[KeyMap], list[str]]) -> list[str]:
-    names: list[str] = []
-    for name in [family] if family else FAMILY_FILES:
-        keymap = load_keymap(name)
-        layouts = sorted(keymap.layouts.values(), key=lambda candidate: candidate.name != layout)
-        names += [candidate.from_official(official) for official in officials(keymap) for candidate in layouts]
-    return list(dict.fromkeys(names))
-
-
 def _stored_transposed(family: str | None, layout: str, name: str) -> bool:
     """Whether the layout stores this tensor transposed (Paddle's Linear [in, out]), per the key map."""
     if family is None or layout == UNKNOWN:
@@ -363,7 +347,7 @@ def _lm_head(checkpoint: Checkpoint, family: str | None, layout: str, compare_wi
     if tie_word_embeddings(checkpoint.config or {}):
         embedding = find_embedding(checkpoint, family, layout)
         return _table(checkpoint, family, layout, embedding, role="lm_head", tied=True)
-    candidates = _spellings(family, layout, lambda keymap: [LM_HEAD])
+    candidates = spellings(family, layout, lambda keymap: [LM_HEAD])
     found = next((name for name in candidates if name in checkpoint.tensors), None)
     if found is None:
         raise UserError(f"no lm_head in {checkpoint.root}: looked for {', '.join(candidates)}, and config.json "

@@ -7,9 +7,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from vlhub.converters.readers import Checkpoint, open_checkpoint
-from vlhub.embeddings import embedding_candidates
 from vlhub.families import tie_word_embeddings
-from vlhub.layouts import describe_layout, detect_family, detect_layout
+from vlhub.layouts import describe_layout, detect_family, detect_layout, embedding_candidates
 
 @dataclass
 class TensorRow:

@@ -7,8 +7,10 @@ whether Linear weights are stored transposed, which one declared probe tensor's 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from vlhub.families import FAMILIES, family_of_config
-from vlhub.keymaps import KeyMap, Layout, evaluate, load_keymap
+from vlhub.keymaps import FAMILY_FILES, KeyMap, Layout, evaluate, load_keymap
 from vlhub.tensors import TensorMeta
 
 UNKNOWN = "unknown"
@@ -80,3 +82,20 @@ def detect_layout(family: str | None, tensors: dict[str, TensorMeta], config: di
         return UNKNOWN
     stored_transposed = orientation == "in_out"
     return next((layout.name for layout in tied if layout.transposes("linear") == stored_transposed), UNKNOWN)
+
+
+def spellings(family: str | None, layout: str, officials: Callable[[KeyMap], list[str]]) -> list[str]:
+    """Every layout's spelling of some official names, the given layout's first (all families' when
+    the family is unknown)."""
+    names: list[str] = []
+    for name in [family] if family else FAMILY_FILES:
+        keymap = load_keymap(name)
+        layouts = sorted(keymap.layouts.values(), key=lambda candidate: candidate.name != layout)
+        names += [candidate.from_official(official) for official in officials(keymap) for candidate in layouts]
+    return list(dict.fromkeys(names))
+
+
+def embedding_candidates(family: str | None, layout: str) -> list[str]:
+    """Every name the family's key map gives its embedding, the detected layout's first (all families'
+    when the family is unknown)."""
+    return spellings(family, layout, lambda keymap: [r.template for r in keymap.tensors if r.kind == "embedding"])
