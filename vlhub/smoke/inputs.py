@@ -1,0 +1,258 @@
+"""The smoke input: a deterministic synthetic image and a prompt, prepared as each family's model wants.
+
+Everything a forward needs besides weights is computed here, on the host, once: patches in the
+processor's order, vision rotary positions, attention masks and window order (Qwen2.5-VL), and the
+text M-RoPE positions. Both the numpy reference and the Paddle forward consume the same arrays.
+Facts: shared/docs/qwen_keys.md 1.5 (patch order), 4.1 (smart_resize), 4.3 (M-RoPE).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from vlhub.errors import UserError
+from vlhub.families import text_config
+
+CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
+CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
+# the official preprocessor_config.json bounds (qwen_keys.md 4.2)
+MIN_PIXELS = 56 * 56
+MAX_PIXELS = 16384 * 28 * 28
+MAX_RATIO = 200
+# the smoke image: 8 x 12 patches, 24 visual tokens; for Qwen2.5-VL two 112-pixel windows wide, the
+# second one partial, so window attention and its padding are exercised
+SMOKE_IMAGE = (112, 168)
+# a few fixed text tokens (no tokenizer is needed): ids every Qwen vocabulary holds
+PROMPT_IDS = (151644, 872, 198)  # <|im_start|> user \n
+QUESTION_IDS = (74785, 419, 2168, 13, 151645, 198, 151644, 77091, 198)  # ... <|im_end|> \n <|im_start|> assistant \n
+QWEN_VL_PROMPT_IDS = (24669, 220, 16, 25)  # "Picture 1:"
+QWEN_VL_QUESTION_IDS = (74785, 419, 2168, 13)
+MASKED = np.float32(-1e30)  # additive mask value: large and finite, so a fully masked row cannot make NaN
+
+
+def smart_resize(height: int, width: int, *, factor: int = 28, min_pixels: int = MIN_PIXELS,
+                 max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
+    """The size Qwen2-VL / Qwen2.5-VL processors resize an image to: multiples of `factor`, within the pixel bounds."""
+    if min(height, width) < 1:
+        raise UserError(f"image size {height}x{width} is empty")
+    if max(height, width) / min(height, width) > MAX_RATIO:
+        raise UserError(f"image {height}x{width} is more than {MAX_RATIO} times as long as wide; the processor refuses it")
+    h_bar = max(factor, round(height / factor) * factor)
+    w_bar = max(factor, round(width / factor) * factor)
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def synthetic_image(height: int, width: int) -> np.ndarray:
+    """A deterministic RGB image (uint8 [height, width, 3]): smooth gradients plus a checkerboard."""
+    rows = np.arange(height, dtype=np.float32)[:, None]
+    cols = np.arange(width, dtype=np.float32)[None, :]
+    red = 255 * rows / max(height - 1, 1) + 0 * cols
+    green = 255 * cols / max(width - 1, 1) + 0 * rows
+    blue = 255 * (((rows // 14) + (cols // 14)) % 2) * 0.75 + 32 * np.sin(rows / 9 + cols / 13)
+    return np.clip(np.stack([red, green, blue], axis=-1), 0, 255).round().astype(np.uint8)
+
+
+def normalize(image: np.ndarray) -> np.ndarray:
+    """uint8 [H, W, 3] to CLIP-normalised float32 [3, H, W]."""
+    scaled = image.astype(np.float32) * np.float32(1 / 255)
+    return ((scaled - CLIP_MEAN) / CLIP_STD).transpose(2, 0, 1)
+
+
+@dataclass(frozen=True)
+class VisionGeometry:
+    """The vision config numbers the input preparation needs."""
+
+    patch: int
+    temporal_patch: int
+    merge: int
+    window_size: int | None  # Qwen2.5-VL only
+
+    @classmethod
+    def from_config(cls, config: dict) -> VisionGeometry:
+        vision = config.get("vision_config") or {}
+        window = vision.get("window_size", 112) if config.get("model_type") == "qwen2_5_vl" else None
+        return cls(vision.get("patch_size", vision.get("spatial_patch_size", 14)),
+                   vision.get("temporal_patch_size", 2), vision.get("spatial_merge_size", 2), window)
+
+
+def patchify(pixels: np.ndarray, geometry: VisionGeometry) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """A normalised [3, H, W] image as the processor's patch rows [t*h*w, 3*T*P*P] and its grid (t, h, w).
+
+    Patches come in 2x2 merge-group order and each is flattened (channel, time, row, column); a still
+    image is repeated along time.
+    """
+    p, t, m = geometry.patch, geometry.temporal_patch, geometry.merge
+    channels, height, width = pixels.shape
+    grid_h, grid_w = height // p, width // p
+    frames = np.repeat(pixels[None], t, axis=0)  # [T, C, H, W]
+    patches = frames.reshape(1, t, channels, grid_h // m, m, p, grid_w // m, m, p)
+    # (grid_t, T, C, gh/m, m, P, gw/m, m, P) -> (grid_t, gh/m, gw/m, m, m, C, T, P, P)
+    patches = patches.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
+    return np.ascontiguousarray(patches.reshape(grid_h * grid_w, channels * t * p * p)), (1, grid_h, grid_w)
+
+
+def vision_position_ids(grids: list[tuple[int, int, int]], merge: int) -> np.ndarray:
+    """Row and column of every patch ([N, 2] int64), in merge-group order, for the 2-D vision rotary."""
+    out = []
+    for t, h, w in grids:
+        rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+        shape = (h // merge, merge, w // merge, merge)
+        rows = rows.reshape(shape).transpose(0, 2, 1, 3).reshape(-1)
+        cols = cols.reshape(shape).transpose(0, 2, 1, 3).reshape(-1)
+        out.append(np.tile(np.stack([rows, cols], axis=-1), (t, 1)))
+    return np.concatenate(out).astype(np.int64)
+
+
+def segment_mask(lengths: list[int]) -> np.ndarray:
+    """An additive [N, N] mask that lets each token see only its own segment (one image frame or window)."""
+    total = sum(lengths)
+    mask = np.full((total, total), MASKED, dtype=np.float32)
+    start = 0
+    for length in lengths:
+        mask[start:start + length, start:start + length] = 0
+        start += length
+    return mask
+
+
+def window_order(grids: list[tuple[int, int, int]], geometry: VisionGeometry) -> tuple[np.ndarray, list[int]]:
+    """Qwen2.5-VL's window attention: the merge-group order that puts each window's groups together,
+    and the patch count of every window in that order."""
+    assert geometry.window_size is not None
+    side = geometry.window_size // geometry.merge // geometry.patch  # window side in merged units
+    unit = geometry.merge ** 2
+    order, lengths, offset = [], [], 0
+    for t, h, w in grids:
+        gh, gw = h // geometry.merge, w // geometry.merge
+        index = np.arange(t * gh * gw).reshape(t, gh, gw)
+        for frame in range(t):
+            for top in range(0, gh, side):
+                for left in range(0, gw, side):
+                    window = index[frame, top:top + side, left:left + side].reshape(-1)
+                    order.append(window + offset)
+                    lengths.append(window.size * unit)
+        offset += t * gh * gw
+    return np.concatenate(order).astype(np.int64), lengths
+
+
+@dataclass
+class VisionInputs:
+    """What the Qwen2(.5)-VL vision tower takes besides its weights."""
+
+    pixel_values: np.ndarray  # [N, 3*T*P*P] float32
+    grids: list[tuple[int, int, int]]
+    position_ids: np.ndarray  # [N, 2] int64
+    full_mask: np.ndarray  # [N, N] float32, one segment per image frame
+    window_index: np.ndarray | None = None  # [N / merge^2] int64 (Qwen2.5-VL)
+    reverse_index: np.ndarray | None = None
+    window_mask: np.ndarray | None = None  # [N, N] in window order
+
+    def as_kwargs(self) -> dict[str, np.ndarray]:
+        """The arrays by the names the forwards take."""
+        names = ("position_ids", "full_mask", "window_index", "reverse_index", "window_mask")
+        kwargs = {"vision_" + n if n == "position_ids" else n: getattr(self, n) for n in names}
+        return {k: v for k, v in kwargs.items() if v is not None}
+
+
+def vision_inputs(images: list[np.ndarray], config: dict) -> VisionInputs:
+    """Patches and the host-side tables of the vision tower for normalised [3, H, W] images."""
+    geometry = VisionGeometry.from_config(config)
+    pieces = [patchify(image, geometry) for image in images]
+    grids = [grid for _, grid in pieces]
+    inputs = VisionInputs(
+        np.concatenate([patches for patches, _ in pieces]), grids,
+        vision_position_ids(grids, geometry.merge),
+        segment_mask([h * w for t, h, w in grids for _ in range(t)]),
+    )
+    if geometry.window_size is not None:
+        order, lengths = window_order(grids, geometry)
+        inputs.window_index, inputs.reverse_index = order, np.argsort(order).astype(np.int64)
+        inputs.window_mask = segment_mask(lengths)
+    return inputs
+
+
+def mrope_position_ids(input_ids: np.ndarray, image_token_id: int, grids: list[tuple[int, int, int]],
+                       merge: int) -> tuple[np.ndarray, int]:
+    """M-RoPE positions [3, L] for a prompt with still images, and the delta later text positions add.
+
+    Text tokens count up on all three rows; an image's tokens take (start, start + row, start + column)
+    and the text after it resumes at start + max(rows, columns).
+    """
+    positions = np.zeros((3, len(input_ids)), dtype=np.int64)
+    grid_iter = iter(grids)
+    current, index = 0, 0
+    while index < len(input_ids):
+        if input_ids[index] != image_token_id:
+            positions[:, index] = current
+            current += 1
+            index += 1
+            continue
+        t, h, w = next(grid_iter)
+        gh, gw = h // merge, w // merge
+        count = t * gh * gw
+        tt, hh, ww = np.meshgrid(np.arange(t), np.arange(gh), np.arange(gw), indexing="ij")
+        positions[:, index:index + count] = np.stack([tt, hh, ww]).reshape(3, -1) + current
+        current += max(gh, gw)
+        index += count
+    return positions, int(positions.max()) + 1 - len(input_ids)
+
+
+@dataclass
+class SmokeInput:
+    """A prompt with one image, ready for a forward."""
+
+    family: str
+    input_ids: np.ndarray  # [L] int64
+    image_mask: np.ndarray  # [L] bool: the positions image embeddings fill, in order
+    position_ids: np.ndarray  # [3, L] (M-RoPE) or [L]
+    rope_delta: int  # a later token at sequence index i has position i + rope_delta (all rows)
+    vision: VisionInputs | None  # Qwen2(.5)-VL
+    pixel_values: np.ndarray  # Qwen-VL: [1, 3, S, S]; else the same array as vision.pixel_values
+
+    def positions_after(self, count: int) -> np.ndarray:
+        """Positions for `count` tokens appended to the prompt, shaped like `position_ids`."""
+        start = len(self.input_ids)
+        steps = np.arange(start, start + count, dtype=np.int64) + self.rope_delta
+        return np.broadcast_to(steps, (3, count)).copy() if self.position_ids.ndim == 2 else steps
+
+
+def smoke_input(config: dict, image_size: tuple[int, int] = SMOKE_IMAGE) -> SmokeInput:
+    """The smoke test's input for a model of this config.json."""
+    if config.get("model_type") == "qwen":
+        return _qwen_vl_input(config)
+    height, width = smart_resize(*image_size)
+    image = normalize(synthetic_image(height, width))
+    vision = vision_inputs([image], config)
+    merge = VisionGeometry.from_config(config).merge
+    tokens = vision.pixel_values.shape[0] // merge ** 2
+    text = text_config(config)
+    image_token = config.get("image_token_id", text.get("image_token_id", 151655))
+    start = config.get("vision_start_token_id", 151652)
+    end = config.get("vision_end_token_id", 151653)
+    ids = np.array([*PROMPT_IDS, start, *[image_token] * tokens, end, *QUESTION_IDS], dtype=np.int64)
+    positions, delta = mrope_position_ids(ids, image_token, vision.grids, merge)
+    return SmokeInput(config["model_type"], ids, ids == image_token, positions, delta, vision, vision.pixel_values)
+
+
+def _qwen_vl_input(config: dict) -> SmokeInput:
+    visual = config.get("visual") or {}
+    size = visual.get("image_size", 448)
+    start = visual.get("image_start_id", 151857)
+    queries = 256  # the resampler's fixed output: 256 tokens per image
+    pixels = normalize(synthetic_image(size, size))[None]
+    ids = np.array([*QWEN_VL_PROMPT_IDS, start, *[start + 2] * queries, start + 1, *QWEN_VL_QUESTION_IDS],
+                   dtype=np.int64)
+    mask = np.zeros(len(ids), dtype=bool)
+    begin = len(QWEN_VL_PROMPT_IDS) + 1
+    mask[begin:begin + queries] = True
+    return SmokeInput("qwen", ids, mask, np.arange(len(ids), dtype=np.int64), 0, None, pixels)

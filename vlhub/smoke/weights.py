@@ -1,0 +1,118 @@
+"""A checkpoint's tensors by official name, as float32 in torch orientation, read one at a time.
+
+Whatever layout the checkpoint is in (official, transformers 5, PaddleMIX), the key map's plan says
+where each official tensor is stored and whether it is transposed; `ModelWeights.get` undoes both.
+Streamed (the default), nothing is kept: a forward that asks for one layer's tensors, uses them and
+drops them holds one layer at a time. Resident, decoded tensors are kept for the next pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from vlhub.configs import official_config
+from vlhub.converters.ops import cast_float, transpose_2d
+from vlhub.converters.plan import Step, plan_conversion
+from vlhub.converters.readers import Checkpoint, open_checkpoint
+from vlhub.tensors import dtype_info
+
+_FLOAT32_BYTES = 4
+
+
+class ModelWeights:
+    """Lazy, decoded access to one checkpoint's tensors under their official names."""
+
+    def __init__(self, checkpoint: Checkpoint, *, resident: bool = False) -> None:
+        self.checkpoint = checkpoint
+        self.plan = plan_conversion(checkpoint.tensors, checkpoint.config, target_layout="official")
+        self.config = official_config(checkpoint.config or {})
+        self.family = self.plan.family
+        self.resident = resident
+        self._steps: dict[str, Step] = {step.target.name: step for step in self.plan.steps}
+        self._kept: dict[str, np.ndarray] = {}
+
+    @classmethod
+    def open(cls, path: Path | str, *, resident: bool = False) -> ModelWeights:
+        checkpoint = open_checkpoint(path)
+        try:
+            return cls(checkpoint, resident=resident)
+        except BaseException:
+            checkpoint.close()
+            raise
+
+    @property
+    def float32_bytes(self) -> int:
+        """What every tensor takes decoded to float32 (what a resident forward keeps)."""
+        return sum(step.source.numel for step in self.plan.steps) * _FLOAT32_BYTES
+
+    def has(self, name: str) -> bool:
+        return name in self._steps
+
+    def stored_dtype(self, name: str) -> str:
+        return self._steps[name].source.dtype
+
+    def get(self, name: str) -> np.ndarray:
+        """One official tensor as float32, torch orientation ([out, in] for Linear weights)."""
+        kept = self._kept.get(name)
+        if kept is not None:
+            return kept
+        step = self._steps[name]
+        values = _decode(self.checkpoint.read(step.source.name), step.source.dtype)
+        if step.transpose:
+            values = transpose_2d(values)
+        if self.resident:
+            self._kept[name] = values
+        return values
+
+    def rows(self, name: str, ids: np.ndarray) -> np.ndarray:
+        """Rows `ids` of an embedding table ([len(ids), hidden] float32), reading only those rows."""
+        if self.resident:
+            return self.get(name)[ids]
+        step = self._steps[name]
+        source = step.source
+        if step.transpose or len(source.shape) != 2:
+            return self.get(name)[ids]
+        row_bytes = source.shape[1] * dtype_info(source.dtype).itemsize
+        out = np.empty((len(ids), source.shape[1]), dtype=dtype_info(source.dtype).storage)
+        stored = self.checkpoint.stored_bytes(source.name)
+        if stored is None:  # a pickled view without a byte range: read it whole
+            return self.get(name)[ids]
+        with open(stored.path, "rb", buffering=0) as file:
+            for i, row in enumerate(ids):
+                file.seek(stored.offset + int(row) * row_bytes)
+                out[i] = np.frombuffer(file.read(row_bytes), dtype=out.dtype)
+        return _decode(out, source.dtype)
+
+    def row_blocks(self, name: str, size: int) -> Iterator[tuple[int, np.ndarray]]:
+        """A 2-D official tensor `size` rows at a time as (first row, float32 block): an lm_head
+        of 152064 x 3584 never sits in memory whole."""
+        if self.resident:
+            whole = self.get(name)
+            for start in range(0, whole.shape[0], size):
+                yield start, whole[start:start + size]
+            return
+        step = self._steps[name]
+        axis = 1 if step.transpose else 0  # official rows are stored columns when transposed
+        start = 0
+        for block in self.checkpoint.iter_blocks(step.source.name, size, axis=axis):
+            values = _decode(block, step.source.dtype)
+            yield start, transpose_2d(values) if step.transpose else values
+            start += values.shape[1 if step.transpose else 0]
+
+    def close(self) -> None:
+        self._kept.clear()
+        self.checkpoint.close()
+
+    def __enter__(self) -> ModelWeights:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _decode(values: np.ndarray, dtype: str) -> np.ndarray:
+    decoded = cast_float(values, dtype, "float32")
+    return decoded if decoded is not values else np.array(values, dtype=np.float32)
