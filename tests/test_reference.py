@@ -61,7 +61,7 @@ def test_vision_tower_and_logits_match_transformers(hf_pair, size: tuple[int, in
 def test_greedy_tokens_match_transformers(hf_pair) -> None:
     model, reference = hf_pair
     smoke = smoke_input(reference.config)
-    _, tokens = reference.generate(smoke, reference.encode_images(smoke), 5)
+    _, tokens, _ = reference.generate(smoke, reference.encode_images(smoke), 5)
     inputs = hf_inputs(smoke)
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=5, do_sample=False)
@@ -167,7 +167,7 @@ def test_qwen_vl_prompt_and_generation(qwen_vl: ReferenceForward) -> None:
     smoke = smoke_input(qwen_vl.config)
     embeds = qwen_vl.encode_images(smoke)
     assert embeds.shape == (256, qwen_vl.text["hidden_size"]) and smoke.image_mask.sum() == 256
-    logits, tokens = qwen_vl.generate(smoke, embeds, 3)
+    logits, tokens, _ = qwen_vl.generate(smoke, embeds, 3)
     assert np.isfinite(logits).all() and len(tokens) == 3
     # a cached decode step computes what a full forward over the longer sequence computes
     longer = np.concatenate([smoke.input_ids, tokens[:2]])

@@ -13,6 +13,7 @@ from vlhub.cli.embeddings import dump_embeddings
 from vlhub.cli.inspect import inspect
 from vlhub.cli.keys import keys
 from vlhub.cli.models import models
+from vlhub.cli.smoke import smoke
 
 app = typer.Typer(
     name="vlhub",
@@ -44,6 +45,7 @@ app.command()(inspect)
 app.command()(convert)
 app.command()(keys)
 app.command(name="dump-embeddings")(dump_embeddings)
+app.command()(smoke)
 
 
 def _terminate(signum: int, frame: object) -> None:

@@ -18,8 +18,12 @@ from rich.table import Table
 
 from vlhub.cli._errors import reports_errors
 from vlhub.cli._options import JsonOpt, SourceArg
-from vlhub.cli._output import byte_progress, print_json, stdout
+from vlhub.cli._output import byte_progress, print_json, stderr, stdout
+from vlhub.cli.smoke import failure_summary, show_report, smoke_status
 from vlhub.convert import TARGETS, Conversion, plan_json, plan_table_rows, prepare_conversion
+from vlhub.errors import CheckFailed
+from vlhub.smoke.run import DEFAULT_TOKENS, RuntimeMissing, record_verdict, run_smoke
+from vlhub.smoke.verdict import SmokeReport
 from vlhub.units import format_size, parse_size
 
 ToOpt = Annotated[str, typer.Option("--to", help=f"Target format: {', '.join(TARGETS)}.", show_default=False)]
@@ -33,6 +37,8 @@ ShardOpt = Annotated[
 ]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the plan and write nothing.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty output directory.")]
+NoSmokeOpt = Annotated[bool, typer.Option("--no-smoke", help="Skip the smoke test that runs the converted model.")]
+TokensOpt = Annotated[int, typer.Option("--tokens", min=1, help="Tokens the smoke test generates.")]
 UnmatchedOpt = Annotated[
     bool, typer.Option("--allow-unmatched", help="Pass tensors the key map does not know through unchanged.")
 ]
@@ -48,10 +54,14 @@ def convert(
     dry_run: DryRunOpt = False,
     overwrite: OverwriteOpt = False,
     allow_unmatched: UnmatchedOpt = False,
+    no_smoke: NoSmokeOpt = False,
+    tokens: TokensOpt = DEFAULT_TOKENS,
     json: JsonOpt = False,
 ) -> None:
     """Convert a checkpoint tensor by tensor: keys through the family's key map, Linear weights transposed
-    where the target stores them [in, out], dtypes cast only when asked. Nothing is left behind on error."""
+    where the target stores them [in, out], dtypes cast only when asked. Nothing is left behind on error.
+    Then a smoke test runs the converted model against the source (see `vlhub smoke`): a failure exits 1
+    and is recorded in the output's manifest."""
     shard_limit = parse_size(max_shard_size) if max_shard_size else None
     conversion = prepare_conversion(source, to=to, dtype=dtype, allow_unmatched=allow_unmatched, dry_run=dry_run)
     if dry_run:
@@ -59,12 +69,31 @@ def convert(
         return
     with byte_progress(f"converting to {to}", conversion.plan.total_bytes) as advance:
         result = conversion.write(out, overwrite=overwrite, max_shard_size=shard_limit, on_bytes=advance)
+    report = None if no_smoke else _smoke(result.out, conversion, tokens)
     if json:
-        print_json({"out": str(result.out), **plan_json(conversion.plan), "files": result.manifest["files"]})
+        print_json({"out": str(result.out), **plan_json(conversion.plan), "files": result.manifest["files"],
+                    "smoke": report.as_dict() if report else None})
     else:
         ops = ", ".join(f"{op} x{n}" for op, n in conversion.plan.op_counts.items()) or "copy only"
         stdout.print(f"{escape(str(result.out))}  ({len(conversion.plan.steps)} tensors, "
                      f"{format_size(conversion.plan.total_bytes)}; {ops})")
+        if report:
+            show_report(report, False)
+    if report and not report.passed:
+        raise CheckFailed(f"the converted model at {result.out} fails its smoke test: {failure_summary(report)}")
+
+
+def _smoke(out: Path, conversion: Conversion, tokens: int) -> SmokeReport | None:
+    """Smoke-test a fresh conversion against its source and record the verdict in its manifest."""
+    try:
+        with smoke_status() as status:
+            report = run_smoke(out, against=str(conversion.source_path), tokens=tokens, status=status)
+    except RuntimeMissing as exc:
+        stderr.print(f"warning: smoke test not run: {exc}", markup=False)
+        record_verdict(out, {"passed": None, "not_run": str(exc)})
+        return None
+    record_verdict(out, report.as_dict())
+    return report
 
 
 def _show_plan(conversion: Conversion, as_json: bool) -> None:

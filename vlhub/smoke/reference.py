@@ -11,6 +11,7 @@ are tested equal to them); Qwen-VL follows the published `modeling_qwen.py` / `v
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -343,13 +344,19 @@ class ReferenceForward:
 
     # -- generation
 
-    def generate(self, smoke: SmokeInput, image_embeds: np.ndarray, tokens: int) -> tuple[np.ndarray, list[int]]:
-        """Greedy decoding: the prompt's logits [L, vocab] and `tokens` generated ids."""
+    def generate(self, smoke: SmokeInput, image_embeds: np.ndarray, tokens: int,
+                 on_token: Callable[[str], None] | None = None) -> tuple[np.ndarray, list[int], np.ndarray]:
+        """Greedy decoding: the prompt's logits [L, vocab], `tokens` generated ids, and the logits
+        [tokens, vocab] each was chosen from."""
         cache = KVCache()
         prompt_logits = self.logits(smoke.input_ids, smoke.position_ids, image_embeds, smoke.image_mask, cache)
+        chosen_from = [prompt_logits[-1]]
         generated = [int(prompt_logits[-1].argmax())]
         for step in range(1, tokens):
+            if on_token:
+                on_token(f"reference: token {step + 1} of {tokens}")
             positions = smoke.positions_after(step)[..., -1:]
             step_logits = self.logits(np.array(generated[-1:], dtype=np.int64), positions, cache=cache)
+            chosen_from.append(step_logits[-1])
             generated.append(int(step_logits[-1].argmax()))
-        return prompt_logits, generated
+        return prompt_logits, generated, np.stack(chosen_from)

@@ -1,0 +1,92 @@
+"""`vlhub smoke`: prove a converted checkpoint computes what its source computes.
+
+Examples:
+    vlhub smoke ./tiny-qwen2-vl-paddle                       # against the source its manifest names
+    vlhub smoke ./Qwen2-VL-7B-Instruct-paddle --against ./Qwen2-VL-7B-Instruct --json
+    vlhub smoke ./out --tokens 8 --streamed
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Callable, Optional
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from vlhub.cli._errors import reports_errors
+from vlhub.cli._options import JsonOpt
+from vlhub.cli._output import print_json, stderr, stdout
+from vlhub.errors import CheckFailed
+from vlhub.smoke.run import DEFAULT_TOKENS, run_smoke
+from vlhub.smoke.verdict import TOLERANCES, SmokeReport
+
+PathArg = Annotated[Path, typer.Argument(metavar="PATH", help="A converted checkpoint directory.", show_default=False)]
+AgainstOpt = Annotated[
+    Optional[str],
+    typer.Option("--against", help="Reference checkpoint of the same architecture (default: the source in PATH's manifest)."),
+]
+TokensOpt = Annotated[int, typer.Option("--tokens", min=1, help="Tokens to generate greedily.")]
+StreamedOpt = Annotated[
+    Optional[bool],
+    typer.Option("--streamed/--resident", help="Load one layer at a time, or the whole model (default: by size and free memory).",
+                 show_default=False),
+]
+
+
+@reports_errors
+def smoke(
+    path: PathArg,
+    against: AgainstOpt = None,
+    tokens: TokensOpt = DEFAULT_TOKENS,
+    streamed: StreamedOpt = None,
+    json: JsonOpt = False,
+) -> None:
+    """Run the converted model in its runtime (Paddle for Paddle layouts) and the numpy reference on the
+    source, on one synthetic image and prompt; compare vision embeddings, prefill logits and greedy
+    tokens. Exit 0 when within tolerance, 1 when not."""
+    with smoke_status() as status:
+        report = run_smoke(path, against=against, tokens=tokens, streamed=streamed, status=status)
+    show_report(report, json)
+    if not report.passed:
+        raise CheckFailed("smoke test failed: " + failure_summary(report))
+
+
+@contextmanager
+def smoke_status() -> Iterator[Callable[[str], None]]:
+    """A status line on stderr (with elapsed time) that the smoke test updates stage by stage."""
+    with stderr.status("smoke test") as status:
+        yield lambda message: status.update(f"smoke test: {message}")
+
+
+def failure_summary(report: SmokeReport) -> str:
+    return "; ".join(f"{s.name}: {s.detail}" for s in report.stages if not s.passed)
+
+
+def show_report(report: SmokeReport, as_json: bool) -> None:
+    """The smoke verdict as a table (or JSON) on stdout."""
+    if as_json:
+        print_json(report.as_dict())
+        return
+    tolerance = TOLERANCES[report.precision]
+    table = Table("stage", "max abs diff", "relative", "cosine", "top-1", "verdict", box=None,
+                  title=f"smoke: {escape(report.artifact)} ({report.runtime}"
+                        f"{', streamed' if report.streamed else ''}) vs {escape(report.reference)}")
+    for stage in report.stages:
+        table.add_row(
+            stage.name,
+            _figure(stage.max_abs_diff, ".3g"), _figure(stage.relative, ".2e"), _figure(stage.cosine, ".7f"),
+            _figure(stage.top1_agreement, ".1%"),
+            "[green]pass[/]" if stage.passed else f"[red]FAIL[/] {escape(stage.detail)}",
+        )
+    stdout.print(table)
+    stdout.print(f"tokens: reference {report.tokens_ref}, converted {report.tokens_out}")
+    stdout.print(f"precision {report.precision}: relative diff <= {tolerance.relative:g}, cosine >= "
+                 f"{tolerance.cosine}; {report.seconds:.1f} s; {'PASSED' if report.passed else 'FAILED'}")
+
+
+def _figure(value: float | None, spec: str) -> str:
+    return "" if value is None else format(value, spec)

@@ -1,0 +1,219 @@
+"""`vlhub smoke`: run a converted checkpoint in its runtime and compare it with the reference on the source.
+
+    report = run_smoke(Path("Qwen2-VL-7B-Instruct-paddle"))          # source from the manifest
+    report = run_smoke(out_dir, against="tiny-qwen2-vl", tokens=4)
+    report.passed, report.as_dict()
+
+The reference (numpy, float32) runs on the source: vision tower, prefill, greedy decoding of `tokens`
+tokens. The artifact runs in its runtime (Paddle for Paddle layouts, the reference itself for
+Hugging Face layouts) on the same input, teacher-forced with the reference's tokens, so a single
+pass gives its prefill logits and its choice at every generated position. Models too large to hold
+comfortably in float32 are streamed: one layer's weights at a time on both sides.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from vlhub.convert import MANIFEST
+from vlhub.converters.plan import KeyMapMismatch
+from vlhub.converters.writers import write_json_atomic
+from vlhub.errors import CheckFailed, CorruptCheckpoint, UserError
+from vlhub.smoke.inputs import SmokeInput, smoke_input
+from vlhub.smoke.reference import ReferenceForward
+from vlhub.smoke.verdict import TOLERANCES, SmokeReport, Stage, compare_arrays, compare_tokens, precision_class
+from vlhub.smoke.weights import ModelWeights
+from vlhub.sources import resolve_source
+
+DEFAULT_TOKENS = 4
+# a forward keeps its weights in memory (as float32) only when they take at most this share of the
+# memory available now: the two sides run one after the other, and activations need room too
+_RESIDENT_SHARE = 0.25
+# the dims two checkpoints must share for one to be compared with the other
+_ARCHITECTURE_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+
+Status = Callable[[str], None]
+
+
+class RuntimeMissing(UserError):
+    """The artifact's runtime is not installed here, so the smoke test cannot run."""
+
+
+@dataclass
+class _Outputs:
+    image_embeds: np.ndarray
+    prompt_logits: np.ndarray
+    tokens: list[int]
+    token_logits: np.ndarray  # [tokens, vocab]: the logits each generated token was chosen from
+
+
+def run_smoke(
+    artifact: Path | str,
+    *,
+    against: str | None = None,
+    tokens: int = DEFAULT_TOKENS,
+    streamed: bool | None = None,
+    status: Status | None = None,
+) -> SmokeReport:
+    """Smoke-test the checkpoint at `artifact` against `against` (default: the source its manifest names).
+
+    `streamed` None decides from the model's size and the memory available. Raises UserError when
+    the test cannot run (no reference, different architectures, no Paddle); a broken artifact is a
+    failed report, not an error.
+    """
+    if tokens < 1:
+        raise UserError("--tokens must be at least 1")
+    say = status or (lambda _message: None)
+    artifact = Path(artifact)
+    if not artifact.exists():
+        raise UserError(f"no such file or directory: {artifact}")
+    reference_path = resolve_source(against) if against else _recorded_source(artifact)
+    started = time.monotonic()
+    with ModelWeights.open(reference_path) as probe:
+        family, config = probe.family, probe.config
+        resident = not (streamed if streamed is not None else _too_large(probe.float32_bytes))
+        source_dtypes = {step.target.name: step.source.dtype for step in probe.plan.steps}
+    runtime, artifact_dtypes, load_error = _inspect_artifact(artifact, family, config)
+    report = SmokeReport(str(artifact), str(reference_path), runtime, not resident,
+                         precision_class([(source_dtypes[n], d) for n, d in artifact_dtypes.items()
+                                          if n in source_dtypes]))
+    if load_error:
+        report.stages.append(Stage("load", False, detail=load_error))
+        report.seconds = time.monotonic() - started
+        return report
+    smoke = smoke_input(config)
+    with ModelWeights.open(reference_path, resident=resident) as weights:
+        expected = _reference_outputs(ReferenceForward(weights), smoke, tokens, say)
+    try:
+        produced = _artifact_outputs(artifact, runtime, smoke, expected.tokens, resident, say)
+    except (CheckFailed, KeyMapMismatch) as exc:  # the artifact's weights do not load into the network
+        report.stages.append(Stage("load", False, detail=str(exc)))
+        report.seconds = time.monotonic() - started
+        return report
+    tolerance = TOLERANCES[report.precision]
+    report.stages += [
+        compare_arrays("vision embeddings", expected.image_embeds, produced.image_embeds, tolerance),
+        compare_arrays("prefill logits", expected.prompt_logits, produced.prompt_logits, tolerance, top1=True),
+    ]
+    report.tokens_ref, report.tokens_out = expected.tokens, _until_first_difference(expected.tokens, produced.tokens)
+    margins = [float(row[a] - row[b]) for row, a, b in zip(expected.token_logits, expected.tokens, produced.tokens)]
+    limit = 2 * tolerance.relative * float(np.abs(expected.prompt_logits).max())
+    report.stages.append(compare_tokens(expected.tokens, produced.tokens, margins, limit))
+    report.seconds = time.monotonic() - started
+    return report
+
+
+def _recorded_source(artifact: Path) -> Path:
+    manifest_path = (artifact if artifact.is_dir() else artifact.parent) / MANIFEST
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        source = manifest["source"]
+    except FileNotFoundError:
+        raise UserError(f"{artifact} has no {MANIFEST} naming its source; pass --against SRC") from None
+    except (ValueError, KeyError, TypeError):
+        raise CorruptCheckpoint(f"{manifest_path} is not a vlhub manifest; pass --against SRC") from None
+    path = Path(source.get("path") or "")
+    if source.get("path") and path.exists():
+        return path
+    if source.get("model"):  # a catalog model (tiny ones are rebuilt on demand)
+        return resolve_source(source["model"])
+    raise UserError(f"the source {artifact} was converted from ({source.get('path')}) is gone; pass --against SRC")
+
+
+def _too_large(float32_bytes: int) -> bool:
+    return float32_bytes > _RESIDENT_SHARE * available_memory()
+
+
+def available_memory() -> int:
+    """Bytes of memory available to a new allocation now (MemAvailable), or a safe 4 GiB guess."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 << 30
+
+
+def _inspect_artifact(artifact: Path, family: str, config: dict) -> tuple[str, dict[str, str], str]:
+    """The runtime that runs the artifact, its tensors' dtypes by official name, and why it cannot
+    load, if it cannot (a failed smoke, not an error)."""
+    try:
+        weights = ModelWeights.open(artifact)
+    except KeyMapMismatch as exc:
+        return "unknown", {}, str(exc)
+    with weights:
+        if weights.family != family or any(
+                weights.config.get(k) != config.get(k) for k in _ARCHITECTURE_KEYS if k in config):
+            raise UserError(f"{artifact} is not the same architecture as the reference ({family}, "
+                            f"{', '.join(f'{k} {config.get(k)}' for k in _ARCHITECTURE_KEYS if k in config)}); "
+                            "pass --against a checkpoint of this model")
+        runtime = "paddle" if weights.checkpoint.format.name == "pdparams" else "reference"
+        return runtime, {step.target.name: step.source.dtype for step in weights.plan.steps}, ""
+
+
+def _reference_outputs(forward: ReferenceForward, smoke: SmokeInput, tokens: int, say: Status) -> _Outputs:
+    say("reference: vision tower")
+    embeds = forward.encode_images(smoke)
+    say("reference: prefill and greedy decoding")
+    prompt_logits, generated, token_logits = forward.generate(smoke, embeds, tokens, on_token=say)
+    return _Outputs(embeds, prompt_logits, generated, token_logits)
+
+
+def _artifact_outputs(artifact: Path, runtime: str, smoke: SmokeInput, reference_tokens: list[int],
+                      resident: bool, say: Status) -> _Outputs:
+    """The artifact's outputs for the prompt followed by the reference's tokens (teacher forcing)."""
+    follow = np.array(reference_tokens[:-1], dtype=np.int64)
+    ids = np.concatenate([smoke.input_ids, follow])
+    positions = np.concatenate([smoke.position_ids, smoke.positions_after(len(follow))], axis=-1)
+    mask = np.concatenate([smoke.image_mask, np.zeros(len(follow), dtype=bool)])
+    if runtime == "paddle":
+        forward = _paddle_forward(artifact, resident)
+        say("paddle: vision tower")
+        vision_kwargs = smoke.vision.as_kwargs() if smoke.vision is not None else {}
+        embeds = forward.encode_images(smoke.pixel_values, **vision_kwargs)
+        say("paddle: prefill (teacher-forced)")
+        logits = forward.logits(ids, positions, embeds, mask)
+    else:
+        with ModelWeights.open(artifact, resident=resident) as weights:
+            reference = ReferenceForward(weights)
+            say("artifact: vision tower")
+            embeds = reference.encode_images(smoke)
+            say("artifact: prefill (teacher-forced)")
+            logits = reference.logits(ids, positions, embeds, mask)
+    prompt = len(smoke.input_ids)
+    token_logits = logits[prompt - 1:]
+    return _Outputs(embeds, logits[:prompt], [int(t) for t in token_logits.argmax(-1)], token_logits)
+
+
+def _paddle_forward(artifact: Path, resident: bool):  # noqa: ANN202 - paddle is imported lazily
+    try:
+        from vlhub.smoke.paddle_forward import PaddleForward
+    except ImportError as exc:
+        raise RuntimeMissing(f"running a Paddle checkpoint needs paddlepaddle ({exc}); "
+                        "install it with: pip install 'vlhub[paddle]'") from None
+    return PaddleForward(artifact if artifact.is_dir() else artifact.parent, streamed=not resident)
+
+
+def _until_first_difference(reference: list[int], predicted: list[int]) -> list[int]:
+    """The artifact's greedy tokens: its teacher-forced choices equal its own greedy output up to and
+    including the first choice that differs from the reference."""
+    for i, (a, b) in enumerate(zip(reference, predicted)):
+        if a != b:
+            return predicted[: i + 1]
+    return predicted
+
+
+def record_verdict(artifact: Path, verdict: dict) -> None:
+    """Write a smoke verdict into the artifact's manifest (`smoke`), atomically."""
+    manifest_path = Path(artifact) / MANIFEST
+    manifest = json.loads(manifest_path.read_text())
+    manifest["smoke"] = verdict
+    write_json_atomic(manifest_path, manifest)
