@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 
 from vlhub.configs import official_config
-from vlhub.converters.ops import cast_float, transpose_2d
+from vlhub.converters.ops import transpose_2d
 from vlhub.converters.plan import Step, plan_conversion
 from vlhub.converters.readers import Checkpoint, open_checkpoint
-from vlhub.tensors import dtype_info
+from vlhub.tensors import float32_values
 
 _FLOAT32_BYTES = 4
 
@@ -60,7 +60,7 @@ class ModelWeights:
         if kept is not None:
             return kept
         step = self._steps[name]
-        values = _decode(self.checkpoint.read(step.source.name), step.source.dtype)
+        values = float32_values(self.checkpoint.read(step.source.name), step.source.dtype)
         if step.transpose:
             values = transpose_2d(values)
         if self.resident:
@@ -69,22 +69,10 @@ class ModelWeights:
 
     def rows(self, name: str, ids: np.ndarray) -> np.ndarray:
         """Rows `ids` of an embedding table ([len(ids), hidden] float32), reading only those rows."""
-        if self.resident:
-            return self.get(name)[ids]
         step = self._steps[name]
-        source = step.source
-        if step.transpose or len(source.shape) != 2:
+        if self.resident or step.transpose:
             return self.get(name)[ids]
-        row_bytes = source.shape[1] * dtype_info(source.dtype).itemsize
-        out = np.empty((len(ids), source.shape[1]), dtype=dtype_info(source.dtype).storage)
-        stored = self.checkpoint.stored_bytes(source.name)
-        if stored is None:  # a pickled view without a byte range: read it whole
-            return self.get(name)[ids]
-        with open(stored.path, "rb", buffering=0) as file:
-            for i, row in enumerate(ids):
-                file.seek(stored.offset + int(row) * row_bytes)
-                out[i] = np.frombuffer(file.read(row_bytes), dtype=out.dtype)
-        return _decode(out, source.dtype)
+        return float32_values(self.checkpoint.read_rows(step.source.name, ids), step.source.dtype)
 
     def row_blocks(self, name: str, size: int) -> Iterator[tuple[int, np.ndarray]]:
         """A 2-D official tensor `size` rows at a time as (first row, float32 block): an lm_head
@@ -98,7 +86,7 @@ class ModelWeights:
         axis = 1 if step.transpose else 0  # official rows are stored columns when transposed
         start = 0
         for block in self.checkpoint.iter_blocks(step.source.name, size, axis=axis):
-            values = _decode(block, step.source.dtype)
+            values = float32_values(block, step.source.dtype)
             yield start, transpose_2d(values) if step.transpose else values
             start += values.shape[1 if step.transpose else 0]
 
@@ -111,8 +99,3 @@ class ModelWeights:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _decode(values: np.ndarray, dtype: str) -> np.ndarray:
-    decoded = cast_float(values, dtype, "float32")
-    return decoded if decoded is not values else np.array(values, dtype=np.float32)
