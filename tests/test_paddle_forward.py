@@ -33,6 +33,7 @@ from vlhub.smoke.paddle_forward import (
     StreamedWeights,
     resize_grid,
 )
+from vlhub.smoke.verdict import TOLERANCES, compare_arrays
 from vlhub.tensors import float32_from_bf16_bits
 
 SHARD_BYTES = 16 << 20  # several shards and an index even for the tiny models
@@ -337,6 +338,47 @@ def test_streamed_matches_resident(family: str, forward: Callable, hf_model: Cal
     np.testing.assert_allclose(streamed.encode_images(pixels, **vision_inputs), features, rtol=0, atol=1e-6)
     expected = resident.logits(ids, positions, features, image_mask)
     np.testing.assert_allclose(streamed.logits(ids, positions, features, image_mask), expected, rtol=0, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def qwen_vl_inference(tmp_path_factory: pytest.TempPathFactory, tiny_qwen_vl: Path) -> Path:
+    """The tiny Qwen-VL in the paddle-inference layout (PaddleNLP's qwen.* names), float16 as
+    `vlhub convert --to paddle-inference` writes it."""
+    out = tmp_path_factory.mktemp("qwen-vl-inference") / "weights"
+    return prepare_conversion(str(tiny_qwen_vl), to="paddle-inference", dtype="float16").write(out).out
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["resident", "streamed"])
+def test_qwen_vl_paddle_inference_weights_match_the_paddlemix_ones(
+    qwen_vl_inference: Path, forward: Callable, qwen_vl_official: tuple, streamed: bool,
+) -> None:
+    with open_checkpoint(qwen_vl_inference) as checkpoint:
+        assert {"qwen.wte.weight", "qwen.h.0.attn.c_attn.weight", "visual.vit.conv1.weight"} <= set(checkpoint.tensors)
+        assert {meta.dtype for meta in checkpoint.tensors.values()} == {"float16"}
+    pixels, id_list = _qwen_vl_case(qwen_vl_official[0])
+    ids = np.array(id_list)
+    positions, image_mask = np.arange(len(ids)), ids == IMG_PAD
+    paddlemix = forward("qwen_vl", False)  # the same bf16 source values, read as bf16 and computed in float32
+    expected_features = paddlemix.encode_images(pixels)
+    expected_logits = paddlemix.logits(ids, positions, expected_features, image_mask)
+    inference = PaddleForward(qwen_vl_inference, streamed=streamed)
+    try:
+        features = inference.encode_images(pixels)
+        logits = inference.logits(ids, positions, features, image_mask)
+    finally:
+        inference.close()
+    for stage in (compare_arrays("vision embeddings", expected_features, features, TOLERANCES["float16"]),
+                  compare_arrays("logits", expected_logits, logits, TOLERANCES["float16"], top1=True)):
+        assert stage.passed, stage
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["resident", "streamed"])
+def test_the_fit_check_names_the_checkpoints_own_keys(qwen_vl_inference: Path, tmp_path: Path,
+                                                      streamed: bool) -> None:
+    broken = _with_config(qwen_vl_inference, tmp_path / "broken",
+                          lambda c: c.update(num_hidden_layers=c["num_hidden_layers"] + 1))
+    with pytest.raises(CheckFailed, match=r"missing \(\d+\): qwen[.]h[.]2[.]ln_1[.]weight"):
+        PaddleForward(broken, streamed=streamed)
 
 
 def _with_config(converted: Path, destination: Path, edit: Callable[[dict], None]) -> Path:

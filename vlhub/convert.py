@@ -16,21 +16,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vlhub import __version__
+from vlhub.atomic import ensure_free_space, refuse_output_holding, swap_in
 from vlhub.catalog import ModelSpec, find_model
 from vlhub.configs import target_config
 from vlhub.converters.formats import format_of_file
 from vlhub.converters.pipeline import buffer_cost, ordered_steps, run_plan
 from vlhub.converters.plan import Plan, plan_conversion
 from vlhub.converters.readers import Checkpoint, open_checkpoint
-from vlhub.atomic import ensure_free_space, refuse_output_holding, swap_in
 from vlhub.converters.writers import CheckpointWriter, file_sha256, temporary_name, write_json_atomic
 from vlhub.errors import UserError
 from vlhub.sources import resolve_source
 from vlhub.tensors import TensorMeta
 
-# --to name -> (key-map layout, file format)
-TARGETS: dict[str, tuple[str, str]] = {
+# --to name -> (key-map layout, or the first of several the family declares; file format)
+TARGETS: dict[str, tuple[str | tuple[str, ...], str]] = {
     "paddle": ("paddlemix", "pdparams"),
+    # the names Paddle's inference loaders read: Qwen-VL's own layout, PaddleMIX's for the others
+    "paddle-inference": (("paddle-inference", "paddlemix"), "pdparams"),
     "safetensors": ("official", "safetensors"),
     "torch": ("official", "torch"),
 }
@@ -99,7 +101,7 @@ class Conversion:
             for extra in self.extra_files:
                 shutil.copy2(extra, staging / extra.name)
                 files[extra.name] = file_sha256(staging / extra.name)
-            config = target_config(self.config, dtype=self._output_dtype(), for_paddle=self.to == "paddle")
+            config = target_config(self.config, dtype=self.output_dtype(), for_paddle=self.target_format == "pdparams")
             files["config.json"] = file_sha256(write_json_atomic(staging / "config.json", config))
             manifest = self._manifest(files, staging)
             write_json_atomic(staging / MANIFEST, manifest)
@@ -111,7 +113,7 @@ class Conversion:
             self.checkpoint.close()
         return ConvertResult(out, files, manifest)
 
-    def _output_dtype(self) -> str:
+    def output_dtype(self) -> str:
         """The dtype most of the output's bytes have (what config.json should declare)."""
         by_dtype: dict[str, int] = {}
         for step in self.plan.steps:
@@ -119,7 +121,8 @@ class Conversion:
         return max(by_dtype, key=by_dtype.__getitem__) if by_dtype else "bfloat16"
 
     def _manifest(self, files: dict[str, str], staging: Path) -> dict:
-        layout, fmt = TARGETS[self.to]
+        fmt = TARGETS[self.to][1]
+        layout = self.plan.target_layout
         return {
             "vlhub_version": __version__,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -1,42 +1,52 @@
-"""`vlhub convert`: any supported checkpoint to Paddle (PaddleMIX), safetensors or torch, streaming.
+"""`vlhub convert`: any supported checkpoint to Paddle (PaddleMIX), safetensors, torch or a Paddle Inference
+deployment, streaming, then smoke-tested.
 
 Examples:
     vlhub convert tiny-qwen2-vl --to paddle
     vlhub convert ./Qwen2-VL-7B-Instruct --to paddle --out ./Qwen2-VL-7B-Instruct-paddle
     vlhub convert ./Qwen2-VL-7B-Instruct-paddle --to safetensors --dtype bfloat16
     vlhub convert qwen2.5-vl-72b --to paddle --dry-run
+    vlhub convert tiny-qwen-vl --to paddle-inference --ir legacy
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.markup import escape
 from rich.table import Table
 
+from vlhub.cache.paddle_inference import DEFAULT_MAX_SEQ_LEN, build_paddle_inference
 from vlhub.cli._errors import reports_errors
 from vlhub.cli._options import JsonOpt, SourceArg
 from vlhub.cli._output import byte_progress, print_json, stderr, stdout
 from vlhub.cli.smoke import failure_summary, show_report, smoke_status
 from vlhub.convert import TARGETS, Conversion, plan_json, plan_table_rows, prepare_conversion
-from vlhub.errors import CheckFailed
+from vlhub.errors import CheckFailed, UserError
 from vlhub.smoke.run import DEFAULT_TOKENS, RuntimeMissing, record_verdict, run_smoke
 from vlhub.smoke.verdict import SmokeReport
 from vlhub.units import format_size, parse_size
 
 ToOpt = Annotated[str, typer.Option("--to", help=f"Target format: {', '.join(TARGETS)}.", show_default=False)]
-OutOpt = Annotated[Optional[Path], typer.Option("--out", help="Output directory (default: beside the source, named after --to).")]
+OutOpt = Annotated[Path | None, typer.Option("--out", help="Output directory (default: beside the source, named after --to).")]
 DtypeOpt = Annotated[
-    Optional[str],
+    str | None,
     typer.Option("--dtype", help="Cast floating tensors: bfloat16, float16 or float32 (default: keep each tensor's dtype)."),
 ]
 ShardOpt = Annotated[
-    Optional[str], typer.Option("--max-shard-size", help="Largest shard, e.g. 5GB or 2GiB (default: 5GB safetensors, 10GB pdparams and torch).")
+    str | None, typer.Option("--max-shard-size", help="Largest shard, e.g. 5GB or 2GiB (default: 5GB safetensors, 10GB pdparams and torch).")
 ]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the plan and write nothing.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty output directory.")]
+IrOpt = Annotated[
+    str, typer.Option("--ir", help="paddle-inference graphs: pir (.json, Paddle 3's default) or legacy (.pdmodel, "
+                                   "which PaddleMIX's static predictor expects).")
+]
+MaxSeqLenOpt = Annotated[
+    int, typer.Option("--max-seq-len", help="paddle-inference: the longest prompt plus generation the layout is for.")
+]
 NoSmokeOpt = Annotated[bool, typer.Option("--no-smoke", help="Skip the smoke test that runs the converted model.")]
 TokensOpt = Annotated[int, typer.Option("--tokens", min=1, help="Tokens the smoke test generates.")]
 UnmatchedOpt = Annotated[
@@ -54,6 +64,8 @@ def convert(
     dry_run: DryRunOpt = False,
     overwrite: OverwriteOpt = False,
     allow_unmatched: UnmatchedOpt = False,
+    ir: IrOpt = "pir",
+    max_seq_len: MaxSeqLenOpt = DEFAULT_MAX_SEQ_LEN,
     no_smoke: NoSmokeOpt = False,
     tokens: TokensOpt = DEFAULT_TOKENS,
     json: JsonOpt = False,
@@ -63,9 +75,15 @@ def convert(
     Then a smoke test runs the converted model against the source (see `vlhub smoke`): a failure exits 1
     and is recorded in the output's manifest."""
     shard_limit = parse_size(max_shard_size) if max_shard_size else None
+    if to != "paddle-inference" and (ir != "pir" or max_seq_len != DEFAULT_MAX_SEQ_LEN):
+        raise UserError("--ir and --max-seq-len apply to --to paddle-inference only")
     conversion = prepare_conversion(source, to=to, dtype=dtype, allow_unmatched=allow_unmatched, dry_run=dry_run)
     if dry_run:
         _show_plan(conversion, json)
+        return
+    if to == "paddle-inference":
+        _deploy_paddle_inference(conversion, source, out, dtype=dtype, ir=ir, max_seq_len=max_seq_len,
+                                 overwrite=overwrite, smoke=not no_smoke, tokens=tokens, as_json=json)
         return
     with byte_progress(f"converting to {to}", conversion.plan.total_bytes) as advance:
         result = conversion.write(out, overwrite=overwrite, max_shard_size=shard_limit, on_bytes=advance)
@@ -81,6 +99,26 @@ def convert(
             show_report(report, False)
     if report and not report.passed:
         raise CheckFailed(f"the converted model at {result.out} fails its smoke test: {failure_summary(report)}")
+
+
+def _deploy_paddle_inference(conversion: Conversion, source: str, out: Path | None, *, dtype: str | None, ir: str,
+                             max_seq_len: int, overwrite: bool, smoke: bool, tokens: int, as_json: bool) -> None:
+    if conversion.checkpoint is not None:  # the layout plans its own conversion, in the loader's dtype
+        conversion.checkpoint.close()
+    with byte_progress("converting the weights for paddle inference", conversion.plan.total_bytes) as advance:
+        layout = build_paddle_inference(source, out, dtype=dtype, ir=ir, max_seq_len=max_seq_len,
+                                        overwrite=overwrite, on_bytes=advance)
+    report = _smoke(layout.out, conversion, tokens) if smoke else None
+    if as_json:
+        print_json({"out": str(layout.out), "weights": str(layout.weights_dir), "graphs": layout.manifest["graphs"],
+                    "files": layout.manifest["files"], "smoke": report.as_dict() if report else None})
+    else:
+        stdout.print(f"{escape(str(layout.out))}  (weights in {escape(layout.weights_dir.name)}/, static graphs in "
+                     "checkpoints/; its README.md says how to run them)")
+        if report:
+            show_report(report, False)
+    if report and not report.passed:
+        raise CheckFailed(f"the layout at {layout.out} fails its smoke test: {failure_summary(report)}")
 
 
 def _smoke(out: Path, conversion: Conversion, tokens: int) -> SmokeReport | None:

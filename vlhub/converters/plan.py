@@ -77,11 +77,12 @@ def plan_conversion(
     tensors: dict[str, TensorMeta],
     config: dict | None,
     *,
-    target_layout: str,
+    target_layout: str | tuple[str, ...],
     dtype: str | None = None,
     allow_unmatched: bool = False,
 ) -> Plan:
-    """Plan converting a checkpoint (its tensor metas and config.json) to `target_layout`.
+    """Plan converting a checkpoint (its tensor metas and config.json) to `target_layout` (or to the
+    first of several that the family's key map declares).
 
     `dtype` casts every floating tensor; None keeps each tensor's dtype (bits unchanged).
     """
@@ -98,9 +99,10 @@ def plan_conversion(
     if source_name == UNKNOWN:
         raise UserError(f"the keys match no {family} layout vlhub knows ({', '.join(keymap.layouts)}); "
                         f"keys seen: {', '.join(names[:6])}{' ...' if len(names) > 6 else ''}")
-    target = keymap.layout(target_layout)
+    candidates = (target_layout,) if isinstance(target_layout, str) else target_layout
+    target = keymap.layout(next((name for name in candidates if name in keymap.layouts), candidates[-1]))
     if target.input_only:
-        raise UserError(f"{target_layout} is read but never written; write the official layout instead")
+        raise UserError(f"{target.name} is read but never written; write the official layout instead")
     if dtype is not None and dtype not in FLOAT_DTYPES:
         raise UserError(f"cannot convert to dtype {dtype!r}; choose one of {', '.join(FLOAT_DTYPES)}")
     return _match(keymap, keymap.layouts[source_name], target, tensors, config, dtype, allow_unmatched)

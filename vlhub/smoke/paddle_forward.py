@@ -1,11 +1,16 @@
-"""The three families as paddle.nn networks (dygraph) over converted PaddleMIX-layout weights.
+"""The three families as paddle.nn networks (dygraph) over converted Paddle weights.
 
-The networks mirror PaddleMIX's parameter names, so a converted checkpoint's keys are the networks'
-state-dict keys. Resident, the whole network is built and loaded as Paddle users load it (`paddle.load`
-of each shard, `set_state_dict`); streamed, the same layer classes are built one block at a time and
-filled from vlhub's lazy reader, so memory holds one block's weights, never the model. Everything
+The networks mirror PaddleMIX's parameter names. A checkpoint in another Paddle layout its family's key
+map declares (Qwen-VL's `paddle-inference`: `qwen.h.N.*`, `qwen.wte`, `qwen.ln_f`) is read through the
+key map, each network name spelt in the checkpoint's layout; checks report the checkpoint's own names.
+Resident, the whole network is built and loaded as Paddle users load it (`paddle.load` of each shard,
+its keys renamed to the network's, `set_state_dict`); streamed, the same layer classes are built one
+block at a time and filled from vlhub's lazy reader, so memory holds one block's weights, never the
+model. Weights of any float dtype (bfloat16, float16, float32) are cast to float32 as they load. Everything
 computes in float32. The forwards take masks and index orders as tensors and branch only on
-configuration, so the resident networks can go through `paddle.jit.to_static`.
+configuration, so the resident networks can go through `paddle.jit.to_static`. Parameters may be
+created narrower than float32 (a static export keeps the checkpoint's dtype); they are cast to float32
+where they are used.
 Facts: shared/docs/qwen_keys.md 1.2-1.5, 3.2, 4.3; paddle.md 1.1, 2.1, 4.
 """
 
@@ -30,15 +35,23 @@ from vlhub.configs import official_config
 from vlhub.converters.readers import Checkpoint, open_checkpoint
 from vlhub.errors import CheckFailed, UserError
 from vlhub.families import family_of_config, tie_word_embeddings
+from vlhub.keymaps import load_keymap
+from vlhub.layouts import UNKNOWN, detect_layout
 from vlhub.tensors import float32_values
 
 MASKED = -1e30  # additive mask value: finite, so a fully masked row gives no NaN
 HEAD_BLOCK = 4096  # lm_head columns (or tied embedding rows) per block in streamed mode
+NETWORK_LAYOUT = "paddlemix"  # the key-map layout whose names the networks' parameters have
 _SHOWN_KEYS = 8
 
 
 # ---------------------------------------------------------------------------------------------------
 # Shared pieces
+
+
+def _f32(value: paddle.Tensor | None) -> paddle.Tensor | None:
+    """A parameter as float32, whatever dtype it is stored in (None stays None)."""
+    return value if value is None or value.dtype == paddle.float32 else value.astype("float32")
 
 
 class RMSNorm(nn.Layer):
@@ -50,11 +63,25 @@ class RMSNorm(nn.Layer):
         self.weight = self.create_parameter([width], default_initializer=nn.initializer.Constant(1.0))
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-        return x * paddle.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+        return x * paddle.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * _f32(self.weight)
 
 
-def _linear(width_in: int, width_out: int, *, bias: bool = True) -> nn.Linear:
-    return nn.Linear(width_in, width_out, bias_attr=None if bias else False)
+class Linear(nn.Linear):
+    """nn.Linear computing in float32 over weights of any float dtype."""
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return F.linear(x, _f32(self.weight), _f32(self.bias))
+
+
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm computing in float32 over weights of any float dtype."""
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return F.layer_norm(x, self._normalized_shape, _f32(self.weight), _f32(self.bias), self._epsilon)
+
+
+def _linear(width_in: int, width_out: int, *, bias: bool = True) -> Linear:
+    return Linear(width_in, width_out, bias_attr=None if bias else False)
 
 
 def _rotate(x: paddle.Tensor, cos: paddle.Tensor, sin: paddle.Tensor) -> paddle.Tensor:
@@ -69,6 +96,16 @@ def _attention(q: paddle.Tensor, k: paddle.Tensor, v: paddle.Tensor, mask: paddl
     if mask is not None:
         scores = scores + mask
     return paddle.matmul(F.softmax(scores, axis=-1), v)
+
+
+Cache = tuple[paddle.Tensor, paddle.Tensor]  # one layer's keys (rotated) and values, [kv_heads, T, head_dim]
+
+
+def _extend(past: Cache | None, k: paddle.Tensor, v: paddle.Tensor) -> Cache:
+    """The cached keys and values followed by the new ones, along the sequence axis."""
+    if past is None:
+        return k, v
+    return paddle.concat([past[0], k], axis=1), paddle.concat([past[1], v], axis=1)
 
 
 def _causal_mask(h: paddle.Tensor) -> paddle.Tensor:
@@ -171,11 +208,12 @@ class PatchEmbed(nn.Layer):
     def __init__(self, dims: Qwen2Dims) -> None:
         super().__init__()
         self.shape = [-1, dims.in_chans, dims.temporal_patch, dims.patch, dims.patch]
-        kernel = [dims.temporal_patch, dims.patch, dims.patch]
-        self.proj = nn.Conv3D(dims.in_chans, dims.v_width, kernel, stride=kernel, bias_attr=False)
+        self.kernel = [dims.temporal_patch, dims.patch, dims.patch]
+        self.proj = nn.Conv3D(dims.in_chans, dims.v_width, self.kernel, stride=self.kernel, bias_attr=False)
 
     def forward(self, pixel_values: paddle.Tensor) -> paddle.Tensor:
-        return self.proj(pixel_values.reshape(self.shape)).reshape([-1, self.proj.weight.shape[0]])
+        patches = F.conv3d(pixel_values.reshape(self.shape), _f32(self.proj.weight), stride=self.kernel)
+        return patches.reshape([-1, self.proj.weight.shape[0]])
 
 
 class VisionRotary(nn.Layer):
@@ -230,7 +268,7 @@ class VisionBlock(nn.Layer):
             self.norm1, self.norm2 = RMSNorm(dims.v_width, 1e-6), RMSNorm(dims.v_width, 1e-6)
             self.mlp = GatedMLP(dims.v_width, dims.v_inner, bias=True)
         else:
-            self.norm1, self.norm2 = nn.LayerNorm(dims.v_width, 1e-6), nn.LayerNorm(dims.v_width, 1e-6)
+            self.norm1, self.norm2 = LayerNorm(dims.v_width, 1e-6), LayerNorm(dims.v_width, 1e-6)
             self.mlp = QuickGeluMLP(dims.v_width, dims.v_inner)
         self.attn = VisionAttention(dims.v_width, dims.v_heads)
 
@@ -245,7 +283,7 @@ class PatchMerger(nn.Layer):
     def __init__(self, dims: Qwen2Dims) -> None:
         super().__init__()
         self.merged = dims.v_width * dims.merge**2
-        self.ln_q = RMSNorm(dims.v_width, 1e-6) if dims.qwen2_5 else nn.LayerNorm(dims.v_width, 1e-6)
+        self.ln_q = RMSNorm(dims.v_width, 1e-6) if dims.qwen2_5 else LayerNorm(dims.v_width, 1e-6)
         self.mlp = nn.Sequential(_linear(self.merged, self.merged), nn.GELU(), _linear(self.merged, dims.v_out))
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
@@ -323,15 +361,17 @@ class Qwen2Attention(nn.Layer):
         self.v_proj = _linear(dims.hidden, dims.kv_heads * self.head_dim)
         self.o_proj = _linear(dims.heads * self.head_dim, dims.hidden, bias=False)
 
-    def forward(self, x: paddle.Tensor, cos: paddle.Tensor, sin: paddle.Tensor, mask: paddle.Tensor) -> paddle.Tensor:
+    def forward(self, x: paddle.Tensor, cos: paddle.Tensor, sin: paddle.Tensor, mask: paddle.Tensor | None,
+                past: Cache | None = None) -> tuple[paddle.Tensor, Cache]:
+        """The output for new tokens `x` after the `past` keys and values, and those extended by x's."""
         q = self.q_proj(x).reshape([-1, self.heads, self.head_dim]).transpose([1, 0, 2])
         k, v = (proj(x).reshape([-1, self.kv_heads, self.head_dim]).transpose([1, 0, 2])
                 for proj in (self.k_proj, self.v_proj))
+        k, v = _extend(past, _rotate(k, cos, sin), v)
         repeat = self.heads // self.kv_heads
-        k = paddle.repeat_interleave(_rotate(k, cos, sin), repeat, axis=0)
-        v = paddle.repeat_interleave(v, repeat, axis=0)
-        out = _attention(_rotate(q, cos, sin), k, v, mask)
-        return self.o_proj(out.transpose([1, 0, 2]).reshape([-1, self.heads * self.head_dim]))
+        out = _attention(_rotate(q, cos, sin), paddle.repeat_interleave(k, repeat, axis=0),
+                         paddle.repeat_interleave(v, repeat, axis=0), mask)
+        return self.o_proj(out.transpose([1, 0, 2]).reshape([-1, self.heads * self.head_dim])), (k, v)
 
 
 class Qwen2DecoderLayer(nn.Layer):
@@ -345,8 +385,14 @@ class Qwen2DecoderLayer(nn.Layer):
         self.post_attention_layernorm = RMSNorm(dims.hidden, dims.eps)
 
     def forward(self, x: paddle.Tensor, cos: paddle.Tensor, sin: paddle.Tensor, mask: paddle.Tensor) -> paddle.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return self.step(x, cos, sin, mask)[0]
+
+    def step(self, x: paddle.Tensor, cos: paddle.Tensor, sin: paddle.Tensor, mask: paddle.Tensor | None,
+             past: Cache | None = None) -> tuple[paddle.Tensor, Cache]:
+        """The layer's output for new tokens `x` after `past`, and its keys and values extended by x's."""
+        out, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, past)
+        x = x + out
+        return x + self.mlp(self.post_attention_layernorm(x)), cache
 
 
 class Qwen2TextModel(nn.Layer):
@@ -482,9 +528,9 @@ class QwenViTBlock(nn.Layer):
 
     def __init__(self, dims: QwenVLDims) -> None:
         super().__init__()
-        self.ln_1 = nn.LayerNorm(dims.v_width, 1e-6)
+        self.ln_1 = LayerNorm(dims.v_width, 1e-6)
         self.attn = QwenViTAttention(dims.v_width, dims.v_heads)
-        self.ln_2 = nn.LayerNorm(dims.v_width, 1e-6)
+        self.ln_2 = LayerNorm(dims.v_width, 1e-6)
         self.mlp = QwenViTMLP(dims.v_width, dims.v_mlp)
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
@@ -503,16 +549,16 @@ class QwenViT(nn.Layer):
 
     def __init__(self, dims: QwenVLDims, depth: int) -> None:
         super().__init__()
-        self.grid = dims.grid
+        self.grid, self.patch = dims.grid, dims.patch
         self.conv1 = nn.Conv2D(3, dims.v_width, dims.patch, stride=dims.patch, bias_attr=False)
         self.positional_embedding = self.create_parameter([256, dims.v_width])
-        self.ln_pre = nn.LayerNorm(dims.v_width, 1e-6)
+        self.ln_pre = LayerNorm(dims.v_width, 1e-6)
         self.transformer = QwenViTLayers(dims, depth)
 
     def embed(self, pixel_values: paddle.Tensor) -> paddle.Tensor:
         """[B, 3, S, S] pixels to the first block's input [B, grid*grid, width]."""
-        x = self.conv1(pixel_values).flatten(2).transpose([0, 2, 1])
-        return self.ln_pre(x + resize_grid(self.positional_embedding, self.grid))
+        x = F.conv2d(pixel_values, _f32(self.conv1.weight), stride=self.patch).flatten(2).transpose([0, 2, 1])
+        return self.ln_pre(x + resize_grid(_f32(self.positional_embedding), self.grid))
 
     def forward(self, pixel_values: paddle.Tensor) -> paddle.Tensor:
         x = self.embed(pixel_values)
@@ -532,8 +578,8 @@ class PoolAttention(nn.Layer):
         self.out_proj = _linear(width, width)
 
     def forward(self, query: paddle.Tensor, key: paddle.Tensor, value: paddle.Tensor) -> paddle.Tensor:
-        weights = paddle.split(self.in_proj_weight, 3, axis=1)
-        biases = paddle.split(self.in_proj_bias, 3)
+        weights = paddle.split(_f32(self.in_proj_weight), 3, axis=1)
+        biases = paddle.split(_f32(self.in_proj_bias), 3)
         q, k, v = (
             (paddle.matmul(x, w) + b).reshape([0, 0, self.heads, self.width // self.heads]).transpose([0, 2, 1, 3])
             for x, w, b in zip((query, key, value), weights, biases)
@@ -551,15 +597,16 @@ class Resampler(nn.Layer):
         self.pos_embed = self.create_parameter([256, dims.out])
         self.kv_proj = _linear(dims.v_width, dims.out, bias=False) if dims.v_width != dims.out else None
         self.attn = PoolAttention(dims.out, dims.out // 128)
-        self.ln_q = nn.LayerNorm(dims.out, 1e-6)
-        self.ln_kv = nn.LayerNorm(dims.out, 1e-6)
+        self.ln_q = LayerNorm(dims.out, 1e-6)
+        self.ln_kv = LayerNorm(dims.out, 1e-6)
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         if self.kv_proj is not None:
             x = self.kv_proj(x)
         x = self.ln_kv(x)
-        query = (self.ln_q(self.query) + self.pos_embed).unsqueeze(0)
-        return self.attn(query, x + resize_grid(self.pos_embed, self.grid), x)
+        pos_embed = _f32(self.pos_embed)
+        query = (self.ln_q(_f32(self.query)) + pos_embed).unsqueeze(0)
+        return self.attn(query, x + resize_grid(pos_embed, self.grid), x)
 
 
 class QwenVisual(nn.Layer):
@@ -569,12 +616,12 @@ class QwenVisual(nn.Layer):
         super().__init__()
         self.vit = QwenViT(dims, depth)
         self.attn_pool = Resampler(dims)
-        self.ln_post = nn.LayerNorm(dims.out, 1e-6)
+        self.ln_post = LayerNorm(dims.out, 1e-6)
         self.proj = self.create_parameter([dims.out, dims.out])
 
     def pool(self, x: paddle.Tensor) -> paddle.Tensor:
         """ViT output [B, N, width] to image features [B*256, out]."""
-        return paddle.matmul(self.ln_post(self.attn_pool(x)), self.proj).reshape([-1, self.proj.shape[1]])
+        return paddle.matmul(self.ln_post(self.attn_pool(x)), _f32(self.proj)).reshape([-1, self.proj.shape[1]])
 
     def forward(self, pixel_values: paddle.Tensor) -> paddle.Tensor:
         return self.pool(self.vit(pixel_values))
@@ -602,11 +649,14 @@ class QWenAttention(nn.Layer):
         self.c_attn = _linear(dims.hidden, 3 * dims.hidden)
         self.c_proj = _linear(dims.hidden, dims.hidden, bias=False)
 
-    def forward(self, x: paddle.Tensor, cos: paddle.Tensor, sin: paddle.Tensor, mask: paddle.Tensor) -> paddle.Tensor:
+    def forward(self, x: paddle.Tensor, cos: paddle.Tensor, sin: paddle.Tensor, mask: paddle.Tensor | None,
+                past: Cache | None = None) -> tuple[paddle.Tensor, Cache]:
+        """The output for new tokens `x` after the `past` keys and values, and those extended by x's."""
         q, k, v = (t.reshape([-1, self.heads, self.hidden // self.heads]).transpose([1, 0, 2])
                    for t in paddle.split(self.c_attn(x), 3, axis=-1))
-        out = _attention(_rotate(q, cos, sin), _rotate(k, cos, sin), v, mask)
-        return self.c_proj(out.transpose([1, 0, 2]).reshape([-1, self.hidden]))
+        k, v = _extend(past, _rotate(k, cos, sin), v)
+        out = _attention(_rotate(q, cos, sin), k, v, mask)
+        return self.c_proj(out.transpose([1, 0, 2]).reshape([-1, self.hidden])), (k, v)
 
 
 class QWenMLP(nn.Layer):
@@ -633,8 +683,14 @@ class QWenBlock(nn.Layer):
         self.mlp = QWenMLP(dims)
 
     def forward(self, x: paddle.Tensor, cos: paddle.Tensor, sin: paddle.Tensor, mask: paddle.Tensor) -> paddle.Tensor:
-        x = x + self.attn(self.ln_1(x), cos, sin, mask)
-        return x + self.mlp(self.ln_2(x))
+        return self.step(x, cos, sin, mask)[0]
+
+    def step(self, x: paddle.Tensor, cos: paddle.Tensor, sin: paddle.Tensor, mask: paddle.Tensor | None,
+             past: Cache | None = None) -> tuple[paddle.Tensor, Cache]:
+        """The layer's output for new tokens `x` after `past`, and its keys and values extended by x's."""
+        out, cache = self.attn(self.ln_1(x), cos, sin, mask, past)
+        x = x + out
+        return x + self.mlp(self.ln_2(x)), cache
 
 
 class QWenLLM(nn.Layer):
@@ -692,13 +748,21 @@ class QwenVLNet(nn.Layer):
 
 
 class StreamedWeights:
-    """Layer weights read tensor by tensor from a converted checkpoint, decoded to float32."""
+    """Layer weights read tensor by tensor from a converted checkpoint, decoded to float32.
 
-    def __init__(self, checkpoint: Checkpoint) -> None:
+    Every method takes network names; `names` gives the checkpoint's name for each (default: the same)."""
+
+    def __init__(self, checkpoint: Checkpoint, names: dict[str, str] | None = None) -> None:
         self.checkpoint = checkpoint
+        self.names = names or {}
+
+    def stored(self, name: str) -> str:
+        """The checkpoint's name for the network's tensor `name`."""
+        return self.names.get(name, name)
 
     def read(self, name: str) -> np.ndarray:
-        return _float32(self.checkpoint.read(name), self.checkpoint.tensors[name].dtype)
+        stored = self.stored(name)
+        return _float32(self.checkpoint.read(stored), self.checkpoint.tensors[stored].dtype)
 
     def fill(self, layer: nn.Layer, prefix: str) -> nn.Layer:
         """`layer` with every parameter set from the checkpoint tensor `prefix` + its name."""
@@ -708,13 +772,15 @@ class StreamedWeights:
     def rows(self, name: str, ids: np.ndarray) -> paddle.Tensor:
         """Rows `ids` of a 2-D table, reading only those rows (each distinct row once)."""
         unique, inverse = np.unique(ids, return_inverse=True)
-        picked = self.checkpoint.read_rows(name, unique)
-        return paddle.to_tensor(_float32(picked, self.checkpoint.tensors[name].dtype)[inverse])
+        stored = self.stored(name)
+        picked = self.checkpoint.read_rows(stored, unique)
+        return paddle.to_tensor(_float32(picked, self.checkpoint.tensors[stored].dtype)[inverse])
 
     def head(self, h: paddle.Tensor, name: str, *, tied: bool) -> np.ndarray:
         """h @ lm_head in blocks: `name` is [hidden, vocab] (Paddle's lm_head) or, tied, the [vocab, hidden] table."""
-        dtype = self.checkpoint.tensors[name].dtype
-        blocks = self.checkpoint.iter_blocks(name, HEAD_BLOCK, axis=0 if tied else 1)
+        stored = self.stored(name)
+        dtype = self.checkpoint.tensors[stored].dtype
+        blocks = self.checkpoint.iter_blocks(stored, HEAD_BLOCK, axis=0 if tied else 1)
         return np.concatenate(
             [paddle.matmul(h, paddle.to_tensor(_float32(block, dtype)), transpose_y=tied).numpy() for block in blocks],
             axis=1,
@@ -731,9 +797,24 @@ def _parameter_shapes(net: nn.Layer) -> dict[str, tuple[int, ...]]:
     return {name: tuple(value.shape) for name, value in net.state_dict().items()}
 
 
+def _stored_names(checkpoint: Checkpoint, family: str, network_names: Iterable[str]) -> dict[str, str]:
+    """The checkpoint's name for each network name, through the family's key map: the network's layout
+    (PaddleMIX) to official names to the layout the checkpoint's names are in. A checkpoint in no layout
+    the key map declares is taken as the network's names, and the fit check lists what does not fit."""
+    keymap = load_keymap(family)
+    network = keymap.layouts[NETWORK_LAYOUT]
+    detected = detect_layout(family, checkpoint.tensors, checkpoint.config)
+    stored = network if detected == UNKNOWN else keymap.layouts[detected]
+    if stored.transpose != network.transpose:
+        raise CheckFailed(f"{checkpoint.root}: the weights are in the {detected} layout, which stores Linear weights "
+                          f"as torch does ([out, in]); the Paddle network takes a Paddle layout ([in, out])")
+    return {name: stored.from_official(network.to_official(name)) for name in network_names}
+
+
 def _check_fit(path: Path, family: str, expected: dict[str, tuple[int, ...]],
                found: dict[str, tuple[int, ...]]) -> None:
-    """Raise CheckFailed naming every missing, unexpected and mis-shaped key."""
+    """Raise CheckFailed naming every missing, unexpected and mis-shaped key (`expected` and `found` both
+    by the checkpoint's names)."""
     problems = {
         "missing": [name for name in expected if name not in found],
         "unexpected": [name for name in found if name not in expected],
@@ -747,23 +828,31 @@ def _check_fit(path: Path, family: str, expected: dict[str, tuple[int, ...]],
                           + "; ".join(listed))
 
 
-def _load_shards(net: nn.Layer, checkpoint: Checkpoint, family: str) -> None:
-    """paddle.load each shard and set_state_dict the tensors that fit, cast to float32; then check."""
+def _stored_shapes(expected: dict[str, tuple[int, ...]], names: dict[str, str]) -> dict[str, tuple[int, ...]]:
+    """The network's parameter shapes by the checkpoint's names."""
+    return {names[name]: shape for name, shape in expected.items()}
+
+
+def _load_shards(net: nn.Layer, checkpoint: Checkpoint, family: str, names: dict[str, str]) -> None:
+    """paddle.load each shard and set_state_dict the tensors that fit, renamed to the network's names and
+    cast to float32; then check."""
     expected = _parameter_shapes(net)
+    network_name = {stored: name for name, stored in names.items()}
     found: dict[str, tuple[int, ...]] = {}
     for shard in checkpoint.shards:
         state = paddle.load(str(checkpoint.root / shard))
         fitting = {}
-        for name, tensor in state.items():
-            found[name] = tuple(tensor.shape)
-            if expected.get(name) == found[name]:
-                fitting[name] = tensor if tensor.dtype == paddle.float32 else tensor.astype("float32")
+        for stored, tensor in state.items():
+            found[stored] = tuple(tensor.shape)
+            name = network_name.get(stored)
+            if name is not None and expected[name] == found[stored]:
+                fitting[name] = _f32(tensor)
         with warnings.catch_warnings():
             # each shard holds a part of the network: Paddle would warn about every other part
             warnings.filterwarnings("ignore", message="Skip loading for")
             net.set_state_dict(fitting)
         del state, fitting
-    _check_fit(checkpoint.root, family, expected, found)
+    _check_fit(checkpoint.root, family, _stored_shapes(expected, names), found)
 
 
 def _family_dims(path: Path, config: dict | None) -> tuple[str, Qwen2Dims | QwenVLDims]:
@@ -801,12 +890,15 @@ class PaddleForward:
             if streamed:
                 with paddle.LazyGuard():  # shapes only: nothing is allocated
                     expected = _parameter_shapes(self._build())
-                _check_fit(self.path, self.family, expected, {n: m.shape for n, m in checkpoint.tensors.items()})
-                self._weights = StreamedWeights(checkpoint)
+                names = _stored_names(checkpoint, self.family, expected)
+                _check_fit(self.path, self.family, _stored_shapes(expected, names),
+                           {n: m.shape for n, m in checkpoint.tensors.items()})
+                self._weights = StreamedWeights(checkpoint, names)
             else:
                 self._net = self._build()
                 self._net.eval()
-                _load_shards(self._net, checkpoint, self.family)
+                names = _stored_names(checkpoint, self.family, self._net.state_dict())
+                _load_shards(self._net, checkpoint, self.family, names)
         finally:
             if self._weights is None:
                 checkpoint.close()

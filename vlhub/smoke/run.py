@@ -28,12 +28,21 @@ from vlhub.converters.writers import write_json_atomic
 from vlhub.errors import CheckFailed, CorruptCheckpoint, UserError
 from vlhub.smoke.inputs import SmokeInput, smoke_input
 from vlhub.smoke.reference import ReferenceForward
-from vlhub.smoke.verdict import TOLERANCES, SmokeReport, Stage, compare_arrays, compare_tokens, precision_class
+from vlhub.smoke.verdict import (
+    TOLERANCES,
+    SmokeReport,
+    Stage,
+    Tolerance,
+    compare_arrays,
+    compare_tokens,
+    precision_class,
+)
 from vlhub.smoke.weights import ModelWeights
 from vlhub.sources import resolve_source
 
 if TYPE_CHECKING:  # paddle is imported only when a Paddle checkpoint is run
     from vlhub.smoke.paddle_forward import PaddleForward
+    from vlhub.smoke.paddle_static import StaticPredictor
 
 DEFAULT_TOKENS = 4
 # a forward keeps its weights in memory (as float32) only when they take at most this share of the
@@ -54,7 +63,7 @@ class _Outputs:
     image_embeds: np.ndarray
     prompt_logits: np.ndarray
     tokens: list[int]
-    token_logits: np.ndarray  # [tokens, vocab]: the logits each generated token was chosen from
+    token_logits: np.ndarray | None = None  # the reference's: [tokens, vocab], what each token was chosen from
 
 
 def run_smoke(
@@ -95,24 +104,33 @@ def run_smoke(
     # broken weights overflow and produce NaN; the comparison reports that, numpy need not warn about it
     with ModelWeights.open(reference_path, resident=resident) as weights, np.errstate(all="ignore"):
         expected = _reference_outputs(ReferenceForward(weights), smoke, tokens, say)
-    try:
-        with np.errstate(all="ignore"):
-            produced = _artifact_outputs(artifact, runtime, smoke, expected.tokens, resident, say)
-    except (CheckFailed, KeyMapMismatch) as exc:  # the artifact's weights do not load into the network
-        report.stages.append(Stage("load", False, detail=str(exc)))
-        report.seconds = time.monotonic() - started
-        return report
     tolerance = TOLERANCES[report.precision]
-    report.stages += [
-        compare_arrays("vision embeddings", expected.image_embeds, produced.image_embeds, tolerance),
-        compare_arrays("prefill logits", expected.prompt_logits, produced.prompt_logits, tolerance, top1=True),
-    ]
-    report.tokens_ref, report.tokens_out = expected.tokens, _until_first_difference(expected.tokens, produced.tokens)
-    margins = [float(row[a] - row[b]) for row, a, b in zip(expected.token_logits, expected.tokens, produced.tokens)]
-    limit = 2 * tolerance.relative * float(np.abs(expected.prompt_logits).max())
-    report.stages.append(compare_tokens(expected.tokens, produced.tokens, margins, limit))
+    report.tokens_ref = expected.tokens
+    for label, produce in _artifact_runs(artifact, runtime, smoke, expected.tokens, resident, say):
+        try:
+            with np.errstate(all="ignore"):
+                produced = produce()
+        except (CheckFailed, KeyMapMismatch) as exc:  # the artifact's weights do not load into the network
+            report.stages.append(Stage(label + "load", False, detail=str(exc)))
+            continue
+        report.stages += _compare(label, expected, produced, tolerance)
+        if not label:
+            report.tokens_out = _until_first_difference(expected.tokens, produced.tokens)
     report.seconds = time.monotonic() - started
     return report
+
+
+def _compare(label: str, expected: _Outputs, produced: _Outputs, tolerance: Tolerance) -> list[Stage]:
+    assert expected.token_logits is not None
+    margins = [float(row[a] - row[b]) for row, a, b in zip(expected.token_logits, expected.tokens, produced.tokens)]
+    limit = 2 * tolerance.relative * float(np.abs(expected.prompt_logits).max())
+    tokens = compare_tokens(expected.tokens, produced.tokens, margins, limit)
+    tokens.name = label + tokens.name
+    return [
+        compare_arrays(label + "vision embeddings", expected.image_embeds, produced.image_embeds, tolerance),
+        compare_arrays(label + "prefill logits", expected.prompt_logits, produced.prompt_logits, tolerance, top1=True),
+        tokens,
+    ]
 
 
 def _recorded_source(artifact: Path) -> Path:
@@ -151,8 +169,9 @@ def available_memory() -> int:
 def _inspect_artifact(artifact: Path, family: str, config: dict) -> tuple[str, dict[str, str], str]:
     """The runtime that runs the artifact, its tensors' dtypes by official name, and why it cannot
     load, if it cannot (a failed smoke, not an error)."""
+    layout = inference_weights(artifact)
     try:
-        weights = ModelWeights.open(artifact)
+        weights = ModelWeights.open(layout or artifact)
     except KeyMapMismatch as exc:
         return "unknown", {}, str(exc)
     with weights:
@@ -162,7 +181,7 @@ def _inspect_artifact(artifact: Path, family: str, config: dict) -> tuple[str, d
                             f"{', '.join(f'{k} {config.get(k)}' for k in _ARCHITECTURE_KEYS if k in config)}); "
                             "pass --against a checkpoint of this model")
         runtime = "paddle" if weights.checkpoint.format.name == "pdparams" else "reference"
-        return runtime, {step.target.name: step.source.dtype for step in weights.plan.steps}, ""
+        return "paddle-inference" if layout else runtime, {step.target.name: step.source.dtype for step in weights.plan.steps}, ""
 
 
 def _reference_outputs(forward: ReferenceForward, smoke: SmokeInput, tokens: int, say: Status) -> _Outputs:
@@ -173,30 +192,68 @@ def _reference_outputs(forward: ReferenceForward, smoke: SmokeInput, tokens: int
     return _Outputs(embeds, prompt_logits, generated, token_logits)
 
 
-def _artifact_outputs(artifact: Path, runtime: str, smoke: SmokeInput, reference_tokens: list[int],
-                      resident: bool, say: Status) -> _Outputs:
-    """The artifact's outputs for the prompt followed by the reference's tokens (teacher forcing)."""
+def inference_weights(path: Path) -> Path | None:
+    """The weights directory of a Paddle Inference layout (`vlhub convert --to paddle-inference`), if
+    `path` is one."""
+    manifest = path / MANIFEST
+    if not (path / "checkpoints").is_dir() or not manifest.is_file():
+        return None
+    try:
+        weights = json.loads(manifest.read_text())["target"]["weights"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return path / weights
+
+
+def _artifact_runs(artifact: Path, runtime: str, smoke: SmokeInput, reference_tokens: list[int], resident: bool,
+                   say: Status) -> list[tuple[str, Callable[[], _Outputs]]]:
+    """What runs the artifact, each labelled for its stages: a Paddle Inference layout is its static
+    graphs and the weights directory Paddle's loaders read; anything else is one checkpoint."""
+    if runtime != "paddle-inference":
+        return [("", lambda: _checkpoint_outputs(artifact, runtime, smoke, reference_tokens, resident, say))]
+    weights = inference_weights(artifact)
+    assert weights is not None
+    return [("", lambda: _static_outputs(artifact, weights, smoke, len(reference_tokens), say)),
+            ("weights: ", lambda: _checkpoint_outputs(weights, "paddle", smoke, reference_tokens, resident, say))]
+
+
+def _static_outputs(layout: Path, weights: Path, smoke: SmokeInput, tokens: int, say: Status) -> _Outputs:
+    """The static graphs' own greedy generation under paddle.inference."""
+    predictor = _static_predictor(layout / "checkpoints", weights)
+    say("paddle inference: vision encoder")
+    embeds = predictor.encode_images(smoke.pixel_values, **_vision_kwargs(smoke))
+    say("paddle inference: prefill and greedy decoding")
+    prompt_logits, generated = predictor.generate(smoke.input_ids, smoke.position_ids, embeds, smoke.image_mask,
+                                                  tokens, smoke.positions_after)
+    return _Outputs(embeds, prompt_logits, generated)
+
+
+def _checkpoint_outputs(path: Path, runtime: str, smoke: SmokeInput, reference_tokens: list[int],
+                        resident: bool, say: Status) -> _Outputs:
+    """A checkpoint's outputs for the prompt followed by the reference's tokens (teacher forcing)."""
     follow = np.array(reference_tokens[:-1], dtype=np.int64)
     ids = np.concatenate([smoke.input_ids, follow])
     positions = np.concatenate([smoke.position_ids, smoke.positions_after(len(follow))], axis=-1)
     mask = np.concatenate([smoke.image_mask, np.zeros(len(follow), dtype=bool)])
     if runtime == "paddle":
-        forward = _paddle_forward(artifact, resident)
+        forward = _paddle_forward(path, resident)
         say("paddle: vision tower")
-        vision_kwargs = smoke.vision.as_kwargs() if smoke.vision is not None else {}
-        embeds = forward.encode_images(smoke.pixel_values, **vision_kwargs)
+        embeds = forward.encode_images(smoke.pixel_values, **_vision_kwargs(smoke))
         say("paddle: prefill (teacher-forced)")
         logits = forward.logits(ids, positions, embeds, mask)
     else:
-        with ModelWeights.open(artifact, resident=resident) as weights:
+        with ModelWeights.open(path, resident=resident) as weights:
             reference = ReferenceForward(weights)
             say("artifact: vision tower")
             embeds = reference.encode_images(smoke)
             say("artifact: prefill (teacher-forced)")
             logits = reference.logits(ids, positions, embeds, mask)
     prompt = len(smoke.input_ids)
-    token_logits = logits[prompt - 1:]
-    return _Outputs(embeds, logits[:prompt], [int(t) for t in token_logits.argmax(-1)], token_logits)
+    return _Outputs(embeds, logits[:prompt], [int(t) for t in logits[prompt - 1:].argmax(-1)])
+
+
+def _vision_kwargs(smoke: SmokeInput) -> dict[str, np.ndarray]:
+    return smoke.vision.as_kwargs() if smoke.vision is not None else {}
 
 
 def _paddle_forward(artifact: Path, resident: bool) -> PaddleForward:
@@ -204,8 +261,17 @@ def _paddle_forward(artifact: Path, resident: bool) -> PaddleForward:
         from vlhub.smoke.paddle_forward import PaddleForward
     except ImportError as exc:
         raise RuntimeMissing(f"running a Paddle checkpoint needs paddlepaddle ({exc}); "
-                        "install it with: pip install 'vlhub[paddle]'") from None
+                             "install it with: pip install 'vlhub[paddle]'") from None
     return PaddleForward(artifact if artifact.is_dir() else artifact.parent, streamed=not resident)
+
+
+def _static_predictor(checkpoints: Path, weights: Path) -> StaticPredictor:
+    try:
+        from vlhub.smoke.paddle_static import StaticPredictor
+    except ImportError as exc:
+        raise RuntimeMissing(f"running Paddle Inference graphs needs paddlepaddle ({exc}); "
+                             "install it with: pip install 'vlhub[paddle]'") from None
+    return StaticPredictor(checkpoints, weights)
 
 
 def _until_first_difference(reference: list[int], predicted: list[int]) -> list[int]:

@@ -1,0 +1,102 @@
+"""`vlhub convert --to paddle-inference`: the layout, its static graphs under paddle.inference, its smoke test."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_vlhub
+from tests.test_smoke import rewrite, untransposed_square
+from vlhub.cache.paddle_inference import build_paddle_inference
+from vlhub.converters.readers import open_checkpoint
+from vlhub.smoke.run import run_smoke
+
+NAMES = {"tiny-qwen-vl": "qwen", "tiny-qwen2-vl": "model", "tiny-qwen2.5-vl": "model"}
+
+
+@pytest.fixture(scope="module")
+def layouts(tmp_path_factory: pytest.TempPathFactory, tiny_qwen_vl: Path, tiny_qwen2_vl: Path,
+            tiny_qwen2_5_vl: Path) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("inference")
+    return {model: build_paddle_inference(model, root / model).out for model in NAMES}
+
+
+@pytest.mark.parametrize("model", list(NAMES))
+def test_layout_holds_weights_graphs_manifest_and_readme(layouts: dict[str, Path], model: str) -> None:
+    out = layouts[model]
+    prefix = NAMES[model]
+    weights = out / f"{model}-inference"
+    config = json.loads((weights / "config.json").read_text())
+    assert not list(out.glob("checkpoints/encode_text/*_decode*"))  # one graph serves prefill and decode
+    for path in (weights / "generation_config.json", out / "README.md",
+                 out / "checkpoints/encode_image/vision.json", out / "checkpoints/encode_image/vision.pdiparams",
+                 out / f"checkpoints/encode_text/{prefix}.json", out / f"checkpoints/encode_text/{prefix}.pdiparams"):
+        assert path.is_file(), path
+    manifest = json.loads((out / "vlhub-manifest.json").read_text())
+    assert manifest["target"]["name"] == "paddle-inference"
+    for name, entry in manifest["files"].items():
+        assert (out / name).stat().st_size == entry["size"], name
+    with open_checkpoint(weights) as checkpoint:
+        names = set(checkpoint.tensors)
+        dtypes = {meta.dtype for meta in checkpoint.tensors.values()}
+    if model == "tiny-qwen-vl":
+        assert config["model_type"] == "qwen" and config["dtype"] == "float16"
+        assert {"qwen.wte.weight", "qwen.h.0.attn.c_attn.weight", "qwen.ln_f.weight", "lm_head.weight"} <= names
+        assert not any(n.startswith(("transformer.", "qwen.llm.")) for n in names)
+        assert dtypes == {"float16"}  # never bf16-as-uint16, which QWenInferenceModel reads as numbers
+        assert Path(config["llm_pretrained_model_name_or_path"]) == weights.absolute()
+    else:
+        assert config["model_type"] == model.removeprefix("tiny-").replace("-", "_").replace(".", "_")
+        assert "model.embed_tokens.weight" in names and dtypes == {"bfloat16"}
+
+
+@pytest.mark.parametrize("model", list(NAMES))
+def test_layout_passes_its_smoke_test_through_paddle_inference(layouts: dict[str, Path], model: str) -> None:
+    report = run_smoke(layouts[model])
+    assert report.runtime == "paddle-inference"
+    assert report.passed, report.as_dict()
+    assert report.tokens_out == report.tokens_ref
+    assert {s.name for s in report.stages} >= {"prefill logits", "generated tokens", "weights: prefill logits"}
+
+
+def test_a_broken_inference_weight_fails_the_smoke_test(layouts: dict[str, Path], tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(layouts["tiny-qwen2-vl"], broken)
+    weights = broken / "tiny-qwen2-vl-inference"
+    rewritten = rewrite(weights, tmp_path / "weights", untransposed_square)
+    shutil.rmtree(weights)
+    rewritten.rename(weights)
+    report = run_smoke(broken)
+    assert not report.passed
+    assert next(s.name for s in report.stages if not s.passed).startswith("weights: ")
+
+
+def test_cli_convert_legacy_ir_and_bad_input(tmp_path: Path, tiny_qwen2_vl: Path, tiny_qwen_vl: Path) -> None:
+    out = tmp_path / "legacy"
+    result = run_vlhub("convert", "tiny-qwen2-vl", "--to", "paddle-inference", "--ir", "legacy", "--out", str(out),
+                       "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["smoke"]["passed"] is True
+    assert (out / "checkpoints/encode_text/model.pdmodel").is_file()
+    refused = run_vlhub("convert", "tiny-qwen-vl", "--to", "paddle-inference", "--dtype", "bfloat16",
+                        "--out", str(tmp_path / "bf16"))
+    assert refused.returncode == 2 and "16256" in refused.stderr and "Traceback" not in refused.stderr
+    assert not (tmp_path / "bf16").exists()
+    again = run_vlhub("convert", "tiny-qwen2-vl", "--to", "paddle-inference", "--out", str(out))
+    assert again.returncode == 2 and "--overwrite" in again.stderr
+    wrong = run_vlhub("convert", "tiny-qwen2-vl", "--to", "paddle", "--ir", "legacy", "--out", str(tmp_path / "x"))
+    assert wrong.returncode == 2 and "paddle-inference only" in wrong.stderr
+
+
+def test_without_paddle_the_export_is_refused_before_writing(tmp_path: Path, tiny_qwen2_vl: Path) -> None:
+    shadow = tmp_path / "shadow" / "paddle"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError(\"No module named 'paddle'\")\n")
+    result = run_vlhub("convert", "tiny-qwen2-vl", "--to", "paddle-inference", "--out", str(tmp_path / "out"),
+                       env={"PYTHONPATH": str(shadow.parent)})
+    assert result.returncode == 2
+    assert "pip install 'vlhub[paddle]'" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,283 @@
+"""Static graphs for Paddle Inference: exported from converted tiny checkpoints in both IRs, run by
+paddle.inference on CPU, and held to the numpy reference on the source within the smoke tolerances."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+paddle = pytest.importorskip("paddle")
+
+from paddle.base.proto import framework_pb2
+from paddle.static import InputSpec
+
+from tests.test_smoke import rewrite, untransposed_square
+from vlhub.configs import target_config
+from vlhub.convert import prepare_conversion
+from vlhub.converters.pipeline import ordered_steps, run_plan
+from vlhub.converters.plan import plan_conversion
+from vlhub.converters.readers import open_checkpoint
+from vlhub.converters.writers import CheckpointWriter, write_json_atomic
+from vlhub.errors import UserError
+from vlhub.smoke.inputs import SmokeInput, smoke_input
+from vlhub.smoke.paddle_forward import PaddleForward, Qwen2VLNet
+from vlhub.smoke.paddle_static import TEXT_OUTPUTS, StaticPredictor, _cache_shape, _run, export_static
+from vlhub.smoke.reference import ReferenceForward
+from vlhub.smoke.verdict import TOLERANCES, Stage, Tolerance, compare_arrays
+from vlhub.smoke.weights import ModelWeights
+
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen_vl")
+TOKENS = 4
+MAX_SEQ_LEN = 512
+
+
+@pytest.fixture(scope="module")
+def sources(tiny_qwen2_vl: Path, tiny_qwen2_5_vl: Path, tiny_qwen_vl: Path) -> dict[str, Path]:
+    return {"qwen2_vl": tiny_qwen2_vl, "qwen2_5_vl": tiny_qwen2_5_vl, "qwen_vl": tiny_qwen_vl}
+
+
+def _paddle_inference_weights(source: Path, out: Path) -> Path:
+    """`source` in the paddle-inference layout (Qwen-VL: PaddleNLP's qwen.* names), from the key map."""
+    with open_checkpoint(source) as checkpoint:
+        plan = plan_conversion(checkpoint.tensors, checkpoint.config, target_layout="paddle-inference")
+        out.mkdir()
+        with CheckpointWriter(out, "pdparams", [step.target for step in ordered_steps(plan, checkpoint)]) as writer:
+            run_plan(plan, checkpoint, writer, memory_budget=64 << 20)
+        write_json_atomic(out / "config.json", target_config(checkpoint.config, dtype="bfloat16", for_paddle=True))
+    return out
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory: pytest.TempPathFactory, sources: dict[str, Path]) -> dict[str, Path]:
+    """The weights directory of a paddle-inference layout per family: PaddleMIX names for Qwen2(.5)-VL,
+    PaddleNLP's inference names for Qwen-VL."""
+    root = tmp_path_factory.mktemp("static-weights")
+    out = {family: prepare_conversion(str(sources[family]), to="paddle").write(root / family).out
+           for family in ("qwen2_vl", "qwen2_5_vl")}
+    out["qwen_vl"] = _paddle_inference_weights(sources["qwen_vl"], root / "qwen_vl")
+    return out
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory: pytest.TempPathFactory, weights: dict[str, Path]) -> Callable[..., tuple[dict, Path]]:
+    """(summary, checkpoints directory) of a family's export, made once per ir and dtype."""
+    root = tmp_path_factory.mktemp("static-graphs")
+    made: dict[tuple[str, str, str], tuple[dict, Path]] = {}
+
+    def get(family: str, ir: str = "pir", dtype: str = "bfloat16") -> tuple[dict, Path]:
+        if (family, ir, dtype) not in made:
+            out = root / f"{family}-{ir}-{dtype}"
+            summary = export_static(weights[family], out, ir=ir, dtype=dtype, max_seq_len=MAX_SEQ_LEN)
+            made[family, ir, dtype] = summary, out / "checkpoints"
+        return made[family, ir, dtype]
+
+    return get
+
+
+@dataclass
+class Outputs:
+    image_embeds: np.ndarray
+    prompt_logits: np.ndarray
+    tokens: list[int]
+
+
+@pytest.fixture(scope="module")
+def expected(sources: dict[str, Path]) -> Callable[[str], tuple[SmokeInput, Outputs]]:
+    """The smoke input of a family and the reference's outputs on the tiny source."""
+    made: dict[str, tuple[SmokeInput, Outputs]] = {}
+
+    def get(family: str) -> tuple[SmokeInput, Outputs]:
+        if family not in made:
+            with ModelWeights.open(sources[family], resident=True) as model:
+                forward = ReferenceForward(model)
+                smoke = smoke_input(model.config)
+                embeds = forward.encode_images(smoke)
+                logits, tokens, _ = forward.generate(smoke, embeds, TOKENS)
+            made[family] = smoke, Outputs(embeds, logits, tokens)
+        return made[family]
+
+    return get
+
+
+def run_static(checkpoints: Path, weights_dir: Path, smoke: SmokeInput, *, fold_weights: bool = False) -> Outputs:
+    predictor = StaticPredictor(checkpoints, weights_dir, fold_weights=fold_weights)
+    try:
+        vision = smoke.vision.as_kwargs() if smoke.vision is not None else {}
+        embeds = predictor.encode_images(smoke.pixel_values, **vision)
+        logits, tokens = predictor.generate(smoke.input_ids, smoke.position_ids, embeds, smoke.image_mask, TOKENS,
+                                            smoke.positions_after)
+    finally:
+        predictor.close()
+    return Outputs(embeds, logits, tokens)
+
+
+def stages(reference: Outputs, output: Outputs, tolerance: Tolerance) -> list[Stage]:
+    return [compare_arrays("vision embeddings", reference.image_embeds, output.image_embeds, tolerance),
+            compare_arrays("prefill logits", reference.prompt_logits, output.prompt_logits, tolerance, top1=True)]
+
+
+@pytest.mark.parametrize("ir", ["pir", "legacy"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_graphs_agree_with_the_reference(family: str, ir: str, export: Callable, weights: dict[str, Path],
+                                         expected: Callable) -> None:
+    summary, checkpoints = export(family, ir)
+    prefix = "qwen" if family == "qwen_vl" else "model"
+    suffix = ".json" if ir == "pir" else ".pdmodel"
+    names = {path.relative_to(checkpoints).as_posix() for path in checkpoints.rglob("*")}
+    info = {".pdiparams.info"} if ir == "legacy" else set()
+    graph_files = {f"{graph}{ending}" for graph in ("encode_image/vision", f"encode_text/{prefix}")
+                   for ending in {suffix, ".pdiparams"} | info}
+    # one text graph for the prefill and the decode steps: no second copy of its parameters
+    assert names == graph_files | {"encode_image", "encode_text", "encode_text/config.json"}
+    assert set(summary["graphs"]) == {"vision", "text"}
+    text = summary["graphs"]["text"]
+    config = _config(checkpoints)
+    assert list(text["inputs"]) == ["inputs_embeds", "position_ids", "past_key_values"]
+    assert text["inputs"]["inputs_embeds"] == [1, -1, config["hidden_size"]]
+    assert text["inputs"]["past_key_values"][:2] == [config["num_hidden_layers"], 2]
+    assert text["inputs"]["past_key_values"][3] == -1  # the cached tokens: none for the prefill
+    assert text["outputs"] == ["logits", "present_key_values"]
+    for graph in summary["graphs"].values():
+        assert {graph["model"], graph["params"]} <= set(summary["files"])
+    assert all((checkpoints.parent / name).stat().st_size == file["size"] for name, file in summary["files"].items())
+    smoke, reference = expected(family)
+    output = run_static(checkpoints, weights[family], smoke)
+    for stage in stages(reference, output, TOLERANCES["exact"]):
+        assert stage.passed, stage
+        assert stage.relative < 1e-5  # float32 summation order only
+    assert output.tokens == reference.tokens
+
+
+def test_weights_folded_to_float32_at_load_give_the_same_numbers(export: Callable, weights: dict[str, Path],
+                                                                 expected: Callable) -> None:
+    _, checkpoints = export("qwen2_5_vl")
+    smoke, reference = expected("qwen2_5_vl")
+    folded = run_static(checkpoints, weights["qwen2_5_vl"], smoke, fold_weights=True)
+    for stage in stages(reference, folded, TOLERANCES["exact"]):
+        assert stage.passed, stage
+    assert folded.tokens == reference.tokens
+
+
+def test_qwen_vl_weights_are_read_in_paddlenlp_names(weights: dict[str, Path]) -> None:
+    with open_checkpoint(weights["qwen_vl"]) as checkpoint:
+        assert "qwen.h.0.attn.c_attn.weight" in checkpoint.tensors and "qwen.wte.weight" in checkpoint.tensors
+        assert not any(name.startswith("transformer.") for name in checkpoint.tensors)
+
+
+def _config(checkpoints: Path) -> dict:
+    return json.loads((checkpoints / "encode_text" / "config.json").read_text())
+
+
+@pytest.mark.parametrize("ir", ["pir", "legacy"])
+def test_the_text_graph_continues_any_cache(ir: str, export: Callable, weights: dict[str, Path],
+                                            expected: Callable) -> None:
+    """Several new tokens after a cache (not only the prefill's none and a decode step's one) give the logits
+    and cache of one pass over all of them: causal over the new tokens, every cached one seen."""
+    _, checkpoints = export("qwen2_vl", ir)
+    smoke, _ = expected("qwen2_vl")
+    predictor = StaticPredictor(checkpoints, weights["qwen2_vl"])
+    try:
+        embeds = predictor._embed(smoke.input_ids)[None]  # the image positions keep their token's row: any do
+
+        def run(start: int, end: int, cache: np.ndarray) -> list[np.ndarray]:
+            return _run(predictor._text, TEXT_OUTPUTS, inputs_embeds=embeds[:, start:end],
+                        position_ids=smoke.position_ids[..., start:end], past_key_values=cache)
+
+        length, split = embeds.shape[1], 5
+        empty = np.zeros(_cache_shape(predictor.dims, 0), np.float32)
+        whole, whole_cache = run(0, length, empty)
+        head, head_cache = run(0, split, empty)
+        tail, tail_cache = run(split, length, head_cache)
+    finally:
+        predictor.close()
+    assert head_cache.shape == tuple(_cache_shape(predictor.dims, split))
+    assert whole_cache.shape == tail_cache.shape == tuple(_cache_shape(predictor.dims, length))
+    scale = np.abs(whole).max()
+    np.testing.assert_allclose(np.concatenate([head, tail]), whole, rtol=0, atol=1e-5 * scale)
+    np.testing.assert_allclose(tail_cache, whole_cache, rtol=0, atol=1e-5 * np.abs(whole_cache).max())
+
+
+def _dtypes(params_file: Path) -> list[int]:
+    """The data type of every tensor of a .pdiparams: each is a u32 version, a u64 LoD level count (0), a
+    u32 version, an i32 TensorDesc size, the TensorDesc, then the data."""
+    data = params_file.read_bytes()
+    found, offset = [], 0
+    while offset < len(data):
+        size = int.from_bytes(data[offset + 16:offset + 20], "little")
+        desc = framework_pb2.VarType.TensorDesc()
+        desc.ParseFromString(data[offset + 20:offset + 20 + size])
+        itemsize = {framework_pb2.VarType.FP32: 4}.get(desc.data_type, 2)
+        offset += 20 + size + itemsize * int(np.prod(desc.dims))
+        found.append(desc.data_type)
+    return found
+
+
+def test_parameters_are_written_as_paddle_writes_them(export: Callable, weights: dict[str, Path],
+                                                      tmp_path: Path) -> None:
+    """The float32 export's vision parameters are byte for byte what paddle.jit.save writes for the same
+    network holding the same values; the bfloat16 export stores half the bytes, as bfloat16."""
+    _, checkpoints = export("qwen2_vl", dtype="float32")
+    exported = checkpoints / "encode_image" / "vision.pdiparams"
+    loaded = PaddleForward(weights["qwen2_vl"], streamed=False)
+    with paddle.utils.unique_name.guard():  # the variable names the export gives
+        net = Qwen2VLNet(loaded.dims)
+    net.set_state_dict(loaded.net.state_dict())
+    dims = loaded.dims
+    specs = [InputSpec([None, dims.in_chans * dims.temporal_patch * dims.patch**2], "float32"),
+             InputSpec([None, 2], "int64"), InputSpec([None, None], "float32")]
+    paddle.jit.save(paddle.jit.to_static(net.visual, input_spec=specs, full_graph=True), str(tmp_path / "vision"))
+    assert (tmp_path / "vision.pdiparams").read_bytes() == exported.read_bytes()
+    assert set(_dtypes(exported)) == {framework_pb2.VarType.FP32}
+
+    _, narrow = export("qwen2_vl")
+    bf16 = narrow / "encode_image" / "vision.pdiparams"
+    # the rotary tables (inv_freq) stay float32
+    assert set(_dtypes(bf16)) == {framework_pb2.VarType.BF16, framework_pb2.VarType.FP32}
+    assert bf16.stat().st_size < 0.51 * exported.stat().st_size
+
+
+def test_float16_parameters_pass_within_the_float16_tolerance(export: Callable, weights: dict[str, Path],
+                                                              expected: Callable) -> None:
+    _, checkpoints = export("qwen_vl", dtype="float16")
+    assert set(_dtypes(checkpoints / "encode_text" / "qwen.pdiparams")) == {framework_pb2.VarType.FP16,
+                                                                             framework_pb2.VarType.FP32}
+    smoke, reference = expected("qwen_vl")
+    output = run_static(checkpoints, weights["qwen_vl"], smoke)
+    for stage in stages(reference, output, TOLERANCES["float16"]):
+        assert stage.passed, stage
+
+
+def test_a_broken_weight_changes_the_exported_logits(weights: dict[str, Path], expected: Callable,
+                                                     tmp_path: Path) -> None:
+    broken = rewrite(weights["qwen2_vl"], tmp_path / "broken", untransposed_square)
+    export_static(broken, tmp_path / "graphs", dtype="bfloat16", max_seq_len=MAX_SEQ_LEN)
+    smoke, reference = expected("qwen2_vl")
+    output = run_static(tmp_path / "graphs" / "checkpoints", broken, smoke)
+    vision, logits = stages(reference, output, TOLERANCES["exact"])
+    assert vision.passed  # the broken weight is in the decoder
+    assert not logits.passed and logits.relative > 1e-3
+
+
+def test_bad_requests_are_refused_before_anything_is_written(weights: dict[str, Path], export: Callable,
+                                                             expected: Callable, tmp_path: Path) -> None:
+    for kwargs in ({"ir": "onnx"}, {"dtype": "int8"}, {"max_seq_len": 0}, {"max_seq_len": 10**6}):
+        arguments = {"dtype": "bfloat16", "max_seq_len": MAX_SEQ_LEN, **kwargs}
+        with pytest.raises(UserError):
+            export_static(weights["qwen_vl"], tmp_path, **arguments)
+    assert not any(tmp_path.iterdir())
+    smoke, _ = expected("qwen2_vl")
+    predictor = StaticPredictor(export("qwen2_vl")[1], weights["qwen2_vl"])
+    try:
+        hidden = predictor.dims.hidden
+        with pytest.raises(UserError, match="max_seq_len"):
+            predictor.generate(smoke.input_ids, smoke.position_ids, np.zeros((int(smoke.image_mask.sum()), hidden),
+                               np.float32), smoke.image_mask, MAX_SEQ_LEN, smoke.positions_after)
+        with pytest.raises(ValueError, match="window_index"):
+            predictor.encode_images(smoke.pixel_values, window_index=np.zeros(1, np.int64))
+    finally:
+        predictor.close()

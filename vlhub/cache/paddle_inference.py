@@ -1,0 +1,238 @@
+"""The Paddle Inference deployment layout: `vlhub convert SRC --to paddle-inference`.
+
+    DIR/
+      <name>-inference/                  weights in the names and dtype Paddle's inference loaders read,
+                                         config.json, generation config, tokenizer and processor files
+      checkpoints/encode_image/vision.{json|pdmodel} + vision.pdiparams        static vision encoder
+      checkpoints/encode_text/<prefix>.{json|pdmodel} + <prefix>.pdiparams     language model: prefill
+                                         (empty cache in) and each decode step (one token and the cache in)
+      vlhub-manifest.json, README.md
+
+Everything is built in a staging directory beside DIR and renamed into place when complete.
+Facts: shared/docs/paddle.md 1.3-1.4 (names, the uint16 trap, file suffixes), 2.3, 5.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from vlhub import __version__
+from vlhub.atomic import ensure_free_space, refuse_output_holding, swap_in
+from vlhub.convert import MANIFEST, Conversion, prepare_conversion
+from vlhub.converters.writers import file_sha256, temporary_name, write_json_atomic
+from vlhub.errors import UserError
+
+IR_SUFFIX = {"pir": ".json", "legacy": ".pdmodel"}
+TEXT_PREFIX = {"qwen_vl": "qwen", "qwen2_vl": "model", "qwen2_5_vl": "model"}
+DEFAULT_DTYPE = {"qwen_vl": "float16"}  # the others keep the source's dtype
+DEFAULT_MAX_SEQ_LEN = 2048
+# PaddleMIX's deploy scripts for the families it runs from the weights directory (paddle.md 2.3)
+DEPLOY_SCRIPT = {"qwen2_vl": "qwen2_vl/single_image_infer.py", "qwen2_5_vl": "qwen2_5_vl/qwen2_5_vl_infer.py"}
+
+
+@dataclass
+class InferenceLayout:
+    """What `build_paddle_inference` wrote."""
+
+    out: Path
+    weights_dir: Path
+    manifest: dict
+
+
+def check_paddle_installed() -> None:
+    """Refuse early, before anything is written, when the export cannot run here."""
+    try:
+        import paddle  # noqa: F401
+    except ImportError as exc:
+        raise UserError(f"--to paddle-inference exports static graphs with paddlepaddle, which is not importable "
+                        f"({exc}); install it with: pip install 'vlhub[paddle]'") from None
+
+
+def inference_dtype(family: str, requested: str | None, source_dtype: str) -> str:
+    """The weights' dtype for Paddle's inference loader of this family, refusing one it would misread."""
+    dtype = requested or DEFAULT_DTYPE.get(family, source_dtype)
+    if family == "qwen_vl" and dtype == "bfloat16":
+        raise UserError(
+            "--dtype bfloat16 is refused for Qwen-VL: pdparams store bf16 as uint16, and PaddleNLP's "
+            "QWenInferenceModel converts those numbers with to_tensor(x, dtype=float16), so bf16 1.0 would "
+            "load as 16256.0; use --dtype float16 (the default) or float32")
+    if dtype not in ("float16", "bfloat16", "float32"):
+        raise UserError(f"--dtype {dtype} is not one Paddle Inference runs; choose float16, bfloat16 or float32")
+    return dtype
+
+
+def build_paddle_inference(
+    source: str,
+    out: Path | None = None,
+    *,
+    dtype: str | None = None,
+    ir: str = "pir",
+    max_seq_len: int = DEFAULT_MAX_SEQ_LEN,
+    overwrite: bool = False,
+    on_bytes: Callable[[int], None] | None = None,
+) -> InferenceLayout:
+    """Convert SRC's weights for Paddle Inference and export its static graphs into DIR, atomically."""
+    if ir not in IR_SUFFIX:
+        raise UserError(f"--ir {ir!r}: choose pir (writes .json, Paddle 3's default) or legacy (.pdmodel)")
+    if max_seq_len < 1:
+        raise UserError("--max-seq-len must be positive")
+    check_paddle_installed()
+    probe = prepare_conversion(source, to="paddle-inference")  # headers only: the family and dtype
+    family = probe.plan.family
+    chosen = inference_dtype(family, dtype, probe.output_dtype())
+    if probe.checkpoint is not None:
+        probe.checkpoint.close()
+    conversion = prepare_conversion(source, to="paddle-inference", dtype=chosen)
+    out = Path(out) if out else _default_out(conversion)
+    name = _model_name(conversion)
+    refuse_output_holding(out, conversion.source_path)
+    _check_destination(out, overwrite)
+    # the weights, then the graphs' parameters (as large again); a margin for config and tokenizer files
+    ensure_free_space(out.parent, 2 * conversion.plan.total_bytes, "the weights and the static graphs")
+    staging = temporary_name(out)
+    staging.mkdir(parents=True)
+    try:
+        weights_dir = staging / f"{name}-inference"
+        conversion.write(weights_dir, on_bytes=on_bytes)
+        _point_llm_config_at_itself(weights_dir, out / weights_dir.name, family)
+        from vlhub.smoke.paddle_static import export_static
+
+        graphs = export_static(weights_dir, staging, ir=ir, dtype=chosen, max_seq_len=max_seq_len)
+        manifest = _manifest(conversion, staging, name, family, chosen, ir, max_seq_len, graphs)
+        (staging / "README.md").write_text(_readme(name, family, chosen, ir, manifest))
+        manifest["files"]["README.md"] = {"sha256": file_sha256(staging / "README.md"),
+                                          "size": (staging / "README.md").stat().st_size}
+        write_json_atomic(staging / MANIFEST, manifest)
+        swap_in(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return InferenceLayout(out, out / f"{name}-inference", manifest)
+
+
+def _model_name(conversion: Conversion) -> str:
+    if conversion.model is not None:
+        return conversion.model.name
+    path = conversion.source_path
+    assert path is not None
+    return (path if path.is_dir() else path.parent).name
+
+
+def _default_out(conversion: Conversion) -> Path:
+    name = _model_name(conversion)
+    if conversion.model is not None or conversion.source_path is None:
+        return Path.cwd() / f"{name}-paddle-inference"
+    base = conversion.source_path if conversion.source_path.is_dir() else conversion.source_path.parent
+    return base.with_name(f"{name}-paddle-inference")
+
+
+def _check_destination(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} exists and is not a directory; choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"{out} exists and is not empty; pass --overwrite to replace it, or choose another --out")
+
+
+def _point_llm_config_at_itself(weights_dir: Path, final: Path, family: str) -> None:
+    """PaddleMIX's Qwen-VL reads the LLM config from `llm_pretrained_model_name_or_path`: this directory."""
+    if family != "qwen_vl":
+        return
+    config_path = weights_dir / "config.json"
+    config = json.loads(config_path.read_text())
+    config["llm_pretrained_model_name_or_path"] = str(final.absolute())
+    write_json_atomic(config_path, config)
+    manifest_path = weights_dir / MANIFEST
+    manifest = json.loads(manifest_path.read_text())
+    manifest["files"]["config.json"] = {"sha256": file_sha256(config_path), "size": config_path.stat().st_size}
+    write_json_atomic(manifest_path, manifest)
+
+
+def _manifest(conversion: Conversion, staging: Path, name: str, family: str, dtype: str, ir: str,
+              max_seq_len: int, graphs: dict) -> dict:
+    weights_manifest = json.loads((staging / f"{name}-inference" / MANIFEST).read_text())
+    files = {f"{name}-inference/{file}": entry for file, entry in weights_manifest["files"].items()}
+    files[f"{name}-inference/{MANIFEST}"] = {"sha256": file_sha256(staging / f"{name}-inference" / MANIFEST),
+                                             "size": (staging / f"{name}-inference" / MANIFEST).stat().st_size}
+    files.update(graphs["files"])
+    return {
+        "vlhub_version": __version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "source": weights_manifest["source"],
+        "target": {"name": "paddle-inference", "family": family, "dtype": dtype, "ir": ir,
+                   "max_seq_len": max_seq_len, "weights": f"{name}-inference",
+                   "text_prefix": TEXT_PREFIX[family]},
+        "graphs": graphs["graphs"],
+        "files": files,
+    }
+
+
+def _readme(name: str, family: str, dtype: str, ir: str, manifest: dict) -> str:
+    suffix = IR_SUFFIX[ir]
+    prefix = TEXT_PREFIX[family]
+    weights = f"{name}-inference"
+    lines = [
+        f"# {name} for Paddle Inference",
+        "",
+        f"Written by vlhub {__version__} (`vlhub convert --to paddle-inference --dtype {dtype} --ir {ir}`).",
+        "",
+        "| path | what it is |",
+        "|---|---|",
+        (f"| `{weights}/` | weights ({dtype}) in the names Paddle's inference loaders read, config.json, "
+        "generation config, tokenizer and processor files: the `--model_name_or_path` of the PaddleMIX and "
+        "PaddleNLP scripts |"),
+        (f"| `checkpoints/encode_image/vision{suffix}` + `vision.pdiparams` | static vision encoder "
+        "(image in, image embeddings out) |"),
+        (f"| `checkpoints/encode_text/{prefix}{suffix}` + `{prefix}.pdiparams` + `config.json` | static language "
+         "model: `inputs_embeds` [1, L, H], `position_ids` and `past_key_values` [layers, 2, kv_heads, T, head_dim] "
+         "in; `logits` [L, vocab] and `present_key_values` (T + L) out. The prefill passes an empty cache (T = 0), "
+         "each decode step one token (L = 1); the host embeds tokens from the weights' embedding table |"),
+        ("| `vlhub-manifest.json` | source, options, graph inputs and outputs, every file's sha256, the smoke "
+        "verdict |"),
+        "",
+        "## Run it",
+        "",
+        ("vlhub's own predictor (CPU or GPU Paddle Inference; greedy decoding, checked against the numpy "
+        "reference on the source):"),
+        "",
+        "```bash",
+        "vlhub smoke .",
+        "```",
+        "",
+        "Graph inputs and outputs (names, shapes, dtypes) are listed under `graphs` in vlhub-manifest.json.",
+        "",
+    ]
+    if family == "qwen_vl":
+        lines += [
+            ("PaddleMIX's static predictor (`deploy/qwen_vl/run_static_predict.py`) hard-codes the `.pdmodel` "
+            "suffix (write this layout with `--ir legacy`) and runs the language graph PaddleNLP's "
+            "`llm/predict/export_model.py --inference_model` writes, with its GPU-only fused ops; the "
+            "language graphs here are vlhub's own and do not take that graph's inputs. On a GPU machine "
+            "with PaddleNLP, export that graph from these weights (it replaces vlhub's language graph), then run the "
+             "predictor on the three paths:"),
+            "",
+            "```bash",
+            (f"python llm/predict/export_model.py --model_name_or_path ./{weights} "
+            "--output_path ./checkpoints/encode_text/ --dtype float16 --inference_model "
+            "--model_prefix qwen --model_type qwen-img2txt"),
+            ("python deploy/qwen_vl/run_static_predict.py --first_model_path ./checkpoints/encode_image/vision "
+            f"--second_model_path ./checkpoints/encode_text/qwen --model_name_or_path ./{weights}"),
+            "```",
+            "",
+        ]
+    else:
+        lines += [
+            ("PaddleMIX runs Qwen2-VL / Qwen2.5-VL from the weights directory (vision in dygraph, the LLM through "
+            "PaddleNLP's block-attention inference model; GPU):"),
+            "",
+            "```bash",
+            (f"python deploy/{DEPLOY_SCRIPT[family]} --model_name_or_path ./{weights} "
+            f"--dtype {dtype} --block_attn True --inference_model True --mode dynamic"),
+            "```",
+            "",
+        ]
+    return "\n".join(lines)
