@@ -47,7 +47,7 @@ class InferenceLayout:
 def check_paddle_installed() -> None:
     """Refuse early, before anything is written, when the export cannot run here."""
     try:
-        import paddle  # noqa: F401
+        import vlhub.smoke.paddle_static  # noqa: F401 - imports paddle, quietly
     except ImportError as exc:
         raise UserError(f"--to paddle-inference exports static graphs with paddlepaddle, which is not importable "
                         f"({exc}); install it with: pip install 'vlhub[paddle]'") from None
