@@ -4,6 +4,7 @@ Examples:
     vlhub smoke ./tiny-qwen2-vl-paddle                       # against the source its manifest names
     vlhub smoke ./Qwen2-VL-7B-Instruct-paddle --against ./Qwen2-VL-7B-Instruct --json
     vlhub smoke ./out --tokens 8 --streamed
+    vlhub smoke ./tiny-qwen2-vl-paddle-inference             # the static graphs under paddle.inference
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from vlhub.errors import CheckFailed
 from vlhub.smoke.run import DEFAULT_TOKENS, run_smoke
 from vlhub.smoke.verdict import TOLERANCES, SmokeReport
 
-PathArg = Annotated[Path, typer.Argument(metavar="PATH", help="A converted checkpoint directory.", show_default=False)]
+PathArg = Annotated[Path, typer.Argument(metavar="PATH", help="A converted checkpoint directory, or a --to paddle-inference layout.", show_default=False)]
 AgainstOpt = Annotated[
     Optional[str],
     typer.Option("--against", help="Reference checkpoint of the same architecture (default: the source in PATH's manifest)."),
@@ -45,8 +46,8 @@ def smoke(
     streamed: StreamedOpt = None,
     json: JsonOpt = False,
 ) -> None:
-    """Run the converted model in its runtime (Paddle for Paddle layouts) and the numpy reference on the
-    source, on one synthetic image and prompt; compare vision embeddings, prefill logits and greedy
+    """Run the converted model in its runtime (Paddle for Paddle weights; paddle.inference, plus the weights,
+    for a paddle-inference layout) and the numpy reference on the source, on one synthetic image and prompt; compare vision embeddings, prefill logits and greedy
     tokens. Exit 0 when within tolerance, 1 when not."""
     with smoke_status() as status:
         report = run_smoke(path, against=against, tokens=tokens, streamed=streamed, status=status)
