@@ -167,3 +167,13 @@ def test_stored_bytes_copy_into_any_format_bit_identically(tmp_path: Path, fmt: 
     with open_checkpoint(tmp_path / "out") as copied:
         for meta, expected in tensors:
             assert np.array_equal(copied.read(meta.name), expected)
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "pdparams", "torch"])
+def test_read_rows_gives_the_rows_asked_for_in_order_with_repeats(tmp_path: Path, fmt: str) -> None:
+    table = cast_float32(synthetic_values("embed", (50, 6)), "bfloat16")
+    with CheckpointWriter(tmp_path, fmt, [TensorMeta("embed", "bfloat16", (50, 6))]) as writer:
+        writer.write("embed", table)
+    rows = np.array([7, 3, 7, 49, 0, 3])
+    with open_checkpoint(tmp_path, bf16=True) as checkpoint:
+        np.testing.assert_array_equal(checkpoint.read_rows("embed", rows), table[rows])

@@ -56,20 +56,22 @@ class Checkpoint:
         return self._file(self.tensors[name].shard).stored_bytes(name)
 
     def read_rows(self, name: str, rows: np.ndarray) -> np.ndarray:
-        """Rows `rows` of a 2-D tensor (e.g. an embedding table) in its storage dtype, reading only those rows."""
+        """Rows `rows` of a 2-D tensor (e.g. an embedding table) in its storage dtype, reading only those
+        rows, each distinct one once (a prompt repeats its pad tokens hundreds of times)."""
         meta = self.tensors[name]
         if len(meta.shape) != 2:
             raise ValueError(f"{name} is {list(meta.shape)}: rows need a 2-D tensor")
+        distinct, inverse = np.unique(np.asarray(rows, dtype=np.int64), return_inverse=True)
         stored = self.stored_bytes(name)
         if stored is None:  # a pickled view has no byte range of its own
-            return self.read(name)[rows]
+            return self.read(name)[distinct][inverse]
         storage = dtype_info(meta.dtype).storage
-        out = np.empty((len(rows), meta.shape[1]), storage)
+        out = np.empty((len(distinct), meta.shape[1]), storage)
         row_bytes = meta.shape[1] * storage.itemsize
         with open(stored.path, "rb", buffering=0) as file:
-            for target, row in zip(out, rows):
+            for target, row in zip(out, distinct):
                 read_exact_into(file, stored.offset + int(row) * row_bytes, target, stored.path)
-        return out
+        return out[inverse]
 
     def iter_blocks(self, name: str, size: int, *, axis: int = 0) -> Iterator[np.ndarray]:
         """A 2-D tensor `size` rows (axis 0) or columns (axis 1) at a time, in its storage dtype.

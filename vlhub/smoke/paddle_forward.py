@@ -23,13 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
-with warnings.catch_warnings():
-    # paddle warns on import that ccache, a tool for building C++ extensions, is absent: not our concern
-    warnings.filterwarnings("ignore", message="No ccache found")
-    import paddle
-    import paddle.nn.functional as F
-    from paddle import nn
+import paddle
+import paddle.nn.functional as F
+from paddle import nn
 
 from vlhub.configs import official_config
 from vlhub.converters.readers import Checkpoint, open_checkpoint
@@ -770,11 +766,9 @@ class StreamedWeights:
         return layer
 
     def rows(self, name: str, ids: np.ndarray) -> paddle.Tensor:
-        """Rows `ids` of a 2-D table, reading only those rows (each distinct row once)."""
-        unique, inverse = np.unique(ids, return_inverse=True)
+        """Rows `ids` of a 2-D table, reading only those rows."""
         stored = self.stored(name)
-        picked = self.checkpoint.read_rows(stored, unique)
-        return paddle.to_tensor(_float32(picked, self.checkpoint.tensors[stored].dtype)[inverse])
+        return paddle.to_tensor(_float32(self.checkpoint.read_rows(stored, ids), self.checkpoint.tensors[stored].dtype))
 
     def head(self, h: paddle.Tensor, name: str, *, tied: bool) -> np.ndarray:
         """h @ lm_head in blocks: `name` is [hidden, vocab] (Paddle's lm_head) or, tied, the [vocab, hidden] table."""

@@ -54,18 +54,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
-with warnings.catch_warnings():
-    # paddle warns on import that ccache, a tool for building C++ extensions, is absent: not our concern
-    warnings.filterwarnings("ignore", message="No ccache found")
-    import paddle
-    from paddle import nn
-    from paddle.base.framework import Variable
-    from paddle.base.layer_helper import LayerHelper
-    from paddle.base.proto import framework_pb2
-    from paddle.framework.io_utils import is_persistable
-    from paddle.static import InputSpec
-    from paddle.static.pir_io import append_pir_fetch_ops, get_pir_parameters
+import paddle
+from paddle import nn
+from paddle.base.framework import Variable
+from paddle.base.layer_helper import LayerHelper
+from paddle.base.proto import framework_pb2
+from paddle.framework.io_utils import is_persistable
+from paddle.static import InputSpec
+from paddle.static.pir_io import append_pir_fetch_ops, get_pir_parameters
 
 from vlhub.atomic import ensure_free_space, swap_in
 from vlhub.converters.ops import cast_float, transpose_2d
@@ -551,13 +547,12 @@ class StaticPredictor:
         self._checkpoint.close()
 
     def _embed(self, ids: np.ndarray) -> np.ndarray:
-        """Rows `ids` of the embedding table as float32, each distinct row read once."""
+        """Rows `ids` of the embedding table as float32."""
         vocab = self._checkpoint.tensors[self._embedding].shape[0]
         if ids.ndim != 1 or not len(ids) or ids.min() < 0 or ids.max() >= vocab:
             raise ValueError(f"token ids must be a non-empty 1-D array of values in [0, {vocab})")
-        unique, inverse = np.unique(ids, return_inverse=True)
-        rows = self._checkpoint.read_rows(self._embedding, unique)
-        return float32_values(rows, self._checkpoint.tensors[self._embedding].dtype)[inverse]
+        rows = self._checkpoint.read_rows(self._embedding, ids)
+        return float32_values(rows, self._checkpoint.tensors[self._embedding].dtype)
 
 
 def _embedding_name(checkpoint: Checkpoint, family: str, dims: Qwen2Dims | QwenVLDims) -> str:

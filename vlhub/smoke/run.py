@@ -220,11 +220,14 @@ def _artifact_runs(artifact: Path, runtime: str, smoke: SmokeInput, reference_to
 def _static_outputs(layout: Path, weights: Path, smoke: SmokeInput, tokens: int, say: Status) -> _Outputs:
     """The static graphs' own greedy generation under paddle.inference."""
     predictor = _static_predictor(layout / "checkpoints", weights)
-    say("paddle inference: vision encoder")
-    embeds = predictor.encode_images(smoke.pixel_values, **_vision_kwargs(smoke))
-    say("paddle inference: prefill and greedy decoding")
-    prompt_logits, generated = predictor.generate(smoke.input_ids, smoke.position_ids, embeds, smoke.image_mask,
-                                                  tokens, smoke.positions_after)
+    try:
+        say("paddle inference: vision encoder")
+        embeds = predictor.encode_images(smoke.pixel_values, **_vision_kwargs(smoke))
+        say("paddle inference: prefill and greedy decoding")
+        prompt_logits, generated = predictor.generate(smoke.input_ids, smoke.position_ids, embeds, smoke.image_mask,
+                                                      tokens, smoke.positions_after)
+    finally:
+        predictor.close()
     return _Outputs(embeds, prompt_logits, generated)
 
 
@@ -237,10 +240,13 @@ def _checkpoint_outputs(path: Path, runtime: str, smoke: SmokeInput, reference_t
     mask = np.concatenate([smoke.image_mask, np.zeros(len(follow), dtype=bool)])
     if runtime == "paddle":
         forward = _paddle_forward(path, resident)
-        say("paddle: vision tower")
-        embeds = forward.encode_images(smoke.pixel_values, **_vision_kwargs(smoke))
-        say("paddle: prefill (teacher-forced)")
-        logits = forward.logits(ids, positions, embeds, mask)
+        try:
+            say("paddle: vision tower")
+            embeds = forward.encode_images(smoke.pixel_values, **_vision_kwargs(smoke))
+            say("paddle: prefill (teacher-forced)")
+            logits = forward.logits(ids, positions, embeds, mask)
+        finally:
+            forward.close()
     else:
         with ModelWeights.open(path, resident=resident) as weights:
             reference = ReferenceForward(weights)
