@@ -13,7 +13,7 @@ from pathlib import Path
 
 from vlhub.converters.writers import temporary_name
 from vlhub.errors import UserError
-from vlhub.units import format_size
+from vlhub.units import format_size, parse_size
 
 
 @contextmanager
@@ -66,10 +66,13 @@ def refuse_output_holding(out: Path, source: Path) -> None:
 
 
 def ensure_free_space(directory: Path, needed: int, what: str) -> None:
-    """Refuse before writing when the filesystem of `directory` (or its first existing parent) is too full."""
+    """Refuse before writing when the filesystem of `directory` (or its first existing parent) is too full,
+    keeping VLHUB_MIN_FREE (e.g. 50GB; default 0) free beyond what is written."""
     existing = next(p for p in (directory, *directory.parents) if p.exists())
     free = shutil.disk_usage(existing).free
     needed += needed // 100 + (16 << 20)  # headers, pickle framing, configs and the manifest
-    if free < needed:
-        raise UserError(f"not enough disk space in {existing}: {what} need {format_size(needed)}, "
+    reserve = parse_size(os.environ["VLHUB_MIN_FREE"]) if os.environ.get("VLHUB_MIN_FREE", "0") != "0" else 0
+    if free < needed + reserve:
+        kept = f" and VLHUB_MIN_FREE keeps {format_size(reserve)} free" if reserve else ""
+        raise UserError(f"not enough disk space in {existing}: {what} need {format_size(needed)}{kept}, "
                         f"{format_size(free)} is free")

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from vlhub import __version__
 from vlhub.atomic import ensure_free_space, refuse_output_holding, swap_in
+from vlhub.cache.store import MANIFEST, conversion_output
 from vlhub.catalog import ModelSpec, find_model
 from vlhub.configs import target_config
 from vlhub.converters.formats import format_of_file
@@ -36,7 +37,6 @@ TARGETS: dict[str, tuple[str | tuple[str, ...], str]] = {
     "safetensors": ("official", "safetensors"),
     "torch": ("official", "torch"),
 }
-MANIFEST = "vlhub-manifest.json"
 # files a converted directory must not inherit: weights and indexes (a loader could pick a stale one)
 _NOT_CARRIED = (".index.json", ".safetensors", ".pdparams", ".bin", ".pt", ".pth")
 
@@ -61,16 +61,17 @@ class Conversion:
     source_format: str
     model: ModelSpec | None = None
     extra_files: list[Path] = field(default_factory=list)
+    allow_unmatched: bool = False
 
     @property
     def target_format(self) -> str:
         return TARGETS[self.to][1]
 
-    def default_out(self) -> Path:
-        if self.source_path is None or self.model is not None:
-            return Path.cwd() / f"{self.model.name if self.model else 'model'}-{self.to}"
-        base = self.source_path if self.source_path.is_dir() else self.source_path.parent
-        return base.with_name(f"{base.name}-{self.to}")
+    def default_out(self, max_shard_size: int | None = None) -> Path:
+        """The cache for a catalog model (keyed by revision, target and the options that change the output),
+        else beside the source."""
+        options = {"dtype": self.plan.dtype, "max_shard_size": max_shard_size, "allow_unmatched": self.allow_unmatched}
+        return conversion_output(self.model, self.source_path, self.to, options)
 
     def write(
         self,
@@ -84,7 +85,7 @@ class Conversion:
         """Convert into `out` (default: beside the source), atomically."""
         if self.checkpoint is None:
             raise UserError(f"{self.source} is not on this machine: only --dry-run can plan it")
-        out = Path(out) if out else self.default_out()
+        out = Path(out) if out else self.default_out(max_shard_size)
         refuse_output_holding(out, self.source_path)
         _check_destination(out, overwrite, self.plan.total_bytes + sum(p.stat().st_size for p in self.extra_files))
         staging = temporary_name(out)
@@ -175,7 +176,7 @@ def prepare_conversion(
         raise
     extra = _carried_files(checkpoint.root) if path.is_dir() or path.name.endswith(".index.json") else []
     return Conversion(source, path, to, plan, checkpoint.config or {}, checkpoint, checkpoint.format.name,
-                      model, extra)
+                      model, extra, allow_unmatched)
 
 
 def _carried_files(root: Path) -> list[Path]:

@@ -27,12 +27,19 @@ def _local_copy(spec: ModelSpec) -> Path:
         from vlhub.cache.tiny import ensure_tiny_model
 
         return ensure_tiny_model(spec)
+    path = cached_snapshot(spec)
+    if path is None:
+        raise UserError(f"{spec.name} ({spec.hf_repo}) is not on this machine: `vlhub download {spec.name}` fetches "
+                        "it (`vlhub convert` does so by itself)")
+    return path
+
+
+def cached_snapshot(spec: ModelSpec) -> Path | None:
+    """The catalog model's snapshot in the Hugging Face cache, if one is there (no network)."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
         return Path(snapshot_download(spec.hf_repo, local_files_only=True))
     except LocalEntryNotFoundError:
-        raise UserError(
-            f"{spec.name} ({spec.hf_repo}) is not on this machine: download it, then pass its directory"
-        ) from None
+        return None

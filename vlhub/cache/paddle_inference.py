@@ -23,6 +23,7 @@ from pathlib import Path
 
 from vlhub import __version__
 from vlhub.atomic import ensure_free_space, refuse_output_holding, swap_in
+from vlhub.cache.store import conversion_output
 from vlhub.convert import MANIFEST, Conversion, prepare_conversion
 from vlhub.converters.writers import file_sha256, temporary_name, write_json_atomic
 from vlhub.errors import UserError
@@ -88,7 +89,7 @@ def build_paddle_inference(
     if probe.checkpoint is not None:
         probe.checkpoint.close()
     conversion = prepare_conversion(source, to="paddle-inference", dtype=chosen)
-    out = Path(out) if out else _default_out(conversion)
+    out = Path(out) if out else layout_output(conversion, dtype, ir, max_seq_len)
     name = _model_name(conversion)
     refuse_output_holding(out, conversion.source_path)
     _check_destination(out, overwrite)
@@ -115,20 +116,20 @@ def build_paddle_inference(
     return InferenceLayout(out, out / f"{name}-inference", manifest)
 
 
+def layout_output(conversion: Conversion, dtype: str | None, ir: str, max_seq_len: int) -> Path:
+    """Where the layout goes without --out: the cache for a catalog model (keyed by the options), else beside
+    the source."""
+    options = {"dtype": dtype, "ir": None if ir == "pir" else ir,
+               "max_seq_len": None if max_seq_len == DEFAULT_MAX_SEQ_LEN else max_seq_len}
+    return conversion_output(conversion.model, conversion.source_path, "paddle-inference", options)
+
+
 def _model_name(conversion: Conversion) -> str:
     if conversion.model is not None:
         return conversion.model.name
     path = conversion.source_path
     assert path is not None
     return (path if path.is_dir() else path.parent).name
-
-
-def _default_out(conversion: Conversion) -> Path:
-    name = _model_name(conversion)
-    if conversion.model is not None or conversion.source_path is None:
-        return Path.cwd() / f"{name}-paddle-inference"
-    base = conversion.source_path if conversion.source_path.is_dir() else conversion.source_path.parent
-    return base.with_name(f"{name}-paddle-inference")
 
 
 def _check_destination(out: Path, overwrite: bool) -> None:

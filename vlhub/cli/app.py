@@ -8,7 +8,9 @@ from typing import Annotated
 import typer
 
 from vlhub import __version__
+from vlhub.cli.cache import cache_app
 from vlhub.cli.convert import convert
+from vlhub.cli.download import download
 from vlhub.cli.embeddings import dump_embeddings
 from vlhub.cli.inspect import inspect
 from vlhub.cli.keys import keys
@@ -41,11 +43,13 @@ def _root(
 
 
 app.command()(models)
+app.command()(download)
 app.command()(inspect)
 app.command()(convert)
 app.command()(keys)
 app.command(name="dump-embeddings")(dump_embeddings)
 app.command()(smoke)
+app.add_typer(cache_app, name="cache")
 
 
 def _terminate(signum: int, frame: object) -> None:

@@ -11,6 +11,7 @@ Examples:
 
 from __future__ import annotations
 
+import json as json_module
 from pathlib import Path
 from typing import Annotated
 
@@ -18,15 +19,19 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from vlhub.cache.paddle_inference import DEFAULT_MAX_SEQ_LEN, build_paddle_inference
+from vlhub.cache.paddle_inference import DEFAULT_MAX_SEQ_LEN, build_paddle_inference, layout_output
+from vlhub.cache.store import mark_used
+from vlhub.catalog import find_model
 from vlhub.cli._errors import reports_errors
 from vlhub.cli._options import JsonOpt, SourceArg
 from vlhub.cli._output import byte_progress, print_json, stderr, stdout
+from vlhub.cli.download import download_for
 from vlhub.cli.smoke import failure_summary, show_report, smoke_status
-from vlhub.convert import TARGETS, Conversion, plan_json, plan_table_rows, prepare_conversion
+from vlhub.convert import MANIFEST, TARGETS, Conversion, plan_json, plan_table_rows, prepare_conversion
 from vlhub.errors import CheckFailed, UserError
 from vlhub.smoke.run import DEFAULT_TOKENS, RuntimeMissing, record_verdict, run_smoke
 from vlhub.smoke.verdict import SmokeReport
+from vlhub.sources import cached_snapshot
 from vlhub.units import format_size, parse_size
 
 ToOpt = Annotated[str, typer.Option("--to", help=f"Target format: {', '.join(TARGETS)}.", show_default=False)]
@@ -71,16 +76,24 @@ def convert(
     json: JsonOpt = False,
 ) -> None:
     """Convert a checkpoint tensor by tensor: keys through the family's key map, Linear weights transposed
-    where the target stores them [in, out], dtypes cast only when asked. Nothing is left behind on error.
+    where the target stores them \\[in, out], dtypes cast only when asked. Nothing is left behind on error.
     Then a smoke test runs the converted model against the source (see `vlhub smoke`): a failure exits 1
     and is recorded in the output's manifest."""
     shard_limit = parse_size(max_shard_size) if max_shard_size else None
     if to != "paddle-inference" and (ir != "pir" or max_seq_len != DEFAULT_MAX_SEQ_LEN):
         raise UserError("--ir and --max-seq-len apply to --to paddle-inference only")
+    if not dry_run:
+        _download_if_missing(source)
     conversion = prepare_conversion(source, to=to, dtype=dtype, allow_unmatched=allow_unmatched, dry_run=dry_run)
     if dry_run:
         _show_plan(conversion, json)
         return
+    if out is None and conversion.model is not None and not overwrite:
+        cached = (layout_output(conversion, dtype, ir, max_seq_len) if to == "paddle-inference"
+                  else conversion.default_out(shard_limit))
+        if (cached / MANIFEST).is_file():
+            _reuse_cached(cached, conversion, smoke=not no_smoke, tokens=tokens, as_json=json)
+            return
     if to == "paddle-inference":
         _deploy_paddle_inference(conversion, source, out, dtype=dtype, ir=ir, max_seq_len=max_seq_len,
                                  overwrite=overwrite, smoke=not no_smoke, tokens=tokens, as_json=json)
@@ -99,6 +112,31 @@ def convert(
             show_report(report, False)
     if report and not report.passed:
         raise CheckFailed(f"the converted model at {result.out} fails its smoke test: {failure_summary(report)}")
+
+
+def _reuse_cached(cached: Path, conversion: Conversion, *, smoke: bool, tokens: int, as_json: bool) -> None:
+    """The same conversion of the same revision is in the cache: answer with it (smoke-testing it if that was
+    skipped when it was made)."""
+    if conversion.checkpoint is not None:
+        conversion.checkpoint.close()
+    mark_used(cached)
+    verdict = json_module.loads((cached / MANIFEST).read_text()).get("smoke")
+    if smoke and (verdict is None or verdict.get("passed") is None):
+        report = _smoke(cached, conversion, tokens)
+        verdict = report.as_dict() if report else verdict
+    if as_json:
+        print_json({"out": str(cached), "cached": True, "smoke": verdict})
+    else:
+        stdout.print(f"{escape(str(cached))}  (cached; --overwrite converts again)")
+    if verdict and verdict.get("passed") is False:
+        raise CheckFailed(f"the cached conversion at {cached} failed its smoke test; --overwrite converts again")
+
+
+def _download_if_missing(source: str) -> None:
+    """One command from a catalog name to a deployment: fetch the model first when it is not here."""
+    spec = find_model(source)
+    if spec is not None and not spec.tiny and not Path(source).expanduser().exists() and cached_snapshot(spec) is None:
+        download_for(spec)
 
 
 def _deploy_paddle_inference(conversion: Conversion, source: str, out: Path | None, *, dtype: str | None, ir: str,

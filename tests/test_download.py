@@ -1,0 +1,337 @@
+"""`vlhub download` and `vlhub cache` through the real huggingface_hub client against a real local HTTP server
+(tests/fake_hub.py) that serves the tiny models as the official repos, with faults injected."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_vlhub
+from tests.fake_hub import FakeHub
+from tests.fake_modelscope import FakeModelScope
+from vlhub.cache.download import HashingWriter
+from vlhub.cache.locks import exclusive_lock
+
+REPO = "Qwen/Qwen2-VL-2B-Instruct"  # served with tiny-qwen2-vl's files, so `qwen2-vl-2b` names it
+SHARD = "model-00002-of-00004.safetensors"  # 38.9 MB: the client writes in 10 MiB chunks
+
+
+@pytest.fixture(scope="module")
+def hub(tiny_qwen2_vl: Path) -> Iterator[FakeHub]:
+    with FakeHub() as server:
+        server.add_directory(REPO, tiny_qwen2_vl)
+        yield server
+
+
+@pytest.fixture
+def env(hub: FakeHub, tmp_path: Path) -> dict[str, str]:
+    """A user's environment: a fresh HF_HOME and VLHUB_HOME, the local server as HF_ENDPOINT."""
+    hub.reset()
+    return {"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf"), "VLHUB_HOME": str(tmp_path / "vlhub"),
+            "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_XET": "1"}
+
+
+def hf_repo_dir(env: dict[str, str]) -> Path:
+    return Path(env["HF_HOME"]) / "hub" / "models--Qwen--Qwen2-VL-2B-Instruct"
+
+
+def file_gets(hub: FakeHub, name: str) -> list:
+    return [r for r in hub.requests if r.method == "GET" and r.path.endswith("/" + name)]
+
+
+def assert_same_files(snapshot: Path, source: Path) -> None:
+    names = sorted(p.name for p in source.iterdir() if p.is_file())
+    assert sorted(p.name for p in snapshot.iterdir()) == names
+    for name in names:
+        assert (snapshot / name).read_bytes() == (source / name).read_bytes(), name
+
+
+def download(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return run_vlhub("download", "qwen2-vl-2b", *args, env=env)
+
+
+def test_download_lands_in_the_hf_cache_and_the_client_reads_it(hub: FakeHub, env: dict[str, str],
+                                                                 tiny_qwen2_vl: Path) -> None:
+    result = download(env, "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    snapshot = Path(report["path"])
+    assert snapshot.parent.parent == hf_repo_dir(env) and report["commit"] == snapshot.name
+    assert report["repo"] == REPO and report["model"] == "qwen2-vl-2b" and report["verified"] is True
+    assert report["downloaded_bytes"] == report["total_bytes"] > 0
+    assert_same_files(snapshot, tiny_qwen2_vl)
+    # the blobs are named by their hashes, as huggingface_hub names them
+    assert (snapshot / SHARD).resolve().parent == hf_repo_dir(env) / "blobs"
+
+    # the client itself finds the snapshot, offline
+    code = (f"from huggingface_hub import snapshot_download; print(snapshot_download({REPO!r}, "
+            "local_files_only=True))")
+    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           env={**os.environ, **env, "HF_HUB_OFFLINE": "1"})
+    assert found.stdout.strip() == str(snapshot), found.stderr
+
+    # again: nothing is fetched, nothing is re-hashed; offline it answers from the record
+    hub.reset()
+    again = download(env, "--json")
+    assert again.returncode == 0 and json.loads(again.stdout)["downloaded_bytes"] == 0
+    assert not [r for r in hub.requests if "/resolve/" in r.path]
+    offline = download({**env, "HF_HUB_OFFLINE": "1"})
+    assert offline.returncode == 0 and offline.stdout.strip() == str(snapshot)
+
+
+def test_include_and_exclude_select_files(env: dict[str, str]) -> None:
+    result = download(env, "--include", "*.json", "--exclude", "generation_config.json", "--json")
+    assert result.returncode == 0, result.stderr
+    snapshot = Path(json.loads(result.stdout)["path"])
+    assert sorted(p.name for p in snapshot.iterdir()) == ["config.json", "model.safetensors.index.json"]
+
+
+def test_a_dropped_connection_resumes_within_the_run(hub: FakeHub, env: dict[str, str], tiny_qwen2_vl: Path) -> None:
+    hub.drop_connection(REPO, SHARD, after_bytes=25_000_000)
+    result = download(env)
+    assert result.returncode == 0, result.stderr
+    ranges = [r.range for r in file_gets(hub, SHARD)]
+    assert ranges == [None, "bytes=20971520-"]  # the two whole 10 MiB chunks received are kept
+    assert_same_files(Path(result.stdout.strip()), tiny_qwen2_vl)
+
+
+def test_an_interrupted_download_resumes_in_the_next_run(hub: FakeHub, env: dict[str, str],
+                                                         tiny_qwen2_vl: Path) -> None:
+    size = (tiny_qwen2_vl / SHARD).stat().st_size
+    sent = hub.stall(REPO, SHARD, after_bytes=25_000_000)
+    first = subprocess.Popen([sys.executable, "-m", "vlhub", "download", "qwen2-vl-2b"], env={**os.environ, **env},
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert sent.wait(60)
+        partials = []
+        for _ in range(100):  # the client writes what it received before we pull the plug
+            partials = list((hf_repo_dir(env) / "blobs").glob("*.incomplete"))
+            if partials and partials[0].stat().st_size >= 20 << 20:
+                break
+            time.sleep(0.1)
+        first.send_signal(signal.SIGKILL)  # a crash: no cleanup runs, the lock dies with the process
+    finally:
+        first.wait(30)
+    kept = partials[0].stat().st_size
+    assert 0 < kept < size
+
+    second = download(env)
+    assert second.returncode == 0, second.stderr
+    assert "waiting" not in second.stderr  # the dead process's lock is not waited on
+    assert file_gets(hub, SHARD)[-1].range == f"bytes={kept}-"
+    assert_same_files(Path(second.stdout.strip()), tiny_qwen2_vl)
+    assert not list((hf_repo_dir(env) / "blobs").glob("*.incomplete"))
+
+
+def test_corrupted_bytes_are_detected_and_not_kept(hub: FakeHub, env: dict[str, str], tiny_qwen2_vl: Path) -> None:
+    hub.corrupt(REPO, SHARD, offset=1000)  # same size: the client's own size check passes
+    result = download(env)
+    assert result.returncode == 1
+    assert SHARD in result.stderr and "sha256" in result.stderr and "Traceback" not in result.stderr
+    assert len(file_gets(hub, SHARD)) == 2  # fetched once more from zero before giving up
+    blobs = hf_repo_dir(env) / "blobs"
+    assert not [p for p in blobs.iterdir() if p.stat().st_size == (tiny_qwen2_vl / SHARD).stat().st_size]
+    assert not list(blobs.glob("*.incomplete"))
+    assert not list(hf_repo_dir(env).glob(f"snapshots/*/{SHARD}"))
+    assert not (hf_repo_dir(env) / "refs" / "main").exists()  # the revision is not complete
+
+
+def test_server_errors_are_retried(hub: FakeHub, env: dict[str, str], tiny_qwen2_vl: Path) -> None:
+    hub.fail(REPO, SHARD, status=503, times=2)
+    result = download(env)
+    assert result.returncode == 0, result.stderr
+    assert [r.status for r in file_gets(hub, SHARD)] == [503, 503, 200]
+    assert_same_files(Path(result.stdout.strip()), tiny_qwen2_vl)
+
+
+@pytest.mark.parametrize("name", ["../evil.txt", "sub/../../evil.txt", "/tmp/evil.txt"])
+def test_a_file_name_that_escapes_the_model_folder_is_refused(hub: FakeHub, env: dict[str, str],
+                                                              tmp_path: Path, name: str) -> None:
+    evil_repo = f"evil/repo{abs(hash(name))}"
+    hub.add_repo(evil_repo, {"config.json": b"{}"})
+    hub.add_listed_file(evil_repo, name, b"pwned")
+    result = run_vlhub("download", evil_repo, env=env)
+    assert result.returncode == 2 and repr(name) in result.stderr and "outside" in result.stderr
+    assert not [r for r in hub.requests if "/resolve/" in r.path]  # refused before any file is fetched
+    assert not list(tmp_path.rglob("evil.txt")) and not Path("/tmp/evil.txt").exists()
+
+
+def test_too_little_disk_is_refused_before_downloading(hub: FakeHub, env: dict[str, str]) -> None:
+    result = download({**env, "VLHUB_MIN_FREE": "1000TB"})
+    assert result.returncode == 2
+    assert "not enough disk space" in result.stderr and "78.9 MB" in result.stderr, result.stderr
+    assert not [r for r in hub.requests if "/resolve/" in r.path]
+
+
+def test_concurrent_downloads_wait_for_each_other(hub: FakeHub, env: dict[str, str], tiny_qwen2_vl: Path) -> None:
+    hub.throttle(40_000_000)  # ~2 s for the model: long enough for the second to find the first running
+    procs = []
+    for _ in range(2):
+        procs.append(subprocess.Popen([sys.executable, "-m", "vlhub", "download", "qwen2-vl-2b"],
+                                      env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+        time.sleep(1.5)
+    outputs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    assert outputs[0][0] == outputs[1][0]
+    assert "waiting for another download" in outputs[1][1]
+    for name in ("config.json", SHARD):
+        assert len(file_gets(hub, name)) == 1  # each file crossed the wire once
+    assert_same_files(Path(outputs[0][0].strip()), tiny_qwen2_vl)
+    assert run_vlhub("cache", "verify", env=env).returncode == 0
+
+
+def test_a_lock_held_by_a_dead_process_is_taken_at_once(tmp_path: Path) -> None:
+    lock = tmp_path / "model.lock"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from pathlib import Path; from vlhub.cache.locks import exclusive_lock\n"
+        f"with exclusive_lock(Path({str(lock)!r})):\n    print('held', flush=True); time.sleep(600)")],
+        stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    waits: list[str] = []
+    holder.kill()
+    holder.wait()
+    assert f"pid {holder.pid}" in lock.read_text()  # the dead holder's note is still there
+    started = time.monotonic()
+    with exclusive_lock(lock, on_wait=waits.append):
+        pass
+    assert not waits and time.monotonic() - started < 1
+
+
+def test_hashing_writer_follows_a_restart_from_zero(tmp_path: Path) -> None:
+    """When a server ignores Range, the client seeks back and truncates: the hash must restart with the file."""
+    import hashlib
+
+    path = tmp_path / "part"
+    path.write_bytes(b"stale-prefix")
+    with open(path, "r+b") as handle:
+        writer = HashingWriter(handle, hashlib.sha256, None)
+        writer.write(b"more")
+        writer.seek(0)
+        writer.truncate()
+        writer.write(b"fresh content")
+    assert writer.digest.hexdigest() == hashlib.sha256(b"fresh content").hexdigest()
+    assert path.read_bytes() == b"fresh content"
+
+
+def test_unknown_repo_and_revision_are_clear_errors(env: dict[str, str]) -> None:
+    missing = run_vlhub("download", "nobody/nothing", env=env)
+    assert missing.returncode == 2 and "has no repo nobody/nothing" in missing.stderr
+    revision = download(env, "--revision", "v9")
+    assert revision.returncode == 2 and "no revision 'v9'" in revision.stderr
+    built_in = run_vlhub("download", "tiny-qwen2-vl", env=env)
+    assert built_in.returncode == 2 and "built in" in built_in.stderr
+
+
+def flip_byte(path: Path, offset: int = 100) -> None:
+    path = path.resolve()
+    os.chmod(path, 0o644)
+    with open(path, "r+b") as handle:
+        handle.seek(offset)
+        byte = handle.read(1)
+        handle.seek(offset)
+        handle.write(bytes([byte[0] ^ 0xFF]))
+
+
+def test_cache_verify_catches_a_flipped_byte_in_a_blob(env: dict[str, str]) -> None:
+    snapshot = Path(download(env).stdout.strip())
+    assert run_vlhub("cache", "verify", env=env).returncode == 0
+    flip_byte(snapshot / SHARD)
+    result = run_vlhub("cache", "verify", "qwen2-vl-2b", env=env)
+    assert result.returncode == 1 and SHARD in result.stdout and "sha256 differs" in result.stdout
+    listed = json.loads(run_vlhub("cache", "ls", "--json", env=env).stdout)
+    assert [e["verified"] for e in listed if e["kind"] == "download"] == ["damaged (1 files)"]
+
+
+def test_convert_of_a_catalog_name_downloads_first_and_lands_in_the_cache(hub: FakeHub, env: dict[str, str]) -> None:
+    converted = run_vlhub("convert", "qwen2-vl-2b", "--to", "paddle", "--no-smoke", env=env)
+    assert converted.returncode == 0, converted.stderr
+    assert "not in the cache: downloading" in converted.stderr
+    out = Path(converted.stdout.split()[0])
+    commit = (hf_repo_dir(env) / "refs" / "main").read_text()
+    assert out == Path(env["VLHUB_HOME"]) / "artifacts" / "qwen2-vl-2b" / commit / "paddle"
+    assert run_vlhub("cache", "path", "qwen2-vl-2b", "--target", "paddle", env=env).stdout.strip() == str(out)
+    assert run_vlhub("cache", "path", "qwen2-vl-2b", env=env).stdout.strip() == str(hf_repo_dir(env) / "snapshots" /
+                                                                                  commit)
+
+    # the same command again is answered from the cache
+    hub.reset()
+    again = run_vlhub("convert", "qwen2-vl-2b", "--to", "paddle", "--no-smoke", env=env)
+    assert again.returncode == 0 and "cached" in again.stdout and not hub.requests
+
+    listed = {e["kind"]: e for e in json.loads(run_vlhub("cache", "ls", "--json", env=env).stdout)}
+    assert listed["paddle"]["path"] == str(out) and listed["download"]["verified"] == "verified"
+
+    shard = next(out.glob("*.pdparams"))
+    flip_byte(shard)
+    result = run_vlhub("cache", "verify", env=env)
+    assert result.returncode == 1 and shard.name in result.stdout
+
+
+def test_cache_rm_asks_then_removes_only_what_was_named(env: dict[str, str]) -> None:
+    assert run_vlhub("convert", "qwen2-vl-2b", "--to", "paddle", "--no-smoke", env=env).returncode == 0
+    refused = run_vlhub("cache", "rm", "qwen2-vl-2b", env=env)  # no terminal to ask on
+    assert refused.returncode == 2 and "--yes" in refused.stderr
+
+    removed = run_vlhub("cache", "rm", "qwen2-vl-2b", "--target", "paddle", "--yes", env=env)
+    assert removed.returncode == 0, removed.stderr
+    kinds = [e["kind"] for e in json.loads(run_vlhub("cache", "ls", "qwen2-vl-2b", "--json", env=env).stdout)]
+    assert kinds == ["download"]
+    assert not (Path(env["VLHUB_HOME"]) / "artifacts" / "qwen2-vl-2b").exists()
+
+    assert run_vlhub("cache", "rm", "qwen2-vl-2b", "--yes", env=env).returncode == 0
+    assert json.loads(run_vlhub("cache", "ls", "qwen2-vl-2b", "--json", env=env).stdout) == []
+    assert not hf_repo_dir(env).exists()
+    gone = run_vlhub("cache", "path", "qwen2-vl-2b", env=env)
+    assert gone.returncode == 2 and "no download of qwen2-vl-2b" in gone.stderr
+
+
+@pytest.fixture(scope="module")
+def modelscope(tiny_qwen2_vl: Path) -> Iterator[FakeModelScope]:
+    pytest.importorskip("modelscope_hub", reason="the modelscope extra is not installed")
+    with FakeModelScope() as server:
+        server.add_directory(REPO, tiny_qwen2_vl)
+        yield server
+
+
+@pytest.fixture
+def ms_env(modelscope: FakeModelScope, tmp_path: Path) -> dict[str, str]:
+    return {"MODELSCOPE_ENDPOINT": modelscope.url, "MODELSCOPE_CACHE": str(tmp_path / "ms"),
+            "MODELSCOPE_HOME": str(tmp_path / "ms-home"), "MODELSCOPE_DOWNLOAD_INTRA_CLOUD": "false",
+            "VLHUB_HOME": str(tmp_path / "vlhub")}
+
+
+def test_modelscope_download_is_listed_checked_and_verifiable(ms_env: dict[str, str], tiny_qwen2_vl: Path) -> None:
+    result = run_vlhub("download", "qwen2-vl-2b", "--source", "modelscope", "--json", env=ms_env)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    snapshot = Path(report["path"])
+    assert snapshot.is_relative_to(Path(ms_env["MODELSCOPE_CACHE"])) and report["source"] == "modelscope"
+    assert_same_files(snapshot, tiny_qwen2_vl)
+    listed = json.loads(run_vlhub("cache", "ls", "--json", env=ms_env).stdout)
+    assert [(e["source"], e["verified"]) for e in listed] == [("modelscope", "verified")]
+    flip_byte(snapshot / SHARD)
+    verify = run_vlhub("cache", "verify", env=ms_env)
+    assert verify.returncode == 1 and SHARD in verify.stdout
+
+
+def test_modelscope_corrupted_bytes_and_unsafe_names_are_refused(modelscope: FakeModelScope,
+                                                                  ms_env: dict[str, str]) -> None:
+    modelscope.add_repo("org/corrupt", {"config.json": b"{}", "model.safetensors": os.urandom(100_000)})
+    modelscope.corrupt("org/corrupt", "model.safetensors")
+    corrupt = run_vlhub("download", "org/corrupt", "--source", "modelscope", env=ms_env)
+    assert corrupt.returncode == 1 and "model.safetensors" in corrupt.stderr and "sha256" in corrupt.stderr
+    assert not list(Path(ms_env["MODELSCOPE_CACHE"]).rglob("model.safetensors*"))
+
+    modelscope.add_repo("org/evil", {"config.json": b"{}", "../../escape.txt": b"pwned"})
+    evil = run_vlhub("download", "org/evil", "--source", "modelscope", env=ms_env)
+    assert evil.returncode == 2 and "outside the model's folder" in evil.stderr
+    assert not list(Path(ms_env["MODELSCOPE_CACHE"]).parent.rglob("escape.txt"))
