@@ -335,3 +335,36 @@ def test_modelscope_corrupted_bytes_and_unsafe_names_are_refused(modelscope: Fak
     evil = run_vlhub("download", "org/evil", "--source", "modelscope", env=ms_env)
     assert evil.returncode == 2 and "outside the model's folder" in evil.stderr
     assert not list(Path(ms_env["MODELSCOPE_CACHE"]).parent.rglob("escape.txt"))
+
+
+def test_a_catalog_model_another_client_downloaded_is_listed_verified_and_removed(env: dict[str, str]) -> None:
+    code = f"from huggingface_hub import snapshot_download; print(snapshot_download({REPO!r}))"
+    fetched = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **env})
+    snapshot = Path(fetched.stdout.strip().splitlines()[-1])
+    listed = json.loads(run_vlhub("cache", "ls", "--json", env=env).stdout)
+    assert [(e["kind"], e["path"], e["verified"]) for e in listed] == [("download", str(snapshot), "unverified")]
+    assert run_vlhub("cache", "verify", env=env).returncode == 0  # by the hashes its blobs are named after
+    flip_byte(snapshot / SHARD)
+    damaged = run_vlhub("cache", "verify", env=env)
+    assert damaged.returncode == 1 and SHARD in damaged.stdout
+    assert run_vlhub("cache", "rm", "qwen2-vl-2b", "--yes", env=env).returncode == 0
+    assert not hf_repo_dir(env).exists()
+
+
+def test_cached_conversions_are_keyed_by_options_and_smoke_tested_when_reused(tmp_path: Path) -> None:
+    pytest.importorskip("paddle")
+    env = {"VLHUB_HOME": str(tmp_path / "vlhub")}
+    first = run_vlhub("convert", "tiny-qwen2-vl", "--to", "paddle", "--no-smoke", env=env)
+    assert first.returncode == 0, first.stderr
+    out = Path(first.stdout.split()[0])
+    assert out == tmp_path / "vlhub" / "artifacts" / "tiny-qwen2-vl" / "builtin-v1" / "paddle"
+    cast = run_vlhub("convert", "tiny-qwen2-vl", "--to", "paddle", "--dtype", "float16", "--no-smoke", env=env)
+    assert Path(cast.stdout.split()[0]) == out.with_name("paddle+dtype=float16")
+
+    reused = run_vlhub("convert", "tiny-qwen2-vl", "--to", "paddle", "--json", env=env)  # the smoke was skipped
+    assert reused.returncode == 0, reused.stderr
+    report = json.loads(reused.stdout)
+    assert report["cached"] and report["out"] == str(out) and report["smoke"]["passed"] is True
+    assert json.loads((out / "vlhub-manifest.json").read_text())["smoke"]["passed"] is True
+    smokes = {e["kind"]: e["smoke"] for e in json.loads(run_vlhub("cache", "ls", "--json", env=env).stdout)}
+    assert smokes == {"built-in": None, "paddle": "passed", "paddle+dtype=float16": None}

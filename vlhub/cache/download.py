@@ -182,7 +182,7 @@ def hash_file(path: Path, file: RemoteFile, on_bytes: Callable[[int], None] | No
 
 def retrying(action: Callable[[], Any], what: str, ref: RepoRef, endpoint: str) -> Any:
     """Run `action`, again after each back-off delay on a connection error, a 5xx or a 429."""
-    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
     for delay in (*RETRY_DELAYS, None):
         try:
@@ -194,6 +194,9 @@ def retrying(action: Callable[[], Any], what: str, ref: RepoRef, endpoint: str) 
             transient = (isinstance(exc, _transport_error()) or status in (408, 429) or (status or 0) >= 500
                          or (isinstance(exc, OSError) and exc.errno is None and status is None))
             if not transient:
+                if isinstance(exc, HfHubHTTPError) and not isinstance(exc, (RepositoryNotFoundError,
+                                                                            RevisionNotFoundError)):
+                    raise DownloadFailed(f"{what} of {ref} from {endpoint} failed: {one_line(exc)}") from exc
                 raise
             if delay is None:
                 raise DownloadFailed(f"{what} of {ref} from {endpoint} failed after {len(RETRY_DELAYS) + 1} "

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vlhub.cache.download import hash_file, hf_storage_folder, now_iso
+from vlhub.cache.download import hash_file, now_iso
 from vlhub.cache.home import vlhub_home
 from vlhub.cache.records import DownloadRecord, RemoteFile, all_records, remove_record, save_record
 from vlhub.catalog import ModelSpec, find_model, models
@@ -208,7 +208,7 @@ def remove_entry(entry: CacheEntry) -> None:
             scan_cache_dir(constants.HF_HUB_CACHE).delete_revisions(entry.revision).execute()
         except CacheNotFound:
             pass
-        repo_folder = hf_storage_folder(entry.record.repo_id if entry.record else entry.path.parent.parent.name)
+        repo_folder = entry.path.parent.parent  # models--Org--Name, above snapshots/<commit>
         if repo_folder.is_dir() and not any((repo_folder / "snapshots").glob("*")):
             shutil.rmtree(repo_folder, ignore_errors=True)  # left: partial files of an interrupted download
     else:

@@ -104,7 +104,8 @@ def rm(model: ModelArg, target: TargetOpt = None,
         raise UserError(f"nothing of {model}{f' for --target {target}' if target else ''} is in the cache "
                         "(`vlhub cache ls` lists what is there)")
     for e in entries:
-        stderr.print(f"  {e.kind:<24} {e.revision[:12]:<12} {format_size(e.size):>9}  {e.path}", markup=False)
+        stderr.print(f"  {e.kind:<24} {e.revision[:12]:<12} {format_size(e.size):>9}  {e.path}", markup=False,
+                     soft_wrap=True)
     total = format_size(sum(e.size for e in entries))
     if not yes:
         if not sys.stdin.isatty():

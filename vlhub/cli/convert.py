@@ -2,7 +2,8 @@
 deployment, streaming, then smoke-tested.
 
 Examples:
-    vlhub convert tiny-qwen2-vl --to paddle
+    vlhub convert tiny-qwen2-vl --to paddle                  # into the cache: vlhub cache path tiny-qwen2-vl --target paddle
+    vlhub convert qwen2-vl-7b --to paddle-inference          # downloads the model first when it is not cached
     vlhub convert ./Qwen2-VL-7B-Instruct --to paddle --out ./Qwen2-VL-7B-Instruct-paddle
     vlhub convert ./Qwen2-VL-7B-Instruct-paddle --to safetensors --dtype bfloat16
     vlhub convert qwen2.5-vl-72b --to paddle --dry-run
@@ -78,7 +79,8 @@ def convert(
     """Convert a checkpoint tensor by tensor: keys through the family's key map, Linear weights transposed
     where the target stores them \\[in, out], dtypes cast only when asked. Nothing is left behind on error.
     Then a smoke test runs the converted model against the source (see `vlhub smoke`): a failure exits 1
-    and is recorded in the output's manifest."""
+    and is recorded in the output's manifest. Without --out a catalog model (downloaded first if need be)
+    is converted into the cache, $VLHUB_HOME/artifacts/, and the same command again answers from there."""
     shard_limit = parse_size(max_shard_size) if max_shard_size else None
     if to != "paddle-inference" and (ir != "pir" or max_seq_len != DEFAULT_MAX_SEQ_LEN):
         raise UserError("--ir and --max-seq-len apply to --to paddle-inference only")

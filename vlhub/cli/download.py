@@ -61,7 +61,7 @@ def fetch_model(model: str, *, source: str = "huggingface", revision: str | None
                 endpoint: str | None = None) -> dict:
     """Download with a progress bar on stderr; the result as `vlhub download --json` prints it."""
     def waiting(holder: str) -> None:
-        stderr.print(f"waiting for another download of {model} to finish ({holder})", markup=False)
+        stderr.print(f"waiting for another download of {model} to finish ({holder})", markup=False, soft_wrap=True)
 
     with open_download(model, source=source, revision=revision, include=include, exclude=exclude,
                        endpoint=endpoint, on_wait=waiting) as job:
@@ -72,7 +72,7 @@ def fetch_model(model: str, *, source: str = "huggingface", revision: str | None
         else:
             path = job.fetch()
     stderr.print(f"{job.ref}: {len(job.files)} files, {format_size(total)}, sha256-checked "
-                 f"({format_size(job.missing_bytes)} downloaded)", markup=False)
+                 f"({format_size(job.missing_bytes)} downloaded)", markup=False, soft_wrap=True)
     return {"path": str(path), "model": job.ref.model, "repo": job.ref.repo_id, "source": job.ref.source,
             "revision": job.ref.revision, "commit": job.commit, "files": len(job.files), "total_bytes": total,
             "downloaded_bytes": job.missing_bytes, "verified": True}
@@ -80,5 +80,5 @@ def fetch_model(model: str, *, source: str = "huggingface", revision: str | None
 
 def download_for(spec: ModelSpec) -> Path:
     """A catalog model that is not on this machine yet, downloaded (what `vlhub convert MODEL` needs first)."""
-    stderr.print(f"{spec.name} is not in the cache: downloading {spec.hf_repo} first", markup=False)
+    stderr.print(f"{spec.name} is not in the cache: downloading {spec.hf_repo} first", markup=False, soft_wrap=True)
     return Path(fetch_model(spec.name)["path"])

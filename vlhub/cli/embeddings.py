@@ -9,7 +9,7 @@ Examples:
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.markup import escape
@@ -21,7 +21,7 @@ from vlhub.embeddings import DTYPES, FORMATS, prepare_dump
 from vlhub.units import format_size
 
 OutOpt = Annotated[
-    Optional[str],
+    str | None,
     typer.Option("--out", help="Output file, or an existing directory to write embed_tokens.<format> into "
                                "\\[default: ./embed_tokens.<format>]. The sidecar JSON and lm_head go beside it.",
                  show_default=False),
@@ -34,7 +34,7 @@ FormatOpt = Annotated[
                                   "bfloat16, which numpy lacks)."),
 ]
 TensorOpt = Annotated[
-    Optional[str],
+    str | None,
     typer.Option("--tensor", metavar="NAME", show_default=False,
                  help="Dump this 2-D tensor instead of the embedding the family's key map names."),
 ]

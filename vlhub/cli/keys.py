@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from functools import partial
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.markup import escape
@@ -19,14 +19,14 @@ from rich.table import Table
 
 from vlhub.catalog import find_model
 from vlhub.cli._errors import reports_errors
-from vlhub.errors import UserError
 from vlhub.cli._options import JsonOpt, SourceArg
 from vlhub.cli._output import byte_progress, print_json, stdout
+from vlhub.errors import UserError
 from vlhub.keys import RenameResult, parse_rename, rename_keys
 from vlhub.sources import resolve_source
 
 RenameOpt = Annotated[
-    Optional[list[str]],
+    list[str] | None,
     typer.Option(
         "--rename", metavar="OLD=NEW", show_default=False,
         help="Keys starting with OLD get NEW instead of that prefix. Repeatable: each key takes the first --rename "
@@ -40,7 +40,7 @@ RegexOpt = Annotated[
                                  "count=1), so only the first match in a key changes (anchor with ^ for a prefix)."),
 ]
 OutOpt = Annotated[
-    Optional[Path],
+    Path | None,
     typer.Option("--out", help="A new directory for a directory SRC (its other files are copied in, except a vlhub manifest of the old weights), "
                                "or the output file for a single-file SRC.", show_default=False),
 ]

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.markup import escape
@@ -27,12 +27,12 @@ from vlhub.smoke.verdict import TOLERANCES, SmokeReport
 
 PathArg = Annotated[Path, typer.Argument(metavar="PATH", help="A converted checkpoint directory, or a --to paddle-inference layout.", show_default=False)]
 AgainstOpt = Annotated[
-    Optional[str],
+    str | None,
     typer.Option("--against", help="Reference checkpoint of the same architecture (default: the source in PATH's manifest)."),
 ]
 TokensOpt = Annotated[int, typer.Option("--tokens", min=1, help="Tokens to generate greedily.")]
 StreamedOpt = Annotated[
-    Optional[bool],
+    bool | None,
     typer.Option("--streamed/--resident", help="Load one layer at a time, or the whole model (default: by size and free memory).",
                  show_default=False),
 ]
