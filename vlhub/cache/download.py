@@ -47,7 +47,7 @@ def resolve_repo(model: str, source: str = "huggingface", revision: str | None =
     spec = find_model(model)
     if spec is not None and spec.tiny:
         raise UserError(f"{spec.name} is built in: vlhub generates it locally on first use, there is nothing to "
-                        "download (`vlhub cache path {spec.name}` prints where it is)")
+                        f"download (`vlhub cache path {spec.name}` prints where it is)")
     if spec is not None:
         repo_id = spec.hf_repo if source == "huggingface" else spec.modelscope_repo
     else:
