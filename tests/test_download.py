@@ -368,3 +368,81 @@ def test_cached_conversions_are_keyed_by_options_and_smoke_tested_when_reused(tm
     assert json.loads((out / "vlhub-manifest.json").read_text())["smoke"]["passed"] is True
     smokes = {e["kind"]: e["smoke"] for e in json.loads(run_vlhub("cache", "ls", "--json", env=env).stdout)}
     assert smokes == {"built-in": None, "paddle": "passed", "paddle+dtype=float16": None}
+
+
+def test_listed_hashes_are_untrusted_names_too() -> None:
+    from vlhub.cache.download import checked_files, resolve_repo
+    from vlhub.cache.records import RemoteFile
+    from vlhub.errors import UserError
+
+    ref = resolve_repo("org/repo")
+    for sha256, blob_id in (("../../../../victim.txt", None), (None, "../victim"), (None, None), ("A" * 64, None)):
+        with pytest.raises(UserError, match="no valid hash"):
+            checked_files([RemoteFile("w.safetensors", 5, sha256, blob_id)], ref, None, None)
+
+
+def test_two_revisions_of_one_repo_downloading_at_once_share_blobs_safely(hub: FakeHub, env: dict[str, str],
+                                                                          tiny_qwen2_vl: Path) -> None:
+    commit = json.loads(download(env, "--include", "config.json", "--json").stdout)["commit"]
+    hub.reset()
+    hub.throttle(40_000_000)
+    procs = [subprocess.Popen([sys.executable, "-m", "vlhub", "download", "qwen2-vl-2b", *revision],
+                              env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for revision in ([], ["--revision", commit])]
+    outputs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    assert outputs[0][0] == outputs[1][0]
+    assert len([r for r in file_gets(hub, SHARD) if r.status in (200, 206)]) == 1  # one fetched, one waited
+    assert_same_files(Path(outputs[0][0].strip()), tiny_qwen2_vl)
+
+
+def test_bad_options_and_bad_input_fail_before_any_download(hub: FakeHub, env: dict[str, str]) -> None:
+    for args in (["convert", "qwen2-vl-2b", "--to", "bogus"], ["convert", "qwen2-vl-2b", "--to", "paddle",
+                                                              "--dtype", "float7"],
+                 ["download", "org/na me"], ["download", "qwen2-vl-2b", "--endpoint", "127.0.0.1:1"]):
+        started = time.monotonic()
+        result = run_vlhub(*args, env=env)
+        assert result.returncode == 2 and result.stderr.startswith("error: "), (args, result.stderr)
+        assert "Traceback" not in result.stderr and time.monotonic() - started < 10
+    assert not hub.requests
+
+
+def test_a_refused_file_is_a_one_line_error(hub: FakeHub, env: dict[str, str]) -> None:
+    hub.fail(REPO, SHARD, status=403, times=1)
+    result = download(env, "--json")
+    assert result.returncode == 2 and result.stdout == ""
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "403" in errors[0] and SHARD in errors[0] and "Traceback" not in result.stderr
+
+
+def test_a_subset_download_is_not_taken_for_the_model(hub: FakeHub, env: dict[str, str]) -> None:
+    subset = download(env, "--include", "*.json", "--json")
+    assert json.loads(subset.stdout)["files"] == 3
+    listed = json.loads(run_vlhub("cache", "ls", "--json", env=env).stdout)
+    assert listed[0]["verified"] == "verified (--include/--exclude subset)"
+    offline = download({**env, "HF_HUB_OFFLINE": "1"})  # the whole model is asked for: not here
+    assert offline.returncode == 2 and "left out" in offline.stderr
+    converted = run_vlhub("convert", "qwen2-vl-2b", "--to", "paddle", "--no-smoke", "--json", env=env)
+    assert converted.returncode == 0, converted.stderr  # the rest was fetched first
+    assert len(file_gets(hub, "config.json")) == 1  # what was there was not fetched again
+    assert json.loads(run_vlhub("cache", "ls", "qwen2-vl-2b", "--json", env=env).stdout)[0]["verified"] == "verified"
+
+
+def test_a_snapshot_path_is_converted_into_the_cache_not_into_the_hub_cache(env: dict[str, str]) -> None:
+    snapshot = Path(download(env).stdout.strip())
+    converted = run_vlhub("convert", str(snapshot), "--to", "paddle", "--no-smoke", env=env)
+    assert converted.returncode == 0, converted.stderr
+    out = Path(converted.stdout.split()[0])
+    assert out == Path(env["VLHUB_HOME"]) / "artifacts" / "qwen2-vl-2b" / snapshot.name / "paddle"
+    assert [p.name for p in snapshot.parent.iterdir()] == [snapshot.name]
+
+
+def test_a_damaged_cached_conversion_is_reported_and_made_again(env: dict[str, str]) -> None:
+    first = run_vlhub("convert", "qwen2-vl-2b", "--to", "paddle", "--no-smoke", env=env)
+    out = Path(first.stdout.split()[0])
+    (out / "vlhub-manifest.json").write_text('{"files": {')
+    verify = run_vlhub("cache", "verify", "qwen2-vl-2b", env=env)
+    assert verify.returncode == 1 and "vlhub-manifest.json: unreadable" in verify.stdout
+    again = run_vlhub("convert", "qwen2-vl-2b", "--to", "paddle", "--no-smoke", "--json", env=env)
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["cached"] is False and json.loads((out / "vlhub-manifest.json").read_text())

@@ -9,7 +9,6 @@ an error or an interruption leaves nothing behind.
 
 from __future__ import annotations
 
-import datetime
 import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -17,7 +16,7 @@ from pathlib import Path
 
 from vlhub import __version__
 from vlhub.atomic import ensure_free_space, refuse_output_holding, swap_in
-from vlhub.cache.store import MANIFEST, conversion_output
+from vlhub.cache.store import MANIFEST, conversion_output, revision_of
 from vlhub.catalog import ModelSpec, find_model
 from vlhub.configs import target_config
 from vlhub.converters.formats import format_of_file
@@ -28,6 +27,7 @@ from vlhub.converters.writers import CheckpointWriter, file_sha256, temporary_na
 from vlhub.errors import UserError
 from vlhub.sources import resolve_source
 from vlhub.tensors import TensorMeta
+from vlhub.units import now_iso
 
 # --to name -> (key-map layout, or the first of several the family declares; file format)
 TARGETS: dict[str, tuple[str | tuple[str, ...], str]] = {
@@ -126,12 +126,12 @@ class Conversion:
         layout = self.plan.target_layout
         return {
             "vlhub_version": __version__,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "created": now_iso(),
             "source": {
                 "path": str(self.source_path),
                 "model": self.model.name if self.model else None,
                 "repo": self.model.hf_repo if self.model else None,
-                "revision": _hub_revision(self.source_path),
+                "revision": revision_of(self.source_path),
                 "format": self.source_format,
                 "layout": self.plan.source_layout,
             },
@@ -197,14 +197,6 @@ def _check_destination(out: Path, overwrite: bool, needed: int) -> None:
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise UserError(f"{out} exists and is not empty; pass --overwrite to replace it, or choose another --out")
     ensure_free_space(out.parent, needed, "the converted weights")
-
-
-def _hub_revision(path: Path | None) -> str | None:
-    """The commit a Hugging Face cache snapshot path names (…/snapshots/<revision>/…), if it is one."""
-    if path is None:
-        return None
-    parts = path.resolve().parts
-    return parts[parts.index("snapshots") + 1] if "snapshots" in parts[:-1] else None
 
 
 def plan_table_rows(plan: Plan) -> Iterator[tuple[str, str, str, str, str, int]]:

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from vlhub.catalog import ModelSpec, find_model, unknown_model_message
-from vlhub.errors import UserError
+from vlhub.converters.readers import open_checkpoint
+from vlhub.errors import UserError, VlhubError
 
 
 def resolve_source(source: str) -> Path:
@@ -35,11 +36,14 @@ def _local_copy(spec: ModelSpec) -> Path:
 
 
 def cached_snapshot(spec: ModelSpec) -> Path | None:
-    """The catalog model's snapshot in the Hugging Face cache, if one is there (no network)."""
+    """The catalog model's snapshot in the Hugging Face cache, if one is there with a whole checkpoint (every
+    shard its index names: a download limited by --include may hold only some files). No network."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
-        return Path(snapshot_download(spec.hf_repo, local_files_only=True))
-    except LocalEntryNotFoundError:
+        path = Path(snapshot_download(spec.hf_repo, local_files_only=True))
+        open_checkpoint(path).close()
+    except (LocalEntryNotFoundError, VlhubError):
         return None
+    return path

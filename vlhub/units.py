@@ -1,7 +1,8 @@
-"""Byte sizes as people write them ("5GB", "500MiB") and as vlhub prints them."""
+"""Byte sizes as people write them ("5GB", "500MiB") and as vlhub prints them; timestamps as it records them."""
 
 from __future__ import annotations
 
+import datetime
 import re
 
 from vlhub.errors import UserError
@@ -38,3 +39,8 @@ def format_count(n: int) -> str:
         if n >= scale:
             return f"{n / scale:.3g}{unit}"
     return str(n)
+
+
+def now_iso() -> str:
+    """The current UTC time as manifests and records store it: 2026-11-24T06:44:42+00:00."""
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

@@ -13,9 +13,9 @@ Range request in the next run, hashes while writing, and only then renames it to
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -27,13 +27,14 @@ from vlhub.atomic import ensure_free_space
 from vlhub.cache.locks import exclusive_lock, lock_open_file, lock_path
 from vlhub.cache.records import DownloadRecord, RemoteFile, RepoRef, load_record, save_record
 from vlhub.catalog import find_model
+from vlhub.converters.writers import hash_file_into
 from vlhub.errors import CheckFailed, UserError, VlhubError
-from vlhub.units import format_size
+from vlhub.units import format_size, now_iso
 
 SOURCES = ("huggingface", "modelscope")
 # seconds to wait before each new attempt after a connection error, a 5xx or a 429 (then give up)
 RETRY_DELAYS = (1, 2, 4, 8)
-_HASH_CHUNK = 16 << 20
+_HASH_CHUNK = 16 << 20  # what HashingWriter re-reads at a time
 
 
 class DownloadFailed(VlhubError):
@@ -51,9 +52,16 @@ def resolve_repo(model: str, source: str = "huggingface", revision: str | None =
     if spec is not None:
         repo_id = spec.hf_repo if source == "huggingface" else spec.modelscope_repo
     else:
+        from huggingface_hub.errors import HFValidationError
+        from huggingface_hub.utils import validate_repo_id
+
         repo_id = model.strip()
-        parts = repo_id.split("/")
-        if len(parts) != 2 or not all(parts) or any(p in (".", "..") for p in parts):
+        try:
+            validate_repo_id(repo_id)
+            valid = repo_id.count("/") == 1
+        except HFValidationError:
+            valid = False
+        if not valid:
             raise UserError(f"{model!r} is neither a catalog model nor a repo id like Qwen/Qwen2-VL-7B-Instruct "
                             "(`vlhub models` lists the catalog)")
     assert repo_id is not None
@@ -67,7 +75,8 @@ class Download(Protocol):
     ref: RepoRef
     commit: str
     files: list[RemoteFile]
-    missing_bytes: int
+    missing_bytes: int  # what the listing says is still to fetch (for the progress bar and the disk check)
+    downloaded_bytes: int  # what `fetch` received
 
     def fetch(self, on_bytes: Callable[[int], None] | None = None) -> Path: ...
 
@@ -81,18 +90,20 @@ def open_download(
     include: list[str] | None = None,
     exclude: list[str] | None = None,
     endpoint: str | None = None,
-    token: str | None = None,
     on_wait: Callable[[str], None] | None = None,
 ) -> Iterator[Download]:
-    """Lock the model's revision, list its files, refuse unsafe names and a too-full disk; yield the download."""
+    """Lock the model's revision, list its files, refuse unsafe names and a too-full disk; yield the download.
+    Tokens come from the clients' own settings (HF_TOKEN or `hf auth login`; MODELSCOPE_API_TOKEN)."""
     ref = resolve_repo(model, source, revision)
+    if endpoint is not None and not endpoint.startswith(("http://", "https://")):
+        raise UserError(f"--endpoint {endpoint!r}: write the URL with its scheme, e.g. https://hf-mirror.com")
     with exclusive_lock(lock_path(ref.source, ref.repo_id, ref.revision), on_wait=on_wait):
         if source == "huggingface":
-            download: Download = HuggingFaceDownload(ref, include, exclude, endpoint, token)
+            download: Download = HuggingFaceDownload(ref, include, exclude, endpoint)
         else:
             from vlhub.cache.modelscope import ModelScopeDownload
 
-            download = ModelScopeDownload(ref, include, exclude, endpoint, token)
+            download = ModelScopeDownload(ref, include, exclude, endpoint)
         yield download
 
 
@@ -105,6 +116,11 @@ def checked_files(files: list[RemoteFile], ref: RepoRef, include: list[str] | No
                                       key=lambda f: f.path))
     for file in chosen:
         refuse_unsafe_name(file.path, ref)
+        # hashes name files in the cache, so they are untrusted names too; and without one nothing can be checked
+        if not (re.fullmatch(r"[0-9a-f]{64}", file.sha256 or "") or
+                (file.sha256 is None and re.fullmatch(r"[0-9a-f]{40}", file.blob_id or ""))):
+            raise UserError(f"{ref} lists {file.path!r} with no valid hash (sha256 {file.sha256!r}, blob id "
+                            f"{file.blob_id!r}); refusing to download from this repo")
     if not chosen:
         raise UserError(f"no file of {ref} matches --include/--exclude ({len(files)} files listed)")
     return chosen
@@ -171,18 +187,12 @@ def file_digest(file: RemoteFile) -> Callable[[], Any]:
 
 def hash_file(path: Path, file: RemoteFile, on_bytes: Callable[[int], None] | None = None) -> str:
     """The hash of a file on disk, of the kind the hub lists for `file`."""
-    digest = file_digest(file)()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_HASH_CHUNK):
-            digest.update(chunk)
-            if on_bytes:
-                on_bytes(len(chunk))
-    return digest.hexdigest()
+    return hash_file_into(path, file_digest(file)(), on_bytes).hexdigest()
 
 
 def retrying(action: Callable[[], Any], what: str, ref: RepoRef, endpoint: str) -> Any:
     """Run `action`, again after each back-off delay on a connection error, a 5xx or a 429."""
-    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
     for delay in (*RETRY_DELAYS, None):
         try:
@@ -194,6 +204,8 @@ def retrying(action: Callable[[], Any], what: str, ref: RepoRef, endpoint: str) 
             transient = (isinstance(exc, _transport_error()) or status in (408, 429) or (status or 0) >= 500
                          or (isinstance(exc, OSError) and exc.errno is None and status is None))
             if not transient:
+                if isinstance(exc, GatedRepoError):
+                    raise UserError(f"{ref} is gated: accept its terms on the hub and set HF_TOKEN") from exc
                 if isinstance(exc, HfHubHTTPError) and not isinstance(exc, (RepositoryNotFoundError,
                                                                             RevisionNotFoundError)):
                     raise DownloadFailed(f"{what} of {ref} from {endpoint} failed: {one_line(exc)}") from exc
@@ -217,22 +229,20 @@ def one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
-def now_iso() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
-
 class HuggingFaceDownload:
     """A Hugging Face repo revision fetched into the Hugging Face cache (HF_HOME / HF_HUB_CACHE)."""
 
     def __init__(self, ref: RepoRef, include: list[str] | None, exclude: list[str] | None,
-                 endpoint: str | None, token: str | None) -> None:
+                 endpoint: str | None) -> None:
         from huggingface_hub import constants
 
-        self.ref, self.token = ref, token
+        self.ref = ref
         self.endpoint = (endpoint or constants.ENDPOINT).rstrip("/")
         self.storage = hf_storage_folder(ref.repo_id)
+        self.downloaded_bytes = 0
+        self.filtered = bool(include or exclude)
         if constants.HF_HUB_OFFLINE:
-            self._prepare_offline()
+            self._prepare_offline(include, exclude)
         else:
             self._prepare(include, exclude)
 
@@ -241,7 +251,7 @@ class HuggingFaceDownload:
         from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
         from huggingface_hub.hf_api import RepoFile
 
-        api = HfApi(endpoint=self.endpoint, token=self.token)
+        api = HfApi(endpoint=self.endpoint)
         try:
             info = retrying(lambda: api.model_info(self.ref.repo_id, revision=self.ref.revision),
                             "reading the revision", self.ref, self.endpoint)
@@ -252,19 +262,20 @@ class HuggingFaceDownload:
         except RevisionNotFoundError:
             raise UserError(f"{self.ref.repo_id} has no revision {self.ref.revision!r} on {self.endpoint}") from None
         except RepositoryNotFoundError:
-            raise UserError(f"{self.endpoint} has no repo {self.ref.repo_id} (or it is private or gated: set "
+            raise UserError(f"{self.endpoint} has no repo {self.ref.repo_id} (or it is private: set "
                             "HF_TOKEN)") from None
         listed = [RemoteFile(e.path, e.size, e.lfs.sha256 if e.lfs else None, e.blob_id)
                   for e in listing if isinstance(e, RepoFile)]
         self.files = checked_files(listed, self.ref, include, exclude)
         self.record = load_record(self.ref.source, self.ref.repo_id, self.commit) or DownloadRecord.new(
-            self.ref, self.commit, self.storage / "snapshots" / self.commit, self.endpoint)
-        self.missing_bytes = sum(f.size - self._partial_size(f) for f in self.files if not self._have_blob(f))
+            self.ref, self.commit, self.storage / "snapshots" / self.commit, self.endpoint, self.filtered)
+        to_fetch = {f.etag: f for f in self.files if not self._have_blob(f)}  # equal files share one blob
+        self.missing_bytes = sum(f.size - self._partial_size(f) for f in to_fetch.values())
         ensure_free_space(self.storage, self.missing_bytes,
                           f"the {len(self.files)} files of {self.ref} ({format_size(self.total_bytes)}; what is "
                           "not yet in the cache)")
 
-    def _prepare_offline(self) -> None:
+    def _prepare_offline(self, include: list[str] | None, exclude: list[str] | None) -> None:
         commit_file = self.storage / "refs" / self.ref.revision
         self.commit = commit_file.read_text().strip() if commit_file.is_file() else self.ref.revision
         record = load_record(self.ref.source, self.ref.repo_id, self.commit)
@@ -272,9 +283,11 @@ class HuggingFaceDownload:
             raise UserError(f"HF_HUB_OFFLINE is set and {self.ref} was not downloaded by vlhub into "
                             f"{self.storage.parent}; unset HF_HUB_OFFLINE to download it")
         self.record = record
-        self.files = record.remote_files()
+        self.files = checked_files(record.remote_files(), self.ref, include, exclude)
         self.missing_bytes = 0
         missing = [f.path for f in self.files if not self._have_blob(f)]
+        if record.filtered and not self.filtered:
+            missing.append("(the files its --include/--exclude left out)")
         if missing:
             raise UserError(f"HF_HUB_OFFLINE is set and {len(missing)} files of {self.ref} are not in the cache "
                             f"(first: {missing[0]}); unset HF_HUB_OFFLINE to download them")
@@ -286,21 +299,30 @@ class HuggingFaceDownload:
     def _blob(self, file: RemoteFile) -> Path:
         return self.storage / "blobs" / file.etag
 
+    def _partial(self, file: RemoteFile) -> Path:
+        return self.storage / "blobs" / f"{file.etag}.incomplete"
+
     def _have_blob(self, file: RemoteFile) -> bool:
         blob = self._blob(file)
         return blob.is_file() and blob.stat().st_size == file.size
 
     def _partial_size(self, file: RemoteFile) -> int:
-        partial = self._blob(file).with_name(file.etag + ".incomplete")
-        return min(partial.stat().st_size, file.size) if partial.is_file() else 0
+        partial = self._partial(file)
+        size = partial.stat().st_size if partial.is_file() else 0
+        return size if size <= file.size else 0  # longer than the file: not a prefix of it, started afresh
 
     def fetch(self, on_bytes: Callable[[int], None] | None = None) -> Path:
         """Download what is missing, check every file against its listed hash, link the snapshot."""
+        def received(n: int) -> None:
+            self.downloaded_bytes += n
+            if on_bytes:
+                on_bytes(n)
+
         snapshot = self.storage / "snapshots" / self.commit
         for file in self.files:
             if not self._have_blob(file):
-                self._download(file, on_bytes)
-            elif not self.record.verified(file):
+                self._download(file, received)
+            elif not self.record.verified(file) and not self._verified_blob(file):
                 self._check_reused(file)
             self.record.add(file, verified_at=now_iso())
             _link(snapshot / file.path, self._blob(file))
@@ -308,8 +330,15 @@ class HuggingFaceDownload:
             ref_file = self.storage / "refs" / self.ref.revision
             ref_file.parent.mkdir(parents=True, exist_ok=True)
             ref_file.write_text(self.commit)
+        if not self.filtered:
+            self.record.filtered = False
         save_record(self.record)
         return snapshot
+
+    def _verified_blob(self, file: RemoteFile) -> bool:
+        """Whether a file with the same content was checked in this run (or is recorded as checked)."""
+        return any(e["verified_at"] and (e["sha256"] or e["blob_id"]) == file.etag
+                   for e in self.record.files.values())
 
     def _check_reused(self, file: RemoteFile) -> None:
         """A blob another client (or an earlier run) left: only its size was ever checked."""
@@ -319,41 +348,48 @@ class HuggingFaceDownload:
             raise CheckFailed(f"{file.path} in the cache ({blob}) does not match the hash {self.endpoint} lists; "
                               "deleted it: run the same command again to download it afresh")
 
-    def _download(self, file: RemoteFile, on_bytes: Callable[[int], None] | None) -> None:
+    def _download(self, file: RemoteFile, on_bytes: Callable[[int], None]) -> None:
         from huggingface_hub import hf_hub_url
 
         url = hf_hub_url(self.ref.repo_id, file.path, revision=self.commit, endpoint=self.endpoint)
-        blob = self._blob(file)
-        partial = blob.with_name(file.etag + ".incomplete")
         for last_try in (False, True):  # bytes that fail their hash are fetched once more, from zero
-            digest = retrying(lambda: self._transfer(url, file, partial, on_bytes), f"downloading {file.path}",
+            digest = retrying(lambda: self._transfer(url, file, on_bytes), f"downloading {file.path}",
                               self.ref, self.endpoint)
-            if digest == file.etag:
-                os.chmod(partial, 0o644)
-                os.replace(partial, blob)
+            if digest in (None, file.etag):
                 return
-            partial.unlink()
             if last_try:
                 kind = "sha256" if file.sha256 else "git blob sha1"
                 raise CheckFailed(f"{file.path} of {self.ref} downloaded from {self.endpoint} does not match the "
                                   f"{kind} the hub lists ({file.etag[:16]}..., got {digest[:16]}...), twice; "
                                   "deleted it: the mirror or the connection corrupts it")
 
-    def _transfer(self, url: str, file: RemoteFile, partial: Path,
-                  on_bytes: Callable[[int], None] | None) -> str:
+    def _transfer(self, url: str, file: RemoteFile, on_bytes: Callable[[int], None]) -> str | None:
+        """Continue the partial file, hash it, and rename it to its blob if the hash is right (else delete it),
+        all under an exclusive lock of the partial file: another revision's download may share this blob.
+        Returns the hash, or None when another process completed the blob meanwhile."""
         from huggingface_hub.file_download import http_get
         from huggingface_hub.utils import build_hf_headers
 
+        blob, partial = self._blob(file), self._partial(file)
         partial.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(partial, os.O_RDWR | os.O_CREAT, 0o600)
         with os.fdopen(fd, "r+b") as handle:
-            lock_open_file(handle.fileno())  # another revision's download may share this blob
+            lock_open_file(handle.fileno())
+            if self._have_blob(file):  # what we opened may be that process's partial, renamed to the blob
+                return None
             if handle.seek(0, os.SEEK_END) > file.size:
                 handle.truncate(0)
             writer = HashingWriter(handle, file_digest(file), on_bytes)
-            http_get(url, writer, resume_size=writer.tell(), headers=build_hf_headers(token=self.token),  # type: ignore[arg-type]
+            http_get(url, writer, resume_size=writer.tell(), headers=build_hf_headers(),  # type: ignore[arg-type]
                      expected_size=file.size, displayed_filename=file.path, tqdm_class=_silent_tqdm())
-        return writer.digest.hexdigest()
+            handle.flush()
+            digest = writer.digest.hexdigest()
+            if digest == file.etag:
+                os.chmod(partial, 0o644)
+                os.replace(partial, blob)
+            else:
+                partial.unlink()
+        return digest
 
 
 def hf_storage_folder(repo_id: str) -> Path:

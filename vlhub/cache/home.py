@@ -1,8 +1,9 @@
-"""vlhub's own directory ($VLHUB_HOME, default ~/.cache/vlhub)."""
+"""vlhub's own directory ($VLHUB_HOME, default ~/.cache/vlhub) and the names of what it keeps there."""
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 
@@ -12,3 +13,16 @@ def vlhub_home() -> Path:
     if configured:
         return Path(configured).expanduser()
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")).expanduser() / "vlhub"
+
+
+def safe_name(text: str) -> str:
+    """`text` (a repo id, a revision, an option value) as one file name: other characters become `_`."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", text)
+
+
+def remove_empty_parents(path: Path, levels: int) -> None:
+    """Remove up to `levels` directories above `path` while they are empty (never $VLHUB_HOME itself)."""
+    for parent in list(path.parents)[:levels]:
+        if parent == vlhub_home() or not parent.is_dir() or any(parent.iterdir()):
+            return
+        parent.rmdir()

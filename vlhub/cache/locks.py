@@ -10,17 +10,16 @@ from __future__ import annotations
 
 import fcntl
 import os
-import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from vlhub.cache.home import vlhub_home
+from vlhub.cache.home import safe_name, vlhub_home
 
 
 def lock_path(*parts: str) -> Path:
     """A lock file under $VLHUB_HOME/locks named after `parts` (repo ids, revisions: any characters)."""
-    name = "--".join(re.sub(r"[^A-Za-z0-9._-]", "_", part) for part in parts)
+    name = "--".join(safe_name(part) for part in parts)
     return vlhub_home() / "locks" / f"{name}.lock"
 
 

@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from vlhub.atomic import ensure_free_space
-from vlhub.cache.download import DownloadFailed, checked_files, hash_file, now_iso, one_line
+from vlhub.cache.download import DownloadFailed, checked_files, hash_file, one_line
 from vlhub.cache.records import DownloadRecord, RemoteFile, RepoRef, load_record, save_record
 from vlhub.errors import CheckFailed, UserError
-from vlhub.units import format_size
+from vlhub.units import format_size, now_iso
 
 DEFAULT_ENDPOINT = "https://modelscope.cn"
 
@@ -37,13 +37,14 @@ class ModelScopeDownload:
     """A ModelScope repo revision fetched into the ModelScope cache."""
 
     def __init__(self, ref: RepoRef, include: list[str] | None, exclude: list[str] | None,
-                 endpoint: str | None, token: str | None) -> None:
+                 endpoint: str | None) -> None:
         client = _client()
         self.ref = ref
         self.endpoint = (endpoint or os.environ.get("MODELSCOPE_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
-        self.api = client.HubApi(endpoint=self.endpoint, token=token or os.environ.get("MODELSCOPE_API_TOKEN"))
+        self.api = client.HubApi(endpoint=self.endpoint, token=os.environ.get("MODELSCOPE_API_TOKEN"))
         self.cache_dir = Path(os.environ.get("MODELSCOPE_CACHE") or Path.home() / ".cache" / "modelscope")
         self.commit = ref.revision
+        self.downloaded_bytes = 0
         self.snapshot = (self.cache_dir / "models" / ref.repo_id.replace("/", "--") / "snapshots" / ref.revision)
         try:  # the client retries connection errors and 5xx itself
             infos = self.api.list_repo_files(ref.repo_id, "model", revision=ref.revision, recursive=True)
@@ -54,8 +55,11 @@ class ModelScopeDownload:
             raise DownloadFailed(f"listing {ref} on {self.endpoint} failed: {one_line(exc)}") from None
         listed = [RemoteFile(i.path, i.size, i.sha256, None) for i in infos if not i.is_dir]
         self.files = checked_files(listed, ref, include, exclude)
+        filtered = bool(include or exclude)
         self.record = load_record(ref.source, ref.repo_id, self.commit) or DownloadRecord.new(
-            ref, self.commit, self.snapshot, self.endpoint)
+            ref, self.commit, self.snapshot, self.endpoint, filtered)
+        if not filtered:
+            self.record.filtered = False
         self.missing_bytes = sum(f.size - self._partial_size(f) for f in self.files if not self._present(f))
         ensure_free_space(self.cache_dir, self.missing_bytes,
                           f"the {len(self.files)} files of {ref} ({format_size(sum(f.size for f in self.files))}; "
@@ -67,18 +71,29 @@ class ModelScopeDownload:
 
     def _partial_size(self, file: RemoteFile) -> int:
         partial = self.snapshot / f"{file.path}.incomplete"
-        return min(partial.stat().st_size, file.size) if partial.is_file() else 0
+        size = partial.stat().st_size if partial.is_file() else 0
+        return size if size <= file.size else 0
 
     def fetch(self, on_bytes: Callable[[int], None] | None = None) -> Path:
-        """Download what is missing (the client checks each Sha256), check what was already there, record it."""
+        """Check what is already there, download the rest (the client checks each Sha256), record it."""
         client = _client()
-        missing = [f for f in self.files if not self._present(f)]
+        missing = []
+        for file in self.files:  # a file changed upstream at the same size fails its hash: fetch it again
+            if not self._present(file) or (not self.record.verified(file) and
+                                           hash_file(self.snapshot / file.path, file) != file.sha256):
+                missing.append(file)
+
+        def received(n: int) -> None:
+            self.downloaded_bytes += n
+            if on_bytes:
+                on_bytes(n)
+
         if missing:
             try:
                 self.snapshot = Path(self.api.download_repo(
                     self.ref.repo_id, "model", revision=self.ref.revision, cache_dir=self.cache_dir,
                     file_list=[{"Path": f.path, "Size": f.size, "Sha256": f.sha256} for f in missing],
-                    progress_callbacks=[_progress_callback(client, on_bytes)] if on_bytes else None))
+                    progress_callbacks=[_progress_callback(client, received)]))
             except client.errors.FileDownloadError as exc:
                 corrupt = sorted(name for name, error in exc.failed_files.items()
                                  if isinstance(error, client.errors.FileIntegrityError))
@@ -91,12 +106,8 @@ class ModelScopeDownload:
             except client.errors.HubError as exc:
                 raise DownloadFailed(f"downloading {self.ref} from {self.endpoint} failed: {one_line(exc)}; run the "
                                      "same command again to resume") from None
+        self.record.path = str(self.snapshot)  # the client may reuse an older SDK's folder for this repo
         for file in self.files:
-            path = self.snapshot / file.path
-            if file not in missing and not self.record.verified(file) and hash_file(path, file) != file.sha256:
-                path.unlink()
-                raise CheckFailed(f"{file.path} in the cache ({path}) does not match the sha256 {self.endpoint} "
-                                  "lists; deleted it: run the same command again to download it afresh")
             self.record.add(file, verified_at=now_iso())
         save_record(self.record)
         return self.snapshot

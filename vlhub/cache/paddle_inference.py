@@ -14,7 +14,6 @@ Facts: shared/docs/paddle.md 1.3-1.4 (names, the uint16 trap, file suffixes), 2.
 
 from __future__ import annotations
 
-import datetime
 import json
 import shutil
 from collections.abc import Callable
@@ -27,6 +26,7 @@ from vlhub.cache.store import conversion_output
 from vlhub.convert import MANIFEST, Conversion, prepare_conversion
 from vlhub.converters.writers import file_sha256, temporary_name, write_json_atomic
 from vlhub.errors import UserError
+from vlhub.units import now_iso
 
 IR_SUFFIX = {"pir": ".json", "legacy": ".pdmodel"}
 TEXT_PREFIX = {"qwen_vl": "qwen", "qwen2_vl": "model", "qwen2_5_vl": "model"}
@@ -43,6 +43,15 @@ class InferenceLayout:
     out: Path
     weights_dir: Path
     manifest: dict
+
+
+def check_layout_options(ir: str, max_seq_len: int) -> None:
+    """Refuse options the layout cannot be built with, and a machine without paddlepaddle, before any work."""
+    if ir not in IR_SUFFIX:
+        raise UserError(f"--ir {ir!r}: choose pir (writes .json, Paddle 3's default) or legacy (.pdmodel)")
+    if max_seq_len < 1:
+        raise UserError("--max-seq-len must be positive")
+    check_paddle_installed()
 
 
 def check_paddle_installed() -> None:
@@ -78,11 +87,7 @@ def build_paddle_inference(
     on_bytes: Callable[[int], None] | None = None,
 ) -> InferenceLayout:
     """Convert SRC's weights for Paddle Inference and export its static graphs into DIR, atomically."""
-    if ir not in IR_SUFFIX:
-        raise UserError(f"--ir {ir!r}: choose pir (writes .json, Paddle 3's default) or legacy (.pdmodel)")
-    if max_seq_len < 1:
-        raise UserError("--max-seq-len must be positive")
-    check_paddle_installed()
+    check_layout_options(ir, max_seq_len)
     probe = prepare_conversion(source, to="paddle-inference")  # headers only: the family and dtype
     family = probe.plan.family
     chosen = inference_dtype(family, dtype, probe.output_dtype())
@@ -162,7 +167,7 @@ def _manifest(conversion: Conversion, staging: Path, name: str, family: str, dty
     files.update(graphs["files"])
     return {
         "vlhub_version": __version__,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "created": now_iso(),
         "source": weights_manifest["source"],
         "target": {"name": "paddle-inference", "family": family, "dtype": dtype, "ir": ir,
                    "max_seq_len": max_seq_len, "weights": f"{name}-inference",

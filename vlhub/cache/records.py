@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from vlhub.cache.home import vlhub_home
+from vlhub.cache.home import remove_empty_parents, vlhub_home
 from vlhub.converters.writers import write_json_atomic
 
 
@@ -55,10 +55,11 @@ class DownloadRecord:
     endpoint: str
     files: dict[str, dict] = field(default_factory=dict)  # path -> size, sha256, blob_id, verified_at
     damaged: list[str] = field(default_factory=list)  # files the last `vlhub cache verify` found wrong
+    filtered: bool = False  # only what --include/--exclude selected is here, not the whole revision
 
     @classmethod
-    def new(cls, ref: RepoRef, commit: str, path: Path, endpoint: str) -> DownloadRecord:
-        return cls(ref.source, ref.repo_id, ref.model, ref.revision, commit, str(path), endpoint)
+    def new(cls, ref: RepoRef, commit: str, path: Path, endpoint: str, filtered: bool) -> DownloadRecord:
+        return cls(ref.source, ref.repo_id, ref.model, ref.revision, commit, str(path), endpoint, filtered=filtered)
 
     def add(self, file: RemoteFile, verified_at: str) -> None:
         self.files[file.path] = {"size": file.size, "sha256": file.sha256, "blob_id": file.blob_id,
@@ -106,9 +107,7 @@ def all_records() -> Iterator[DownloadRecord]:
 def remove_record(record: DownloadRecord) -> None:
     path = record_path(record.source, record.repo_id, record.commit)
     path.unlink(missing_ok=True)
-    for parent in (path.parent, path.parent.parent):
-        if parent.is_dir() and not any(parent.iterdir()):
-            parent.rmdir()
+    remove_empty_parents(path, 2)
 
 
 def _read(path: Path) -> DownloadRecord | None:

@@ -14,11 +14,13 @@ import os
 import re
 import shutil
 from collections.abc import Callable, Iterable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from vlhub.cache.download import hash_file, now_iso
-from vlhub.cache.home import vlhub_home
+from vlhub.cache.home import remove_empty_parents, safe_name, vlhub_home
+from vlhub.cache.locks import exclusive_lock, lock_path
 from vlhub.cache.records import DownloadRecord, RemoteFile, all_records, remove_record, save_record
 from vlhub.catalog import ModelSpec, find_model, models
 from vlhub.converters.writers import write_json_atomic
@@ -54,7 +56,7 @@ class CacheEntry:
 
 def target_key(target: str, options: dict[str, object]) -> str:
     """`paddle-inference`, or with the options that change what is written: `paddle+dtype=float16`."""
-    extras = [f"{name}={re.sub(r'[^A-Za-z0-9._-]', '_', str(value))}"
+    extras = [f"{name}={safe_name(str(value))}"
               for name, value in sorted(options.items()) if value not in (None, False)]
     return "+".join([target, *extras])
 
@@ -74,12 +76,25 @@ def revision_of(path: Path | None) -> str:
 
 def conversion_output(model: ModelSpec | None, source_path: Path | None, target: str,
                       options: dict[str, object]) -> Path:
-    """Where a conversion goes without --out: into the cache for a catalog model, beside the source otherwise."""
-    if model is not None or source_path is None:
-        name = model.name if model else "model"
+    """Where a conversion goes without --out: into the cache for a catalog model or a hub snapshot (never into
+    the hub's cache, whose client would take it for a revision), beside the source otherwise."""
+    name = model.name if model else _snapshot_model(source_path) if source_path else "model"
+    if name is not None:
         return vlhub_home() / "artifacts" / name / revision_of(source_path) / target_key(target, options)
+    assert source_path is not None
     base = source_path if source_path.is_dir() else source_path.parent
     return base.with_name(f"{base.name}-{target}")
+
+
+def _snapshot_model(path: Path) -> str | None:
+    """The model a hub cache snapshot (…/models--Org--Name/snapshots/<rev>/, or ModelScope's
+    …/models/Org--Name/snapshots/<rev>/) holds: its catalog name, else `Org--Name`."""
+    parts = path.resolve().parts
+    if "snapshots" not in parts[1:-1]:
+        return None
+    folder = parts[parts.index("snapshots") - 1].removeprefix("models--")
+    spec = find_model(folder.replace("--", "/", 1))
+    return spec.name if spec else folder
 
 
 def mark_used(path: Path) -> None:
@@ -120,6 +135,8 @@ def _downloads() -> list[CacheEntry]:
             verified = f"incomplete ({len(files) - len(present)} missing)"
         else:
             verified = "verified" if all(e["verified_at"] for e in record.files.values()) else "unverified"
+            if record.filtered:
+                verified += " (--include/--exclude subset)"
         last_used = max((f.stat().st_atime for f in present), default=None)
         entries.append(CacheEntry(record.model, record.commit, DOWNLOAD, record.source, Path(record.path),
                                   record.total_bytes, last_used, verified, record=record))
@@ -142,7 +159,7 @@ def _hf_cached_catalog_revisions() -> Iterable[tuple]:
     except CacheNotFound:
         return []
     return [(repo, revision) for repo in info.repos if repo.repo_type == "model" and repo.repo_id in repos
-            for revision in repo.revisions]
+            for revision in repo.revisions if re.fullmatch(r"[0-9a-f]{40}", revision.commit_hash)]
 
 
 def _built_in() -> list[CacheEntry]:
@@ -154,14 +171,28 @@ def _built_in() -> list[CacheEntry]:
     return entries
 
 
+def read_manifest(artifact: Path) -> dict | None:
+    """An artifact's manifest, or None when it is missing or not valid JSON."""
+    try:
+        manifest = json.loads((artifact / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) else None
+
+
+def reusable_artifact(artifact: Path) -> dict | None:
+    """The manifest of a cached artifact that can be answered with: complete, and not found damaged."""
+    manifest = read_manifest(artifact)
+    if manifest is None or not (manifest.get("cache_verify") or {}).get("ok", True):
+        return None
+    return manifest
+
+
 def _artifacts() -> list[CacheEntry]:
     entries = []
     for manifest_path in sorted((vlhub_home() / "artifacts").glob(f"*/*/*/{MANIFEST}")):
         path = manifest_path.parent
-        try:
-            manifest = json.loads(manifest_path.read_text())
-        except (OSError, ValueError):
-            manifest = {}
+        manifest = read_manifest(path) or {"cache_verify": {"ok": False, "damaged": [MANIFEST]}}
         check = manifest.get("cache_verify")
         verified = "unverified" if not check else "verified" if check["ok"] else f"damaged ({len(check['damaged'])} files)"
         smoke = manifest.get("smoke")
@@ -200,6 +231,14 @@ def select_entries(model: str, target: str | None = None) -> list[CacheEntry]:
 
 def remove_entry(entry: CacheEntry) -> None:
     """Delete an entry's files: a download through the hub client's own cache bookkeeping."""
+    record = entry.record
+    with exclusive_lock(lock_path(record.source, record.repo_id, record.revision)) if record else nullcontext():
+        _remove_files(entry)
+        if record is not None:
+            remove_record(record)
+
+
+def _remove_files(entry: CacheEntry) -> None:
     if entry.kind == DOWNLOAD and entry.source == "huggingface":
         from huggingface_hub import constants, scan_cache_dir
         from huggingface_hub.utils import CacheNotFound
@@ -213,11 +252,7 @@ def remove_entry(entry: CacheEntry) -> None:
             shutil.rmtree(repo_folder, ignore_errors=True)  # left: partial files of an interrupted download
     else:
         shutil.rmtree(entry.path, ignore_errors=True)
-        for parent in (entry.path.parent, entry.path.parent.parent):  # an artifact's revision and model folders
-            if parent.is_dir() and parent != vlhub_home() and not any(parent.iterdir()):
-                parent.rmdir()
-    if entry.record is not None:
-        remove_record(entry.record)
+        remove_empty_parents(entry.path, 2)  # an artifact's revision and model folders
 
 
 @dataclass
@@ -294,7 +329,10 @@ def _file_problem(path: Path, file: RemoteFile, on_bytes: Callable[[int], None] 
 def _verify_artifact(entry: CacheEntry, on_bytes: Callable[[int], None] | None) -> VerifyResult:
     result = VerifyResult(entry)
     manifest_path = entry.path / MANIFEST
-    manifest = json.loads(manifest_path.read_text())
+    manifest = read_manifest(entry.path)
+    if manifest is None:
+        result.damaged.append(f"{MANIFEST}: unreadable")
+        return result
     for name, expected in sorted(manifest.get("files", {}).items()):
         file = RemoteFile(name, expected["size"], expected["sha256"], None)
         result.checked += 1

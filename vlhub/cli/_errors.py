@@ -24,7 +24,7 @@ def debug_enabled() -> bool:
 def _report(message: str) -> None:
     if debug_enabled():
         traceback.print_exc()
-    stderr.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
+    stderr.print(f"error: {' '.join(message.split())}", markup=False, highlight=False, soft_wrap=True)
 
 
 def reports_errors(command: Callable[P, R]) -> Callable[P, R]:

@@ -12,7 +12,6 @@ Examples:
 
 from __future__ import annotations
 
-import json as json_module
 from pathlib import Path
 from typing import Annotated
 
@@ -20,15 +19,20 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from vlhub.cache.paddle_inference import DEFAULT_MAX_SEQ_LEN, build_paddle_inference, layout_output
-from vlhub.cache.store import mark_used
+from vlhub.cache.paddle_inference import (
+    DEFAULT_MAX_SEQ_LEN,
+    build_paddle_inference,
+    check_layout_options,
+    layout_output,
+)
+from vlhub.cache.store import mark_used, reusable_artifact
 from vlhub.catalog import find_model
 from vlhub.cli._errors import reports_errors
 from vlhub.cli._options import JsonOpt, SourceArg
 from vlhub.cli._output import byte_progress, print_json, stderr, stdout
 from vlhub.cli.download import download_for
 from vlhub.cli.smoke import failure_summary, show_report, smoke_status
-from vlhub.convert import MANIFEST, TARGETS, Conversion, plan_json, plan_table_rows, prepare_conversion
+from vlhub.convert import TARGETS, Conversion, plan_json, plan_table_rows, prepare_conversion
 from vlhub.errors import CheckFailed, UserError
 from vlhub.smoke.run import DEFAULT_TOKENS, RuntimeMissing, record_verdict, run_smoke
 from vlhub.smoke.verdict import SmokeReport
@@ -85,7 +89,7 @@ def convert(
     if to != "paddle-inference" and (ir != "pir" or max_seq_len != DEFAULT_MAX_SEQ_LEN):
         raise UserError("--ir and --max-seq-len apply to --to paddle-inference only")
     if not dry_run:
-        _download_if_missing(source)
+        _download_if_missing(source, to=to, dtype=dtype, ir=ir, max_seq_len=max_seq_len)
     conversion = prepare_conversion(source, to=to, dtype=dtype, allow_unmatched=allow_unmatched, dry_run=dry_run)
     if dry_run:
         _show_plan(conversion, json)
@@ -93,9 +97,11 @@ def convert(
     if out is None and conversion.model is not None and not overwrite:
         cached = (layout_output(conversion, dtype, ir, max_seq_len) if to == "paddle-inference"
                   else conversion.default_out(shard_limit))
-        if (cached / MANIFEST).is_file():
-            _reuse_cached(cached, conversion, smoke=not no_smoke, tokens=tokens, as_json=json)
+        manifest = reusable_artifact(cached)
+        if manifest is not None:
+            _reuse_cached(cached, manifest, conversion, smoke=not no_smoke, tokens=tokens, as_json=json)
             return
+        overwrite = cached.exists()  # an interrupted or damaged copy in the cache: make it again
     if to == "paddle-inference":
         _deploy_paddle_inference(conversion, source, out, dtype=dtype, ir=ir, max_seq_len=max_seq_len,
                                  overwrite=overwrite, smoke=not no_smoke, tokens=tokens, as_json=json)
@@ -105,7 +111,7 @@ def convert(
     report = None if no_smoke else _smoke(result.out, conversion, tokens)
     if json:
         print_json({"out": str(result.out), **plan_json(conversion.plan), "files": result.manifest["files"],
-                    "smoke": report.as_dict() if report else None})
+                    "smoke": report.as_dict() if report else None, "cached": False})
     else:
         ops = ", ".join(f"{op} x{n}" for op, n in conversion.plan.op_counts.items()) or "copy only"
         stdout.print(f"{escape(str(result.out))}  ({len(conversion.plan.steps)} tensors, "
@@ -116,29 +122,38 @@ def convert(
         raise CheckFailed(f"the converted model at {result.out} fails its smoke test: {failure_summary(report)}")
 
 
-def _reuse_cached(cached: Path, conversion: Conversion, *, smoke: bool, tokens: int, as_json: bool) -> None:
+def _reuse_cached(cached: Path, manifest: dict, conversion: Conversion, *, smoke: bool, tokens: int,
+                  as_json: bool) -> None:
     """The same conversion of the same revision is in the cache: answer with it (smoke-testing it if that was
     skipped when it was made)."""
     if conversion.checkpoint is not None:
         conversion.checkpoint.close()
     mark_used(cached)
-    verdict = json_module.loads((cached / MANIFEST).read_text()).get("smoke")
+    verdict = manifest.get("smoke")
     if smoke and (verdict is None or verdict.get("passed") is None):
         report = _smoke(cached, conversion, tokens)
         verdict = report.as_dict() if report else verdict
     if as_json:
-        print_json({"out": str(cached), "cached": True, "smoke": verdict})
+        assert conversion.model is not None  # only catalog models are converted into the cache
+        shape = ({"weights": str(cached / f"{conversion.model.name}-inference"), "graphs": manifest.get("graphs")}
+                 if conversion.to == "paddle-inference" else plan_json(conversion.plan))
+        print_json({"out": str(cached), **shape, "files": manifest.get("files"), "smoke": verdict, "cached": True})
     else:
         stdout.print(f"{escape(str(cached))}  (cached; --overwrite converts again)")
     if verdict and verdict.get("passed") is False:
         raise CheckFailed(f"the cached conversion at {cached} failed its smoke test; --overwrite converts again")
 
 
-def _download_if_missing(source: str) -> None:
-    """One command from a catalog name to a deployment: fetch the model first when it is not here."""
+def _download_if_missing(source: str, *, to: str, dtype: str | None, ir: str, max_seq_len: int) -> None:
+    """One command from a catalog name to a deployment: fetch the model first when it is not here, once the
+    options are known to be good (planned from the catalog, no data needed)."""
     spec = find_model(source)
-    if spec is not None and not spec.tiny and not Path(source).expanduser().exists() and cached_snapshot(spec) is None:
-        download_for(spec)
+    if spec is None or spec.tiny or Path(source).expanduser().exists() or cached_snapshot(spec) is not None:
+        return
+    prepare_conversion(source, to=to, dtype=dtype, dry_run=True)
+    if to == "paddle-inference":
+        check_layout_options(ir, max_seq_len)
+    download_for(spec)
 
 
 def _deploy_paddle_inference(conversion: Conversion, source: str, out: Path | None, *, dtype: str | None, ir: str,
@@ -151,7 +166,8 @@ def _deploy_paddle_inference(conversion: Conversion, source: str, out: Path | No
     report = _smoke(layout.out, conversion, tokens) if smoke else None
     if as_json:
         print_json({"out": str(layout.out), "weights": str(layout.weights_dir), "graphs": layout.manifest["graphs"],
-                    "files": layout.manifest["files"], "smoke": report.as_dict() if report else None})
+                    "files": layout.manifest["files"], "smoke": report.as_dict() if report else None,
+                    "cached": False})
     else:
         stdout.print(f"{escape(str(layout.out))}  (weights in {escape(layout.weights_dir.name)}/, static graphs in "
                      "checkpoints/; its README.md says how to run them)")

@@ -71,11 +71,11 @@ def fetch_model(model: str, *, source: str = "huggingface", revision: str | None
                 path = job.fetch(on_bytes=advance)
         else:
             path = job.fetch()
-    stderr.print(f"{job.ref}: {len(job.files)} files, {format_size(total)}, sha256-checked "
-                 f"({format_size(job.missing_bytes)} downloaded)", markup=False, soft_wrap=True)
+    stderr.print(f"{job.ref}: {len(job.files)} files, {format_size(total)}, each checked against its listed hash "
+                 f"({format_size(job.downloaded_bytes)} downloaded now)", markup=False, soft_wrap=True)
     return {"path": str(path), "model": job.ref.model, "repo": job.ref.repo_id, "source": job.ref.source,
             "revision": job.ref.revision, "commit": job.commit, "files": len(job.files), "total_bytes": total,
-            "downloaded_bytes": job.missing_bytes, "verified": True}
+            "downloaded_bytes": job.downloaded_bytes, "verified": True}
 
 
 def download_for(spec: ModelSpec) -> Path:

@@ -9,6 +9,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -79,11 +80,17 @@ class _HashingFile:
 
 def file_sha256(path: Path) -> str:
     """sha256 of a file, read in 16 MiB pieces."""
-    digest = hashlib.sha256()
+    return hash_file_into(path, hashlib.sha256()).hexdigest()
+
+
+def hash_file_into(path: Path, digest: Any, on_bytes: Callable[[int], None] | None = None) -> Any:
+    """Feed a file to a hashlib object in 16 MiB pieces (reporting each piece's size); return the object."""
     with open(path, "rb") as file:
         while chunk := file.read(16 << 20):
             digest.update(chunk)
-    return digest.hexdigest()
+            if on_bytes:
+                on_bytes(len(chunk))
+    return digest
 
 
 def temporary_name(path: Path) -> Path:
