@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -74,7 +75,7 @@ def test_download_lands_in_the_hf_cache_and_the_client_reads_it(hub: FakeHub, en
     # the client itself finds the snapshot, offline
     code = (f"from huggingface_hub import snapshot_download; print(snapshot_download({REPO!r}, "
             "local_files_only=True))")
-    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+    found = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
                            env={**os.environ, **env, "HF_HUB_OFFLINE": "1"})
     assert found.stdout.strip() == str(snapshot), found.stderr
 
@@ -103,24 +104,28 @@ def test_a_dropped_connection_resumes_within_the_run(hub: FakeHub, env: dict[str
     assert_same_files(Path(result.stdout.strip()), tiny_qwen2_vl)
 
 
+def shard_partial(env: dict[str, str], source: Path) -> Path:
+    """Where the client keeps the partial SHARD: blobs/<its sha256>.incomplete."""
+    return hf_repo_dir(env) / "blobs" / (hashlib.sha256((source / SHARD).read_bytes()).hexdigest() + ".incomplete")
+
+
 def test_an_interrupted_download_resumes_in_the_next_run(hub: FakeHub, env: dict[str, str],
                                                          tiny_qwen2_vl: Path) -> None:
     size = (tiny_qwen2_vl / SHARD).stat().st_size
     sent = hub.stall(REPO, SHARD, after_bytes=25_000_000)
     first = subprocess.Popen([sys.executable, "-m", "vlhub", "download", "qwen2-vl-2b"], env={**os.environ, **env},
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    partial = shard_partial(env, tiny_qwen2_vl)
     try:
         assert sent.wait(60)
-        partials = []
         for _ in range(100):  # the client writes what it received before we pull the plug
-            partials = list((hf_repo_dir(env) / "blobs").glob("*.incomplete"))
-            if partials and partials[0].stat().st_size >= 20 << 20:
+            if partial.is_file() and partial.stat().st_size >= 20 << 20:
                 break
             time.sleep(0.1)
         first.send_signal(signal.SIGKILL)  # a crash: no cleanup runs, the lock dies with the process
     finally:
         first.wait(30)
-    kept = partials[0].stat().st_size
+    kept = partial.stat().st_size
     assert 0 < kept < size
 
     second = download(env)
@@ -137,9 +142,8 @@ def test_corrupted_bytes_are_detected_and_not_kept(hub: FakeHub, env: dict[str, 
     assert result.returncode == 1
     assert SHARD in result.stderr and "sha256" in result.stderr and "Traceback" not in result.stderr
     assert len(file_gets(hub, SHARD)) == 2  # fetched once more from zero before giving up
-    blobs = hf_repo_dir(env) / "blobs"
-    assert not [p for p in blobs.iterdir() if p.stat().st_size == (tiny_qwen2_vl / SHARD).stat().st_size]
-    assert not list(blobs.glob("*.incomplete"))
+    partial = shard_partial(env, tiny_qwen2_vl)
+    assert not partial.exists() and not partial.with_suffix("").exists()  # neither the partial nor the blob
     assert not list(hf_repo_dir(env).glob(f"snapshots/*/{SHARD}"))
     assert not (hf_repo_dir(env) / "refs" / "main").exists()  # the revision is not complete
 
@@ -172,7 +176,7 @@ def test_too_little_disk_is_refused_before_downloading(hub: FakeHub, env: dict[s
 
 
 def test_concurrent_downloads_wait_for_each_other(hub: FakeHub, env: dict[str, str], tiny_qwen2_vl: Path) -> None:
-    hub.throttle(40_000_000)  # ~2 s for the model: long enough for the second to find the first running
+    hub.throttle(10_000_000)  # per connection: ~4 s for the largest shard, long enough to meet the second
     procs = []
     for _ in range(2):
         procs.append(subprocess.Popen([sys.executable, "-m", "vlhub", "download", "qwen2-vl-2b"],
@@ -208,8 +212,6 @@ def test_a_lock_held_by_a_dead_process_is_taken_at_once(tmp_path: Path) -> None:
 
 def test_hashing_writer_follows_a_restart_from_zero(tmp_path: Path) -> None:
     """When a server ignores Range, the client seeks back and truncates: the hash must restart with the file."""
-    import hashlib
-
     path = tmp_path / "part"
     path.write_bytes(b"stale-prefix")
     with open(path, "r+b") as handle:
@@ -339,7 +341,8 @@ def test_modelscope_corrupted_bytes_and_unsafe_names_are_refused(modelscope: Fak
 
 def test_a_catalog_model_another_client_downloaded_is_listed_verified_and_removed(env: dict[str, str]) -> None:
     code = f"from huggingface_hub import snapshot_download; print(snapshot_download({REPO!r}))"
-    fetched = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **env})
+    fetched = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
+                             env={**os.environ, **env})
     snapshot = Path(fetched.stdout.strip().splitlines()[-1])
     listed = json.loads(run_vlhub("cache", "ls", "--json", env=env).stdout)
     assert [(e["kind"], e["path"], e["verified"]) for e in listed] == [("download", str(snapshot), "unverified")]
@@ -446,3 +449,20 @@ def test_a_damaged_cached_conversion_is_reported_and_made_again(env: dict[str, s
     again = run_vlhub("convert", "qwen2-vl-2b", "--to", "paddle", "--no-smoke", "--json", env=env)
     assert again.returncode == 0, again.stderr
     assert json.loads(again.stdout)["cached"] is False and json.loads((out / "vlhub-manifest.json").read_text())
+
+
+def test_ctrl_c_stops_a_download_at_once_and_keeps_what_arrived(hub: FakeHub, env: dict[str, str],
+                                                                tiny_qwen2_vl: Path) -> None:
+    sent = hub.stall(REPO, SHARD, after_bytes=25_000_000)
+    proc = subprocess.Popen([sys.executable, "-m", "vlhub", "download", "qwen2-vl-2b"], env={**os.environ, **env},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert sent.wait(60)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    started = time.monotonic()
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 130 and "interrupted" in stderr and time.monotonic() - started < 5
+    assert shard_partial(env, tiny_qwen2_vl).stat().st_size == 20 << 20  # the two whole 10 MiB chunks that arrived
+    resumed = download(env)
+    assert resumed.returncode == 0 and file_gets(hub, SHARD)[-1].range == f"bytes={20 << 20}-"
+    assert_same_files(Path(resumed.stdout.strip()), tiny_qwen2_vl)

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import queue
 import re
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -34,6 +36,7 @@ from vlhub.units import format_size, now_iso
 SOURCES = ("huggingface", "modelscope")
 # seconds to wait before each new attempt after a connection error, a 5xx or a 429 (then give up)
 RETRY_DELAYS = (1, 2, 4, 8)
+DOWNLOAD_WORKERS = 4  # files transferred at once
 _HASH_CHUNK = 16 << 20  # what HashingWriter re-reads at a time
 
 
@@ -135,15 +138,22 @@ def refuse_unsafe_name(name: str, ref: RepoRef) -> None:
                         "refusing to download from this repo")
 
 
+class Cancelled(Exception):
+    """Raised in a download thread once another thread failed or the user interrupted."""
+
+
 class HashingWriter:
     """The file object `http_get` writes into: hashes what it writes and reports the bytes.
 
     On a resume the hash first takes in the bytes already on disk. `http_get` seeks back and truncates when a
-    server ignores the Range header; the hash then restarts from what stays on disk.
+    server ignores the Range header; the hash then restarts from what stays on disk. Once `cancel` is set the
+    next write raises `Cancelled`, which stops the transfer and keeps what is on disk for a resume.
     """
 
-    def __init__(self, file: BinaryIO, new_digest: Callable[[], Any], on_bytes: Callable[[int], None] | None) -> None:
+    def __init__(self, file: BinaryIO, new_digest: Callable[[], Any], on_bytes: Callable[[int], None] | None,
+                 cancel: threading.Event | None = None) -> None:
         self._file, self._new_digest, self._on_bytes = file, new_digest, on_bytes
+        self._cancel = cancel or threading.Event()
         self._rehash(file.seek(0, os.SEEK_END))
 
     def _rehash(self, upto: int) -> None:
@@ -156,6 +166,8 @@ class HashingWriter:
         self._file.seek(upto)
 
     def write(self, data: bytes) -> int:
+        if self._cancel.is_set():
+            raise Cancelled
         self._file.write(data)
         self.digest.update(data)
         if self._on_bytes:
@@ -172,6 +184,43 @@ class HashingWriter:
         end = self._file.truncate(size)
         self._rehash(end)
         return end
+
+
+def in_parallel(action: Callable[[RemoteFile, threading.Event], None], files: list[RemoteFile]) -> None:
+    """Run `action(file, cancel)` for each file on DOWNLOAD_WORKERS threads (several connections, as the hub
+    clients use). The first error sets `cancel`, so the other transfers stop at their next write, and is
+    raised here. The threads are daemons: Ctrl-C returns at once, and what they wrote stays for a resume."""
+    cancel = threading.Event()
+    pending: queue.SimpleQueue[RemoteFile] = queue.SimpleQueue()
+    for file in files:
+        pending.put(file)
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        while not cancel.is_set():
+            try:
+                file = pending.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                action(file, cancel)
+            except BaseException as exc:  # noqa: BLE001 - handed to the calling thread
+                errors.append(exc)
+                cancel.set()
+
+    workers = [threading.Thread(target=work, name="download", daemon=True)
+               for _ in range(max(1, min(DOWNLOAD_WORKERS, len(files))))]
+    try:
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+    except BaseException:
+        cancel.set()
+        raise
+    failures = [e for e in errors if not isinstance(e, Cancelled)]
+    if failures:
+        raise failures[0]
 
 
 def file_digest(file: RemoteFile) -> Callable[[], Any]:
@@ -312,17 +361,21 @@ class HuggingFaceDownload:
         return size if size <= file.size else 0  # longer than the file: not a prefix of it, started afresh
 
     def fetch(self, on_bytes: Callable[[int], None] | None = None) -> Path:
-        """Download what is missing, check every file against its listed hash, link the snapshot."""
+        """Download what is missing (DOWNLOAD_WORKERS files at a time), check every file against its listed
+        hash, link the snapshot."""
+        counted = threading.Lock()
+
         def received(n: int) -> None:
-            self.downloaded_bytes += n
+            with counted:
+                self.downloaded_bytes += n
             if on_bytes:
                 on_bytes(n)
 
+        to_fetch = {f.etag: f for f in self.files if not self._have_blob(f)}  # equal files share one blob
+        in_parallel(lambda file, cancel: self._download(file, received, cancel), list(to_fetch.values()))
         snapshot = self.storage / "snapshots" / self.commit
         for file in self.files:
-            if not self._have_blob(file):
-                self._download(file, received)
-            elif not self.record.verified(file) and not self._verified_blob(file):
+            if file.etag not in to_fetch and not self.record.verified(file) and not self._verified_blob(file):
                 self._check_reused(file)
             self.record.add(file, verified_at=now_iso())
             _link(snapshot / file.path, self._blob(file))
@@ -348,12 +401,12 @@ class HuggingFaceDownload:
             raise CheckFailed(f"{file.path} in the cache ({blob}) does not match the hash {self.endpoint} lists; "
                               "deleted it: run the same command again to download it afresh")
 
-    def _download(self, file: RemoteFile, on_bytes: Callable[[int], None]) -> None:
+    def _download(self, file: RemoteFile, on_bytes: Callable[[int], None], cancel: threading.Event) -> None:
         from huggingface_hub import hf_hub_url
 
         url = hf_hub_url(self.ref.repo_id, file.path, revision=self.commit, endpoint=self.endpoint)
         for last_try in (False, True):  # bytes that fail their hash are fetched once more, from zero
-            digest = retrying(lambda: self._transfer(url, file, on_bytes), f"downloading {file.path}",
+            digest = retrying(lambda: self._transfer(url, file, on_bytes, cancel), f"downloading {file.path}",
                               self.ref, self.endpoint)
             if digest in (None, file.etag):
                 return
@@ -363,7 +416,8 @@ class HuggingFaceDownload:
                                   f"{kind} the hub lists ({file.etag[:16]}..., got {digest[:16]}...), twice; "
                                   "deleted it: the mirror or the connection corrupts it")
 
-    def _transfer(self, url: str, file: RemoteFile, on_bytes: Callable[[int], None]) -> str | None:
+    def _transfer(self, url: str, file: RemoteFile, on_bytes: Callable[[int], None],
+                  cancel: threading.Event) -> str | None:
         """Continue the partial file, hash it, and rename it to its blob if the hash is right (else delete it),
         all under an exclusive lock of the partial file: another revision's download may share this blob.
         Returns the hash, or None when another process completed the blob meanwhile."""
@@ -379,7 +433,7 @@ class HuggingFaceDownload:
                 return None
             if handle.seek(0, os.SEEK_END) > file.size:
                 handle.truncate(0)
-            writer = HashingWriter(handle, file_digest(file), on_bytes)
+            writer = HashingWriter(handle, file_digest(file), on_bytes, cancel)
             http_get(url, writer, resume_size=writer.tell(), headers=build_hf_headers(),  # type: ignore[arg-type]
                      expected_size=file.size, displayed_filename=file.path, tqdm_class=_silent_tqdm())
             handle.flush()
