@@ -29,7 +29,7 @@ from vlhub.atomic import ensure_free_space
 from vlhub.cache.locks import exclusive_lock, lock_open_file, lock_path
 from vlhub.cache.records import DownloadRecord, RemoteFile, RepoRef, load_record, save_record
 from vlhub.catalog import find_model
-from vlhub.converters.writers import hash_file_into
+from vlhub.converters.writers import hash_file_into, temporary_name
 from vlhub.errors import CheckFailed, UserError, VlhubError
 from vlhub.units import format_size, now_iso
 
@@ -382,7 +382,9 @@ class HuggingFaceDownload:
         if self.ref.revision != self.commit:
             ref_file = self.storage / "refs" / self.ref.revision
             ref_file.parent.mkdir(parents=True, exist_ok=True)
-            ref_file.write_text(self.commit)
+            temporary = temporary_name(ref_file)
+            temporary.write_text(self.commit)
+            os.replace(temporary, ref_file)
         if not self.filtered:
             self.record.filtered = False
         save_record(self.record)
@@ -455,16 +457,19 @@ def hf_storage_folder(repo_id: str) -> Path:
 
 
 def _link(pointer: Path, blob: Path) -> None:
-    """snapshots/<commit>/<path> -> ../../blobs/<hash>, relative, as huggingface_hub links them."""
+    """snapshots/<commit>/<path> -> ../../blobs/<hash>, relative, as huggingface_hub links them; made under a
+    temporary name and renamed over, since another process may be linking the same snapshot."""
     pointer.parent.mkdir(parents=True, exist_ok=True)
     target = os.path.relpath(blob, pointer.parent)
     if pointer.is_symlink() and os.readlink(pointer) == target:
         return
-    pointer.unlink(missing_ok=True)
+    temporary = temporary_name(pointer)
+    temporary.unlink(missing_ok=True)
     try:
-        os.symlink(target, pointer)
+        os.symlink(target, temporary)
     except OSError:  # no symlinks here (Windows without developer mode): a copy, as the client does
-        shutil.copyfile(blob, pointer)
+        shutil.copyfile(blob, temporary)
+    os.replace(temporary, pointer)
 
 
 def _silent_tqdm() -> type:

@@ -53,7 +53,7 @@ class ModelScopeDownload:
                             "private: set MODELSCOPE_API_TOKEN)") from None
         except client.errors.HubError as exc:
             raise DownloadFailed(f"listing {ref} on {self.endpoint} failed: {one_line(exc)}") from None
-        listed = [RemoteFile(i.path, i.size, i.sha256, None) for i in infos if not i.is_dir]
+        listed = [RemoteFile(i.path, i.size, (i.sha256 or "").lower() or None, None) for i in infos if not i.is_dir]
         self.files = checked_files(listed, ref, include, exclude)
         filtered = bool(include or exclude)
         self.record = load_record(ref.source, ref.repo_id, self.commit) or DownloadRecord.new(

@@ -18,12 +18,13 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vlhub.cache.download import hash_file, now_iso
+from vlhub.cache.download import hash_file
 from vlhub.cache.home import remove_empty_parents, safe_name, vlhub_home
 from vlhub.cache.locks import exclusive_lock, lock_path
 from vlhub.cache.records import DownloadRecord, RemoteFile, all_records, remove_record, save_record
 from vlhub.catalog import ModelSpec, find_model, models
 from vlhub.converters.writers import write_json_atomic
+from vlhub.units import now_iso
 
 MANIFEST = "vlhub-manifest.json"
 DOWNLOAD, BUILT_IN = "download", "built-in"
@@ -61,13 +62,23 @@ def target_key(target: str, options: dict[str, object]) -> str:
     return "+".join([target, *extras])
 
 
+def _hub_snapshot(path: Path) -> tuple[str, str] | None:
+    """(repo folder, revision) when `path` is in a hub cache snapshot: Hugging Face's
+    …/models--Org--Name/snapshots/<commit>/, ModelScope's …/models/Org--Name/snapshots/<revision>/."""
+    parts = path.resolve().parts
+    for i in range(2, len(parts) - 1):
+        if parts[i] == "snapshots" and (parts[i - 1].startswith("models--") or parts[i - 2] == "models"):
+            return parts[i - 1], parts[i + 1]
+    return None
+
+
 def revision_of(path: Path | None) -> str:
     """The revision a source directory holds: a hub snapshot's commit, a built-in model's generator version."""
     if path is None:
         return "unknown"
-    parts = path.resolve().parts
-    if "snapshots" in parts[:-1]:
-        return parts[parts.index("snapshots") + 1]
+    snapshot = _hub_snapshot(path)
+    if snapshot is not None:
+        return snapshot[1]
     tiny_root = (vlhub_home() / "tiny").resolve()
     if tiny_root in path.resolve().parents:
         return f"builtin-{path.resolve().relative_to(tiny_root).parts[0]}"
@@ -87,12 +98,11 @@ def conversion_output(model: ModelSpec | None, source_path: Path | None, target:
 
 
 def _snapshot_model(path: Path) -> str | None:
-    """The model a hub cache snapshot (…/models--Org--Name/snapshots/<rev>/, or ModelScope's
-    …/models/Org--Name/snapshots/<rev>/) holds: its catalog name, else `Org--Name`."""
-    parts = path.resolve().parts
-    if "snapshots" not in parts[1:-1]:
+    """The model a hub cache snapshot holds: its catalog name, else `Org--Name`."""
+    snapshot = _hub_snapshot(path)
+    if snapshot is None:
         return None
-    folder = parts[parts.index("snapshots") - 1].removeprefix("models--")
+    folder = snapshot[0].removeprefix("models--")
     spec = find_model(folder.replace("--", "/", 1))
     return spec.name if spec else folder
 
