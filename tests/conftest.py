@@ -35,6 +35,28 @@ def tiny_qwen_vl(vlhub_home: Path) -> Path:
     return ensure_tiny_model(get_model("tiny-qwen-vl"))
 
 
+@pytest.fixture(scope="session")
+def tiny_qwen2_vl_transformers5(tiny_qwen2_vl: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tiny-qwen2-vl as transformers >= 4.52 saves it: `model.language_model.*`, `model.visual.*`, nested config."""
+    import numpy as np
+    import transformers
+
+    from vlhub.converters.readers import open_checkpoint
+    from vlhub.converters.writers import CheckpointWriter
+
+    source = tmp_path_factory.mktemp("transformers5")
+    with open_checkpoint(tiny_qwen2_vl) as checkpoint:
+        renamed = {(("model.visual." + name[len("visual."):]) if name.startswith("visual.") else
+                    ("model.language_model." + name[len("model."):]) if name.startswith("model.") else name): meta
+                   for name, meta in checkpoint.tensors.items()}
+        metas = [meta.__class__(new, meta.dtype, meta.shape) for new, meta in renamed.items()]
+        with CheckpointWriter(source, "safetensors", metas, max_shard_size=30_000_000) as writer:
+            for new, meta in renamed.items():
+                writer.write(new, np.asarray(checkpoint.read(meta.name)))
+    transformers.AutoConfig.from_pretrained(tiny_qwen2_vl).save_pretrained(source)
+    return source
+
+
 def run_vlhub(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run the real `vlhub` entry point in a fresh interpreter, as a user's shell would."""
     return subprocess.run(

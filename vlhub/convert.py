@@ -35,6 +35,8 @@ TARGETS: dict[str, tuple[str | tuple[str, ...], str]] = {
     # the names Paddle's inference loaders read: Qwen-VL's own layout, PaddleMIX's for the others
     "paddle-inference": (("paddle-inference", "paddlemix"), "pdparams"),
     "safetensors": ("official", "safetensors"),
+    # the Hugging Face directory TPU-MLIR's llm_convert reads (vlhub.cache.tpu_mlir builds the rest)
+    "tpu-mlir": ("official", "safetensors"),
     "torch": ("official", "torch"),
 }
 # files a converted directory must not inherit: weights and indexes (a loader could pick a stale one)

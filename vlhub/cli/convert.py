@@ -26,12 +26,21 @@ from vlhub.cache.paddle_inference import (
     layout_output,
 )
 from vlhub.cache.store import mark_used, reusable_artifact
+from vlhub.cache.tpu_mlir import (
+    DEFAULT_GROUP_SIZE,
+    DEFAULT_SEQ_LENGTH,
+    QUANTIZE_DTYPE,
+    build_tpu_mlir,
+    tpu_layout_output,
+    tpu_options,
+)
 from vlhub.catalog import find_model
 from vlhub.cli._errors import reports_errors
 from vlhub.cli._options import JsonOpt, SourceArg
 from vlhub.cli._output import byte_progress, print_json, stderr, stdout
 from vlhub.cli.download import download_for
 from vlhub.cli.smoke import failure_summary, show_report, smoke_status
+from vlhub.configs import official_config
 from vlhub.convert import TARGETS, Conversion, plan_json, plan_table_rows, prepare_conversion
 from vlhub.errors import CheckFailed, UserError
 from vlhub.smoke.run import DEFAULT_TOKENS, RuntimeMissing, record_verdict, run_smoke
@@ -57,6 +66,20 @@ IrOpt = Annotated[
 MaxSeqLenOpt = Annotated[
     int, typer.Option("--max-seq-len", help="paddle-inference: the longest prompt plus generation the layout is for.")
 ]
+SeqLengthOpt = Annotated[int | None, typer.Option(
+    "--seq-length", help=f"tpu-mlir: positions for the prompt, image and answer (default {DEFAULT_SEQ_LENGTH}).",
+    show_default=False)]
+MaxPixelsOpt = Annotated[str | None, typer.Option(
+    "--max-pixels", metavar="W,H", help="tpu-mlir: the largest image, multiples of 28 (default: 756,756 for Qwen2-VL, "
+                                        "672,896 for Qwen2.5-VL).", show_default=False)]
+QuantizeOpt = Annotated[str | None, typer.Option(
+    "--quantize", help=f"tpu-mlir: {', '.join(QUANTIZE_DTYPE)} (default w4bf16, or w4f16 for a float16 model).",
+    show_default=False)]
+GroupSizeOpt = Annotated[int | None, typer.Option(
+    "--group-size", help=f"tpu-mlir: weights per quantization group for w4/w8 (default {DEFAULT_GROUP_SIZE}).",
+    show_default=False)]
+ChipOpt = Annotated[str | None, typer.Option("--chip", help="tpu-mlir: bm1684x (default) or bm1688.",
+                                             show_default=False)]
 NoSmokeOpt = Annotated[bool, typer.Option("--no-smoke", help="Skip the smoke test that runs the converted model.")]
 TokensOpt = Annotated[int, typer.Option("--tokens", min=1, help="Tokens the smoke test generates.")]
 UnmatchedOpt = Annotated[
@@ -76,6 +99,11 @@ def convert(
     allow_unmatched: UnmatchedOpt = False,
     ir: IrOpt = "pir",
     max_seq_len: MaxSeqLenOpt = DEFAULT_MAX_SEQ_LEN,
+    seq_length: SeqLengthOpt = None,
+    max_pixels: MaxPixelsOpt = None,
+    quantize: QuantizeOpt = None,
+    group_size: GroupSizeOpt = None,
+    chip: ChipOpt = None,
     no_smoke: NoSmokeOpt = False,
     tokens: TokensOpt = DEFAULT_TOKENS,
     json: JsonOpt = False,
@@ -88,15 +116,28 @@ def convert(
     shard_limit = parse_size(max_shard_size) if max_shard_size else None
     if to != "paddle-inference" and (ir != "pir" or max_seq_len != DEFAULT_MAX_SEQ_LEN):
         raise UserError("--ir and --max-seq-len apply to --to paddle-inference only")
+    given = {"seq_length": seq_length, "max_pixels": max_pixels, "quantize": quantize, "group_size": group_size,
+             "chip": chip}
+    tpu = {name: value for name, value in given.items() if value is not None}
+    if to != "tpu-mlir" and tpu:
+        raise UserError("--seq-length, --max-pixels, --quantize, --group-size and --chip apply to --to tpu-mlir only")
+    if to == "tpu-mlir" and (dtype or max_shard_size):
+        raise UserError("--to tpu-mlir writes the dtype --quantize needs, in llm_convert's shards: drop --dtype "
+                        "and --max-shard-size")
     if not dry_run:
-        _download_if_missing(source, to=to, dtype=dtype, ir=ir, max_seq_len=max_seq_len)
+        _download_if_missing(source, to=to, dtype=dtype, ir=ir, max_seq_len=max_seq_len, tpu=tpu)
     conversion = prepare_conversion(source, to=to, dtype=dtype, allow_unmatched=allow_unmatched, dry_run=dry_run)
     if dry_run:
         _show_plan(conversion, json)
         return
     if out is None and conversion.model is not None and not overwrite:
-        cached = (layout_output(conversion, dtype, ir, max_seq_len) if to == "paddle-inference"
-                  else conversion.default_out(shard_limit))
+        if to == "paddle-inference":
+            cached = layout_output(conversion, dtype, ir, max_seq_len)
+        elif to == "tpu-mlir":
+            cached = tpu_layout_output(conversion, tpu_options(conversion.plan.family, official_config(
+                conversion.config), conversion.output_dtype(), **tpu))
+        else:
+            cached = conversion.default_out(shard_limit)
         manifest = reusable_artifact(cached)
         if manifest is not None:
             _reuse_cached(cached, manifest, conversion, smoke=not no_smoke, tokens=tokens, as_json=json)
@@ -105,6 +146,10 @@ def convert(
     if to == "paddle-inference":
         _deploy_paddle_inference(conversion, source, out, dtype=dtype, ir=ir, max_seq_len=max_seq_len,
                                  overwrite=overwrite, smoke=not no_smoke, tokens=tokens, as_json=json)
+        return
+    if to == "tpu-mlir":
+        _deploy_tpu_mlir(conversion, source, out, tpu, overwrite=overwrite, smoke=not no_smoke, tokens=tokens,
+                         as_json=json)
         return
     with byte_progress(f"converting to {to}", conversion.plan.total_bytes) as advance:
         result = conversion.write(out, overwrite=overwrite, max_shard_size=shard_limit, on_bytes=advance)
@@ -144,7 +189,8 @@ def _reuse_cached(cached: Path, manifest: dict, conversion: Conversion, *, smoke
         raise CheckFailed(f"the cached conversion at {cached} failed its smoke test; --overwrite converts again")
 
 
-def _download_if_missing(source: str, *, to: str, dtype: str | None, ir: str, max_seq_len: int) -> None:
+def _download_if_missing(source: str, *, to: str, dtype: str | None, ir: str, max_seq_len: int,
+                         tpu: dict) -> None:
     """One command from a catalog name to a deployment: fetch the model first when it is not here, once the
     options are known to be good (planned from the catalog, no data needed)."""
     spec = find_model(source)
@@ -153,7 +199,29 @@ def _download_if_missing(source: str, *, to: str, dtype: str | None, ir: str, ma
     prepare_conversion(source, to=to, dtype=dtype, dry_run=True)
     if to == "paddle-inference":
         check_layout_options(ir, max_seq_len)
+    if to == "tpu-mlir":
+        tpu_options(spec.family.name, spec.config, "bfloat16", **tpu)
     download_for(spec)
+
+
+def _deploy_tpu_mlir(conversion: Conversion, source: str, out: Path | None, tpu: dict, *, overwrite: bool,
+                     smoke: bool, tokens: int, as_json: bool) -> None:
+    if conversion.checkpoint is not None:  # the layout plans its own conversion, in the dtype --quantize needs
+        conversion.checkpoint.close()
+    with byte_progress("writing the model directory for llm_convert", conversion.plan.total_bytes) as advance:
+        layout = build_tpu_mlir(source, out, overwrite=overwrite, on_bytes=advance, **tpu)
+    report = _smoke(layout.out, conversion, tokens) if smoke else None
+    if as_json:
+        print_json({"out": str(layout.out), "model": str(layout.model_dir), "target": layout.manifest["target"],
+                    "files": layout.manifest["files"], "smoke": report.as_dict() if report else None,
+                    "cached": False})
+    else:
+        stdout.print(f"{escape(str(layout.out))}  (model/ for llm_convert, compile.sh; its README.md says how to "
+                     "compile and run it)")
+        if report:
+            show_report(report, False)
+    if report and not report.passed:
+        raise CheckFailed(f"the layout at {layout.out} fails its smoke test: {failure_summary(report)}")
 
 
 def _deploy_paddle_inference(conversion: Conversion, source: str, out: Path | None, *, dtype: str | None, ir: str,

@@ -83,7 +83,7 @@ def run_smoke(
     if tokens < 1:
         raise UserError("--tokens must be at least 1")
     say = status or (lambda _message: None)
-    artifact = Path(artifact)
+    artifact = _weights_of_layout(Path(artifact))
     if not artifact.exists():
         raise UserError(f"no such file or directory: {artifact}")
     reference_path = resolve_source(against) if against else _recorded_source(artifact)
@@ -148,6 +148,16 @@ def _recorded_source(artifact: Path) -> Path:
     if source.get("model"):  # a catalog model (tiny ones are rebuilt on demand)
         return resolve_source(source["model"])
     raise UserError(f"the source {artifact} was converted from ({source.get('path')}) is gone; pass --against SRC")
+
+
+def _weights_of_layout(path: Path) -> Path:
+    """A deployment layout whose manifest names the directory its smoke test runs (`target.smoke_path`: the
+    TPU-MLIR layout's model/) stands for that directory."""
+    try:
+        smoke_path = json.loads((path / MANIFEST).read_text())["target"]["smoke_path"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return path
+    return path / smoke_path
 
 
 def _too_large(float32_bytes: int) -> bool:

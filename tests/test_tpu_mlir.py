@@ -1,0 +1,123 @@
+"""`vlhub convert --to tpu-mlir`: the model directory llm_convert reads, compile.sh, the manifest, the checked
+options, and the smoke test of model/."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_vlhub
+from vlhub.cache.tpu_mlir import TpuOptions, check_tpu_options, tpu_options
+from vlhub.catalog import get_model
+from vlhub.converters.readers import open_checkpoint
+from vlhub.errors import UserError
+from vlhub.inspect import inspect_checkpoint
+
+SMALL = ["--seq-length", "128", "--max-pixels", "112,112"]
+
+
+def convert(source: str | Path, out: Path, *args: str) -> dict:
+    result = run_vlhub("convert", str(source), "--to", "tpu-mlir", "--out", str(out), *SMALL, *args, "--json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+@pytest.mark.parametrize("model", ["tiny-qwen2-vl", "tiny-qwen2.5-vl"])
+def test_layout_holds_the_model_directory_compile_script_and_manifest(model: str, tmp_path: Path) -> None:
+    report = convert(model, tmp_path / "out", "--quantize", "bf16")
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "compile.sh", "model", "vlhub-manifest.json"]
+    assert report["smoke"]["passed"] is True and report["smoke"]["precision"] == "exact"
+
+    spec = get_model(model)
+    info = inspect_checkpoint(out / "model")
+    assert info.layout == "official" and set(info.dtypes) == {"bfloat16"}
+    config = json.loads((out / "model" / "config.json").read_text())
+    assert config["torch_dtype"] == "bfloat16" and config["model_type"] == spec.family.name
+    vision = config["vision_config"]
+    assert vision["in_channels"] == 3 and vision["patch_size"] == 14 and vision["temporal_patch_size"] == 2
+    assert vision["hidden_act"] == ("quick_gelu" if spec.family.name == "qwen2_vl" else "silu")
+
+    target = json.loads((out / "vlhub-manifest.json").read_text())["target"]
+    assert target["vision_patches"] == 64 and target["vision_tokens"] == 16  # 112x112: 8x8 patches, merged 2x2
+    assert target["layers"] == spec.config["num_hidden_layers"] and target["kv_heads"] == 2
+    assert target["networks"][:4] == ["vit", "embedding", "embedding_cache", "lm_head"]
+    assert len(target["networks"]) == 4 + 2 * spec.config["num_hidden_layers"]
+    script = (out / "compile.sh").read_text()
+    assert "-m ./model -s 128 -q bf16 -c bm1684x --max_pixels 112,112 -o ./compiled" in script
+    assert "-g " not in script  # a group size only for w4/w8
+    assert subprocess.run(["bash", "-n", str(out / "compile.sh")], check=False).returncode == 0
+
+
+def test_compile_script_stops_with_a_clear_message_without_the_toolchain(tmp_path: Path) -> None:
+    convert("tiny-qwen2-vl", tmp_path / "out", "--no-smoke")
+    result = subprocess.run(["bash", str(tmp_path / "out" / "compile.sh")], capture_output=True, text=True,
+                            env={"PATH": "/usr/bin:/bin", "VLHUB_TPU_MLIR_PYTHON": "/nonexistent/python3.10"},
+                            check=False)
+    assert result.returncode == 2 and "install Python 3.10" in result.stderr
+    assert not (tmp_path / "out" / "compiled").exists()
+
+
+def test_quantize_decides_the_weights_dtype(tmp_path: Path) -> None:
+    report = convert("tiny-qwen2-vl", tmp_path / "out", "--quantize", "w4f16", "--group-size", "128")
+    assert report["target"]["dtype"] == "float16" and report["smoke"]["precision"] == "float16"
+    assert report["smoke"]["passed"] is True
+    with open_checkpoint(tmp_path / "out" / "model") as checkpoint:
+        assert {meta.dtype for meta in checkpoint.tensors.values()} == {"float16"}
+    assert json.loads((tmp_path / "out" / "model" / "config.json").read_text())["torch_dtype"] == "float16"
+    assert "-q w4f16 -g 128 -c bm1684x" in (tmp_path / "out" / "compile.sh").read_text()
+
+
+def test_a_transformers5_source_gets_official_key_names(tiny_qwen2_vl_transformers5: Path,
+                                                        tiny_qwen2_vl: Path, tmp_path: Path) -> None:
+    convert(tiny_qwen2_vl_transformers5, tmp_path / "out", "--quantize", "bf16", "--no-smoke")
+    with open_checkpoint(tmp_path / "out" / "model") as written, open_checkpoint(tiny_qwen2_vl) as official:
+        assert written.tensors.keys() == official.tensors.keys()
+    config = json.loads((tmp_path / "out" / "model" / "config.json").read_text())
+    assert "text_config" not in config and config["hidden_size"] == 128
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--max-pixels", "100,100"], "multiples of 28"),
+    (["--max-pixels", "448,448", "--seq-length", "256"], "needs at least 320"),  # 256 vision tokens + 64
+    (["--seq-length", "100000"], "at most 32768"),
+    (["--quantize", "int4"], "choose one of w4bf16"),
+    (["--chip", "bm1690"], "choose bm1684x or bm1688"),
+    (["--quantize", "w4bf16", "--group-size", "48"], "must divide every quantized Linear's input"),
+    (["--max-pixels", "wide"], "write the largest image as W,H"),
+])
+def test_bad_options_are_refused_before_anything_is_written(args: list[str], message: str, tmp_path: Path) -> None:
+    result = run_vlhub("convert", "tiny-qwen2-vl", "--to", "tpu-mlir", "--out", str(tmp_path / "out"), *SMALL, *args)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert not (tmp_path / "out").exists() and not list(tmp_path.iterdir())
+
+
+def test_qwen_vl_has_no_route_and_options_belong_to_their_target(tmp_path: Path) -> None:
+    qwen_vl = run_vlhub("convert", "tiny-qwen-vl", "--to", "tpu-mlir", "--out", str(tmp_path / "out"))
+    assert qwen_vl.returncode == 2 and "no TPU-MLIR route" in qwen_vl.stderr
+    other = run_vlhub("convert", "tiny-qwen2-vl", "--to", "paddle", "--chip", "bm1688")
+    assert other.returncode == 2 and "apply to --to tpu-mlir only" in other.stderr
+    dtype = run_vlhub("convert", "tiny-qwen2-vl", "--to", "tpu-mlir", "--dtype", "float16")
+    assert dtype.returncode == 2 and "drop --dtype" in dtype.stderr
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "keep").write_text("x")
+    busy = run_vlhub("convert", "tiny-qwen2-vl", "--to", "tpu-mlir", "--out", str(tmp_path / "busy"), *SMALL)
+    assert busy.returncode == 2 and "--overwrite" in busy.stderr
+    assert [p.name for p in (tmp_path / "busy").iterdir()] == ["keep"]
+
+
+@pytest.mark.parametrize(("model", "pixels", "patches"), [
+    ("qwen2.5-vl-7b", (672, 896), 3072),  # llm_convert's default: 768 vision tokens
+    ("qwen2-vl-7b", (756, 756), 2916),
+    ("qwen2-vl-2b", (1288, 728), 4784),   # a 720p frame as the processor resizes it
+])
+def test_vision_sizes_follow_smart_resize(model: str, pixels: tuple[int, int], patches: int) -> None:
+    spec = get_model(model)
+    options = tpu_options(spec.family.name, spec.config, "bfloat16", max_pixels="{},{}".format(*pixels),
+                          seq_length=8192)
+    assert options.vision_patches == patches and options.vision_tokens == patches // 4
+    with pytest.raises(UserError, match=f"at least {patches // 4 + 64}"):
+        check_tpu_options(spec.config, TpuOptions(patches // 4 + 63, pixels, "w4bf16", 64, "bm1684x"))

@@ -1,0 +1,333 @@
+"""The Sophgo TPU-MLIR layout: `vlhub convert SRC --to tpu-mlir`.
+
+    DIR/
+      model/              the Hugging Face directory `llm_convert` reads: official key names, the full config
+                          (vision defaults filled in), safetensors in the dtype --quantize expects, tokenizer,
+                          processor, chat-template and generation files
+      compile.sh          checks the toolchain, then runs the `llm_convert` command for these options
+      vlhub-manifest.json S, max pixels, chip, quantize, layer and head counts, the networks, every file's sha256
+      README.md           how to compile and run it
+
+Every option is checked before anything is written: the vision tokens --max-pixels allows (computed with
+smart_resize, as the processor computes them) plus a prompt must fit in --seq-length, W and H are multiples of
+28, the group size divides the Linear layers' inputs, the chip is one TPU-MLIR builds for. Facts:
+shared/docs/tpu_mlir.md sections 3 (llm_convert), 4 (runtime) and 6 (the PyPI wheel).
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from vlhub import __version__
+from vlhub.atomic import ensure_free_space, refuse_output_holding, swap_in
+from vlhub.cache.store import conversion_output
+from vlhub.configs import official_config
+from vlhub.convert import MANIFEST, Conversion, prepare_conversion
+from vlhub.converters.writers import file_sha256, temporary_name, write_json_atomic
+from vlhub.errors import UserError
+from vlhub.smoke.inputs import smart_resize
+from vlhub.units import now_iso
+
+# --quantize -> the dtype llm_convert requires the checkpoint to declare (its "mismatch with model dtype" check)
+QUANTIZE_DTYPE = {"w4bf16": "bfloat16", "w8bf16": "bfloat16", "bf16": "bfloat16",
+                  "w4f16": "float16", "w8f16": "float16", "f16": "float16"}
+CHIPS = ("bm1684x", "bm1688")
+FAMILIES = ("qwen2_vl", "qwen2_5_vl")
+# llm_convert's --max_pixels defaults (W, H); Qwen2-VL's 768,768 is not a multiple of 28: its processor
+# resizes such an image to 756x756, so that is the budget
+DEFAULT_MAX_PIXELS = {"qwen2_vl": (756, 756), "qwen2_5_vl": (672, 896)}
+DEFAULT_SEQ_LENGTH = 2048
+DEFAULT_GROUP_SIZE = 64
+# room beside the image in the sequence: the chat template's system and user turns, a question, an answer
+PROMPT_TOKENS = 64
+PIXEL_FACTOR = 28  # patch 14 x merge 2: the processor resizes to multiples of this
+# vision fields some official configs leave to the loader's defaults (transformers' Qwen2(.5)-VL vision configs)
+VISION_DEFAULTS = {
+    "qwen2_vl": {"hidden_act": "quick_gelu", "in_channels": 3, "mlp_ratio": 4, "patch_size": 14,
+                 "spatial_merge_size": 2, "temporal_patch_size": 2},
+    "qwen2_5_vl": {"hidden_act": "silu", "in_channels": 3, "patch_size": 14, "spatial_merge_size": 2,
+                   "temporal_patch_size": 2, "window_size": 112, "fullatt_block_indexes": [7, 15, 23, 31],
+                   "tokens_per_second": 4},
+}
+
+
+@dataclass(frozen=True)
+class TpuOptions:
+    """The compile options, checked against the model's config by `check_tpu_options`."""
+
+    seq_length: int
+    max_pixels: tuple[int, int]  # W, H
+    quantize: str
+    group_size: int
+    chip: str
+
+    @property
+    def vision_patches(self) -> int:
+        """ViT input rows: 14x14 patches of the largest image as the processor resizes it (each 3*2*14*14 =
+        1176 values)."""
+        width, height = self.max_pixels
+        resized_height, resized_width = smart_resize(height, width, max_pixels=width * height)
+        return (resized_height // 14) * (resized_width // 14)
+
+    @property
+    def vision_tokens(self) -> int:
+        """Tokens the largest image becomes in the sequence, after the 2x2 merge."""
+        return self.vision_patches // 4
+
+
+@dataclass
+class TpuLayout:
+    """What `build_tpu_mlir` wrote."""
+
+    out: Path
+    model_dir: Path
+    manifest: dict
+
+
+def parse_max_pixels(text: str | None, family: str) -> tuple[int, int]:
+    """`W,H` as llm_convert's --max_pixels takes it (default: llm_convert's own for the family)."""
+    if text is None:
+        return DEFAULT_MAX_PIXELS[family]
+    try:
+        width, height = (int(part) for part in text.replace("x", ",").split(","))
+    except ValueError:
+        raise UserError(f"--max-pixels {text!r}: write the largest image as W,H, e.g. 672,896") from None
+    return width, height
+
+
+def tpu_options(family: str, config: dict, source_dtype: str, *, seq_length: int = DEFAULT_SEQ_LENGTH,
+                max_pixels: str | None = None, quantize: str | None = None, group_size: int = DEFAULT_GROUP_SIZE,
+                chip: str = "bm1684x") -> TpuOptions:
+    """The options as given (defaults: llm_convert's pixel budget for the family, 4-bit weights with the half
+    type the checkpoint has), checked against the model's flat config."""
+    refuse_family(family)
+    default = "w4f16" if source_dtype == "float16" else "w4bf16"
+    options = TpuOptions(seq_length, parse_max_pixels(max_pixels, family), quantize or default, group_size, chip)
+    check_tpu_options(config, options)
+    return options
+
+
+def refuse_family(family: str) -> None:
+    """Only Qwen2-VL and Qwen2.5-VL have a TPU-MLIR route."""
+    if family == "qwen_vl":
+        raise UserError("Qwen-VL (v1) has no TPU-MLIR route: llm_convert supports qwen2_vl and qwen2_5_vl only "
+                        "(shared/docs/tpu_mlir.md section 3) and no Sophgo demo runs it; convert a Qwen2-VL or "
+                        "Qwen2.5-VL model")
+    if family not in FAMILIES:
+        raise UserError(f"--to tpu-mlir supports {', '.join(FAMILIES)}, not {family}")
+
+
+def check_tpu_options(config: dict, options: TpuOptions) -> None:
+    """Refuse, with the valid range and why, options llm_convert or the runtime cannot take."""
+    if options.chip not in CHIPS:
+        raise UserError(f"--chip {options.chip!r}: choose {' or '.join(CHIPS)}")
+    if options.quantize not in QUANTIZE_DTYPE:
+        raise UserError(f"--quantize {options.quantize!r}: choose one of {', '.join(QUANTIZE_DTYPE)} "
+                        "(w4/w8: 4- or 8-bit weights with bf16 or f16 activations)")
+    width, height = options.max_pixels
+    if width % PIXEL_FACTOR or height % PIXEL_FACTOR or min(width, height) < 2 * PIXEL_FACTOR:
+        raise UserError(f"--max-pixels {width},{height}: W and H must be multiples of {PIXEL_FACTOR} (14-pixel "
+                        f"patches merged 2x2), at least {2 * PIXEL_FACTOR}; e.g. {_nearest(width)},{_nearest(height)}")
+    needed = options.vision_tokens + PROMPT_TOKENS
+    limit = int(config.get("max_position_embeddings") or 32768)
+    if not needed <= options.seq_length <= limit:
+        raise UserError(f"--seq-length {options.seq_length}: a {width}x{height} image is {options.vision_tokens} "
+                        f"vision tokens, so the sequence needs at least {needed} (with {PROMPT_TOKENS} for the "
+                        f"prompt and answer), and at most {limit} (max_position_embeddings)")
+    if options.quantize.startswith("w"):
+        inputs = {"hidden_size": config["hidden_size"], "intermediate_size": config["intermediate_size"]}
+        if options.group_size < 1 or any(size % options.group_size for size in inputs.values()):
+            raise UserError(f"--group-size {options.group_size}: it must divide every quantized Linear's input "
+                            f"({', '.join(f'{k} {v}' for k, v in inputs.items())}); 64 or 128 usually do")
+
+
+def _nearest(pixels: int) -> int:
+    return max(2 * PIXEL_FACTOR, round(pixels / PIXEL_FACTOR) * PIXEL_FACTOR)
+
+
+def build_tpu_mlir(
+    source: str,
+    out: Path | None = None,
+    *,
+    seq_length: int = DEFAULT_SEQ_LENGTH,
+    max_pixels: str | None = None,
+    quantize: str | None = None,
+    group_size: int = DEFAULT_GROUP_SIZE,
+    chip: str = "bm1684x",
+    overwrite: bool = False,
+    on_bytes: Callable[[int], None] | None = None,
+) -> TpuLayout:
+    """Write the TPU-MLIR layout of SRC into DIR, atomically; every option checked first."""
+    probe = prepare_conversion(source, to="tpu-mlir")  # headers only: the family, config and dtype
+    if probe.checkpoint is not None:
+        probe.checkpoint.close()
+    family = probe.plan.family
+    options = tpu_options(family, official_config(probe.config), probe.output_dtype(), seq_length=seq_length,
+                          max_pixels=max_pixels, quantize=quantize, group_size=group_size, chip=chip)
+    dtype = QUANTIZE_DTYPE[options.quantize]
+    conversion = prepare_conversion(source, to="tpu-mlir", dtype=None if dtype == probe.output_dtype() else dtype)
+    out = Path(out) if out else tpu_layout_output(conversion, options)
+    refuse_output_holding(out, conversion.source_path)
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"{out} exists and is not empty; pass --overwrite to replace it, or choose another --out")
+    ensure_free_space(out.parent, conversion.plan.total_bytes, "the model directory")
+    staging = temporary_name(out)
+    staging.mkdir(parents=True)
+    try:
+        conversion.write(staging / "model", on_bytes=on_bytes)
+        _fill_vision_defaults(staging / "model", family)
+        (staging / "compile.sh").write_text(compile_script(options))
+        (staging / "compile.sh").chmod(0o755)
+        (staging / "README.md").write_text(_readme(conversion, family, options))
+        manifest = _manifest(conversion, staging, family, options)
+        write_json_atomic(staging / MANIFEST, manifest)
+        swap_in(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return TpuLayout(out, out / "model", manifest)
+
+
+def tpu_layout_output(conversion: Conversion, options: TpuOptions) -> Path:
+    """Where the layout goes without --out: the cache for a catalog model (keyed by the options), else beside
+    the source."""
+    return conversion_output(conversion.model, conversion.source_path, "tpu-mlir",
+                             {"chip": options.chip, "quantize": options.quantize, "seq": options.seq_length,
+                              "pixels": "x".join(map(str, options.max_pixels)),
+                              "group": options.group_size if options.quantize.startswith("w") else None})
+
+
+def _fill_vision_defaults(model_dir: Path, family: str) -> None:
+    """llm_convert reads the vision config's fields without transformers' defaults: write them out."""
+    config_path = model_dir / "config.json"
+    config = json.loads(config_path.read_text())
+    vision = config.setdefault("vision_config", {})
+    for key, value in VISION_DEFAULTS[family].items():
+        vision.setdefault(key, value)
+    if "in_chans" in vision:
+        vision["in_channels"] = vision["in_chans"]
+    # the merger's output is the language model's width (Qwen2-VL calls it hidden_size, Qwen2.5-VL out_hidden_size)
+    vision.setdefault("out_hidden_size" if family == "qwen2_5_vl" else "hidden_size", config["hidden_size"])
+    write_json_atomic(config_path, config)
+    manifest_path = model_dir / MANIFEST
+    manifest = json.loads(manifest_path.read_text())
+    manifest["files"]["config.json"] = {"sha256": file_sha256(config_path), "size": config_path.stat().st_size}
+    write_json_atomic(manifest_path, manifest)
+
+
+def networks(layers: int) -> list[str]:
+    """The networks llm_convert combines into one bmodel (the runtime looks them up by these names)."""
+    return ["vit", "embedding", "embedding_cache", "lm_head",
+            *(f"{kind}_{i}" for i in range(layers) for kind in ("block", "block_cache"))]
+
+
+def llm_convert_command(options: TpuOptions) -> list[str]:
+    """The llm_convert arguments for these options, run in DIR (model/ in, compiled/ out)."""
+    command = ["-m", "./model", "-s", str(options.seq_length), "-q", options.quantize]
+    if options.quantize.startswith("w"):
+        command += ["-g", str(options.group_size)]
+    return command + ["-c", options.chip, "--max_pixels", "{},{}".format(*options.max_pixels), "-o", "./compiled"]
+
+
+def compile_script(options: TpuOptions) -> str:
+    """compile.sh: the toolchain checks, each failing with what to do, then the llm_convert command."""
+    arguments = " ".join(shlex.quote(a) for a in llm_convert_command(options))
+    return f"""#!/usr/bin/env bash
+# Compile ./model for {options.chip} with TPU-MLIR's llm_convert (written by vlhub {__version__}).
+# The bmodel lands in ./compiled/, with ./compiled/config/ (tokenizer and processor files) beside it.
+# TPU-MLIR is a Python 3.10 wheel: set VLHUB_TPU_MLIR_PYTHON to the python3.10 it is installed for
+# (README.md says how to set it up).
+set -euo pipefail
+cd "$(dirname "$0")"
+PYTHON="${{VLHUB_TPU_MLIR_PYTHON:-python3.10}}"
+fail() {{ echo "error: $*" >&2; exit 2; }}
+command -v "$PYTHON" >/dev/null || fail "$PYTHON not found: install Python 3.10 and set VLHUB_TPU_MLIR_PYTHON to it"
+"$PYTHON" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 10))' \\
+    || fail "$PYTHON is not Python 3.10, the only version the tpu-mlir wheel installs on"
+"$PYTHON" -c 'import tpu_mlir' 2>/dev/null \\
+    || fail "tpu-mlir is not importable by $PYTHON: $PYTHON -m pip install tpu-mlir==1.30.2 psutil torch"
+"$PYTHON" -c 'import torch, psutil' 2>/dev/null \\
+    || fail "llm_convert also needs torch and psutil: $PYTHON -m pip install torch psutil"
+command -v parallel >/dev/null || fail "GNU parallel is not on PATH (llm_convert runs its jobs with it): apt-get install parallel"
+BIN="$(dirname "$(command -v "$PYTHON")")"
+LLM_CONVERT="$BIN/llm_convert.py"
+[ -x "$LLM_CONVERT" ] || LLM_CONVERT="$(command -v llm_convert.py)" || fail "llm_convert.py not found beside $PYTHON"
+PATH="$BIN:$PATH" "$PYTHON" "$LLM_CONVERT" {arguments}
+"""
+
+
+def _manifest(conversion: Conversion, staging: Path, family: str, options: TpuOptions) -> dict:
+    model_manifest = json.loads((staging / "model" / MANIFEST).read_text())
+    files = {f"model/{name}": entry for name, entry in model_manifest["files"].items()}
+    for name in (f"model/{MANIFEST}", "compile.sh", "README.md"):
+        files[name] = {"sha256": file_sha256(staging / name), "size": (staging / name).stat().st_size}
+    config = official_config(conversion.config)
+    quantized = options.quantize.startswith("w")
+    return {
+        "vlhub_version": __version__,
+        "created": now_iso(),
+        "source": model_manifest["source"],
+        "target": {
+            "name": "tpu-mlir", "family": family, "smoke_path": "model", "chip": options.chip,
+            "quantize": options.quantize, "group_size": options.group_size if quantized else None,
+            "dtype": QUANTIZE_DTYPE[options.quantize], "seq_length": options.seq_length,
+            "max_pixels": list(options.max_pixels), "vision_patches": options.vision_patches,
+            "vision_tokens": options.vision_tokens, "layers": config["num_hidden_layers"],
+            "hidden_size": config["hidden_size"], "attention_heads": config["num_attention_heads"],
+            "kv_heads": config["num_key_value_heads"], "vision_depth": config["vision_config"]["depth"],
+            "networks": networks(config["num_hidden_layers"]),
+            "llm_convert": ["llm_convert.py", *llm_convert_command(options)],
+        },
+        "files": files,
+    }
+
+
+def _readme(conversion: Conversion, family: str, options: TpuOptions) -> str:
+    width, height = options.max_pixels
+    name = conversion.model.name if conversion.model else Path(conversion.source).name
+    command = " ".join(["llm_convert.py", *(shlex.quote(a) for a in llm_convert_command(options))])
+    return "\n".join([
+        f"# {name} for Sophgo {options.chip.upper()} (TPU-MLIR)",
+        "",
+        (f"Written by vlhub {__version__}: `{options.quantize}` weights, sequence length {options.seq_length}, "
+         f"images up to {width}x{height} pixels ({options.vision_patches} patches, {options.vision_tokens} vision "
+         "tokens)."),
+        "",
+        "| path | what it is |",
+        "|---|---|",
+        (f"| `model/` | the Hugging Face directory llm_convert reads ({family}: official key names, full config, "
+         f"{QUANTIZE_DTYPE[options.quantize]} safetensors, tokenizer and processor files) |"),
+        "| `compile.sh` | checks the toolchain, then compiles `model/` into `compiled/` |",
+        "| `vlhub-manifest.json` | the options, layer and head counts, the networks, every file's sha256 |",
+        "",
+        "## Compile",
+        "",
+        ("Needs Python 3.10 with `tpu-mlir==1.30.2`, `torch` and `psutil`, and GNU `parallel` (vlhub's README "
+         "says how to set this up on a machine that is not Ubuntu 22.04)."),
+        "",
+        "```bash",
+        "VLHUB_TPU_MLIR_PYTHON=/path/to/python3.10 ./compile.sh",
+        f"# runs: {command}",
+        "```",
+        "",
+        ("It writes `compiled/<stem>_<timestamp>.bmodel` (networks `vit`, `embedding`, `embedding_cache`, "
+         "`lm_head`, `block_N`, `block_cache_N`) and `compiled/config/`."),
+        "",
+        "## Run",
+        "",
+        "On the device, with LLM-TPU's demo (`models/Qwen2_5_VL/python_demo` or `models/Qwen2_VL/python_demo`):",
+        "",
+        "```bash",
+        "python3 pipeline.py -m compiled/<stem>_<timestamp>.bmodel -c compiled/config",
+        "```",
+        "",
+        ("The demo reads the image budget from the bmodel's vision network: give it images up to "
+         f"{width}x{height} pixels; prompts and answers share the {options.seq_length} positions with the "
+         f"{options.vision_tokens} vision tokens."),
+        "",
+    ])
