@@ -121,3 +121,11 @@ def test_vision_sizes_follow_smart_resize(model: str, pixels: tuple[int, int], p
     assert options.vision_patches == patches and options.vision_tokens == patches // 4
     with pytest.raises(UserError, match=f"at least {patches // 4 + 64}"):
         check_tpu_options(spec.config, TpuOptions(patches // 4 + 63, pixels, "w4bf16", 64, "bm1684x"))
+
+
+def test_vlhub_smoke_of_the_layout_runs_its_model_directory(tmp_path: Path) -> None:
+    convert("tiny-qwen2.5-vl", tmp_path / "out", "--no-smoke")
+    result = run_vlhub("smoke", str(tmp_path / "out"), "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["passed"] is True and report["artifact"] == str(tmp_path / "out" / "model")
