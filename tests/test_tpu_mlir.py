@@ -88,6 +88,7 @@ def test_a_transformers5_source_gets_official_key_names(tiny_qwen2_vl_transforme
     (["--chip", "bm1690"], "choose bm1684x or bm1688"),
     (["--quantize", "w4bf16", "--group-size", "48"], "must divide every quantized Linear's input"),
     (["--max-pixels", "wide"], "write the largest image as W,H"),
+    (["--onnx"], "fewer than the smoke test's 168x112 image (96); give at least 168,112"),
 ])
 def test_bad_options_are_refused_before_anything_is_written(args: list[str], message: str, tmp_path: Path) -> None:
     result = run_vlhub("convert", "tiny-qwen2-vl", "--to", "tpu-mlir", "--out", str(tmp_path / "out"), *SMALL, *args)
@@ -129,3 +130,24 @@ def test_vlhub_smoke_of_the_layout_runs_its_model_directory(tmp_path: Path) -> N
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["passed"] is True and report["artifact"] == str(tmp_path / "out" / "model")
+
+
+@pytest.mark.parametrize("model", ["tiny-qwen2-vl", "tiny-qwen2.5-vl"])
+def test_onnx_networks_are_exported_compiled_by_script_and_smoke_tested_in_onnxruntime(model: str,
+                                                                                       tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    report = convert(model, tmp_path / "out", "--onnx", "--quantize", "w4bf16", "--max-pixels", "168,112")
+    out = tmp_path / "out"
+    assert report["smoke"]["runtime"] == "onnxruntime" and report["smoke"]["passed"] is True
+    assert report["smoke"]["artifact"] == str(out)
+    layers = get_model(model).config["num_hidden_layers"]
+    networks = report["target"]["onnx"]["networks"]
+    assert len(networks) == 6 + 2 * layers and "vision_transformer" in networks
+    assert networks["block_cache_0"]["inputs"][3][1] == [1, 128, 2, 32]  # history_k: [1, S, KV, D]
+    for network in networks.values():
+        assert (out / network["file"]).is_file() and network["file"] in report["files"]
+    script = (out / "compile_onnx.sh").read_text()
+    assert script.count("\nnet ") == len(networks) and "--addr_mode io_alone" in script
+    assert f"compiled_onnx/{model}_w4bf16_seq128_bm1684x_1dev.bmodel" in script
+    assert "--q_group_size 64" in script and subprocess.run(["bash", "-n", str(out / "compile_onnx.sh")],
+                                                            check=False).returncode == 0

@@ -30,7 +30,7 @@ from vlhub.configs import official_config
 from vlhub.convert import MANIFEST, Conversion, prepare_conversion
 from vlhub.converters.writers import file_sha256, temporary_name, write_json_atomic
 from vlhub.errors import UserError
-from vlhub.smoke.inputs import smart_resize
+from vlhub.smoke.inputs import SMOKE_IMAGE, smart_resize
 from vlhub.units import now_iso
 
 # --quantize -> the dtype llm_convert requires the checkpoint to declare (its "mismatch with model dtype" check)
@@ -159,10 +159,15 @@ def build_tpu_mlir(
     quantize: str | None = None,
     group_size: int = DEFAULT_GROUP_SIZE,
     chip: str = "bm1684x",
+    onnx: bool = False,
     overwrite: bool = False,
     on_bytes: Callable[[int], None] | None = None,
+    on_export_bytes: Callable[[int], None] | None = None,
 ) -> TpuLayout:
-    """Write the TPU-MLIR layout of SRC into DIR, atomically; every option checked first."""
+    """Write the TPU-MLIR layout of SRC into DIR, atomically; every option checked first. With `onnx`, also the
+    older flow's ONNX networks, exported one network at a time from model/, and compile_onnx.sh."""
+    if onnx:
+        check_onnx_installed()
     probe = prepare_conversion(source, to="tpu-mlir")  # headers only: the family, config and dtype
     if probe.checkpoint is not None:
         probe.checkpoint.close()
@@ -171,7 +176,7 @@ def build_tpu_mlir(
                           max_pixels=max_pixels, quantize=quantize, group_size=group_size, chip=chip)
     dtype = QUANTIZE_DTYPE[options.quantize]
     conversion = prepare_conversion(source, to="tpu-mlir", dtype=None if dtype == probe.output_dtype() else dtype)
-    out = Path(out) if out else tpu_layout_output(conversion, options)
+    out = Path(out) if out else tpu_layout_output(conversion, options, onnx)
     refuse_output_holding(out, conversion.source_path)
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise UserError(f"{out} exists and is not empty; pass --overwrite to replace it, or choose another --out")
@@ -181,10 +186,17 @@ def build_tpu_mlir(
     try:
         conversion.write(staging / "model", on_bytes=on_bytes)
         _fill_vision_defaults(staging / "model", family)
-        (staging / "compile.sh").write_text(compile_script(options))
-        (staging / "compile.sh").chmod(0o755)
-        (staging / "README.md").write_text(_readme(conversion, family, options))
-        manifest = _manifest(conversion, staging, family, options)
+        scripts = {"compile.sh": compile_script(options)}
+        exported = None
+        if onnx:
+            exported = _export_onnx(staging, options, on_export_bytes)
+            scripts["compile_onnx.sh"] = onnx_compile_script(options, exported["networks"],
+                                                             _bmodel_name(conversion, options))
+        for name, text in scripts.items():
+            (staging / name).write_text(text)
+            (staging / name).chmod(0o755)
+        (staging / "README.md").write_text(_readme(conversion, family, options, onnx=onnx))
+        manifest = _manifest(conversion, staging, family, options, exported)
         write_json_atomic(staging / MANIFEST, manifest)
         swap_in(staging, out)
     except BaseException:
@@ -193,11 +205,46 @@ def build_tpu_mlir(
     return TpuLayout(out, out / "model", manifest)
 
 
-def tpu_layout_output(conversion: Conversion, options: TpuOptions) -> Path:
+def check_smoke_image_fits(options: TpuOptions) -> None:
+    """The ONNX smoke test feeds the exported ViT the smoke image: the pixel budget must hold it."""
+    height, width = SMOKE_IMAGE
+    patches = (height // 14) * (width // 14)
+    if options.vision_patches < patches:
+        raise UserError(f"--max-pixels {options.max_pixels[0]},{options.max_pixels[1]} exports a ViT for "
+                        f"{options.vision_patches} patches, fewer than the smoke test's {width}x{height} image "
+                        f"({patches}); give at least {width},{height}, or pass --no-smoke")
+
+
+def check_onnx_installed() -> None:
+    """Refuse --onnx before anything is written when onnx or onnxruntime cannot be imported."""
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError as exc:
+        raise UserError(f"--onnx exports and runs ONNX networks with onnx and onnxruntime, which are not importable "
+                        f"({exc}); install them with: pip install 'vlhub[onnx]'") from None
+
+
+def _export_onnx(staging: Path, options: TpuOptions, on_bytes: Callable[[int], None] | None) -> dict:
+    from vlhub.cache.tpu_onnx import export_onnx
+    from vlhub.smoke.weights import ModelWeights
+
+    with ModelWeights.open(staging / "model") as weights:  # streamed: one tensor in memory at a time
+        return export_onnx(weights, staging, seq_length=options.seq_length, vision_patches=options.vision_patches,
+                           on_bytes=on_bytes)
+
+
+def _bmodel_name(conversion: Conversion, options: TpuOptions) -> str:
+    """sophon-demo's naming: <model>_<quantize>_seq<S>_<chip>_1dev.bmodel."""
+    name = conversion.model.name if conversion.model else Path(conversion.source).name
+    return f"{name.lower()}_{options.quantize}_seq{options.seq_length}_{options.chip}_1dev.bmodel"
+
+
+def tpu_layout_output(conversion: Conversion, options: TpuOptions, onnx: bool = False) -> Path:
     """Where the layout goes without --out: the cache for a catalog model (keyed by the options), else beside
     the source."""
     return conversion_output(conversion.model, conversion.source_path, "tpu-mlir",
-                             {"chip": options.chip, "quantize": options.quantize, "seq": options.seq_length,
+                             {"chip": options.chip, "quantize": options.quantize, "seq": options.seq_length, "onnx": onnx,
                               "pixels": "x".join(map(str, options.max_pixels)),
                               "group": options.group_size if options.quantize.startswith("w") else None})
 
@@ -240,7 +287,72 @@ def compile_script(options: TpuOptions) -> str:
     return f"""#!/usr/bin/env bash
 # Compile ./model for {options.chip} with TPU-MLIR's llm_convert (written by vlhub {__version__}).
 # The bmodel lands in ./compiled/, with ./compiled/config/ (tokenizer and processor files) beside it.
-# TPU-MLIR is a Python 3.10 wheel: set VLHUB_TPU_MLIR_PYTHON to the python3.10 it is installed for
+{_toolchain_checks(parallel=True)}PATH="$BIN:$PATH" "$PYTHON" "$LLM_CONVERT" {arguments}
+"""
+
+
+# how each kind of network is deployed in the ONNX flow (shared/docs/tpu_mlir.md section 2)
+_DEPLOY_FLAGS = {
+    "embedding": ["--quant_input", "--quant_output"],
+    "lm_head": ["--quant_input"],
+    "block": ["--quant_input", "--quant_output"],
+    "block_cache": ["--quant_input", "--quant_output", "--addr_mode", "io_alone"],
+    "head": [],  # greedy / penalty-sample heads stay float32
+    "vit": ["--quant_input", "--quant_output", "--high_precision"],
+}
+
+
+def onnx_compile_script(options: TpuOptions, networks: dict, bmodel: str) -> str:
+    """compile_onnx.sh: model_transform and model_deploy per ONNX file (input shapes from the exported graphs),
+    then model_tool --combine into `bmodel`, as sophon-demo's and LLM-TPU's compile scripts do."""
+    weights = ["--quantize", options.quantize.upper()]
+    if options.quantize.startswith("w"):
+        weights += ["--q_group_size", str(options.group_size)]
+    half = ["--quantize", "BF16" if QUANTIZE_DTYPE[options.quantize] == "bfloat16" else "F16"]
+    lines = []
+    for name, network in networks.items():
+        kind = _network_kind(name)
+        quantize = ["--quantize", "F32"] if kind == "head" else half if kind == "vit" else weights
+        shapes = "[" + ",".join("[" + ",".join(map(str, shape)) + "]" for _, shape, _ in network["inputs"]) + "]"
+        flags = " ".join(shlex.quote(a) for a in [*quantize, *_DEPLOY_FLAGS[kind]])
+        lines.append(f"net {name} {shlex.quote(network['file'])} {shlex.quote(shapes)} {flags}")
+    return f"""#!/usr/bin/env bash
+# Compile ./models/onnx for {options.chip}, one network at a time, with TPU-MLIR's model_transform and
+# model_deploy, then combine them (written by vlhub {__version__}). The bmodel lands in ./compiled_onnx/.
+{_toolchain_checks(parallel=False)}export PATH="$BIN:$PATH"
+net() {{  # name, ONNX file, input shapes, model_deploy flags
+    local name=$1 file=$2 shapes=$3
+    shift 3
+    mkdir -p "compiled_onnx/$name"
+    (cd "compiled_onnx/$name" &&
+        model_transform.py --model_name "$name" --model_def "../../$file" --input_shapes "$shapes" \\
+            --mlir "$name.mlir" &&
+        model_deploy.py --mlir "$name.mlir" --chip {options.chip} --model "$name.bmodel" "$@")
+}}
+{chr(10).join(lines)}
+model_tool --combine {" ".join(f"compiled_onnx/{name}/{name}.bmodel" for name in networks)} \\
+    -o compiled_onnx/{shlex.quote(bmodel)}
+"""
+
+
+def _network_kind(name: str) -> str:
+    """The _DEPLOY_FLAGS entry of a network: block_3 -> block, block_cache_3 -> block_cache."""
+    if name == "vision_transformer":
+        return "vit"
+    if name in ("greedy_head", "penalty_sample_head"):
+        return "head"
+    if name.startswith("embedding"):
+        return "embedding"
+    return name if name == "lm_head" else name.rsplit("_", 1)[0]
+
+
+def _toolchain_checks(*, parallel: bool) -> str:
+    """The shell lines that stop a compile script early, with what to do, when the toolchain is not there."""
+    parallel_check = ""
+    if parallel:
+        parallel_check = ('\ncommand -v parallel >/dev/null || fail "GNU parallel is not on PATH (llm_convert runs '
+                          'its jobs with it): apt-get install parallel"')
+    return f"""# TPU-MLIR is a Python 3.10 wheel: set VLHUB_TPU_MLIR_PYTHON to the python3.10 it is installed for
 # (README.md says how to set it up).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -252,20 +364,22 @@ command -v "$PYTHON" >/dev/null || fail "$PYTHON not found: install Python 3.10 
 "$PYTHON" -c 'import tpu_mlir' 2>/dev/null \\
     || fail "tpu-mlir is not importable by $PYTHON: $PYTHON -m pip install tpu-mlir==1.30.2 psutil torch"
 "$PYTHON" -c 'import torch, psutil' 2>/dev/null \\
-    || fail "llm_convert also needs torch and psutil: $PYTHON -m pip install torch psutil"
-command -v parallel >/dev/null || fail "GNU parallel is not on PATH (llm_convert runs its jobs with it): apt-get install parallel"
+    || fail "TPU-MLIR also needs torch and psutil: $PYTHON -m pip install torch psutil"{parallel_check}
 BIN="$(dirname "$(command -v "$PYTHON")")"
 LLM_CONVERT="$BIN/llm_convert.py"
 [ -x "$LLM_CONVERT" ] || LLM_CONVERT="$(command -v llm_convert.py)" || fail "llm_convert.py not found beside $PYTHON"
-PATH="$BIN:$PATH" "$PYTHON" "$LLM_CONVERT" {arguments}
 """
 
 
-def _manifest(conversion: Conversion, staging: Path, family: str, options: TpuOptions) -> dict:
+def _manifest(conversion: Conversion, staging: Path, family: str, options: TpuOptions,
+              exported: dict | None) -> dict:
     model_manifest = json.loads((staging / "model" / MANIFEST).read_text())
     files = {f"model/{name}": entry for name, entry in model_manifest["files"].items()}
-    for name in (f"model/{MANIFEST}", "compile.sh", "README.md"):
+    scripts = ["compile.sh", "compile_onnx.sh"] if exported else ["compile.sh"]
+    for name in (f"model/{MANIFEST}", *scripts, "README.md"):
         files[name] = {"sha256": file_sha256(staging / name), "size": (staging / name).stat().st_size}
+    if exported:
+        files.update(exported["files"])
     config = official_config(conversion.config)
     quantized = options.quantize.startswith("w")
     return {
@@ -282,12 +396,32 @@ def _manifest(conversion: Conversion, staging: Path, family: str, options: TpuOp
             "kv_heads": config["num_key_value_heads"], "vision_depth": config["vision_config"]["depth"],
             "networks": networks(config["num_hidden_layers"]),
             "llm_convert": ["llm_convert.py", *llm_convert_command(options)],
+            "onnx": {"networks": exported["networks"], "bmodel": f"compiled_onnx/{_bmodel_name(conversion, options)}"}
+            if exported else None,
         },
         "files": files,
     }
 
 
-def _readme(conversion: Conversion, family: str, options: TpuOptions) -> str:
+def _onnx_readme(conversion: Conversion, options: TpuOptions) -> list[str]:
+    return [
+        "## The ONNX flow (sophon-demo)",
+        "",
+        ("`models/onnx/llm/` holds `block_N.onnx` and `block_cache_N.onnx` (KV sequence-major [1, S, kv_heads, "
+         "head_dim]; the decode block returns the new token's K/V only), `embedding.onnx`, `embedding_cache.onnx`, "
+         "`lm_head.onnx`, `greedy_head.onnx` and `penalty_sample_head.onnx`; `models/onnx/vit/` the vision "
+         "transformer. Inputs and outputs are listed under `target.onnx.networks` in vlhub-manifest.json. "
+         "`compile_onnx.sh` runs `model_transform.py` and `model_deploy.py` for each, then `model_tool --combine`:"),
+        "",
+        "```bash",
+        "VLHUB_TPU_MLIR_PYTHON=/path/to/python3.10 ./compile_onnx.sh",
+        f"# writes compiled_onnx/{_bmodel_name(conversion, options)}",
+        "```",
+        "",
+    ]
+
+
+def _readme(conversion: Conversion, family: str, options: TpuOptions, *, onnx: bool) -> str:
     width, height = options.max_pixels
     name = conversion.model.name if conversion.model else Path(conversion.source).name
     command = " ".join(["llm_convert.py", *(shlex.quote(a) for a in llm_convert_command(options))])
@@ -318,6 +452,7 @@ def _readme(conversion: Conversion, family: str, options: TpuOptions) -> str:
         ("It writes `compiled/<stem>_<timestamp>.bmodel` (networks `vit`, `embedding`, `embedding_cache`, "
          "`lm_head`, `block_N`, `block_cache_N`) and `compiled/config/`."),
         "",
+        *(_onnx_readme(conversion, options) if onnx else []),
         "## Run",
         "",
         "On the device, with LLM-TPU's demo (`models/Qwen2_5_VL/python_demo` or `models/Qwen2_VL/python_demo`):",

@@ -31,10 +31,12 @@ def print_json(data: object) -> None:
 
 @contextmanager
 def byte_progress(description: str, total: int) -> Iterator[Callable[[int], None]]:
-    """A progress bar on stderr counting bytes (with bytes/s); yields the function that advances it."""
+    """A progress bar on stderr counting bytes (with bytes/s); yields the function that advances it. `total` may
+    be an estimate: the bar ends at what was counted."""
     columns = (
         TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
     )
     with Progress(*columns, console=stderr, transient=False) as progress:
         task = progress.add_task(description, total=total)
         yield lambda n: progress.advance(task, n)
+        progress.update(task, total=progress.tasks[0].completed)

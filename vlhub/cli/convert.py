@@ -31,6 +31,7 @@ from vlhub.cache.tpu_mlir import (
     DEFAULT_SEQ_LENGTH,
     QUANTIZE_DTYPE,
     build_tpu_mlir,
+    check_smoke_image_fits,
     tpu_layout_output,
     tpu_options,
 )
@@ -78,6 +79,9 @@ QuantizeOpt = Annotated[str | None, typer.Option(
 GroupSizeOpt = Annotated[int | None, typer.Option(
     "--group-size", help=f"tpu-mlir: weights per quantization group for w4/w8 (default {DEFAULT_GROUP_SIZE}).",
     show_default=False)]
+OnnxOpt = Annotated[bool, typer.Option(
+    "--onnx", help="tpu-mlir: also export the older flow's ONNX networks (sophon-demo), one layer at a time, with "
+                   "compile_onnx.sh; the smoke test then runs them in onnxruntime.")]
 ChipOpt = Annotated[str | None, typer.Option("--chip", help="tpu-mlir: bm1684x (default) or bm1688.",
                                              show_default=False)]
 NoSmokeOpt = Annotated[bool, typer.Option("--no-smoke", help="Skip the smoke test that runs the converted model.")]
@@ -104,6 +108,7 @@ def convert(
     quantize: QuantizeOpt = None,
     group_size: GroupSizeOpt = None,
     chip: ChipOpt = None,
+    onnx: OnnxOpt = False,
     no_smoke: NoSmokeOpt = False,
     tokens: TokensOpt = DEFAULT_TOKENS,
     json: JsonOpt = False,
@@ -119,8 +124,9 @@ def convert(
     given = {"seq_length": seq_length, "max_pixels": max_pixels, "quantize": quantize, "group_size": group_size,
              "chip": chip}
     tpu = {name: value for name, value in given.items() if value is not None}
-    if to != "tpu-mlir" and tpu:
-        raise UserError("--seq-length, --max-pixels, --quantize, --group-size and --chip apply to --to tpu-mlir only")
+    if to != "tpu-mlir" and (tpu or onnx):
+        raise UserError("--seq-length, --max-pixels, --quantize, --group-size, --chip and --onnx apply to --to "
+                        "tpu-mlir only")
     if to == "tpu-mlir" and (dtype or max_shard_size):
         raise UserError("--to tpu-mlir writes the dtype --quantize needs, in llm_convert's shards: drop --dtype "
                         "and --max-shard-size")
@@ -135,7 +141,7 @@ def convert(
             cached = layout_output(conversion, dtype, ir, max_seq_len)
         elif to == "tpu-mlir":
             cached = tpu_layout_output(conversion, tpu_options(conversion.plan.family, official_config(
-                conversion.config), conversion.output_dtype(), **tpu))
+                conversion.config), conversion.output_dtype(), **tpu), onnx)
         else:
             cached = conversion.default_out(shard_limit)
         manifest = reusable_artifact(cached)
@@ -148,8 +154,8 @@ def convert(
                                  overwrite=overwrite, smoke=not no_smoke, tokens=tokens, as_json=json)
         return
     if to == "tpu-mlir":
-        _deploy_tpu_mlir(conversion, source, out, tpu, overwrite=overwrite, smoke=not no_smoke, tokens=tokens,
-                         as_json=json)
+        _deploy_tpu_mlir(conversion, source, out, tpu, onnx=onnx, overwrite=overwrite, smoke=not no_smoke,
+                         tokens=tokens, as_json=json)
         return
     with byte_progress(f"converting to {to}", conversion.plan.total_bytes) as advance:
         result = conversion.write(out, overwrite=overwrite, max_shard_size=shard_limit, on_bytes=advance)
@@ -204,19 +210,28 @@ def _download_if_missing(source: str, *, to: str, dtype: str | None, ir: str, ma
     download_for(spec)
 
 
-def _deploy_tpu_mlir(conversion: Conversion, source: str, out: Path | None, tpu: dict, *, overwrite: bool,
-                     smoke: bool, tokens: int, as_json: bool) -> None:
+def _deploy_tpu_mlir(conversion: Conversion, source: str, out: Path | None, tpu: dict, *, onnx: bool,
+                     overwrite: bool, smoke: bool, tokens: int, as_json: bool) -> None:
     if conversion.checkpoint is not None:  # the layout plans its own conversion, in the dtype --quantize needs
         conversion.checkpoint.close()
-    with byte_progress("writing the model directory for llm_convert", conversion.plan.total_bytes) as advance:
-        layout = build_tpu_mlir(source, out, overwrite=overwrite, on_bytes=advance, **tpu)
+    if onnx and smoke:
+        check_smoke_image_fits(tpu_options(conversion.plan.family, official_config(conversion.config),
+                                           conversion.output_dtype(), **tpu))
+    total = conversion.plan.total_bytes
+    if onnx:  # float32 networks: about twice the parameters' bf16 bytes, a layer's weights in two networks
+        total += 4 * sum(step.target.nbytes for step in conversion.plan.steps)
+    what = "model/ and the ONNX networks" if onnx else "the model directory for llm_convert"
+    with byte_progress(f"writing {what}", total) as advance:
+        layout = build_tpu_mlir(source, out, onnx=onnx, overwrite=overwrite, on_bytes=advance,
+                                on_export_bytes=advance, **tpu)
     report = _smoke(layout.out, conversion, tokens) if smoke else None
     if as_json:
         print_json({"out": str(layout.out), "model": str(layout.model_dir), "target": layout.manifest["target"],
                     "files": layout.manifest["files"], "smoke": report.as_dict() if report else None,
                     "cached": False})
     else:
-        stdout.print(f"{escape(str(layout.out))}  (model/ for llm_convert, compile.sh; its README.md says how to "
+        scripts = "compile.sh; models/onnx/ and compile_onnx.sh" if onnx else "compile.sh"
+        stdout.print(f"{escape(str(layout.out))}  (model/ for llm_convert, {scripts}; its README.md says how to "
                      "compile and run it)")
         if report:
             show_report(report, False)

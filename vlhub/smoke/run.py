@@ -83,7 +83,8 @@ def run_smoke(
     if tokens < 1:
         raise UserError("--tokens must be at least 1")
     say = status or (lambda _message: None)
-    artifact = _weights_of_layout(Path(artifact))
+    layout = Path(artifact)
+    artifact = _weights_of_layout(layout)
     if not artifact.exists():
         raise UserError(f"no such file or directory: {artifact}")
     reference_path = resolve_source(against) if against else _recorded_source(artifact)
@@ -93,6 +94,8 @@ def run_smoke(
         resident = not (streamed if streamed is not None else _too_large(probe.float32_bytes))
         source_dtypes = {step.target.name: step.source.dtype for step in probe.plan.steps}
     runtime, artifact_dtypes, load_error = _inspect_artifact(artifact, family, config)
+    if (layout / ONNX_NETWORKS).is_dir():  # a TPU-MLIR layout exported with --onnx: its networks are what runs
+        runtime, artifact = "onnxruntime", layout
     report = SmokeReport(str(artifact), str(reference_path), runtime, not resident,
                          precision_class([(source_dtypes[n], d) for n, d in artifact_dtypes.items()
                                           if n in source_dtypes]))
@@ -106,7 +109,7 @@ def run_smoke(
         expected = _reference_outputs(ReferenceForward(weights), smoke, tokens, say)
     tolerance = TOLERANCES[report.precision]
     report.tokens_ref = expected.tokens
-    for label, produce in _artifact_runs(artifact, runtime, smoke, expected.tokens, resident, say):
+    for label, produce in _artifact_runs(artifact, runtime, smoke, expected.tokens, resident, say, layout, config):
         try:
             with np.errstate(all="ignore"):
                 produced = produce()
@@ -148,6 +151,9 @@ def _recorded_source(artifact: Path) -> Path:
     if source.get("model"):  # a catalog model (tiny ones are rebuilt on demand)
         return resolve_source(source["model"])
     raise UserError(f"the source {artifact} was converted from ({source.get('path')}) is gone; pass --against SRC")
+
+
+ONNX_NETWORKS = "models/onnx"  # where `vlhub convert --to tpu-mlir --onnx` puts its networks
 
 
 def _weights_of_layout(path: Path) -> Path:
@@ -216,15 +222,31 @@ def inference_weights(path: Path) -> Path | None:
 
 
 def _artifact_runs(artifact: Path, runtime: str, smoke: SmokeInput, reference_tokens: list[int], resident: bool,
-                   say: Status) -> list[tuple[str, Callable[[], _Outputs]]]:
+                   say: Status, layout: Path, config: dict) -> list[tuple[str, Callable[[], _Outputs]]]:
     """What runs the artifact, each labelled for its stages: a Paddle Inference layout is its static
-    graphs and the weights directory Paddle's loaders read; anything else is one checkpoint."""
+    graphs and the weights directory Paddle's loaders read; a TPU-MLIR layout with ONNX networks is those
+    networks under onnxruntime; anything else is one checkpoint."""
+    if runtime == "onnxruntime":
+        return [("", lambda: _onnx_outputs(layout, config, smoke, reference_tokens, resident, say))]
     if runtime != "paddle-inference":
         return [("", lambda: _checkpoint_outputs(artifact, runtime, smoke, reference_tokens, resident, say))]
     weights = inference_weights(artifact)
     assert weights is not None
     return [("", lambda: _static_outputs(artifact, weights, smoke, len(reference_tokens), say)),
             ("weights: ", lambda: _checkpoint_outputs(weights, "paddle", smoke, reference_tokens, resident, say))]
+
+
+def _onnx_outputs(layout: Path, config: dict, smoke: SmokeInput, reference_tokens: list[int], resident: bool,
+                  say: Status) -> _Outputs:
+    """The exported ONNX networks under onnxruntime: vision, prefill, then decode steps with the KV history
+    held sequence-major as the TPU runtime holds it (teacher-forced with the reference's tokens)."""
+    try:
+        from vlhub.smoke.onnx_runtime import onnx_outputs
+    except ImportError as exc:
+        raise RuntimeMissing(f"running the ONNX networks needs onnx and onnxruntime ({exc}); "
+                             "install them with: pip install 'vlhub[onnx]'") from None
+    say("onnxruntime: vision transformer, prefill and decode steps")
+    return _Outputs(*onnx_outputs(layout, config, smoke, reference_tokens, resident=resident))
 
 
 def _static_outputs(layout: Path, weights: Path, smoke: SmokeInput, tokens: int, say: Status) -> _Outputs:
