@@ -110,7 +110,7 @@ def test_transformers5_checkpoint_converts(tiny_qwen2_vl: Path, tiny_qwen2_vl_tr
     assert not info["missing_keys"] and not info["unexpected_keys"]
     config = json.loads((tmp_path / "official" / "config.json").read_text())
     assert "text_config" not in config and config["rope_scaling"]["mrope_section"] == [4, 6, 6]
-    assert config["hidden_size"] == 128 and config["vision_config"]["embed_dim"] == 64
+    assert config["hidden_size"] == 128 and config["vision_config"]["embed_dim"] == 160
 
 
 def test_cast_rounds_like_torch(tiny_qwen2_vl: Path, tmp_path: Path) -> None:

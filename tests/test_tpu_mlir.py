@@ -151,3 +151,10 @@ def test_onnx_networks_are_exported_compiled_by_script_and_smoke_tested_in_onnxr
     assert f"compiled_onnx/{model}_w4bf16_seq128_bm1684x_1dev.bmodel" in script
     assert "--q_group_size 64" in script and subprocess.run(["bash", "-n", str(out / "compile_onnx.sh")],
                                                             check=False).returncode == 0
+
+
+def test_a_vit_llm_convert_cannot_compile_is_refused() -> None:
+    config = json.loads(json.dumps(get_model("tiny-qwen2-vl").config))
+    config["vision_config"].update(embed_dim=64, num_heads=4)  # head_dim 16: llm_convert's rotary table is fixed
+    with pytest.raises(UserError, match="vision heads are 16 wide; TPU-MLIR's llm_convert compiles only 80"):
+        check_tpu_options(config, TpuOptions(128, (112, 112), "bf16", 64, "bm1684x"))

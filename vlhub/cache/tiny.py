@@ -10,8 +10,9 @@ from vlhub.cache.home import vlhub_home
 from vlhub.catalog import ModelSpec
 from vlhub.synthetic import write_synthetic_checkpoint
 
-# bump when the generator changes what it writes, so stale tiny models are not reused
-GENERATOR_VERSION = 1
+# bump when the generator or the tiny configs change what it writes, so stale tiny models are not reused
+# (2: Qwen2(.5)-VL ViT head_dim 80, as every released model has and TPU-MLIR's llm_convert requires)
+GENERATOR_VERSION = 2
 
 
 def tiny_model_dir(spec: ModelSpec) -> Path:

@@ -46,6 +46,7 @@ DEFAULT_GROUP_SIZE = 64
 # room beside the image in the sequence: the chat template's system and user turns, a question, an answer
 PROMPT_TOKENS = 64
 PIXEL_FACTOR = 28  # patch 14 x merge 2: the processor resizes to multiples of this
+VIT_HEAD_DIM = 80  # llm_convert 1.30.2 builds the ViT's rotary table 20 wide: head_dim 80, as 1280 / 16 in every model
 # vision fields some official configs leave to the loader's defaults (transformers' Qwen2(.5)-VL vision configs)
 VISION_DEFAULTS = {
     "qwen2_vl": {"hidden_act": "quick_gelu", "in_channels": 3, "mlp_ratio": 4, "patch_size": 14,
@@ -123,7 +124,13 @@ def refuse_family(family: str) -> None:
 
 
 def check_tpu_options(config: dict, options: TpuOptions) -> None:
-    """Refuse, with the valid range and why, options llm_convert or the runtime cannot take."""
+    """Refuse, with the valid range and why, options llm_convert or the runtime cannot take (and a model it
+    cannot compile)."""
+    vision = config["vision_config"]
+    head_dim = vision.get("embed_dim", vision.get("hidden_size")) // vision["num_heads"]
+    if head_dim != VIT_HEAD_DIM:
+        raise UserError(f"this model's vision heads are {head_dim} wide; TPU-MLIR's llm_convert compiles only "
+                        f"{VIT_HEAD_DIM} (its ViT rotary table is fixed; every released Qwen2(.5)-VL has 1280 / 16)")
     if options.chip not in CHIPS:
         raise UserError(f"--chip {options.chip!r}: choose {' or '.join(CHIPS)}")
     if options.quantize not in QUANTIZE_DTYPE:
