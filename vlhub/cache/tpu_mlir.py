@@ -355,10 +355,12 @@ def _network_kind(name: str) -> str:
 
 def _toolchain_checks(*, parallel: bool) -> str:
     """The shell lines that stop a compile script early, with what to do, when the toolchain is not there."""
-    parallel_check = ""
     if parallel:
-        parallel_check = ('\ncommand -v parallel >/dev/null || fail "GNU parallel is not on PATH (llm_convert runs '
-                          'its jobs with it): apt-get install parallel"')
+        flow_check = ('\ncommand -v parallel >/dev/null || fail "GNU parallel is not on PATH (llm_convert runs '
+                      'its jobs with it): apt-get install parallel"')
+    else:
+        flow_check = ("\n\"$PYTHON\" -c 'import onnx, onnxruntime' 2>/dev/null \\\n    || fail \"model_transform reads "
+                      "ONNX with onnx and onnxruntime: $PYTHON -m pip install 'tpu-mlir[onnx]==1.30.2'\"")
     return f"""# TPU-MLIR is a Python 3.10 wheel: set VLHUB_TPU_MLIR_PYTHON to the python3.10 it is installed for
 # (README.md says how to set it up).
 set -euo pipefail
@@ -371,7 +373,7 @@ command -v "$PYTHON" >/dev/null || fail "$PYTHON not found: install Python 3.10 
 "$PYTHON" -c 'import tpu_mlir' 2>/dev/null \\
     || fail "tpu-mlir is not importable by $PYTHON: $PYTHON -m pip install tpu-mlir==1.30.2 psutil torch"
 "$PYTHON" -c 'import torch, psutil' 2>/dev/null \\
-    || fail "TPU-MLIR also needs torch and psutil: $PYTHON -m pip install torch psutil"{parallel_check}
+    || fail "TPU-MLIR also needs torch and psutil: $PYTHON -m pip install torch psutil"{flow_check}
 BIN="$(dirname "$(command -v "$PYTHON")")"
 LLM_CONVERT="$BIN/llm_convert.py"
 [ -x "$LLM_CONVERT" ] || LLM_CONVERT="$(command -v llm_convert.py)" || fail "llm_convert.py not found beside $PYTHON"
