@@ -485,8 +485,10 @@ def _penalty_sample_head(vocab: int, seq: int) -> _Graph:
     top, _ = g.ops("TopK", (logits, g.const([TOP_K])), [None, "token"], axis=1)
     top = g.op("Div", top, temperature)
     cumulative = g.op("CumSum", g.op("Softmax", top, axis=1), g.const(np.array(1, dtype=np.int64)))
-    keep = g.const(np.arange(TOP_K)[None] < MIN_TOKENS_TO_KEEP)
-    kept = g.op("Or", g.op("Less", cumulative, top_p), keep)
+    # the first MIN_TOKENS_TO_KEEP always pass: their cumulative sums are lowered below any top_p (TPU-MLIR's ONNX
+    # front end cannot take a boolean Or with a constant operand)
+    always = g.const(np.where(np.arange(TOP_K)[None] < MIN_TOKENS_TO_KEEP, 1e4, 0.0).astype(np.float32))
+    kept = g.op("Less", g.op("Sub", cumulative, always), top_p)
     g.op("Softmax", g.op("Where", kept, top, g.const(FILTERED_LOGIT)), axis=1, out="probs")
     g.output("probs", _F32, [1, TOP_K])
     g.output("token", _I64, [1, TOP_K])
