@@ -65,6 +65,17 @@ def refuse_output_holding(out: Path, source: Path) -> None:
         raise UserError(f"--out {out} is or contains the source {source}; choose a path outside it")
 
 
+def check_output_directory(out: Path, overwrite: bool) -> None:
+    """Refuse an output directory that cannot be made there, or that holds something, unless `overwrite`."""
+    nearest = next(p for p in out.absolute().parents if p.exists())
+    if not nearest.is_dir():
+        raise UserError(f"{nearest} is a file, so {out} cannot be created; choose another --out")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} exists and is not a directory; choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"{out} exists and is not empty; pass --overwrite to replace it, or choose another --out")
+
+
 def ensure_free_space(directory: Path, needed: int, what: str) -> None:
     """Refuse before writing when the filesystem of `directory` (or its first existing parent) is too full,
     keeping VLHUB_MIN_FREE (e.g. 50GB; default 0) free beyond what is written."""

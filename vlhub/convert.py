@@ -9,13 +9,14 @@ an error or an interruption leaves nothing behind.
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from vlhub import __version__
-from vlhub.atomic import ensure_free_space, refuse_output_holding, swap_in
+from vlhub.atomic import check_output_directory, ensure_free_space, refuse_output_holding, swap_in
 from vlhub.cache.store import MANIFEST, conversion_output, revision_of
 from vlhub.catalog import ModelSpec, find_model
 from vlhub.configs import target_config
@@ -23,7 +24,7 @@ from vlhub.converters.formats import format_of_file
 from vlhub.converters.pipeline import buffer_cost, ordered_steps, run_plan
 from vlhub.converters.plan import Plan, plan_conversion
 from vlhub.converters.readers import Checkpoint, open_checkpoint
-from vlhub.converters.writers import CheckpointWriter, file_sha256, temporary_name, write_json_atomic
+from vlhub.converters.writers import CheckpointWriter, file_entry, file_sha256, temporary_name, write_json_atomic
 from vlhub.errors import UserError
 from vlhub.sources import resolve_source
 from vlhub.tensors import TensorMeta
@@ -89,7 +90,9 @@ class Conversion:
             raise UserError(f"{self.source} is not on this machine: only --dry-run can plan it")
         out = Path(out) if out else self.default_out(max_shard_size)
         refuse_output_holding(out, self.source_path)
-        _check_destination(out, overwrite, self.plan.total_bytes + sum(p.stat().st_size for p in self.extra_files))
+        check_output_directory(out, overwrite)
+        ensure_free_space(out.parent, self.plan.total_bytes + sum(p.stat().st_size for p in self.extra_files),
+                          "the converted weights")
         staging = temporary_name(out)
         staging.mkdir(parents=True)
         try:
@@ -190,15 +193,12 @@ def _carried_files(root: Path) -> list[Path]:
     )
 
 
-def _check_destination(out: Path, overwrite: bool, needed: int) -> None:
-    nearest = next(p for p in out.absolute().parents if p.exists())
-    if not nearest.is_dir():
-        raise UserError(f"{nearest} is a file, so {out} cannot be created; choose another --out")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out} exists and is not a directory; choose another --out")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"{out} exists and is not empty; pass --overwrite to replace it, or choose another --out")
-    ensure_free_space(out.parent, needed, "the converted weights")
+def refresh_manifest_entry(directory: Path, name: str) -> None:
+    """Record the new sha256 and size of `name`, rewritten after `directory` was converted, in its manifest."""
+    manifest_path = directory / MANIFEST
+    manifest = json.loads(manifest_path.read_text())
+    manifest["files"][name] = file_entry(directory / name)
+    write_json_atomic(manifest_path, manifest)
 
 
 def plan_table_rows(plan: Plan) -> Iterator[tuple[str, str, str, str, str, int]]:

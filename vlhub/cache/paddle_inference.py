@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vlhub import __version__
-from vlhub.atomic import ensure_free_space, refuse_output_holding, swap_in
+from vlhub.atomic import check_output_directory, ensure_free_space, refuse_output_holding, swap_in
 from vlhub.cache.store import conversion_output
-from vlhub.convert import MANIFEST, Conversion, prepare_conversion
-from vlhub.converters.writers import file_sha256, temporary_name, write_json_atomic
+from vlhub.convert import MANIFEST, Conversion, prepare_conversion, refresh_manifest_entry
+from vlhub.converters.writers import file_entry, temporary_name, write_json_atomic
 from vlhub.errors import UserError
 from vlhub.units import now_iso
 
@@ -97,7 +97,7 @@ def build_paddle_inference(
     out = Path(out) if out else layout_output(conversion, dtype, ir, max_seq_len)
     name = _model_name(conversion)
     refuse_output_holding(out, conversion.source_path)
-    _check_destination(out, overwrite)
+    check_output_directory(out, overwrite)
     # the weights, then the graphs' parameters (as large again); a margin for config and tokenizer files
     ensure_free_space(out.parent, 2 * conversion.plan.total_bytes, "the weights and the static graphs")
     staging = temporary_name(out)
@@ -111,8 +111,7 @@ def build_paddle_inference(
         graphs = export_static(weights_dir, staging, ir=ir, dtype=chosen, max_seq_len=max_seq_len)
         manifest = _manifest(conversion, staging, name, family, chosen, ir, max_seq_len, graphs)
         (staging / "README.md").write_text(_readme(name, family, chosen, ir, manifest))
-        manifest["files"]["README.md"] = {"sha256": file_sha256(staging / "README.md"),
-                                          "size": (staging / "README.md").stat().st_size}
+        manifest["files"]["README.md"] = file_entry(staging / "README.md")
         write_json_atomic(staging / MANIFEST, manifest)
         swap_in(staging, out)
     except BaseException:
@@ -137,13 +136,6 @@ def _model_name(conversion: Conversion) -> str:
     return (path if path.is_dir() else path.parent).name
 
 
-def _check_destination(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out} exists and is not a directory; choose another --out")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"{out} exists and is not empty; pass --overwrite to replace it, or choose another --out")
-
-
 def _point_llm_config_at_itself(weights_dir: Path, final: Path, family: str) -> None:
     """PaddleMIX's Qwen-VL reads the LLM config from `llm_pretrained_model_name_or_path`: this directory."""
     if family != "qwen_vl":
@@ -152,18 +144,14 @@ def _point_llm_config_at_itself(weights_dir: Path, final: Path, family: str) -> 
     config = json.loads(config_path.read_text())
     config["llm_pretrained_model_name_or_path"] = str(final.absolute())
     write_json_atomic(config_path, config)
-    manifest_path = weights_dir / MANIFEST
-    manifest = json.loads(manifest_path.read_text())
-    manifest["files"]["config.json"] = {"sha256": file_sha256(config_path), "size": config_path.stat().st_size}
-    write_json_atomic(manifest_path, manifest)
+    refresh_manifest_entry(weights_dir, "config.json")
 
 
 def _manifest(conversion: Conversion, staging: Path, name: str, family: str, dtype: str, ir: str,
               max_seq_len: int, graphs: dict) -> dict:
     weights_manifest = json.loads((staging / f"{name}-inference" / MANIFEST).read_text())
     files = {f"{name}-inference/{file}": entry for file, entry in weights_manifest["files"].items()}
-    files[f"{name}-inference/{MANIFEST}"] = {"sha256": file_sha256(staging / f"{name}-inference" / MANIFEST),
-                                             "size": (staging / f"{name}-inference" / MANIFEST).stat().st_size}
+    files[f"{name}-inference/{MANIFEST}"] = file_entry(staging / f"{name}-inference" / MANIFEST)
     files.update(graphs["files"])
     return {
         "vlhub_version": __version__,

@@ -24,11 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vlhub import __version__
-from vlhub.atomic import ensure_free_space, refuse_output_holding, swap_in
+from vlhub.atomic import check_output_directory, ensure_free_space, refuse_output_holding, swap_in
 from vlhub.cache.store import conversion_output
 from vlhub.configs import official_config
-from vlhub.convert import MANIFEST, Conversion, prepare_conversion
-from vlhub.converters.writers import file_sha256, temporary_name, write_json_atomic
+from vlhub.convert import MANIFEST, Conversion, prepare_conversion, refresh_manifest_entry
+from vlhub.converters.writers import file_entry, temporary_name, write_json_atomic
 from vlhub.errors import UserError
 from vlhub.smoke.inputs import SMOKE_IMAGE, smart_resize
 from vlhub.units import now_iso
@@ -185,8 +185,7 @@ def build_tpu_mlir(
     conversion = prepare_conversion(source, to="tpu-mlir", dtype=None if dtype == probe.output_dtype() else dtype)
     out = Path(out) if out else tpu_layout_output(conversion, options, onnx)
     refuse_output_holding(out, conversion.source_path)
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"{out} exists and is not empty; pass --overwrite to replace it, or choose another --out")
+    check_output_directory(out, overwrite)
     ensure_free_space(out.parent, conversion.plan.total_bytes, "the model directory")
     staging = temporary_name(out)
     staging.mkdir(parents=True)
@@ -268,10 +267,7 @@ def _fill_vision_defaults(model_dir: Path, family: str) -> None:
     # the merger's output is the language model's width (Qwen2-VL calls it hidden_size, Qwen2.5-VL out_hidden_size)
     vision.setdefault("out_hidden_size" if family == "qwen2_5_vl" else "hidden_size", config["hidden_size"])
     write_json_atomic(config_path, config)
-    manifest_path = model_dir / MANIFEST
-    manifest = json.loads(manifest_path.read_text())
-    manifest["files"]["config.json"] = {"sha256": file_sha256(config_path), "size": config_path.stat().st_size}
-    write_json_atomic(manifest_path, manifest)
+    refresh_manifest_entry(model_dir, "config.json")
 
 
 def networks(layers: int) -> list[str]:
@@ -386,7 +382,7 @@ def _manifest(conversion: Conversion, staging: Path, family: str, options: TpuOp
     files = {f"model/{name}": entry for name, entry in model_manifest["files"].items()}
     scripts = ["compile.sh", "compile_onnx.sh"] if exported else ["compile.sh"]
     for name in (f"model/{MANIFEST}", *scripts, "README.md"):
-        files[name] = {"sha256": file_sha256(staging / name), "size": (staging / name).stat().st_size}
+        files[name] = file_entry(staging / name)
     if exported:
         files.update(exported["files"])
     config = official_config(conversion.config)

@@ -64,7 +64,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from vlhub import __version__
 from vlhub.atomic import ensure_free_space, swap_in
-from vlhub.converters.writers import file_sha256, temporary_name
+from vlhub.converters.writers import file_entry, temporary_name
 from vlhub.errors import UserError
 from vlhub.families import text_config, tie_word_embeddings
 from vlhub.smoke.reference import inverse_frequencies, rotary_tables
@@ -145,8 +145,7 @@ def export_onnx(weights: ModelWeights, out: Path, *, seq_length: int, vision_pat
         _write_text(writer, dims, seq_length, tied)
         with writer.group(VIT_DIR, "vision_transformer", [n for n in shapes if n.startswith("visual.")]) as store:
             writer.save(_vision_transformer(store, config, vision_patches), VIT_DIR)
-        files = {f"{MODELS}/{path.relative_to(staging).as_posix()}": {"sha256": file_sha256(path),
-                                                                      "size": path.stat().st_size}
+        files = {f"{MODELS}/{path.relative_to(staging).as_posix()}": file_entry(path)
                  for path in sorted(p for p in staging.rglob("*") if p.is_file())}
         swap_in(staging, final)
     except BaseException:

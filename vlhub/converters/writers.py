@@ -83,6 +83,11 @@ def file_sha256(path: Path) -> str:
     return hash_file_into(path, hashlib.sha256()).hexdigest()
 
 
+def file_entry(path: Path) -> dict:
+    """A manifest's record of a file: its sha256 and size."""
+    return {"sha256": file_sha256(path), "size": path.stat().st_size}
+
+
 def hash_file_into(path: Path, digest: Any, on_bytes: Callable[[int], None] | None = None) -> Any:
     """Feed a file to a hashlib object in 16 MiB pieces (reporting each piece's size); return the object."""
     with open(path, "rb") as file:

@@ -370,7 +370,53 @@ class Qwen2Attention(nn.Layer):
         return self.o_proj(out.transpose([1, 0, 2]).reshape([-1, self.heads * self.head_dim])), (k, v)
 
 
-class Qwen2DecoderLayer(nn.Layer):
+class PreNormLayer(nn.Layer):
+    """A decoder layer: x + attention(norm(x)), then + mlp(norm(x)). Subclasses own the four parts under their
+    PaddleMIX names and return them from `parts`."""
+
+    def parts(self) -> tuple[nn.Layer, nn.Layer, nn.Layer, nn.Layer]:
+        """The attention's norm, the attention, the MLP's norm, the MLP."""
+        raise NotImplementedError
+
+    def forward(self, x: paddle.Tensor, cos: paddle.Tensor, sin: paddle.Tensor, mask: paddle.Tensor) -> paddle.Tensor:
+        return self.step(x, cos, sin, mask)[0]
+
+    def step(self, x: paddle.Tensor, cos: paddle.Tensor, sin: paddle.Tensor, mask: paddle.Tensor | None,
+             past: Cache | None = None) -> tuple[paddle.Tensor, Cache]:
+        """The layer's output for new tokens `x` after `past`, and its keys and values extended by x's."""
+        attention_norm, attention, mlp_norm, mlp = self.parts()
+        out, cache = attention(attention_norm(x), cos, sin, mask, past)
+        x = x + out
+        return x + mlp(mlp_norm(x)), cache
+
+
+class TextModel(nn.Layer):
+    """A language model: embedding (resident only), decoder layers, final norm. Subclasses name the children as
+    PaddleMIX does: `embedding_key` (the table's parameter), `layers_key`, and `final_norm`."""
+
+    embedding_key: str
+    layers_key: str
+    rotary: nn.Layer
+
+    def final_norm(self, h: paddle.Tensor) -> paddle.Tensor:
+        raise NotImplementedError
+
+    def prepare(self, h: paddle.Tensor, position_ids: paddle.Tensor, image_embeds: paddle.Tensor,
+                image_mask: paddle.Tensor) -> tuple[paddle.Tensor, ...]:
+        """The first layer's input, rotary cos/sin and causal mask, from the token embeddings `h`."""
+        cos, sin = self.rotary(position_ids)
+        return _merge_image_embeds(h, image_embeds, image_mask), cos, sin, _causal_mask(h)
+
+    def forward(self, input_ids: paddle.Tensor, position_ids: paddle.Tensor, image_embeds: paddle.Tensor,
+                image_mask: paddle.Tensor) -> paddle.Tensor:
+        embedding = getattr(self, self.embedding_key.removesuffix(".weight"))
+        h, cos, sin, mask = self.prepare(embedding(input_ids), position_ids, image_embeds, image_mask)
+        for layer in getattr(self, self.layers_key):
+            h = layer(h, cos, sin, mask)
+        return self.final_norm(h)
+
+
+class Qwen2DecoderLayer(PreNormLayer):
     """One Qwen2 decoder layer."""
 
     def __init__(self, dims: Qwen2Dims) -> None:
@@ -380,18 +426,11 @@ class Qwen2DecoderLayer(nn.Layer):
         self.input_layernorm = RMSNorm(dims.hidden, dims.eps)
         self.post_attention_layernorm = RMSNorm(dims.hidden, dims.eps)
 
-    def forward(self, x: paddle.Tensor, cos: paddle.Tensor, sin: paddle.Tensor, mask: paddle.Tensor) -> paddle.Tensor:
-        return self.step(x, cos, sin, mask)[0]
-
-    def step(self, x: paddle.Tensor, cos: paddle.Tensor, sin: paddle.Tensor, mask: paddle.Tensor | None,
-             past: Cache | None = None) -> tuple[paddle.Tensor, Cache]:
-        """The layer's output for new tokens `x` after `past`, and its keys and values extended by x's."""
-        out, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, past)
-        x = x + out
-        return x + self.mlp(self.post_attention_layernorm(x)), cache
+    def parts(self) -> tuple[nn.Layer, nn.Layer, nn.Layer, nn.Layer]:
+        return self.input_layernorm, self.self_attn, self.post_attention_layernorm, self.mlp
 
 
-class Qwen2TextModel(nn.Layer):
+class Qwen2TextModel(TextModel):
     """`model`: token embedding (resident only), decoder layers, final norm."""
 
     embedding_key, layers_key, layer_class = "embed_tokens.weight", "layers", Qwen2DecoderLayer
@@ -403,19 +442,6 @@ class Qwen2TextModel(nn.Layer):
         self.layers = nn.LayerList([Qwen2DecoderLayer(dims) for _ in range(layers)])
         self.norm = RMSNorm(dims.hidden, dims.eps)
         self.rotary = MRope(dims.hidden // dims.heads, dims.rope_theta, dims.mrope_section)
-
-    def prepare(self, h: paddle.Tensor, position_ids: paddle.Tensor, image_embeds: paddle.Tensor,
-                image_mask: paddle.Tensor) -> tuple[paddle.Tensor, ...]:
-        """The first layer's input, rotary cos/sin and causal mask, from the token embeddings `h`."""
-        cos, sin = self.rotary(position_ids)
-        return _merge_image_embeds(h, image_embeds, image_mask), cos, sin, _causal_mask(h)
-
-    def forward(self, input_ids: paddle.Tensor, position_ids: paddle.Tensor, image_embeds: paddle.Tensor,
-                image_mask: paddle.Tensor) -> paddle.Tensor:
-        h, cos, sin, mask = self.prepare(self.embed_tokens(input_ids), position_ids, image_embeds, image_mask)
-        for layer in self.layers:
-            h = layer(h, cos, sin, mask)
-        return self.final_norm(h)
 
     def final_norm(self, h: paddle.Tensor) -> paddle.Tensor:
         return self.norm(h)
@@ -668,7 +694,7 @@ class QWenMLP(nn.Layer):
         return self.c_proj(self.w1(x) * F.silu(self.w2(x)))
 
 
-class QWenBlock(nn.Layer):
+class QWenBlock(PreNormLayer):
     """One `h.N` layer."""
 
     def __init__(self, dims: QwenVLDims) -> None:
@@ -678,18 +704,11 @@ class QWenBlock(nn.Layer):
         self.ln_2 = RMSNorm(dims.hidden, dims.eps)
         self.mlp = QWenMLP(dims)
 
-    def forward(self, x: paddle.Tensor, cos: paddle.Tensor, sin: paddle.Tensor, mask: paddle.Tensor) -> paddle.Tensor:
-        return self.step(x, cos, sin, mask)[0]
-
-    def step(self, x: paddle.Tensor, cos: paddle.Tensor, sin: paddle.Tensor, mask: paddle.Tensor | None,
-             past: Cache | None = None) -> tuple[paddle.Tensor, Cache]:
-        """The layer's output for new tokens `x` after `past`, and its keys and values extended by x's."""
-        out, cache = self.attn(self.ln_1(x), cos, sin, mask, past)
-        x = x + out
-        return x + self.mlp(self.ln_2(x)), cache
+    def parts(self) -> tuple[nn.Layer, nn.Layer, nn.Layer, nn.Layer]:
+        return self.ln_1, self.attn, self.ln_2, self.mlp
 
 
-class QWenLLM(nn.Layer):
+class QWenLLM(TextModel):
     """`transformer.llm`: wte (resident only), h layers, ln_f."""
 
     embedding_key, layers_key, layer_class = "wte.weight", "h", QWenBlock
@@ -701,19 +720,6 @@ class QWenLLM(nn.Layer):
         self.h = nn.LayerList([QWenBlock(dims) for _ in range(layers)])
         self.ln_f = RMSNorm(dims.hidden, dims.eps)
         self.rotary = Rope1D(dims.hidden // dims.heads, dims.rope_base)
-
-    def prepare(self, h: paddle.Tensor, position_ids: paddle.Tensor, image_embeds: paddle.Tensor,
-                image_mask: paddle.Tensor) -> tuple[paddle.Tensor, ...]:
-        """The first layer's input, rotary cos/sin and causal mask, from the token embeddings `h`."""
-        cos, sin = self.rotary(position_ids)
-        return _merge_image_embeds(h, image_embeds, image_mask), cos, sin, _causal_mask(h)
-
-    def forward(self, input_ids: paddle.Tensor, position_ids: paddle.Tensor, image_embeds: paddle.Tensor,
-                image_mask: paddle.Tensor) -> paddle.Tensor:
-        h, cos, sin, mask = self.prepare(self.wte(input_ids), position_ids, image_embeds, image_mask)
-        for layer in self.h:
-            h = layer(h, cos, sin, mask)
-        return self.final_norm(h)
 
     def final_norm(self, h: paddle.Tensor) -> paddle.Tensor:
         return self.ln_f(h)

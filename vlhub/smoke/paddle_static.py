@@ -68,7 +68,7 @@ from vlhub.converters.ops import cast_float, transpose_2d
 from vlhub.converters.pipeline import ordered_steps
 from vlhub.converters.plan import Plan, Step, plan_conversion
 from vlhub.converters.readers import Checkpoint, open_checkpoint
-from vlhub.converters.writers import file_sha256, temporary_name, write_json_atomic
+from vlhub.converters.writers import file_entry, temporary_name, write_json_atomic
 from vlhub.errors import CheckFailed, UserError
 from vlhub.layouts import detect_layout, embedding_candidates
 from vlhub.smoke.paddle_forward import (
@@ -472,8 +472,7 @@ def _export(checkpoint: Checkpoint, plan: Plan, family: str, dims: Qwen2Dims | Q
 def _file_digests(root: Path) -> dict[str, dict]:
     """sha256 and size of every file under `root` (the staged checkpoints directory), by path relative to
     out_dir."""
-    return {f"{CHECKPOINTS}/{path.relative_to(root).as_posix()}": {"sha256": file_sha256(path),
-                                                                    "size": path.stat().st_size}
+    return {f"{CHECKPOINTS}/{path.relative_to(root).as_posix()}": file_entry(path)
             for path in sorted(p for p in root.rglob("*") if p.is_file())}
 
 
