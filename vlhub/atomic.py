@@ -58,6 +58,23 @@ def swap_in(staging: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+@contextmanager
+def staged_directory(out: Path, source: Path, *, overwrite: bool, needed: int, what: str) -> Iterator[Path]:
+    """A staging directory for the layout at `out`, after the checks every layout needs (not the source, empty
+    unless `overwrite`, disk for `needed` bytes of `what`); swapped in when the block ends, removed on error."""
+    refuse_output_holding(out, source)
+    check_output_directory(out, overwrite)
+    ensure_free_space(out.parent, needed, what)
+    staging = temporary_name(out)
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+        swap_in(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
 def refuse_output_holding(out: Path, source: Path) -> None:
     """An output that is the source, or a directory holding it, would destroy it when replaced."""
     real_out, real_source = out.resolve(), source.resolve()

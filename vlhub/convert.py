@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vlhub import __version__
-from vlhub.atomic import check_output_directory, ensure_free_space, refuse_output_holding, swap_in
+from vlhub.atomic import staged_directory
 from vlhub.cache.store import MANIFEST, conversion_output, revision_of
 from vlhub.catalog import ModelSpec, find_model
 from vlhub.configs import target_config
@@ -24,7 +24,7 @@ from vlhub.converters.formats import format_of_file
 from vlhub.converters.pipeline import buffer_cost, ordered_steps, run_plan
 from vlhub.converters.plan import Plan, plan_conversion
 from vlhub.converters.readers import Checkpoint, open_checkpoint
-from vlhub.converters.writers import CheckpointWriter, file_entry, file_sha256, temporary_name, write_json_atomic
+from vlhub.converters.writers import CheckpointWriter, file_entry, file_sha256, write_json_atomic
 from vlhub.errors import UserError
 from vlhub.sources import resolve_source
 from vlhub.tensors import TensorMeta
@@ -89,32 +89,27 @@ class Conversion:
         if self.checkpoint is None:
             raise UserError(f"{self.source} is not on this machine: only --dry-run can plan it")
         out = Path(out) if out else self.default_out(max_shard_size)
-        refuse_output_holding(out, self.source_path)
-        check_output_directory(out, overwrite)
-        ensure_free_space(out.parent, self.plan.total_bytes + sum(p.stat().st_size for p in self.extra_files),
-                          "the converted weights")
-        staging = temporary_name(out)
-        staging.mkdir(parents=True)
+        needed = self.plan.total_bytes + sum(p.stat().st_size for p in self.extra_files)
         try:
-            steps = ordered_steps(self.plan, self.checkpoint)
-            metadata = {"format": "pt"} if self.target_format == "safetensors" else None
-            with CheckpointWriter(staging, self.target_format, [s.target for s in steps],
-                                  max_shard_size=max_shard_size, metadata=metadata, on_bytes=on_bytes) as writer:
-                # room for the largest tensor and its transposed copy; smaller ones pipeline within it
-                largest = max((buffer_cost(s) for s in steps), default=0)
-                run_plan(self.plan, self.checkpoint, writer, memory_budget=memory_budget or max(largest, 512 << 20))
-            files = dict(writer.sha256)
-            for extra in self.extra_files:
-                shutil.copy2(extra, staging / extra.name)
-                files[extra.name] = file_sha256(staging / extra.name)
-            config = target_config(self.config, dtype=self.output_dtype(), for_paddle=self.target_format == "pdparams")
-            files["config.json"] = file_sha256(write_json_atomic(staging / "config.json", config))
-            manifest = self._manifest(files, staging)
-            write_json_atomic(staging / MANIFEST, manifest)
-            swap_in(staging, out)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+            with staged_directory(out, self.source_path, overwrite=overwrite, needed=needed,
+                                  what="the converted weights") as staging:
+                steps = ordered_steps(self.plan, self.checkpoint)
+                metadata = {"format": "pt"} if self.target_format == "safetensors" else None
+                with CheckpointWriter(staging, self.target_format, [s.target for s in steps],
+                                      max_shard_size=max_shard_size, metadata=metadata, on_bytes=on_bytes) as writer:
+                    # room for the largest tensor and its transposed copy; smaller ones pipeline within it
+                    largest = max((buffer_cost(s) for s in steps), default=0)
+                    run_plan(self.plan, self.checkpoint, writer,
+                             memory_budget=memory_budget or max(largest, 512 << 20))
+                files = dict(writer.sha256)
+                for extra in self.extra_files:
+                    shutil.copy2(extra, staging / extra.name)
+                    files[extra.name] = file_sha256(staging / extra.name)
+                config = target_config(self.config, dtype=self.output_dtype(),
+                                       for_paddle=self.target_format == "pdparams")
+                files["config.json"] = file_sha256(write_json_atomic(staging / "config.json", config))
+                manifest = self._manifest(files, staging)
+                write_json_atomic(staging / MANIFEST, manifest)
         finally:
             self.checkpoint.close()
         return ConvertResult(out, files, manifest)

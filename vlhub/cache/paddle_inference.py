@@ -15,16 +15,15 @@ Facts: shared/docs/paddle.md 1.3-1.4 (names, the uint16 trap, file suffixes), 2.
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from vlhub import __version__
-from vlhub.atomic import check_output_directory, ensure_free_space, refuse_output_holding, swap_in
+from vlhub.atomic import staged_directory
 from vlhub.cache.store import conversion_output
 from vlhub.convert import MANIFEST, Conversion, prepare_conversion, refresh_manifest_entry
-from vlhub.converters.writers import file_entry, temporary_name, write_json_atomic
+from vlhub.converters.writers import file_entry, write_json_atomic
 from vlhub.errors import UserError
 from vlhub.units import now_iso
 
@@ -96,13 +95,9 @@ def build_paddle_inference(
     conversion = prepare_conversion(source, to="paddle-inference", dtype=chosen)
     out = Path(out) if out else layout_output(conversion, dtype, ir, max_seq_len)
     name = _model_name(conversion)
-    refuse_output_holding(out, conversion.source_path)
-    check_output_directory(out, overwrite)
     # the weights, then the graphs' parameters (as large again); a margin for config and tokenizer files
-    ensure_free_space(out.parent, 2 * conversion.plan.total_bytes, "the weights and the static graphs")
-    staging = temporary_name(out)
-    staging.mkdir(parents=True)
-    try:
+    with staged_directory(out, conversion.source_path, overwrite=overwrite, needed=2 * conversion.plan.total_bytes,
+                          what="the weights and the static graphs") as staging:
         weights_dir = staging / f"{name}-inference"
         conversion.write(weights_dir, on_bytes=on_bytes)
         _point_llm_config_at_itself(weights_dir, out / weights_dir.name, family)
@@ -113,10 +108,6 @@ def build_paddle_inference(
         (staging / "README.md").write_text(_readme(name, family, chosen, ir, manifest))
         manifest["files"]["README.md"] = file_entry(staging / "README.md")
         write_json_atomic(staging / MANIFEST, manifest)
-        swap_in(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return InferenceLayout(out, out / f"{name}-inference", manifest)
 
 

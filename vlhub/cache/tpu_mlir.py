@@ -18,17 +18,16 @@ from __future__ import annotations
 
 import json
 import shlex
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from vlhub import __version__
-from vlhub.atomic import check_output_directory, ensure_free_space, refuse_output_holding, swap_in
+from vlhub.atomic import staged_directory
 from vlhub.cache.store import conversion_output
 from vlhub.configs import official_config
 from vlhub.convert import MANIFEST, Conversion, prepare_conversion, refresh_manifest_entry
-from vlhub.converters.writers import file_entry, temporary_name, write_json_atomic
+from vlhub.converters.writers import file_entry, write_json_atomic
 from vlhub.errors import UserError
 from vlhub.smoke.inputs import SMOKE_IMAGE, smart_resize
 from vlhub.units import now_iso
@@ -184,12 +183,8 @@ def build_tpu_mlir(
     dtype = QUANTIZE_DTYPE[options.quantize]
     conversion = prepare_conversion(source, to="tpu-mlir", dtype=None if dtype == probe.output_dtype() else dtype)
     out = Path(out) if out else tpu_layout_output(conversion, options, onnx)
-    refuse_output_holding(out, conversion.source_path)
-    check_output_directory(out, overwrite)
-    ensure_free_space(out.parent, conversion.plan.total_bytes, "the model directory")
-    staging = temporary_name(out)
-    staging.mkdir(parents=True)
-    try:
+    with staged_directory(out, conversion.source_path, overwrite=overwrite, needed=conversion.plan.total_bytes,
+                          what="the model directory") as staging:
         conversion.write(staging / "model", on_bytes=on_bytes)
         _fill_vision_defaults(staging / "model", family)
         scripts = {"compile.sh": compile_script(options)}
@@ -204,10 +199,6 @@ def build_tpu_mlir(
         (staging / "README.md").write_text(_readme(conversion, family, options, onnx=onnx))
         manifest = _manifest(conversion, staging, family, options, exported)
         write_json_atomic(staging / MANIFEST, manifest)
-        swap_in(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return TpuLayout(out, out / "model", manifest)
 
 
