@@ -20,6 +20,14 @@ def vlhub_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return home
 
 
+@pytest.fixture(autouse=True)
+def _toolchain_only_where_marked(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """VLHUB_TPU_MLIR_PYTHON makes every tpu-mlir smoke test run the simulator (minutes): only tests marked
+    `toolchain` see it."""
+    if request.node.get_closest_marker("toolchain") is None:
+        monkeypatch.delenv("VLHUB_TPU_MLIR_PYTHON", raising=False)
+
+
 @pytest.fixture(scope="session")
 def tiny_qwen2_vl(vlhub_home: Path) -> Path:
     return ensure_tiny_model(get_model("tiny-qwen2-vl"))

@@ -38,6 +38,8 @@ TARGETS: dict[str, tuple[str | tuple[str, ...], str]] = {
     "safetensors": ("official", "safetensors"),
     # the Hugging Face directory TPU-MLIR's llm_convert reads (vlhub.cache.tpu_mlir builds the rest)
     "tpu-mlir": ("official", "safetensors"),
+    # the HF folder vamc's frontend.checkpoint names (vlhub.cache.vamc builds the rest)
+    "vamc": ("official", "safetensors"),
     "torch": ("official", "torch"),
 }
 # files a converted directory must not inherit: weights and indexes (a loader could pick a stale one)

@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from vlhub import __version__
 from vlhub.atomic import staged_directory
+from vlhub.cache.layout import DeployedLayout, Deployment
 from vlhub.cache.store import conversion_output
 from vlhub.convert import MANIFEST, Conversion, prepare_conversion, refresh_manifest_entry
 from vlhub.converters.writers import file_entry, write_json_atomic
@@ -33,15 +33,6 @@ DEFAULT_DTYPE = {"qwen_vl": "float16"}  # the others keep the source's dtype
 DEFAULT_MAX_SEQ_LEN = 2048
 # PaddleMIX's deploy scripts for the families it runs from the weights directory (paddle.md 2.3)
 DEPLOY_SCRIPT = {"qwen2_vl": "qwen2_vl/single_image_infer.py", "qwen2_5_vl": "qwen2_5_vl/qwen2_5_vl_infer.py"}
-
-
-@dataclass
-class InferenceLayout:
-    """What `build_paddle_inference` wrote."""
-
-    out: Path
-    weights_dir: Path
-    manifest: dict
 
 
 def check_layout_options(ir: str, max_seq_len: int) -> None:
@@ -84,7 +75,7 @@ def build_paddle_inference(
     max_seq_len: int = DEFAULT_MAX_SEQ_LEN,
     overwrite: bool = False,
     on_bytes: Callable[[int], None] | None = None,
-) -> InferenceLayout:
+) -> DeployedLayout:
     """Convert SRC's weights for Paddle Inference and export its static graphs into DIR, atomically."""
     check_layout_options(ir, max_seq_len)
     probe = prepare_conversion(source, to="paddle-inference")  # headers only: the family and dtype
@@ -93,7 +84,7 @@ def build_paddle_inference(
     if probe.checkpoint is not None:
         probe.checkpoint.close()
     conversion = prepare_conversion(source, to="paddle-inference", dtype=chosen)
-    out = Path(out) if out else layout_output(conversion, dtype, ir, max_seq_len)
+    out = Path(out) if out else layout_output(conversion, dtype=dtype, ir=ir, max_seq_len=max_seq_len)
     name = _model_name(conversion)
     # the weights, then the graphs' parameters (as large again); a margin for config and tokenizer files
     with staged_directory(out, conversion.source_path, overwrite=overwrite, needed=2 * conversion.plan.total_bytes,
@@ -108,10 +99,11 @@ def build_paddle_inference(
         (staging / "README.md").write_text(_readme(name, family, chosen, ir, manifest))
         manifest["files"]["README.md"] = file_entry(staging / "README.md")
         write_json_atomic(staging / MANIFEST, manifest)
-    return InferenceLayout(out, out / f"{name}-inference", manifest)
+    return DeployedLayout(out, manifest)
 
 
-def layout_output(conversion: Conversion, dtype: str | None, ir: str, max_seq_len: int) -> Path:
+def layout_output(conversion: Conversion, *, dtype: str | None = None, ir: str = "pir",
+                  max_seq_len: int = DEFAULT_MAX_SEQ_LEN) -> Path:
     """Where the layout goes without --out: the cache for a catalog model (keyed by the options), else beside
     the source."""
     options = {"dtype": dtype, "ir": None if ir == "pir" else ir,
@@ -221,3 +213,21 @@ def _readme(name: str, family: str, dtype: str, ir: str, manifest: dict) -> str:
             "",
         ]
     return "\n".join(lines)
+
+
+def _check(family: str, config: dict, source_dtype: str, smoke: bool, *, dtype: str | None = None, ir: str = "pir",
+           max_seq_len: int = DEFAULT_MAX_SEQ_LEN) -> None:
+    check_layout_options(ir, max_seq_len)
+    inference_dtype(family, dtype, source_dtype)
+
+
+DEPLOYMENT = Deployment(
+    name="paddle-inference",
+    options=("dtype", "ir", "max_seq_len"),
+    check=_check,
+    output=layout_output,
+    build=build_paddle_inference,
+    progress=lambda conversion, **_options: ("converting the weights for paddle inference",
+                                             conversion.plan.total_bytes),
+    summary="weights in {weights}/, static graphs in checkpoints/; its README.md says how to run them",
+)

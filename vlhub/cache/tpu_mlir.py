@@ -24,6 +24,7 @@ from pathlib import Path
 
 from vlhub import __version__
 from vlhub.atomic import staged_directory
+from vlhub.cache.layout import DeployedLayout, Deployment
 from vlhub.cache.store import conversion_output
 from vlhub.configs import official_config
 from vlhub.convert import MANIFEST, Conversion, prepare_conversion, refresh_manifest_entry
@@ -78,15 +79,6 @@ class TpuOptions:
     def vision_tokens(self) -> int:
         """Tokens the largest image becomes in the sequence, after the 2x2 merge."""
         return self.vision_patches // 4
-
-
-@dataclass
-class TpuLayout:
-    """What `build_tpu_mlir` wrote."""
-
-    out: Path
-    model_dir: Path
-    manifest: dict
 
 
 def parse_max_pixels(text: str | None, family: str) -> tuple[int, int]:
@@ -168,8 +160,7 @@ def build_tpu_mlir(
     onnx: bool = False,
     overwrite: bool = False,
     on_bytes: Callable[[int], None] | None = None,
-    on_export_bytes: Callable[[int], None] | None = None,
-) -> TpuLayout:
+) -> DeployedLayout:
     """Write the TPU-MLIR layout of SRC into DIR, atomically; every option checked first. With `onnx`, also the
     older flow's ONNX networks, exported one network at a time from model/, and compile_onnx.sh."""
     if onnx:
@@ -190,7 +181,7 @@ def build_tpu_mlir(
         scripts = {"compile.sh": compile_script(options)}
         exported = None
         if onnx:
-            exported = _export_onnx(staging, options, on_export_bytes)
+            exported = _export_onnx(staging, options, on_bytes)
             scripts["compile_onnx.sh"] = onnx_compile_script(options, exported["networks"],
                                                              _bmodel_name(conversion, options))
         for name, text in scripts.items():
@@ -199,7 +190,7 @@ def build_tpu_mlir(
         (staging / "README.md").write_text(_readme(conversion, family, options, onnx=onnx))
         manifest = _manifest(conversion, staging, family, options, exported)
         write_json_atomic(staging / MANIFEST, manifest)
-    return TpuLayout(out, out / "model", manifest)
+    return DeployedLayout(out, manifest)
 
 
 def check_smoke_image_fits(options: TpuOptions) -> None:
@@ -383,7 +374,7 @@ def _manifest(conversion: Conversion, staging: Path, family: str, options: TpuOp
         "created": now_iso(),
         "source": model_manifest["source"],
         "target": {
-            "name": "tpu-mlir", "family": family, "smoke_path": "model", "chip": options.chip,
+            "name": "tpu-mlir", "family": family, "weights": "model", "smoke_path": "model", "chip": options.chip,
             "quantize": options.quantize, "group_size": options.group_size if quantized else None,
             "dtype": QUANTIZE_DTYPE[options.quantize], "seq_length": options.seq_length,
             "max_pixels": list(options.max_pixels), "vision_patches": options.vision_patches,
@@ -462,3 +453,35 @@ def _readme(conversion: Conversion, family: str, options: TpuOptions, *, onnx: b
          f"{options.vision_tokens} vision tokens."),
         "",
     ])
+
+
+def _check(family: str, config: dict, source_dtype: str, smoke: bool, *, onnx: bool = False, **options: object) -> None:
+    checked = tpu_options(family, config, source_dtype, **options)  # type: ignore[arg-type]
+    if onnx:
+        check_onnx_installed()
+        if smoke:
+            check_smoke_image_fits(checked)
+
+
+def _output(conversion: Conversion, *, onnx: bool = False, **options: object) -> Path:
+    checked = tpu_options(conversion.plan.family, official_config(conversion.config), conversion.output_dtype(),
+                          **options)  # type: ignore[arg-type]
+    return tpu_layout_output(conversion, checked, onnx)
+
+
+def _progress(conversion: Conversion, *, onnx: bool = False, **_options: object) -> tuple[str, int]:
+    total = conversion.plan.total_bytes
+    if onnx:  # float32 networks: about twice the parameters' bf16 bytes, a layer's weights in two networks
+        return "writing model/ and the ONNX networks", total + 4 * sum(s.target.nbytes for s in conversion.plan.steps)
+    return "writing the model directory for llm_convert", total
+
+
+DEPLOYMENT = Deployment(
+    name="tpu-mlir",
+    options=("seq_length", "max_pixels", "quantize", "group_size", "chip", "onnx"),
+    check=_check,
+    output=_output,
+    build=build_tpu_mlir,
+    progress=_progress,
+    summary="model/ for llm_convert and compile.sh; its README.md says how to compile and run it",
+)

@@ -67,13 +67,14 @@ from vlhub.atomic import ensure_free_space, swap_in
 from vlhub.converters.writers import file_entry, temporary_name
 from vlhub.errors import UserError
 from vlhub.families import text_config, tie_word_embeddings
+from vlhub.smoke.inputs import DEVICE_MASKED
 from vlhub.smoke.reference import inverse_frequencies, rotary_tables
 from vlhub.smoke.weights import ModelWeights
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl")
 OPSET = 15  # what the sophon-demo / LLM-TPU exporters used
 IR_VERSION = 8  # opset 15's; TPU-MLIR's onnxruntime 1.16 refuses IR versions above 9
-MASK_VALUE = -10000.0
+MASK_VALUE = float(DEVICE_MASKED)
 EXTERNAL_DATA_BYTES = 1_500_000_000
 TOP_K = 50
 MIN_TOKENS_TO_KEEP = 5
@@ -273,8 +274,9 @@ class _Writer:
     takes and gives."""
 
     def __init__(self, weights: ModelWeights, shapes: dict[str, tuple[int, ...]], root: Path,
-                 on_bytes: Progress) -> None:
-        self.weights, self.shapes, self.root, self.on_bytes = weights, shapes, root, on_bytes
+                 on_bytes: Progress, *, flat: bool = False) -> None:
+        """`flat` puts every file straight into `root` instead of its models/ subdirectory."""
+        self.weights, self.shapes, self.root, self.on_bytes, self.flat = weights, shapes, root, on_bytes, flat
         self.networks: dict[str, dict] = {}
 
     @contextlib.contextmanager
@@ -297,7 +299,7 @@ class _Writer:
                                        "outputs": _signature(network.graph.output)}
 
     def _path(self, directory: str, name: str) -> Path:
-        return self.root / Path(directory).relative_to(MODELS) / name
+        return self.root / name if self.flat else self.root / Path(directory).relative_to(MODELS) / name
 
 
 def _signature(values: list[onnx.ValueInfoProto]) -> list[list]:
@@ -498,8 +500,9 @@ def _penalty_sample_head(vocab: int, seq: int) -> _Graph:
 # The vision network
 
 
-def _vision_transformer(store: _Store, config: dict, patches: int) -> _Graph:
-    """Patch embedding, blocks and merger over P padded patch rows (see the module doc for the inputs)."""
+def _vision_transformer(store: _Store, config: dict, patches: int, *, vacc: bool = False) -> _Graph:
+    """Patch embedding, blocks and merger over P padded patch rows (see the module doc for the inputs; with
+    `vacc`, VastAI's form instead: see `export_vacc_vision`)."""
     cfg = config["vision_config"]
     qwen25 = config["model_type"] == "qwen2_5_vl"
     width, heads = (cfg["hidden_size"] if qwen25 else cfg["embed_dim"]), cfg["num_heads"]
@@ -507,21 +510,30 @@ def _vision_transformer(store: _Store, config: dict, patches: int) -> _Graph:
     unit = cfg.get("spatial_merge_size", 2) ** 2
     patch_values = math.prod(store.shapes["visual.patch_embed.proj.weight"][1:])
     g = _Graph("vision_transformer", store)
-    pixels = g.input("input_states", _F32, [patches, patch_values])
-    positions = g.input("position_ids", _I32, [patches, 2])
-    mask_shape = [1, 1, patches, patches] if qwen25 else [1, patches, patches]
-    full = g.input("attention_mask", _F32, mask_shape)
-    if qwen25:
-        window = g.input("window_attention_mask", _F32, mask_shape)
-        reverse = g.input("reverse_index", _I32, [patches // unit])
+    if vacc:
+        pixels = g.input("pixel_values", _F32, [patches, patch_values])
+        # vacc masks say 1 (attend) or 0, as the boolean mask its SDPA takes
+        masks = [g.op("Mul", g.op("Sub", g.input(name, _F32, [1, patches, patches]), g.const(1.0)),
+                      g.const(-MASK_VALUE)) for name in ("attention_mask", "window_attention_mask")[: 1 + qwen25]]
+        full, window = masks[0], masks[-1]
+        cos, sin = (g.input(name, _F32, [patches, dim]) for name in ("cos", "sin"))
+    else:
+        pixels = g.input("input_states", _F32, [patches, patch_values])
+        positions = g.input("position_ids", _I32, [patches, 2])
+        mask_shape = [1, 1, patches, patches] if qwen25 else [1, patches, patches]
+        full = g.input("attention_mask", _F32, mask_shape)
+        if qwen25:
+            window = g.input("window_attention_mask", _F32, mask_shape)
+            reverse = g.input("reverse_index", _I32, [patches // unit])
+        # rows and columns are below P; each gathers D/4 angles, and (row, column) repeated makes the D-wide table
+        angles = np.arange(patches, dtype=np.float32)[:, None] * inverse_frequencies(dim // 2, 10000.0)
+        tables = []
+        for function in (np.cos, np.sin):
+            half = g.op("Reshape", g.op("Gather", g.const(function(angles)), positions, axis=0),
+                        g.const([patches, dim // 2]))
+            tables.append(g.op("Concat", half, half, axis=-1))
+        cos, sin = tables
     x = g.op("MatMul", pixels, g.weight("visual.patch_embed.proj.weight", transpose=True))
-    # rows and columns are below P; each gathers D/4 angles, and (row, column) repeated makes the D-wide table
-    angles = np.arange(patches, dtype=np.float32)[:, None] * inverse_frequencies(dim // 2, 10000.0)
-    tables = []
-    for function in (np.cos, np.sin):
-        half = g.op("Reshape", g.op("Gather", g.const(function(angles)), positions, axis=0), g.const([patches, dim // 2]))
-        tables.append(g.op("Concat", half, half, axis=-1))
-    cos, sin = tables
     full_blocks = set(cfg.get("fullatt_block_indexes", []))
 
     def norm(x: str, prefix: str) -> str:
@@ -547,8 +559,29 @@ def _vision_transformer(store: _Store, config: dict, patches: int) -> _Graph:
     h = _linear(g, h, "visual.merger.mlp.0")
     gelu = g.op("Mul", g.op("Mul", h, g.const(0.5)),
                 g.op("Add", g.op("Erf", g.op("Mul", h, g.const(1 / math.sqrt(2)))), g.const(1.0)))
-    merged = _linear(g, gelu, "visual.merger.mlp.2", out=None if qwen25 else "hidden_states")
-    if qwen25:
-        g.op("Gather", merged, reverse, axis=0, out="hidden_states")
-    g.output("hidden_states", _F32, [patches // unit, store.shapes["visual.merger.mlp.2.weight"][0]])
+    output = "image_embeds" if vacc else "hidden_states"
+    reordered = qwen25 and not vacc  # vacc puts the tokens back in image order on the host
+    merged = _linear(g, gelu, "visual.merger.mlp.2", out=None if reordered else output)
+    if reordered:
+        g.op("Gather", merged, reverse, axis=0, out=output)
+    g.output(output, _F32, [patches // unit, store.shapes["visual.merger.mlp.2.weight"][0]])
     return g
+
+
+def export_vacc_vision(weights: ModelWeights, out: Path, patches: int, on_bytes: Progress | None = None) -> Path:
+    """The vision tower and merger as VastAI's vamc takes them (vamc.md 2), in `out/vision_transformer.onnx`:
+
+        pixel_values [N,1176], attention_mask [1,N,N] (1 attend, 0 not), cos, sin [N, head_dim]
+        (Qwen2.5-VL: also window_attention_mask [1,N,N], for the blocks outside fullatt_block_indexes)
+        -> image_embeds [N/4, hidden]
+
+    Patches padded to N rows; the host builds cos/sin (`vision_rotary`) and the block-diagonal masks and, for
+    Qwen2.5-VL, orders patches by window and the output back. vamc compiles its own export of the vendor's
+    modeling; this one checks the numbers that form implies."""
+    config = weights.config
+    shapes = {step.target.name: step.target.shape for step in weights.plan.steps}
+    out.mkdir(parents=True, exist_ok=True)
+    writer = _Writer(weights, shapes, out, on_bytes or (lambda _size: None), flat=True)
+    with writer.group(VIT_DIR, "vision_transformer", [n for n in shapes if n.startswith("visual.")]) as store:
+        writer.save(_vision_transformer(store, config, patches, vacc=True), VIT_DIR)
+    return out / "vision_transformer.onnx"

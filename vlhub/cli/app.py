@@ -15,6 +15,7 @@ from vlhub.cli.embeddings import dump_embeddings
 from vlhub.cli.inspect import inspect
 from vlhub.cli.keys import keys
 from vlhub.cli.models import models
+from vlhub.cli.plan import plan
 from vlhub.cli.smoke import smoke
 
 app = typer.Typer(
@@ -49,6 +50,7 @@ app.command()(convert)
 app.command()(keys)
 app.command(name="dump-embeddings")(dump_embeddings)
 app.command()(smoke)
+app.command()(plan)
 app.add_typer(cache_app, name="cache")
 
 

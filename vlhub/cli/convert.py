@@ -19,28 +19,18 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from vlhub.cache.paddle_inference import (
-    DEFAULT_MAX_SEQ_LEN,
-    build_paddle_inference,
-    check_layout_options,
-    layout_output,
-)
+from vlhub.cache.deployments import DEPLOYMENTS
+from vlhub.cache.layout import Deployment
+from vlhub.cache.paddle_inference import DEFAULT_MAX_SEQ_LEN
 from vlhub.cache.store import mark_used, reusable_artifact
-from vlhub.cache.tpu_mlir import (
-    DEFAULT_GROUP_SIZE,
-    DEFAULT_SEQ_LENGTH,
-    QUANTIZE_DTYPE,
-    build_tpu_mlir,
-    check_smoke_image_fits,
-    tpu_layout_output,
-    tpu_options,
-)
-from vlhub.catalog import find_model
+from vlhub.cache.tpu_mlir import DEFAULT_GROUP_SIZE, DEFAULT_SEQ_LENGTH, QUANTIZE_DTYPE
+from vlhub.cache.vamc import DEFAULT_MAX_PIXELS as VAMC_MAX_PIXELS
+from vlhub.catalog import ModelSpec, find_model
 from vlhub.cli._errors import reports_errors
 from vlhub.cli._options import JsonOpt, SourceArg
 from vlhub.cli._output import byte_progress, print_json, stderr, stdout
 from vlhub.cli.download import download_for
-from vlhub.cli.smoke import failure_summary, show_report, smoke_status
+from vlhub.cli.smoke import TpuMlirPythonOpt, failure_summary, show_report, smoke_status
 from vlhub.configs import official_config
 from vlhub.convert import TARGETS, Conversion, plan_json, plan_table_rows, prepare_conversion
 from vlhub.errors import CheckFailed, UserError
@@ -60,19 +50,19 @@ ShardOpt = Annotated[
 ]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the plan and write nothing.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty output directory.")]
-IrOpt = Annotated[
-    str, typer.Option("--ir", help="paddle-inference graphs: pir (.json, Paddle 3's default) or legacy (.pdmodel, "
-                                   "which PaddleMIX's static predictor expects).")
-]
-MaxSeqLenOpt = Annotated[
-    int, typer.Option("--max-seq-len", help="paddle-inference: the longest prompt plus generation the layout is for.")
-]
+IrOpt = Annotated[str | None, typer.Option(
+    "--ir", help="paddle-inference graphs: pir (.json, Paddle 3's default) or legacy (.pdmodel, which PaddleMIX's "
+                 "static predictor expects).", show_default=False)]
+MaxSeqLenOpt = Annotated[int | None, typer.Option(
+    "--max-seq-len", help=f"paddle-inference: the longest prompt plus generation the layout is for (default "
+                          f"{DEFAULT_MAX_SEQ_LEN}).", show_default=False)]
 SeqLengthOpt = Annotated[int | None, typer.Option(
     "--seq-length", help=f"tpu-mlir: positions for the prompt, image and answer (default {DEFAULT_SEQ_LENGTH}).",
     show_default=False)]
 MaxPixelsOpt = Annotated[str | None, typer.Option(
-    "--max-pixels", metavar="W,H", help="tpu-mlir: the largest image, multiples of 28 (default: 756,756 for Qwen2-VL, "
-                                        "672,896 for Qwen2.5-VL).", show_default=False)]
+    "--max-pixels", help="The largest image. tpu-mlir: W,H in multiples of 28 (default 756,756 for Qwen2-VL, "
+                         f"672,896 for Qwen2.5-VL). vamc: a pixel count (default {VAMC_MAX_PIXELS}).",
+    show_default=False)]
 QuantizeOpt = Annotated[str | None, typer.Option(
     "--quantize", help=f"tpu-mlir: {', '.join(QUANTIZE_DTYPE)} (default w4bf16, or w4f16 for a float16 model).",
     show_default=False)]
@@ -84,8 +74,22 @@ OnnxOpt = Annotated[bool, typer.Option(
                    "compile_onnx.sh; the smoke test then runs them in onnxruntime.")]
 ChipOpt = Annotated[str | None, typer.Option("--chip", help="tpu-mlir: bm1684x (default) or bm1688.",
                                              show_default=False)]
+ImageOpt = Annotated[list[str] | None, typer.Option(
+    "--image", metavar="WxH", help="vamc: an image size you will send (repeatable); the visual N is planned to hold "
+                                   "the largest (instead of --max-pixels).", show_default=False)]
+PrefillLenOpt = Annotated[int | None, typer.Option(
+    "--prefill-len", help="vamc: the LLM's prefill length, a multiple of 16 (default: the image's tokens plus a "
+                          "prompt, as `vlhub plan` computes).", show_default=False)]
+MaxLenOpt = Annotated[int | None, typer.Option(
+    "--max-len", help="vamc: the LLM's context (KV cache) length, a multiple of 16 (default: computed).",
+    show_default=False)]
+TpOpt = Annotated[int | None, typer.Option(
+    "--tp", help="vamc: tensor parallelism, dies per LLM; divides the KV heads (default 4 where it does).",
+    show_default=False)]
 NoSmokeOpt = Annotated[bool, typer.Option("--no-smoke", help="Skip the smoke test that runs the converted model.")]
 TokensOpt = Annotated[int, typer.Option("--tokens", min=1, help="Tokens the smoke test generates.")]
+# what converting into a checkpoint format (no deployment layout) takes
+_CHECKPOINT_OPTIONS = ("dtype", "max_shard_size", "allow_unmatched")
 UnmatchedOpt = Annotated[
     bool, typer.Option("--allow-unmatched", help="Pass tensors the key map does not know through unchanged.")
 ]
@@ -101,15 +105,20 @@ def convert(
     dry_run: DryRunOpt = False,
     overwrite: OverwriteOpt = False,
     allow_unmatched: UnmatchedOpt = False,
-    ir: IrOpt = "pir",
-    max_seq_len: MaxSeqLenOpt = DEFAULT_MAX_SEQ_LEN,
+    ir: IrOpt = None,
+    max_seq_len: MaxSeqLenOpt = None,
     seq_length: SeqLengthOpt = None,
     max_pixels: MaxPixelsOpt = None,
     quantize: QuantizeOpt = None,
     group_size: GroupSizeOpt = None,
     chip: ChipOpt = None,
     onnx: OnnxOpt = False,
+    image: ImageOpt = None,
+    prefill_len: PrefillLenOpt = None,
+    max_len: MaxLenOpt = None,
+    tp: TpOpt = None,
     no_smoke: NoSmokeOpt = False,
+    tpu_mlir_python: TpuMlirPythonOpt = None,
     tokens: TokensOpt = DEFAULT_TOKENS,
     json: JsonOpt = False,
 ) -> None:
@@ -118,48 +127,34 @@ def convert(
     Then a smoke test runs the converted model against the source (see `vlhub smoke`): a failure exits 1
     and is recorded in the output's manifest. Without --out a catalog model (downloaded first if need be)
     is converted into the cache, $VLHUB_HOME/artifacts/, and the same command again answers from there."""
+    given = {"dtype": dtype, "max_shard_size": max_shard_size, "allow_unmatched": allow_unmatched or None, "ir": ir,
+             "max_seq_len": max_seq_len, "seq_length": seq_length, "max_pixels": max_pixels, "quantize": quantize,
+             "group_size": group_size, "chip": chip, "onnx": onnx or None, "image": image or None,
+             "prefill_len": prefill_len, "max_len": max_len, "tp": tp}
+    deployment = DEPLOYMENTS.get(to)
+    options = _options_for(to, {name: value for name, value in given.items() if value is not None})
+    smoke = not no_smoke
+    if tpu_mlir_python and (to != "tpu-mlir" or no_smoke):
+        raise UserError("--tpu-mlir-python runs the smoke test's simulator stage of --to tpu-mlir: drop it here")
+    if deployment is not None:
+        _deploy(deployment, source, out, options, dry_run=dry_run, overwrite=overwrite, smoke=smoke, tokens=tokens,
+                as_json=json, tpu_mlir_python=tpu_mlir_python)
+        return
     shard_limit = parse_size(max_shard_size) if max_shard_size else None
-    if to != "paddle-inference" and (ir != "pir" or max_seq_len != DEFAULT_MAX_SEQ_LEN):
-        raise UserError("--ir and --max-seq-len apply to --to paddle-inference only")
-    given = {"seq_length": seq_length, "max_pixels": max_pixels, "quantize": quantize, "group_size": group_size,
-             "chip": chip}
-    tpu = {name: value for name, value in given.items() if value is not None}
-    if to != "tpu-mlir" and (tpu or onnx):
-        raise UserError("--seq-length, --max-pixels, --quantize, --group-size, --chip and --onnx apply to --to "
-                        "tpu-mlir only")
-    if to == "tpu-mlir" and (dtype or max_shard_size):
-        raise UserError("--to tpu-mlir writes the dtype --quantize needs, in llm_convert's shards: drop --dtype "
-                        "and --max-shard-size")
     if not dry_run:
-        _download_if_missing(source, to=to, dtype=dtype, ir=ir, max_seq_len=max_seq_len, tpu=tpu)
+        _download_if_missing(source, to=to, dtype=dtype)
     conversion = prepare_conversion(source, to=to, dtype=dtype, allow_unmatched=allow_unmatched, dry_run=dry_run)
     if dry_run:
         _show_plan(conversion, json)
         return
     if out is None and conversion.model is not None and not overwrite:
-        if to == "paddle-inference":
-            cached = layout_output(conversion, dtype, ir, max_seq_len)
-        elif to == "tpu-mlir":
-            cached = tpu_layout_output(conversion, tpu_options(conversion.plan.family, official_config(
-                conversion.config), conversion.output_dtype(), **tpu), onnx)
-        else:
-            cached = conversion.default_out(shard_limit)
-        manifest = reusable_artifact(cached)
-        if manifest is not None:
-            _reuse_cached(cached, manifest, conversion, smoke=not no_smoke, tokens=tokens, as_json=json)
+        cached = conversion.default_out(shard_limit)
+        if _answer_from_cache(cached, conversion, smoke=smoke, tokens=tokens, as_json=json):
             return
         overwrite = cached.exists()  # an interrupted or damaged copy in the cache: make it again
-    if to == "paddle-inference":
-        _deploy_paddle_inference(conversion, source, out, dtype=dtype, ir=ir, max_seq_len=max_seq_len,
-                                 overwrite=overwrite, smoke=not no_smoke, tokens=tokens, as_json=json)
-        return
-    if to == "tpu-mlir":
-        _deploy_tpu_mlir(conversion, source, out, tpu, onnx=onnx, overwrite=overwrite, smoke=not no_smoke,
-                         tokens=tokens, as_json=json)
-        return
     with byte_progress(f"converting to {to}", conversion.plan.total_bytes) as advance:
         result = conversion.write(out, overwrite=overwrite, max_shard_size=shard_limit, on_bytes=advance)
-    report = None if no_smoke else _smoke(result.out, conversion, tokens)
+    report = _smoke(result.out, conversion, tokens) if smoke else None
     if json:
         print_json({"out": str(result.out), **plan_json(conversion.plan), "files": result.manifest["files"],
                     "smoke": report.as_dict() if report else None, "cached": False})
@@ -167,104 +162,122 @@ def convert(
         ops = ", ".join(f"{op} x{n}" for op, n in conversion.plan.op_counts.items()) or "copy only"
         stdout.print(f"{escape(str(result.out))}  ({len(conversion.plan.steps)} tensors, "
                      f"{format_size(conversion.plan.total_bytes)}; {ops})")
-        if report:
-            show_report(report, False)
+    _conclude(result.out, report, json)
+
+
+def _options_for(to: str, given: dict[str, object]) -> dict[str, object]:
+    """The options `to` takes, refusing any given option that belongs to other targets."""
+    def accepted(target: str) -> tuple[str, ...]:
+        return DEPLOYMENTS[target].options if target in DEPLOYMENTS else _CHECKPOINT_OPTIONS
+
+    for name in given:
+        if to in TARGETS and name not in accepted(to):
+            takers = [target for target in TARGETS if name in accepted(target)]
+            flag = "--" + name.replace("_", "-")
+            raise UserError(f"{flag} does not apply to --to {to} (it applies to --to {', '.join(takers)}): drop {flag}")
+    return dict(given)
+
+
+def _deploy(deployment: Deployment, source: str, out: Path | None, options: dict, *, dry_run: bool, overwrite: bool,
+            smoke: bool, tokens: int, as_json: bool, tpu_mlir_python: str | None) -> None:
+    """Build a deployment layout (or answer from the cache), then smoke-test it."""
+    if not dry_run:
+        spec = find_model(source)
+        if _needs_download(source, spec):
+            assert spec is not None
+            prepare_conversion(source, to=deployment.name, dry_run=True)
+            deployment.check(spec.family.name, spec.config, "bfloat16", smoke, **options)
+            download_for(spec)
+    conversion = prepare_conversion(source, to=deployment.name, dtype=options.get("dtype"), dry_run=dry_run)
+    if dry_run:
+        _show_plan(conversion, as_json)
+        return
+    if conversion.checkpoint is not None:  # the layout plans its own conversion
+        conversion.checkpoint.close()
+    deployment.check(conversion.plan.family, official_config(conversion.config), conversion.output_dtype(), smoke,
+                     **options)
+    if out is None and conversion.model is not None and not overwrite:
+        cached = deployment.output(conversion, **options)
+        if _answer_from_cache(cached, conversion, smoke=smoke, tokens=tokens, as_json=as_json,
+                              tpu_mlir_python=tpu_mlir_python):
+            return
+        overwrite = cached.exists()
+    label, total = deployment.progress(conversion, **options)
+    with byte_progress(label, total) as advance:
+        layout = deployment.build(source, out, overwrite=overwrite, on_bytes=advance, **options)
+    report = _smoke(layout.out, conversion, tokens, tpu_mlir_python) if smoke else None
+    target = layout.manifest["target"]
+    if as_json:
+        print_json({**_layout_json(layout.out, layout.manifest), "smoke": report.as_dict() if report else None,
+                    "cached": False})
+    else:
+        stdout.print(f"{escape(str(layout.out))}  ({escape(deployment.summary.format(weights=target['weights']))})")
+    _conclude(layout.out, report, as_json)
+
+
+def _layout_json(out: Path, manifest: dict) -> dict:
+    """A layout's --json fields: where it is, its weight folder and static graphs, its target and files."""
+    fields = {"out": str(out), "weights": str(out / manifest["target"]["weights"])}
+    if "graphs" in manifest:
+        fields["graphs"] = manifest["graphs"]
+    return {**fields, "target": manifest["target"], "files": manifest["files"]}
+
+
+def _conclude(out: Path, report: SmokeReport | None, as_json: bool) -> None:
+    """Show the smoke report; a failed one exits 1."""
+    if report and not as_json:
+        show_report(report, False)
     if report and not report.passed:
-        raise CheckFailed(f"the converted model at {result.out} fails its smoke test: {failure_summary(report)}")
+        raise CheckFailed(f"{out} fails its smoke test: {failure_summary(report)}")
 
 
-def _reuse_cached(cached: Path, manifest: dict, conversion: Conversion, *, smoke: bool, tokens: int,
-                  as_json: bool) -> None:
+def _answer_from_cache(cached: Path, conversion: Conversion, *, smoke: bool, tokens: int, as_json: bool,
+                       tpu_mlir_python: str | None = None) -> bool:
     """The same conversion of the same revision is in the cache: answer with it (smoke-testing it if that was
-    skipped when it was made)."""
+    skipped when it was made) and say so; False when there is none to reuse."""
+    manifest = reusable_artifact(cached)
+    if manifest is None:
+        return False
     if conversion.checkpoint is not None:
         conversion.checkpoint.close()
     mark_used(cached)
     verdict = manifest.get("smoke")
-    if smoke and (verdict is None or verdict.get("passed") is None):
-        report = _smoke(cached, conversion, tokens)
+    if smoke and (verdict is None or verdict.get("passed") is None or tpu_mlir_python):
+        report = _smoke(cached, conversion, tokens, tpu_mlir_python)
         verdict = report.as_dict() if report else verdict
     if as_json:
-        assert conversion.model is not None  # only catalog models are converted into the cache
-        shape = ({"weights": str(cached / f"{conversion.model.name}-inference"), "graphs": manifest.get("graphs")}
-                 if conversion.to == "paddle-inference" else plan_json(conversion.plan))
+        shape = _layout_json(cached, manifest) if conversion.to in DEPLOYMENTS else plan_json(conversion.plan)
         print_json({"out": str(cached), **shape, "files": manifest.get("files"), "smoke": verdict, "cached": True})
     else:
         stdout.print(f"{escape(str(cached))}  (cached; --overwrite converts again)")
     if verdict and verdict.get("passed") is False:
         raise CheckFailed(f"the cached conversion at {cached} failed its smoke test; --overwrite converts again")
+    return True
 
 
-def _download_if_missing(source: str, *, to: str, dtype: str | None, ir: str, max_seq_len: int,
-                         tpu: dict) -> None:
-    """One command from a catalog name to a deployment: fetch the model first when it is not here, once the
+def _needs_download(source: str, spec: ModelSpec | None) -> bool:
+    """A catalog model that is not on this machine yet (and is not a built-in tiny one)."""
+    return (spec is not None and not spec.tiny and not Path(source).expanduser().exists()
+            and cached_snapshot(spec) is None)
+
+
+def _download_if_missing(source: str, *, to: str, dtype: str | None) -> None:
+    """One command from a catalog name to a conversion: fetch the model first when it is not here, once the
     options are known to be good (planned from the catalog, no data needed)."""
     spec = find_model(source)
-    if spec is None or spec.tiny or Path(source).expanduser().exists() or cached_snapshot(spec) is not None:
-        return
-    prepare_conversion(source, to=to, dtype=dtype, dry_run=True)
-    if to == "paddle-inference":
-        check_layout_options(ir, max_seq_len)
-    if to == "tpu-mlir":
-        tpu_options(spec.family.name, spec.config, "bfloat16", **tpu)
-    download_for(spec)
+    if _needs_download(source, spec):
+        assert spec is not None
+        prepare_conversion(source, to=to, dtype=dtype, dry_run=True)
+        download_for(spec)
 
 
-def _deploy_tpu_mlir(conversion: Conversion, source: str, out: Path | None, tpu: dict, *, onnx: bool,
-                     overwrite: bool, smoke: bool, tokens: int, as_json: bool) -> None:
-    if conversion.checkpoint is not None:  # the layout plans its own conversion, in the dtype --quantize needs
-        conversion.checkpoint.close()
-    if onnx and smoke:
-        check_smoke_image_fits(tpu_options(conversion.plan.family, official_config(conversion.config),
-                                           conversion.output_dtype(), **tpu))
-    total = conversion.plan.total_bytes
-    if onnx:  # float32 networks: about twice the parameters' bf16 bytes, a layer's weights in two networks
-        total += 4 * sum(step.target.nbytes for step in conversion.plan.steps)
-    what = "model/ and the ONNX networks" if onnx else "the model directory for llm_convert"
-    with byte_progress(f"writing {what}", total) as advance:
-        layout = build_tpu_mlir(source, out, onnx=onnx, overwrite=overwrite, on_bytes=advance,
-                                on_export_bytes=advance, **tpu)
-    report = _smoke(layout.out, conversion, tokens) if smoke else None
-    if as_json:
-        print_json({"out": str(layout.out), "model": str(layout.model_dir), "target": layout.manifest["target"],
-                    "files": layout.manifest["files"], "smoke": report.as_dict() if report else None,
-                    "cached": False})
-    else:
-        scripts = "compile.sh; models/onnx/ and compile_onnx.sh" if onnx else "compile.sh"
-        stdout.print(f"{escape(str(layout.out))}  (model/ for llm_convert, {scripts}; its README.md says how to "
-                     "compile and run it)")
-        if report:
-            show_report(report, False)
-    if report and not report.passed:
-        raise CheckFailed(f"the layout at {layout.out} fails its smoke test: {failure_summary(report)}")
-
-
-def _deploy_paddle_inference(conversion: Conversion, source: str, out: Path | None, *, dtype: str | None, ir: str,
-                             max_seq_len: int, overwrite: bool, smoke: bool, tokens: int, as_json: bool) -> None:
-    if conversion.checkpoint is not None:  # the layout plans its own conversion, in the loader's dtype
-        conversion.checkpoint.close()
-    with byte_progress("converting the weights for paddle inference", conversion.plan.total_bytes) as advance:
-        layout = build_paddle_inference(source, out, dtype=dtype, ir=ir, max_seq_len=max_seq_len,
-                                        overwrite=overwrite, on_bytes=advance)
-    report = _smoke(layout.out, conversion, tokens) if smoke else None
-    if as_json:
-        print_json({"out": str(layout.out), "weights": str(layout.weights_dir), "graphs": layout.manifest["graphs"],
-                    "files": layout.manifest["files"], "smoke": report.as_dict() if report else None,
-                    "cached": False})
-    else:
-        stdout.print(f"{escape(str(layout.out))}  (weights in {escape(layout.weights_dir.name)}/, static graphs in "
-                     "checkpoints/; its README.md says how to run them)")
-        if report:
-            show_report(report, False)
-    if report and not report.passed:
-        raise CheckFailed(f"the layout at {layout.out} fails its smoke test: {failure_summary(report)}")
-
-
-def _smoke(out: Path, conversion: Conversion, tokens: int) -> SmokeReport | None:
+def _smoke(out: Path, conversion: Conversion, tokens: int,
+           tpu_mlir_python: str | None = None) -> SmokeReport | None:
     """Smoke-test a fresh conversion against its source and record the verdict in its manifest."""
     try:
         with smoke_status() as status:
-            report = run_smoke(out, against=str(conversion.source_path), tokens=tokens, status=status)
+            report = run_smoke(out, against=str(conversion.source_path), tokens=tokens, status=status,
+                               tpu_mlir_python=tpu_mlir_python)
     except RuntimeMissing as exc:
         stderr.print(f"warning: smoke test not run: {exc}", markup=False)
         record_verdict(out, {"passed": None, "not_run": str(exc)})

@@ -5,6 +5,7 @@ Examples:
     vlhub smoke ./Qwen2-VL-7B-Instruct-paddle --against ./Qwen2-VL-7B-Instruct --json
     vlhub smoke ./out --tokens 8 --streamed
     vlhub smoke ./tiny-qwen2-vl-paddle-inference             # the static graphs under paddle.inference
+    vlhub smoke ./tiny-tpu --tpu-mlir-python ~/tpu/venv/bin/python   # + the bmodel's first token on the cmodel
 """
 
 from __future__ import annotations
@@ -37,6 +38,12 @@ StreamedOpt = Annotated[
                  show_default=False),
 ]
 
+TpuMlirPythonOpt = Annotated[str | None, typer.Option(
+    "--tpu-mlir-python", metavar="PATH",
+    help="tpu-mlir layouts: the Python 3.10 with the tpu-mlir wheel; compile the bmodel if need be and run its first "
+         "token on the cmodel simulator (minutes; default: $VLHUB_TPU_MLIR_PYTHON, else no simulator stage).",
+    show_default=False)]
+
 
 @reports_errors
 def smoke(
@@ -44,13 +51,16 @@ def smoke(
     against: AgainstOpt = None,
     tokens: TokensOpt = DEFAULT_TOKENS,
     streamed: StreamedOpt = None,
+    tpu_mlir_python: TpuMlirPythonOpt = None,
     json: JsonOpt = False,
 ) -> None:
     """Run the converted model in its runtime (Paddle for Paddle weights; paddle.inference, plus the weights,
     for a paddle-inference layout) and the numpy reference on the source, on one synthetic image and prompt; compare vision embeddings, prefill logits and greedy
-    tokens. Exit 0 when within tolerance, 1 when not."""
+    tokens. A tpu-mlir layout with a toolchain also runs its bmodel's first token on the cmodel simulator, which
+    must choose the reference's token. Exit 0 when within tolerance, 1 when not."""
     with smoke_status() as status:
-        report = run_smoke(path, against=against, tokens=tokens, streamed=streamed, status=status)
+        report = run_smoke(path, against=against, tokens=tokens, streamed=streamed, status=status,
+                           tpu_mlir_python=tpu_mlir_python)
     show_report(report, json)
     if not report.passed:
         raise CheckFailed("smoke test failed: " + failure_summary(report))

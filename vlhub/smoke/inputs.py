@@ -30,6 +30,8 @@ PROMPT_IDS = (151644, 872, 198)  # <|im_start|> user \n
 QUESTION_IDS = (74785, 419, 2168, 13, 151645, 198, 151644, 77091, 198)  # ... <|im_end|> \n <|im_start|> assistant \n
 QWEN_VL_PROMPT_IDS = (24669, 220, 16, 25)  # "Picture 1:"
 QWEN_VL_QUESTION_IDS = (74785, 419, 2168, 13)
+# what the device runtimes (LLM-TPU, the exported ONNX networks) add where attention is masked: bf16-safe
+DEVICE_MASKED = np.float32(-10000.0)
 MASKED = np.float32(-1e30)  # additive mask value: large and finite, so a fully masked row cannot make NaN
 
 
@@ -256,3 +258,18 @@ def _qwen_vl_input(config: dict) -> SmokeInput:
     begin = len(QWEN_VL_PROMPT_IDS) + 1
     mask[begin:begin + queries] = True
     return SmokeInput("qwen", ids, mask, np.arange(len(ids), dtype=np.int64), 0, None, pixels)
+
+
+def pad_rows(values: np.ndarray, rows: int) -> np.ndarray:
+    """`values` followed by zero rows up to `rows` (a fixed-shape network's input)."""
+    return np.pad(values, ((0, rows - len(values)), *[(0, 0)] * (values.ndim - 1)))
+
+
+def padded_mask(mask: np.ndarray, rows: int) -> np.ndarray:
+    """An additive [N, N] mask (MASKED where hidden) as a fixed-shape vision network takes it: [rows, rows] with
+    DEVICE_MASKED, the padding rows one more segment, seen only among themselves."""
+    count = len(mask)
+    padded = np.full((rows, rows), DEVICE_MASKED, dtype=np.float32)
+    padded[:count, :count] = np.where(mask < 0, DEVICE_MASKED, 0)
+    padded[count:, count:] = 0
+    return padded

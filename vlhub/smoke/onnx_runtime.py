@@ -21,7 +21,7 @@ import onnxruntime as ort
 
 from vlhub.cache.tpu_onnx import LLM_DIR, MASK_VALUE, VIT_DIR
 from vlhub.errors import UserError
-from vlhub.smoke.inputs import SmokeInput, VisionGeometry
+from vlhub.smoke.inputs import SmokeInput, VisionGeometry, pad_rows, padded_mask
 from vlhub.smoke.reference import causal_mask
 
 
@@ -52,7 +52,7 @@ class OnnxPipeline:
             raise UserError(f"the image has {count} patches; the exported ViT takes at most {patches}")
         tokens = count // self.unit
         pixels, positions = vision.pixel_values, vision.position_ids
-        full = _padded_mask(vision.full_mask, patches)[None]
+        full = padded_mask(vision.full_mask, patches)[None]
         windowed = {}
         if self.qwen25:
             assert vision.window_index is not None and vision.reverse_index is not None
@@ -60,11 +60,11 @@ class OnnxPipeline:
             pixels, positions = (a.reshape(-1, self.unit, a.shape[-1])[vision.window_index].reshape(a.shape)
                                  for a in (pixels, positions))
             full = full[None]
-            windowed = {"window_attention_mask": _padded_mask(vision.window_mask, patches)[None, None],
+            windowed = {"window_attention_mask": padded_mask(vision.window_mask, patches)[None, None],
                         "reverse_index": np.concatenate([vision.reverse_index, np.arange(tokens, patches // self.unit)])
                         .astype(np.int32)}
-        return self._run("vision_transformer", input_states=_pad_rows(pixels.astype(np.float32), patches),
-                         position_ids=_pad_rows(positions.astype(np.int32), patches), attention_mask=full,
+        return self._run("vision_transformer", input_states=pad_rows(pixels.astype(np.float32), patches),
+                         position_ids=pad_rows(positions.astype(np.int32), patches), attention_mask=full,
                          **windowed)[0][:tokens]
 
     def generate(self, smoke: SmokeInput, image_embeds: np.ndarray, tokens: int,
@@ -137,23 +137,6 @@ class OnnxPipeline:
             if self.resident:
                 self._sessions[network] = session
         return session
-
-
-def _pad_rows(values: np.ndarray, rows: int) -> np.ndarray:
-    """`values` followed by zero rows up to `rows`."""
-    padded = np.zeros((rows, *values.shape[1:]), dtype=values.dtype)
-    padded[: len(values)] = values
-    return padded
-
-
-def _padded_mask(mask: np.ndarray, rows: int) -> np.ndarray:
-    """An additive [N, N] mask (MASKED where hidden) as the ViT takes it, [rows, rows] with -10000: the padding
-    rows are one more segment, seen only among themselves."""
-    count = len(mask)
-    padded = np.full((rows, rows), MASK_VALUE, dtype=np.float32)
-    padded[:count, :count] = np.where(mask < 0, MASK_VALUE, 0)
-    padded[count:, count:] = 0
-    return padded
 
 
 def onnx_outputs(out: Path, config: dict, smoke: SmokeInput, teacher_tokens: list[int], *,

@@ -104,6 +104,13 @@ def apply_rotary(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     return x * cos[:, None, :] + rotate_half(x) * sin[:, None, :]
 
 
+def vision_rotary(position_ids: np.ndarray, head_dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """The vision tower's cos and sin [N, head_dim] for patch (row, column) ids [N, 2]: a quarter of the
+    frequencies each for row and column, the halves repeated."""
+    angles = position_ids[..., None] * inverse_frequencies(head_dim // 2, 10000.0)  # [N, 2, head_dim/4]
+    return rotary_tables(angles.reshape(len(angles), -1))
+
+
 def inverse_frequencies(dim: int, base: float) -> np.ndarray:
     return (1.0 / (base ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)))).astype(np.float32)
 
@@ -187,9 +194,7 @@ class ReferenceForward:
         heads = cfg["num_heads"]
         unit = cfg.get("spatial_merge_size", 2) ** 2
         x = vision.pixel_values @ self.w("visual.patch_embed.proj.weight").reshape(width, -1).T
-        inv_freq = inverse_frequencies(width // heads // 2, 10000.0)
-        angles = vision.position_ids[..., None] * inv_freq  # [N, 2, hd/4]
-        cos, sin = rotary_tables(angles.reshape(len(angles), -1))
+        cos, sin = vision_rotary(vision.position_ids, width // heads)
         if qwen25:
             order = vision.window_index
 

@@ -28,6 +28,8 @@ from vlhub.converters.writers import write_json_atomic
 from vlhub.errors import CheckFailed, CorruptCheckpoint, UserError
 from vlhub.smoke.inputs import SmokeInput, smoke_input
 from vlhub.smoke.reference import ReferenceForward
+from vlhub.smoke.tpu_simulator import STAGE as SIMULATOR_STAGE
+from vlhub.smoke.tpu_simulator import check_fits, resolve_toolchain, simulate_first_token, tpu_mlir_target
 from vlhub.smoke.verdict import (
     TOLERANCES,
     SmokeReport,
@@ -73,21 +75,31 @@ def run_smoke(
     tokens: int = DEFAULT_TOKENS,
     streamed: bool | None = None,
     status: Status | None = None,
+    tpu_mlir_python: str | None = None,
 ) -> SmokeReport:
     """Smoke-test the checkpoint at `artifact` against `against` (default: the source its manifest names).
 
     `streamed` None decides from the model's size and the memory available. Raises UserError when
     the test cannot run (no reference, different architectures, no Paddle); a broken artifact is a
-    failed report, not an error.
+    failed report, not an error. A TPU-MLIR layout, when a toolchain is named (`tpu_mlir_python`, else
+    $VLHUB_TPU_MLIR_PYTHON), also gets a "simulator" stage: its bmodel's first token on the cmodel
+    (vlhub.smoke.tpu_simulator; minutes).
     """
     if tokens < 1:
         raise UserError("--tokens must be at least 1")
     say = status or (lambda _message: None)
     layout = Path(artifact)
+    target = tpu_mlir_target(layout)
+    if tpu_mlir_python and target is None:
+        raise UserError(f"--tpu-mlir-python runs the bmodel of a vlhub convert --to tpu-mlir layout; {layout} is "
+                        "not one")
+    toolchain = resolve_toolchain(tpu_mlir_python) if target else None
     artifact = _weights_of_layout(layout)
     if not artifact.exists():
         raise UserError(f"no such file or directory: {artifact}")
     reference_path = resolve_source(against) if against else _recorded_source(artifact)
+    if _is_vamc_layout(layout):
+        return _vamc_smoke(layout, reference_path, say)
     started = time.monotonic()
     with ModelWeights.open(reference_path) as probe:
         family, config = probe.family, probe.config
@@ -104,6 +116,8 @@ def run_smoke(
         report.seconds = time.monotonic() - started
         return report
     smoke = smoke_input(config)
+    if toolchain and target:  # before the reference runs
+        check_fits(smoke, target["seq_length"], target["vision_patches"])
     # broken weights overflow and produce NaN; the comparison reports that, numpy need not warn about it
     with ModelWeights.open(reference_path, resident=resident) as weights, np.errstate(all="ignore"):
         expected = _reference_outputs(ReferenceForward(weights), smoke, tokens, say)
@@ -119,8 +133,21 @@ def run_smoke(
         report.stages += _compare(label, expected, produced, tolerance)
         if not label:
             report.tokens_out = _until_first_difference(expected.tokens, produced.tokens)
+    if toolchain:
+        report.stages.append(_simulator_stage(layout, toolchain, smoke, expected, say))
     report.seconds = time.monotonic() - started
     return report
+
+
+def _simulator_stage(layout: Path, python: str, smoke: SmokeInput, expected: _Outputs, say: Status) -> Stage:
+    """The TPU-MLIR layout's bmodel on the cmodel: its first token against the reference's."""
+    assert expected.token_logits is not None
+    try:
+        result = simulate_first_token(layout, python, smoke, expected.token_logits[0], expected.image_embeds,
+                                      status=say)
+    except CheckFailed as exc:  # it did not run to a token
+        return Stage(SIMULATOR_STAGE, False, detail=str(exc))
+    return result.stage()
 
 
 def _compare(label: str, expected: _Outputs, produced: _Outputs, tolerance: Tolerance) -> list[Stage]:
@@ -164,6 +191,25 @@ def _weights_of_layout(path: Path) -> Path:
     except (OSError, ValueError, KeyError, TypeError):
         return path
     return path / smoke_path
+
+
+def _is_vamc_layout(path: Path) -> bool:
+    try:
+        return json.loads((path / MANIFEST).read_text())["target"]["name"] == "vamc"
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _vamc_smoke(layout: Path, reference_path: Path, say: Status) -> SmokeReport:
+    """A vamc layout has no runtime here: its own checks stand in (vlhub.smoke.vamc)."""
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError as exc:
+        raise RuntimeMissing(f"the vamc smoke test runs the vision network in onnxruntime, which is not importable "
+                             f"({exc}); install it with: pip install 'vlhub[onnx]'") from None
+    from vlhub.smoke.vamc import vamc_smoke
+
+    return vamc_smoke(layout, reference_path, say)
 
 
 def _too_large(float32_bytes: int) -> bool:

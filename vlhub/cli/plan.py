@@ -1,0 +1,159 @@
+"""`vlhub plan`: how many patches and tokens images and videos become, and the compile sizes that hold them.
+
+Examples:
+    vlhub plan qwen2-vl-7b --image 1280x720
+    vlhub plan qwen2-vl-7b --image 1280x720 --max-pixels 921600 --patches 4096
+    vlhub plan qwen2.5-vl-3b --image 1920x1080 --image 200x5000 --target tpu-mlir
+    vlhub plan qwen2-vl-2b --video 640x360 --frames 8 --json
+    vlhub plan ./Qwen-VL-Chat --image 448x448 --target paddle-inference
+"""
+
+from __future__ import annotations
+
+from itertools import groupby
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from vlhub.cli._errors import reports_errors
+from vlhub.cli._options import JsonOpt
+from vlhub.cli._output import print_json, stdout
+from vlhub.errors import UserError
+from vlhub.plan import (
+    DEFAULT_ANSWER_TOKENS,
+    DEFAULT_PROMPT_TOKENS,
+    MAX_VAMC_PATCHES,
+    TARGETS,
+    Plan,
+    make_plan,
+    parse_size_pair,
+)
+
+ModelArg = Annotated[str, typer.Argument(
+    metavar="MODEL", show_default=False,
+    help="A catalog name (e.g. qwen2-vl-7b, tiny-qwen2-vl; its config is built in, nothing is downloaded) or a "
+         "local checkpoint directory (its config.json is read).")]
+ImageOpt = Annotated[list[str] | None, typer.Option(
+    "--image", metavar="WxH", show_default=False,
+    help="An image's width x height in pixels, e.g. 1280x720; repeat for more images.")]
+VideoOpt = Annotated[str | None, typer.Option(
+    "--video", metavar="WxH", show_default=False, help="A video's frame width x height; give --frames too.")]
+FramesOpt = Annotated[int | None, typer.Option(
+    "--frames", metavar="F", show_default=False, help="The --video's frame count (2 frames per grid step).")]
+MaxPixelsOpt = Annotated[int | None, typer.Option(
+    "--max-pixels", metavar="N", show_default=False,
+    help="The processor's max_pixels (default 12845056 = 16384 x 28 x 28, the official preprocessor's).")]
+MinPixelsOpt = Annotated[int | None, typer.Option(
+    "--min-pixels", metavar="N", show_default=False, help="The processor's min_pixels (default 3136 = 56 x 56).")]
+PatchesOpt = Annotated[int | None, typer.Option(
+    "--patches", metavar="N", show_default=False,
+    help="vamc: a given visual compile size (multiple of 16) to check every input against.")]
+PromptOpt = Annotated[int, typer.Option(
+    "--prompt-tokens", metavar="N", help="Text tokens beside the visual ones in the prefill.")]
+AnswerOpt = Annotated[int, typer.Option("--answer-tokens", metavar="N", help="Tokens generated after the prefill.")]
+TargetOpt = Annotated[str | None, typer.Option(
+    "--target", show_default=False,
+    help=f"{', '.join(TARGETS)} (default: every one the model's family has a route to).")]
+
+
+@reports_errors
+def plan(
+    model: ModelArg,
+    image: ImageOpt = None,
+    video: VideoOpt = None,
+    frames: FramesOpt = None,
+    max_pixels: MaxPixelsOpt = None,
+    min_pixels: MinPixelsOpt = None,
+    patches: PatchesOpt = None,
+    prompt_tokens: PromptOpt = DEFAULT_PROMPT_TOKENS,
+    answer_tokens: AnswerOpt = DEFAULT_ANSWER_TOKENS,
+    target: TargetOpt = None,
+    json: JsonOpt = False,
+) -> None:
+    """Count the patches and tokens each input becomes, and the compile sizes that hold them.
+
+    Each image is resized as the model's processor does (smart_resize to multiples of 28 within \\[min_pixels,
+    max_pixels]; a video's frames with the same bounds, two frames to a grid step; Qwen-VL: 448x448, 256
+    tokens), then cut into 14-pixel patches; 2x2 patches make a token. The compile sizes hold the largest input,
+    one input per request: visual N (patches, a multiple of 16), prefill (its tokens + the prompt) and max
+    context (+ the answer), multiples of 16 within max_position_embeddings. Per target: vamc's N, input_ids,
+    the max_pixels N allows (N x 14 x 14) and output split; tpu-mlir's --max_pixels W,H and --seq_length;
+    paddle-inference's --max-seq-len.
+
+    --json prints an object: model, family, min_pixels, max_pixels, prompt_tokens, answer_tokens, fit_patches
+    (the N inputs are checked against), inputs (input, kind, width, height, frames, resized {height, width},
+    grid \\[t, h, w], patches, tokens, fits, refit: null, or the input resized with the max_pixels that fits),
+    compile (visual_patches, prefill_length, max_length, position_limit) and targets (vamc: visual_patches,
+    given, max_pixels, input_ids, output_split; tpu-mlir: max_pixels \\[W, H], seq_length, vision_patches,
+    vision_tokens, command; paddle-inference: max_seq_len, command)."""
+    if frames is not None and video is None:
+        raise UserError("--frames goes with --video WxH: the frame size of the video it counts")
+    if video is not None and frames is None:
+        raise UserError(f"--video {video} needs --frames F, the number of frames (e.g. 16)")
+    clip = None if video is None else (*parse_size_pair(video, "--video"), frames)
+    result = make_plan(model, images=[parse_size_pair(text) for text in image or []], video=clip,
+                       min_pixels=min_pixels, max_pixels=max_pixels, patches=patches, prompt_tokens=prompt_tokens,
+                       answer_tokens=answer_tokens, target=target)
+    if json:
+        print_json(result.to_json())
+        return
+    stdout.print(_inputs_table(result))
+    stdout.print()
+    stdout.print(_sizes_table(result))
+
+
+def _inputs_table(result: Plan) -> Table:
+    bounds = ("resized to 448x448" if result.min_pixels is None
+              else f"resized within {result.min_pixels}..{result.max_pixels} pixels")
+    table = Table("input WxH", "resized HxW", "grid t x h x w", "patches", "tokens", f"fits N={result.fit_patches}",
+                  box=None, title=f"{escape(result.model)} ({result.family}): {bounds}", title_justify="left")
+    for item, refit in zip(result.inputs, result.refits):
+        fits = "yes" if refit is None else (
+            f"no: at max_pixels {refit.max_pixels} it becomes {_hw(refit.input.resized)}, {refit.input.patches} "
+            "patches")
+        table.add_row(item.label, _hw(item.resized), "x".join(map(str, item.grid)), str(item.patches),
+                      str(item.tokens), fits)
+    return table
+
+
+def _sizes_table(result: Plan) -> Table:
+    sizes = result.sizes
+    largest = max(result.inputs, key=lambda item: item.tokens)
+    table = Table("size", "value", "why", box=None, title="compile sizes (one input per request)",
+                  title_justify="left")
+    table.add_row("visual N", str(sizes.visual_patches), "patches of the largest input, rounded up to a multiple of 16")
+    table.add_row("prefill", str(sizes.prefill_length),
+                  f"its {largest.tokens} tokens + {result.prompt_tokens} prompt, rounded up to 16")
+    table.add_row("max context", str(sizes.max_length), f"prefill + {result.answer_tokens} answer, rounded up to 16; "
+                                                        f"the model allows {sizes.position_limit}")
+    if result.vamc:
+        vamc = result.vamc
+        misses = sum(refit is not None for refit in result.refits)
+        given = (f"given; {misses} of {len(result.inputs)} inputs exceed it, {sizes.visual_patches} holds them all"
+                 if misses else "given; every input fits it") if vamc.given else "the visual yaml's N"
+        table.add_row("vamc N", str(vamc.visual_patches), given)
+        table.add_row("vamc max_pixels", str(vamc.max_pixels),
+                      f"the largest image N allows (N x 14 x 14): give vastgenx --max_pixels {vamc.max_pixels} or less")
+        table.add_row("vamc input_ids", f"[[{vamc.prefill_length}],[{vamc.max_length}]]",
+                      "the LLM yaml's prefill and max context")
+        runs = [(width, len(list(run))) for width, run in groupby(vamc.output_split)]
+        table.add_row("vamc output split", " + ".join(f"{n} x {width}" if n > 1 else str(width) for width, n in runs),
+                      "visual output columns, one output_layout entry each")
+        build = (f"vlhub builds N up to {MAX_VAMC_PATCHES}: lower --max-pixels" if vamc.visual_patches > MAX_VAMC_PATCHES
+                 else escape(result.command("vamc")))
+        table.add_row("vamc", f"--max-pixels {vamc.max_pixels}", build)
+    if result.tpu_mlir:
+        options = result.tpu_mlir
+        table.add_row("tpu-mlir", f"--max_pixels {options.max_pixels[0]},{options.max_pixels[1]} "
+                                  f"--seq_length {options.seq_length}",
+                      f"llm_convert: a ViT of {options.vision_patches} patches; {escape(result.command('tpu-mlir'))}")
+    if result.paddle_max_seq_len is not None:
+        table.add_row("paddle-inference", f"--max-seq-len {result.paddle_max_seq_len}",
+                      escape(result.command("paddle-inference")))
+    return table
+
+
+def _hw(size: tuple[int, int]) -> str:
+    return f"{size[0]}x{size[1]}"
