@@ -124,8 +124,8 @@ def test_catalog_numbers(model: str, tp: int, split: list[int], stack: bool) -> 
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["--tp", "4"], "--tp 4: tensor parallelism splits the model's 2 KV heads across dies, so it must divide 2: "
-                    "choose 1, 2"),
+    (["--tp", "4"], ("--tp 4: tensor parallelism splits the model's 2 KV heads across dies, so it must divide 2: "
+                    "choose 1, 2")),
     (["--prefill-len", "1024"], "--prefill-len 1024: it must hold the image's 1280 visual tokens"),
     (["--prefill-len", "1500"], "and be a multiple of 16"),
     (["--max-len", "1408"], "--max-len 1408: the context must be longer than the prefill"),

@@ -94,7 +94,8 @@ def show_report(report: SmokeReport, as_json: bool) -> None:
             "[green]pass[/]" if stage.passed else f"[red]FAIL[/] {escape(stage.detail)}",
         )
     stdout.print(table)
-    stdout.print(f"tokens: reference {report.tokens_ref}, converted {report.tokens_out}")
+    if report.tokens_ref:  # a vamc layout generates none
+        stdout.print(f"tokens: reference {report.tokens_ref}, converted {report.tokens_out}")
     stdout.print(f"precision {report.precision}: relative diff <= {tolerance.relative:g}, cosine >= "
                  f"{tolerance.cosine}; {report.seconds:.1f} s; {'PASSED' if report.passed else 'FAILED'}")
 
