@@ -21,7 +21,7 @@ from tests.conftest import run_vlhub
 from vlhub.catalog import models
 from vlhub.cli.app import app
 from vlhub.errors import UserError
-from vlhub.plan import compile_sizes, make_plan, max_pixels_for, plan_inputs, visual_output_split
+from vlhub.plan import make_plan, max_pixels_for, plan_inputs, visual_output_split
 
 IMAGES = [(1280, 720), (1920, 1080), (448, 448), (200, 5000), (20, 20)]  # width x height
 # (resized HxW, grid t,h,w, patches, tokens) for Qwen2-VL and Qwen2.5-VL (14-pixel patches, 2x2 merge)
@@ -157,12 +157,6 @@ def test_max_pixels_for_and_output_split() -> None:
     assert visual_output_split(1536) == [640, 640, 256]
     assert visual_output_split(1280) == [640, 640]
     assert visual_output_split(3584, chunk=1024) == [1024, 1024, 1024, 512]
-
-
-def test_compile_sizes_for_a_pixel_budget() -> None:
-    # the vamc layout plans from a budget's tokens: N 5120 -> 1280 tokens; 1280 + 64 = 1344; 1344 + 512 = 1856
-    sizes = compile_sizes(models()["qwen2-vl-7b"].config, visual_tokens=1280, prompt_tokens=64)
-    assert (sizes.visual_patches, sizes.prefill_length, sizes.max_length) == (5120, 1344, 1856)
 
 
 def test_position_limits() -> None:

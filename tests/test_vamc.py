@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import yaml
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from tests.conftest import run_vlhub
 from vlhub.cache.vamc import llm_yaml, needs_stack_size, vamc_options, visual_yaml
@@ -18,6 +19,7 @@ from vlhub.catalog import get_model
 from vlhub.configs import official_config
 from vlhub.errors import UserError
 from vlhub.plan import visual_output_split
+from vlhub.smoke.weights import ModelWeights
 
 
 def convert(source: str | Path, out: Path, *args: str) -> dict:
@@ -70,8 +72,8 @@ def test_layout_numbers_embeddings_and_smoke(model: str, tmp_path: Path) -> None
 
     table = np.fromfile(out / "embed_tokens.bin", dtype="<f2")
     assert table.size == config["vocab_size"] * config["hidden_size"]
-    with safe_open(str(weights / "model.safetensors"), "np") as f:
-        source = f.get_tensor("model.embed_tokens.weight")
+    with ModelWeights.open(weights) as stored:  # bf16, read as float32 (exact)
+        source = stored.get("model.embed_tokens.weight")
     assert np.array_equal(table.reshape(source.shape), source.astype(np.float16))
 
     script = (out / "compile.sh").read_text()
@@ -184,12 +186,10 @@ def test_smoke_catches_a_damaged_vision_weight(tmp_path: Path) -> None:
     out = tmp_path / "out"
     convert("tiny-qwen2.5-vl", out, "--no-smoke")
     shard = out / "weights" / "tiny-qwen2.5-vl" / "model.safetensors"
-    with safe_open(str(shard), "np") as f:
+    with safe_open(str(shard), "pt") as f:  # torch: numpy has no bfloat16
         tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
         metadata = f.metadata()
     tensors["visual.blocks.0.mlp.down_proj.weight"] = tensors["visual.blocks.0.mlp.down_proj.weight"] * 3
-    from safetensors.numpy import save_file
-
     save_file(tensors, str(shard), metadata=metadata)
     result = run_vlhub("smoke", str(out), "--against", "tiny-qwen2.5-vl", "--json")
     stages = {s["name"]: s for s in json.loads(result.stdout)["stages"]}

@@ -277,19 +277,15 @@ def round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
-def compile_sizes(config: dict, inputs: Sequence[InputPlan] = (), prompt_tokens: int = DEFAULT_PROMPT_TOKENS,
-                  answer_tokens: int = DEFAULT_ANSWER_TOKENS, *, visual_tokens: int | None = None) -> CompileSizes:
-    """The smallest sizes that hold every input, one per request, within max_position_embeddings.
-    `visual_tokens`, when given, stands for the largest input instead (a pixel budget's tokens)."""
+def compile_sizes(config: dict, inputs: Sequence[InputPlan], prompt_tokens: int = DEFAULT_PROMPT_TOKENS,
+                  answer_tokens: int = DEFAULT_ANSWER_TOKENS) -> CompileSizes:
+    """The smallest sizes that hold every input, one per request, within max_position_embeddings."""
     if prompt_tokens < 0:
         raise UserError(f"--prompt-tokens {prompt_tokens}: 0 or more")
     if answer_tokens < 1:
         raise UserError(f"--answer-tokens {answer_tokens}: 1 or more")
-    if visual_tokens is None:
-        largest = max(inputs, key=lambda item: item.tokens)
-        tokens, patches, what = largest.tokens, max(item.patches for item in inputs), f"the {largest.label}"
-    else:
-        tokens, patches, what = visual_tokens, visual_tokens * VisionGeometry.from_config(config).merge ** 2, "an image"
+    largest = max(inputs, key=lambda item: item.tokens)
+    tokens, patches, what = largest.tokens, max(item.patches for item in inputs), f"the {largest.label}"
     prefill = round_up(tokens + prompt_tokens, ALIGN)
     longest = round_up(prefill + answer_tokens, ALIGN)
     limit = int(text_config(config).get("max_position_embeddings") or 32768)

@@ -30,7 +30,7 @@ from vlhub.configs import official_config
 from vlhub.convert import MANIFEST, Conversion, prepare_conversion, refresh_manifest_entry
 from vlhub.converters.writers import file_entry, write_json_atomic
 from vlhub.errors import UserError
-from vlhub.smoke.inputs import SMOKE_IMAGE, smart_resize
+from vlhub.smoke.inputs import SMOKE_IMAGE, SMOKE_PATCHES, smart_resize
 from vlhub.units import now_iso
 
 # --quantize -> the dtype llm_convert requires the checkpoint to declare (its "mismatch with model dtype" check)
@@ -195,12 +195,11 @@ def build_tpu_mlir(
 
 def check_smoke_image_fits(options: TpuOptions) -> None:
     """The ONNX smoke test feeds the exported ViT the smoke image: the pixel budget must hold it."""
-    height, width = SMOKE_IMAGE
-    patches = (height // 14) * (width // 14)
-    if options.vision_patches < patches:
+    if options.vision_patches < SMOKE_PATCHES:
+        height, width = SMOKE_IMAGE
         raise UserError(f"--max-pixels {options.max_pixels[0]},{options.max_pixels[1]} exports a ViT for "
                         f"{options.vision_patches} patches, fewer than the smoke test's {width}x{height} image "
-                        f"({patches}); give at least {width},{height}, or pass --no-smoke")
+                        f"({SMOKE_PATCHES}); give at least {width},{height}, or pass --no-smoke")
 
 
 def check_onnx_installed() -> None:

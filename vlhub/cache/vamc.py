@@ -27,7 +27,7 @@ from pathlib import Path
 
 import yaml
 
-from vlhub import __version__
+from vlhub import __version__, families
 from vlhub.atomic import staged_directory
 from vlhub.cache.layout import DeployedLayout, Deployment
 from vlhub.cache.store import conversion_output
@@ -38,10 +38,10 @@ from vlhub.embeddings import prepare_dump
 from vlhub.errors import UserError
 from vlhub.plan import (
     ALIGN,
+    DEFAULT_ANSWER_TOKENS,
     DEFAULT_PROMPT_TOKENS,
     MAX_VAMC_PATCHES,
     OUTPUT_CHUNK,
-    compile_sizes,
     max_pixels_for,
     parse_size_pair,
     patch_multiple,
@@ -50,7 +50,7 @@ from vlhub.plan import (
     round_up,
     visual_output_split,
 )
-from vlhub.smoke.inputs import MIN_PIXELS, SMOKE_IMAGE, VisionGeometry
+from vlhub.smoke.inputs import MIN_PIXELS, SMOKE_IMAGE, SMOKE_PATCHES, VisionGeometry
 from vlhub.units import now_iso
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl")
@@ -137,14 +137,14 @@ def max_pixels_patches(config: dict, max_pixels: int) -> int:
 def _llm_options(config: dict, patches: int, prefill_len: int | None, max_len: int | None,
                  tp: int | None) -> tuple[int, int, int]:
     tokens = patches // VisionGeometry.from_config(config).merge ** 2
-    sizes = compile_sizes(config, visual_tokens=tokens, prompt_tokens=DEFAULT_PROMPT_TOKENS)
-    prefill = prefill_len if prefill_len is not None else sizes.prefill_length
+    prefill = prefill_len if prefill_len is not None else round_up(tokens + DEFAULT_PROMPT_TOKENS, ALIGN)
     if prefill % ALIGN or prefill < tokens + DEFAULT_PROMPT_TOKENS:
         raise UserError(f"--prefill-len {prefill}: it must hold the image's {tokens} visual tokens and a "
                         f"{DEFAULT_PROMPT_TOKENS}-token prompt, so at least {round_up(tokens + DEFAULT_PROMPT_TOKENS, ALIGN)}, "
                         f"and be a multiple of {ALIGN}")
     limit = int(config.get("max_position_embeddings") or 32768)
-    longest = max_len if max_len is not None else max(sizes.max_length, round_up(prefill + 1, ALIGN))
+    longest = max_len if max_len is not None else min(round_up(prefill + DEFAULT_ANSWER_TOKENS, ALIGN),
+                                                      limit // ALIGN * ALIGN)
     if longest % ALIGN or not prefill < longest <= limit:
         raise UserError(f"--max-len {longest}: the context must be longer than the prefill ({prefill}), at most "
                         f"{limit} (max_position_embeddings), and a multiple of {ALIGN}")
@@ -277,9 +277,7 @@ def vision_head_dim(config: dict) -> int:
 
 def needs_stack_size(family: str, config: dict) -> bool:
     """VACC_STACK_SIZE=256 before compiling the LLM: Qwen2.5-VL's, and any model of 32B and up (vamc.md 1c)."""
-    from vlhub.families import FAMILIES as ALL
-
-    return family == "qwen2_5_vl" or sum(math.prod(s) for _, s in ALL[family].official_tensors(config)) >= 32e9
+    return family == "qwen2_5_vl" or sum(math.prod(s) for _, s in families.FAMILIES[family].official_tensors(config)) >= 32e9
 
 
 def compile_script(family: str, config: dict, weights: str, names: dict[str, str]) -> str:
@@ -439,11 +437,10 @@ def _patch_values(config: dict) -> int:
 
 def check_smoke_image_fits(options: VamcOptions) -> None:
     """The smoke test pads the smoke image to N rows: N must hold it."""
-    height, width = SMOKE_IMAGE
-    patches = (height // 14) * (width // 14)
-    if options.visual_patches < patches:
+    if options.visual_patches < SMOKE_PATCHES:
+        height, width = SMOKE_IMAGE
         raise UserError(f"the visual N of {options.visual_patches} patches is below the smoke test's {width}x{height} "
-                        f"image ({patches}); give a larger budget, or pass --no-smoke")
+                        f"image ({SMOKE_PATCHES}); give a larger budget, or pass --no-smoke")
 
 
 def _check(family: str, config: dict, source_dtype: str, smoke: bool, **options: object) -> None:

@@ -25,6 +25,7 @@ MAX_RATIO = 200
 # the smoke image: 8 x 12 patches, 24 visual tokens; for Qwen2.5-VL two 112-pixel windows wide, the
 # second one partial, so window attention and its padding are exercised
 SMOKE_IMAGE = (112, 168)
+SMOKE_PATCHES = (SMOKE_IMAGE[0] // 14) * (SMOKE_IMAGE[1] // 14)  # the vision rows it becomes: 96
 # a few fixed text tokens (no tokenizer is needed): ids every Qwen vocabulary holds
 PROMPT_IDS = (151644, 872, 198)  # <|im_start|> user \n
 QUESTION_IDS = (74785, 419, 2168, 13, 151645, 198, 151644, 77091, 198)  # ... <|im_end|> \n <|im_start|> assistant \n
