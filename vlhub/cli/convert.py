@@ -1,5 +1,5 @@
-"""`vlhub convert`: any supported checkpoint to Paddle (PaddleMIX), safetensors, torch or a Paddle Inference
-deployment, streaming, then smoke-tested.
+"""`vlhub convert`: any supported checkpoint to Paddle (PaddleMIX), safetensors or torch, or into a deployment
+layout (Paddle Inference, TPU-MLIR, vamc), streaming, then smoke-tested.
 
 Examples:
     vlhub convert tiny-qwen2-vl --to paddle                  # into the cache: vlhub cache path tiny-qwen2-vl --target paddle
@@ -8,6 +8,8 @@ Examples:
     vlhub convert ./Qwen2-VL-7B-Instruct-paddle --to safetensors --dtype bfloat16
     vlhub convert qwen2.5-vl-72b --to paddle --dry-run
     vlhub convert tiny-qwen-vl --to paddle-inference --ir legacy
+    vlhub convert tiny-qwen2-vl --to tpu-mlir --onnx --seq-length 128 --max-pixels 168,112
+    vlhub convert tiny-qwen2.5-vl --to vamc --image 1280x720
 """
 
 from __future__ import annotations
