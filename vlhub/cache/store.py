@@ -336,6 +336,16 @@ def _file_problem(path: Path, file: RemoteFile, on_bytes: Callable[[int], None] 
     return None if hash_file(path, file, on_bytes) == file.etag else f"{kind} differs from {file.etag[:16]}..."
 
 
+def manifest_problems(directory: Path, manifest: dict, on_bytes: Callable[[int], None] | None = None) -> list[str]:
+    """"<file>: <what is wrong>" for each file the manifest lists that is missing or differs in size or sha256."""
+    problems = []
+    for name, expected in sorted(manifest.get("files", {}).items()):
+        problem = _file_problem(directory / name, RemoteFile(name, expected["size"], expected["sha256"], None), on_bytes)
+        if problem:
+            problems.append(f"{name}: {problem}")
+    return problems
+
+
 def _verify_artifact(entry: CacheEntry, on_bytes: Callable[[int], None] | None) -> VerifyResult:
     result = VerifyResult(entry)
     manifest_path = entry.path / MANIFEST
@@ -343,12 +353,8 @@ def _verify_artifact(entry: CacheEntry, on_bytes: Callable[[int], None] | None) 
     if manifest is None:
         result.damaged.append(f"{MANIFEST}: unreadable")
         return result
-    for name, expected in sorted(manifest.get("files", {}).items()):
-        file = RemoteFile(name, expected["size"], expected["sha256"], None)
-        result.checked += 1
-        problem = _file_problem(entry.path / name, file, on_bytes)
-        if problem:
-            result.damaged.append(f"{name}: {problem}")
+    result.checked = len(manifest.get("files", {}))
+    result.damaged = manifest_problems(entry.path, manifest, on_bytes)
     manifest["cache_verify"] = {"at": now_iso(), "ok": result.ok, "damaged": result.damaged}
     last_used = manifest_path.stat().st_mtime
     write_json_atomic(manifest_path, manifest)

@@ -9,6 +9,7 @@ import typer
 
 from vlhub import __version__
 from vlhub.cli.cache import cache_app
+from vlhub.cli.check import check
 from vlhub.cli.convert import convert
 from vlhub.cli.download import download
 from vlhub.cli.embeddings import dump_embeddings
@@ -51,6 +52,7 @@ app.command()(keys)
 app.command(name="dump-embeddings")(dump_embeddings)
 app.command()(smoke)
 app.command()(plan)
+app.command()(check)
 app.add_typer(cache_app, name="cache")
 
 
