@@ -19,12 +19,7 @@ import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from types import TracebackType
-from typing import TYPE_CHECKING
 from urllib.parse import parse_qs, unquote, urlsplit
-
-if TYPE_CHECKING:
-    from typing_extensions import Self
 
 LFS_SUFFIXES = (".safetensors", ".bin", ".pdparams", ".pdiparams", ".onnx", ".gguf", ".pt", ".pth", ".msgpack", ".h5")
 LFS_MIN_SIZE = 10 * 1024 * 1024
@@ -163,14 +158,6 @@ class FakeHub:
             for connection in self._connections:
                 with contextlib.suppress(OSError):
                     connection.shutdown(socket.SHUT_RDWR)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
     def _add_fault(self, repo_id: str, path: str, fault: _Fault) -> None:
         with self._lock:
@@ -397,7 +384,7 @@ def main(argv: list[str] | None = None) -> None:
     for repo_id, sep, directory in specs:
         if not sep or repo_id.count("/") != 1 or not Path(directory).is_dir():
             parser.error(f"bad --repo {repo_id}{sep}{directory}: expected ORG/NAME=DIR with an existing DIR")
-    with FakeHub(port=args.port) as hub:
+    with contextlib.closing(FakeHub(port=args.port)) as hub:
         for repo_id, _, directory in specs:
             print(f"{repo_id} @ {hub.add_directory(repo_id, Path(directory))} <- {directory}")
         print(f"Serving {hub.url}; try: HF_ENDPOINT={hub.url} HF_HUB_DISABLE_XET=1 hf download {specs[0][0]}")

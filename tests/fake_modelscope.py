@@ -22,12 +22,8 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
-
-if TYPE_CHECKING:
-    from typing_extensions import Self
 
 _ROUTE = re.compile(r"^/api/v1/models/(?P<repo>[^/]+/[^/]+)(?P<rest>/revisions|/repo/files|/repo)$")
 _RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
@@ -72,14 +68,6 @@ class FakeModelScope:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
     def _files(self, repo_id: str, revision: str) -> dict[str, bytes] | None:
         with self._lock:

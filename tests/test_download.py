@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -28,7 +29,7 @@ SHARD = "model-00002-of-00004.safetensors"  # 38.9 MB: the client writes in 10 M
 
 @pytest.fixture(scope="module")
 def hub(tiny_qwen2_vl: Path) -> Iterator[FakeHub]:
-    with FakeHub() as server:
+    with contextlib.closing(FakeHub()) as server:
         server.add_directory(REPO, tiny_qwen2_vl)
         yield server
 
@@ -302,7 +303,7 @@ def test_cache_rm_asks_then_removes_only_what_was_named(env: dict[str, str]) -> 
 @pytest.fixture(scope="module")
 def modelscope(tiny_qwen2_vl: Path) -> Iterator[FakeModelScope]:
     pytest.importorskip("modelscope_hub", reason="the modelscope extra is not installed")
-    with FakeModelScope() as server:
+    with contextlib.closing(FakeModelScope()) as server:
         server.add_directory(REPO, tiny_qwen2_vl)
         yield server
 

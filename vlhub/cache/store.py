@@ -181,6 +181,15 @@ def _built_in() -> list[CacheEntry]:
     return entries
 
 
+def layout_target(path: Path, name: str | None = None) -> dict | None:
+    """The `target` of the deployment layout at `path` (paddle-inference, tpu-mlir, vamc): what it is and where
+    its weights are; None when `path` is no such layout, or not one of target `name`."""
+    target = (read_manifest(path) or {}).get("target")
+    if not isinstance(target, dict) or (name is not None and target.get("name") != name):
+        return None
+    return target
+
+
 def read_manifest(artifact: Path) -> dict | None:
     """An artifact's manifest, or None when it is missing or not valid JSON."""
     try:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from vlhub.cache.store import layout_target
 from vlhub.convert import MANIFEST
 from vlhub.converters.plan import KeyMapMismatch
 from vlhub.converters.writers import write_json_atomic
@@ -98,7 +99,7 @@ def run_smoke(
     if not artifact.exists():
         raise UserError(f"no such file or directory: {artifact}")
     reference_path = resolve_source(against) if against else _recorded_source(artifact)
-    if _is_vamc_layout(layout):
+    if layout_target(layout, "vamc") is not None:
         return _vamc_smoke(layout, reference_path, say)
     started = time.monotonic()
     with ModelWeights.open(reference_path) as probe:
@@ -186,18 +187,8 @@ ONNX_NETWORKS = "models/onnx"  # where `vlhub convert --to tpu-mlir --onnx` puts
 def _weights_of_layout(path: Path) -> Path:
     """A deployment layout whose manifest names the directory its smoke test runs (`target.smoke_path`: the
     TPU-MLIR layout's model/) stands for that directory."""
-    try:
-        smoke_path = json.loads((path / MANIFEST).read_text())["target"]["smoke_path"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return path
-    return path / smoke_path
-
-
-def _is_vamc_layout(path: Path) -> bool:
-    try:
-        return json.loads((path / MANIFEST).read_text())["target"]["name"] == "vamc"
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
+    smoke_path = (layout_target(path) or {}).get("smoke_path")
+    return path / smoke_path if isinstance(smoke_path, str) else path
 
 
 def _vamc_smoke(layout: Path, reference_path: Path, say: Status) -> SmokeReport:
@@ -257,14 +248,10 @@ def _reference_outputs(forward: ReferenceForward, smoke: SmokeInput, tokens: int
 def inference_weights(path: Path) -> Path | None:
     """The weights directory of a Paddle Inference layout (`vlhub convert --to paddle-inference`), if
     `path` is one."""
-    manifest = path / MANIFEST
-    if not (path / "checkpoints").is_dir() or not manifest.is_file():
+    target = layout_target(path)
+    if not (path / "checkpoints").is_dir() or target is None or not isinstance(target.get("weights"), str):
         return None
-    try:
-        weights = json.loads(manifest.read_text())["target"]["weights"]
-    except (ValueError, KeyError, TypeError):
-        return None
-    return path / weights
+    return path / target["weights"]
 
 
 def _artifact_runs(artifact: Path, runtime: str, smoke: SmokeInput, reference_tokens: list[int], resident: bool,

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vlhub.cache.store import MANIFEST
+from vlhub.cache.store import MANIFEST, layout_target
 from vlhub.errors import CheckFailed, UserError
 from vlhub.smoke.inputs import DEVICE_MASKED, SmokeInput, VisionGeometry, VisionInputs, pad_rows, padded_mask
 from vlhub.smoke.reference import ReferenceForward, causal_mask
@@ -84,11 +84,7 @@ def resolve_toolchain(option: str | None) -> str | None:
 
 def tpu_mlir_target(layout: Path) -> dict | None:
     """The manifest's `target` of a `vlhub convert --to tpu-mlir` layout, or None for anything else."""
-    try:
-        target = json.loads((Path(layout) / MANIFEST).read_text())["target"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return target if isinstance(target, dict) and target.get("name") == "tpu-mlir" else None
+    return layout_target(Path(layout), "tpu-mlir")
 
 
 def ensure_bmodel(layout: Path, python: str, status: Status | None = None) -> Path:

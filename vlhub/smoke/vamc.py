@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from collections.abc import Callable
@@ -17,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from vlhub.cache.store import layout_target
 from vlhub.cache.vamc import vamc_problems
-from vlhub.convert import MANIFEST
 from vlhub.smoke.inputs import SmokeInput, pad_rows, padded_mask, smoke_input
 from vlhub.smoke.reference import ReferenceForward, vision_rotary
 from vlhub.smoke.verdict import TOLERANCES, SmokeReport, Stage, compare_arrays
@@ -28,7 +27,8 @@ from vlhub.smoke.weights import ModelWeights
 def vamc_smoke(layout: Path, reference_path: Path, status: Callable[[str], None] = lambda _message: None) -> SmokeReport:
     """Run the three checks on the layout at `layout` against the checkpoint at `reference_path`."""
     started = time.monotonic()
-    target = json.loads((layout / MANIFEST).read_text())["target"]
+    target = layout_target(layout, "vamc")
+    assert target is not None  # run_smoke sends vamc layouts only
     weights_dir = layout / target["weights"]
     report = SmokeReport(str(layout), str(reference_path), "onnxruntime", False, "exact")
     with ModelWeights.open(reference_path) as reference:
