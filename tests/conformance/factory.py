@@ -1,0 +1,256 @@
+"""Checkpoints that transformers itself saves, from configs drawn by hypothesis.
+
+vlhub's own tiny models share its assumptions (the official vocabulary, the official special-token ids,
+its own config writer). These do not: the config classes are transformers' (`Qwen2VLConfig`,
+`Qwen2_5_VLConfig`), the weights come from `save_pretrained`, and the drawn values go where a real
+checkpoint may put them: small or official vocabularies with the special tokens anywhere in them, widths
+and head counts that are not powers of two, GQA, tied or untied embeddings, Qwen2.5-VL windows and
+full-attention blocks, three dtypes, one to many shards, and the on-disk forms users hold:
+
+    official     `save_pretrained` as transformers 5 does it: official key names, nested config.json
+    memory-names `save_pretrained(save_original_format=False)`: `model.language_model.*`, `model.visual.*`
+    flat-config  official names with the flat config.json of transformers 4 (text fields top-level)
+    torch-bin    the same tensors as `pytorch_model-*.bin` shards written by `torch.save`
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hypothesis import strategies as st
+
+FAMILIES = ("qwen2_vl", "qwen2_5_vl")
+DISK_FORMS = ("official", "memory-names", "flat-config", "torch-bin")
+DTYPES = ("bfloat16", "float16", "float32")
+# the released vocabularies, and sizes a small research model or a resized fine-tune has
+OFFICIAL_VOCAB = {"qwen2_vl": 151936, "qwen2_5_vl": 151936}
+# the processor's geometry is the same in every release: 14-pixel patches merged 2x2, two frames a patch
+PATCH, MERGE, TEMPORAL = 14, 2, 2
+
+
+@dataclass(frozen=True)
+class TextDims:
+    vocab: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    layers: int
+    tied: bool
+    mrope_section: tuple[int, int, int]
+    rope_theta: float
+
+    @property
+    def hidden(self) -> int:
+        return self.heads * self.head_dim
+
+
+@dataclass(frozen=True)
+class VisionDims:
+    depth: int
+    heads: int
+    head_dim: int
+    mlp: int  # Qwen2.5-VL intermediate_size; Qwen2-VL embed_dim * mlp_ratio
+    mlp_ratio: int  # Qwen2-VL only (transformers takes an integer)
+    window_size: int  # Qwen2.5-VL only
+    fullatt_blocks: tuple[int, ...]  # Qwen2.5-VL only
+
+    @property
+    def width(self) -> int:
+        return self.heads * self.head_dim
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    image: int
+    video: int
+    vision_start: int
+    vision_end: int
+    bos: int
+    eos: int
+
+
+@dataclass(frozen=True)
+class CheckpointSpec:
+    """Everything drawn for one checkpoint; `save_checkpoint` makes it with transformers."""
+
+    family: str
+    text: TextDims
+    vision: VisionDims
+    tokens: SpecialTokens
+    dtype: str
+    disk_form: str
+    max_shard_size: int
+    seed: int
+    with_tokenizer: bool = False
+    notes: tuple[str, ...] = field(default=())
+
+    def describe(self) -> str:
+        t, v = self.text, self.vision
+        return (f"{self.family} {self.disk_form} {self.dtype}: vocab {t.vocab}, hidden {t.hidden} "
+                f"({t.heads}/{t.kv_heads} heads of {t.head_dim}), {t.layers} layers, tied {t.tied}; vision "
+                f"{v.depth} x {v.width} ({v.heads} heads of {v.head_dim}); image token {self.tokens.image}; "
+                f"shards <= {self.max_shard_size} bytes")
+
+
+@st.composite
+def text_dims(draw: st.DrawFn, family: str, *, vocab: int | None = None) -> TextDims:
+    heads = draw(st.sampled_from([1, 2, 3, 4, 5, 6]))
+    kv_heads = draw(st.sampled_from([d for d in range(1, heads + 1) if heads % d == 0]))
+    head_dim = draw(st.sampled_from([8, 12, 16, 20, 24, 32]))
+    half = head_dim // 2
+    # M-RoPE splits the rotary half of each head between time, height and width, each part non-empty
+    first = draw(st.integers(1, half - 2))
+    second = draw(st.integers(1, half - first - 1))
+    drawn_vocab = vocab if vocab is not None else draw(st.one_of(
+        st.integers(1000, 5000), st.sampled_from([OFFICIAL_VOCAB[family], 152064])))
+    return TextDims(
+        vocab=drawn_vocab, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+        intermediate=draw(st.integers(17, 160)), layers=draw(st.integers(1, 4)), tied=draw(st.booleans()),
+        mrope_section=(first, second, half - first - second),
+        rope_theta=draw(st.sampled_from([10000.0, 1000000.0])),
+    )
+
+
+@st.composite
+def vision_dims(draw: st.DrawFn, family: str) -> VisionDims:
+    heads = draw(st.sampled_from([1, 2, 3]))
+    # every release has 80; the 2-D vision rotary needs a multiple of 4
+    head_dim = draw(st.sampled_from([80, 80, 16, 20, 32, 40]))
+    depth = draw(st.integers(1, 3))
+    mlp_ratio = draw(st.sampled_from([1, 2, 3, 4]))
+    width = heads * head_dim
+    window = draw(st.sampled_from([56, 112, 224]))
+    fullatt = draw(st.lists(st.integers(0, depth - 1), unique=True, max_size=depth).map(sorted))
+    mlp = width * mlp_ratio if family == "qwen2_vl" else draw(st.integers(16, 3 * width))
+    return VisionDims(depth, heads, head_dim, mlp, mlp_ratio, window, tuple(fullatt))
+
+
+@st.composite
+def special_tokens(draw: st.DrawFn, vocab: int) -> SpecialTokens:
+    """Six distinct ids anywhere in the vocabulary (the official ones when they fit, some of the time)."""
+    official = (151655, 151656, 151652, 151653, 151643, 151645)
+    if vocab > max(official) and draw(st.booleans()):
+        return SpecialTokens(*official)
+    ids = draw(st.lists(st.integers(0, vocab - 1), min_size=6, max_size=6, unique=True))
+    return SpecialTokens(*ids)
+
+
+@st.composite
+def checkpoint_specs(draw: st.DrawFn, family: str | None = None, *, disk_form: str | None = None,
+                     vocab: int | None = None) -> CheckpointSpec:
+    """A drawn checkpoint of `family` (or either), in `disk_form` (or any)."""
+    family = family or draw(st.sampled_from(FAMILIES))
+    text = draw(text_dims(family, vocab=vocab))
+    return CheckpointSpec(
+        family=family, text=text, vision=draw(vision_dims(family)), tokens=draw(special_tokens(text.vocab)),
+        dtype=draw(st.sampled_from(DTYPES)), disk_form=disk_form or draw(st.sampled_from(DISK_FORMS)),
+        max_shard_size=draw(st.sampled_from([40_000, 400_000, 50_000_000])), seed=draw(st.integers(0, 2**16)),
+        with_tokenizer=draw(st.booleans()),
+    )
+
+
+def transformers_config(spec: CheckpointSpec):  # -> transformers.PretrainedConfig
+    """The drawn checkpoint's config as transformers' own config class."""
+    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
+
+    t, v, tokens = spec.text, spec.vision, spec.tokens
+    text = dict(
+        vocab_size=t.vocab, hidden_size=t.hidden, intermediate_size=t.intermediate, num_hidden_layers=t.layers,
+        num_attention_heads=t.heads, num_key_value_heads=t.kv_heads, bos_token_id=tokens.bos,
+        eos_token_id=tokens.eos, tie_word_embeddings=t.tied,
+        rope_parameters={"rope_type": "default", "rope_theta": t.rope_theta, "mrope_section": list(t.mrope_section)},
+    )
+    common = dict(depth=v.depth, num_heads=v.heads, patch_size=PATCH, spatial_merge_size=MERGE,
+                  temporal_patch_size=TEMPORAL)
+    ids = dict(image_token_id=tokens.image, video_token_id=tokens.video, vision_start_token_id=tokens.vision_start,
+               vision_end_token_id=tokens.vision_end, tie_word_embeddings=t.tied)
+    if spec.family == "qwen2_vl":
+        vision = dict(common, embed_dim=v.width, hidden_size=t.hidden, mlp_ratio=v.mlp_ratio)
+        return Qwen2VLConfig(text_config=text, vision_config=vision, **ids)
+    vision = dict(common, hidden_size=v.width, intermediate_size=v.mlp, out_hidden_size=t.hidden,
+                  window_size=v.window_size, fullatt_block_indexes=list(v.fullatt_blocks))
+    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
+
+
+def build_model(spec: CheckpointSpec):  # -> transformers.PreTrainedModel
+    """The drawn model with transformers' own initialisation, seeded, in the drawn dtype, in eval mode."""
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
+
+    torch.manual_seed(spec.seed)
+    model_class = Qwen2VLForConditionalGeneration if spec.family == "qwen2_vl" else Qwen2_5_VLForConditionalGeneration
+    model = model_class(transformers_config(spec))
+    return model.to(getattr(torch, spec.dtype)).eval()
+
+
+def save_checkpoint(spec: CheckpointSpec, directory: Path):  # -> transformers.PreTrainedModel
+    """Save the drawn checkpoint into `directory` with transformers; returns the model (to compare with)."""
+    model = build_model(spec)
+    model.save_pretrained(directory, max_shard_size=spec.max_shard_size,
+                          save_original_format=spec.disk_form != "memory-names")
+    if spec.disk_form == "flat-config":
+        _flatten_config(directory / "config.json")
+    elif spec.disk_form == "torch-bin":
+        _to_torch_bin(directory)
+    if spec.with_tokenizer:
+        save_tokenizer(spec, directory)
+    return model
+
+
+def _flatten_config(path: Path) -> None:
+    """config.json as transformers 4 wrote it: text fields top-level, `rope_theta` and `rope_scaling`, `torch_dtype`.
+    transformers 5 still reads this form (tests check that it loads the same dims)."""
+    nested = json.loads(path.read_text())
+    text = nested.pop("text_config")
+    rope = text.pop("rope_parameters")
+    flat = {**{k: v for k, v in text.items() if k not in ("model_type", "layer_types", "dtype")}, **nested}
+    flat["torch_dtype"] = flat.pop("dtype", None)
+    flat["rope_theta"] = rope["rope_theta"]
+    flat["rope_scaling"] = {"type": "mrope", "mrope_section": rope["mrope_section"]}
+    flat["vision_config"] = {k: v for k, v in nested["vision_config"].items() if k != "rope_parameters"}
+    path.write_text(json.dumps(flat, indent=2))
+
+
+def _to_torch_bin(directory: Path) -> None:
+    """Rewrite each safetensors shard as a `torch.save` pickle (`pytorch_model-*.bin`) with its own index."""
+    import torch
+    from safetensors.torch import load_file
+
+    index_path = directory / "model.safetensors.index.json"
+    if index_path.exists():
+        index = json.loads(index_path.read_text())
+        shards = sorted(set(index["weight_map"].values()))
+    else:
+        index, shards = None, ["model.safetensors"]
+    renamed = {}
+    for number, shard in enumerate(shards, 1):
+        new = "pytorch_model.bin" if index is None else f"pytorch_model-{number:05d}-of-{len(shards):05d}.bin"
+        torch.save(load_file(directory / shard), directory / new)
+        (directory / shard).unlink()
+        renamed[shard] = new
+    if index is not None:
+        index["weight_map"] = {name: renamed[shard] for name, shard in index["weight_map"].items()}
+        (directory / "pytorch_model.bin.index.json").write_text(json.dumps(index, indent=2))
+        index_path.unlink()
+
+
+def save_tokenizer(spec: CheckpointSpec, directory: Path) -> None:
+    """A word-level tokenizer saved by transformers, whose special tokens sit at the drawn ids: what the
+    tokenizer files of a resized fine-tune say about its vocabulary."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    tokens = spec.tokens
+    specials = {tokens.image: "<|image_pad|>", tokens.video: "<|video_pad|>",
+                tokens.vision_start: "<|vision_start|>", tokens.vision_end: "<|vision_end|>",
+                tokens.bos: "<|endoftext|>", tokens.eos: "<|im_end|>"}
+    im_start = next(i for i in range(spec.text.vocab - 1, -1, -1) if i not in specials)
+    specials[im_start] = "<|im_start|>"
+    vocab = {specials.get(i, f"w{i}"): i for i in range(spec.text.vocab)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token=f"w{min(set(range(4)) - set(specials))}"))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                        additional_special_tokens=sorted(set(specials.values())))
+    tokenizer.save_pretrained(directory)
