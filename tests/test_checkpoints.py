@@ -68,7 +68,7 @@ def test_safetensors_to_pdparams_to_safetensors_is_bit_identical(tmp_path: Path,
     steps = [("a", "b", "pdparams"), ("b", "c", "safetensors")]
     for source, target, fmt in steps:
         # the Paddle convention: bf16 stored as uint16, known to be bf16 from config.json
-        (tmp_path / source / "config.json").write_text(json.dumps({"dtype": dtype}))
+        (tmp_path / source / "config.json").write_text(json.dumps({"model_type": "qwen2_vl", "dtype": dtype}))
         with open_checkpoint(tmp_path / source) as checkpoint:
             metas = list(checkpoint.tensors.values())
             with CheckpointWriter(tmp_path / target, fmt, metas, max_shard_size=10_000) as writer:
@@ -156,7 +156,7 @@ def test_directory_precedence_follows_paddlenlp(tmp_path: Path) -> None:
 def test_stored_bytes_copy_into_any_format_bit_identically(tmp_path: Path, fmt: str) -> None:
     tensors = _tensors("bfloat16")
     _write(tmp_path / "src", fmt, tensors, max_shard_size=10_000)
-    (tmp_path / "src" / "config.json").write_text(json.dumps({"dtype": "bfloat16"}))
+    (tmp_path / "src" / "config.json").write_text(json.dumps({"model_type": "qwen2_vl", "dtype": "bfloat16"}))
     with open_checkpoint(tmp_path / "src") as source:
         metas = list(source.tensors.values())
         with CheckpointWriter(tmp_path / "out", "safetensors", metas) as writer:

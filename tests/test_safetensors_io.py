@@ -80,7 +80,7 @@ def _rewrite_header(path: Path, edit) -> None:
     [
         (lambda p: p.write_bytes(p.read_bytes()[:5]), "truncated"),
         (lambda p: p.write_bytes(struct.pack("<Q", 10**9) + p.read_bytes()[8:]), "larger than the file"),
-        (lambda p: p.write_bytes(p.read_bytes()[:8] + b"{not json" + p.read_bytes()[17:]), "malformed header JSON"),
+        (lambda p: p.write_bytes(p.read_bytes()[:8] + b"{not json" + p.read_bytes()[17:]), "header: malformed JSON"),
         (lambda p: p.write_bytes(p.read_bytes()[:-16]), "outside the data section"),
         (lambda p: _rewrite_header(p, lambda h: h["y"].update(data_offsets=[0, 32])), "overlap"),
         (lambda p: _rewrite_header(p, lambda h: h["x"].update(data_offsets=[0, 60])), "needs 64"),

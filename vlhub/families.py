@@ -6,6 +6,7 @@ What a family's checkpoint holds (names, kinds, shapes, layouts) is data in its 
 
 from __future__ import annotations
 
+import reprlib
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -69,3 +70,16 @@ def family(name: str) -> Family:
         return FAMILIES[name]
     except KeyError:
         raise UserError(f"unknown family {name!r}; vlhub knows {', '.join(FAMILIES)}") from None
+
+
+def check_config(config: dict) -> None:
+    """Refuse a config.json before anything loops or allocates on its numbers: it must name its
+    model_type, and the dims it gives a family vlhub knows must be within bounds (`KeyMap.check_config`)."""
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str):
+        found = "has no model_type" if model_type is None else f"model_type is {reprlib.repr(model_type)}"
+        raise UserError(f"config.json {found}; vlhub reads the model types "
+                        f"{', '.join(f.model_type for f in FAMILIES.values())}")
+    known = family_of_config(config)
+    if known is not None:
+        known.keymap.check_config(config)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
@@ -10,10 +10,20 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from vlhub.converters.base import TensorFile
-from vlhub.converters.io_utils import StoredBytes, read_exact_into
 from vlhub.converters.formats import DIRECTORY_PRECEDENCE, FORMATS, Format, format_of_file
+from vlhub.converters.io_utils import StoredBytes, read_exact_into, read_json_file
 from vlhub.errors import CorruptCheckpoint, UserError
+from vlhub.families import check_config
 from vlhub.tensors import TensorMeta, dtype_info
+
+# Official config.json files are a few KB; an index names every tensor (about 100 bytes each), and the
+# reference safetensors library allows a header of 100 MB for the same list.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_INDEX_BYTES = 100_000_000
+
+
+class RowsOutOfRange(UserError):
+    """Rows asked of a tensor that it does not have: the request is wrong, not the file."""
 
 
 @dataclass
@@ -43,25 +53,33 @@ class Checkpoint:
             self._open = self.format.reader(self.root / shard)
         return self._open
 
-    def read(self, name: str, out: np.ndarray | None = None) -> np.ndarray:
-        """One tensor in its storage dtype (bfloat16 as uint16 bits), into `out` if given."""
+    def meta(self, name: str) -> TensorMeta:
+        """The header entry of one tensor; a name the checkpoint lacks is a one-line error."""
         try:
-            meta = self.tensors[name]
+            return self.tensors[name]
         except KeyError:
             raise UserError(f"no tensor {name!r} in {self.root}") from None
-        return self._file(meta.shard).read(name, out)
+
+    def read(self, name: str, out: np.ndarray | None = None) -> np.ndarray:
+        """One tensor in its storage dtype (bfloat16 as uint16 bits), into `out` if given."""
+        return self._file(self.meta(name).shard).read(name, out)
 
     def stored_bytes(self, name: str) -> StoredBytes | None:
         """Where a tensor's bytes lie, if a writer can copy them without decoding (see `TensorFile`)."""
-        return self._file(self.tensors[name].shard).stored_bytes(name)
+        return self._file(self.meta(name).shard).stored_bytes(name)
 
     def read_rows(self, name: str, rows: np.ndarray) -> np.ndarray:
-        """Rows `rows` of a 2-D tensor (e.g. an embedding table) in its storage dtype, reading only those
-        rows, each distinct one once (a prompt repeats its pad tokens hundreds of times)."""
-        meta = self.tensors[name]
+        """Rows `rows` of a 2-D tensor (token ids of an embedding table) in its storage dtype, reading only
+        those rows, each distinct one once (a prompt repeats its pad tokens hundreds of times). A row the
+        tensor lacks, negative ones included, raises `RowsOutOfRange` before anything is read."""
+        meta = self.meta(name)
         if len(meta.shape) != 2:
             raise ValueError(f"{name} is {list(meta.shape)}: rows need a 2-D tensor")
         distinct, inverse = np.unique(np.asarray(rows, dtype=np.int64), return_inverse=True)
+        outside = distinct[(distinct < 0) | (distinct >= meta.shape[0])]
+        if outside.size:
+            # unchecked, a row past the end reads the next tensor's bytes, or past the file's end
+            raise RowsOutOfRange(f"token id {outside[0]} is outside the embedding table {name} ({meta.shape[0]} rows)")
         stored = self.stored_bytes(name)
         if stored is None:  # a pickled view has no byte range of its own
             return self.read(name)[distinct][inverse]
@@ -80,7 +98,7 @@ class Checkpoint:
         block of rows, one per stored row for a block of columns. Blocks are views of one buffer that
         the next block overwrites, so memory stays at one block whatever the tensor's size.
         """
-        meta = self.tensors[name]
+        meta = self.meta(name)
         if len(meta.shape) != 2 or axis not in (0, 1) or size < 1:
             raise ValueError(f"{name} is {list(meta.shape)}: blocks need a 2-D tensor, axis 0 or 1 and size >= 1")
         rows, cols = meta.shape
@@ -112,7 +130,7 @@ class Checkpoint:
         """Tensors one at a time, shard by shard, so each shard is opened once."""
         wanted = list(self.tensors if names is None else names)
         shard_order = {shard: i for i, shard in enumerate(self.shards)}
-        for name in sorted(wanted, key=lambda n: shard_order[self.tensors[n].shard]):
+        for name in sorted(wanted, key=lambda n: shard_order[self.meta(n).shard]):
             yield self.tensors[name], self.read(name)
 
     def close(self) -> None:
@@ -175,14 +193,13 @@ def config_dtype(config: dict | None) -> str | None:
 
 
 def _read_config(path: Path) -> dict | None:
-    if not path.is_file():
+    """config.json checked before anything uses its numbers (see `check_config`); None if there is none."""
+    if not os.path.lexists(path):  # a dangling or looping symbolic link is an error, not a missing file
         return None
-    try:
-        config = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CorruptCheckpoint(f"{path}: malformed JSON ({exc})") from None
+    config = read_json_file(path, MAX_CONFIG_BYTES)
     if not isinstance(config, dict):
         raise CorruptCheckpoint(f"{path}: not a JSON object")
+    check_config(config)
     return config
 
 
@@ -233,10 +250,7 @@ def _pick_in_directory(directory: Path) -> tuple[Format, str, list[str]]:
 
 def _read_sharded(root: Path, index_name: str, fmt: Format) -> tuple[list[str], dict[str, TensorMeta]]:
     index_path = root / index_name
-    try:
-        index = json.loads(index_path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CorruptCheckpoint(f"{index_path}: malformed JSON ({exc})") from None
+    index = read_json_file(index_path, MAX_INDEX_BYTES)
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()

@@ -2,6 +2,11 @@
 
 Format: an 8-byte little-endian header length, a JSON header mapping each name to dtype, shape and
 `data_offsets` relative to the data section, then the data section.
+
+A file is read only if the reference library (`safetensors` 0.8, `SafeTensors::read_metadata`) would read
+it: the tensors, sorted by offset, tile the data section exactly, from its first byte to the file's last
+(no gap, overlap or trailing byte). Its writer pads the header to 8 bytes; its reader does not require
+that, so neither do we.
 """
 
 from __future__ import annotations
@@ -16,7 +21,14 @@ from typing import BinaryIO
 import numpy as np
 
 from vlhub.converters.base import OpenTensorFile
-from vlhub.converters.io_utils import StoredBytes, TensorData, output_array, read_exact_into, write_array
+from vlhub.converters.io_utils import (
+    StoredBytes,
+    TensorData,
+    output_array,
+    parse_json,
+    read_exact_into,
+    write_array,
+)
 from vlhub.errors import CorruptCheckpoint
 from vlhub.tensors import BY_SAFETENSORS_CODE, TensorMeta, dtype_info
 
@@ -51,10 +63,7 @@ class SafetensorsFile(OpenTensorFile):
             )
         if header_len > MAX_HEADER_BYTES:
             raise self._fail(f"header length {header_len} exceeds the 100 MB limit")
-        try:
-            header = json.loads(self._stream.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise self._fail(f"malformed header JSON ({exc})") from None
+        header = parse_json(self._stream.read(header_len), f"{self.path}: header")
         if not isinstance(header, dict):
             raise self._fail("malformed header JSON (not an object)")
         self.metadata = self._check_metadata(header.pop("__metadata__", None))
@@ -62,12 +71,18 @@ class SafetensorsFile(OpenTensorFile):
         data_size = size - self._data_start
         entries = [self._check_entry(name, info, data_size) for name, info in header.items()]
         entries.sort(key=lambda entry: self._offsets[entry.name])
-        previous_end, previous_name = 0, None
+        # the reference reader's rule: each tensor starts where the one before it ends, the last at the file's end
+        covered, previous = 0, None
         for meta in entries:
             begin, end = self._offsets[meta.name]
-            if begin < previous_end:
-                raise self._fail(f"tensors {previous_name!r} and {meta.name!r} overlap in the data section")
-            previous_end, previous_name = max(previous_end, end), meta.name
+            if begin < covered:
+                raise self._fail(f"tensors {previous!r} and {meta.name!r} overlap in the data section")
+            if begin > covered:
+                after = f"after tensor {previous!r}" if previous else "at the start of the data section"
+                raise self._fail(f"{begin - covered} bytes {after} belong to no tensor")
+            covered, previous = end, meta.name
+        if covered != data_size:
+            raise self._fail(f"{data_size - covered} bytes after the last tensor belong to no tensor")
         return {meta.name: meta for meta in entries}
 
     def _check_metadata(self, metadata: object) -> dict[str, str]:

@@ -3,14 +3,17 @@ layouts it is stored in (renames and transposes). One map drives both directions
 
 A family file (`qwen2_vl.toml`, ...) may `include` fragments (`_qwen2_decoder.toml`); their sections
 are merged, the including file's tensors first. Placeholders such as `{layer}` range over a count
-read from config.json.
+read from config.json. Every dim read from config.json has a bound here (`DIM_BOUNDS`), checked before
+anything loops or allocates on it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import itertools
+import math
 import re
+import reprlib
 import sys
 from dataclasses import dataclass, field
 from functools import cache
@@ -19,7 +22,8 @@ from importlib import resources
 from vlhub.errors import UserError
 from vlhub.keymaps.expr import evaluate
 
-__all__ = ["FAMILY_FILES", "ExpectedTensor", "KeyMap", "Layout", "TensorRule", "evaluate", "load_keymap"]
+__all__ = ["DIM_BOUNDS", "FAMILY_FILES", "DimBound", "ExpectedTensor", "KeyMap", "Layout", "TensorRule", "evaluate",
+           "load_keymap"]
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -28,6 +32,56 @@ else:  # pragma: no cover - Python 3.10
 
 FAMILY_FILES = ("qwen_vl", "qwen2_vl", "qwen2_5_vl")
 _PLACEHOLDER = re.compile(r"\{(\w+)\}")
+
+# Upper bounds of the numbers a key map reads from config.json, so that a hostile one (num_hidden_layers:
+# 1000000 would expand into 12 million tensor names) is refused before any work. Each is far above every
+# released model, dense or mixture-of-experts: the largest have about 130 layers (Llama 3.1 405B: 126),
+# width 18432 and FFN 73728 (PaLM 540B), 128 attention heads, vision towers of 48 blocks and vocabularies
+# of about 260k tokens (Gemma 3). Qwen2.5-VL-72B, this project's largest, has 80 layers, width 8192, FFN
+# 29568, 64 heads and 152064 tokens.
+MAX_LAYERS = 1024  # decoder layers and vision blocks
+MAX_WIDTH = 1 << 16  # hidden sizes, text and vision
+MAX_FFN = 1 << 20  # MLP intermediate sizes
+MAX_HEADS = 1024  # attention and key/value heads
+MAX_VOCAB = 1 << 22
+MAX_MLP_RATIO = 64  # a ViT's MLP width over its width: 4 to 5.3 in released models
+MAX_CHANNELS = 64  # input image channels: 3
+MAX_PATCH = 1024  # patch side, temporal patch and merge size: 14, 2 and 2 in released models
+
+
+@dataclass(frozen=True)
+class DimBound:
+    """What a config.json number may be: a whole number from 1 to `most`, or if not `whole` any finite
+    number above 0 and at most `most`."""
+
+    most: int
+    whole: bool = True
+
+    def accepts(self, value: object) -> bool:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if self.whole:
+            return isinstance(value, int) and 1 <= value <= self.most
+        return math.isfinite(value) and 0 < value <= self.most
+
+    def describe(self) -> str:
+        return f"a whole number from 1 to {self.most}" if self.whole else f"a number above 0 and at most {self.most}"
+
+
+# every dim of every key map, by name; flags (dims whose default is true or false) need none
+DIM_BOUNDS: dict[str, DimBound] = {
+    **dict.fromkeys(("layers", "v_depth", "v_layers"), DimBound(MAX_LAYERS)),
+    **dict.fromkeys(("hidden", "v_width", "v_out", "out"), DimBound(MAX_WIDTH)),
+    **dict.fromkeys(("inter", "v_inter"), DimBound(MAX_FFN)),
+    **dict.fromkeys(("heads", "kv_heads"), DimBound(MAX_HEADS)),
+    "vocab": DimBound(MAX_VOCAB),
+    "v_mlp_ratio": DimBound(MAX_MLP_RATIO, whole=False),
+    "v_in_chans": DimBound(MAX_CHANNELS),
+    **dict.fromkeys(("v_patch", "v_temporal", "v_merge"), DimBound(MAX_PATCH)),
+}
+# (divisor, dividend): transformers' Qwen2-VL attention refuses a hidden size its heads do not divide, and
+# each key/value head serves a whole group of query heads
+_DIVIDES = (("heads", "hidden"), ("kv_heads", "heads"))
 
 
 @dataclass(frozen=True)
@@ -110,27 +164,50 @@ class KeyMap:
     layouts: dict[str, Layout]
     digest: str = field(default="")
 
+    def check_config(self, config: dict) -> dict[str, object]:
+        """The dims config.json sets, each within its bound (`DIM_BOUNDS`) and each pair the architecture
+        splits evenly (`_DIVIDES`); anything else is one `UserError` line naming the field. Dims it leaves
+        out are not looked for here."""
+        given = {}
+        for name, spec in self.dims.items():
+            found = _config_value(config, spec["key"])
+            if found is not None:
+                given[name] = self._checked(name, found)
+        self._check_divides(given)
+        return given
+
     def resolve_dims(self, config: dict) -> dict[str, object]:
         """Every dim and derived value for one config.json (flat official or transformers-5 nested)."""
-        values: dict[str, object] = {}
+        values = self.check_config(config)
         # defaults that name another dim are filled once every dim read from the config is known
         for name, spec in sorted(self.dims.items(), key=lambda item: "default_from" in item[1]):
-            found = _config_value(config, spec["key"])
-            if found is None:
-                if "default" in spec:
-                    found = spec["default"]
-                elif "default_from" in spec:
-                    found = values[spec["default_from"]]
-                else:
-                    raise UserError(f"config.json has no {spec['key']!r}, which a {self.id} checkpoint needs")
-            if isinstance(found, bool) != isinstance(spec.get("default", 0), bool) or not isinstance(
-                    found, (int, float)) or (not isinstance(found, bool) and found <= 0):
-                raise UserError(f"config.json {spec['key']} is {found!r}; a {self.id} checkpoint needs "
-                                + ("true or false" if isinstance(spec.get("default"), bool) else "a positive number"))
-            values[name] = found
+            if name in values:
+                continue
+            if "default" in spec:
+                values[name] = spec["default"]
+            elif "default_from" in spec:
+                values[name] = values[spec["default_from"]]
+            else:
+                raise UserError(f"config.json has no {spec['key']!r}, which a {self.id} checkpoint needs")
+        self._check_divides(values)  # a default can complete a pair
         for name, expression in self.derived.items():
             values[name] = evaluate(expression, values)
         return values
+
+    def _checked(self, name: str, value: object) -> object:
+        spec = self.dims[name]
+        bound = None if _is_flag(spec) else DIM_BOUNDS[name]
+        if isinstance(value, bool) if bound is None else bound.accepts(value):
+            return value
+        wanted = "true or false" if bound is None else bound.describe()
+        raise UserError(f"config.json {spec['key']} is {reprlib.repr(value)}; a {self.id} checkpoint needs {wanted}")
+
+    def _check_divides(self, values: dict[str, object]) -> None:
+        for divisor, dividend in _DIVIDES:
+            if divisor in values and dividend in values and values[dividend] % values[divisor]:  # type: ignore
+                top, bottom = self.dims[dividend]["key"], self.dims[divisor]["key"]
+                raise UserError(f"config.json {top} {values[dividend]} is not a multiple of {bottom} "
+                                f"{values[divisor]}; a {self.id} checkpoint needs {top} divisible by {bottom}")
 
     def expected(self, config: dict) -> list[ExpectedTensor]:
         """Every tensor the official checkpoint holds for this config, in official order (layer by layer)."""
@@ -161,6 +238,10 @@ class KeyMap:
             return self.layouts[name]
         except KeyError:
             raise UserError(f"{self.id} has no layout {name!r}; it has {', '.join(self.layouts)}") from None
+
+
+def _is_flag(spec: dict) -> bool:
+    return isinstance(spec.get("default"), bool)
 
 
 def _config_value(config: dict, key: str) -> object:
@@ -196,6 +277,9 @@ def load_keymap(family: str) -> KeyMap:
     for fragment in data.get("include", []):
         texts.append((root / f"{fragment}.toml").read_text())
         data = _merge(data, tomllib.loads(texts[-1]))
+    unbounded = [name for name, spec in data.get("dims", {}).items() if not _is_flag(spec) and name not in DIM_BOUNDS]
+    if unbounded:
+        raise ValueError(f"{family} key map: dims {unbounded} have no bound in DIM_BOUNDS")
     rules = tuple(
         TensorRule(template, spec["kind"], tuple(s.strip() for s in spec["shape"].split(",")), spec.get("when"))
         for template, spec in data["tensors"].items()
