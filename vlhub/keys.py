@@ -7,6 +7,10 @@ Each rename is a prefix (a key starting with OLD gets NEW instead of that prefix
 order given. safetensors shards get a new header and their data section copied verbatim in the kernel
 (`copy_file_range`, as `cp` does); pdparams shards are rewritten as a new pickle whose payloads are
 copied from the old file in 16 MiB pieces. Shard names stay; the index's weight_map is rewritten.
+
+A rename whose result is in no layout of the family's key map (`vlhub/keymaps/*.toml`) is refused,
+naming the renames that would give one, unless `allow_unknown_layout=True`: no loader reads such keys.
+A vlhub manifest beside the weights is kept true: new sha256 and sizes, the new key layout.
 """
 
 from __future__ import annotations
@@ -22,13 +26,16 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import BinaryIO
 
+from vlhub.cache.store import read_manifest
 from vlhub.convert import MANIFEST
 from vlhub.converters.io_utils import StoredBytes, copy_stored_bytes
 from vlhub.converters.readers import Checkpoint, open_checkpoint
 from vlhub.converters.safetensors_io import SafetensorsFile, SafetensorsShardWriter
 from vlhub.atomic import ensure_free_space, refuse_output_holding, signals_deferred, swap_in
-from vlhub.converters.writers import temporary_name, write_json_atomic
+from vlhub.converters.writers import file_entry, temporary_name, write_json_atomic
 from vlhub.errors import CorruptCheckpoint, UserError
+from vlhub.keymaps import KeyMap, Layout, load_keymap
+from vlhub.layouts import UNKNOWN, detect_family, detect_layout, explains, match_count
 from vlhub.tensors import TensorMeta
 
 SUPPORTED_FORMATS = ("safetensors", "pdparams")
@@ -73,7 +80,9 @@ class RenameResult:
     dry_run: bool
     renamed: list[tuple[str, str]]
     unchanged: int
-    written: list[Path] = field(default_factory=list)  # weight files and index, rewritten
+    family: str | None  # None: not a checkpoint of a family vlhub knows
+    layout: str  # the renamed keys' layout in the family's key map, or "unknown"
+    written: list[Path] = field(default_factory=list)  # weight files, index and manifest, rewritten
     copied: list[Path] = field(default_factory=list)  # SRC's other files carried into a directory --out
 
     def to_json(self) -> dict:
@@ -83,6 +92,8 @@ class RenameResult:
             "dry_run": self.dry_run,
             "renamed": [[old, new] for old, new in self.renamed],
             "unchanged": self.unchanged,
+            "family": self.family,
+            "layout": self.layout,
             "written": [str(p) for p in self.written],
             "copied": [str(p) for p in self.copied],
         }
@@ -127,6 +138,94 @@ def plan_renames(keys: Iterable[str], renames: Sequence[tuple[str, str]], *, reg
     return mapping
 
 
+def renamed_layout(
+    checkpoint: Checkpoint,
+    mapping: dict[str, str],
+    renames: Sequence[tuple[str, str]],
+    *,
+    regex: bool = False,
+    allow_unknown: bool = False,
+) -> tuple[str | None, str]:
+    """The family and the key-map layout the renamed keys are in ("unknown" only with `allow_unknown`).
+
+    From a known layout the result must be one that stores the weights as the source's does (a rename cannot
+    transpose) and explains every key the source's layout did; otherwise `UserError` names the renames that would.
+    """
+    family = detect_family(checkpoint.config, list(checkpoint.tensors))
+    if family is None:
+        return None, UNKNOWN  # not a family vlhub knows: no layout to hold the result to
+    keymap = load_keymap(family)
+    source = _layout(keymap, checkpoint.tensors, checkpoint.config)
+    new_names = list(mapping.values())
+    if source is None:
+        renamed = {new: replace(checkpoint.tensors[old], name=new) for old, new in mapping.items()}
+        result = _layout(keymap, renamed, checkpoint.config)
+    else:
+        needed = match_count(keymap, source, list(mapping))
+        result = next((layout for layout in _reachable(keymap, source)
+                       if match_count(keymap, layout, new_names) >= needed), None)
+    if result is not None:
+        return family, result.name
+    if allow_unknown:
+        return family, UNKNOWN
+    given = " ".join(f"--rename {old}={new}" for old, new in renames) + (" --regex" if regex else "")
+    if source is None:
+        hint = (f"the source's keys match none of {', '.join(keymap.layouts)} either, so vlhub cannot say which "
+                "rename would give one")
+    else:
+        hint = _nearest_layout_hint(keymap, source, mapping, regex)
+    raise UserError(f"{given} would leave the keys in no {family} layout ({hint}); "
+                    "pass --allow-unknown-layout to write them anyway")
+
+
+def _layout(keymap: KeyMap, tensors: dict[str, TensorMeta], config: dict | None) -> Layout | None:
+    name = detect_layout(keymap.id, tensors, config)
+    return None if name == UNKNOWN else keymap.layouts[name]
+
+
+def _reachable(keymap: KeyMap, source: Layout) -> list[Layout]:
+    """The layouts a rename of `source`'s keys can give: those storing the weights as `source` does (a rename
+    keeps each tensor's orientation), `source` itself first."""
+    return sorted((layout for layout in keymap.layouts.values() if layout.transpose == source.transpose),
+                  key=lambda layout: layout is not source)
+
+
+def _nearest_layout_hint(keymap: KeyMap, source: Layout, mapping: dict[str, str], regex: bool) -> str:
+    """A renamed key that is wrong, and the renames that give the layout the renamed keys come closest to."""
+
+    def intended(layout: Layout) -> dict[str, str]:
+        return {old: layout.from_official(source.to_official(old)) if explains(keymap, source, old) else old
+                for old in mapping}
+
+    def closeness(layout: Layout) -> tuple[int, int]:
+        """Over the keys the user renamed: how many get this layout's name, and how many its first component."""
+        names = intended(layout)
+        pairs = [(new, names[old]) for old, new in mapping.items() if new != old]
+        return (sum(new == name for new, name in pairs),
+                sum(new.split(".", 1)[0] == name.split(".", 1)[0] for new, name in pairs))
+
+    candidates = _reachable(keymap, source)
+    nearest = max(candidates, key=closeness)  # the first of equals: keeping the source's names
+    target = intended(nearest)
+    differs = [old for old, new in mapping.items() if new != target[old]]
+    old = next((old for old in differs if explains(keymap, source, old)), differs[0])  # a key map tensor first
+    wrong = f"{mapping[old]} where {nearest.name} has {target[old]}"
+    if nearest is source:
+        alone = "" if len(candidates) > 1 else (f": no other {keymap.id} layout stores the weights as {source.name} "
+                                                "does (vlhub convert transposes them)")
+        return f"{wrong}; keep the {source.name} names{alone}"
+    renames = " ".join(f"--rename {prefix}={replacement}" for prefix, replacement in layout_renames(source, nearest))
+    return f"{wrong}; {renames}{' without --regex' if regex else ''} gives the {nearest.name} layout"
+
+
+def layout_renames(source: Layout, target: Layout) -> list[tuple[str, str]]:
+    """The prefix renames that turn `source`'s names into `target`'s, longest prefix first, from the official
+    prefixes the two layouts declare."""
+    officials = {official for official, _ in (*source.rename, *target.rename)}
+    pairs = {(source.from_official(official), target.from_official(official)) for official in officials}
+    return sorted((pair for pair in pairs if pair[0] != pair[1]), key=lambda pair: (-len(pair[0]), pair))
+
+
 def _check_collisions(mapping: dict[str, str]) -> None:
     by_new: dict[str, list[str]] = defaultdict(list)
     for old, new in mapping.items():
@@ -149,13 +248,15 @@ def rename_keys(
     in_place: bool = False,
     dry_run: bool = False,
     overwrite: bool = False,
+    allow_unknown_layout: bool = False,
     progress: ProgressFactory | None = None,
 ) -> RenameResult:
     """Rename keys of the checkpoint at `source` (a directory, weight file or index file).
 
     Writes to `out` (a new directory for a directory or index source, with SRC's other files
     copied in; the output file for a single-file source) or, with `in_place`, replaces
-    the source's weight files and index atomically. Everything is checked before anything is written;
+    the source's weight files and index atomically. Everything is checked before anything is written,
+    including that the result is a layout of the family's key map (unless `allow_unknown_layout`);
     on an error or Ctrl-C no temporary file is left behind.
     """
     if out is not None and in_place:
@@ -168,6 +269,7 @@ def rename_keys(
             raise UserError(f"{source}: vlhub keys rewrites safetensors and pdparams checkpoints, "
                             f"not {checkpoint.format.name} ({checkpoint.shards[0]}); convert it first")
         mapping = plan_renames(checkpoint.tensors, renames, regex=regex)
+        family, layout = renamed_layout(checkpoint, mapping, renames, regex=regex, allow_unknown=allow_unknown_layout)
         whole_directory = source.is_dir() or checkpoint.index_file is not None
         out_path = Path(out).absolute() if out is not None else None
         if in_place:
@@ -180,14 +282,15 @@ def rename_keys(
             source, out_path or (source if in_place else None), dry_run,
             renamed=[(old, new) for old, new in mapping.items() if old != new],
             unchanged=sum(old == new for old, new in mapping.items()),
+            family=family, layout=layout,
         )
         if dry_run:
             return result
         with progress(checkpoint.total_bytes) if progress else nullcontext(_ignore_bytes) as on_bytes:
             if out_path is None:  # not a dry run, so --in-place
-                result.written = _rewrite_in_place(checkpoint, mapping, on_bytes)
+                result.written = _rewrite_in_place(checkpoint, mapping, layout, on_bytes)
             elif whole_directory:
-                result.written, result.copied = _write_directory(checkpoint, mapping, out_path, on_bytes)
+                result.written, result.copied = _write_directory(checkpoint, mapping, layout, out_path, on_bytes)
             else:
                 result.written = [_write_file(checkpoint, mapping, out_path, on_bytes)]
     return result
@@ -230,7 +333,7 @@ def _check_out(out: Path, source: Path, directory: bool, overwrite: bool) -> Non
 
 
 def _write_directory(
-    checkpoint: Checkpoint, mapping: dict[str, str], out: Path, on_bytes: OnBytes
+    checkpoint: Checkpoint, mapping: dict[str, str], layout: str, out: Path, on_bytes: OnBytes
 ) -> tuple[list[Path], list[Path]]:
     """Build the whole output in a staging directory beside `out`, then swap it in."""
     staging = temporary_name(out)
@@ -244,6 +347,10 @@ def _write_directory(
             write_json_atomic(staging / checkpoint.index_file, _renamed_index(checkpoint, mapping))
             rewritten.append(checkpoint.index_file)
         carried = _carry_other_files(checkpoint.root, {checkpoint.root / name for name in rewritten}, staging)
+        manifest = _renamed_manifest(checkpoint.root, {name: staging / name for name in rewritten}, layout)
+        if manifest is not None:
+            write_json_atomic(staging / MANIFEST, manifest)
+            rewritten.append(MANIFEST)
         swap_in(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -263,8 +370,9 @@ def _write_file(checkpoint: Checkpoint, mapping: dict[str, str], out: Path, on_b
     return out
 
 
-def _rewrite_in_place(checkpoint: Checkpoint, mapping: dict[str, str], on_bytes: OnBytes) -> list[Path]:
-    """Write every new shard (and the index) beside the originals, then rename them over, the index last.
+def _rewrite_in_place(checkpoint: Checkpoint, mapping: dict[str, str], layout: str, on_bytes: OnBytes) -> list[Path]:
+    """Write every new shard (and the index, and the manifest) beside the originals, then rename them over, the
+    index and the manifest last.
 
     The new files are fsynced before the commit: after a crash the originals, the only copy of the
     weights, must not be replaced by files whose data never reached the disk.
@@ -278,6 +386,11 @@ def _rewrite_in_place(checkpoint: Checkpoint, mapping: dict[str, str], on_bytes:
         if checkpoint.index_file is not None:
             final = checkpoint.root / checkpoint.index_file
             moves.append((write_json_atomic(temporary_name(final), _renamed_index(checkpoint, mapping)), final))
+        manifest = _renamed_manifest(
+            checkpoint.root, {final.relative_to(checkpoint.root).as_posix(): temp for temp, final in moves}, layout)
+        if manifest is not None:
+            final = checkpoint.root / MANIFEST
+            moves.append((write_json_atomic(temporary_name(final), manifest), final))
         # a rename within one directory does not fail once the new file exists, so the commit runs all or
         # none; holding Ctrl-C and SIGTERM keeps the checkpoint from being left half old, half new
         with signals_deferred():
@@ -298,6 +411,20 @@ def _renamed_index(checkpoint: Checkpoint, mapping: dict[str, str]) -> dict:
     return index
 
 
+def _renamed_manifest(root: Path, rewritten: dict[str, Path], layout: str) -> dict | None:
+    """The vlhub manifest in `root` (None if there is none) describing the renamed checkpoint instead: the sha256
+    and size of each rewritten file (name relative to `root` -> where it is now) and the new key layout."""
+    manifest = read_manifest(root)
+    if manifest is None or not isinstance(manifest.get("files"), dict) or not isinstance(manifest.get("target"), dict):
+        return None  # not one vlhub wrote: nothing to keep in step
+    for name, path in rewritten.items():
+        manifest["files"][name] = file_entry(path)
+    manifest["target"]["layout"] = layout
+    if layout == UNKNOWN:
+        manifest.pop("smoke", None)  # its verdict was for keys a loader found; these it will not
+    return manifest
+
+
 def _carry_other_files(root: Path, rewritten: set[Path], staging: Path) -> list[Path]:
     """Copy everything in `root` that is not rewritten, hidden or a manifest of the old weights.
 
@@ -312,7 +439,7 @@ def _carry_other_files(root: Path, rewritten: set[Path], staging: Path) -> list[
 
     def ignored(directory: str, names: list[str]) -> set[str]:
         # hidden entries are caches and stale temporaries (.cache/huggingface describes the old weights);
-        # a vlhub manifest lists the old files' hashes
+        # a vlhub manifest lists the old files' hashes (_renamed_manifest writes the new one)
         return {name for name in names
                 if name.startswith(".") or name == MANIFEST or Path(directory, name) in rewritten}
 

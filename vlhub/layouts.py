@@ -23,14 +23,15 @@ def describe_layout(family: str | None, layout: str) -> str:
     return load_keymap(family).layouts[layout].description
 
 
+def explains(keymap: KeyMap, layout: Layout, name: str) -> bool:
+    """Whether `name` is this layout's spelling of an official tensor."""
+    official = layout.to_official(name)
+    return layout.from_official(official) == name and keymap.rule_for(official) is not None
+
+
 def match_count(keymap: KeyMap, layout: Layout, names: list[str]) -> int:
     """How many names are this layout's spelling of an official tensor."""
-    count = 0
-    for name in names:
-        official = layout.to_official(name)
-        if layout.from_official(official) == name and keymap.rule_for(official) is not None:
-            count += 1
-    return count
+    return sum(explains(keymap, layout, name) for name in names)
 
 
 def detect_family(config: dict | None, names: list[str]) -> str | None:

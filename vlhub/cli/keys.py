@@ -1,10 +1,11 @@
 """`vlhub keys`: rename tensor keys in a safetensors or pdparams checkpoint; tensor bytes are copied untouched.
 
 Examples:
-    vlhub keys ./qwen-vl-7b-inference --rename transformer=qwen --in-place
-    vlhub keys ./qwen-vl-7b --rename transformer.llm.=qwen. --rename transformer.=qwen. --out ./qwen-vl-7b-static
-    vlhub keys ./Qwen2-VL-2B-Instruct-paddle --rename model.=llm. --dry-run
-    vlhub keys model_state.pdparams --regex --rename '^model\\.layers\\.(\\d+)\\.=llm.h.\\1.' --out renamed.pdparams --json
+    vlhub keys ./qwen-vl-7b-paddle --rename transformer.llm.=qwen. --in-place
+    vlhub keys ./qwen-vl-7b-paddle --rename transformer.llm.=qwen. --out ./qwen-vl-7b-static
+    vlhub keys ./Qwen2-VL-2B-Instruct --rename visual.=model.visual. --rename model.=model.language_model. --dry-run
+    vlhub keys model_state.pdparams --regex --rename '^model\\.layers\\.(\\d+)\\.=llm.h.\\1.' --allow-unknown-layout \\
+        --out renamed.pdparams --json
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from vlhub.cli._options import JsonOpt, SourceArg
 from vlhub.cli._output import byte_progress, print_json, stdout
 from vlhub.errors import UserError
 from vlhub.keys import RenameResult, parse_rename, rename_keys
+from vlhub.layouts import UNKNOWN
 from vlhub.sources import resolve_source
 
 RenameOpt = Annotated[
@@ -30,8 +32,8 @@ RenameOpt = Annotated[
     typer.Option(
         "--rename", metavar="OLD=NEW", show_default=False,
         help="Keys starting with OLD get NEW instead of that prefix. Repeatable: each key takes the first --rename "
-             "that matches it, in the order given, so put longer prefixes first (transformer.llm.=qwen. before "
-             "transformer.=qwen.). Split at the last '='. A --rename that renames nothing is an error.",
+             "that matches it, in the order given, so put longer prefixes first (model.visual.=visual. before "
+             "model.=model.language_model.). Split at the last '='. A --rename that renames nothing is an error.",
     ),
 ]
 RegexOpt = Annotated[
@@ -41,8 +43,9 @@ RegexOpt = Annotated[
 ]
 OutOpt = Annotated[
     Path | None,
-    typer.Option("--out", help="A new directory for a directory SRC (its other files are copied in, except a vlhub manifest of the old weights), "
-                               "or the output file for a single-file SRC.", show_default=False),
+    typer.Option("--out", help="A new directory for a directory SRC (its other files are copied in, a vlhub manifest "
+                               "rewritten for the renamed weights), or the output file for a single-file SRC.",
+                 show_default=False),
 ]
 InPlaceOpt = Annotated[
     bool,
@@ -51,6 +54,12 @@ InPlaceOpt = Annotated[
 ]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the renames and write nothing.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out.")]
+AllowUnknownOpt = Annotated[
+    bool,
+    typer.Option("--allow-unknown-layout",
+                 help="Write keys that match no layout of the family's key map (no loader vlhub knows reads them); "
+                      "without it such a rename is refused, naming the renames that would give a known layout."),
+]
 
 
 @reports_errors
@@ -62,25 +71,37 @@ def keys(
     in_place: InPlaceOpt = False,
     dry_run: DryRunOpt = False,
     overwrite: OverwriteOpt = False,
+    allow_unknown_layout: AllowUnknownOpt = False,
     json: JsonOpt = False,
 ) -> None:
-    """Rename tensor keys (e.g. transformer.* -> qwen.* for Qwen-VL static inference) without decoding any
-    tensor. Needs --out or --in-place unless --dry-run. --json prints an object with source, destination,
-    dry_run, renamed (a list of old/new pairs), unchanged (a count), written and copied (paths)."""
+    """Rename tensor keys (e.g. transformer.llm.* -> qwen.* for Qwen-VL static inference) without decoding any
+    tensor. Needs --out or --in-place unless --dry-run. A vlhub manifest beside the weights is updated (sha256,
+    key layout). --json prints an object with source, destination, dry_run, renamed (a list of old/new pairs),
+    unchanged (a count), family, layout (of the renamed keys), written and copied (paths)."""
     renames = [parse_rename(text) for text in rename or []]
     if in_place and find_model(source) is not None and not Path(source).exists():
         raise UserError(f"{source} names a shared copy (built-in or in the Hugging Face cache) that other "
                         "commands rely on: --in-place needs a directory you own; use --out")
     result = rename_keys(resolve_source(source), renames, regex=regex, out=out, in_place=in_place,
-                         dry_run=dry_run, overwrite=overwrite, progress=partial(byte_progress, "renaming keys"))
+                         dry_run=dry_run, overwrite=overwrite, allow_unknown_layout=allow_unknown_layout,
+                         progress=partial(byte_progress, "renaming keys"))
     if json:
         print_json(result.to_json())
     elif dry_run:
         _print_renames(result)
     else:
-        stdout.print(f"renamed {len(result.renamed)} keys ({result.unchanged} unchanged): "
+        stdout.print(f"renamed {len(result.renamed)} keys ({result.unchanged} unchanged){_layout_note(result)}: "
                      f"{escape(str(result.destination))}  ({len(result.written)} file(s) rewritten, "
                      f"{len(result.copied)} carried over)")
+
+
+def _layout_note(result: RenameResult) -> str:
+    """Which layout the renamed keys are in, for a checkpoint of a family vlhub knows."""
+    if result.family is None:
+        return ""
+    if result.layout == UNKNOWN:
+        return f", in no {result.family} layout (--allow-unknown-layout)"
+    return f", in the {result.family} {result.layout} layout"
 
 
 def _print_renames(result: RenameResult) -> None:
@@ -88,4 +109,5 @@ def _print_renames(result: RenameResult) -> None:
     for old, new in result.renamed:
         table.add_row(escape(old), "->", escape(new))
     stdout.print(table)
-    stdout.print(f"{len(result.renamed)} keys renamed, {result.unchanged} unchanged; nothing written (--dry-run)")
+    stdout.print(f"{len(result.renamed)} keys renamed, {result.unchanged} unchanged{_layout_note(result)}; "
+                 "nothing written (--dry-run)")
