@@ -227,7 +227,7 @@ def test_a_failed_dump_leaves_nothing_and_keeps_the_old_file(tmp_path: Path, mon
 
     real_cast = embeddings.cast_float
     monkeypatch.setattr(embeddings, "cast_float", failing_cast)
-    dump = prepare_dump("tiny-qwen2-vl", out=tmp_path / "embed_tokens.bin", lm_head=True)
+    dump = prepare_dump("tiny-qwen2-vl", out=tmp_path / "embed_tokens.bin", lm_head=True, overwrite=True)
     with pytest.raises(RuntimeError, match="disk on fire"):
         dump.write(block_bytes=1 << 20)
     assert [p.name for p in tmp_path.iterdir()] == ["embed_tokens.bin"]
@@ -293,6 +293,12 @@ BAD_INPUTS = {
     "unsupported format": (lambda d: ["tiny-qwen2-vl", "--format", "pt"], r"unsupported --format 'pt'"),
     "npy bfloat16": (lambda d: ["tiny-qwen2-vl", "--format", "npy", "--dtype", "bfloat16"],
                      r"numpy has no bfloat16, so --format npy cannot hold it: use --format bin, or --dtype float32"),
+    # raw rows named .npy: np.load would refuse them, or a runtime reading .bin would take a header for rows
+    "npy name, bin format": (lambda d: ["tiny-qwen2-vl", "--out", str(d / "out" / "embed_tokens.npy")],
+                             r"--out embed_tokens\.npy names a \.npy file but --format is bin: pass --format npy, "
+                             r"or name it \.bin"),
+    "bin name, npy format": (lambda d: ["tiny-qwen2-vl", "--format", "npy", "--out", str(d / "out" / "e.bin")],
+                             r"--out e\.bin names a \.bin file but --format is npy"),
     "untied, no lm_head": (lambda d: [_untied_without_lm_head(d / "src"), "--lm-head"],
                            r"no lm_head in .*: looked for lm_head\.weight, and config\.json does not tie it"),
     "uint16 table": (lambda d: [_paddle_bf16_declared_float16(d / "src")],
@@ -312,6 +318,23 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path: Path, case: 
     assert result.stdout == "" and len(result.stderr.splitlines()) == 1, result.stderr
     assert result.stderr.startswith("error: ") and re.search(message, result.stderr), result.stderr
     assert list((tmp_path / "out").iterdir()) == [] and {p.name for p in tmp_path.iterdir()} <= {"out", "src"}
+
+
+@pytest.mark.parametrize("existing", ["embed_tokens.bin", "embed_tokens.json", "lm_head.bin", "lm_head.json"])
+def test_an_existing_output_is_kept_unless_overwrite(tmp_path: Path, existing: str) -> None:
+    (tmp_path / existing).write_bytes(b"mine")
+    args = ["dump-embeddings", "tiny-qwen2-vl", "--out", str(tmp_path), "--lm-head"]
+    result = run_vlhub(*args)
+    assert result.returncode == 2 and result.stdout == "", result.stderr
+    assert result.stderr == (f"error: {tmp_path / existing} exists; pass --overwrite to replace it, or choose "
+                             "another --out\n")
+    assert [p.name for p in tmp_path.iterdir()] == [existing] and (tmp_path / existing).read_bytes() == b"mine"
+    result = run_vlhub(*args, "--overwrite")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "embed_tokens.bin").read_bytes() == reference("tiny-qwen2-vl", "model.embed_tokens.weight",
+                                                                     "float16")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["embed_tokens.bin", "embed_tokens.json", "lm_head.bin",
+                                                          "lm_head.json"]
 
 
 def test_library_refusals_are_user_errors(tmp_path: Path) -> None:

@@ -167,12 +167,13 @@ def prepare_dump(
     format: str = "bin",
     tensor: str | None = None,
     lm_head: bool = False,
+    overwrite: bool = False,
 ) -> EmbeddingDump:
     """Find the table(s) and check every option; only headers are read and nothing is written.
 
     `out` is a file path or an existing directory (default: `./embed_tokens.<format>`); with `lm_head`
     the output projection goes beside it as `lm_head.<format>`. `tensor` names the table explicitly
-    instead of the family's embedding.
+    instead of the family's embedding. An existing output or sidecar is refused unless `overwrite`.
     """
     if dtype not in DTYPES:
         raise UserError(f"unsupported --dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
@@ -194,6 +195,8 @@ def prepare_dump(
         if lm_head:
             tables.append(_lm_head(checkpoint, family, layout, compare_with=None if tensor else tables[0]))
         _refuse_overwriting_the_source(checkpoint, paths)
+        if not overwrite:
+            _refuse_existing(paths)
         dump = EmbeddingDump(source, source_path, checkpoint, family, layout, dtype, format, list(zip(tables, paths)))
         ensure_free_space(paths[0].parent, dump.total_bytes, "the tables")
     except BaseException:
@@ -213,6 +216,10 @@ def output_paths(out: Path | str | None, format: str, lm_head: bool) -> list[Pat
         raise UserError(f"{path.parent} does not exist: create it first, or choose another --out")
     if path.suffix == ".json":
         raise UserError(f"--out {path.name}: the .json name is taken by the sidecar; choose another name")
+    # a raw table named .npy (or a .npy file named .bin) is what np.load or the runtime then misreads
+    if path.suffix in (f".{other}" for other in FORMATS if other != format):
+        raise UserError(f"--out {path.name} names a {path.suffix} file but --format is {format}: "
+                        f"pass --format {path.suffix[1:]}, or name it .{format}")
     paths = [path]
     if lm_head:
         head = path.with_name("lm_head" + (path.suffix or f".{format}"))
@@ -231,6 +238,14 @@ def _refuse_overwriting_the_source(checkpoint: Checkpoint, paths: list[Path]) ->
             if target.resolve() in own:
                 raise UserError(f"--out {target} would overwrite the checkpoint's own {target.name}; "
                                 "choose another path")
+
+
+def _refuse_existing(paths: list[Path]) -> None:
+    """An output or sidecar that exists is someone's earlier dump (or another file): replaced only on request."""
+    for path in paths:
+        for target in (path, sidecar_path(path)):
+            if os.path.lexists(target):
+                raise UserError(f"{target} exists; pass --overwrite to replace it, or choose another --out")
 
 
 def sidecar_path(path: Path) -> Path:

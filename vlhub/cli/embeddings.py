@@ -38,6 +38,7 @@ TensorOpt = Annotated[
     typer.Option("--tensor", metavar="NAME", show_default=False,
                  help="Dump this 2-D tensor instead of the embedding the family's key map names."),
 ]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace existing output files and sidecars.")]
 LmHeadOpt = Annotated[
     bool,
     typer.Option("--lm-head", help="Also write the output projection as lm_head.<format> beside --out (the "
@@ -53,12 +54,15 @@ def dump_embeddings(
     format: FormatOpt = "bin",
     tensor: TensorOpt = None,
     lm_head: LmHeadOpt = False,
+    overwrite: OverwriteOpt = False,
     json: JsonOpt = False,
 ) -> None:
     """Write the token-embedding table (row i = token i) without loading the model: found through the key map
     in any layout and format, streamed in row blocks, cast, written atomically beside a JSON sidecar (shape,
-    dtype, source, tensor, layout, sha256). --json prints a list with each sidecar's content and path."""
-    dump = prepare_dump(source, out=out, dtype=dtype, format=format, tensor=tensor, lm_head=lm_head)
+    dtype, source, tensor, layout, sha256); an existing output is kept unless --overwrite. --json prints a list
+    with each sidecar's content and path."""
+    dump = prepare_dump(source, out=out, dtype=dtype, format=format, tensor=tensor, lm_head=lm_head,
+                        overwrite=overwrite)
     with byte_progress("dumping embeddings", dump.total_bytes) as advance:
         files = dump.write(on_bytes=advance)
     if json:
