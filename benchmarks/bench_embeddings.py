@@ -45,11 +45,11 @@ def main() -> None:
         (out / "heads").mkdir()
         jobs: list[tuple[str, list[str], int]] = [
             ("`vlhub dump-embeddings` (fp16)",
-             ["vlhub", "dump-embeddings", str(checkpoint), "--out", str(out / "vlhub")], 1),
+             ["vlhub", "dump-embeddings", str(checkpoint), "--out", str(out / "vlhub"), "--overwrite"], 1),
             ("baseline: `safe_open` + `get_tensor` + torch cast + `tofile`",
              python(PLAIN_SCRIPT) + [str(shard), EMBEDDING, str(out / "plain.bin")], 1),
             ("`vlhub dump-embeddings --lm-head` (fp16, two tables)",
-             ["vlhub", "dump-embeddings", str(checkpoint), "--out", str(out / "heads"), "--lm-head"], 2),
+             ["vlhub", "dump-embeddings", str(checkpoint), "--out", str(out / "heads"), "--lm-head", "--overwrite"], 2),
         ]
         # this machine's virtual disk is noisy: rounds interleave the commands so they share the noise
         rounds = [[measure(argv) for _, argv, _ in jobs] for _ in range(args.repeat)]

@@ -4,6 +4,7 @@
 
 The checkpoint (random bf16 weights, official shapes, ~4 GB shards; pdparams by default, the format
 Paddle users rename) is generated once. Each round runs `vlhub keys SRC --rename model.=llm. --out`
+(with --allow-unknown-layout: `llm.` is no layout a loader reads, and the bytes copied are the same)
 and `cp -r SRC` in fresh processes with a cold page cache, each followed by `sync` (the write is not
 done until it is on disk), interleaved so both share the disk's noise. Reported: the median time, the
 peak resident memory, and the median of the per-round ratios to cp (this machine's virtual disk swings
@@ -31,7 +32,8 @@ def main() -> None:
     size = sum(p.stat().st_size for p in source.iterdir())
     print(f"{MODEL}-shaped {args.format} ({size / 1e9:.2f} GB); {args.rounds} cold rounds, "
           "each command followed by sync\n")
-    against_cp(source, lambda out: f"vlhub keys '{source}' --rename model.=llm. --out '{out}' 2>/dev/null",
+    against_cp(source, lambda out: (f"vlhub keys '{source}' --rename model.=llm. --allow-unknown-layout "
+                                    f"--out '{out}' 2>/dev/null"),
                "`vlhub keys --rename model.=llm. --out`", rounds=args.rounds, scratch=args.data)
 
 

@@ -388,8 +388,6 @@ def test_readme_recipe_writes_paddlenlp_inference_keys(readme_recipe: tuple[Path
                 "visual.vit.conv1.weight"} <= set(checkpoint.tensors)
 
 
-@pytest.mark.xfail(strict=True, reason="vlhub check takes a plain pdparams checkpoint for --target paddle and "
-                                       "refuses --target paddle-inference, whatever its keys (vlhub/check.py)")
 def test_readme_recipe_passes_check_for_paddle_inference(readme_recipe: tuple[Path, list]) -> None:
     _, results = readme_recipe
     assert len(results) == len(README_RECIPE) and results[-1].returncode == 0, results[-1].stderr

@@ -58,6 +58,7 @@ from vlhub.plan import (
 )
 from vlhub.smoke.run import available_memory, run_smoke
 from vlhub.smoke.tpu_simulator import TOOLCHAIN_ENV, TOOLCHAIN_VERSION, resolve_toolchain
+from vlhub.smoke.verdict import unfinished_summary
 from vlhub.units import format_size
 
 PASS, WARN, FAIL = "pass", "warn", "fail"
@@ -238,6 +239,8 @@ def _resolve_target(path: Path, target: str, manifest: dict | None) -> str:
         if found is None:
             raise UserError(f"{path}: its {MANIFEST} names no target; pass --target")
         return found
+    if found == "paddle" and target == "paddle-inference":
+        return target  # Paddle weights checked as what Paddle's inference loaders read (the key layout check says)
     if found is not None and found != target:
         kind = "layout" if found in LAYOUT_TARGETS else "checkpoint"
         raise UserError(f"{path} is a {found} {kind}, not {target}: pass --target {found} or leave --target out")
@@ -510,6 +513,8 @@ def _non_finite(block: np.ndarray, dtype: str) -> int:
 def number_checks(ctx: LayoutContext) -> list[Check]:
     """The layout's compiled sizes against config.json, and against every --image."""
     if ctx.target not in LAYOUT_TARGETS or ctx.config is None or ctx.manifest is None:
+        return []
+    if not ctx.layout_target.get("name"):  # weights without the layout around them: nothing compiled
         return []
     try:
         return _NUMBERS[ctx.target](ctx)
@@ -850,9 +855,9 @@ def smoke_checks(ctx: LayoutContext) -> list[Check]:
     verdict = (ctx.manifest or {}).get("smoke")
     rerun = f"vlhub smoke {ctx.path} (or vlhub check --smoke)"
     if verdict is None:
-        return [Check("smoke", "smoke test", WARN, "no verdict recorded (converted with --no-smoke)", rerun)]
+        return [Check("smoke", "smoke test", WARN, "no verdict recorded", rerun)]
     if verdict.get("passed") is None:
-        return [Check("smoke", "smoke test", WARN, f"not run: {verdict.get('not_run', 'no reason recorded')}", rerun)]
+        return [Check("smoke", "smoke test", WARN, unfinished_summary(verdict), rerun)]
     if not verdict["passed"]:
         failed = [f"{s['name']}: {s.get('detail', '')}" for s in verdict.get("stages", []) if not s.get("passed")]
         return [Check("smoke", "smoke test", FAIL, "recorded as failed: " + "; ".join(failed),

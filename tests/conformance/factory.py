@@ -175,14 +175,19 @@ def transformers_config(spec: CheckpointSpec):  # -> transformers.PretrainedConf
     return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
 
 
+def model_class(spec: CheckpointSpec) -> type:
+    """transformers' model class of the drawn family."""
+    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
+
+    return Qwen2VLForConditionalGeneration if spec.family == "qwen2_vl" else Qwen2_5_VLForConditionalGeneration
+
+
 def build_model(spec: CheckpointSpec):  # -> transformers.PreTrainedModel
     """The drawn model with transformers' own initialisation, seeded, in the drawn dtype, in eval mode."""
     import torch
-    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 
     torch.manual_seed(spec.seed)
-    model_class = Qwen2VLForConditionalGeneration if spec.family == "qwen2_vl" else Qwen2_5_VLForConditionalGeneration
-    model = model_class(transformers_config(spec))
+    model = model_class(spec)(transformers_config(spec))
     return model.to(getattr(torch, spec.dtype)).eval()
 
 
@@ -250,7 +255,7 @@ def save_tokenizer(spec: CheckpointSpec, directory: Path) -> None:
     im_start = next(i for i in range(spec.text.vocab - 1, -1, -1) if i not in specials)
     specials[im_start] = "<|im_start|>"
     vocab = {specials.get(i, f"w{i}"): i for i in range(spec.text.vocab)}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token=f"w{min(set(range(4)) - set(specials))}"))
+    backend = Tokenizer(models.WordLevel(vocab, unk_token=f"w{min(set(range(len(specials) + 1)) - set(specials))}"))
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                         additional_special_tokens=sorted(set(specials.values())))
     tokenizer.save_pretrained(directory)

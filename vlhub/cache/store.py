@@ -24,6 +24,8 @@ from vlhub.cache.locks import exclusive_lock, lock_path
 from vlhub.cache.records import DownloadRecord, RemoteFile, all_records, remove_record, save_record
 from vlhub.catalog import ModelSpec, find_model, models
 from vlhub.converters.writers import write_json_atomic
+from vlhub.errors import UserError
+from vlhub.smoke.verdict import verdict_state
 from vlhub.units import now_iso
 
 MANIFEST = "vlhub-manifest.json"
@@ -214,9 +216,7 @@ def _artifacts() -> list[CacheEntry]:
         manifest = read_manifest(path) or {"cache_verify": {"ok": False, "damaged": [MANIFEST]}}
         check = manifest.get("cache_verify")
         verified = "unverified" if not check else "verified" if check["ok"] else f"damaged ({len(check['damaged'])} files)"
-        smoke = manifest.get("smoke")
-        smoke_state = None if smoke is None else "not run" if smoke.get("passed") is None else (
-            "passed" if smoke["passed"] else "failed")
+        smoke_state = verdict_state(manifest.get("smoke"))
         model, revision = path.parent.parent.name, path.parent.name
         entries.append(CacheEntry(model, revision, path.name, "vlhub", path, _tree_size(path),
                                   manifest_path.stat().st_mtime, verified, smoke_state))
@@ -236,6 +236,25 @@ def find_entry(model: str, target: str | None = None) -> CacheEntry | None:
     else:
         chosen = [e for e in entries if e.kind == target] or [e for e in entries if e.kind.split("+")[0] == target]
     return max(chosen, key=lambda e: e.last_used or 0, default=None)
+
+
+def cached_artifact(model: str, target: str | None = None) -> Path:
+    """The cached conversion of catalog `model` that `vlhub smoke MODEL [--target T]` means: the one of `target`
+    (the most recently used), or the only target cached when none is named."""
+    artifacts = [e for e in list_entries(model) if e.is_artifact]
+    if target is not None:
+        entry = find_entry(model, target)
+        if entry is None:
+            raise UserError(f"no {target} conversion of {model} in the cache: `vlhub convert {model} --to "
+                            f"{target.split('+')[0]}` makes one")
+        return entry.path
+    targets = sorted({e.kind.split("+")[0] for e in artifacts})
+    if not targets:
+        raise UserError(f"no conversion of {model} in the cache: `vlhub convert {model} --to TARGET` makes one, "
+                        "or give the path of a converted checkpoint")
+    if len(targets) > 1:
+        raise UserError(f"{model} has cached conversions to {', '.join(targets)}: pass --target with one of them")
+    return max(artifacts, key=lambda e: e.last_used or 0).path
 
 
 def select_entries(model: str, target: str | None = None) -> list[CacheEntry]:

@@ -35,9 +35,9 @@ from vlhub.cli.download import download_for
 from vlhub.cli.smoke import TpuMlirPythonOpt, failure_summary, show_report, smoke_status
 from vlhub.configs import official_config
 from vlhub.convert import TARGETS, Conversion, plan_json, plan_table_rows, prepare_conversion
-from vlhub.errors import CheckFailed, UserError
-from vlhub.smoke.run import DEFAULT_TOKENS, RuntimeMissing, record_verdict, run_smoke
-from vlhub.smoke.verdict import SmokeReport
+from vlhub.errors import CheckFailed, UserError, VlhubError
+from vlhub.smoke.run import DEFAULT_TOKENS, RuntimeMissing, checkpoint_smoke_input, record_verdict, run_smoke
+from vlhub.smoke.verdict import ERRORED, INTERRUPTED, NOT_RUN, RUNNING, SKIPPED, SmokeReport, unfinished_verdict
 from vlhub.sources import cached_snapshot
 from vlhub.units import format_size, parse_size
 
@@ -53,8 +53,9 @@ ShardOpt = Annotated[
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the plan and write nothing.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty output directory.")]
 IrOpt = Annotated[str | None, typer.Option(
-    "--ir", help="paddle-inference graphs: pir (.json, Paddle 3's default) or legacy (.pdmodel, which PaddleMIX's "
-                 "static predictor expects).", show_default=False)]
+    "--ir", help="paddle-inference graphs: pir (.json, Paddle 3's) or legacy (.pdmodel, which PaddleMIX's Qwen-VL "
+                 "static predictor opens); default legacy for Qwen-VL, pir for Qwen2-VL and Qwen2.5-VL.",
+    show_default=False)]
 MaxSeqLenOpt = Annotated[int | None, typer.Option(
     "--max-seq-len", help=f"paddle-inference: the longest prompt plus generation the layout is for (default "
                           f"{DEFAULT_MAX_SEQ_LEN}).", show_default=False)]
@@ -149,6 +150,8 @@ def convert(
     if dry_run:
         _show_plan(conversion, json)
         return
+    if smoke:
+        _check_smoke_input(conversion)
     if out is None and conversion.model is not None and not overwrite:
         cached = conversion.default_out(shard_limit)
         if _answer_from_cache(cached, conversion, smoke=smoke, tokens=tokens, as_json=json):
@@ -156,7 +159,7 @@ def convert(
         overwrite = cached.exists()  # an interrupted or damaged copy in the cache: make it again
     with byte_progress(f"converting to {to}", conversion.plan.total_bytes) as advance:
         result = conversion.write(out, overwrite=overwrite, max_shard_size=shard_limit, on_bytes=advance)
-    report = _smoke(result.out, conversion, tokens) if smoke else None
+    report = _smoke(result.out, conversion, tokens) if smoke else _skip_smoke(result.out)
     if json:
         print_json({"out": str(result.out), **plan_json(conversion.plan), "files": result.manifest["files"],
                     "smoke": report.as_dict() if report else None, "cached": False})
@@ -198,6 +201,8 @@ def _deploy(deployment: Deployment, source: str, out: Path | None, options: dict
         conversion.checkpoint.close()
     deployment.check(conversion.plan.family, official_config(conversion.config), conversion.output_dtype(), smoke,
                      **options)
+    if smoke:
+        _check_smoke_input(conversion)
     if out is None and conversion.model is not None and not overwrite:
         cached = deployment.output(conversion, **options)
         if _answer_from_cache(cached, conversion, smoke=smoke, tokens=tokens, as_json=as_json,
@@ -207,7 +212,7 @@ def _deploy(deployment: Deployment, source: str, out: Path | None, options: dict
     label, total = deployment.progress(conversion, **options)
     with byte_progress(label, total) as advance:
         layout = deployment.build(source, out, overwrite=overwrite, on_bytes=advance, **options)
-    report = _smoke(layout.out, conversion, tokens, tpu_mlir_python) if smoke else None
+    report = _smoke(layout.out, conversion, tokens, tpu_mlir_python) if smoke else _skip_smoke(layout.out)
     target = layout.manifest["target"]
     if as_json:
         print_json({**_layout_json(layout.out, layout.manifest), "smoke": report.as_dict() if report else None,
@@ -275,17 +280,42 @@ def _download_if_missing(source: str, *, to: str, dtype: str | None) -> None:
 
 def _smoke(out: Path, conversion: Conversion, tokens: int,
            tpu_mlir_python: str | None = None) -> SmokeReport | None:
-    """Smoke-test a fresh conversion against its source and record the verdict in its manifest."""
+    """Smoke-test a fresh conversion against its source and record the verdict in its manifest, whatever
+    happens: a test that is interrupted, stops on an error or is killed leaves that in the manifest (`vlhub check`
+    reports it), never an output that looks converted without one."""
+    record_verdict(out, unfinished_verdict(RUNNING))
     try:
         with smoke_status() as status:
             report = run_smoke(out, against=str(conversion.source_path), tokens=tokens, status=status,
                                tpu_mlir_python=tpu_mlir_python)
     except RuntimeMissing as exc:
         stderr.print(f"warning: smoke test not run: {exc}", markup=False)
-        record_verdict(out, {"passed": None, "not_run": str(exc)})
+        record_verdict(out, unfinished_verdict(NOT_RUN, str(exc)))
         return None
+    except KeyboardInterrupt:
+        record_verdict(out, unfinished_verdict(INTERRUPTED))
+        stderr.print(f"{out} is converted; its smoke test was interrupted: vlhub smoke {out} runs it", markup=False)
+        raise
+    except Exception as exc:
+        reason = str(exc) if isinstance(exc, VlhubError) else f"{type(exc).__name__}: {exc}"
+        record_verdict(out, unfinished_verdict(ERRORED, " ".join(reason.split())))
+        stderr.print(f"{out} is converted; its smoke test stopped on an error, recorded in its manifest",
+                     markup=False)
+        raise
     record_verdict(out, report.as_dict())
     return report
+
+
+def _skip_smoke(out: Path) -> None:
+    """Record that the conversion at `out` was made with --no-smoke."""
+    record_verdict(out, unfinished_verdict(SKIPPED))
+
+
+def _check_smoke_input(conversion: Conversion) -> None:
+    """Refuse, before anything is written, a checkpoint the smoke test cannot make a prompt for (a special
+    token id outside its vocabulary, say): the test would otherwise fail only after the conversion."""
+    if conversion.checkpoint is not None:
+        checkpoint_smoke_input(conversion.checkpoint.root, conversion.config)
 
 
 def _show_plan(conversion: Conversion, as_json: bool) -> None:

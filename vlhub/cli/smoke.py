@@ -2,6 +2,7 @@
 
 Examples:
     vlhub smoke ./tiny-qwen2-vl-paddle                       # against the source its manifest names
+    vlhub smoke tiny-qwen2-vl --target paddle-inference      # its conversion in the cache
     vlhub smoke ./Qwen2-VL-7B-Instruct-paddle --against ./Qwen2-VL-7B-Instruct --json
     vlhub smoke ./out --tokens 8 --streamed
     vlhub smoke ./tiny-qwen2-vl-paddle-inference             # the static graphs under paddle.inference
@@ -22,11 +23,18 @@ from rich.table import Table
 from vlhub.cli._errors import reports_errors
 from vlhub.cli._options import JsonOpt
 from vlhub.cli._output import print_json, stderr, stdout
-from vlhub.errors import CheckFailed
+from vlhub.cache.store import cached_artifact
+from vlhub.catalog import find_model
+from vlhub.errors import CheckFailed, UserError
 from vlhub.smoke.run import DEFAULT_TOKENS, run_smoke
 from vlhub.smoke.verdict import TOLERANCES, SmokeReport
 
-PathArg = Annotated[Path, typer.Argument(metavar="PATH", help="A converted checkpoint directory, or a --to paddle-inference layout.", show_default=False)]
+PathArg = Annotated[str, typer.Argument(
+    metavar="PATH", help="A converted checkpoint or layout directory, or a catalog model whose conversion is in the "
+                         "cache (with --target when it has several).", show_default=False)]
+TargetOpt = Annotated[str | None, typer.Option(
+    "--target", help="With a model name: which cached conversion (paddle, paddle-inference, tpu-mlir, vamc, ...).",
+    show_default=False)]
 AgainstOpt = Annotated[
     str | None,
     typer.Option("--against", help="Reference checkpoint of the same architecture (default: the source in PATH's manifest)."),
@@ -52,6 +60,7 @@ def smoke(
     tokens: TokensOpt = DEFAULT_TOKENS,
     streamed: StreamedOpt = None,
     tpu_mlir_python: TpuMlirPythonOpt = None,
+    target: TargetOpt = None,
     json: JsonOpt = False,
 ) -> None:
     """Run the converted model in its runtime (Paddle for Paddle weights; paddle.inference, plus the weights,
@@ -59,11 +68,23 @@ def smoke(
     tokens. A tpu-mlir layout with a toolchain also runs its bmodel's first token on the cmodel simulator, which
     must choose the reference's token. Exit 0 when within tolerance, 1 when not."""
     with smoke_status() as status:
-        report = run_smoke(path, against=against, tokens=tokens, streamed=streamed, status=status,
+        report = run_smoke(_artifact(path, target), against=against, tokens=tokens, streamed=streamed, status=status,
                            tpu_mlir_python=tpu_mlir_python)
     show_report(report, json)
     if not report.passed:
         raise CheckFailed("smoke test failed: " + failure_summary(report))
+
+
+def _artifact(path: str, target: str | None) -> Path:
+    """PATH as given, or the cached conversion a catalog model name stands for."""
+    local = Path(path).expanduser()
+    if local.exists():
+        if target is not None:
+            raise UserError(f"--target picks a cached conversion of a model; {path} is a path already: drop --target")
+        return local
+    if find_model(path) is not None:
+        return cached_artifact(path, target)
+    raise UserError(f"no such file or directory: {path} (nor a model vlhub knows: `vlhub models` lists them)")
 
 
 @contextmanager
@@ -96,8 +117,13 @@ def show_report(report: SmokeReport, as_json: bool) -> None:
     stdout.print(table)
     if report.tokens_ref:  # a vamc layout generates none
         stdout.print(f"tokens: reference {report.tokens_ref}, converted {report.tokens_out}")
+    for stage in report.skipped:
+        stdout.print(f"not run here: {escape(stage.name)}: {escape(stage.detail)}")
+    verdict = "PASSED" if report.passed else "FAILED"
+    if report.skipped:
+        verdict += f" ({len(report.stages)} stages ran, {len(report.skipped)} not run here)"
     stdout.print(f"precision {report.precision}: relative diff <= {tolerance.relative:g}, cosine >= "
-                 f"{tolerance.cosine}; {report.seconds:.1f} s; {'PASSED' if report.passed else 'FAILED'}")
+                 f"{tolerance.cosine}; {report.seconds:.1f} s; {verdict}")
 
 
 def _figure(value: float | None, spec: str) -> str:

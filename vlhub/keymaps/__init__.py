@@ -73,15 +73,15 @@ DIM_BOUNDS: dict[str, DimBound] = {
     **dict.fromkeys(("layers", "v_depth", "v_layers"), DimBound(MAX_LAYERS)),
     **dict.fromkeys(("hidden", "v_width", "v_out", "out"), DimBound(MAX_WIDTH)),
     **dict.fromkeys(("inter", "v_inter"), DimBound(MAX_FFN)),
-    **dict.fromkeys(("heads", "kv_heads"), DimBound(MAX_HEADS)),
+    **dict.fromkeys(("heads", "kv_heads", "v_heads"), DimBound(MAX_HEADS)),
     "vocab": DimBound(MAX_VOCAB),
     "v_mlp_ratio": DimBound(MAX_MLP_RATIO, whole=False),
     "v_in_chans": DimBound(MAX_CHANNELS),
     **dict.fromkeys(("v_patch", "v_temporal", "v_merge"), DimBound(MAX_PATCH)),
 }
-# (divisor, dividend): transformers' Qwen2-VL attention refuses a hidden size its heads do not divide, and
-# each key/value head serves a whole group of query heads
-_DIVIDES = (("heads", "hidden"), ("kv_heads", "heads"))
+# (divisor, dividend): transformers' Qwen2-VL attention refuses a hidden size its heads do not divide, each
+# key/value head serves a whole group of query heads, and the vision heads split the vision width
+_DIVIDES = (("heads", "hidden"), ("kv_heads", "heads"), ("v_heads", "v_width"))
 
 
 @dataclass(frozen=True)

@@ -8,12 +8,14 @@ Facts: shared/docs/qwen_keys.md 1.5 (patch order), 4.1 (smart_resize), 4.3 (M-Ro
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
-from vlhub.errors import UserError
+from vlhub.errors import CorruptCheckpoint, UserError
 from vlhub.families import text_config
 
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
@@ -26,11 +28,21 @@ MAX_RATIO = 200
 # second one partial, so window attention and its padding are exercised
 SMOKE_IMAGE = (112, 168)
 SMOKE_PATCHES = (SMOKE_IMAGE[0] // 14) * (SMOKE_IMAGE[1] // 14)  # the vision rows it becomes: 96
-# a few fixed text tokens (no tokenizer is needed): ids every Qwen vocabulary holds
-PROMPT_IDS = (151644, 872, 198)  # <|im_start|> user \n
-QUESTION_IDS = (74785, 419, 2168, 13, 151645, 198, 151644, 77091, 198)  # ... <|im_end|> \n <|im_start|> assistant \n
-QWEN_VL_PROMPT_IDS = (24669, 220, 16, 25)  # "Picture 1:"
-QWEN_VL_QUESTION_IDS = (74785, 419, 2168, 13)
+# The prompt's ordinary text: official Qwen2 ids of "user \n" before the image, "Describe this image ." after
+# it, then "\n" and "assistant \n" (Qwen-VL: "Picture 1:" before, the same question after). A smaller
+# vocabulary gets them folded into its range, clear of every special id (see `PromptTokens`): the
+# comparison needs ids the embedding holds, not words.
+USER_IDS = (872, 198)
+QUESTION_IDS = (74785, 419, 2168, 13)
+NEWLINE_IDS = (198,)
+ASSISTANT_IDS = (77091, 198)
+QWEN_VL_PROMPT_IDS = (24669, 220, 16, 25)
+# the chat markers, by the name the tokenizer files give them (their ids are the checkpoint's own)
+CHAT_START, CHAT_END = "<|im_start|>", "<|im_end|>"
+# where the Qwen2(.5)-VL config names the ids of its image placeholders
+_VISION_TOKEN_KEYS = ("image_token_id", "vision_start_token_id", "vision_end_token_id")
+_TOKEN_NAMES = {"image_token_id": "<|image_pad|>", "vision_start_token_id": "<|vision_start|>",
+                "vision_end_token_id": "<|vision_end|>"}
 # what the device runtimes (LLM-TPU, the exported ONNX networks) add where attention is masked: bf16-safe
 DEVICE_MASKED = np.float32(-10000.0)
 MASKED = np.float32(-1e30)  # additive mask value: large and finite, so a fully masked row cannot make NaN
@@ -229,35 +241,123 @@ class SmokeInput:
         return np.broadcast_to(steps, (3, count)).copy() if self.position_ids.ndim == 2 else steps
 
 
-def smoke_input(config: dict, image_size: tuple[int, int] = SMOKE_IMAGE) -> SmokeInput:
-    """The smoke test's input for a model of this config.json."""
+def tokenizer_special_tokens(directory: Path) -> dict[str, int]:
+    """The added (special) tokens the tokenizer files in `directory` name, content -> id: tokenizer.json's
+    `added_tokens` and tokenizer_config.json's `added_tokens_decoder`. Empty when there are none."""
+    found: dict[str, int] = {}
+    for name, entries in (("tokenizer.json", "added_tokens"), ("tokenizer_config.json", "added_tokens_decoder")):
+        path = directory / name
+        if not path.is_file():
+            continue
+        try:
+            data = json.loads(path.read_text())
+            table = data.get(entries) or ([] if entries == "added_tokens" else {})
+            pairs = ([(t["content"], t["id"]) for t in table] if isinstance(table, list)
+                     else [(t["content"], int(i)) for i, t in table.items()])
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError, AttributeError, KeyError, TypeError):
+            raise CorruptCheckpoint(f"{path}: not a tokenizer file vlhub can read ({entries} is malformed); "
+                                    "fix or remove it") from None
+        found.update({content: token for content, token in pairs
+                      if isinstance(content, str) and type(token) is int and content not in found})
+    return found
+
+
+@dataclass(frozen=True)
+class PromptTokens:
+    """The ids a smoke prompt is made of, all read from the checkpoint: its vocabulary size, the special ids
+    its config.json (or its tokenizer files) names, and ordinary text ids clear of every special one."""
+
+    vocab: int
+    special: frozenset[int]  # every id the config or the tokenizer reserves
+
+    def word(self, official: int) -> int:
+        """An ordinary id: the official one folded into this vocabulary, stepped down past special ids."""
+        token = official % self.vocab
+        for _ in range(self.vocab):
+            if token not in self.special:
+                return token
+            token = (token - 1) % self.vocab
+        raise UserError(f"every id of the {self.vocab}-token vocabulary is a special token: the smoke prompt has "
+                        "no ordinary text; convert with --no-smoke")
+
+    def words(self, officials: tuple[int, ...]) -> list[int]:
+        return [self.word(token) for token in officials]
+
+    def checked(self, token: object, what: str) -> int:
+        """A special id the prompt needs, refused when it does not name a row of the embedding."""
+        if token is None:
+            raise UserError(f"{what} is missing: the smoke prompt needs it; fix config.json, or convert with --no-smoke")
+        if type(token) is not int or not 0 <= token < self.vocab:
+            raise UserError(f"{what} is {token!r}, outside the {self.vocab}-token vocabulary (vocab_size): the "
+                            "smoke prompt cannot use it; fix config.json, or convert with --no-smoke")
+        return token
+
+
+def prompt_tokens(config: dict, tokenizer: dict[str, int]) -> PromptTokens:
+    """What a smoke prompt for this config.json (and tokenizer files' special tokens) may use."""
+    text = text_config(config)
+    vocab = text.get("vocab_size")
+    if type(vocab) is not int or vocab < 1:
+        raise UserError(f"config.json vocab_size is {vocab!r}; the smoke test needs a positive integer")
+    named = [text.get(key) for key in ("bos_token_id", "eos_token_id", "pad_token_id", "video_token_id",
+                                       "vision_token_id", *_VISION_TOKEN_KEYS)]
+    named += [config.get(key) for key in ("video_token_id", "vision_token_id", *_VISION_TOKEN_KEYS)]
+    ids = [token for value in named for token in (value if isinstance(value, list) else [value])]
+    return PromptTokens(vocab, frozenset(t for t in [*ids, *tokenizer.values()] if type(t) is int))
+
+
+def smoke_input(config: dict, image_size: tuple[int, int] = SMOKE_IMAGE, *,
+                tokenizer: dict[str, int] | None = None) -> SmokeInput:
+    """The smoke test's input for a model of this config.json, with the special tokens its tokenizer files
+    name (`tokenizer_special_tokens`): chat markers where the tokenizer has them, the image placeholders the
+    config names."""
+    tokenizer = tokenizer or {}
+    tokens = prompt_tokens(config, tokenizer)
     if config.get("model_type") == "qwen":
-        return _qwen_vl_input(config)
+        return _qwen_vl_input(config, tokens)
     height, width = smart_resize(*image_size)
     image = normalize(synthetic_image(height, width))
     vision = vision_inputs([image], config)
     merge = VisionGeometry.from_config(config).merge
-    tokens = vision.pixel_values.shape[0] // merge ** 2
-    text = text_config(config)
-    image_token = config.get("image_token_id", text.get("image_token_id", 151655))
-    start = config.get("vision_start_token_id", 151652)
-    end = config.get("vision_end_token_id", 151653)
-    ids = np.array([*PROMPT_IDS, start, *[image_token] * tokens, end, *QUESTION_IDS], dtype=np.int64)
+    count = vision.pixel_values.shape[0] // merge ** 2
+    image_token, start, end = (tokens.checked(_vision_token(config, key, tokenizer), f"config.json {key}")
+                               for key in _VISION_TOKEN_KEYS)
+    if len({image_token, start, end}) < 3:
+        raise UserError(f"config.json gives image_token_id {image_token}, vision_start_token_id {start} and "
+                        f"vision_end_token_id {end}: they must differ; fix config.json, or convert with --no-smoke")
+    # the chat turns' markers only where the tokenizer names them: no id is guessed
+    open_turn = [tokens.checked(tokenizer[CHAT_START], f"the tokenizer's {CHAT_START}")] if CHAT_START in tokenizer else []
+    close_turn = [tokens.checked(tokenizer[CHAT_END], f"the tokenizer's {CHAT_END}")] if CHAT_END in tokenizer else []
+    ids = np.array([*open_turn, *tokens.words(USER_IDS), start, *[image_token] * count, end,
+                    *tokens.words(QUESTION_IDS), *close_turn, *tokens.words(NEWLINE_IDS), *open_turn,
+                    *tokens.words(ASSISTANT_IDS)], dtype=np.int64)
     positions, delta = mrope_position_ids(ids, image_token, vision.grids, merge)
     return SmokeInput(config["model_type"], ids, ids == image_token, positions, delta, vision, vision.pixel_values)
 
 
-def _qwen_vl_input(config: dict) -> SmokeInput:
+def _vision_token(config: dict, key: str, tokenizer: dict[str, int]) -> object:
+    """The id config.json gives `key` (top level or in text_config), else the tokenizer's for its token."""
+    for holder in (config, config.get("text_config") or {}):
+        if key in holder:
+            return holder[key]
+    if _TOKEN_NAMES[key] in tokenizer:
+        return tokenizer[_TOKEN_NAMES[key]]
+    raise UserError(f"config.json has no {key} and no tokenizer file names {_TOKEN_NAMES[key]}: the smoke test "
+                    f"cannot place an image; add {key} to config.json, or convert with --no-smoke")
+
+
+def _qwen_vl_input(config: dict, tokens: PromptTokens) -> SmokeInput:
     visual = config.get("visual") or {}
     size = visual.get("image_size", 448)
-    start = visual.get("image_start_id", 151857)
+    # <img>, </img> and the image pad are the three ids from image_start_id on
+    start = tokens.checked(visual.get("image_start_id"), "config.json visual.image_start_id")
+    tokens.checked(start + 2, "config.json visual.image_start_id + 2 (the image pad)")
     queries = 256  # the resampler's fixed output: 256 tokens per image
     pixels = normalize(synthetic_image(size, size))[None]
-    ids = np.array([*QWEN_VL_PROMPT_IDS, start, *[start + 2] * queries, start + 1, *QWEN_VL_QUESTION_IDS],
-                   dtype=np.int64)
+    before = tokens.words(QWEN_VL_PROMPT_IDS)
+    ids = np.array([*before, start, *[start + 2] * queries, start + 1, *tokens.words(QUESTION_IDS)], dtype=np.int64)
     mask = np.zeros(len(ids), dtype=bool)
-    begin = len(QWEN_VL_PROMPT_IDS) + 1
-    mask[begin:begin + queries] = True
+    mask[len(before) + 1:len(before) + 1 + queries] = True
     return SmokeInput("qwen", ids, mask, np.arange(len(ids), dtype=np.int64), 0, None, pixels)
 
 

@@ -23,14 +23,21 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from vlhub.cache.store import layout_target
+from vlhub.configs import official_config
 from vlhub.convert import MANIFEST
 from vlhub.converters.plan import KeyMapMismatch
 from vlhub.converters.writers import write_json_atomic
 from vlhub.errors import CheckFailed, CorruptCheckpoint, UserError
-from vlhub.smoke.inputs import SmokeInput, smoke_input
+from vlhub.smoke.inputs import SmokeInput, smoke_input, tokenizer_special_tokens
 from vlhub.smoke.reference import ReferenceForward
 from vlhub.smoke.tpu_simulator import STAGE as SIMULATOR_STAGE
-from vlhub.smoke.tpu_simulator import check_fits, resolve_toolchain, simulate_first_token, tpu_mlir_target
+from vlhub.smoke.tpu_simulator import (
+    TOOLCHAIN_ENV,
+    check_fits,
+    resolve_toolchain,
+    simulate_first_token,
+    tpu_mlir_target,
+)
 from vlhub.smoke.verdict import (
     TOLERANCES,
     SmokeReport,
@@ -104,6 +111,7 @@ def run_smoke(
     started = time.monotonic()
     with ModelWeights.open(reference_path) as probe:
         family, config = probe.family, probe.config
+        smoke = checkpoint_smoke_input(probe.checkpoint.root, config)
         resident = not (streamed if streamed is not None else _too_large(probe.float32_bytes))
         source_dtypes = {step.target.name: step.source.dtype for step in probe.plan.steps}
     runtime, artifact_dtypes, load_error = _inspect_artifact(artifact, family, config)
@@ -116,7 +124,6 @@ def run_smoke(
         report.stages.append(Stage("load", False, detail=load_error))
         report.seconds = time.monotonic() - started
         return report
-    smoke = smoke_input(config)
     if toolchain and target:  # before the reference runs
         check_fits(smoke, target["seq_length"], target["vision_patches"])
     # broken weights overflow and produce NaN; the comparison reports that, numpy need not warn about it
@@ -136,8 +143,17 @@ def run_smoke(
             report.tokens_out = _until_first_difference(expected.tokens, produced.tokens)
     if toolchain:
         report.stages.append(_simulator_stage(layout, toolchain, smoke, expected, say))
+    elif target:  # the weights were proved; the bmodel was not
+        report.skipped.append(Stage(SIMULATOR_STAGE, False, detail=(
+            f"the bmodel on TPU-MLIR's cmodel: no toolchain named (--tpu-mlir-python PATH or {TOOLCHAIN_ENV})")))
     report.seconds = time.monotonic() - started
     return report
+
+
+def checkpoint_smoke_input(root: Path, config: dict) -> SmokeInput:
+    """The smoke input for the checkpoint in `root` (its config.json as read, its tokenizer files' special
+    tokens); raises UserError when no prompt can be made for it."""
+    return smoke_input(official_config(config), tokenizer=tokenizer_special_tokens(root))
 
 
 def _simulator_stage(layout: Path, python: str, smoke: SmokeInput, expected: _Outputs, say: Status) -> Stage:
@@ -200,7 +216,10 @@ def _vamc_smoke(layout: Path, reference_path: Path, say: Status) -> SmokeReport:
                              f"({exc}); install it with: pip install 'vlhub[onnx]'") from None
     from vlhub.smoke.vamc import vamc_smoke
 
-    return vamc_smoke(layout, reference_path, say)
+    report = vamc_smoke(layout, reference_path, say)
+    report.skipped.append(Stage("language model", False, detail="vamc compiles and runs it on VastAI's toolchain "
+                                                               "and cards, not here"))
+    return report
 
 
 def _too_large(float32_bytes: int) -> bool:

@@ -1,0 +1,146 @@
+"""The smoke test's input comes from the checkpoint, and its verdict is recorded whatever happens to it.
+
+A conversion whose smoke test is refused, crashes, is interrupted or is killed must not look like one made
+with --no-smoke: the manifest says what happened and `vlhub check` reports it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from tests.conftest import run_vlhub
+from vlhub.cli import convert as convert_cli
+from vlhub.cli.app import app
+from vlhub.configs import official_config
+from vlhub.convert import MANIFEST
+from vlhub.errors import UserError
+from vlhub.smoke.inputs import CHAT_START, smoke_input, tokenizer_special_tokens
+
+
+def verdict(out: Path) -> dict:
+    return json.loads((out / MANIFEST).read_text())["smoke"]
+
+
+def check_smoke_line(out: Path) -> dict:
+    result = run_vlhub("check", str(out), "--json")
+    return next(c for c in json.loads(result.stdout)["checks"] if c["group"] == "smoke")
+
+
+def with_config(source: Path, destination: Path, **changes: object) -> Path:
+    shutil.copytree(source, destination)
+    config = json.loads((destination / "config.json").read_text())
+    config.update(changes)
+    (destination / "config.json").write_text(json.dumps(config))
+    return destination
+
+
+def test_the_prompt_uses_the_checkpoints_own_ids(tiny_qwen2_vl: Path) -> None:
+    config = official_config(json.loads((tiny_qwen2_vl / "config.json").read_text()))
+    small = {**config, "vocab_size": 1000, "image_token_id": 997, "vision_start_token_id": 995,
+             "vision_end_token_id": 996, "bos_token_id": 7, "eos_token_id": 8}
+    smoke = smoke_input(small)
+    assert smoke.input_ids.max() < 1000 and not {7, 8} & set(smoke.input_ids.tolist())
+    assert smoke.image_mask.sum() == (smoke.input_ids == 997).sum() > 0
+    # chat markers only where a tokenizer names them, at its ids
+    marked = smoke_input(small, tokenizer={CHAT_START: 990, "<|im_end|>": 991})
+    assert marked.input_ids[0] == 990 and 991 in marked.input_ids
+    # the official vocabulary keeps the official ordinary ids
+    assert smoke_input(config).input_ids[:2].tolist() == [872, 198]
+
+
+def test_tokenizer_files_name_the_special_tokens(tmp_path: Path) -> None:
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"added_tokens_decoder": {"12": {"content": "<|im_start|>"}, "13": {"content": "<|image_pad|>"}}}))
+    (tmp_path / "tokenizer.json").write_text(json.dumps({"added_tokens": [{"id": 14, "content": "<|im_end|>"}]}))
+    assert tokenizer_special_tokens(tmp_path) == {"<|im_end|>": 14, "<|im_start|>": 12, "<|image_pad|>": 13}
+    (tmp_path / "tokenizer.json").write_text("{")
+    with pytest.raises(UserError, match="tokenizer.json: not a tokenizer file"):
+        tokenizer_special_tokens(tmp_path)
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"image_token_id": 151936}, "config.json image_token_id is 151936, outside the 151936-token vocabulary"),
+    ({"vision_start_token_id": None}, "config.json vision_start_token_id is missing"),
+    ({"vision_end_token_id": 151655}, "they must differ"),
+])
+def test_a_prompt_the_checkpoint_cannot_take_is_refused_before_converting(
+        tiny_qwen2_vl: Path, tmp_path: Path, changes: dict, message: str) -> None:
+    source = with_config(tiny_qwen2_vl, tmp_path / "source", **changes)
+    for target in ("paddle", "vamc"):
+        result = run_vlhub("convert", str(source), "--to", target, "--out", str(tmp_path / target))
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / target).exists()
+    assert run_vlhub("convert", str(source), "--to", "paddle", "--out", str(tmp_path / "p"), "--no-smoke").returncode == 0
+    assert verdict(tmp_path / "p")["state"] == "skipped"
+    assert check_smoke_line(tmp_path / "p")["detail"] == "not run: converted with --no-smoke"
+
+
+@pytest.mark.parametrize(("raised", "state", "exit_code"), [
+    (KeyboardInterrupt(), "interrupted", 130),
+    (UserError("no room for the reference"), "errored", 2),
+    (RuntimeError("a vlhub bug"), "errored", 1),
+])
+def test_a_smoke_test_that_stops_is_recorded(tiny_qwen2_vl: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                             raised: BaseException, state: str, exit_code: int) -> None:
+    def stop(*args: object, **kwargs: object) -> None:
+        raise raised
+
+    monkeypatch.setattr(convert_cli, "run_smoke", stop)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["convert", str(tiny_qwen2_vl), "--to", "paddle", "--out", str(out)])
+    assert result.exit_code == exit_code
+    recorded = verdict(out)
+    assert recorded["passed"] is None and recorded["state"] == state
+    if state == "errored":
+        assert str(raised) in recorded["reason"]
+    line = check_smoke_line(out)
+    assert line["status"] == "warn" and line["detail"].startswith(
+        {"interrupted": "interrupted before it finished", "errored": "stopped on an error: "}[state])
+
+
+def test_a_killed_smoke_test_is_reported_as_unfinished(tiny_qwen2_vl: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    process = subprocess.Popen([sys.executable, "-m", "vlhub", "convert", str(tiny_qwen2_vl), "--to", "paddle",
+                                "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env={**os.environ})
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        if (out / MANIFEST).exists() and (verdict(out) or {}).get("state") == "running":
+            process.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the smoke test ended before it could be killed"
+    line = check_smoke_line(out)
+    assert line["status"] == "warn" and line["detail"] == "started and never finished (the run was killed)"
+    # the same conversion from the cache runs the unfinished smoke test again
+    assert run_vlhub("smoke", str(out)).returncode == 0
+
+
+def test_a_tpu_mlir_smoke_says_what_did_not_run(tiny_qwen2_vl: Path, tmp_path: Path) -> None:
+    out = tmp_path / "tpu"
+    result = run_vlhub("convert", str(tiny_qwen2_vl), "--to", "tpu-mlir", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "not run here: simulator" in result.stdout and "(3 stages ran, 1 not run here)" in result.stdout
+    skipped = verdict(out)["skipped"]
+    assert [s["name"] for s in skipped] == ["simulator"] and "no toolchain" in skipped[0]["detail"]
+
+
+def test_smoke_takes_a_model_name(tiny_qwen2_5_vl: Path, tmp_path: Path) -> None:
+    assert "no conversion of tiny-qwen2.5-vl in the cache" in run_vlhub("smoke", "tiny-qwen2.5-vl").stderr
+    assert run_vlhub("convert", "tiny-qwen2.5-vl", "--to", "paddle", "--no-smoke").returncode == 0
+    assert run_vlhub("smoke", "tiny-qwen2.5-vl").returncode == 0
+    assert run_vlhub("convert", "tiny-qwen2.5-vl", "--to", "safetensors", "--no-smoke").returncode == 0
+    several = run_vlhub("smoke", "tiny-qwen2.5-vl")
+    assert several.returncode == 2 and "paddle, safetensors: pass --target" in several.stderr
+    assert run_vlhub("smoke", "tiny-qwen2.5-vl", "--target", "safetensors").returncode == 0
