@@ -15,7 +15,6 @@ A vlhub manifest beside the weights is kept true: new sha256 and sizes, the new 
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -26,12 +25,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import BinaryIO
 
+from vlhub.atomic import ensure_free_space, refuse_output_holding, signals_deferred, swap_in
 from vlhub.cache.store import read_manifest
 from vlhub.convert import MANIFEST
-from vlhub.converters.io_utils import StoredBytes, copy_stored_bytes
-from vlhub.converters.readers import Checkpoint, open_checkpoint
+from vlhub.converters.io_utils import StoredBytes, copy_stored_bytes, read_json_file
+from vlhub.converters.readers import MAX_INDEX_BYTES, Checkpoint, open_checkpoint
 from vlhub.converters.safetensors_io import SafetensorsFile, SafetensorsShardWriter
-from vlhub.atomic import ensure_free_space, refuse_output_holding, signals_deferred, swap_in
 from vlhub.converters.writers import file_entry, temporary_name, write_json_atomic
 from vlhub.errors import CorruptCheckpoint, UserError
 from vlhub.keymaps import KeyMap, Layout, load_keymap
@@ -306,10 +305,7 @@ def _check_in_place(checkpoint: Checkpoint, source: Path) -> None:
         return
     index = source.parent / checkpoint.format.index_file
     if index.is_file():
-        try:
-            listed = source.name in json.loads(index.read_text()).get("weight_map", {}).values()
-        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
-            raise CorruptCheckpoint(f"{index}: no valid weight_map") from None
+        listed = source.name in _read_index(index)["weight_map"].values()
         if listed:
             raise UserError(f"{source} is one shard of {index}: pass the directory (or the index) to rename "
                             "every shard and the index together")
@@ -406,8 +402,15 @@ def _rewrite_in_place(checkpoint: Checkpoint, mapping: dict[str, str], layout: s
 def _renamed_index(checkpoint: Checkpoint, mapping: dict[str, str]) -> dict:
     """The source's index with its weight_map keys renamed (shards and every other field kept)."""
     assert checkpoint.index_file is not None
-    index = json.loads((checkpoint.root / checkpoint.index_file).read_text())
-    index["weight_map"] = {mapping[name]: shard for name, shard in index["weight_map"].items()}
+    index = _read_index(checkpoint.root / checkpoint.index_file)
+    return {**index, "weight_map": {mapping[name]: shard for name, shard in index["weight_map"].items()}}
+
+
+def _read_index(path: Path) -> dict:
+    """An index.json read as the checkpoint reader reads it, refused in one line without a weight_map."""
+    index = read_json_file(path, MAX_INDEX_BYTES)
+    if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
+        raise CorruptCheckpoint(f"{path}: no valid weight_map")
     return index
 
 
