@@ -10,11 +10,15 @@ import pytest
 
 from tests.conftest import run_vlhub
 from tests.test_smoke import rewrite, untransposed_square
-from vlhub.cache.paddle_inference import build_paddle_inference
+from vlhub.cache.paddle_inference import build_paddle_inference, layout_output
+from vlhub.convert import prepare_conversion
 from vlhub.converters.readers import open_checkpoint
 from vlhub.smoke.run import run_smoke
 
 NAMES = {"tiny-qwen-vl": "qwen", "tiny-qwen2-vl": "model", "tiny-qwen2.5-vl": "model"}
+# the graph file each family's layout is written with by default: PaddleMIX's Qwen-VL static predictor
+# (deploy/qwen_vl/run_static_predict.py) opens `<path>.pdmodel`; Qwen2(.5)-VL get Paddle 3's pir
+SUFFIX = {"tiny-qwen-vl": ".pdmodel", "tiny-qwen2-vl": ".json", "tiny-qwen2.5-vl": ".json"}
 
 
 @pytest.fixture(scope="module")
@@ -31,9 +35,11 @@ def test_layout_holds_weights_graphs_manifest_and_readme(layouts: dict[str, Path
     weights = out / f"{model}-inference"
     config = json.loads((weights / "config.json").read_text())
     assert not list(out.glob("checkpoints/encode_text/*_decode*"))  # one graph serves prefill and decode
+    suffix = SUFFIX[model]
+    graphs = out / "checkpoints"
     for path in (weights / "generation_config.json", out / "README.md",
-                 out / "checkpoints/encode_image/vision.json", out / "checkpoints/encode_image/vision.pdiparams",
-                 out / f"checkpoints/encode_text/{prefix}.json", out / f"checkpoints/encode_text/{prefix}.pdiparams"):
+                 graphs / f"encode_image/vision{suffix}", graphs / "encode_image/vision.pdiparams",
+                 graphs / f"encode_text/{prefix}{suffix}", graphs / f"encode_text/{prefix}.pdiparams"):
         assert path.is_file(), path
     manifest = json.loads((out / "vlhub-manifest.json").read_text())
     assert manifest["target"]["name"] == "paddle-inference"
@@ -60,6 +66,27 @@ def test_layout_passes_its_smoke_test_through_paddle_inference(layouts: dict[str
     assert report.passed, report.as_dict()
     assert report.tokens_out == report.tokens_ref
     assert {s.name for s in report.stages} >= {"prefill logits", "generated tokens", "weights: prefill logits"}
+
+
+@pytest.mark.parametrize("model", list(NAMES))
+def test_the_default_ir_is_the_one_the_familys_consumer_reads(layouts: dict[str, Path], model: str) -> None:
+    out = layouts[model]
+    ir = "legacy" if SUFFIX[model] == ".pdmodel" else "pir"
+    assert json.loads((out / "vlhub-manifest.json").read_text())["target"]["ir"] == ir
+    other = ".json" if ir == "legacy" else ".pdmodel"
+    assert not [p for p in out.glob(f"checkpoints/*/*{other}") if p.name != "config.json"]
+    readme = (out / "README.md").read_text()
+    assert f"These graphs are `{ir}`" in readme and "`deploy/qwen_vl/run_static_predict.py`) opens `<path>.pdmodel`" \
+        in readme
+
+
+@pytest.mark.parametrize(("model", "default"), [("tiny-qwen-vl", "legacy"), ("tiny-qwen2-vl", "pir")])
+def test_the_cache_key_is_the_ir_written(model: str, default: str) -> None:
+    """A default that depends on the family keys the cache as that IR given: one entry, never the other's."""
+    conversion = prepare_conversion(model, to="paddle-inference", dry_run=True)
+    other = "pir" if default == "legacy" else "legacy"
+    assert layout_output(conversion) == layout_output(conversion, ir=default)
+    assert layout_output(conversion) != layout_output(conversion, ir=other)
 
 
 def test_a_broken_inference_weight_fails_the_smoke_test(layouts: dict[str, Path], tmp_path: Path) -> None:
@@ -89,6 +116,14 @@ def test_cli_convert_legacy_ir_and_bad_input(tmp_path: Path, tiny_qwen2_vl: Path
     assert again.returncode == 2 and "--overwrite" in again.stderr
     wrong = run_vlhub("convert", "tiny-qwen2-vl", "--to", "paddle", "--ir", "legacy", "--out", str(tmp_path / "x"))
     assert wrong.returncode == 2 and "--ir does not apply to --to paddle (it applies to --to paddle-inference)" in wrong.stderr
+
+
+def test_a_max_seq_len_past_qwen_vls_seq_length_is_refused_before_writing(tmp_path: Path) -> None:
+    """Checked with plan's own check: past seq_length 2048 Qwen-VL scales its rotary, which the graph does not."""
+    result = run_vlhub("convert", "tiny-qwen-vl", "--to", "paddle-inference", "--max-seq-len", "4096",
+                       "--out", str(tmp_path / "out"))
+    assert result.returncode == 2 and "4096 positions pass Qwen-VL's seq_length 2048" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
 
 
 def test_without_paddle_the_export_is_refused_before_writing(tmp_path: Path, tiny_qwen2_vl: Path) -> None:

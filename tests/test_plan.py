@@ -9,6 +9,7 @@ smart_resize (shared/docs/qwen_keys.md 4.1), factor 28, default bounds 3136..128
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 from pathlib import Path
 
@@ -18,10 +19,13 @@ from safetensors.numpy import save_file
 from typer.testing import CliRunner
 
 from tests.conftest import run_vlhub
+from vlhub.cache.vamc import vamc_options
 from vlhub.catalog import models
+from vlhub.cli import convert as convert_command
 from vlhub.cli.app import app
+from vlhub.configs import official_config
 from vlhub.errors import UserError
-from vlhub.plan import make_plan, max_pixels_for, plan_inputs, visual_output_split
+from vlhub.plan import MAX_VAMC_PATCHES, make_plan, max_pixels_for, plan_inputs, visual_output_split
 
 IMAGES = [(1280, 720), (1920, 1080), (448, 448), (200, 5000), (20, 20)]  # width x height
 # (resized HxW, grid t,h,w, patches, tokens) for Qwen2-VL and Qwen2.5-VL (14-pixel patches, 2x2 merge)
@@ -220,8 +224,9 @@ def test_json_keys() -> None:
     assert set(data["targets"]) == {"vamc", "tpu-mlir", "paddle-inference"}
     assert set(data["targets"]["vamc"]) == {"visual_patches", "given", "max_pixels", "input_ids", "output_split",
                                             "command"}
+    # vamc's prefill holds N's tokens, whatever the input: 4096 / 4 = 1024 + 128 = 1152; + 512 = 1664
     assert data["targets"]["vamc"]["command"] == ("vlhub convert qwen2-vl-7b --to vamc --max-pixels 802816 "
-                                                  "--prefill-len 1264 --max-len 1776")
+                                                  "--prefill-len 1152 --max-len 1664")
     assert data["targets"]["vamc"]["max_pixels"] == 802816
     assert set(data["targets"]["tpu-mlir"]) == {"max_pixels", "seq_length", "vision_patches", "vision_tokens",
                                                 "command"}
@@ -263,7 +268,8 @@ def test_qwen_vl_plans_for_paddle_inference_only() -> None:
     (["qwen2-vl-7b", "--video", "1280x720", "--frames", "0"], "at least 1 frame"),
     (["qwen2-vl-7b"], "give --image"),
     (["qwen2-vl-7b", "--image", "1280x720", "--target", "gpu"], "choose vamc, tpu-mlir, paddle-inference"),
-    (["qwen2-vl-7b", "--image", "1280x720", "--prompt-tokens", "-1"], "0 or more"),
+    (["qwen2-vl-7b", "--image", "1280x720", "--prompt-tokens", "-1"], "1 or more"),
+    (["qwen2-vl-7b", "--image", "1280x720", "--prompt-tokens", "0"], "1 or more"),
     (["qwen2-vl-7b", "--image", "1280x720", "--answer-tokens", "0"], "1 or more"),
     (["qwen2-vl-7b", "--image", "1920x1080", "--answer-tokens", "40000"], "max_position_embeddings"),
     (["qwen2-vl-8b", "--image", "1280x720"], "did you mean qwen2-vl-7b"),
@@ -280,3 +286,86 @@ def test_error_from_the_real_entry_point_has_no_traceback() -> None:
     result: subprocess.CompletedProcess[str] = run_vlhub("plan", "qwen-vl-7b", "--image", "448x448", "--target", "vamc")
     assert result.returncode == 2 and result.stdout == "" and "Traceback" not in result.stderr
     assert result.stderr.startswith("error: Qwen-VL (v1) has no vamc route")
+
+
+# Every command plan prints is one convert accepts, with the numbers convert itself would choose
+
+
+class _Accepted(Exception):
+    """Raised where `vlhub convert`, every option checked, would start downloading the model."""
+
+
+PLANNED = [
+    # the defect: N given as 5120 is 1280 tokens, so vamc's prefill is 1280 + 128 = 1408 (convert refused the
+    # image's 1196 + 128 -> 1328 that plan printed)
+    ["qwen2-vl-7b", "--image", "1280x720", "--patches", "5120"],
+    ["qwen2-vl-7b", "--image", "1280x720", "--max-pixels", "921600", "--patches", "4096"],
+    ["qwen2-vl-7b", "--image", "1280x720", "--prompt-tokens", "16", "--answer-tokens", "64"],
+    ["qwen2-vl-7b", "--image", "1920x1080"],  # N 10768, past the 8192 vlhub builds: no vamc command
+    ["qwen2.5-vl-3b", "--video", "640x360", "--frames", "8", "--answer-tokens", "32"],
+    ["qwen2-vl-2b", "--image", "448x448", "--patches", "8192"],
+    ["qwen2.5-vl-72b", "--image", "200x5000"],
+    ["qwen-vl-chat-7b", "--image", "1280x720"],
+    ["qwen-vl-chat-7b", "--image", "448x448", "--answer-tokens", "1600"],  # 384 + 1600 -> 1984 of seq_length 2048
+]
+
+
+def _commands(*args: str) -> dict[str, str | None]:
+    """The `vlhub convert` command plan prints per target (None where it prints none)."""
+    result = CliRunner().invoke(app, ["plan", *args, "--json"])
+    assert result.exit_code == 0, result.stderr
+    return {target: entry["command"] for target, entry in json.loads(result.stdout)["targets"].items()}
+
+
+@pytest.mark.parametrize("args", PLANNED, ids=" ".join)
+def test_every_printed_command_is_accepted_by_convert(args: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    def accepted(spec: object) -> None:
+        raise _Accepted
+
+    monkeypatch.setattr(convert_command, "download_for", accepted)
+    commands = _commands(*args)
+    for command in filter(None, commands.values()):
+        argv = shlex.split(command)
+        assert argv[:2] == ["vlhub", "convert"]
+        result = CliRunner().invoke(app, argv[1:])
+        assert isinstance(result.exception, _Accepted), f"{command}: {result.stderr}"
+    assert (commands.get("vamc") is None) == ("1920x1080" in args or "qwen-vl-chat-7b" in args)
+
+
+def test_given_patches_size_the_vamc_prefill() -> None:
+    plan = make_plan("qwen2-vl-7b", images=[(1280, 720)], patches=5120)
+    # the inputs' sizes stay the image's: 1196 + 128 = 1324 -> 1328; + 512 = 1840
+    assert (plan.sizes.prefill_length, plan.sizes.max_length) == (1328, 1840)
+    # vamc's LLM holds the 5120 / 4 = 1280 tokens N gives: 1280 + 128 = 1408; + 512 = 1920
+    assert plan.vamc is not None and (plan.vamc.prefill_length, plan.vamc.max_length) == (1408, 1920)
+    assert plan.command("vamc") == ("vlhub convert qwen2-vl-7b --to vamc --max-pixels 1003520 --prefill-len 1408 "
+                                    "--max-len 1920")
+
+
+@pytest.mark.parametrize("image", ["1280x720", "1920x1080", "640x480", "200x5000"])
+def test_plan_and_convert_size_vamc_alike(image: str) -> None:
+    width, height = map(int, image.split("x"))
+    plan = make_plan("qwen2-vl-7b", images=[(width, height)], target="vamc")
+    config = official_config(models()["qwen2-vl-7b"].config)
+    assert plan.vamc is not None
+    if plan.vamc.visual_patches > MAX_VAMC_PATCHES:  # 1080p: 10764 patches at the processor's bounds
+        with pytest.raises(UserError, match=f"vlhub builds N up to {MAX_VAMC_PATCHES}"):
+            vamc_options("qwen2_vl", config, image=[image])
+        return
+    options = vamc_options("qwen2_vl", config, image=[image])
+    assert (options.visual_patches, options.max_pixels, options.prefill_length, options.max_length) == (
+        plan.vamc.visual_patches, plan.vamc.max_pixels, plan.vamc.prefill_length, plan.vamc.max_length)
+
+
+def test_printed_commands_run_on_tiny_models() -> None:
+    """The commands as printed, run to the end (into the session's cache) with their default smoke tests."""
+    # 168x112 is the smoke image: 96 patches, 24 tokens; prefill 24 + 128 -> 160, context 160 + 512 = 672
+    commands = _commands("tiny-qwen2.5-vl", "--image", "168x112")
+    assert commands["tpu-mlir"] == "vlhub convert tiny-qwen2.5-vl --to tpu-mlir --seq-length 672 --max-pixels 168,112"
+    # 56x56: N 16, below the smoke image's 96 patches: the vamc smoke test cannot run on it, the command says so
+    small = _commands("tiny-qwen2-vl", "--image", "56x56", "--target", "vamc")["vamc"]
+    assert small is not None and small.endswith(" --no-smoke")
+    for command in [*commands.values(), small]:
+        assert command is not None
+        result = run_vlhub(*shlex.split(command)[1:])
+        assert result.returncode == 0, f"{command}: {result.stderr}"

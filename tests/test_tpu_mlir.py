@@ -4,6 +4,7 @@ options, and the smoke test of model/."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -59,6 +60,35 @@ def test_compile_script_stops_with_a_clear_message_without_the_toolchain(tmp_pat
                             check=False)
     assert result.returncode == 2 and "install Python 3.10" in result.stderr
     assert not (tmp_path / "out" / "compiled").exists()
+
+
+# a python3.10 stand-in that has tpu_mlir (argument 1: 0) or not (1), and torch and psutil (0) or not (1)
+FAKE_PYTHON = """#!/usr/bin/env bash
+case "$2" in
+    *version_info*) exit 0 ;;
+    *"import tpu_mlir"*) exit {} ;;
+    *"import torch, psutil"*) exit {} ;;
+esac
+exit 0
+"""
+
+
+@pytest.mark.parametrize(("tpu_mlir", "torch"), [(1, 1), (0, 1)])
+def test_compile_script_install_hints_pin_the_cpu_torch(tpu_mlir: int, torch: int, tmp_path: Path) -> None:
+    """An unpinned `pip install torch` on Python 3.10 pulls the CUDA build and its libraries: the hints give
+    torch==2.13.0 first, as vlhub's README sets the toolchain up."""
+    convert("tiny-qwen2-vl", tmp_path / "out", "--no-smoke")
+    python = tmp_path / "python3.10"
+    python.write_text(FAKE_PYTHON.format(tpu_mlir, torch))
+    python.chmod(0o755)
+    result = subprocess.run(["bash", str(tmp_path / "out" / "compile.sh")], capture_output=True, text=True,
+                            env={"PATH": "/usr/bin:/bin", "VLHUB_TPU_MLIR_PYTHON": str(python)}, check=False)
+    assert result.returncode == 2, result.stderr
+    hint = result.stderr.strip()
+    assert ("tpu-mlir is not importable" if tpu_mlir else "TPU-MLIR also needs torch") in hint
+    assert "torch==2.13.0" in hint and "README" in hint
+    assert hint.index("torch==2.13.0") < hint.index("-m pip install")
+    assert not re.search(r"pip install[^;:(]*\btorch\b(?!==)", hint)  # never an unpinned torch to install
 
 
 def test_quantize_decides_the_weights_dtype(tmp_path: Path) -> None:
@@ -142,7 +172,7 @@ def test_onnx_networks_are_exported_compiled_by_script_and_smoke_tested_in_onnxr
     assert report["smoke"]["artifact"] == str(out)
     layers = get_model(model).config["num_hidden_layers"]
     networks = report["target"]["onnx"]["networks"]
-    assert len(networks) == 6 + 2 * layers and "vision_transformer" in networks
+    assert len(networks) == 6 + 2 * layers and "vit" in networks
     assert networks["block_cache_0"]["inputs"][3][1] == [1, 128, 2, 32]  # history_k: [1, S, KV, D]
     for network in networks.values():
         assert (out / network["file"]).is_file() and network["file"] in report["files"]

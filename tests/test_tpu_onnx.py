@@ -14,6 +14,7 @@ ort = pytest.importorskip("onnxruntime")
 
 from tests.test_smoke import q_and_k_swapped, rewrite
 from vlhub.cache import tpu_onnx
+from vlhub.cache.tpu_mlir import TpuOptions, onnx_compile_script
 from vlhub.cache.tpu_onnx import export_onnx
 from vlhub.converters.writers import file_sha256
 from vlhub.errors import UserError
@@ -86,13 +87,18 @@ def _contract(config: dict) -> dict[str, tuple[list, list]]:
          ["penalty", [1], f32]],
         [["probs", [1, 50], f32], ["token", [1, 50], i64]])
     vit = [["input_states", [p, 1176], f32], ["position_ids", [p, 2], i32]]
-    if config["model_type"] == "qwen2_5_vl":
-        vit += [["attention_mask", [1, 1, p, p], f32], ["window_attention_mask", [1, 1, p, p], f32],
+    if config["model_type"] == "qwen2_5_vl":  # llm_convert's names (tpu-mlir python/llm/Qwen2_5VLConverter.py)
+        vit += [["full_attn_mask", [1, 1, p, p], f32], ["window_attn_mask", [1, 1, p, p], f32],
                 ["reverse_index", [p // 4], i32]]
     else:
         vit += [["attention_mask", [1, p, p], f32]]
-    nets["vision_transformer"] = vit, [["hidden_states", [p // 4, h], f32]]
+    nets["vit"] = vit, [["hidden_states", [p // 4, h], f32]]
     return nets
+
+
+def _file(network: str) -> str:
+    """Where a network is written: the ViT as LLM-TPU's export_onnx.py wrote it, the rest under llm/."""
+    return "models/onnx/vit/vision_transformer.onnx" if network == "vit" else f"models/onnx/llm/{network}.onnx"
 
 
 def _io(values: list) -> list[list]:
@@ -106,19 +112,35 @@ def test_every_network_has_the_contracts_names_and_shapes(exports: dict, referen
     contract = _contract(references[family][0])
     assert sorted(summary["networks"]) == sorted(contract)
     for name, (inputs, outputs) in contract.items():
-        directory = "vit" if name == "vision_transformer" else "llm"
-        path = out / "models" / "onnx" / directory / f"{name}.onnx"
+        path = out / _file(name)
         model = onnx.load(path, load_external_data=False)
         assert (_io(model.graph.input), _io(model.graph.output)) == (inputs, outputs), name
         assert model.ir_version == 8 and [o.version for o in model.opset_import] == [15]
         onnx.checker.check_model(str(path), full_check=True)  # with shape inference: every node's shapes agree
-        assert summary["networks"][name] == {"file": f"models/onnx/{directory}/{name}.onnx", "inputs": inputs,
-                                             "outputs": outputs}
+        assert summary["networks"][name] == {"file": _file(name), "inputs": inputs, "outputs": outputs}
     on_disk = {p.relative_to(out).as_posix(): p for p in out.rglob("*") if p.is_file()}
     assert sorted(summary["files"]) == sorted(on_disk)
     assert all(summary["files"][rel] == {"sha256": file_sha256(p), "size": p.stat().st_size}
                for rel, p in on_disk.items())
     assert not any(rel.endswith(".data") for rel in on_disk)  # tiny graphs keep their weights inside
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_vit_is_compiled_as_llm_tpus_runtime_runs_it(exports: dict, family: str) -> None:
+    """LLM-TPU's chat.cpp (models/Qwen2_VL/python_demo, models/Qwen2_5_VL/python_demo) looks the ViT up as `vit`
+    and copies float32 pixels and masks into it, as llm_convert compiles it: no --quant_input."""
+    summary, _ = exports[family]
+    script = onnx_compile_script(TpuOptions(SEQ, (168, 112), "w4bf16", 64, "bm1684x"), summary["networks"], "x.bmodel")
+    (vit,) = [line.split() for line in script.splitlines() if line.startswith("net vit ")]
+    assert vit[2] == "models/onnx/vit/vision_transformer.onnx"
+    assert vit[4:] == ["--quantize", "BF16", "--quant_output", "--high_precision"]
+    assert "compiled_onnx/vit/vit.bmodel" in script.split("model_tool --combine")[1]
+
+
+def test_qwen2_5_vl_vit_inputs_have_llm_converts_names(exports: dict) -> None:
+    summary, _ = exports["qwen2_5_vl"]
+    assert [name for name, _shape, _dtype in summary["networks"]["vit"]["inputs"]] == [
+        "input_states", "position_ids", "full_attn_mask", "window_attn_mask", "reverse_index"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)

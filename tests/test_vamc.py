@@ -19,6 +19,7 @@ from vlhub.catalog import get_model
 from vlhub.configs import official_config
 from vlhub.errors import UserError
 from vlhub.plan import visual_output_split
+from vlhub.smoke.inputs import smoke_input
 from vlhub.smoke.weights import ModelWeights
 
 
@@ -78,13 +79,50 @@ def test_layout_numbers_embeddings_and_smoke(model: str, tmp_path: Path) -> None
 
     script = (out / "compile.sh").read_text()
     assert f"vamc compile build_in/build/{family}_visual.yaml" in script
-    assert ("VACC_STACK_SIZE=256 vamc compile" in script) == (family == "qwen2_5_vl")
+    assert ("export VACC_STACK_SIZE=256\n" in script) == (family == "qwen2_5_vl")
     assert subprocess.run(["bash", "-n", str(out / "compile.sh")], check=False).returncode == 0
     stopped = subprocess.run(["bash", str(out / "compile.sh")], capture_output=True, text=True,
                              env={"PATH": "/usr/bin:/bin"}, check=False)
     assert stopped.returncode == 2 and "vamc is not on PATH" in stopped.stderr
     readme = (out / "README.md").read_text()
     assert f"--vit_model vamc_results/{visual['name']}" in readme and "--max_pixels 1003520" in readme
+
+
+# VastModelZOO's recipe folders, vlm/<family>/build_in/source_code/ on main, file for file
+VENDOR_FOLDERS = {
+    "qwen2_vl": ("config_vacc.json", "configuration_qwen2_vl.py", "export_onnx.py", "modeling_qwen2_vl_vacc.py"),
+    "qwen2_5_vl": ("config.json", "configuration_qwen2_5_vl_vacc.py", "modeling_qwen2_5_vl_vacc.py",
+                   "processing_qwen2_5_vl_vacc.py"),
+}
+# a stand-in vamc: logs the VACC_STACK_SIZE each compile sees and makes the output folder its yaml names
+FAKE_VAMC = """#!/usr/bin/env bash
+echo "${VACC_STACK_SIZE:-unset} $*" >> vamc.log
+mkdir -p "vamc_results/$(sed -n 's/^name: //p' "$2")"
+"""
+
+
+@pytest.mark.parametrize("model", ["tiny-qwen2-vl", "tiny-qwen2.5-vl"])
+def test_compile_script_runs_with_the_vendor_recipe_folder(model: str, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    convert(model, out, "--no-smoke")
+    family = get_model(model).family.name
+    for name in VENDOR_FOLDERS[family]:
+        if name.endswith(".py"):  # the vendor's Python files; its configs are what vlhub writes itself
+            (out / "weights" / model / name).write_text("# VastAI's file\n")
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    (tools / "vamc").write_text(FAKE_VAMC)
+    (tools / "vamc").chmod(0o755)
+    result = subprocess.run(["bash", str(out / "compile.sh")], capture_output=True, text=True,
+                            env={"PATH": f"{tools}:/usr/bin:/bin"}, check=False)
+    assert result.returncode == 0, result.stderr
+    log = [line.split() for line in (out / "vamc.log").read_text().splitlines()]
+    # Qwen2.5-VL's recipe exports VACC_STACK_SIZE=256 before both compiles
+    stack = "256" if family == "qwen2_5_vl" else "unset"
+    assert log == [[stack, "compile", f"build_in/build/{family}_visual.yaml"],
+                   [stack, "compile", f"build_in/build/{family}_llm.yaml"]]
+    llm, _ = load_yamls(out, family)
+    assert (out / "vamc_results" / llm["name"] / "embed_tokens.bin").is_file()
 
 
 def test_image_sizes_plan_the_visual_n(tmp_path: Path) -> None:
@@ -123,13 +161,15 @@ def test_catalog_numbers(model: str, tp: int, split: list[int], stack: bool) -> 
     # the seed's numbers: 720p at the README's budget needs 4784 patches; N = 4096 allows 802,816 pixels
     assert vamc_options(spec.family.name, config, image=["1280x720"]).visual_patches == 4784
     assert vamc_options(spec.family.name, config, max_pixels="802816").visual_patches == 4096
+    # a prefill above N's 1280 tokens holds them and a prompt (`vlhub plan --prompt-tokens 16` prints 1296)
+    assert vamc_options(spec.family.name, config, prefill_len=1296).prefill_length == 1296
 
 
 @pytest.mark.parametrize(("args", "message"), [
     (["--tp", "4"], ("--tp 4: tensor parallelism splits the model's 2 KV heads across dies, so it must divide 2: "
                     "choose 1, 2")),
-    (["--prefill-len", "1024"], "--prefill-len 1024: it must hold the image's 1280 visual tokens"),
-    (["--prefill-len", "1500"], "and be a multiple of 16"),
+    (["--prefill-len", "1024"], "--prefill-len 1024: the prefill 1024 cannot hold the image's 1280 tokens"),
+    (["--prefill-len", "1500"], "the prefill 1500 is not a multiple of 16"),
     (["--max-len", "1408"], "--max-len 1408: the context must be longer than the prefill"),
     (["--max-pixels", "2000000"], "needs a visual N of 10208; vlhub builds N up to 8192"),
     (["--max-pixels", "1280x720"], "give the largest image's pixel count"),
@@ -169,7 +209,8 @@ def test_smoke_fails_for_the_right_reason(tmp_path: Path) -> None:
 
     assert all(stage["passed"] for stage in smoke().values())
     table = np.memmap(out / "embed_tokens.bin", dtype="<f2", mode="r+")
-    table[151644 * 128] += 1  # <|im_start|>, the prompt's first token
+    first = int(smoke_input(official_config(get_model("tiny-qwen2-vl").config)).input_ids[0])
+    table[first * 128] += 1  # the prompt's first token
     table.flush()
     stages = smoke()
     assert not stages["embed_tokens.bin rows"]["passed"] and stages["vision embeddings (vacc ONNX)"]["passed"]

@@ -8,9 +8,11 @@ resampler turns into 256 tokens.
 
 Compile sizes are for one input per request (one image per ViT call, as vastgenx and the TPU demos run
 it): the visual size N holds the largest input's patches, the prefill its tokens plus a prompt, the maximum
-context the prefill plus an answer. Facts: shared/docs/qwen_keys.md 3.1, 4.1, 4.2 (resizing, bounds, token
-counts), vamc.md 1a, 1b, 1d (multiples of 16, N x 14^2 pixels, 640-column outputs), tpu_mlir.md 3
-(llm_convert's --max_pixels and --seq_length).
+context the prefill plus an answer. vamc's LLM lengths are sized from N itself (`vamc_lengths`, which
+`vlhub convert --to vamc` uses too). Sources: transformers' Qwen2-VL image processor and the official
+preprocessor_config.json (resizing, bounds), VastModelZOO vlm/qwen2_vl/README.md and build_in/build/*.yaml
+(multiples of 16, N x 14^2 pixels, 640-column outputs), TPU-MLIR python/tools/llm_convert.py (--max_pixels,
+--seq_length).
 """
 
 from __future__ import annotations
@@ -27,12 +29,12 @@ from vlhub.configs import official_config
 from vlhub.converters.readers import config_dtype, open_checkpoint
 from vlhub.errors import UserError
 from vlhub.families import FAMILIES, family_of_config, text_config
-from vlhub.smoke.inputs import MAX_PIXELS, MAX_RATIO, MIN_PIXELS, VisionGeometry, smart_resize
+from vlhub.smoke.inputs import MAX_PIXELS, MAX_RATIO, MIN_PIXELS, SMOKE_PATCHES, VisionGeometry, smart_resize
 
-ALIGN = 16  # vamc compiles sequence and patch dimensions in multiples of 16 (vamc.md 1a)
+ALIGN = 16  # vamc compiles sequence and patch dimensions in multiples of 16 (VastModelZOO llm/README.md)
 DEFAULT_PROMPT_TOKENS = 128  # the chat template's turns and a question beside the visual tokens
 DEFAULT_ANSWER_TOKENS = 512
-OUTPUT_CHUNK = 640  # vamc splits the visual output into columns of at most 640 (vamc.md 1d)
+OUTPUT_CHUNK = 640  # vamc splits the visual output into columns of at most 640 (vlm/qwen2_vl/README.md Tips)
 TARGETS = ("vamc", "tpu-mlir", "paddle-inference")
 ROUTES = {"qwen_vl": ("paddle-inference",), "qwen2_vl": TARGETS, "qwen2_5_vl": TARGETS}
 ROUTES_TO_VAMC = tuple(family for family, targets in ROUTES.items() if "vamc" in targets)
@@ -128,14 +130,19 @@ class Plan:
     tpu_mlir: TpuOptions | None
     paddle_max_seq_len: int | None
 
-    def command(self, target: str) -> str:
-        """The `vlhub convert` command that builds the target's layout with these sizes."""
+    def command(self, target: str) -> str | None:
+        """The `vlhub convert` command that builds the target's layout with these sizes (None: a vamc N past
+        what vlhub builds)."""
         if target == "tpu-mlir" and self.tpu_mlir:
             width, height = self.tpu_mlir.max_pixels
             options = f"--seq-length {self.tpu_mlir.seq_length} --max-pixels {width},{height}"
         elif target == "vamc" and self.vamc:
+            if self.vamc.visual_patches > MAX_VAMC_PATCHES:
+                return None
             options = (f"--max-pixels {self.vamc.max_pixels} --prefill-len {self.vamc.prefill_length} "
                        f"--max-len {self.vamc.max_length}")
+            if self.vamc.visual_patches < SMOKE_PATCHES:  # convert's smoke test pads the smoke image to N rows
+                options += " --no-smoke"
         elif target == "paddle-inference" and self.paddle_max_seq_len is not None:
             options = f"--max-seq-len {self.paddle_max_seq_len}"
         else:
@@ -277,23 +284,70 @@ def round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
+def position_limit(config: dict) -> int:
+    """The positions the model takes: its max_position_embeddings (32768, transformers' default, when absent)."""
+    return int(text_config(config).get("max_position_embeddings") or 32768)
+
+
+def check_max_seq_len(family: str, config: dict, max_seq_len: int, fix: str = "--max-seq-len") -> None:
+    """Refuse a Paddle Inference max_seq_len the static graphs cannot run (`fix` names what to lower): Qwen-VL's
+    at most its seq_length, past which the model scales its rotary (dynamic NTK) and a static graph does not;
+    the others' at most max_position_embeddings. `vlhub plan` and `vlhub convert --to paddle-inference` both
+    check it here."""
+    if max_seq_len < 1:
+        raise UserError("--max-seq-len must be positive")
+    qwen_vl = family == "qwen_vl"
+    limit = int(config.get("seq_length") or 2048) if qwen_vl else position_limit(config)
+    if max_seq_len > limit:
+        said = "Qwen-VL's seq_length" if qwen_vl else "the model's max_position_embeddings"
+        why = ", beyond which it scales its rotary (dynamic NTK) and the static graph does not" if qwen_vl else ""
+        raise UserError(f"{max_seq_len} positions pass {said} {limit}{why}; lower {fix}")
+
+
 def compile_sizes(config: dict, inputs: Sequence[InputPlan], prompt_tokens: int = DEFAULT_PROMPT_TOKENS,
                   answer_tokens: int = DEFAULT_ANSWER_TOKENS) -> CompileSizes:
     """The smallest sizes that hold every input, one per request, within max_position_embeddings."""
-    if prompt_tokens < 0:
-        raise UserError(f"--prompt-tokens {prompt_tokens}: 0 or more")
+    if prompt_tokens < 1:
+        raise UserError(f"--prompt-tokens {prompt_tokens}: 1 or more (the visual tokens always come with text: the "
+                        "chat template's turns and the question)")
     if answer_tokens < 1:
         raise UserError(f"--answer-tokens {answer_tokens}: 1 or more")
     largest = max(inputs, key=lambda item: item.tokens)
     tokens, patches, what = largest.tokens, max(item.patches for item in inputs), f"the {largest.label}"
     prefill = round_up(tokens + prompt_tokens, ALIGN)
     longest = round_up(prefill + answer_tokens, ALIGN)
-    limit = int(text_config(config).get("max_position_embeddings") or 32768)
+    limit = position_limit(config)
     if longest > limit:
         raise UserError(f"{what} is {tokens} tokens: with {prompt_tokens} prompt and {answer_tokens} answer tokens "
                         f"it needs {longest} positions, more than the model's {limit} (max_position_embeddings); "
                         "lower --max-pixels or the token counts")
     return CompileSizes(round_up(patches, patch_multiple(config)), prefill, longest, limit)
+
+
+def vamc_lengths(config: dict, patches: int, *, prompt_tokens: int = DEFAULT_PROMPT_TOKENS,
+                 answer_tokens: int = DEFAULT_ANSWER_TOKENS, prefill: int | None = None,
+                 longest: int | None = None) -> tuple[int, int]:
+    """The vamc LLM's (prefill, context) for a visual N of `patches`: a given one checked, else N's visual
+    tokens plus `prompt_tokens`, and the prefill plus `answer_tokens` (at most max_position_embeddings), both
+    rounded up to 16. `vlhub plan` and `vlhub convert --to vamc` (its defaults, its checks, `vamc_problems`)
+    all size them here, so a command plan prints is one convert accepts."""
+    # the visual network returns N / 4 rows whatever the image; VastModelZOO's vlm/qwen2_vl/README.md (Tips)
+    # sizes the prefill above them: N 5120 -> 1280 tokens -> a prefill over 1280 (2048 there)
+    tokens = patches // VisionGeometry.from_config(config).merge ** 2
+    limit = position_limit(config)
+    prefill = round_up(tokens + prompt_tokens, ALIGN) if prefill is None else prefill
+    if prefill % ALIGN or not tokens < prefill < limit:
+        why = (f"cannot hold the image's {tokens} tokens (N = {patches}) and a prompt" if prefill <= tokens
+               else f"is not a multiple of {ALIGN}" if prefill % ALIGN
+               else f"leaves no room for an answer within {limit} positions (max_position_embeddings)")
+        raise UserError(f"--prefill-len {prefill}: the prefill {prefill} {why}; give a multiple of {ALIGN} above "
+                        f"{tokens} and below {limit}, e.g. {round_up(tokens + DEFAULT_PROMPT_TOKENS, ALIGN)}")
+    if longest is None:
+        longest = min(round_up(prefill + answer_tokens, ALIGN), limit // ALIGN * ALIGN)
+    if longest % ALIGN or not prefill < longest <= limit:
+        raise UserError(f"--max-len {longest}: the context must be longer than the prefill ({prefill}), at most "
+                        f"{limit} (max_position_embeddings), and a multiple of {ALIGN}")
+    return prefill, longest
 
 
 def max_pixels_for(config: dict, patches: int) -> int:
@@ -324,7 +378,8 @@ def refuse_target(family: str, target: str) -> None:
     elif target == "vamc" and family not in ROUTES_TO_VAMC:
         if family == "qwen_vl":
             raise UserError("Qwen-VL (v1) has no vamc route: VastModelZOO's vamc recipes and vacc modeling cover "
-                            "Qwen2-VL and Qwen2.5-VL only (shared/docs/vamc.md); use a Qwen2-VL or Qwen2.5-VL model")
+                            "Qwen2-VL and Qwen2.5-VL only (its vlm/qwen2_vl and vlm/qwen2_5_vl); use a Qwen2-VL or "
+                            "Qwen2.5-VL model")
         raise UserError(f"--to vamc supports {', '.join(ROUTES_TO_VAMC)}, not {family}")
 
 
@@ -335,12 +390,9 @@ def refit(config: dict, item: InputPlan, patches: int, min_pixels: int) -> Refit
 
 
 def paddle_max_seq_len(config: dict, sizes: CompileSizes) -> int:
-    """Paddle Inference's max_seq_len (prompt plus answer); Qwen-VL's graph stops at its seq_length."""
-    limit = config.get("seq_length", 2048)
-    if family_name(config) == "qwen_vl" and sizes.max_length > limit:
-        raise UserError(f"{sizes.max_length} positions pass Qwen-VL's seq_length {limit}, "
-                        "beyond which it scales its rotary (dynamic NTK) and the static graph does not; lower "
-                        "--prompt-tokens or --answer-tokens")
+    """Paddle Inference's max_seq_len (prompt plus answer), checked as `vlhub convert --to paddle-inference`
+    checks it."""
+    check_max_seq_len(family_name(config), config, sizes.max_length, "--prompt-tokens or --answer-tokens")
     return sizes.max_length
 
 
@@ -384,8 +436,9 @@ def make_plan(model: str, *, images: Sequence[tuple[int, int]] = (), video: tupl
     refits = tuple(None if item.patches <= fit else refit(config, item, fit, bounds[0]) for item in inputs)
     vamc = None
     if "vamc" in targets:
-        vamc = VamcPlan(fit, patches is not None, max_pixels_for(config, fit), sizes.prefill_length,
-                        sizes.max_length, tuple(visual_output_split(text_config(config)["hidden_size"])))
+        lengths = vamc_lengths(config, fit, prompt_tokens=prompt_tokens, answer_tokens=answer_tokens)
+        vamc = VamcPlan(fit, patches is not None, max_pixels_for(config, fit), *lengths,
+                        tuple(visual_output_split(text_config(config)["hidden_size"])))
     return Plan(model, family, *(bounds or (None, None)), prompt_tokens, answer_tokens, tuple(inputs), sizes, fit,
                 refits, vamc, tpu_mlir_options(config, inputs, sizes) if "tpu-mlir" in targets else None,
                 paddle_max_seq_len(config, sizes) if "paddle-inference" in targets else None)

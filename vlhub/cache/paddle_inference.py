@@ -9,7 +9,8 @@
       vlhub-manifest.json, README.md
 
 Everything is built in a staging directory beside DIR and renamed into place when complete.
-Facts: shared/docs/paddle.md 1.3-1.4 (names, the uint16 trap, file suffixes), 2.3, 5.
+Sources: PaddleMIX deploy/qwen_vl/ (the Qwen-VL static layout and predictor) and deploy/qwen2_vl/,
+deploy/qwen2_5_vl/; PaddleNLP's QWenInferenceModel (the names, the bf16-as-uint16 trap).
 """
 
 from __future__ import annotations
@@ -22,26 +23,33 @@ from vlhub import __version__
 from vlhub.atomic import staged_directory
 from vlhub.cache.layout import DeployedLayout, Deployment
 from vlhub.cache.store import conversion_output
+from vlhub.configs import official_config
 from vlhub.convert import MANIFEST, Conversion, prepare_conversion, refresh_manifest_entry
 from vlhub.converters.writers import file_entry, write_json_atomic
 from vlhub.errors import UserError
+from vlhub.plan import check_max_seq_len
 from vlhub.units import now_iso
 
 IR_SUFFIX = {"pir": ".json", "legacy": ".pdmodel"}
+# the graphs each family's documented consumer opens: PaddleMIX's Qwen-VL static predictor
+# (deploy/qwen_vl/run_static_predict.py) loads `<path>.pdmodel`; Qwen2(.5)-VL's PaddleMIX scripts run from the
+# weights directory, so only vlhub's own predictor reads their graphs, and it reads either: Paddle 3's own pir
+DEFAULT_IR = {"qwen_vl": "legacy", "qwen2_vl": "pir", "qwen2_5_vl": "pir"}
 TEXT_PREFIX = {"qwen_vl": "qwen", "qwen2_vl": "model", "qwen2_5_vl": "model"}
 DEFAULT_DTYPE = {"qwen_vl": "float16"}  # the others keep the source's dtype
 DEFAULT_MAX_SEQ_LEN = 2048
-# PaddleMIX's deploy scripts for the families it runs from the weights directory (paddle.md 2.3)
+# PaddleMIX's deploy scripts for the families it runs from the weights directory (its deploy/<family>/)
 DEPLOY_SCRIPT = {"qwen2_vl": "qwen2_vl/single_image_infer.py", "qwen2_5_vl": "qwen2_5_vl/qwen2_5_vl_infer.py"}
 
 
-def check_layout_options(ir: str, max_seq_len: int) -> None:
-    """Refuse options the layout cannot be built with, and a machine without paddlepaddle, before any work."""
+def layout_ir(family: str, ir: str | None) -> str:
+    """The IR the layout is written in: `ir` as given (checked), else the one the family's consumer reads."""
+    if ir is None:
+        return DEFAULT_IR[family]
     if ir not in IR_SUFFIX:
-        raise UserError(f"--ir {ir!r}: choose pir (writes .json, Paddle 3's default) or legacy (.pdmodel)")
-    if max_seq_len < 1:
-        raise UserError("--max-seq-len must be positive")
-    check_paddle_installed()
+        raise UserError(f"--ir {ir!r}: choose pir (writes .json, Paddle 3's default) or legacy (.pdmodel, which "
+                        "PaddleMIX's Qwen-VL static predictor opens)")
+    return ir
 
 
 def check_paddle_installed() -> None:
@@ -71,18 +79,21 @@ def build_paddle_inference(
     out: Path | None = None,
     *,
     dtype: str | None = None,
-    ir: str = "pir",
+    ir: str | None = None,
     max_seq_len: int = DEFAULT_MAX_SEQ_LEN,
     overwrite: bool = False,
     on_bytes: Callable[[int], None] | None = None,
 ) -> DeployedLayout:
-    """Convert SRC's weights for Paddle Inference and export its static graphs into DIR, atomically."""
-    check_layout_options(ir, max_seq_len)
+    """Convert SRC's weights for Paddle Inference and export its static graphs into DIR, atomically (`ir`
+    None: the family's DEFAULT_IR)."""
     probe = prepare_conversion(source, to="paddle-inference")  # headers only: the family and dtype
-    family = probe.plan.family
-    chosen = inference_dtype(family, dtype, probe.output_dtype())
     if probe.checkpoint is not None:
         probe.checkpoint.close()
+    family = probe.plan.family
+    _check(family, official_config(probe.config), probe.output_dtype(), True, dtype=dtype, ir=ir,
+           max_seq_len=max_seq_len)
+    ir = layout_ir(family, ir)
+    chosen = inference_dtype(family, dtype, probe.output_dtype())
     conversion = prepare_conversion(source, to="paddle-inference", dtype=chosen)
     out = Path(out) if out else layout_output(conversion, dtype=dtype, ir=ir, max_seq_len=max_seq_len)
     name = _model_name(conversion)
@@ -102,11 +113,13 @@ def build_paddle_inference(
     return DeployedLayout(out, manifest)
 
 
-def layout_output(conversion: Conversion, *, dtype: str | None = None, ir: str = "pir",
+def layout_output(conversion: Conversion, *, dtype: str | None = None, ir: str | None = None,
                   max_seq_len: int = DEFAULT_MAX_SEQ_LEN) -> Path:
     """Where the layout goes without --out: the cache for a catalog model (keyed by the options), else beside
     the source."""
-    options = {"dtype": dtype, "ir": None if ir == "pir" else ir,
+    # keyed by the IR written, given or defaulted, so `--ir legacy` and Qwen-VL's default share one entry
+    written = layout_ir(conversion.plan.family, ir)
+    options = {"dtype": dtype, "ir": None if written == "pir" else written,
                "max_seq_len": None if max_seq_len == DEFAULT_MAX_SEQ_LEN else max_seq_len}
     return conversion_output(conversion.model, conversion.source_path, "paddle-inference", options)
 
@@ -182,11 +195,20 @@ def _readme(name: str, family: str, dtype: str, ir: str, manifest: dict) -> str:
         "",
         "Graph inputs and outputs (names, shapes, dtypes) are listed under `graphs` in vlhub-manifest.json.",
         "",
+        "## Graph format",
+        "",
+        (f"These graphs are `{ir}` (`{suffix}` beside `.pdiparams`). vlhub's predictor (`vlhub smoke .`) and "
+         "`paddle.inference.Config` given both file paths read either format. PaddleMIX's Qwen-VL static "
+         "predictor (`deploy/qwen_vl/run_static_predict.py`) opens `<path>.pdmodel` only, so Qwen-VL layouts "
+         "are written `legacy` unless `--ir pir` is given; PaddleMIX runs Qwen2-VL and Qwen2.5-VL from the "
+         "weights directory, with no static graph, so theirs are written `pir`, Paddle 3's own format, unless "
+         "`--ir legacy` is given."),
+        "",
     ]
     if family == "qwen_vl":
         lines += [
             ("PaddleMIX's static predictor (`deploy/qwen_vl/run_static_predict.py`) hard-codes the `.pdmodel` "
-            "suffix (write this layout with `--ir legacy`) and runs the language graph PaddleNLP's "
+            "suffix (this layout's default, `--ir legacy`) and runs the language graph PaddleNLP's "
             "`llm/predict/export_model.py --inference_model` writes, with its GPU-only fused ops; the "
             "language graphs here are vlhub's own and do not take that graph's inputs. On a GPU machine "
             "with PaddleNLP, export that graph from these weights (it replaces vlhub's language graph), then run the "
@@ -215,10 +237,13 @@ def _readme(name: str, family: str, dtype: str, ir: str, manifest: dict) -> str:
     return "\n".join(lines)
 
 
-def _check(family: str, config: dict, source_dtype: str, smoke: bool, *, dtype: str | None = None, ir: str = "pir",
-           max_seq_len: int = DEFAULT_MAX_SEQ_LEN) -> None:
-    check_layout_options(ir, max_seq_len)
+def _check(family: str, config: dict, source_dtype: str, smoke: bool, *, dtype: str | None = None,
+           ir: str | None = None, max_seq_len: int = DEFAULT_MAX_SEQ_LEN) -> None:
+    """Refuse options the layout cannot be built with, and a machine without paddlepaddle, before any work."""
+    layout_ir(family, ir)
+    check_max_seq_len(family, config, max_seq_len)
     inference_dtype(family, dtype, source_dtype)
+    check_paddle_installed()
 
 
 DEPLOYMENT = Deployment(

@@ -10,8 +10,9 @@
 
 Every option is checked before anything is written: the vision tokens --max-pixels allows (computed with
 smart_resize, as the processor computes them) plus a prompt must fit in --seq-length, W and H are multiples of
-28, the group size divides the Linear layers' inputs, the chip is one TPU-MLIR builds for. Facts:
-shared/docs/tpu_mlir.md sections 3 (llm_convert), 4 (runtime) and 6 (the PyPI wheel).
+28, the group size divides the Linear layers' inputs, the chip is one TPU-MLIR builds for. Sources: TPU-MLIR
+python/tools/llm_convert.py and python/llm/ (llm_convert, read from the tpu-mlir 1.30.2 wheel), LLM-TPU
+models/Qwen2_VL and models/Qwen2_5_VL python_demo (the runtime).
 """
 
 from __future__ import annotations
@@ -43,6 +44,11 @@ FAMILIES = ("qwen2_vl", "qwen2_5_vl")
 DEFAULT_MAX_PIXELS = {"qwen2_vl": (756, 756), "qwen2_5_vl": (672, 896)}
 DEFAULT_SEQ_LENGTH = 2048
 DEFAULT_GROUP_SIZE = 64
+# the toolchain as vlhub's README sets it up: torch pinned and first, since an unpinned install on Python 3.10
+# pulls PyPI's CUDA build and its libraries; the wheel imports psutil and flatbuffers without declaring them
+TORCH_FIRST = ("torch==2.13.0 first (on Python 3.10 PyPI has only its CUDA build, several GB: vlhub's README, "
+               "'The TPU-MLIR toolchain', installs it with --no-deps and CPU stubs)")
+TOOLCHAIN_INSTALL = "pip install tpu-mlir==1.30.2 psutil flatbuffers"
 # room beside the image in the sequence: the chat template's system and user turns, a question, an answer
 PROMPT_TOKENS = 64
 PIXEL_FACTOR = 28  # patch 14 x merge 2: the processor resizes to multiples of this
@@ -107,9 +113,8 @@ def tpu_options(family: str, config: dict, source_dtype: str, *, seq_length: int
 def refuse_family(family: str) -> None:
     """Only Qwen2-VL and Qwen2.5-VL have a TPU-MLIR route."""
     if family == "qwen_vl":
-        raise UserError("Qwen-VL (v1) has no TPU-MLIR route: llm_convert supports qwen2_vl and qwen2_5_vl only "
-                        "(shared/docs/tpu_mlir.md section 3) and no Sophgo demo runs it; convert a Qwen2-VL or "
-                        "Qwen2.5-VL model")
+        raise UserError("Qwen-VL (v1) has no TPU-MLIR route: llm_convert supports qwen2_vl and qwen2_5_vl, not "
+                        "Qwen-VL's model_type qwen, and no Sophgo demo runs it; convert a Qwen2-VL or Qwen2.5-VL model")
     if family not in FAMILIES:
         raise UserError(f"--to tpu-mlir supports {', '.join(FAMILIES)}, not {family}")
 
@@ -275,14 +280,17 @@ def compile_script(options: TpuOptions) -> str:
 """
 
 
-# how each kind of network is deployed in the ONNX flow (shared/docs/tpu_mlir.md section 2)
+# how each kind of network is deployed in the ONNX flow, as LLM-TPU's models/Qwen2_VL/compile/compile.sh did
 _DEPLOY_FLAGS = {
     "embedding": ["--quant_input", "--quant_output"],
     "lm_head": ["--quant_input"],
     "block": ["--quant_input", "--quant_output"],
     "block_cache": ["--quant_input", "--quant_output", "--addr_mode", "io_alone"],
     "head": [],  # greedy / penalty-sample heads stay float32
-    "vit": ["--quant_input", "--quant_output", "--high_precision"],
+    # float32 in: LLM-TPU's runtime (models/Qwen2_VL/python_demo/chat.cpp, forward_vit) copies float32 pixels
+    # and masks into `vit`, and llm_convert compiles it without --quant_input (TPU-MLIR
+    # python/llm/LlmConverter.py, compile_vit)
+    "vit": ["--quant_output", "--high_precision"],
 }
 
 
@@ -321,8 +329,6 @@ model_tool --combine {" ".join(f"compiled_onnx/{name}/{name}.bmodel" for name in
 
 def _network_kind(name: str) -> str:
     """The _DEPLOY_FLAGS entry of a network: block_3 -> block, block_cache_3 -> block_cache."""
-    if name == "vision_transformer":
-        return "vit"
     if name in ("greedy_head", "penalty_sample_head"):
         return "head"
     if name.startswith("embedding"):
@@ -347,10 +353,11 @@ fail() {{ echo "error: $*" >&2; exit 2; }}
 command -v "$PYTHON" >/dev/null || fail "$PYTHON not found: install Python 3.10 and set VLHUB_TPU_MLIR_PYTHON to it"
 "$PYTHON" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 10))' \\
     || fail "$PYTHON is not Python 3.10, the only version the tpu-mlir wheel installs on"
+TORCH="install {TORCH_FIRST}"
 "$PYTHON" -c 'import tpu_mlir' 2>/dev/null \\
-    || fail "tpu-mlir is not importable by $PYTHON: $PYTHON -m pip install tpu-mlir==1.30.2 psutil torch"
+    || fail "tpu-mlir is not importable by $PYTHON: $TORCH, then $PYTHON -m {TOOLCHAIN_INSTALL}"
 "$PYTHON" -c 'import torch, psutil' 2>/dev/null \\
-    || fail "TPU-MLIR also needs torch and psutil: $PYTHON -m pip install torch psutil"{flow_check}
+    || fail "TPU-MLIR also needs torch and psutil: $TORCH, then $PYTHON -m pip install psutil"{flow_check}
 BIN="$(dirname "$(command -v "$PYTHON")")"
 LLM_CONVERT="$BIN/llm_convert.py"
 [ -x "$LLM_CONVERT" ] || LLM_CONVERT="$(command -v llm_convert.py)" || fail "llm_convert.py not found beside $PYTHON"
@@ -399,6 +406,19 @@ def _onnx_readme(conversion: Conversion, options: TpuOptions) -> list[str]:
          "transformer. Inputs and outputs are listed under `target.onnx.networks` in vlhub-manifest.json. "
          "`compile_onnx.sh` runs `model_transform.py` and `model_deploy.py` for each, then `model_tool --combine`:"),
         "",
+        ("- The vision transformer's network is named `vit` (its file keeps LLM-TPU's name, "
+         "`vision_transformer.onnx`): LLM-TPU's runtime looks it up by that name "
+         "(`sophgo/LLM-TPU` `models/Qwen2_VL/python_demo/chat.cpp`, `bmrt_get_network_info(p_bmrt, \"vit\")`), as "
+         "its old `models/Qwen2_VL/compile/compile.sh` named it."),
+        ("- It is compiled with float32 inputs (`--quant_output --high_precision`, no `--quant_input`): that "
+         "runtime's `forward_vit` copies float32 pixels and masks in, and TPU-MLIR's llm_convert compiles its `vit` "
+         "the same way (`python/llm/LlmConverter.py`, `compile_vit`). The old compile.sh's `--quant_input "
+         "--quant_input_list 3` (the mask in half precision) went with an older chat.cpp that built the mask in "
+         "half precision itself."),
+        ("- Qwen2.5-VL's ViT takes llm_convert's input names, `full_attn_mask`, `window_attn_mask` and "
+         "`reverse_index` (TPU-MLIR `python/llm/Qwen2_5VLConverter.py`); Qwen2-VL's keeps the old export's "
+         "`attention_mask` [1, P, P]."),
+        "",
         "```bash",
         "VLHUB_TPU_MLIR_PYTHON=/path/to/python3.10 ./compile_onnx.sh",
         f"# writes compiled_onnx/{_bmodel_name(conversion, options)}",
@@ -427,8 +447,9 @@ def _readme(conversion: Conversion, family: str, options: TpuOptions, *, onnx: b
         "",
         "## Compile",
         "",
-        ("Needs Python 3.10 with `tpu-mlir==1.30.2`, `torch` and `psutil`, and GNU `parallel` (vlhub's README "
-         "says how to set this up on a machine that is not Ubuntu 22.04)."),
+        ("Needs Python 3.10 with `torch==2.13.0` (installed first: on Python 3.10 PyPI has only its CUDA build), "
+         "`tpu-mlir==1.30.2`, `psutil` and `flatbuffers`, and GNU `parallel`; vlhub's README, 'The TPU-MLIR "
+         "toolchain', sets this up step by step, on a machine that is not Ubuntu 22.04 too."),
         "",
         "```bash",
         "VLHUB_TPU_MLIR_PYTHON=/path/to/python3.10 ./compile.sh",

@@ -18,9 +18,10 @@ D = H / heads and V the text dims, P = vision_patches, all floats float32, opset
     llm/greedy_head.onnx      m_logits [1,V] -> token [1,1] int64        (argmax)
     llm/penalty_sample_head.onnx  m_logits [1,V], input_ids [1,S] int64, top_p, temperature, penalty [1]
                               -> probs [1,50], token [1,50] int64
-    vit/vision_transformer.onnx   input_states [P,1176], position_ids [P,2] int32 (row, column of each patch),
+    vit/vision_transformer.onnx   network `vit`: input_states [P,1176], position_ids [P,2] int32 (row, column of
+                              each patch),
                               Qwen2-VL:   attention_mask [1,P,P]
-                              Qwen2.5-VL: attention_mask [1,1,P,P], window_attention_mask [1,1,P,P],
+                              Qwen2.5-VL: full_attn_mask [1,1,P,P], window_attn_mask [1,1,P,P],
                                           reverse_index [P/4] int32
                               -> hidden_states [P/4, H]
 
@@ -29,13 +30,15 @@ token's K/V, which the runtime copies into slot `token_len - 1` of the history; 
 token itself. M-RoPE cos/sin for positions 0..S-1 are initializers gathered by position_ids, one row of
 position_ids per mrope section; GQA repeats KV heads inside the graph.
 
-The ViT takes patches padded to P rows. Qwen2-VL: patches in the processor's order, `attention_mask` 0
-within each image (frame), -10000 across. Qwen2.5-VL takes the newer llm_convert form (two masks and a
-reverse index): patches and position ids in window order (merge groups permuted by the window index, as the
-runtime does on the host), `attention_mask` for the full-attention blocks (fullatt_block_indexes: within
-each image), `window_attention_mask` for the others (within each window), and after the merger `reverse_index`
-puts the tokens back in image order. Padding rows form a segment of their own in both masks and are the
-last rows of the output.
+The ViT takes patches padded to P rows. Its network is named `vit`, the name LLM-TPU's runtime looks it up by
+(models/Qwen2_VL/python_demo/chat.cpp) and its old compile.sh gave it; the file keeps the name LLM-TPU's
+export_onnx.py wrote. Qwen2-VL: patches in the processor's order, `attention_mask` 0 within each image
+(frame), -10000 across. Qwen2.5-VL takes the newer llm_convert form, with its input names (TPU-MLIR
+python/llm/Qwen2_5VLConverter.py): patches and position ids in window order (merge groups permuted by the
+window index, as the runtime does on the host), `full_attn_mask` for the full-attention blocks
+(fullatt_block_indexes: within each image), `window_attn_mask` for the others (within each window), and
+after the merger `reverse_index` puts the tokens back in image order. Padding rows form a segment of their
+own in both masks and are the last rows of the output.
 
 A graph whose weights exceed EXTERNAL_DATA_BYTES (protobuf caps a file at 2 GB) keeps them in ONNX external
 data, one file per group of networks sharing weights: `block_{i}.onnx.data` serves block_i and block_cache_i,
@@ -45,7 +48,8 @@ Memory: networks are built and saved one at a time, each reading its tensors fro
 A network with its weights inside holds them about three times over while it is saved (the decoded tensor
 being added, the proto, its serialisation): measured ~3x a layer's float32 size for block_i, and 2.9x the
 table for an inline embedding. External weights are written a tensor at a time, tables in 64 MB row blocks.
-Facts: shared/docs/tpu_mlir.md 1.3, 2, 3.
+Sources: sophgo/LLM-TPU models/Qwen2_VL/compile/export_onnx.py and compile.sh (the old flow's files, names and
+shapes), TPU-MLIR python/llm/Qwen2VLConverter.py and Qwen2_5VLConverter.py (llm_convert's ViT).
 """
 
 from __future__ import annotations
@@ -82,6 +86,8 @@ FILTERED_LOGIT = -1000.0  # what the sample head gives tokens top-p drops (LLM-T
 MODELS = "models"  # the directory under out that is replaced
 LLM_DIR = "models/onnx/llm"
 VIT_DIR = "models/onnx/vit"
+VIT = "vit"  # the ViT network's name
+VIT_STEM = "vision_transformer"  # its file's name
 _ALIGN = 4096  # external tensors start on page boundaries, so runtimes can map them
 _BLOCK_BYTES = 64 << 20  # an embedding or lm_head is streamed to external data this much at a time
 _F32 = TensorProto.FLOAT
@@ -144,8 +150,8 @@ def export_onnx(weights: ModelWeights, out: Path, *, seq_length: int, vision_pat
         (staging / "onnx" / "vit").mkdir()
         writer = _Writer(weights, shapes, staging, on_bytes or (lambda _size: None))
         _write_text(writer, dims, seq_length, tied)
-        with writer.group(VIT_DIR, "vision_transformer", [n for n in shapes if n.startswith("visual.")]) as store:
-            writer.save(_vision_transformer(store, config, vision_patches), VIT_DIR)
+        with writer.group(VIT_DIR, VIT_STEM, [n for n in shapes if n.startswith("visual.")]) as store:
+            writer.save(_vision_transformer(store, config, vision_patches), VIT_DIR, VIT_STEM)
         files = {f"{MODELS}/{path.relative_to(staging).as_posix()}": file_entry(path)
                  for path in sorted(p for p in staging.rglob("*") if p.is_file())}
         swap_in(staging, final)
@@ -153,6 +159,11 @@ def export_onnx(weights: ModelWeights, out: Path, *, seq_length: int, vision_pat
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return {"files": files, "networks": writer.networks}
+
+
+def network_file(network: str) -> str:
+    """Where `export_onnx` writes a network, relative to its `out`."""
+    return f"{VIT_DIR}/{VIT_STEM}.onnx" if network == VIT else f"{LLM_DIR}/{network}.onnx"
 
 
 def _estimated_bytes(shapes: dict[str, tuple[int, ...]], tied: bool) -> int:
@@ -290,8 +301,9 @@ class _Writer:
                 data = stack.enter_context(open(self._path(directory, f"{name}.onnx.data"), "wb"))
             yield _Store(self.weights, self.shapes, data, self.on_bytes)
 
-    def save(self, network: _Graph, directory: str) -> None:
-        path = self._path(directory, f"{network.name}.onnx")
+    def save(self, network: _Graph, directory: str, stem: str | None = None) -> None:
+        """Write `network` to `<stem>.onnx` in `directory` (stem: the network's name)."""
+        path = self._path(directory, f"{stem or network.name}.onnx")
         onnx.save(network.model, path)
         self.on_bytes(path.stat().st_size)
         self.networks[network.name] = {"file": f"{directory}/{path.name}",
@@ -509,7 +521,7 @@ def _vision_transformer(store: _Store, config: dict, patches: int, *, vacc: bool
     dim = width // heads
     unit = cfg.get("spatial_merge_size", 2) ** 2
     patch_values = math.prod(store.shapes["visual.patch_embed.proj.weight"][1:])
-    g = _Graph("vision_transformer", store)
+    g = _Graph(VIT, store)
     if vacc:
         pixels = g.input("pixel_values", _F32, [patches, patch_values])
         # vacc masks say 1 (attend) or 0, as the boolean mask its SDPA takes
@@ -521,9 +533,9 @@ def _vision_transformer(store: _Store, config: dict, patches: int, *, vacc: bool
         pixels = g.input("input_states", _F32, [patches, patch_values])
         positions = g.input("position_ids", _I32, [patches, 2])
         mask_shape = [1, 1, patches, patches] if qwen25 else [1, patches, patches]
-        full = g.input("attention_mask", _F32, mask_shape)
+        full = g.input("full_attn_mask" if qwen25 else "attention_mask", _F32, mask_shape)
         if qwen25:
-            window = g.input("window_attention_mask", _F32, mask_shape)
+            window = g.input("window_attn_mask", _F32, mask_shape)
             reverse = g.input("reverse_index", _I32, [patches // unit])
         # rows and columns are below P; each gathers D/4 angles, and (row, column) repeated makes the D-wide table
         angles = np.arange(patches, dtype=np.float32)[:, None] * inverse_frequencies(dim // 2, 10000.0)
@@ -569,11 +581,17 @@ def _vision_transformer(store: _Store, config: dict, patches: int, *, vacc: bool
 
 
 def export_vacc_vision(weights: ModelWeights, out: Path, patches: int, on_bytes: Progress | None = None) -> Path:
-    """The vision tower and merger as VastAI's vamc takes them (vamc.md 2), in `out/vision_transformer.onnx`:
+    """The vision tower and merger as VastAI's vamc takes them, in `out/vision_transformer.onnx`:
 
         pixel_values [N,1176], attention_mask [1,N,N] (1 attend, 0 not), cos, sin [N, head_dim]
         (Qwen2.5-VL: also window_attention_mask [1,N,N], for the blocks outside fullatt_block_indexes)
         -> image_embeds [N/4, hidden]
+
+    The names are the vendor's, not llm_convert's full_attn_mask: VastModelZOO's visual yamls' frontend.shape
+    and vlm/qwen2_vl/build_in/source_code/export_onnx.py's input_names are pixel_values, attention_mask, cos,
+    sin. Qwen2.5-VL's second mask is vlhub's: the vendor's vision forward (modeling_qwen2_5_vl_vacc.py) passes
+    one attention_mask to every block, and its yaml lists fullatt_block_indexes for vamc, which applies them
+    in a way that is not public.
 
     Patches padded to N rows; the host builds cos/sin (`vision_rotary`) and the block-diagonal masks and, for
     Qwen2.5-VL, orders patches by window and the output back. vamc compiles its own export of the vendor's
@@ -582,6 +600,6 @@ def export_vacc_vision(weights: ModelWeights, out: Path, patches: int, on_bytes:
     shapes = {step.target.name: step.target.shape for step in weights.plan.steps}
     out.mkdir(parents=True, exist_ok=True)
     writer = _Writer(weights, shapes, out, on_bytes or (lambda _size: None), flat=True)
-    with writer.group(VIT_DIR, "vision_transformer", [n for n in shapes if n.startswith("visual.")]) as store:
-        writer.save(_vision_transformer(store, config, patches, vacc=True), VIT_DIR)
-    return out / "vision_transformer.onnx"
+    with writer.group(VIT_DIR, VIT_STEM, [n for n in shapes if n.startswith("visual.")]) as store:
+        writer.save(_vision_transformer(store, config, patches, vacc=True), VIT_DIR, VIT_STEM)
+    return out / f"{VIT_STEM}.onnx"

@@ -1,5 +1,6 @@
 """`vlhub convert SRC --to vamc`: the VastAI VACC layout of a Qwen2-VL / Qwen2.5-VL checkpoint, every number
-computed (`vlhub.plan`) and checked. Facts: shared/docs/vamc.md.
+computed (`vlhub.plan`) and checked. Sources: VastModelZOO vlm/qwen2_vl and vlm/qwen2_5_vl (README.md,
+build_in/build/*.yaml, build_in/source_code/), llm/README.md.
 
     DIR/weights/<name>/                 the HF folder both yamls' frontend.checkpoint name: official key names,
                                         config.json, config_vacc.json (auto_map, eager attention, insert_slice),
@@ -12,7 +13,8 @@ computed (`vlhub.plan`) and checked. Facts: shared/docs/vamc.md.
 
 The visual network takes N patch rows (a multiple of 16 and of the 2x2 merge unit): the largest image the
 pixel budget allows, padded. The LLM takes a prefill of P tokens (the image's N/4 plus a prompt) and a
-context of M, both multiples of 16; tp splits the KV heads across dies, so it divides them.
+context of M, both multiples of 16 (`vlhub.plan.vamc_lengths`, which `vlhub plan` sizes them with too);
+tp splits the KV heads across dies, so it divides them.
 """
 
 from __future__ import annotations
@@ -37,9 +39,6 @@ from vlhub.converters.writers import file_entry, write_json_atomic
 from vlhub.embeddings import prepare_dump
 from vlhub.errors import UserError
 from vlhub.plan import (
-    ALIGN,
-    DEFAULT_ANSWER_TOKENS,
-    DEFAULT_PROMPT_TOKENS,
     MAX_VAMC_PATCHES,
     OUTPUT_CHUNK,
     max_pixels_for,
@@ -48,6 +47,7 @@ from vlhub.plan import (
     plan_inputs,
     refuse_target,
     round_up,
+    vamc_lengths,
     visual_output_split,
 )
 from vlhub.smoke.inputs import MIN_PIXELS, SMOKE_IMAGE, SMOKE_PATCHES, VisionGeometry
@@ -56,13 +56,17 @@ from vlhub.units import now_iso
 FAMILIES = ("qwen2_vl", "qwen2_5_vl")
 DEFAULT_MAX_PIXELS = 14 * 14 * 4 * 1280  # the VastModelZOO README's default: 5120 patches, 1280 tokens
 PREFERRED_TP = 4  # VastModelZOO's builds: one die per shard, four dies
-# the vacc recipe's pinned environment (vamc.md 1a, 1c)
+# the vacc recipe's pinned environment (the recipes' yamls' workspace.pyenv)
 PYENV = {"qwen2_vl": {"transformers": "4.45.0", "huggingface-hub": "0.23.2"},
          "qwen2_5_vl": {"transformers": "4.51.3", "huggingface-hub": "0.30.2"}}
-# what the weight folder needs from VastModelZOO (not ours to ship), and what config_vacc.json's auto_map names
+# what the weight folder needs from VastModelZOO (not ours to ship): the recipe folder's Python files, and what
+# config_vacc.json's auto_map names, as the vendor's own config_vacc.json spells it. Qwen2-VL's auto_map names a
+# processing_qwen2_vl.py that vlm/qwen2_vl/build_in/source_code/ does not hold (only config_vacc.json,
+# configuration_qwen2_vl.py, export_onnx.py, modeling_qwen2_vl_vacc.py): compiling loads the config and model
+# classes, and the modeling file imports configuration_qwen2_vl, so those two are what the recipe uses
 VENDOR = {
     "qwen2_vl": {"directory": "vlm/qwen2_vl/build_in/source_code",
-                 "files": ("modeling_qwen2_vl_vacc.py", "configuration_qwen2_vl.py", "processing_qwen2_vl.py"),
+                 "files": ("modeling_qwen2_vl_vacc.py", "configuration_qwen2_vl.py"),
                  "auto_map": {"AutoConfig": "configuration_qwen2_vl.Qwen2VLConfig",
                               "AutoModel": "modeling_qwen2_vl_vacc.Qwen2VLForConditionalGeneration",
                               "AutoProcessor": "processing_qwen2_vl.Qwen2VLProcessor"}},
@@ -98,7 +102,8 @@ def vamc_options(family: str, config: dict, *, image: list[str] | None = None, m
                  prefill_len: int | None = None, max_len: int | None = None, tp: int | None = None,
                  dtype: str | None = None) -> VamcOptions:
     """The options as given, defaults computed from the model's flat config and the image budget (the
-    `--image` sizes, else `--max-pixels`, else VastModelZOO's 1,003,520), refused with the valid range."""
+    `--image` sizes as `vlhub plan` counts them, else `--max-pixels`, else VastModelZOO's 1,003,520), refused
+    with the valid range."""
     refuse_target(family, "vamc")
     if dtype not in (None, "float16"):
         raise UserError(f"--dtype {dtype}: the vamc recipes compile float16 (backend dtype fp16); int8 builds need "
@@ -108,9 +113,8 @@ def vamc_options(family: str, config: dict, *, image: list[str] | None = None, m
                         "not both")
     min_pixels = MIN_PIXELS
     sizes = tuple(parse_size_pair(text, "--image") for text in image or ())
-    if sizes:
-        planned = plan_inputs(config, images=list(sizes), min_pixels=min_pixels, max_pixels=DEFAULT_MAX_PIXELS)
-        needed = max(item.patches for item in planned)
+    if sizes:  # at the processor's own bounds, as `vlhub plan` resizes them: the N it prints is the N built
+        needed = max(item.patches for item in plan_inputs(config, images=list(sizes)))
         why = f"the largest --image ({needed} patches)"
     else:
         budget = _pixel_count(max_pixels) if max_pixels else DEFAULT_MAX_PIXELS
@@ -136,18 +140,7 @@ def max_pixels_patches(config: dict, max_pixels: int) -> int:
 
 def _llm_options(config: dict, patches: int, prefill_len: int | None, max_len: int | None,
                  tp: int | None) -> tuple[int, int, int]:
-    tokens = patches // VisionGeometry.from_config(config).merge ** 2
-    prefill = prefill_len if prefill_len is not None else round_up(tokens + DEFAULT_PROMPT_TOKENS, ALIGN)
-    if prefill % ALIGN or prefill < tokens + DEFAULT_PROMPT_TOKENS:
-        raise UserError(f"--prefill-len {prefill}: it must hold the image's {tokens} visual tokens and a "
-                        f"{DEFAULT_PROMPT_TOKENS}-token prompt, so at least {round_up(tokens + DEFAULT_PROMPT_TOKENS, ALIGN)}, "
-                        f"and be a multiple of {ALIGN}")
-    limit = int(config.get("max_position_embeddings") or 32768)
-    longest = max_len if max_len is not None else min(round_up(prefill + DEFAULT_ANSWER_TOKENS, ALIGN),
-                                                      limit // ALIGN * ALIGN)
-    if longest % ALIGN or not prefill < longest <= limit:
-        raise UserError(f"--max-len {longest}: the context must be longer than the prefill ({prefill}), at most "
-                        f"{limit} (max_position_embeddings), and a multiple of {ALIGN}")
+    prefill, longest = vamc_lengths(config, patches, prefill=prefill_len, longest=max_len)
     kv_heads = int(config["num_key_value_heads"])
     chosen = tp if tp is not None else math.gcd(PREFERRED_TP, kv_heads)
     if chosen < 1 or kv_heads % chosen:
@@ -236,7 +229,8 @@ def yaml_names(conversion: Conversion, config: dict, options: VamcOptions) -> di
 
 
 def llm_yaml(family: str, name: str, checkpoint: str, options: VamcOptions) -> dict:
-    """The LLM's vamc yaml (vamc.md 1a): prefill and context lengths, tp, fp16."""
+    """The LLM's vamc yaml (as VastModelZOO's build_in/build/<family>_llm.yaml): prefill and context lengths, tp,
+    fp16."""
     return {
         "name": name,
         "frontend": {"checkpoint": checkpoint, "type": "huggingface",
@@ -250,7 +244,8 @@ def llm_yaml(family: str, name: str, checkpoint: str, options: VamcOptions) -> d
 
 
 def visual_yaml(family: str, name: str, checkpoint: str, config: dict, options: VamcOptions) -> dict:
-    """The vision tower's vamc yaml (vamc.md 1b, 1c): N patch rows, cos/sin as wide as a vision head, the output
+    """The vision tower's vamc yaml (as VastModelZOO's <family>_visual.yaml): N patch rows, cos/sin as wide as a
+    vision head, the output
     in 640-column chunks."""
     n, head_dim = options.visual_patches, vision_head_dim(config)
     patch_values = _patch_values(config)
@@ -276,7 +271,8 @@ def vision_head_dim(config: dict) -> int:
 
 
 def needs_stack_size(family: str, config: dict) -> bool:
-    """VACC_STACK_SIZE=256 before compiling the LLM: Qwen2.5-VL's, and any model of 32B and up (vamc.md 1c)."""
+    """VACC_STACK_SIZE=256 for the compile: Qwen2.5-VL's recipe exports it before both `vamc compile` runs
+    (VastModelZOO vlm/qwen2_5_vl/README.md), llm/README.md for any model of 32B and up."""
     return family == "qwen2_5_vl" or sum(math.prod(s) for _, s in families.FAMILIES[family].official_tensors(config)) >= 32e9
 
 
@@ -284,7 +280,8 @@ def compile_script(family: str, config: dict, weights: str, names: dict[str, str
     """compile.sh: checks for vamc and the vendor files, the two `vamc compile` runs with the environment each
     needs, then tokenizer/ and preprocess_config.json placed beside the compiled networks."""
     vendor = " ".join(VENDOR[family]["files"])
-    stack = "VACC_STACK_SIZE=256 " if needs_stack_size(family, config) else ""
+    # exported, so both compiles see it, as VastModelZOO's vlm/qwen2_5_vl/README.md runs them
+    stack = "export VACC_STACK_SIZE=256\n" if needs_stack_size(family, config) else ""
     llm, visual = (shlex.quote(names[k]) for k in ("llm", "visual"))
     return f"""#!/usr/bin/env bash
 # Compile this layout with VastAI's vamc (written by vlhub {__version__}); about 7 hours per network on the
@@ -297,8 +294,8 @@ for file in {vendor}; do
     [ -f "weights/{weights}/$file" ] || fail "weights/{weights}/$file is missing: copy the vacc modeling files \\
 from VastModelZOO {VENDOR[family]["directory"]}/ into weights/{weights}/ (see README.md)"
 done
-vamc compile build_in/build/{family}_visual.yaml
-{stack}vamc compile build_in/build/{family}_llm.yaml
+{stack}vamc compile build_in/build/{family}_visual.yaml
+vamc compile build_in/build/{family}_llm.yaml
 [ ! -d tokenizer ] || cp -r tokenizer vamc_results/{llm}/
 cp preprocess_config.json vamc_results/{visual}/
 cp embed_tokens.bin embed_tokens.json vamc_results/{llm}/
@@ -336,8 +333,7 @@ def _manifest(conversion: Conversion, staging: Path, family: str, config: dict, 
             "llm": {"name": names["llm"], "yaml": f"build_in/build/{family}_llm.yaml",
                     "prefill_length": options.prefill_length, "max_length": options.max_length, "tp": options.tp,
                     "layers": config["num_hidden_layers"], "hidden_size": config["hidden_size"],
-                    "attention_heads": config["num_attention_heads"], "kv_heads": config["num_key_value_heads"],
-                    "stack_size": 256 if needs_stack_size(family, config) else None},
+                    "attention_heads": config["num_attention_heads"], "kv_heads": config["num_key_value_heads"]},
             "visual": {"name": names["visual"], "yaml": f"build_in/build/{family}_visual.yaml",
                        "patches": options.visual_patches, "tokens": options.visual_tokens,
                        "depth": vision["depth"], "head_dim": vision_head_dim(config),
@@ -345,7 +341,7 @@ def _manifest(conversion: Conversion, staging: Path, family: str, config: dict, 
                        "fullatt_block_indexes": vision.get("fullatt_block_indexes")},
             "pixels": {"min": options.min_pixels, "max": options.max_pixels,
                        "images": [list(size) for size in options.images]},
-            "pyenv": PYENV[family],
+            "pyenv": PYENV[family], "stack_size": 256 if needs_stack_size(family, config) else None,
             "vendor_files": {"directory": VENDOR[family]["directory"], "files": list(VENDOR[family]["files"])},
             "options": asdict(options),
         },
@@ -359,8 +355,9 @@ def _readme(conversion: Conversion, family: str, config: dict, weights: str, nam
     vendor = VENDOR[family]
     split = visual_output_split(config["hidden_size"], OUTPUT_CHUNK)
     devices = list(range(options.tp))
-    stack = (" `compile.sh` sets `VACC_STACK_SIZE=256` for the LLM, as VastModelZOO says it must be for this "
-             "model." if needs_stack_size(family, config) else "")
+    stack = (" `compile.sh` exports `VACC_STACK_SIZE=256` before both compiles, as VastModelZOO's "
+             "`vlm/qwen2_5_vl/README.md` does (and its `llm/README.md` asks for any model of 32B and up)."
+             if needs_stack_size(family, config) else "")
     return "\n".join([
         f"# {model} for VastAI VACC (vamc + vastgenx)",
         "",
@@ -386,7 +383,12 @@ def _readme(conversion: Conversion, family: str, config: dict, weights: str, nam
          f"{', '.join(f'`{f}`' for f in vendor['files'])} from VastModelZOO `{vendor['directory']}/` into "
          f"`weights/{weights}/` (they are VastAI's, not vlhub's to ship). `vlhub check` reports whether they are "
          "there." + (" VastModelZOO's Qwen2.5-VL recipe also replaces `config.json` with its vacc variant: "
-                     "copy `config_vacc.json` over it if your vamc reads config.json." if family == "qwen2_5_vl" else "")),
+                     "copy `config_vacc.json` over it if your vamc reads config.json." if family == "qwen2_5_vl" else
+                     " The auto_map also names `processing_qwen2_vl.Qwen2VLProcessor`, as the vendor's own "
+                     "`config_vacc.json` does, but that folder holds no `processing_qwen2_vl.py` (only "
+                     "`config_vacc.json`, `configuration_qwen2_vl.py`, `export_onnx.py` and "
+                     "`modeling_qwen2_vl_vacc.py`), so compile.sh asks for the two the model classes come from: "
+                     "the modeling file auto_map's AutoModel names and the configuration module it imports.")),
         "",
         "## Compile",
         "",
@@ -490,23 +492,22 @@ def vamc_problems(layout: Path) -> list[str]:
         checkpoints = {llm["frontend"]["checkpoint"], visual["frontend"]["checkpoint"]}
     except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError) as exc:
         return [f"the yamls or preprocess_config.json cannot be read: {exc}"]
-    unit = VisionGeometry.from_config(config).merge ** 2
     head_dim = vision_head_dim(config)
     kv_heads = int(config["num_key_value_heads"])
     split = visual_output_split(config["hidden_size"], OUTPUT_CHUNK)
+    try:  # the input_ids lengths, checked as `vlhub convert` checks --prefill-len and --max-len
+        vamc_lengths(config, n, prefill=prefill, longest=longest)
+        lengths = ""
+    except UserError as exc:
+        lengths = f"input_ids [[{prefill}],[{longest}]]: {exc}"
     checks = [
-        (prefill % ALIGN == 0 and longest % ALIGN == 0, (f"input_ids lengths {prefill}, {longest} are not multiples "
-                                                        f"of {ALIGN}")),
-        (prefill < longest <= int(config.get("max_position_embeddings") or 32768),
-         f"context {longest} is not above the prefill {prefill} and within max_position_embeddings"),
+        (not lengths, lengths),
         (tp >= 1 and kv_heads % tp == 0, f"tp {tp} does not divide the {kv_heads} KV heads"),
         (n % patch_multiple(config) == 0, f"visual N {n} is not a multiple of {patch_multiple(config)}"),
         (shapes["pixel_values"] == [n, _patch_values(config)],
          f"pixel_values {shapes['pixel_values']} is not [N, {_patch_values(config)}]"),
         (shapes["attention_mask"] == [1, n, n], f"attention_mask {shapes['attention_mask']} is not [1, {n}, {n}]"),
         (shapes["cos"] == shapes["sin"] == [n, head_dim], f"cos/sin are not [{n}, {head_dim}] (the vision head)"),
-        (prefill >= n // unit + DEFAULT_PROMPT_TOKENS, (f"prefill {prefill} cannot hold the image's {n // unit} tokens and a "
-                                               f"{DEFAULT_PROMPT_TOKENS}-token prompt")),
         (max_pixels_patches(config, int(preprocess.get("max_pixels", 0))) <= n,
          (f"preprocess_config.json's max_pixels {preprocess.get('max_pixels')} allows "
          f"{max_pixels_patches(config, int(preprocess.get('max_pixels', 0)))} patches, more than N {n}")),

@@ -78,16 +78,18 @@ def plan(
     max_pixels]; a video's frames with the same bounds, two frames to a grid step; Qwen-VL: 448x448, 256
     tokens), then cut into 14-pixel patches; 2x2 patches make a token. The compile sizes hold the largest input,
     one input per request: visual N (patches, a multiple of 16), prefill (its tokens + the prompt) and max
-    context (+ the answer), multiples of 16 within max_position_embeddings. Per target: vamc's N, input_ids,
-    the max_pixels N allows (N x 14 x 14) and output split; tpu-mlir's --max_pixels W,H and --seq_length;
-    paddle-inference's --max-seq-len.
+    context (+ the answer), multiples of 16 within max_position_embeddings. Per target: vamc's N, input_ids
+    (a prefill holding N's tokens + the prompt), the max_pixels N allows (N x 14 x 14) and output split;
+    tpu-mlir's --max_pixels W,H and --seq_length; paddle-inference's --max-seq-len. Each target's `vlhub
+    convert` command is checked as convert checks it (with --no-smoke where N is below the smoke image).
 
     --json prints an object: model, family, min_pixels, max_pixels, prompt_tokens, answer_tokens, fit_patches
     (the N inputs are checked against), inputs (input, kind, width, height, frames, resized {height, width},
     grid \\[t, h, w], patches, tokens, fits, refit: null, or the input resized with the max_pixels that fits),
     compile (visual_patches, prefill_length, max_length, position_limit) and targets (vamc: visual_patches,
-    given, max_pixels, input_ids, output_split; tpu-mlir: max_pixels \\[W, H], seq_length, vision_patches,
-    vision_tokens, command; paddle-inference: max_seq_len, command)."""
+    given, max_pixels, input_ids, output_split, command: null when N passes what vlhub builds; tpu-mlir:
+    max_pixels \\[W, H], seq_length, vision_patches, vision_tokens, command; paddle-inference: max_seq_len,
+    command)."""
     if frames is not None and video is None:
         raise UserError("--frames goes with --video WxH: the frame size of the video it counts")
     if video is not None and frames is None:
@@ -137,22 +139,26 @@ def _sizes_table(result: Plan) -> Table:
         table.add_row("vamc max_pixels", str(vamc.max_pixels),
                       f"the largest image N allows (N x 14 x 14): give vastgenx --max_pixels {vamc.max_pixels} or less")
         table.add_row("vamc input_ids", f"[[{vamc.prefill_length}],[{vamc.max_length}]]",
-                      "the LLM yaml's prefill and max context")
+                      f"the LLM yaml's prefill (N's visual tokens + {result.prompt_tokens} prompt) and max context, "
+                      "rounded up to 16")
         runs = [(width, len(list(run))) for width, run in groupby(vamc.output_split)]
         table.add_row("vamc output split", " + ".join(f"{n} x {width}" if n > 1 else str(width) for width, n in runs),
                       "visual output columns, one output_layout entry each")
-        build = (f"vlhub builds N up to {MAX_VAMC_PATCHES}: lower --max-pixels" if vamc.visual_patches > MAX_VAMC_PATCHES
-                 else escape(result.command("vamc")))
-        table.add_row("vamc", f"--max-pixels {vamc.max_pixels}", build)
+        table.add_row("vamc", f"--max-pixels {vamc.max_pixels}", _command(result, "vamc"))
     if result.tpu_mlir:
         options = result.tpu_mlir
         table.add_row("tpu-mlir", f"--max_pixels {options.max_pixels[0]},{options.max_pixels[1]} "
                                   f"--seq_length {options.seq_length}",
-                      f"llm_convert: a ViT of {options.vision_patches} patches; {escape(result.command('tpu-mlir'))}")
+                      f"llm_convert: a ViT of {options.vision_patches} patches; {_command(result, 'tpu-mlir')}")
     if result.paddle_max_seq_len is not None:
         table.add_row("paddle-inference", f"--max-seq-len {result.paddle_max_seq_len}",
-                      escape(result.command("paddle-inference")))
+                      _command(result, "paddle-inference"))
     return table
+
+
+def _command(result: Plan, target: str) -> str:
+    command = result.command(target)
+    return escape(command) if command else f"vlhub builds N up to {MAX_VAMC_PATCHES}: lower --max-pixels"
 
 
 def _hw(size: tuple[int, int]) -> str:

@@ -9,7 +9,7 @@ Prefill: the prompt padded to S runs through embedding and block_i (causal over 
 elsewhere), image embeddings replacing the image pad tokens' rows; each layer's K/V past the prompt is
 zeroed. Decode step t (t >= 1) embeds one token, runs block_cache_i with the history and a mask that opens
 slots 0..L+t-2 and the token itself, then copies the new K/V into slot L+t-1. lm_head then greedy_head
-choose every token. Facts: shared/docs/tpu_mlir.md 1.3.
+choose every token, as LLM-TPU's models/Qwen2_VL/python_demo/chat.cpp runs the bmodel.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from vlhub.cache.tpu_onnx import LLM_DIR, MASK_VALUE, VIT_DIR
+from vlhub.cache.tpu_onnx import LLM_DIR, MASK_VALUE, VIT, network_file
 from vlhub.errors import UserError
 from vlhub.smoke.inputs import SmokeInput, VisionGeometry, pad_rows, padded_mask
 from vlhub.smoke.reference import causal_mask
@@ -39,7 +39,7 @@ class OnnxPipeline:
         block = self._session("block_cache_0")
         self.layers = len(list((self.out / LLM_DIR).glob("block_cache_*.onnx")))
         self.seq_length = next(i.shape[1] for i in block.get_inputs() if i.name == "history_k")
-        self.patches = self._session("vision_transformer").get_inputs()[0].shape[0]
+        self.patches = self._session(VIT).get_inputs()[0].shape[0]
 
     def encode_images(self, smoke: SmokeInput) -> np.ndarray:
         """Image embeddings [image tokens, hidden] in the reference's order: the smoke image's patches padded
@@ -53,19 +53,18 @@ class OnnxPipeline:
         tokens = count // self.unit
         pixels, positions = vision.pixel_values, vision.position_ids
         full = padded_mask(vision.full_mask, patches)[None]
-        windowed = {}
-        if self.qwen25:
+        masks = {"attention_mask": full}
+        if self.qwen25:  # llm_convert's form and names
             assert vision.window_index is not None and vision.reverse_index is not None
             assert vision.window_mask is not None
             pixels, positions = (a.reshape(-1, self.unit, a.shape[-1])[vision.window_index].reshape(a.shape)
                                  for a in (pixels, positions))
-            full = full[None]
-            windowed = {"window_attention_mask": padded_mask(vision.window_mask, patches)[None, None],
-                        "reverse_index": np.concatenate([vision.reverse_index, np.arange(tokens, patches // self.unit)])
-                        .astype(np.int32)}
-        return self._run("vision_transformer", input_states=pad_rows(pixels.astype(np.float32), patches),
-                         position_ids=pad_rows(positions.astype(np.int32), patches), attention_mask=full,
-                         **windowed)[0][:tokens]
+            masks = {"full_attn_mask": full[None],
+                     "window_attn_mask": padded_mask(vision.window_mask, patches)[None, None],
+                     "reverse_index": np.concatenate([vision.reverse_index, np.arange(tokens, patches // self.unit)])
+                     .astype(np.int32)}
+        return self._run(VIT, input_states=pad_rows(pixels.astype(np.float32), patches),
+                         position_ids=pad_rows(positions.astype(np.int32), patches), **masks)[0][:tokens]
 
     def generate(self, smoke: SmokeInput, image_embeds: np.ndarray, tokens: int,
                  teacher_tokens: list[int] | None = None) -> tuple[np.ndarray, list[int], np.ndarray]:
@@ -127,8 +126,7 @@ class OnnxPipeline:
     def _session(self, network: str) -> ort.InferenceSession:
         session = self._sessions.get(network)
         if session is None:
-            directory = VIT_DIR if network == "vision_transformer" else LLM_DIR
-            path = self.out / directory / f"{network}.onnx"
+            path = self.out / network_file(network)
             if not path.is_file():
                 raise UserError(f"no {path}: export the ONNX networks first")
             options = ort.SessionOptions()

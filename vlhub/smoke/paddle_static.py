@@ -36,7 +36,8 @@ computed in float32, so graphs over the source's values agree with the numpy ref
 "exact" smoke tolerance. The programs are traced from `paddle_forward`'s networks built under
 `paddle.LazyGuard` (nothing allocated); the `.pdiparams` files are written here in Paddle's format, one
 tensor at a time from the lazy reader, so memory holds one tensor, never the model.
-Facts: shared/docs/paddle.md 1.4, 2.3, 4, 5.
+Sources: PaddleMIX deploy/qwen_vl/ (file names, the `<path>.pdmodel` its predictor opens), PaddleNLP's
+StaticGraphPredictor (prefixes), Paddle Inference's Config (either IR from explicit paths).
 """
 
 from __future__ import annotations

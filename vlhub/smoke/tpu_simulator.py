@@ -13,7 +13,8 @@ near-tie explanation: bf16 logits cannot order two choices closer than their rou
 
 The toolchain's Python 3.10 runs tpu_cmodel_runner.py (numpy and tpu_mlir only) on the inputs built here, padded
 to the networks' fixed shapes. One token takes minutes: lm_head over a 151936-word vocabulary dominates.
-Facts: shared/docs/tpu_mlir.md sections 3 and 4; notes/tpu_toolchain.md.
+Sources: TPU-MLIR python/llm/ (llm_convert's networks), LLM-TPU models/Qwen2_VL/python_demo (how they are fed);
+the toolchain's setup: vlhub's README, 'The TPU-MLIR toolchain'.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from vlhub.cache.store import MANIFEST, layout_target
+from vlhub.cache.tpu_mlir import TOOLCHAIN_INSTALL, TORCH_FIRST
 from vlhub.errors import CheckFailed, UserError
 from vlhub.smoke.inputs import DEVICE_MASKED, SmokeInput, VisionGeometry, VisionInputs, pad_rows, padded_mask
 from vlhub.smoke.reference import ReferenceForward, causal_mask
@@ -42,7 +44,7 @@ from vlhub.smoke.weights import ModelWeights
 
 TOOLCHAIN_ENV = "VLHUB_TPU_MLIR_PYTHON"
 TOOLCHAIN_VERSION = "3.10"  # the tpu-mlir wheel's Requires-Python
-INSTALL = "pip install tpu-mlir==1.30.2 psutil torch"
+INSTALL = f"install {TORCH_FIRST}, then {TOOLCHAIN_INSTALL}"
 RUNNER = Path(__file__).with_name("tpu_cmodel_runner.py")
 STAGE = "simulator"
 _PROBE_SECONDS = 60
@@ -78,7 +80,8 @@ def resolve_toolchain(option: str | None) -> str | None:
                         f"point it at a python{TOOLCHAIN_VERSION} with tpu-mlir ({INSTALL})")
     if probe.returncode != 0:
         reason = (probe.stderr.strip().splitlines() or ["no output"])[-1]
-        raise UserError(f"tpu_mlir is not importable by {python} ({reason}): {python} -m {INSTALL}")
+        raise UserError(f"tpu_mlir is not importable by {python} ({reason}): install {TORCH_FIRST}, then {python} -m "
+                        f"{TOOLCHAIN_INSTALL}")
     return python
 
 

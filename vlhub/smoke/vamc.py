@@ -83,7 +83,7 @@ def _vacc_vision(weights: ModelWeights, scratch: Path, smoke: SmokeInput, patche
     cos, sin = vision_rotary(vision.position_ids, head_dim)
     pixels = vision.pixel_values.astype(np.float32)
     inputs: dict[str, np.ndarray] = {}
-    if qwen25:  # the host orders patches by window and the output back (vamc.md 2)
+    if qwen25:  # the host orders patches by window and the output back (VastModelZOO's modeling_qwen2_5_vl_vacc.py)
         assert vision.window_index is not None and vision.window_mask is not None
         pixels, cos, sin = (a.reshape(-1, unit, a.shape[-1])[vision.window_index].reshape(a.shape)
                             for a in (pixels, cos, sin))
