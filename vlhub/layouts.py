@@ -7,6 +7,7 @@ whether Linear weights are stored transposed, which one declared probe tensor's 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 from vlhub.families import FAMILIES, family_of_config
@@ -51,7 +52,7 @@ def detect_family(config: dict | None, names: list[str]) -> str | None:
 def linear_orientation(keymap: KeyMap, layout: Layout, tensors: dict[str, TensorMeta],
                        config: dict | None) -> str | None:
     """"out_in" (torch) or "in_out" (Paddle), from the family's declared probe tensor, if present."""
-    official = keymap.orientation_probe.replace("{layer}", "0")
+    official = re.sub(r"\{\w+\}", "0", keymap.orientation_probe)  # the first layer's or block's
     probe = tensors.get(layout.from_official(official))
     rule = keymap.rule_for(official)
     if probe is None or rule is None or len(probe.shape) != 2:
@@ -60,8 +61,8 @@ def linear_orientation(keymap: KeyMap, layout: Layout, tensors: dict[str, Tensor
         expected = tuple(int(evaluate(e, keymap.resolve_dims(config))) for e in rule.shape)  # type: ignore
         if expected[0] != expected[1] and probe.shape in (expected, expected[::-1]):
             return "out_in" if probe.shape == expected else "in_out"
-    # no config, or one the shapes contradict (the plan then reports the mismatch): the probe is an
-    # up-projection, wider out than in
+    # no config, or one the shapes contradict (the plan then reports the mismatch): the probe is a fused
+    # q/k/v projection, three times wider out than in
     return "out_in" if probe.shape[0] > probe.shape[1] else "in_out"
 
 

@@ -192,10 +192,6 @@ SQUARE_MLP = CheckpointSpec(
 )
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "vlhub takes a torch checkpoint whose MLP is square (intermediate_size == hidden_size) for PaddleMIX's "
-    "transposed layout: layouts.linear_orientation decides from one probe, mlp.up_proj, which then has the same "
-    "shape both ways, so convert refuses the valid checkpoint as 'mis-shaped' (exit 2)"))
 @pytest.mark.parametrize("family", FAMILIES)
 def test_paddlex_loads_square_mlp_checkpoint(family: str) -> None:
     text, image = paddlex_agreement(replace(SQUARE_MLP, family=family), [1, 2], [3], (56, 84))
