@@ -74,8 +74,9 @@ def test_a_program_that_is_not_python_is_refused() -> None:
         resolve_toolchain(shutil.which("true"))
 
 
-def test_the_option_belongs_to_tpu_mlir_layouts_and_is_checked_before_the_reference(tmp_path: Path) -> None:
-    other = run_vlhub("smoke", "tiny-qwen2-vl", "--tpu-mlir-python", sys.executable)
+def test_the_option_belongs_to_tpu_mlir_layouts_and_is_checked_before_the_reference(tmp_path: Path,
+                                                                                   tiny_qwen2_vl: Path) -> None:
+    other = run_vlhub("smoke", str(tiny_qwen2_vl), "--tpu-mlir-python", sys.executable)
     assert other.returncode == 2 and "is not one" in other.stderr
     out = convert("tiny-qwen2-vl", tmp_path / "out")
     missing = run_vlhub("smoke", str(out), "--tpu-mlir-python", str(tmp_path / "nope"))

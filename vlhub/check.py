@@ -32,7 +32,14 @@ from vlhub.atomic import ensure_free_space
 from vlhub.cache.home import vlhub_home
 from vlhub.cache.paddle_inference import inference_dtype
 from vlhub.cache.store import MANIFEST, manifest_problems, read_manifest
-from vlhub.cache.tpu_mlir import PROMPT_TOKENS, QUANTIZE_DTYPE, VISION_DEFAULTS, TpuOptions, check_tpu_options
+from vlhub.cache.tpu_mlir import (
+    PROMPT_TOKENS,
+    QUANTIZE_DTYPE,
+    TORCH_FIRST,
+    VISION_DEFAULTS,
+    TpuOptions,
+    check_tpu_options,
+)
 from vlhub.cache.vamc import PYENV, VENDOR, vamc_problems
 from vlhub.catalog import ModelSpec, find_model, unknown_model_message
 from vlhub.configs import official_config
@@ -56,6 +63,7 @@ from vlhub.plan import (
     refuse_target,
     tpu_mlir_options,
 )
+from vlhub.plan import Plan as SizePlan  # vlhub.converters.plan has the conversion's Plan
 from vlhub.smoke.run import available_memory, run_smoke
 from vlhub.smoke.tpu_simulator import TOOLCHAIN_ENV, TOOLCHAIN_VERSION, resolve_toolchain
 from vlhub.smoke.verdict import unfinished_summary
@@ -711,7 +719,7 @@ def _tpu_python_check() -> Check:
     if probe.returncode != 0:
         reason = (probe.stderr.strip().splitlines() or ["no output"])[-1]
         return Check("toolchain", name, FAIL, f"{python} has tpu_mlir but not torch and psutil ({reason})",
-                     f"{python} -m pip install torch psutil")
+                     f"install {TORCH_FIRST}, then {python} -m pip install psutil")
     return Check("toolchain", name, PASS, f"{python}: Python {TOOLCHAIN_VERSION}, tpu_mlir, torch and psutil import")
 
 
@@ -939,9 +947,11 @@ def _model_numbers(spec: ModelSpec, target: str, images: Sequence[tuple[int, int
             plan = make_plan(spec.name, images=list(images), target=target)
         except UserError as exc:
             return [Check("numbers", "sizes for --image", FAIL, str(exc), "send smaller images, or lower max_pixels")]
-        return [Check("numbers", "sizes for --image", PASS,
-                      f"visual N {plan.sizes.visual_patches}, prefill {plan.sizes.prefill_length}, context "
-                      f"{plan.sizes.max_length}", f"convert with: {plan.command(target)}")]
+        command = plan.command(target)
+        if command is None:  # vamc: a visual N past what vlhub builds
+            return [Check("numbers", "sizes for --image", FAIL, f"{target} cannot hold these images: visual N "
+                          f"{plan.sizes.visual_patches}", "send smaller images, or lower max_pixels")]
+        return [Check("numbers", "sizes for --image", PASS, _target_sizes(plan, target), f"convert with: {command}")]
     from vlhub.cache.deployments import DEPLOYMENTS
 
     try:
@@ -949,6 +959,18 @@ def _model_numbers(spec: ModelSpec, target: str, images: Sequence[tuple[int, int
     except UserError as exc:
         return [Check("numbers", "default options", FAIL, str(exc), "pass options that hold (vlhub plan MODEL)")]
     return [Check("numbers", "default options", PASS, f"vlhub convert {spec.name} --to {target}'s defaults hold")]
+
+
+def _target_sizes(plan: SizePlan, target: str) -> str:
+    """The compile sizes `plan` gives `target`'s layout, as its convert command sets them."""
+    if target == "vamc" and plan.vamc:
+        return (f"visual N {plan.vamc.visual_patches}, prefill {plan.vamc.prefill_length}, context "
+                f"{plan.vamc.max_length}")
+    if target == "tpu-mlir" and plan.tpu_mlir:
+        width, height = plan.tpu_mlir.max_pixels
+        return (f"max pixels {width},{height} ({plan.tpu_mlir.vision_patches} patches), seq length "
+                f"{plan.tpu_mlir.seq_length}")
+    return f"max seq len {plan.paddle_max_seq_len}"
 
 
 def conversion_disk(target: str, spec: ModelSpec) -> int:
