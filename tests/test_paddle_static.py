@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +16,10 @@ paddle = pytest.importorskip("paddle")
 from paddle.base.proto import framework_pb2
 from paddle.static import InputSpec
 
+from tests.conformance.factory import save_checkpoint
+from tests.conformance.test_commands import judge_conversion
+from tests.conformance.test_fresh_checkpoints import FRESH
+from tests.conftest import run_vlhub
 from tests.test_smoke import rewrite, untransposed_square
 from vlhub.configs import target_config
 from vlhub.convert import prepare_conversion
@@ -281,3 +285,22 @@ def test_bad_requests_are_refused_before_anything_is_written(weights: dict[str, 
             predictor.encode_images(smoke.pixel_values, window_index=np.zeros(1, np.int64))
     finally:
         predictor.close()
+
+
+@pytest.mark.parametrize(("blocks", "inputs"), [((), "window_mask"), ((0, 1), "full_mask")])
+def test_a_qwen2_5_vl_whose_blocks_read_one_mask_takes_only_that_one(tmp_path: Path, blocks: tuple[int, ...],
+                                                                     inputs: str) -> None:
+    """No full-attention block (or only such blocks) leaves one mask unread; Paddle refuses to save a graph with
+    an input its outputs do not depend on, which crashed the export of such a (valid) transformers checkpoint."""
+    spec = FRESH["qwen2_5_vl"]
+    spec = replace(spec, vision=replace(spec.vision, fullatt_blocks=blocks))
+    expected = dict(save_checkpoint(spec, tmp_path / "source").state_dict())
+    for ir in ("pir", "legacy"):
+        out = tmp_path / ir
+        result = run_vlhub("convert", str(tmp_path / "source"), "--to", "paddle-inference", "--ir", ir,
+                           "--out", str(out))
+        assert result.returncode == 0, result.stderr
+        judge_conversion(spec, "paddle-inference", out, expected)
+        vision = json.loads((out / "vlhub-manifest.json").read_text())["graphs"]["vision"]["inputs"]
+        unread = ({"full_mask", "window_mask"} - {inputs}).pop()
+        assert inputs in vision and unread not in vision

@@ -185,6 +185,22 @@ def test_local_checkpoint_directory(tiny_qwen2_vl: Path, tmp_path: Path) -> None
         make_plan(str(tmp_path), images=[(1280, 720)])
 
 
+def test_a_target_the_model_cannot_take_is_noted_unless_named(tiny_qwen2_vl: Path, tmp_path: Path) -> None:
+    """A Qwen2-VL whose vision heads are 40 wide has no TPU-MLIR route: plan says so and plans the others."""
+    for entry in tiny_qwen2_vl.iterdir():
+        (tmp_path / entry.name).symlink_to(entry)
+    config = json.loads((tiny_qwen2_vl / "config.json").read_text())
+    config["vision_config"]["num_heads"] = 4
+    (tmp_path / "config.json").unlink()
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    plan = make_plan(str(tmp_path), images=[(1280, 720)])
+    assert plan.tpu_mlir is None and "vision heads are 40 wide" in plan.unavailable["tpu-mlir"]
+    assert plan.vamc is not None and plan.paddle_max_seq_len is not None
+    assert plan.to_json()["targets"]["tpu-mlir"] == {"unavailable": plan.unavailable["tpu-mlir"]}
+    result = run_vlhub("plan", str(tmp_path), "--image", "1280x720", "--target", "tpu-mlir")
+    assert result.returncode == 2 and "vision heads are 40 wide" in result.stderr
+
+
 # The command
 
 

@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import math
 import shlex
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from vlhub.cache.tpu_mlir import TpuOptions, refuse_family, tpu_options
 from vlhub.catalog import find_model, unknown_model_message
@@ -30,6 +31,8 @@ from vlhub.converters.readers import config_dtype, open_checkpoint
 from vlhub.errors import UserError
 from vlhub.families import FAMILIES, family_of_config, text_config
 from vlhub.smoke.inputs import MAX_PIXELS, MAX_RATIO, MIN_PIXELS, SMOKE_PATCHES, VisionGeometry, smart_resize
+
+T = TypeVar("T")
 
 ALIGN = 16  # vamc compiles sequence and patch dimensions in multiples of 16 (VastModelZOO llm/README.md)
 DEFAULT_PROMPT_TOKENS = 128  # the chat template's turns and a question beside the visual tokens
@@ -129,6 +132,9 @@ class Plan:
     vamc: VamcPlan | None
     tpu_mlir: TpuOptions | None
     paddle_max_seq_len: int | None
+    # targets the family has a route to that this model cannot take, each with why (only when no --target
+    # was named: a named one that cannot take it is refused)
+    unavailable: dict[str, str] = field(default_factory=dict)
 
     def command(self, target: str) -> str | None:
         """The `vlhub convert` command that builds the target's layout with these sizes (None: a vamc N past
@@ -160,6 +166,7 @@ class Plan:
         if self.paddle_max_seq_len is not None:
             targets["paddle-inference"] = {"max_seq_len": self.paddle_max_seq_len,
                                            "command": self.command("paddle-inference")}
+        targets.update({name: {"unavailable": why} for name, why in self.unavailable.items()})
         inputs = [{**item.to_json(), "fits": fitted is None, "refit": fitted and fitted.to_json()}
                   for item, fitted in zip(self.inputs, self.refits)]
         return {"model": self.model, "family": self.family, "min_pixels": self.min_pixels,
@@ -434,11 +441,29 @@ def make_plan(model: str, *, images: Sequence[tuple[int, int]] = (), video: tupl
     fit = sizes.visual_patches if patches is None else patches
     # without --patches every input fits by construction; Qwen-VL (no vamc route) never gets here with one
     refits = tuple(None if item.patches <= fit else refit(config, item, fit, bounds[0]) for item in inputs)
-    vamc = None
-    if "vamc" in targets:
+    unavailable: dict[str, str] = {}
+
+    def for_target(name: str, build: Callable[[], T]) -> T | None:
+        """The target's part of the plan; without --target, a target this model cannot take is noted, not fatal."""
+        if name not in targets:
+            return None
+        try:
+            return build()
+        except UserError as exc:
+            if target is not None:
+                raise
+            unavailable[name] = str(exc)
+            return None
+
+    def vamc_plan() -> VamcPlan:
         lengths = vamc_lengths(config, fit, prompt_tokens=prompt_tokens, answer_tokens=answer_tokens)
-        vamc = VamcPlan(fit, patches is not None, max_pixels_for(config, fit), *lengths,
+        return VamcPlan(fit, patches is not None, max_pixels_for(config, fit), *lengths,
                         tuple(visual_output_split(text_config(config)["hidden_size"])))
-    return Plan(model, family, *(bounds or (None, None)), prompt_tokens, answer_tokens, tuple(inputs), sizes, fit,
-                refits, vamc, tpu_mlir_options(config, inputs, sizes) if "tpu-mlir" in targets else None,
-                paddle_max_seq_len(config, sizes) if "paddle-inference" in targets else None)
+
+    plan = Plan(model, family, *(bounds or (None, None)), prompt_tokens, answer_tokens, tuple(inputs), sizes, fit,
+                refits, for_target("vamc", vamc_plan),
+                for_target("tpu-mlir", lambda: tpu_mlir_options(config, inputs, sizes)),
+                for_target("paddle-inference", lambda: paddle_max_seq_len(config, sizes)), unavailable)
+    if len(unavailable) == len(targets):  # no route is left: the first reason is the answer
+        raise UserError(next(iter(unavailable.values())))
+    return plan

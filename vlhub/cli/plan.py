@@ -89,7 +89,7 @@ def plan(
     compile (visual_patches, prefill_length, max_length, position_limit) and targets (vamc: visual_patches,
     given, max_pixels, input_ids, output_split, command: null when N passes what vlhub builds; tpu-mlir:
     max_pixels \\[W, H], seq_length, vision_patches, vision_tokens, command; paddle-inference: max_seq_len,
-    command)."""
+    command; a target this model cannot take: unavailable, the reason)."""
     if frames is not None and video is None:
         raise UserError("--frames goes with --video WxH: the frame size of the video it counts")
     if video is not None and frames is None:
@@ -153,6 +153,8 @@ def _sizes_table(result: Plan) -> Table:
     if result.paddle_max_seq_len is not None:
         table.add_row("paddle-inference", f"--max-seq-len {result.paddle_max_seq_len}",
                       _command(result, "paddle-inference"))
+    for target, why in result.unavailable.items():
+        table.add_row(target, "not for this model", escape(why))
     return table
 
 

@@ -18,6 +18,7 @@ The graphs' inputs and outputs, by their fixed names (floats float32, indices in
     vision   pixel_values          Qwen2(.5)-VL: patches [N, 3*T*P*P]; Qwen-VL: images [B, 3, S, S]
              vision_position_ids   [N, 2], full_mask [N, N]                              Qwen2(.5)-VL
              window_index, reverse_index [N/4], window_mask [N, N]                       Qwen2.5-VL
+             (a Qwen2.5-VL whose blocks all read one mask takes only that one)
           -> image_embeds          [image tokens, hidden]
     text     inputs_embeds [1, L, hidden], position_ids [3, L] (M-RoPE) or [L] (Qwen-VL),
              past_key_values [layers, 2, kv_heads, T, head_dim]
@@ -88,6 +89,7 @@ CHECKPOINTS = "checkpoints"  # the directory under out_dir that holds the graphs
 IRS = ("pir", "legacy")
 DTYPES = ("float16", "bfloat16", "float32")
 VISION_OUTPUTS = ("image_embeds",)
+_MASKS = ("full_mask", "window_mask")  # a Qwen2.5-VL graph takes only the ones its blocks read
 TEXT_OUTPUTS = ("logits", "present_key_values")
 _INT_INPUTS = frozenset({"vision_position_ids", "window_index", "reverse_index", "position_ids"})
 _PROTO_DTYPES = {"float16": framework_pb2.VarType.FP16, "bfloat16": framework_pb2.VarType.BF16,
@@ -133,6 +135,42 @@ class _TextStep(nn.Layer):
         return logits, paddle.stack(caches)
 
 
+class _OneMaskVision(nn.Layer):
+    """Qwen2.5-VL's vision tower when no block reads one of its two masks (no full-attention block, or every
+    block one): a static graph may not take an input its outputs do not depend on, so the unread mask is
+    left out and the one mask given stands in for it."""
+
+    def __init__(self, net: Qwen2VLNet) -> None:
+        super().__init__()
+        self.tower = net.visual
+
+    def forward(self, pixel_values: paddle.Tensor, vision_position_ids: paddle.Tensor, window_index: paddle.Tensor,
+                reverse_index: paddle.Tensor, mask: paddle.Tensor) -> paddle.Tensor:
+        return self.tower(pixel_values, vision_position_ids, mask, window_index, reverse_index, mask)
+
+
+def _vision_graph(net: Qwen2VLNet | QwenVLNet, dims: Qwen2Dims | QwenVLDims) -> _Graph:
+    """The vision graph and its inputs: for Qwen2(.5)-VL the masks its blocks read (see `_OneMaskVision`)."""
+    if isinstance(dims, QwenVLDims):
+        inputs = (InputSpec([None, 3, dims.image_size, dims.image_size], "float32", "pixel_values"),)
+        return _Graph("encode_image", "vision", net.visual.forward, inputs, VISION_OUTPUTS)
+    assert isinstance(net, Qwen2VLNet)
+    width = dims.in_chans * dims.temporal_patch * dims.patch**2
+    patches = (InputSpec([None, width], "float32", "pixel_values"),
+               InputSpec([None, 2], "int64", "vision_position_ids"))
+    full = InputSpec([None, None], "float32", "full_mask")
+    if not dims.qwen2_5:
+        return _Graph("encode_image", "vision", net.visual.forward, (*patches, full), VISION_OUTPUTS)
+    order = (InputSpec([None], "int64", "window_index"), InputSpec([None], "int64", "reverse_index"))
+    window = InputSpec([None, None], "float32", "window_mask")
+    full_blocks = set(dims.fullatt_blocks) & set(range(dims.v_depth))
+    if 0 < len(full_blocks) < dims.v_depth:
+        return _Graph("encode_image", "vision", net.visual.forward, (*patches, full, *order, window), VISION_OUTPUTS)
+    used = full if full_blocks else window
+    return _Graph("encode_image", "vision", _OneMaskVision(net).forward, (*patches, *order, used),
+                  VISION_OUTPUTS)
+
+
 def _cached_causal_mask(new: paddle.Tensor, cached: paddle.Tensor) -> paddle.Tensor:
     """The additive mask [new, cached + new]: new token i sees every cached token and new tokens 0..i."""
     keys = paddle.arange(cached + new)
@@ -152,23 +190,12 @@ class _Graph:
 
 
 def _graphs(net: Qwen2VLNet | QwenVLNet, family: str, dims: Qwen2Dims | QwenVLDims) -> list[_Graph]:
-    if isinstance(dims, QwenVLDims):
-        vision = (InputSpec([None, 3, dims.image_size, dims.image_size], "float32", "pixel_values"),)
-        positions = [None]
-    else:
-        width = dims.in_chans * dims.temporal_patch * dims.patch**2
-        vision = (InputSpec([None, width], "float32", "pixel_values"),
-                  InputSpec([None, 2], "int64", "vision_position_ids"), InputSpec([None, None], "float32", "full_mask"))
-        if dims.qwen2_5:
-            vision += (InputSpec([None], "int64", "window_index"), InputSpec([None], "int64", "reverse_index"),
-                       InputSpec([None, None], "float32", "window_mask"))
-        positions = [3, None]
-    text = (InputSpec([1, None, dims.hidden], "float32", "inputs_embeds"), InputSpec(positions, "int64", "position_ids"),
+    positions = [None] if isinstance(dims, QwenVLDims) else [3, None]
+    text = (InputSpec([1, None, dims.hidden], "float32", "inputs_embeds"),
+            InputSpec(positions, "int64", "position_ids"),
             InputSpec(_cache_shape(dims, None), "float32", "past_key_values"))
-    return [
-        _Graph("encode_image", "vision", net.visual.forward, vision, VISION_OUTPUTS),
-        _Graph("encode_text", graph_prefix(family), _TextStep(net).forward, text, TEXT_OUTPUTS),
-    ]
+    return [_vision_graph(net, dims),
+            _Graph("encode_text", graph_prefix(family), _TextStep(net).forward, text, TEXT_OUTPUTS)]
 
 
 def _cache_shape(dims: Qwen2Dims | QwenVLDims, tokens: int | None) -> list[int | None]:
@@ -511,15 +538,19 @@ class StaticPredictor:
             raise
 
     def encode_images(self, pixel_values: np.ndarray, **vision_inputs: np.ndarray) -> np.ndarray:
-        """Image embeddings [image tokens, hidden], from the inputs `PaddleForward.encode_images` takes."""
-        return _run(self._vision, VISION_OUTPUTS, pixel_values=pixel_values, **vision_inputs)[0]
+        """Image embeddings [image tokens, hidden], from the inputs `PaddleForward.encode_images` takes (a mask
+        the graph does not take, which no block reads, is left out)."""
+        taken = set(self._vision.get_input_names())
+        inputs = {name: value for name, value in vision_inputs.items() if name in taken or name not in _MASKS}
+        return _run(self._vision, VISION_OUTPUTS, pixel_values=pixel_values, **inputs)[0]
 
     def generate(self, input_ids: np.ndarray, position_ids: np.ndarray, image_embeds: np.ndarray,
                  image_mask: np.ndarray, tokens: int,
                  positions_after: Callable[[int], np.ndarray]) -> tuple[np.ndarray, list[int]]:
         """Greedy decoding: the prompt's logits [L, vocab] (the text graph over an empty cache) and `tokens`
-        ids, each after the first from one decode step (the text graph over one token and the cache). `image_embeds` fill the positions `image_mask` marks, in order;
-        `positions_after(n)` gives the positions of n tokens appended to the prompt, shaped like `position_ids`."""
+        ids, each after the first from one decode step (the text graph over one token and the cache).
+        `image_embeds` fill the positions `image_mask` marks, in order; `positions_after(n)` gives the
+        positions of n tokens appended to the prompt, shaped like `position_ids`."""
         if tokens < 1:
             raise ValueError("tokens must be at least 1")
         if len(input_ids) + tokens - 1 > self.max_seq_len:
