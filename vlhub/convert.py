@@ -86,8 +86,10 @@ class Conversion:
         max_shard_size: int | None = None,
         on_bytes: Callable[[int], None] | None = None,
         memory_budget: int | None = None,
+        published_as: Path | None = None,
     ) -> ConvertResult:
-        """Convert into `out` (default: beside the source), atomically."""
+        """Convert into `out` (default: beside the source), atomically. `published_as` is where `out` ends up
+        when a layout's staging directory holding it is swapped in (default: `out`)."""
         if self.checkpoint is None:
             raise UserError(f"{self.source} is not on this machine: only --dry-run can plan it")
         out = Path(out) if out else self.default_out(max_shard_size)
@@ -109,6 +111,9 @@ class Conversion:
                     files[extra.name] = file_sha256(staging / extra.name)
                 config = target_config(self.config, dtype=self.output_dtype(),
                                        for_paddle=self.target_format == "pdparams")
+                if self.target_format == "pdparams" and self.plan.family == "qwen_vl":
+                    # PaddleMIX's Qwen-VL builds its LLM from the config this field names: its own directory
+                    config["llm_pretrained_model_name_or_path"] = str((published_as or out).absolute())
                 files["config.json"] = file_sha256(write_json_atomic(staging / "config.json", config))
                 manifest = self._manifest(files, staging)
                 write_json_atomic(staging / MANIFEST, manifest)

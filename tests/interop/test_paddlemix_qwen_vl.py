@@ -83,10 +83,6 @@ def test_parameters_are_paddlemix_qwen_lm_head_models(converted: Path) -> None:
     assert {name: tuple(array.shape) for name, array in weights.items()} == paddlemix_parameters(config)
 
 
-@pytest.mark.xfail(strict=True, raises=KeyError, reason=(
-    "PaddleMIX's QWen wrapper builds `transformer.llm` from the config that `llm_pretrained_model_name_or_path` "
-    "names (AutoConfig.from_pretrained), and vlhub's --to paddle config.json for Qwen-VL has no such field (its "
-    "--to paddle-inference layout writes it)"))
 def test_config_names_the_llm_config_paddlemix_builds_from(converted: Path) -> None:
     config = json.loads((converted / "config.json").read_text())
     llm = json.loads((Path(config["llm_pretrained_model_name_or_path"]) / "config.json").read_text())

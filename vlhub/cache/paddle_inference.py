@@ -24,7 +24,7 @@ from vlhub.atomic import staged_directory
 from vlhub.cache.layout import DeployedLayout, Deployment
 from vlhub.cache.store import conversion_output
 from vlhub.configs import official_config
-from vlhub.convert import MANIFEST, Conversion, prepare_conversion, refresh_manifest_entry
+from vlhub.convert import MANIFEST, Conversion, prepare_conversion
 from vlhub.converters.writers import file_entry, write_json_atomic
 from vlhub.errors import UserError
 from vlhub.plan import check_max_seq_len
@@ -101,8 +101,7 @@ def build_paddle_inference(
     with staged_directory(out, conversion.source_path, overwrite=overwrite, needed=2 * conversion.plan.total_bytes,
                           what="the weights and the static graphs") as staging:
         weights_dir = staging / f"{name}-inference"
-        conversion.write(weights_dir, on_bytes=on_bytes)
-        _point_llm_config_at_itself(weights_dir, out / weights_dir.name, family)
+        conversion.write(weights_dir, on_bytes=on_bytes, published_as=out / weights_dir.name)
         from vlhub.smoke.paddle_static import export_static
 
         graphs = export_static(weights_dir, staging, ir=ir, dtype=chosen, max_seq_len=max_seq_len)
@@ -130,17 +129,6 @@ def _model_name(conversion: Conversion) -> str:
     path = conversion.source_path
     assert path is not None
     return (path if path.is_dir() else path.parent).name
-
-
-def _point_llm_config_at_itself(weights_dir: Path, final: Path, family: str) -> None:
-    """PaddleMIX's Qwen-VL reads the LLM config from `llm_pretrained_model_name_or_path`: this directory."""
-    if family != "qwen_vl":
-        return
-    config_path = weights_dir / "config.json"
-    config = json.loads(config_path.read_text())
-    config["llm_pretrained_model_name_or_path"] = str(final.absolute())
-    write_json_atomic(config_path, config)
-    refresh_manifest_entry(weights_dir, "config.json")
 
 
 def _manifest(conversion: Conversion, staging: Path, name: str, family: str, dtype: str, ir: str,
