@@ -68,7 +68,7 @@ def vlhub(*args: str, failed_checks: bool = False) -> Outcome:
     if outcome.exit_code == 2:
         lines = outcome.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: "), f"vlhub {' '.join(args)}: {outcome.stderr}"
-        command = args[2] if args[0] == "convert" else args[0]
+        command = args[3] if args[0] == "convert" else args[0]  # convert SRC --to TARGET: by target
         allowed = REFUSALS.get(command, [])
         assert any(re.search(pattern, lines[0]) for pattern in allowed), f"vlhub {' '.join(args)} refused: {lines[0]}"
     return outcome
