@@ -59,6 +59,8 @@ HOSTILE_CONFIGS: dict[str, tuple[str | None, str]] = {
     "deep nesting": (_replaced('"rope_scaling": {', '"x": ' + "[" * 100_000 + "]" * 100_000 + ', "rope_scaling": {'),
                      "nested more than 64 levels deep"),
     "no model_type": (_edited(lambda c: c.pop("model_type")), "has no model_type"),
+    "non-numeric positions": (_edited(lambda c: c.update(max_position_embeddings="abc")),
+                              "max_position_embeddings is 'abc'"),
     "zero vision heads": (_edited(lambda c: c["vision_config"].update(num_heads=0)), "vision_config.num_heads is 0"),
     "vision heads not dividing the vision width": (_edited(lambda c: c["vision_config"].update(num_heads=3)),
                                                    "is not a multiple of vision_config.num_heads 3"),

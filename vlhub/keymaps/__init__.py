@@ -47,6 +47,7 @@ MAX_VOCAB = 1 << 22
 MAX_MLP_RATIO = 64  # a ViT's MLP width over its width: 4 to 5.3 in released models
 MAX_CHANNELS = 64  # input image channels: 3
 MAX_PATCH = 1024  # patch side, temporal patch and merge size: 14, 2 and 2 in released models
+MAX_POSITIONS = 1 << 24  # max_position_embeddings (and Qwen-VL's seq_length): 32768 to 262144 in released models
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,7 @@ DIM_BOUNDS: dict[str, DimBound] = {
     **dict.fromkeys(("inter", "v_inter"), DimBound(MAX_FFN)),
     **dict.fromkeys(("heads", "kv_heads", "v_heads"), DimBound(MAX_HEADS)),
     "vocab": DimBound(MAX_VOCAB),
+    **dict.fromkeys(("positions", "seq_length"), DimBound(MAX_POSITIONS)),
     "v_mlp_ratio": DimBound(MAX_MLP_RATIO, whole=False),
     "v_in_chans": DimBound(MAX_CHANNELS),
     **dict.fromkeys(("v_patch", "v_temporal", "v_merge"), DimBound(MAX_PATCH)),
