@@ -16,9 +16,8 @@ paddle = pytest.importorskip("paddle")
 from paddle.base.proto import framework_pb2
 from paddle.static import InputSpec
 
-from tests.conformance.factory import save_checkpoint
-from tests.conformance.test_commands import judge_conversion
-from tests.conformance.test_fresh_checkpoints import FRESH
+from tests.conformance.factory import FRESH, save_checkpoint
+from tests.conformance.judge import judge_conversion
 from tests.conftest import run_vlhub
 from tests.test_smoke import rewrite, untransposed_square
 from vlhub.configs import target_config

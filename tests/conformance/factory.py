@@ -95,6 +95,20 @@ class CheckpointSpec:
                 f"shards <= {self.max_shard_size} bytes")
 
 
+# A fresh Qwen2-VL and Qwen2.5-VL with dims no fixture of this project has, that every target takes: head_dim 64
+# and intermediate 320 keep llm_convert's default quantization groups (64) whole, the vision heads are 80 wide
+# as llm_convert requires, and the special tokens sit inside a 3001-token vocabulary
+_FRESH_TEXT = TextDims(vocab=3001, heads=3, kv_heads=1, head_dim=64, intermediate=320, layers=2, tied=False,
+                       mrope_section=(8, 12, 12), rope_theta=1000000.0)
+_FRESH_TOKENS = SpecialTokens(image=2999, video=3000, vision_start=2997, vision_end=2998, bos=2995, eos=2996)
+FRESH = {
+    "qwen2_vl": CheckpointSpec("qwen2_vl", _FRESH_TEXT, VisionDims(2, 2, 80, 320, 2, 112, ()), _FRESH_TOKENS,
+                               "bfloat16", "official", max_shard_size=1_000_000, seed=7),
+    "qwen2_5_vl": CheckpointSpec("qwen2_5_vl", _FRESH_TEXT, VisionDims(2, 2, 80, 256, 2, 112, (1,)), _FRESH_TOKENS,
+                                 "bfloat16", "official", max_shard_size=1_000_000, seed=8, with_tokenizer=True),
+}
+
+
 @st.composite
 def text_dims(draw: st.DrawFn, family: str, *, vocab: int | None = None) -> TextDims:
     heads = draw(st.sampled_from([1, 2, 3, 4, 5, 6]))

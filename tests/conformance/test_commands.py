@@ -24,11 +24,11 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, note, settings
 from typer.testing import CliRunner
 
-from tests.conformance.factory import FAMILIES, CheckpointSpec, checkpoint_specs, model_class, save_checkpoint
+from tests.conformance.factory import FAMILIES, CheckpointSpec, checkpoint_specs, save_checkpoint
+from tests.conformance.judge import CONVERT_TARGETS, assert_same_weights, judge_conversion, transformers_state
 from vlhub.cli.app import app
 
 EXAMPLES = int(os.environ.get("VLHUB_CONFORMANCE_EXAMPLES", "4"))
-CONVERT_TARGETS = ("paddle", "safetensors", "torch", "paddle-inference", "tpu-mlir", "vamc")
 # the refusals a valid checkpoint may meet, by command: each names what vlhub cannot handle
 REFUSALS = {
     "tpu-mlir": [
@@ -38,8 +38,6 @@ REFUSALS = {
     ],
     "keys": [r"rewrites safetensors and pdparams checkpoints, not torch"],
 }
-# targets whose weights are a Hugging Face folder (the layouts name it in their manifest's target.weights)
-HF_FOLDERS = ("safetensors", "torch", "tpu-mlir", "vamc")
 
 
 @dataclass
@@ -72,29 +70,6 @@ def vlhub(*args: str, failed_checks: bool = False) -> Outcome:
         allowed = REFUSALS.get(command, [])
         assert any(re.search(pattern, lines[0]) for pattern in allowed), f"vlhub {' '.join(args)} refused: {lines[0]}"
     return outcome
-
-
-def transformers_state(directory: Path, spec: CheckpointSpec) -> dict:
-    """The state dict transformers loads from `directory`, in the dtype stored there (judged by its own loader)."""
-    return dict(model_class(spec).from_pretrained(directory, dtype="auto").state_dict())
-
-
-def assert_same_weights(loaded: dict, expected: dict, what: str) -> None:
-    """Every tensor equal to the source model's, cast as the loaded one is (a float16 layout holds float16)."""
-    assert loaded.keys() == expected.keys(), f"{what}: {sorted(loaded.keys() ^ expected.keys())[:5]}"
-    for name, tensor in expected.items():
-        cast = tensor.to(loaded[name].dtype)
-        assert loaded[name].equal(cast), f"{what}: {name} differs"
-
-
-def judge_conversion(spec: CheckpointSpec, target: str, out: Path, expected: dict) -> None:
-    """The conversion's recorded smoke verdict passed, and where it wrote a Hugging Face folder transformers
-    itself loads it with every tensor equal to the source model's."""
-    manifest = json.loads((out / "vlhub-manifest.json").read_text())
-    assert manifest["smoke"]["state"] == "passed", manifest["smoke"]
-    if target in HF_FOLDERS:
-        weights = out / manifest["target"]["weights"] if "weights" in manifest["target"] else out
-        assert_same_weights(transformers_state(weights, spec), expected, f"--to {target}")
 
 
 def run_every_command(spec: CheckpointSpec, work: Path) -> list[Outcome]:
