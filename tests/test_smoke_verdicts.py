@@ -80,7 +80,8 @@ def test_a_prompt_the_checkpoint_cannot_take_is_refused_before_converting(
         result = run_vlhub("convert", str(source), "--to", target, "--out", str(tmp_path / target))
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / target).exists()
-    assert run_vlhub("convert", str(source), "--to", "paddle", "--out", str(tmp_path / "p"), "--no-smoke").returncode == 0
+    unsmoked = run_vlhub("convert", str(source), "--to", "paddle", "--out", str(tmp_path / "p"), "--no-smoke")
+    assert unsmoked.returncode == 0
     assert verdict(tmp_path / "p")["state"] == "skipped"
     assert check_smoke_line(tmp_path / "p")["detail"] == "not run: converted with --no-smoke"
 
@@ -136,11 +137,16 @@ def test_a_tpu_mlir_smoke_says_what_did_not_run(tiny_qwen2_vl: Path, tmp_path: P
     assert [s["name"] for s in skipped] == ["simulator"] and "no toolchain" in skipped[0]["detail"]
 
 
-def test_smoke_takes_a_model_name(tiny_qwen2_5_vl: Path, tmp_path: Path) -> None:
-    assert "no conversion of tiny-qwen2.5-vl in the cache" in run_vlhub("smoke", "tiny-qwen2.5-vl").stderr
-    assert run_vlhub("convert", "tiny-qwen2.5-vl", "--to", "paddle", "--no-smoke").returncode == 0
-    assert run_vlhub("smoke", "tiny-qwen2.5-vl").returncode == 0
-    assert run_vlhub("convert", "tiny-qwen2.5-vl", "--to", "safetensors", "--no-smoke").returncode == 0
-    several = run_vlhub("smoke", "tiny-qwen2.5-vl")
+def test_smoke_takes_a_model_name(tmp_path: Path) -> None:
+    home = {"VLHUB_HOME": str(tmp_path / "home")}  # a cache of its own: other tests convert tiny models too
+
+    def vlhub(*args: str) -> subprocess.CompletedProcess[str]:
+        return run_vlhub(*args, env=home)
+
+    assert "no conversion of tiny-qwen2.5-vl in the cache" in vlhub("smoke", "tiny-qwen2.5-vl").stderr
+    assert vlhub("convert", "tiny-qwen2.5-vl", "--to", "paddle", "--no-smoke").returncode == 0
+    assert vlhub("smoke", "tiny-qwen2.5-vl").returncode == 0
+    assert vlhub("convert", "tiny-qwen2.5-vl", "--to", "safetensors", "--no-smoke").returncode == 0
+    several = vlhub("smoke", "tiny-qwen2.5-vl")
     assert several.returncode == 2 and "paddle, safetensors: pass --target" in several.stderr
-    assert run_vlhub("smoke", "tiny-qwen2.5-vl", "--target", "safetensors").returncode == 0
+    assert vlhub("smoke", "tiny-qwen2.5-vl", "--target", "safetensors").returncode == 0
