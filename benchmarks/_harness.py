@@ -5,15 +5,15 @@ from __future__ import annotations
 import os
 import statistics
 import subprocess
-import tempfile
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from vlhub.catalog import get_model
-from vlhub.synthetic import write_synthetic_checkpoint
+from vlhub.hub.synthetic import write_synthetic_checkpoint
 
 # the official Qwen2(.5)-VL uploads cut shards at about 4 GB
 OFFICIAL_SHARD_SIZE = 4 * 10**9

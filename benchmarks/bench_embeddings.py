@@ -20,7 +20,7 @@ from pathlib import Path
 
 from _harness import drop_page_cache, full_size_checkpoint, measure, python
 
-from vlhub.converters.writers import file_sha256
+from vlhub.formats.writers import file_sha256
 
 EMBEDDING = "model.embed_tokens.weight"
 PLAIN_SCRIPT = (

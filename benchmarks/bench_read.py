@@ -20,7 +20,7 @@ from _harness import drop_page_cache, full_size_checkpoint, measure, python
 SMALL, BIG = "model.norm.weight", "model.embed_tokens.weight"
 # the child times only the work itself and prints it, so interpreter start-up is not counted
 TIMED_READ = (
-    "import sys, time; from vlhub.converters.readers import open_checkpoint\n"
+    "import sys, time; from vlhub.formats.readers import open_checkpoint\n"
     "t = time.perf_counter(); open_checkpoint(sys.argv[1]).read(sys.argv[2]); print(time.perf_counter() - t)"
 )
 TIMED_LOAD_FILE = (

@@ -23,7 +23,7 @@ from _harness import measure
 
 from vlhub.catalog import get_model
 from vlhub.families import FAMILIES
-from vlhub.synthetic import write_synthetic_checkpoint
+from vlhub.hub.synthetic import write_synthetic_checkpoint
 
 
 def checkpoint(data: Path, layers: int) -> Path:

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from vlhub.cache.tiny import ensure_tiny_model
 from vlhub.catalog import get_model
+from vlhub.hub.tiny import ensure_tiny_model
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -49,8 +49,8 @@ def tiny_qwen2_vl_transformers5(tiny_qwen2_vl: Path, tmp_path_factory: pytest.Te
     import numpy as np
     import transformers
 
-    from vlhub.converters.readers import open_checkpoint
-    from vlhub.converters.writers import CheckpointWriter
+    from vlhub.formats.readers import open_checkpoint
+    from vlhub.formats.writers import CheckpointWriter
 
     source = tmp_path_factory.mktemp("transformers5")
     with open_checkpoint(tiny_qwen2_vl) as checkpoint:

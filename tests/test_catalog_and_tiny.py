@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from vlhub.catalog import find_model, get_model, models
-from vlhub.converters.readers import open_checkpoint
 from vlhub.errors import UserError
+from vlhub.formats.readers import open_checkpoint
 
 OFFICIAL = ["qwen-vl-7b", "qwen-vl-chat-7b", "qwen2-vl-2b", "qwen2-vl-7b", "qwen2-vl-72b",
             "qwen2.5-vl-3b", "qwen2.5-vl-7b", "qwen2.5-vl-32b", "qwen2.5-vl-72b"]
@@ -90,7 +90,7 @@ def test_tiny_qwen_vl_shards_are_what_torch_load_reads(tiny_qwen_vl: Path) -> No
 
 def test_tiny_generation_is_deterministic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                           tiny_qwen2_5_vl: Path) -> None:
-    from vlhub.cache.tiny import ensure_tiny_model
+    from vlhub.hub.tiny import ensure_tiny_model
 
     monkeypatch.setenv("VLHUB_HOME", str(tmp_path))
     again = ensure_tiny_model(get_model("tiny-qwen2.5-vl"))

@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vlhub.converters.readers import open_checkpoint
-from vlhub.converters.writers import CheckpointWriter, plan_shards
 from vlhub.errors import CorruptCheckpoint, UserError
-from vlhub.synthetic import cast_float32, synthetic_values
-from vlhub.tensors import TensorMeta
+from vlhub.formats.readers import open_checkpoint
+from vlhub.formats.tensors import TensorMeta
+from vlhub.formats.writers import CheckpointWriter, plan_shards
+from vlhub.hub.synthetic import cast_float32, synthetic_values
 
 
 def _tensors(dtype: str) -> list[tuple[TensorMeta, np.ndarray]]:

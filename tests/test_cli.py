@@ -84,7 +84,7 @@ def test_usage_error_exits_2() -> None:
 
 def test_import_and_help_load_neither_paddle_nor_torch() -> None:
     code = (
-        "import sys, vlhub, vlhub.converters.readers, vlhub.inspect\n"
+        "import sys, vlhub, vlhub.formats.readers, vlhub.inspect\n"
         "from vlhub.cli.app import app\n"
         "from typer.testing import CliRunner\n"
         "assert CliRunner().invoke(app, ['--help']).exit_code == 0\n"

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 
 from tests.conftest import run_vlhub
-from vlhub.convert import prepare_conversion
-from vlhub.converters.readers import open_checkpoint
-from vlhub.converters.writers import CheckpointWriter, file_sha256
+from vlhub.convert.conversion import prepare_conversion
 from vlhub.errors import UserError
+from vlhub.formats.readers import open_checkpoint
+from vlhub.formats.tensors import float32_from_bf16_bits
+from vlhub.formats.writers import CheckpointWriter, file_sha256
 from vlhub.keymaps import load_keymap
-from vlhub.tensors import float32_from_bf16_bits
 
 TINY = {"tiny-qwen2-vl": ("safetensors", "tiny_qwen2_vl"), "tiny-qwen2.5-vl": ("safetensors", "tiny_qwen2_5_vl"),
         "tiny-qwen-vl": ("torch", "tiny_qwen_vl")}
@@ -186,7 +186,7 @@ def _metas(path: Path):
 
 
 def _meta(name: str, shape: tuple[int, ...]):
-    from vlhub.tensors import TensorMeta
+    from vlhub.formats.tensors import TensorMeta
 
     return TensorMeta(name, "bfloat16", shape)
 
@@ -222,7 +222,7 @@ def test_unknown_family_names_the_keys_it_saw(tmp_path: Path) -> None:
 
 def test_an_interrupted_conversion_leaves_nothing(tiny_qwen2_vl: Path, tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    import vlhub.converters.pipeline as pipeline
+    import vlhub.convert.pipeline as pipeline
 
     calls = []
 

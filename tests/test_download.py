@@ -19,8 +19,8 @@ import pytest
 from tests.conftest import run_vlhub
 from tests.fake_hub import FakeHub
 from tests.fake_modelscope import FakeModelScope
-from vlhub.cache.download import HashingWriter
-from vlhub.cache.locks import exclusive_lock
+from vlhub.hub.download import HashingWriter
+from vlhub.hub.locks import exclusive_lock
 from vlhub.units import format_size
 
 REPO = "Qwen/Qwen2-VL-2B-Instruct"  # served with tiny-qwen2-vl's files, so `qwen2-vl-2b` names it
@@ -200,7 +200,7 @@ def test_concurrent_downloads_wait_for_each_other(hub: FakeHub, env: dict[str, s
 def test_a_lock_held_by_a_dead_process_is_taken_at_once(tmp_path: Path) -> None:
     lock = tmp_path / "model.lock"
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from pathlib import Path; from vlhub.cache.locks import exclusive_lock\n"
+        "import sys, time; from pathlib import Path; from vlhub.hub.locks import exclusive_lock\n"
         f"with exclusive_lock(Path({str(lock)!r})):\n    print('held', flush=True); time.sleep(600)")],
         stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
@@ -378,9 +378,9 @@ def test_cached_conversions_are_keyed_by_options_and_smoke_tested_when_reused(tm
 
 
 def test_listed_hashes_are_untrusted_names_too() -> None:
-    from vlhub.cache.download import checked_files, resolve_repo
-    from vlhub.cache.records import RemoteFile
     from vlhub.errors import UserError
+    from vlhub.hub.download import checked_files, resolve_repo
+    from vlhub.hub.records import RemoteFile
 
     ref = resolve_repo("org/repo")
     for sha256, blob_id in (("../../../../victim.txt", None), (None, "../victim"), (None, None), ("A" * 64, None)):

@@ -20,15 +20,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import run_vlhub
-from vlhub.cache.tiny import ensure_tiny_model
 from vlhub.catalog import get_model
-from vlhub.convert import prepare_conversion
-from vlhub.converters.readers import Checkpoint, open_checkpoint
-from vlhub.converters.writers import CheckpointWriter, file_sha256
+from vlhub.convert.conversion import prepare_conversion
 from vlhub.embeddings import DTYPES, prepare_dump
 from vlhub.errors import UserError
+from vlhub.formats.readers import Checkpoint, open_checkpoint
+from vlhub.formats.tensors import TensorMeta
+from vlhub.formats.writers import CheckpointWriter, file_sha256
+from vlhub.hub.tiny import ensure_tiny_model
 from vlhub.keys import rename_keys
-from vlhub.tensors import TensorMeta
 
 torch = pytest.importorskip("torch")
 

@@ -15,12 +15,12 @@ from safetensors.numpy import save_file
 
 from tests.conftest import run_vlhub
 from vlhub.catalog import get_model
-from vlhub.converters.readers import RowsOutOfRange, open_checkpoint
-from vlhub.converters.safetensors_io import SafetensorsFile
-from vlhub.converters.writers import CheckpointWriter
 from vlhub.errors import CorruptCheckpoint, UserError
+from vlhub.formats.readers import RowsOutOfRange, open_checkpoint
+from vlhub.formats.safetensors_io import SafetensorsFile
+from vlhub.formats.tensors import TensorMeta
+from vlhub.formats.writers import CheckpointWriter
 from vlhub.keymaps import MAX_LAYERS
-from vlhub.tensors import TensorMeta
 
 # --- config.json -------------------------------------------------------------------------------------------
 

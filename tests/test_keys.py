@@ -23,18 +23,18 @@ import pytest
 
 import vlhub.keys
 from tests.conftest import run_vlhub
-from vlhub.cache.store import MANIFEST, manifest_problems, read_manifest
 from vlhub.catalog import get_model
 from vlhub.check import check_path
-from vlhub.convert import prepare_conversion
-from vlhub.converters.io_utils import StoredBytes
-from vlhub.converters.pdparams_io import PdparamsFile, PdparamsShardWriter
-from vlhub.converters.readers import open_checkpoint
-from vlhub.converters.writers import CheckpointWriter
+from vlhub.convert.conversion import prepare_conversion
 from vlhub.errors import UserError
+from vlhub.formats.io_utils import StoredBytes
+from vlhub.formats.pdparams_io import PdparamsFile, PdparamsShardWriter
+from vlhub.formats.readers import open_checkpoint
+from vlhub.formats.tensors import TensorMeta, bf16_bits_from_float32
+from vlhub.formats.writers import CheckpointWriter
+from vlhub.hub.store import MANIFEST, manifest_problems, read_manifest
 from vlhub.keymaps import load_keymap
 from vlhub.keys import RenameResult, layout_renames, parse_rename, plan_renames, rename_keys
-from vlhub.tensors import TensorMeta, bf16_bits_from_float32
 
 MB = 1 << 20
 
@@ -579,7 +579,7 @@ def test_renaming_a_256mb_pdparams_tensor_never_holds_it(tmp_path: Path) -> None
     baseline = _peak_rss([*command, "--dry-run"])  # the same process without copying any data
     renamed = _peak_rss([*command, "--out", str(tmp_path / "out.pdparams")])
     # the control: the same command made to read the tensor instead of copying it, which must show
-    forced_read = ("import sys; from vlhub.converters.pdparams_io import PdparamsFile\n"
+    forced_read = ("import sys; from vlhub.formats.pdparams_io import PdparamsFile\n"
                    "PdparamsFile.stored_bytes = lambda self, name: None\n"
                    "from vlhub.cli.app import main; sys.argv[0] = 'vlhub'; main()")
     full_read = _peak_rss([sys.executable, "-c", forced_read, *command[3:], "--out", str(tmp_path / "read.pdparams")])

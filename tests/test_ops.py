@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from vlhub.converters.ops import cast_float, transpose_2d
+from vlhub.convert.ops import cast_float, transpose_2d
 from vlhub.errors import UserError
-from vlhub.tensors import bf16_bits_from_float32
+from vlhub.formats.tensors import bf16_bits_from_float32
 
 
 def _tie_heavy_float32(n: int = 1 << 18) -> np.ndarray:

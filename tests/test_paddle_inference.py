@@ -10,10 +10,10 @@ import pytest
 
 from tests.conftest import run_vlhub
 from tests.test_smoke import rewrite, untransposed_square
-from vlhub.cache.paddle_inference import build_paddle_inference, layout_output
-from vlhub.convert import prepare_conversion
-from vlhub.converters.readers import open_checkpoint
+from vlhub.convert.conversion import prepare_conversion
+from vlhub.formats.readers import open_checkpoint
 from vlhub.smoke.run import run_smoke
+from vlhub.targets.paddle_inference.build import build_paddle_inference, layout_output
 
 NAMES = {"tiny-qwen-vl": "qwen", "tiny-qwen2-vl": "model", "tiny-qwen2.5-vl": "model"}
 # the graph file each family's layout is written with by default: PaddleMIX's Qwen-VL static predictor

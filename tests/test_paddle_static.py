@@ -20,19 +20,19 @@ from tests.conformance.factory import FRESH, save_checkpoint
 from tests.conformance.judge import judge_conversion
 from tests.conftest import run_vlhub
 from tests.test_smoke import rewrite, untransposed_square
-from vlhub.configs import target_config
-from vlhub.convert import prepare_conversion
-from vlhub.converters.pipeline import ordered_steps, run_plan
-from vlhub.converters.plan import plan_conversion
-from vlhub.converters.readers import open_checkpoint
-from vlhub.converters.writers import CheckpointWriter, write_json_atomic
+from vlhub.convert.configs import target_config
+from vlhub.convert.conversion import prepare_conversion
+from vlhub.convert.pipeline import ordered_steps, run_plan
+from vlhub.convert.plan import plan_conversion
 from vlhub.errors import UserError
+from vlhub.formats.readers import open_checkpoint
+from vlhub.formats.writers import CheckpointWriter, write_json_atomic
 from vlhub.smoke.inputs import SmokeInput, smoke_input
 from vlhub.smoke.paddle_forward import PaddleForward, Qwen2VLNet
-from vlhub.smoke.paddle_static import TEXT_OUTPUTS, StaticPredictor, _cache_shape, _run, export_static
 from vlhub.smoke.reference import ReferenceForward
 from vlhub.smoke.verdict import TOLERANCES, Stage, Tolerance, compare_arrays
 from vlhub.smoke.weights import ModelWeights
+from vlhub.targets.paddle_inference.static import TEXT_OUTPUTS, StaticPredictor, _cache_shape, _run, export_static
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen_vl")
 TOKENS = 4

@@ -17,10 +17,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vlhub.converters.pdparams_io import PdparamsFile, PdparamsShardWriter
-from vlhub.converters.torch_io import TorchBinFile, TorchBinShardWriter
 from vlhub.errors import CorruptCheckpoint, UnsafePickle
-from vlhub.tensors import TensorMeta, bf16_bits_from_float32
+from vlhub.formats.pdparams_io import PdparamsFile, PdparamsShardWriter
+from vlhub.formats.tensors import TensorMeta, bf16_bits_from_float32
+from vlhub.formats.torch_io import TorchBinFile, TorchBinShardWriter
 
 if TYPE_CHECKING:
     import torch

@@ -19,13 +19,13 @@ from safetensors.numpy import save_file
 from typer.testing import CliRunner
 
 from tests.conftest import run_vlhub
-from vlhub.cache.vamc import vamc_options
 from vlhub.catalog import models
 from vlhub.cli import convert as convert_command
 from vlhub.cli.app import app
-from vlhub.configs import official_config
+from vlhub.convert.configs import official_config
 from vlhub.errors import UserError
 from vlhub.plan import MAX_VAMC_PATCHES, make_plan, max_pixels_for, plan_inputs, visual_output_split
+from vlhub.targets.vamc.build import vamc_options
 
 IMAGES = [(1280, 720), (1920, 1080), (448, 448), (200, 5000), (20, 20)]  # width x height
 # (resized HxW, grid t,h,w, patches, tokens) for Qwen2-VL and Qwen2.5-VL (14-pixel patches, 2x2 merge)

@@ -13,9 +13,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import save_file
 
-from vlhub.converters.safetensors_io import SafetensorsFile, SafetensorsShardWriter
 from vlhub.errors import CorruptCheckpoint
-from vlhub.tensors import TensorMeta
+from vlhub.formats.safetensors_io import SafetensorsFile, SafetensorsShardWriter
+from vlhub.formats.tensors import TensorMeta
 
 
 def _arrays() -> dict[str, np.ndarray]:

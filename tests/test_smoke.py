@@ -15,14 +15,14 @@ import numpy as np
 import pytest
 
 from tests.conftest import run_vlhub
-from vlhub.convert import MANIFEST, prepare_conversion
-from vlhub.converters.formats import format_of_file
-from vlhub.converters.writers import CheckpointWriter
+from vlhub.convert.conversion import MANIFEST, prepare_conversion
+from vlhub.formats.registry import format_of_file
+from vlhub.formats.tensors import TensorMeta
+from vlhub.formats.writers import CheckpointWriter
+from vlhub.hub.synthetic import cast_float32
 from vlhub.smoke.run import run_smoke
 from vlhub.smoke.verdict import TOLERANCES
 from vlhub.smoke.weights import ModelWeights
-from vlhub.synthetic import cast_float32
-from vlhub.tensors import TensorMeta
 
 TINY = ("tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-qwen-vl")
 TARGETS = ("paddle", "safetensors")
@@ -211,7 +211,7 @@ def test_a_failed_smoke_fails_the_conversion(tmp_path: Path, tiny_qwen2_vl: Path
     from typer.testing import CliRunner
 
     from vlhub.cli.app import app
-    from vlhub.converters import pipeline
+    from vlhub.convert import pipeline
 
     real = pipeline.transpose_2d
 
@@ -230,7 +230,7 @@ def test_a_failed_smoke_fails_the_conversion(tmp_path: Path, tiny_qwen2_vl: Path
 
 def test_narrowing_casts_pass_within_their_stated_tolerance(tmp_path: Path, tiny_qwen2_vl: Path) -> None:
     from vlhub.catalog import get_model
-    from vlhub.synthetic import write_synthetic_checkpoint
+    from vlhub.hub.synthetic import write_synthetic_checkpoint
 
     spec = get_model("tiny-qwen2-vl")
     float32_source = write_synthetic_checkpoint(tmp_path / "f32", spec.family, spec.config, dtype="float32",

@@ -21,8 +21,8 @@ from typer.testing import CliRunner
 from tests.conftest import run_vlhub
 from vlhub.cli import convert as convert_cli
 from vlhub.cli.app import app
-from vlhub.configs import official_config
-from vlhub.convert import MANIFEST
+from vlhub.convert.configs import official_config
+from vlhub.convert.conversion import MANIFEST
 from vlhub.errors import UserError
 from vlhub.smoke.inputs import CHAT_START, smoke_input, tokenizer_special_tokens
 

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import run_vlhub
-from vlhub.cache.tpu_mlir import TpuOptions, check_tpu_options, tpu_options
 from vlhub.catalog import get_model
-from vlhub.converters.readers import open_checkpoint
 from vlhub.errors import UserError
+from vlhub.formats.readers import open_checkpoint
 from vlhub.inspect import inspect_checkpoint
+from vlhub.targets.tpu_mlir.build import TpuOptions, check_tpu_options, tpu_options
 
 SMALL = ["--seq-length", "128", "--max-pixels", "112,112"]
 

@@ -13,17 +13,17 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 from tests.test_smoke import q_and_k_swapped, rewrite
-from vlhub.cache import tpu_onnx
-from vlhub.cache.tpu_mlir import TpuOptions, onnx_compile_script
-from vlhub.cache.tpu_onnx import export_onnx
-from vlhub.converters.writers import file_sha256
 from vlhub.errors import UserError
 from vlhub.families import text_config
+from vlhub.formats.writers import file_sha256
 from vlhub.smoke.inputs import smoke_input
-from vlhub.smoke.onnx_runtime import OnnxPipeline, onnx_outputs
 from vlhub.smoke.reference import ReferenceForward, softmax
 from vlhub.smoke.verdict import TOLERANCES, compare_arrays
 from vlhub.smoke.weights import ModelWeights
+from vlhub.targets.tpu_mlir import onnx_export as tpu_onnx
+from vlhub.targets.tpu_mlir.build import TpuOptions, onnx_compile_script
+from vlhub.targets.tpu_mlir.onnx_export import export_onnx
+from vlhub.targets.tpu_mlir.onnx_runtime import OnnxPipeline, onnx_outputs
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl")
 SEQ = 128

@@ -17,8 +17,8 @@ from vlhub.catalog import get_model
 from vlhub.errors import UserError
 from vlhub.smoke.inputs import DEVICE_MASKED, smoke_input
 from vlhub.smoke.run import run_smoke
-from vlhub.smoke.tpu_cmodel_runner import from_bf16, to_bf16
-from vlhub.smoke.tpu_simulator import (
+from vlhub.targets.tpu_mlir.cmodel_runner import from_bf16, to_bf16
+from vlhub.targets.tpu_mlir.simulator import (
     TOOLCHAIN_ENV,
     SimulatorResult,
     ensure_bmodel,

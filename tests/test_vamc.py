@@ -14,13 +14,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from tests.conftest import run_vlhub
-from vlhub.cache.vamc import llm_yaml, needs_stack_size, vamc_options, visual_yaml
 from vlhub.catalog import get_model
-from vlhub.configs import official_config
+from vlhub.convert.configs import official_config
 from vlhub.errors import UserError
 from vlhub.plan import visual_output_split
 from vlhub.smoke.inputs import smoke_input
 from vlhub.smoke.weights import ModelWeights
+from vlhub.targets.vamc.build import llm_yaml, needs_stack_size, vamc_options, visual_yaml
 
 
 def convert(source: str | Path, out: Path, *args: str) -> dict:

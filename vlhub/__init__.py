@@ -13,14 +13,14 @@ from typing import Any
 __version__ = "0.1.0"
 
 _API = {
-    "open_checkpoint": "vlhub.converters.readers",
-    "Checkpoint": "vlhub.converters.readers",
-    "CheckpointWriter": "vlhub.converters.writers",
+    "open_checkpoint": "vlhub.formats.readers",
+    "Checkpoint": "vlhub.formats.readers",
+    "CheckpointWriter": "vlhub.formats.writers",
     "inspect_checkpoint": "vlhub.inspect",
     "get_model": "vlhub.catalog",
     "models": "vlhub.catalog",
-    "resolve_source": "vlhub.sources",
-    "TensorMeta": "vlhub.tensors",
+    "resolve_source": "vlhub.hub.sources",
+    "TensorMeta": "vlhub.formats.tensors",
     "VlhubError": "vlhub.errors",
 }
 __all__ = [*_API, "__version__"]

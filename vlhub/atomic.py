@@ -11,8 +11,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from vlhub.converters.writers import temporary_name
 from vlhub.errors import UserError
+from vlhub.formats.writers import temporary_name
 from vlhub.units import format_size, parse_size
 
 

@@ -29,28 +29,18 @@ import numpy as np
 import yaml
 
 from vlhub.atomic import ensure_free_space
-from vlhub.cache.home import vlhub_home
-from vlhub.cache.paddle_inference import inference_dtype
-from vlhub.cache.store import MANIFEST, manifest_problems, read_manifest
-from vlhub.cache.tpu_mlir import (
-    PROMPT_TOKENS,
-    QUANTIZE_DTYPE,
-    TORCH_FIRST,
-    VISION_DEFAULTS,
-    TpuOptions,
-    check_tpu_options,
-)
-from vlhub.cache.vamc import PYENV, VENDOR, vamc_problems
 from vlhub.catalog import ModelSpec, find_model, unknown_model_message
-from vlhub.configs import official_config
-from vlhub.convert import TARGETS as CONVERT_TARGETS
-from vlhub.converters.formats import FORMATS, format_of_file
-from vlhub.converters.plan import KeyMapMismatch, Plan, plan_conversion
-from vlhub.converters.readers import Checkpoint, config_dtype, open_checkpoint
+from vlhub.convert.configs import official_config
+from vlhub.convert.conversion import TARGETS as CONVERT_TARGETS
+from vlhub.convert.layouts import detect_family, detect_layout
+from vlhub.convert.plan import KeyMapMismatch, Plan, plan_conversion
 from vlhub.errors import UserError, VlhubError
 from vlhub.families import tie_word_embeddings
+from vlhub.formats.readers import Checkpoint, config_dtype, open_checkpoint
+from vlhub.formats.registry import FORMATS, format_of_file
+from vlhub.hub.home import vlhub_home
+from vlhub.hub.store import MANIFEST, manifest_problems, read_manifest
 from vlhub.keymaps import load_keymap
-from vlhub.layouts import detect_family, detect_layout
 from vlhub.plan import (
     DEFAULT_ANSWER_TOKENS,
     DEFAULT_PROMPT_TOKENS,
@@ -63,10 +53,20 @@ from vlhub.plan import (
     refuse_target,
     tpu_mlir_options,
 )
-from vlhub.plan import Plan as SizePlan  # vlhub.converters.plan has the conversion's Plan
+from vlhub.plan import Plan as SizePlan  # vlhub.convert.plan has the conversion's Plan
 from vlhub.smoke.run import available_memory, run_smoke
-from vlhub.smoke.tpu_simulator import TOOLCHAIN_ENV, TOOLCHAIN_VERSION, resolve_toolchain
 from vlhub.smoke.verdict import unfinished_summary
+from vlhub.targets.paddle_inference.build import inference_dtype
+from vlhub.targets.tpu_mlir.build import (
+    PROMPT_TOKENS,
+    QUANTIZE_DTYPE,
+    TORCH_FIRST,
+    VISION_DEFAULTS,
+    TpuOptions,
+    check_tpu_options,
+)
+from vlhub.targets.tpu_mlir.simulator import TOOLCHAIN_ENV, TOOLCHAIN_VERSION, resolve_toolchain
+from vlhub.targets.vamc.build import PYENV, VENDOR, vamc_problems
 from vlhub.units import format_size
 
 PASS, WARN, FAIL = "pass", "warn", "fail"
@@ -927,7 +927,7 @@ def check_model(name: str, *, target: str, images: Sequence[tuple[int, int]] = (
 def _cached_source(spec: ModelSpec) -> tuple[Check, bool]:
     if spec.tiny:
         return Check("source", "source", PASS, "built in: generated locally on first use"), True
-    from vlhub.sources import cached_snapshot
+    from vlhub.hub.sources import cached_snapshot
 
     path = cached_snapshot(spec)
     if path is None:
@@ -952,7 +952,7 @@ def _model_numbers(spec: ModelSpec, target: str, images: Sequence[tuple[int, int
             return [Check("numbers", "sizes for --image", FAIL, f"{target} cannot hold these images: visual N "
                           f"{plan.sizes.visual_patches}", "send smaller images, or lower max_pixels")]
         return [Check("numbers", "sizes for --image", PASS, _target_sizes(plan, target), f"convert with: {command}")]
-    from vlhub.cache.deployments import DEPLOYMENTS
+    from vlhub.targets.registry import DEPLOYMENTS
 
     try:
         DEPLOYMENTS[target].check(spec.family.name, official_config(spec.config), "bfloat16", True)

@@ -33,15 +33,15 @@ import numpy as np
 from vlhub import __version__
 from vlhub.atomic import ensure_free_space, signals_deferred
 from vlhub.catalog import find_model
-from vlhub.converters.ops import FLOAT_DTYPES, cast_float, transpose_2d
-from vlhub.converters.readers import Checkpoint, open_checkpoint
-from vlhub.converters.writers import temporary_name, write_json_atomic
+from vlhub.convert.layouts import UNKNOWN, detect_family, detect_layout, embedding_candidates, spellings
+from vlhub.convert.ops import FLOAT_DTYPES, cast_float, transpose_2d
 from vlhub.errors import UserError
 from vlhub.families import tie_word_embeddings
+from vlhub.formats.readers import Checkpoint, open_checkpoint
+from vlhub.formats.tensors import TensorMeta, dtype_info
+from vlhub.formats.writers import temporary_name, write_json_atomic
+from vlhub.hub.sources import resolve_source
 from vlhub.keymaps import load_keymap
-from vlhub.layouts import UNKNOWN, detect_family, detect_layout, embedding_candidates, spellings
-from vlhub.sources import resolve_source
-from vlhub.tensors import TensorMeta, dtype_info
 
 DTYPES = ("float16", "bfloat16", "float32")
 FORMATS = ("bin", "npy")

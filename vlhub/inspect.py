@@ -6,9 +6,10 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from vlhub.converters.readers import Checkpoint, open_checkpoint
+from vlhub.convert.layouts import describe_layout, detect_family, detect_layout, embedding_candidates
 from vlhub.families import tie_word_embeddings
-from vlhub.layouts import describe_layout, detect_family, detect_layout, embedding_candidates
+from vlhub.formats.readers import Checkpoint, open_checkpoint
+
 
 @dataclass
 class TensorRow:

@@ -26,16 +26,16 @@ from pathlib import Path
 from typing import BinaryIO
 
 from vlhub.atomic import ensure_free_space, refuse_output_holding, signals_deferred, swap_in
-from vlhub.cache.store import read_manifest
-from vlhub.convert import MANIFEST
-from vlhub.converters.io_utils import StoredBytes, copy_stored_bytes, read_json_file
-from vlhub.converters.readers import MAX_INDEX_BYTES, Checkpoint, open_checkpoint
-from vlhub.converters.safetensors_io import SafetensorsFile, SafetensorsShardWriter
-from vlhub.converters.writers import file_entry, temporary_name, write_json_atomic
+from vlhub.convert.conversion import MANIFEST
+from vlhub.convert.layouts import UNKNOWN, detect_family, detect_layout, explains, match_count
 from vlhub.errors import CorruptCheckpoint, UserError
+from vlhub.formats.io_utils import StoredBytes, copy_stored_bytes, read_json_file
+from vlhub.formats.readers import MAX_INDEX_BYTES, Checkpoint, open_checkpoint
+from vlhub.formats.safetensors_io import SafetensorsFile, SafetensorsShardWriter
+from vlhub.formats.tensors import TensorMeta
+from vlhub.formats.writers import file_entry, temporary_name, write_json_atomic
+from vlhub.hub.store import read_manifest
 from vlhub.keymaps import KeyMap, Layout, load_keymap
-from vlhub.layouts import UNKNOWN, detect_family, detect_layout, explains, match_count
-from vlhub.tensors import TensorMeta
 
 SUPPORTED_FORMATS = ("safetensors", "pdparams")
 

@@ -24,13 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from vlhub.cache.tpu_mlir import TpuOptions, refuse_family, tpu_options
 from vlhub.catalog import find_model, unknown_model_message
-from vlhub.configs import official_config
-from vlhub.converters.readers import config_dtype, open_checkpoint
+from vlhub.convert.configs import official_config
 from vlhub.errors import UserError
 from vlhub.families import FAMILIES, family_of_config, text_config
+from vlhub.formats.readers import config_dtype, open_checkpoint
 from vlhub.smoke.inputs import MAX_PIXELS, MAX_RATIO, MIN_PIXELS, SMOKE_PATCHES, VisionGeometry, smart_resize
+from vlhub.targets.tpu_mlir.build import TpuOptions, refuse_family, tpu_options
 
 T = TypeVar("T")
 

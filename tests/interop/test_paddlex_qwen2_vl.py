@@ -32,8 +32,15 @@ from paddlex.inference.models.doc_vlm.modeling.qwen2_vl import Qwen2VLForConditi
 from transformers import AutoModelForImageTextToText, Qwen2VLImageProcessorPil
 from typer.testing import CliRunner
 
-from tests.conformance.factory import (FAMILIES, CheckpointSpec, SpecialTokens, TextDims, VisionDims, checkpoint_specs,
-                                       save_checkpoint)
+from tests.conformance.factory import (
+    FAMILIES,
+    CheckpointSpec,
+    SpecialTokens,
+    TextDims,
+    VisionDims,
+    checkpoint_specs,
+    save_checkpoint,
+)
 from vlhub.cli.app import app
 
 # PaddleX's text rotary embedding enters paddle.amp.auto_cast, which warns on every call off GPU

@@ -17,7 +17,12 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from vlhub.cache.store import (
+from vlhub.catalog import find_model
+from vlhub.cli._errors import reports_errors
+from vlhub.cli._options import JsonOpt
+from vlhub.cli._output import byte_progress, print_json, stderr, stdout
+from vlhub.errors import CheckFailed, UserError
+from vlhub.hub.store import (
     DOWNLOAD,
     CacheEntry,
     find_entry,
@@ -28,12 +33,7 @@ from vlhub.cache.store import (
     verify_bytes,
     verify_entry,
 )
-from vlhub.cache.tiny import ensure_tiny_model
-from vlhub.catalog import find_model
-from vlhub.cli._errors import reports_errors
-from vlhub.cli._options import JsonOpt
-from vlhub.cli._output import byte_progress, print_json, stderr, stdout
-from vlhub.errors import CheckFailed, UserError
+from vlhub.hub.tiny import ensure_tiny_model
 from vlhub.units import format_size
 
 cache_app = typer.Typer(

@@ -21,24 +21,24 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from vlhub.cache.deployments import DEPLOYMENTS
-from vlhub.cache.layout import Deployment
-from vlhub.cache.paddle_inference import DEFAULT_MAX_SEQ_LEN
-from vlhub.cache.store import mark_used, reusable_artifact
-from vlhub.cache.tpu_mlir import DEFAULT_GROUP_SIZE, DEFAULT_SEQ_LENGTH, QUANTIZE_DTYPE
-from vlhub.cache.vamc import DEFAULT_MAX_PIXELS as VAMC_MAX_PIXELS
 from vlhub.catalog import ModelSpec, find_model
 from vlhub.cli._errors import reports_errors
 from vlhub.cli._options import JsonOpt, SourceArg
 from vlhub.cli._output import byte_progress, print_json, stderr, stdout
 from vlhub.cli.download import download_for
 from vlhub.cli.smoke import TpuMlirPythonOpt, failure_summary, show_report, smoke_status
-from vlhub.configs import official_config
-from vlhub.convert import TARGETS, Conversion, plan_json, plan_table_rows, prepare_conversion
+from vlhub.convert.configs import official_config
+from vlhub.convert.conversion import TARGETS, Conversion, plan_json, plan_table_rows, prepare_conversion
 from vlhub.errors import CheckFailed, UserError, VlhubError
+from vlhub.hub.sources import cached_snapshot
+from vlhub.hub.store import mark_used, reusable_artifact
 from vlhub.smoke.run import DEFAULT_TOKENS, RuntimeMissing, checkpoint_smoke_input, record_verdict, run_smoke
 from vlhub.smoke.verdict import ERRORED, INTERRUPTED, NOT_RUN, RUNNING, SKIPPED, SmokeReport, unfinished_verdict
-from vlhub.sources import cached_snapshot
+from vlhub.targets.base import Deployment
+from vlhub.targets.paddle_inference.build import DEFAULT_MAX_SEQ_LEN
+from vlhub.targets.registry import DEPLOYMENTS
+from vlhub.targets.tpu_mlir.build import DEFAULT_GROUP_SIZE, DEFAULT_SEQ_LENGTH, QUANTIZE_DTYPE
+from vlhub.targets.vamc.build import DEFAULT_MAX_PIXELS as VAMC_MAX_PIXELS
 from vlhub.units import format_size, parse_size
 
 ToOpt = Annotated[str, typer.Option("--to", help=f"Target format: {', '.join(TARGETS)}.", show_default=False)]

@@ -17,8 +17,8 @@ from rich.table import Table
 from vlhub.cli._errors import reports_errors
 from vlhub.cli._options import JsonOpt, SourceArg
 from vlhub.cli._output import print_json, stdout
+from vlhub.hub.sources import resolve_source
 from vlhub.inspect import InspectReport, inspect_checkpoint
-from vlhub.sources import resolve_source
 from vlhub.units import format_count, format_size
 
 TensorsOpt = Annotated[bool, typer.Option("--tensors", help="Also list every tensor: name, shape, dtype, shard.")]

@@ -22,10 +22,10 @@ from vlhub.catalog import find_model
 from vlhub.cli._errors import reports_errors
 from vlhub.cli._options import JsonOpt, SourceArg
 from vlhub.cli._output import byte_progress, print_json, stdout
+from vlhub.convert.layouts import UNKNOWN
 from vlhub.errors import UserError
+from vlhub.hub.sources import resolve_source
 from vlhub.keys import RenameResult, parse_rename, rename_keys
-from vlhub.layouts import UNKNOWN
-from vlhub.sources import resolve_source
 
 RenameOpt = Annotated[
     list[str] | None,

@@ -20,12 +20,12 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from vlhub.cache.store import cached_artifact
 from vlhub.catalog import find_model
 from vlhub.cli._errors import reports_errors
 from vlhub.cli._options import JsonOpt
 from vlhub.cli._output import print_json, stderr, stdout
 from vlhub.errors import CheckFailed, UserError
+from vlhub.hub.store import cached_artifact
 from vlhub.smoke.run import DEFAULT_TOKENS, run_smoke
 from vlhub.smoke.verdict import TOLERANCES, SmokeReport
 

@@ -27,13 +27,13 @@ import paddle
 import paddle.nn.functional as F
 from paddle import nn
 
-from vlhub.configs import official_config
-from vlhub.converters.readers import Checkpoint, open_checkpoint
+from vlhub.convert.configs import official_config
+from vlhub.convert.layouts import UNKNOWN, detect_layout
 from vlhub.errors import CheckFailed, UserError
 from vlhub.families import family_of_config, tie_word_embeddings
+from vlhub.formats.readers import Checkpoint, open_checkpoint
+from vlhub.formats.tensors import float32_values
 from vlhub.keymaps import load_keymap
-from vlhub.layouts import UNKNOWN, detect_layout
-from vlhub.tensors import float32_values
 
 MASKED = -1e30  # additive mask value: finite, so a fully masked row gives no NaN
 HEAD_BLOCK = 4096  # lm_head columns (or tied embedding rows) per block in streamed mode

@@ -22,22 +22,15 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from vlhub.cache.store import layout_target
-from vlhub.configs import official_config
-from vlhub.convert import MANIFEST
-from vlhub.converters.plan import KeyMapMismatch
-from vlhub.converters.writers import write_json_atomic
+from vlhub.convert.configs import official_config
+from vlhub.convert.conversion import MANIFEST
+from vlhub.convert.plan import KeyMapMismatch
 from vlhub.errors import CheckFailed, CorruptCheckpoint, UserError
+from vlhub.formats.writers import write_json_atomic
+from vlhub.hub.sources import resolve_source
+from vlhub.hub.store import layout_target
 from vlhub.smoke.inputs import SmokeInput, smoke_input, tokenizer_special_tokens
 from vlhub.smoke.reference import ReferenceForward
-from vlhub.smoke.tpu_simulator import STAGE as SIMULATOR_STAGE
-from vlhub.smoke.tpu_simulator import (
-    TOOLCHAIN_ENV,
-    check_fits,
-    resolve_toolchain,
-    simulate_first_token,
-    tpu_mlir_target,
-)
 from vlhub.smoke.verdict import (
     TOLERANCES,
     SmokeReport,
@@ -48,11 +41,18 @@ from vlhub.smoke.verdict import (
     precision_class,
 )
 from vlhub.smoke.weights import ModelWeights
-from vlhub.sources import resolve_source
+from vlhub.targets.tpu_mlir.simulator import STAGE as SIMULATOR_STAGE
+from vlhub.targets.tpu_mlir.simulator import (
+    TOOLCHAIN_ENV,
+    check_fits,
+    resolve_toolchain,
+    simulate_first_token,
+    tpu_mlir_target,
+)
 
 if TYPE_CHECKING:  # paddle is imported only when a Paddle checkpoint is run
     from vlhub.smoke.paddle_forward import PaddleForward
-    from vlhub.smoke.paddle_static import StaticPredictor
+    from vlhub.targets.paddle_inference.static import StaticPredictor
 
 DEFAULT_TOKENS = 4
 # a forward keeps its weights in memory (as float32) only when they take at most this share of the
@@ -91,7 +91,7 @@ def run_smoke(
     the test cannot run (no reference, different architectures, no Paddle); a broken artifact is a
     failed report, not an error. A TPU-MLIR layout, when a toolchain is named (`tpu_mlir_python`, else
     $VLHUB_TPU_MLIR_PYTHON), also gets a "simulator" stage: its bmodel's first token on the cmodel
-    (vlhub.smoke.tpu_simulator; minutes).
+    (vlhub.targets.tpu_mlir.simulator; minutes).
     """
     if tokens < 1:
         raise UserError("--tokens must be at least 1")
@@ -208,13 +208,13 @@ def _weights_of_layout(path: Path) -> Path:
 
 
 def _vamc_smoke(layout: Path, reference_path: Path, say: Status) -> SmokeReport:
-    """A vamc layout has no runtime here: its own checks stand in (vlhub.smoke.vamc)."""
+    """A vamc layout has no runtime here: its own checks stand in (vlhub.targets.vamc.smoke)."""
     try:
         import onnxruntime  # noqa: F401
     except ImportError as exc:
         raise RuntimeMissing(f"the vamc smoke test runs the vision network in onnxruntime, which is not importable "
                              f"({exc}); install it with: pip install 'vlhub[onnx]'") from None
-    from vlhub.smoke.vamc import vamc_smoke
+    from vlhub.targets.vamc.smoke import vamc_smoke
 
     report = vamc_smoke(layout, reference_path, say)
     report.skipped.append(Stage("language model", False, detail="vamc compiles and runs it on VastAI's toolchain "
@@ -293,7 +293,7 @@ def _onnx_outputs(layout: Path, config: dict, smoke: SmokeInput, reference_token
     """The exported ONNX networks under onnxruntime: vision, prefill, then decode steps with the KV history
     held sequence-major as the TPU runtime holds it (teacher-forced with the reference's tokens)."""
     try:
-        from vlhub.smoke.onnx_runtime import onnx_outputs
+        from vlhub.targets.tpu_mlir.onnx_runtime import onnx_outputs
     except ImportError as exc:
         raise RuntimeMissing(f"running the ONNX networks needs onnx and onnxruntime ({exc}); "
                              "install them with: pip install 'vlhub[onnx]'") from None
@@ -357,7 +357,7 @@ def _paddle_forward(artifact: Path, resident: bool) -> PaddleForward:
 
 def _static_predictor(checkpoints: Path, weights: Path) -> StaticPredictor:
     try:
-        from vlhub.smoke.paddle_static import StaticPredictor
+        from vlhub.targets.paddle_inference.static import StaticPredictor
     except ImportError as exc:
         raise RuntimeMissing(f"running Paddle Inference graphs needs paddlepaddle ({exc}); "
                              "install it with: pip install 'vlhub[paddle]'") from None

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
-from vlhub.configs import official_config
-from vlhub.converters.ops import transpose_2d
-from vlhub.converters.plan import Step, plan_conversion
-from vlhub.converters.readers import Checkpoint, open_checkpoint
-from vlhub.tensors import float32_values
+from vlhub.convert.configs import official_config
+from vlhub.convert.ops import transpose_2d
+from vlhub.convert.plan import Step, plan_conversion
+from vlhub.formats.readers import Checkpoint, open_checkpoint
+from vlhub.formats.tensors import float32_values
 
 _FLOAT32_BYTES = 4
 

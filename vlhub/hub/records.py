@@ -1,0 +1,117 @@
+"""What vlhub knows about the models it downloaded: one JSON record per repo revision under
+$VLHUB_HOME/downloads/<source>/<org>--<name>/<commit>.json, listing each file with the hash the hub listed
+and when vlhub last checked it. `vlhub cache verify` re-hashes against these; the files stay in the clients'
+caches."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from vlhub.formats.writers import write_json_atomic
+from vlhub.hub.home import remove_empty_parents, vlhub_home
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """One file of a repo as the hub lists it."""
+
+    path: str
+    size: int
+    sha256: str | None  # LFS files: the hash the hub lists
+    blob_id: str | None  # git blob sha1 (Hugging Face), for the small non-LFS files
+
+    @property
+    def etag(self) -> str:
+        """The name of its blob in the Hugging Face cache."""
+        return self.sha256 or self.blob_id or ""
+
+
+@dataclass(frozen=True)
+class RepoRef:
+    """What to download: a repo on a hub at a revision, and the catalog name when it has one."""
+
+    source: str
+    repo_id: str
+    revision: str
+    model: str
+
+    def __str__(self) -> str:
+        return f"{self.repo_id}@{self.revision}"
+
+
+@dataclass
+class DownloadRecord:
+    """One downloaded revision: where it is and what each file must hash to."""
+
+    source: str
+    repo_id: str
+    model: str
+    revision: str
+    commit: str
+    path: str  # the snapshot directory
+    endpoint: str
+    files: dict[str, dict] = field(default_factory=dict)  # path -> size, sha256, blob_id, verified_at
+    damaged: list[str] = field(default_factory=list)  # files the last `vlhub cache verify` found wrong
+    filtered: bool = False  # only what --include/--exclude selected is here, not the whole revision
+
+    @classmethod
+    def new(cls, ref: RepoRef, commit: str, path: Path, endpoint: str, filtered: bool) -> DownloadRecord:
+        return cls(ref.source, ref.repo_id, ref.model, ref.revision, commit, str(path), endpoint, filtered=filtered)
+
+    def add(self, file: RemoteFile, verified_at: str) -> None:
+        self.files[file.path] = {"size": file.size, "sha256": file.sha256, "blob_id": file.blob_id,
+                                 "verified_at": verified_at}
+        if file.path in self.damaged:
+            self.damaged.remove(file.path)
+
+    def verified(self, file: RemoteFile) -> bool:
+        """Whether vlhub already hashed this very file (same listed hash and size) and found it right."""
+        entry = self.files.get(file.path)
+        return bool(entry and entry["verified_at"] and file.path not in self.damaged
+                    and (entry["size"], entry["sha256"], entry["blob_id"]) == (file.size, file.sha256, file.blob_id))
+
+    def remote_files(self) -> list[RemoteFile]:
+        return [RemoteFile(path, e["size"], e["sha256"], e["blob_id"]) for path, e in sorted(self.files.items())]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(e["size"] for e in self.files.values())
+
+
+def record_path(source: str, repo_id: str, commit: str) -> Path:
+    return vlhub_home() / "downloads" / source / repo_id.replace("/", "--") / f"{commit}.json"
+
+
+def load_record(source: str, repo_id: str, commit: str) -> DownloadRecord | None:
+    path = record_path(source, repo_id, commit)
+    return _read(path) if path.is_file() else None
+
+
+def save_record(record: DownloadRecord) -> None:
+    path = record_path(record.source, record.repo_id, record.commit)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, asdict(record))
+
+
+def all_records() -> Iterator[DownloadRecord]:
+    """Every download record, in a stable order."""
+    for path in sorted((vlhub_home() / "downloads").glob("*/*/*.json")):
+        record = _read(path)
+        if record is not None:
+            yield record
+
+
+def remove_record(record: DownloadRecord) -> None:
+    path = record_path(record.source, record.repo_id, record.commit)
+    path.unlink(missing_ok=True)
+    remove_empty_parents(path, 2)
+
+
+def _read(path: Path) -> DownloadRecord | None:
+    try:
+        return DownloadRecord(**json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError):  # a record from another version or half-edited: ignore it
+        return None

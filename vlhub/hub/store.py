@@ -1,0 +1,391 @@
+"""The managed cache: what vlhub downloaded (files in the hub clients' caches, records in $VLHUB_HOME/downloads),
+the built-in tiny models it generated, and the conversions and deployment layouts it wrote:
+
+    $VLHUB_HOME/artifacts/<model>/<revision>/<target>[+<option>=<value>...]/vlhub-manifest.json
+
+Every entry can be listed, verified offline (blobs against the hash they are named by or the record, artifacts
+against their manifest), located and removed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections.abc import Callable, Iterable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vlhub.catalog import ModelSpec, find_model, models
+from vlhub.errors import UserError
+from vlhub.formats.writers import write_json_atomic
+from vlhub.hub.download import hash_file
+from vlhub.hub.home import remove_empty_parents, safe_name, vlhub_home
+from vlhub.hub.locks import exclusive_lock, lock_path
+from vlhub.hub.records import DownloadRecord, RemoteFile, all_records, remove_record, save_record
+from vlhub.smoke.verdict import verdict_state
+from vlhub.units import now_iso
+
+MANIFEST = "vlhub-manifest.json"
+DOWNLOAD, BUILT_IN = "download", "built-in"
+
+
+@dataclass
+class CacheEntry:
+    """One thing in the cache: a downloaded revision, a built-in model, or an artifact (kind = its target key)."""
+
+    model: str
+    revision: str
+    kind: str
+    source: str  # huggingface, modelscope, or vlhub (generated or converted here)
+    path: Path
+    size: int
+    last_used: float | None
+    verified: str  # verified, unverified, damaged, built in
+    smoke: str | None = None  # artifacts: the recorded smoke verdict
+    record: DownloadRecord | None = field(default=None, repr=False)
+
+    @property
+    def is_artifact(self) -> bool:
+        return self.kind not in (DOWNLOAD, BUILT_IN)
+
+    def to_json(self) -> dict:
+        return {"model": self.model, "revision": self.revision, "kind": self.kind, "source": self.source,
+                "path": str(self.path), "size_bytes": self.size, "last_used": self.last_used,
+                "verified": self.verified, "smoke": self.smoke}
+
+
+def target_key(target: str, options: dict[str, object]) -> str:
+    """`paddle-inference`, or with the options that change what is written: `paddle+dtype=float16`."""
+    extras = [f"{name}={safe_name(str(value))}"
+              for name, value in sorted(options.items()) if value not in (None, False)]
+    return "+".join([target, *extras])
+
+
+def _hub_snapshot(path: Path) -> tuple[str, str] | None:
+    """(repo folder, revision) when `path` is in a hub cache snapshot: Hugging Face's
+    …/models--Org--Name/snapshots/<commit>/, ModelScope's …/models/Org--Name/snapshots/<revision>/."""
+    parts = path.resolve().parts
+    for i in range(2, len(parts) - 1):
+        if parts[i] == "snapshots" and (parts[i - 1].startswith("models--") or parts[i - 2] == "models"):
+            return parts[i - 1], parts[i + 1]
+    return None
+
+
+def revision_of(path: Path | None) -> str:
+    """The revision a source directory holds: a hub snapshot's commit, a built-in model's generator version."""
+    if path is None:
+        return "unknown"
+    snapshot = _hub_snapshot(path)
+    if snapshot is not None:
+        return snapshot[1]
+    tiny_root = (vlhub_home() / "tiny").resolve()
+    if tiny_root in path.resolve().parents:
+        return f"builtin-{path.resolve().relative_to(tiny_root).parts[0]}"
+    return "local"
+
+
+def conversion_output(model: ModelSpec | None, source_path: Path | None, target: str,
+                      options: dict[str, object]) -> Path:
+    """Where a conversion goes without --out: into the cache for a catalog model or a hub snapshot (never into
+    the hub's cache, whose client would take it for a revision), beside the source otherwise."""
+    name = model.name if model else _snapshot_model(source_path) if source_path else "model"
+    if name is not None:
+        return vlhub_home() / "artifacts" / name / revision_of(source_path) / target_key(target, options)
+    assert source_path is not None
+    base = source_path if source_path.is_dir() else source_path.parent
+    return base.with_name(f"{base.name}-{target}")
+
+
+def _snapshot_model(path: Path) -> str | None:
+    """The model a hub cache snapshot holds: its catalog name, else `Org--Name`."""
+    snapshot = _hub_snapshot(path)
+    if snapshot is None:
+        return None
+    folder = snapshot[0].removeprefix("models--")
+    spec = find_model(folder.replace("--", "/", 1))
+    return spec.name if spec else folder
+
+
+def mark_used(path: Path) -> None:
+    """Note that an artifact was used now (its manifest's modification time is the cache's "last used")."""
+    manifest = path / MANIFEST
+    if manifest.is_file():
+        os.utime(manifest)
+
+
+def list_entries(model: str | None = None) -> list[CacheEntry]:
+    """Every cache entry, or those of one model (catalog name or repo id)."""
+    entries = [*_downloads(), *_built_in(), *_artifacts()]
+    if model is not None:
+        entries = [e for e in entries if _names_model(e, model)]
+    return entries
+
+
+def _names_model(entry: CacheEntry, model: str) -> bool:
+    spec = find_model(model)
+    wanted = spec.name if spec else model.strip()
+    return entry.model.lower() == wanted.lower()
+
+
+def _catalog_name(repo_id: str) -> str:
+    spec = find_model(repo_id)
+    return spec.name if spec else repo_id
+
+
+def _downloads() -> list[CacheEntry]:
+    entries, recorded = [], set()
+    for record in all_records():
+        recorded.add((record.repo_id, record.commit))
+        files = [Path(record.path) / name for name in record.files]
+        present = [f for f in files if f.exists()]
+        if record.damaged:
+            verified = f"damaged ({len(record.damaged)} files)"
+        elif len(present) < len(files):
+            verified = f"incomplete ({len(files) - len(present)} missing)"
+        else:
+            verified = "verified" if all(e["verified_at"] for e in record.files.values()) else "unverified"
+            if record.filtered:
+                verified += " (--include/--exclude subset)"
+        last_used = max((f.stat().st_atime for f in present), default=None)
+        entries.append(CacheEntry(record.model, record.commit, DOWNLOAD, record.source, Path(record.path),
+                                  record.total_bytes, last_used, verified, record=record))
+    # catalog models other tools put in the Hugging Face cache: listed, and verifiable by their blob names
+    for repo, revision in _hf_cached_catalog_revisions():
+        if (repo.repo_id, revision.commit_hash) not in recorded:
+            entries.append(CacheEntry(_catalog_name(repo.repo_id), revision.commit_hash, DOWNLOAD, "huggingface",
+                                      Path(revision.snapshot_path), revision.size_on_disk, repo.last_accessed,
+                                      "unverified"))
+    return entries
+
+
+def _hf_cached_catalog_revisions() -> Iterable[tuple]:
+    from huggingface_hub import constants, scan_cache_dir
+    from huggingface_hub.utils import CacheNotFound
+
+    repos = {spec.hf_repo for spec in models().values() if spec.hf_repo}
+    try:
+        info = scan_cache_dir(constants.HF_HUB_CACHE)
+    except CacheNotFound:
+        return []
+    return [(repo, revision) for repo in info.repos if repo.repo_type == "model" and repo.repo_id in repos
+            for revision in repo.revisions if re.fullmatch(r"[0-9a-f]{40}", revision.commit_hash)]
+
+
+def _built_in() -> list[CacheEntry]:
+    entries = []
+    for path in sorted((vlhub_home() / "tiny").glob("v*/*")):
+        if (path / "config.json").is_file():
+            entries.append(CacheEntry(path.name, f"builtin-{path.parent.name}", BUILT_IN, "vlhub", path,
+                                      _tree_size(path), (path / "config.json").stat().st_atime, "built in"))
+    return entries
+
+
+def layout_target(path: Path, name: str | None = None) -> dict | None:
+    """The `target` of the deployment layout at `path` (paddle-inference, tpu-mlir, vamc): what it is and where
+    its weights are; None when `path` is no such layout, or not one of target `name`."""
+    target = (read_manifest(path) or {}).get("target")
+    if not isinstance(target, dict) or (name is not None and target.get("name") != name):
+        return None
+    return target
+
+
+def read_manifest(artifact: Path) -> dict | None:
+    """An artifact's manifest, or None when it is missing or not valid JSON."""
+    try:
+        manifest = json.loads((artifact / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) else None
+
+
+def reusable_artifact(artifact: Path) -> dict | None:
+    """The manifest of a cached artifact that can be answered with: complete, and not found damaged."""
+    manifest = read_manifest(artifact)
+    if manifest is None or not (manifest.get("cache_verify") or {}).get("ok", True):
+        return None
+    return manifest
+
+
+def _artifacts() -> list[CacheEntry]:
+    entries = []
+    for manifest_path in sorted((vlhub_home() / "artifacts").glob(f"*/*/*/{MANIFEST}")):
+        path = manifest_path.parent
+        manifest = read_manifest(path) or {"cache_verify": {"ok": False, "damaged": [MANIFEST]}}
+        check = manifest.get("cache_verify")
+        verified = "unverified" if not check else "verified" if check["ok"] else f"damaged ({len(check['damaged'])} files)"
+        smoke_state = verdict_state(manifest.get("smoke"))
+        model, revision = path.parent.parent.name, path.parent.name
+        entries.append(CacheEntry(model, revision, path.name, "vlhub", path, _tree_size(path),
+                                  manifest_path.stat().st_mtime, verified, smoke_state))
+    return entries
+
+
+def _tree_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
+
+
+def find_entry(model: str, target: str | None = None) -> CacheEntry | None:
+    """The entry `vlhub cache path` prints: the model's download (or built-in model), or its artifact for `target`
+    (the key exactly, e.g. `paddle+dtype=float16`, else any options of that target); the most recently used."""
+    entries = list_entries(model)
+    if target is None:
+        chosen = [e for e in entries if not e.is_artifact]
+    else:
+        chosen = [e for e in entries if e.kind == target] or [e for e in entries if e.kind.split("+")[0] == target]
+    return max(chosen, key=lambda e: e.last_used or 0, default=None)
+
+
+def cached_artifact(model: str, target: str | None = None) -> Path:
+    """The cached conversion of catalog `model` that `vlhub smoke MODEL [--target T]` means: the one of `target`
+    (the most recently used), or the only target cached when none is named."""
+    artifacts = [e for e in list_entries(model) if e.is_artifact]
+    if target is not None:
+        entry = find_entry(model, target)
+        if entry is None:
+            raise UserError(f"no {target} conversion of {model} in the cache: `vlhub convert {model} --to "
+                            f"{target.split('+')[0]}` makes one")
+        return entry.path
+    targets = sorted({e.kind.split("+")[0] for e in artifacts})
+    if not targets:
+        raise UserError(f"no conversion of {model} in the cache: `vlhub convert {model} --to TARGET` makes one, "
+                        "or give the path of a converted checkpoint")
+    if len(targets) > 1:
+        raise UserError(f"{model} has cached conversions to {', '.join(targets)}: pass --target with one of them")
+    return max(artifacts, key=lambda e: e.last_used or 0).path
+
+
+def select_entries(model: str, target: str | None = None) -> list[CacheEntry]:
+    """The entries `vlhub cache rm` removes: all of a model's, or those of one target (or `download`)."""
+    entries = list_entries(model)
+    if target is None:
+        return entries
+    if target == DOWNLOAD:
+        return [e for e in entries if not e.is_artifact]
+    return [e for e in entries if e.kind == target or e.kind.split("+")[0] == target]
+
+
+def remove_entry(entry: CacheEntry) -> None:
+    """Delete an entry's files: a download through the hub client's own cache bookkeeping."""
+    record = entry.record
+    with exclusive_lock(lock_path(record.source, record.repo_id, record.revision)) if record else nullcontext():
+        _remove_files(entry)
+        if record is not None:
+            remove_record(record)
+
+
+def _remove_files(entry: CacheEntry) -> None:
+    if entry.kind == DOWNLOAD and entry.source == "huggingface":
+        from huggingface_hub import constants, scan_cache_dir
+        from huggingface_hub.utils import CacheNotFound
+
+        try:
+            scan_cache_dir(constants.HF_HUB_CACHE).delete_revisions(entry.revision).execute()
+        except CacheNotFound:
+            pass
+        repo_folder = entry.path.parent.parent  # models--Org--Name, above snapshots/<commit>
+        if repo_folder.is_dir() and not any((repo_folder / "snapshots").glob("*")):
+            shutil.rmtree(repo_folder, ignore_errors=True)  # left: partial files of an interrupted download
+    else:
+        shutil.rmtree(entry.path, ignore_errors=True)
+        remove_empty_parents(entry.path, 2)  # an artifact's revision and model folders
+
+
+@dataclass
+class VerifyResult:
+    entry: CacheEntry
+    checked: int = 0  # files hashed
+    damaged: list[str] = field(default_factory=list)  # "<file>: <what is wrong>"
+    skipped: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.damaged
+
+
+def verify_bytes(entry: CacheEntry) -> int:
+    """How many bytes verifying `entry` reads (for a progress bar)."""
+    return 0 if entry.kind == BUILT_IN else entry.size
+
+
+def verify_entry(entry: CacheEntry, on_bytes: Callable[[int], None] | None = None) -> VerifyResult:
+    """Re-hash an entry offline and record the outcome (download record, or artifact manifest)."""
+    if entry.kind == BUILT_IN:
+        return VerifyResult(entry, skipped="built in: generated locally, nothing was downloaded")
+    if entry.is_artifact:
+        return _verify_artifact(entry, on_bytes)
+    if entry.record is not None:
+        return _verify_recorded(entry, entry.record, on_bytes)
+    return _verify_hf_blobs(entry, on_bytes)
+
+
+def _verify_recorded(entry: CacheEntry, record: DownloadRecord, on_bytes: Callable[[int], None] | None) -> VerifyResult:
+    result = VerifyResult(entry)
+    for file in record.remote_files():
+        path = Path(record.path) / file.path
+        problem = _file_problem(path, file, on_bytes)
+        result.checked += 1
+        if problem:
+            result.damaged.append(f"{file.path}: {problem}")
+        else:
+            record.add(file, verified_at=now_iso())
+    record.damaged = sorted(d.split(": ")[0] for d in result.damaged)
+    save_record(record)
+    return result
+
+
+def _verify_hf_blobs(entry: CacheEntry, on_bytes: Callable[[int], None] | None) -> VerifyResult:
+    """A revision another client downloaded: each blob is named by its hash (sha256, or git's sha1)."""
+    result = VerifyResult(entry)
+    for path in sorted(p for p in entry.path.rglob("*") if p.is_file()):
+        blob = path.resolve()
+        name = blob.name
+        if not re.fullmatch(r"[0-9a-f]{64}|[0-9a-f]{40}", name):
+            continue  # a copy in no-symlink mode: no hash to check against
+        size = blob.stat().st_size
+        file = RemoteFile(str(path.relative_to(entry.path)), size, name if len(name) == 64 else None,
+                          name if len(name) == 40 else None)
+        result.checked += 1
+        problem = _file_problem(path, file, on_bytes)
+        if problem:
+            result.damaged.append(f"{file.path}: {problem}")
+    return result
+
+
+def _file_problem(path: Path, file: RemoteFile, on_bytes: Callable[[int], None] | None) -> str | None:
+    if not path.exists():
+        return "missing"
+    size = path.stat().st_size
+    if size != file.size:
+        return f"size {size}, expected {file.size}"
+    kind = "sha256" if file.sha256 else "git blob sha1"
+    return None if hash_file(path, file, on_bytes) == file.etag else f"{kind} differs from {file.etag[:16]}..."
+
+
+def manifest_problems(directory: Path, manifest: dict, on_bytes: Callable[[int], None] | None = None) -> list[str]:
+    """"<file>: <what is wrong>" for each file the manifest lists that is missing or differs in size or sha256."""
+    problems = []
+    for name, expected in sorted(manifest.get("files", {}).items()):
+        problem = _file_problem(directory / name, RemoteFile(name, expected["size"], expected["sha256"], None), on_bytes)
+        if problem:
+            problems.append(f"{name}: {problem}")
+    return problems
+
+
+def _verify_artifact(entry: CacheEntry, on_bytes: Callable[[int], None] | None) -> VerifyResult:
+    result = VerifyResult(entry)
+    manifest_path = entry.path / MANIFEST
+    manifest = read_manifest(entry.path)
+    if manifest is None:
+        result.damaged.append(f"{MANIFEST}: unreadable")
+        return result
+    result.checked = len(manifest.get("files", {}))
+    result.damaged = manifest_problems(entry.path, manifest, on_bytes)
+    manifest["cache_verify"] = {"at": now_iso(), "ok": result.ok, "damaged": result.damaged}
+    last_used = manifest_path.stat().st_mtime
+    write_json_atomic(manifest_path, manifest)
+    os.utime(manifest_path, (last_used, last_used))  # checking it is not using it
+    return result
+

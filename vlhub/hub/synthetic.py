@@ -1,0 +1,77 @@
+"""Checkpoints with deterministic random weights in a family's official layout.
+
+The built-in tiny models and the full-size benchmark checkpoints are both made here. Each tensor's
+values depend only on its name and the seed, never on write order, so any subset can be recreated.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from vlhub.families import Family
+from vlhub.formats.tensors import TensorMeta, bf16_bits_from_float32, dtype_info
+from vlhub.formats.writers import CheckpointWriter, write_json_atomic
+
+
+def synthetic_values(name: str, shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
+    """float32 values for one tensor, scaled so a forward pass stays well conditioned.
+
+    Norm weights sit near 1, biases near 0, embeddings are unit normal and other weights have
+    variance 1/fan_in, so logits differ clearly and greedy decoding is not a coin toss.
+    """
+    rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+    values = rng.standard_normal(shape, dtype=np.float32)
+    if len(shape) == 1:
+        values *= 0.1
+        if not name.endswith("bias"):
+            values += 1.0
+    elif not name.endswith(("embed_tokens.weight", "wte.weight")):
+        values *= 1 / math.sqrt(math.prod(shape[1:]))
+    return values
+
+
+def cast_float32(values: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 values in a float dtype's storage (bfloat16 as rounded uint16 bits)."""
+    if dtype == "bfloat16":
+        return bf16_bits_from_float32(values)
+    return values.astype(dtype_info(dtype).storage)
+
+
+def generation_config(config: dict) -> dict:
+    """A generation_config.json like the official one (greedy, so smoke tests are deterministic)."""
+    if config.get("model_type") == "qwen":
+        return {"chat_format": "chatml", "eos_token_id": 151643, "pad_token_id": 151643,
+                "max_window_size": 6144, "max_new_tokens": 512, "do_sample": False}
+    return {"bos_token_id": 151643, "pad_token_id": 151643, "eos_token_id": [151645, 151643], "do_sample": False}
+
+
+def write_synthetic_checkpoint(
+    out_dir: Path,
+    family: Family,
+    config: dict,
+    *,
+    format: str | None = None,
+    dtype: str = "bfloat16",
+    max_shard_size: int | None = None,
+    seed: int = 0,
+    on_bytes: Callable[[int], None] | None = None,
+) -> Path:
+    """Write config.json, generation_config.json and random weights for every official tensor."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fmt = format or family.checkpoint_format
+    tensors = [TensorMeta(name, dtype, shape) for name, shape in family.official_tensors(config)]
+    metadata = {"format": "pt"} if fmt == "safetensors" else None
+    with CheckpointWriter(out_dir, fmt, tensors, max_shard_size=max_shard_size, metadata=metadata,
+                          on_bytes=on_bytes) as writer:
+        for meta in tensors:
+            writer.write(meta.name, cast_float32(synthetic_values(meta.name, meta.shape, seed), dtype))
+    write_json_atomic(out_dir / "generation_config.json", generation_config(config))
+    # config.json last: its presence marks a complete checkpoint
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return out_dir

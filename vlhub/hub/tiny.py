@@ -1,0 +1,38 @@
+"""The built-in tiny models, generated on first use into $VLHUB_HOME/tiny/."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from vlhub.catalog import ModelSpec
+from vlhub.hub.home import vlhub_home
+from vlhub.hub.synthetic import write_synthetic_checkpoint
+
+# bump when the generator or the tiny configs change what it writes, so stale tiny models are not reused
+# (2: Qwen2(.5)-VL ViT head_dim 80, as every released model has and TPU-MLIR's llm_convert requires)
+GENERATOR_VERSION = 2
+
+
+def tiny_model_dir(spec: ModelSpec) -> Path:
+    return vlhub_home() / "tiny" / f"v{GENERATOR_VERSION}" / spec.name
+
+
+def ensure_tiny_model(spec: ModelSpec) -> Path:
+    """The tiny model's directory, generating it first if needed (atomically: build, then rename)."""
+    final = tiny_model_dir(spec)
+    if (final / "config.json").is_file():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = final.with_name(f".{spec.name}.{os.getpid()}.tmp")
+    try:
+        write_synthetic_checkpoint(staging, spec.family, spec.config, max_shard_size=spec.max_shard_size)
+        try:
+            os.rename(staging, final)
+        except OSError:
+            if not (final / "config.json").is_file():  # not a concurrent builder's finished copy
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return final

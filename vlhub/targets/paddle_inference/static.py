@@ -1,0 +1,629 @@
+"""Static graphs of the three families for Paddle Inference on CPU, and a predictor that runs them.
+
+    summary = export_static(Path("qwen2-vl-2b-paddle"), Path("deploy"), dtype="bfloat16", max_seq_len=4096)
+    predictor = StaticPredictor(Path("deploy/checkpoints"), Path("qwen2-vl-2b-paddle"))
+    image_embeds = predictor.encode_images(pixel_values, **vision_inputs)
+    prompt_logits, tokens = predictor.generate(input_ids, position_ids, image_embeds, image_mask, 8, positions_after)
+
+Files under `out_dir/checkpoints/`, `<prefix>` being `qwen` for Qwen-VL (PaddleNLP's `--model_prefix qwen`)
+and `model` for Qwen2(.5)-VL (the default of PaddleNLP's StaticGraphPredictor); ir="pir" writes `.json`
+programs, ir="legacy" `.pdmodel` ones plus `.pdiparams.info`:
+
+    encode_image/vision.{json|pdmodel}, vision.pdiparams       the vision tower
+    encode_text/<prefix>.{json|pdmodel}, <prefix>.pdiparams    the text model: the prefill and every decode step
+    encode_text/config.json     the weights' config.json plus infer_model_{max_seq_len,dtype,paddle_commit}
+
+The graphs' inputs and outputs, by their fixed names (floats float32, indices int64):
+
+    vision   pixel_values          Qwen2(.5)-VL: patches [N, 3*T*P*P]; Qwen-VL: images [B, 3, S, S]
+             vision_position_ids   [N, 2], full_mask [N, N]                              Qwen2(.5)-VL
+             window_index, reverse_index [N/4], window_mask [N, N]                       Qwen2.5-VL
+             (a Qwen2.5-VL whose blocks all read one mask takes only that one)
+          -> image_embeds          [image tokens, hidden]
+    text     inputs_embeds [1, L, hidden], position_ids [3, L] (M-RoPE) or [L] (Qwen-VL),
+             past_key_values [layers, 2, kv_heads, T, head_dim]
+          -> logits [L, vocab] (every position, which a smoke test compares),
+             present_key_values [layers, 2, kv_heads, T + L, head_dim]
+
+One text graph serves both phases, so a predictor holds the text weights once: the prefill passes the
+prompt with an empty cache (T = 0), each decode step one token (L = 1) with the cache so far. Its
+attention is causal over the L new tokens, each of which also sees all T cached ones. The KV cache holds
+each layer's rotated keys, then its values, head-major like PaddleNLP's per-layer `cache_kvs` [2, batch,
+heads, max_len, head_dim]. Tokens are embedded on the host from the weights' own table and image
+embeddings merged there, so the text graph starts from `inputs_embeds` and the table is not stored twice.
+
+Parameters are stored in the export dtype and cast to float32 where the graph uses them; everything is
+computed in float32, so graphs over the source's values agree with the numpy reference within the
+"exact" smoke tolerance. The programs are traced from `paddle_forward`'s networks built under
+`paddle.LazyGuard` (nothing allocated); the `.pdiparams` files are written here in Paddle's format, one
+tensor at a time from the lazy reader, so memory holds one tensor, never the model.
+Sources: PaddleMIX deploy/qwen_vl/ (file names, the `<path>.pdmodel` its predictor opens), PaddleNLP's
+StaticGraphPredictor (prefixes), Paddle Inference's Config (either IR from explicit paths).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pickle
+import shutil
+import struct
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import paddle
+from paddle import nn
+from paddle.base.framework import Variable
+from paddle.base.layer_helper import LayerHelper
+from paddle.base.proto import framework_pb2
+from paddle.framework.io_utils import is_persistable
+from paddle.static import InputSpec
+from paddle.static.pir_io import append_pir_fetch_ops, get_pir_parameters
+
+from vlhub.atomic import ensure_free_space, swap_in
+from vlhub.convert.layouts import detect_layout, embedding_candidates
+from vlhub.convert.ops import cast_float, transpose_2d
+from vlhub.convert.pipeline import ordered_steps
+from vlhub.convert.plan import Plan, Step, plan_conversion
+from vlhub.errors import CheckFailed, UserError
+from vlhub.formats.readers import Checkpoint, open_checkpoint
+from vlhub.formats.tensors import dtype_info, float32_values, logical_dtype
+from vlhub.formats.writers import file_entry, temporary_name, write_json_atomic
+from vlhub.smoke.paddle_forward import (
+    MASKED,
+    Qwen2Dims,
+    Qwen2VLNet,
+    QwenVLDims,
+    QwenVLNet,
+    _f32,
+    _family_dims,
+    _pdparams_entry,
+)
+
+CHECKPOINTS = "checkpoints"  # the directory under out_dir that holds the graphs
+IRS = ("pir", "legacy")
+DTYPES = ("float16", "bfloat16", "float32")
+VISION_OUTPUTS = ("image_embeds",)
+_MASKS = ("full_mask", "window_mask")  # a Qwen2.5-VL graph takes only the ones its blocks read
+TEXT_OUTPUTS = ("logits", "present_key_values")
+_INT_INPUTS = frozenset({"vision_position_ids", "window_index", "reverse_index", "position_ids"})
+_PROTO_DTYPES = {"float16": framework_pb2.VarType.FP16, "bfloat16": framework_pb2.VarType.BF16,
+                 "float32": framework_pb2.VarType.FP32}
+_IR_GUARDS = {"pir": paddle.pir_utils.DygraphPirGuard, "legacy": paddle.pir_utils.DygraphOldIrGuard}
+# os.pwrite moves at most this many bytes per call on Linux
+_WRITE_CHUNK = 1 << 30
+
+Status = Callable[[str], None]
+
+
+def graph_prefix(family: str) -> str:
+    """The text graphs' file prefix: `qwen` for Qwen-VL, as PaddleNLP's deploy scripts name it, else `model`."""
+    return "qwen" if family == "qwen_vl" else "model"
+
+
+# ---------------------------------------------------------------------------------------------------
+# The graphs
+
+
+class _TextStep(nn.Layer):
+    """The text model's layers and lm_head over host-side embeddings: L new tokens after a cache of T
+    (T = 0 for the prefill), returning their logits and the cache extended by them."""
+
+    def __init__(self, net: Qwen2VLNet | QwenVLNet) -> None:
+        super().__init__()
+        if isinstance(net, QwenVLNet):
+            self.text, self.head, self.tied = net.transformer.llm, net.lm_head.weight, False
+        else:
+            self.text, self.tied = net.model, net.tied
+            self.head = net.model.embed_tokens.weight if net.tied else net.lm_head.weight
+
+    def forward(self, inputs_embeds: paddle.Tensor, position_ids: paddle.Tensor,
+                past_key_values: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor]:
+        h = inputs_embeds.reshape([-1, inputs_embeds.shape[-1]])
+        cos, sin = self.text.rotary(position_ids)
+        mask = _cached_causal_mask(paddle.shape(h)[0], paddle.shape(past_key_values)[3])
+        caches = []
+        for i, layer in enumerate(getattr(self.text, self.text.layers_key)):
+            h, cache = layer.step(h, cos, sin, mask, (past_key_values[i, 0], past_key_values[i, 1]))
+            caches.append(paddle.stack(cache))
+        logits = paddle.matmul(self.text.final_norm(h), _f32(self.head), transpose_y=self.tied)
+        return logits, paddle.stack(caches)
+
+
+class _OneMaskVision(nn.Layer):
+    """Qwen2.5-VL's vision tower when no block reads one of its two masks (no full-attention block, or every
+    block one): a static graph may not take an input its outputs do not depend on, so the unread mask is
+    left out and the one mask given stands in for it."""
+
+    def __init__(self, net: Qwen2VLNet) -> None:
+        super().__init__()
+        self.tower = net.visual
+
+    def forward(self, pixel_values: paddle.Tensor, vision_position_ids: paddle.Tensor, window_index: paddle.Tensor,
+                reverse_index: paddle.Tensor, mask: paddle.Tensor) -> paddle.Tensor:
+        return self.tower(pixel_values, vision_position_ids, mask, window_index, reverse_index, mask)
+
+
+def _vision_graph(net: Qwen2VLNet | QwenVLNet, dims: Qwen2Dims | QwenVLDims) -> _Graph:
+    """The vision graph and its inputs: for Qwen2(.5)-VL the masks its blocks read (see `_OneMaskVision`)."""
+    if isinstance(dims, QwenVLDims):
+        inputs = (InputSpec([None, 3, dims.image_size, dims.image_size], "float32", "pixel_values"),)
+        return _Graph("encode_image", "vision", net.visual.forward, inputs, VISION_OUTPUTS)
+    assert isinstance(net, Qwen2VLNet)
+    width = dims.in_chans * dims.temporal_patch * dims.patch**2
+    patches = (InputSpec([None, width], "float32", "pixel_values"),
+               InputSpec([None, 2], "int64", "vision_position_ids"))
+    full = InputSpec([None, None], "float32", "full_mask")
+    if not dims.qwen2_5:
+        return _Graph("encode_image", "vision", net.visual.forward, (*patches, full), VISION_OUTPUTS)
+    order = (InputSpec([None], "int64", "window_index"), InputSpec([None], "int64", "reverse_index"))
+    window = InputSpec([None, None], "float32", "window_mask")
+    full_blocks = set(dims.fullatt_blocks) & set(range(dims.v_depth))
+    if 0 < len(full_blocks) < dims.v_depth:
+        return _Graph("encode_image", "vision", net.visual.forward, (*patches, full, *order, window), VISION_OUTPUTS)
+    used = full if full_blocks else window
+    return _Graph("encode_image", "vision", _OneMaskVision(net).forward, (*patches, *order, used),
+                  VISION_OUTPUTS)
+
+
+def _cached_causal_mask(new: paddle.Tensor, cached: paddle.Tensor) -> paddle.Tensor:
+    """The additive mask [new, cached + new]: new token i sees every cached token and new tokens 0..i."""
+    keys = paddle.arange(cached + new)
+    queries = paddle.arange(new) + cached
+    return (keys.unsqueeze(0) > queries.unsqueeze(1)).astype("float32") * MASKED
+
+
+@dataclass(frozen=True)
+class _Graph:
+    """One static graph: where it goes, what is traced, its inputs and its outputs' names."""
+
+    directory: str
+    name: str
+    function: Callable  # a Layer's bound method, so tracing finds the parameters
+    inputs: tuple[InputSpec, ...]
+    outputs: tuple[str, ...]
+
+
+def _graphs(net: Qwen2VLNet | QwenVLNet, family: str, dims: Qwen2Dims | QwenVLDims) -> list[_Graph]:
+    positions = [None] if isinstance(dims, QwenVLDims) else [3, None]
+    text = (InputSpec([1, None, dims.hidden], "float32", "inputs_embeds"),
+            InputSpec(positions, "int64", "position_ids"),
+            InputSpec(_cache_shape(dims, None), "float32", "past_key_values"))
+    return [_vision_graph(net, dims),
+            _Graph("encode_text", graph_prefix(family), _TextStep(net).forward, text, TEXT_OUTPUTS)]
+
+
+def _cache_shape(dims: Qwen2Dims | QwenVLDims, tokens: int | None) -> list[int | None]:
+    """The KV cache's shape for `tokens` tokens: [layers, 2 (keys, values), kv_heads, tokens, head_dim]."""
+    kv_heads = dims.heads if isinstance(dims, QwenVLDims) else dims.kv_heads
+    return [dims.layers, 2, kv_heads, tokens, dims.hidden // dims.heads]
+
+
+def _lazy_network(dims: Qwen2Dims | QwenVLDims, dtype: str) -> Qwen2VLNet | QwenVLNet:
+    """The family's network with `dtype` parameters that have names and shapes but no memory."""
+    previous = paddle.get_default_dtype()
+    paddle.set_default_dtype(dtype)
+    try:
+        # fresh variable names (linear_0.w_0, ...): the same checkpoint always gives the same files
+        with paddle.LazyGuard(), paddle.utils.unique_name.guard():
+            net = QwenVLNet(dims) if isinstance(dims, QwenVLDims) else Qwen2VLNet(dims)
+    finally:
+        paddle.set_default_dtype(previous)
+    net.eval()
+    return net
+
+
+# ---------------------------------------------------------------------------------------------------
+# Programs
+
+
+@dataclass(frozen=True)
+class _Param:
+    """A persistable tensor a program reads: its variable name, logical dtype and shape."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * dtype_info(self.dtype).itemsize
+
+    def header(self) -> bytes:
+        """What precedes the tensor's data in a .pdiparams: version, LoD levels (none), version, TensorDesc."""
+        desc = framework_pb2.VarType.TensorDesc(data_type=_PROTO_DTYPES[self.dtype], dims=self.shape)
+        encoded = desc.SerializeToString()
+        return struct.pack("<IQIi", 0, 0, 0, len(encoded)) + encoded
+
+
+def _save_program(graph: _Graph, prefix: Path, ir: str) -> list[_Param]:
+    """Trace a graph, write its program beside `prefix` and return the persistables it reads, in name order."""
+    with _old_ir_builders() if ir == "legacy" else contextlib.nullcontext(), warnings.catch_warnings():
+        # the legacy IR's fill_constant warns that an attribute it sets itself is deprecated
+        warnings.filterwarnings("ignore", message=r"The Attr\(force_cpu\)")
+        concrete = paddle.jit.to_static(graph.function, input_spec=list(graph.inputs), full_graph=True).concrete_program
+    paddle.enable_static()  # programs are normalised and serialised in static mode, as jit.save does
+    try:
+        if ir == "legacy":
+            program = concrete.main_program.clone()
+            block = program.global_block()
+            for var, name in zip(concrete.outputs, graph.outputs):
+                block._rename_var(var.name, name)
+            program = paddle.static.normalize_program(program, [block.var(spec.name) for spec in graph.inputs],
+                                                      [block.var(name) for name in graph.outputs])
+            prefix.with_suffix(".pdmodel").write_bytes(
+                program._remove_training_info(clip_extra=True).desc.serialize_to_string())
+            persistables = [var for var in program.list_vars() if is_persistable(var)]
+        else:
+            feeds = [value for value in concrete.inputs if isinstance(value, paddle.pir.Value)]
+            program = paddle.static.normalize_program(concrete.main_program, feeds, list(concrete.outputs))
+            block = program.global_block()
+            fetches = [op for op in block.ops if op.name() == "pd_op.fetch"]
+            values = [op.operand_source(0) for op in fetches]
+            for op in fetches:  # normalisation names the outputs fetch_name_<i>: name them
+                block.remove_op(op)
+            with paddle.static.program_guard(program):
+                append_pir_fetch_ops(program, list(zip(values, graph.outputs)))
+            paddle.core.serialize_pir_program(program, str(prefix.with_suffix(".json")), True, False, True)
+            persistables = get_pir_parameters(program)[0]
+        params = [_Param(var.name, _dtype_name(var.dtype), tuple(var.shape)) for var in persistables]
+    finally:
+        paddle.disable_static()
+    return sorted(params, key=lambda param: param.name)  # Paddle's order in a .pdiparams
+
+
+def _old_ir_op(op_type: str, inputs: dict[str, Variable], attrs: dict | None = None) -> Variable:
+    helper = LayerHelper(op_type)
+    out = helper.create_variable_for_type_inference(next(iter(inputs.values())).dtype)
+    helper.append_op(type=op_type, inputs=inputs, outputs={"Out": out}, attrs=attrs or {})
+    return out
+
+
+@paddle.jit.not_to_static
+def _matmul(x: Variable, y: Variable, transpose_x: bool = False, transpose_y: bool = False,
+            name: str | None = None) -> Variable:
+    return _old_ir_op("matmul_v2", {"X": x, "Y": y}, {"trans_x": transpose_x, "trans_y": transpose_y})
+
+
+@paddle.jit.not_to_static
+def _gelu(x: Variable, approximate: bool = False, name: str | None = None) -> Variable:
+    return _old_ir_op("gelu", {"X": x}, {"approximate": approximate})
+
+
+@paddle.jit.not_to_static
+def _sum(x: Variable, axis: int | list[int] | None = None, dtype: str | None = None, keepdim: bool = False,
+         name: str | None = None) -> Variable:
+    if dtype is not None:
+        raise NotImplementedError("sum(dtype=...) while tracing for the legacy IR")
+    dims = [] if axis is None else [axis] if isinstance(axis, int) else list(axis)
+    return _old_ir_op("reduce_sum", {"X": x}, {"dim": dims, "keep_dim": keepdim, "reduce_all": axis is None})
+
+
+def _unary(op_type: str) -> Callable[..., Variable]:
+    @paddle.jit.not_to_static
+    def build(x: Variable, name: str | None = None) -> Variable:
+        return _old_ir_op(op_type, {"X": x})
+    return build
+
+
+# paddle 3.3.1 builds these only as PIR or dygraph operations (paddle/base/dygraph/
+# generated_tensor_methods_patch.py calls _C_ops, which refuses a legacy Variable), whether
+# FLAGS_enable_pir_api=0 is set before import or the IR is switched in-process; the legacy IR still has
+# the operators, so while tracing for it they are built as such
+_OLD_IR_BUILDERS = {"matmul": _matmul, "gelu": _gelu, "sum": _sum,
+                    **{name: _unary(name) for name in ("cos", "sin", "rsqrt", "sigmoid")}}
+
+
+@contextlib.contextmanager
+def _old_ir_builders() -> Iterator[None]:
+    """paddle.<op>, paddle.nn.functional.<op> and Variable.<op> build legacy operators, for the block."""
+    replaced = [(holder, name, getattr(holder, name)) for name in _OLD_IR_BUILDERS
+                for holder in (paddle, paddle.tensor, paddle.nn.functional, Variable) if hasattr(holder, name)]
+    try:
+        for holder, name, _ in replaced:
+            setattr(holder, name, _OLD_IR_BUILDERS[name])
+        yield
+    finally:
+        for holder, name, original in replaced:
+            setattr(holder, name, original)
+
+
+def _dtype_name(dtype: object) -> str:
+    name = paddle.base.data_feeder.convert_dtype(dtype)
+    return "bfloat16" if name == "uint16" else name  # Paddle names bfloat16 after its storage
+
+
+# ---------------------------------------------------------------------------------------------------
+# Parameters
+
+
+class _ParamsFile:
+    """A `.pdiparams` being written: every header at once, in Paddle's (name) order, then the tensors'
+    data in any order, so the checkpoint is read front to back."""
+
+    def __init__(self, path: Path, params: list[_Param]) -> None:
+        self.params = {param.name: param for param in params}
+        self.offsets: dict[str, int] = {}
+        offset = 0
+        with open(path, "wb") as file:
+            for param in params:
+                header = param.header()
+                file.seek(offset)
+                file.write(header)
+                self.offsets[param.name] = offset + len(header)
+                offset += len(header) + param.nbytes
+            file.truncate(offset)
+        self._fd = os.open(path, os.O_WRONLY)
+
+    def write(self, name: str, array: np.ndarray) -> None:
+        param = self.params[name]
+        if array.dtype != dtype_info(param.dtype).storage or tuple(array.shape) != param.shape:
+            raise CheckFailed(f"{name}: {array.dtype}{list(array.shape)} where the program has "
+                              f"{param.dtype}{list(param.shape)}")
+        data = memoryview(np.ascontiguousarray(array).reshape(-1)).cast("B")
+        offset = self.offsets[name]
+        while data:
+            written = os.pwrite(self._fd, data[:_WRITE_CHUNK], offset)
+            data, offset = data[written:], offset + written
+
+    def close(self) -> None:
+        os.fsync(self._fd)
+        os.close(self._fd)
+
+
+def _stored_values(checkpoint: Checkpoint, step: Step) -> np.ndarray:
+    """One tensor as the network holds it: the plan's transpose (none for Paddle layouts) and cast applied."""
+    values = checkpoint.read(step.source.name)
+    if step.transpose:
+        values = transpose_2d(values)
+    return cast_float(values, step.source.dtype, step.target.dtype)
+
+
+def _write_params(files: dict[_ParamsFile, dict[str, str]], checkpoint: Checkpoint, plan: Plan,
+                  buffers: dict[str, np.ndarray]) -> None:
+    """Fill the files (each with its variable name -> network name map) from the checkpoint, read front to
+    back, each tensor once, and from the network's buffers (rotary tables, which no checkpoint holds)."""
+    wanted: dict[str, list[tuple[_ParamsFile, str]]] = {}
+    for params_file, names in files.items():
+        for var, network_name in names.items():
+            wanted.setdefault(network_name, []).append((params_file, var))
+    for step in ordered_steps(plan, checkpoint):
+        targets = wanted.pop(step.target.name, [])
+        values = _stored_values(checkpoint, step) if targets else None
+        for params_file, var in targets:
+            params_file.write(var, values)
+    for network_name, targets in wanted.items():
+        if network_name not in buffers:
+            raise CheckFailed(f"the checkpoint has no tensor for the network's {network_name}")
+        for params_file, var in targets:
+            params_file.write(var, buffers[network_name])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Export
+
+
+def export_static(weights_dir: Path, out_dir: Path, *, ir: str = "pir", dtype: str, max_seq_len: int,
+                  on_step: Status | None = None) -> dict:
+    """Write the vision graph and the text graph (prefill and decode steps) of the converted checkpoint at
+    `weights_dir` to `out_dir/checkpoints` (replacing it, atomically), with parameters stored in `dtype`.
+
+    `max_seq_len` bounds prompt plus generated tokens (recorded for the predictor; Qwen-VL's cannot pass
+    its seq_length, where the graph's rotary would need dynamic NTK). Returns what was written: family,
+    ir, dtype, max_seq_len, the text graph's file prefix, `graphs` (`vision`, `text`: each one's model and
+    params files, inputs with their shapes, -1 for any size, and outputs), every file's sha256 and size
+    (paths relative to `out_dir`), and the seconds taken.
+    """
+    if ir not in IRS:
+        raise UserError(f"unknown ir {ir!r}; choose one of {', '.join(IRS)}")
+    if dtype not in DTYPES:
+        raise UserError(f"cannot store static-graph parameters as {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if max_seq_len < 1:
+        raise UserError("max_seq_len must be at least 1")
+    say = on_step or (lambda _message: None)
+    started = time.monotonic()
+    weights_dir, out_dir = Path(weights_dir), Path(out_dir)
+    final = out_dir / CHECKPOINTS
+    staging = temporary_name(final)
+    with open_checkpoint(_pdparams_entry(weights_dir), bf16=True) as checkpoint:  # Paddle reads uint16 as bf16
+        family, dims = _family_dims(weights_dir, checkpoint.config)
+        if isinstance(dims, QwenVLDims) and max_seq_len > dims.seq_length:
+            raise UserError(f"max_seq_len {max_seq_len} passes Qwen-VL's seq_length {dims.seq_length}, beyond which "
+                            "it scales its rotary (dynamic NTK, logn); the graph does not")
+        plan = plan_conversion(checkpoint.tensors, checkpoint.config, target_layout="paddlemix", dtype=dtype)
+        ensure_free_space(out_dir, sum(step.target.nbytes for step in plan.steps), "the static graphs")
+        staging.mkdir(parents=True)
+        try:
+            with _IR_GUARDS[ir]():
+                graphs = _export(checkpoint, plan, family, dims, staging, ir, dtype, say)
+            config = {**checkpoint.config, "infer_model_max_seq_len": max_seq_len, "infer_model_dtype": dtype,
+                      "infer_model_paddle_commit": paddle.version.commit}
+            write_json_atomic(staging / "encode_text" / "config.json", config)
+            say("hashing the files")
+            files = _file_digests(staging)
+            swap_in(staging, final)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    return {"family": family, "ir": ir, "dtype": dtype, "max_seq_len": max_seq_len, "prefix": graph_prefix(family),
+            "graphs": graphs, "files": files, "seconds": round(time.monotonic() - started, 2)}
+
+
+def _export(checkpoint: Checkpoint, plan: Plan, family: str, dims: Qwen2Dims | QwenVLDims, root: Path, ir: str,
+            dtype: str, say: Status) -> dict[str, dict]:
+    """Every graph's program and parameters under `root`; what each graph is, by role."""
+    net = _lazy_network(dims, dtype)
+    state = net.to_static_state_dict()
+    network_names = {tensor.name: name for name, tensor in state.items()}
+    parameters = {name for name, _ in net.named_parameters()}
+    buffers = {name: tensor.numpy() for name, tensor in state.items() if name not in parameters}
+    shapes = {step.target.name: (step.target.dtype, step.target.shape) for step in plan.steps}
+    shapes |= {name: (logical_dtype(values.dtype), values.shape) for name, values in buffers.items()}
+    files: dict[_ParamsFile, dict[str, str]] = {}
+    graphs = {}
+    for role, graph in zip(("vision", "text"), _graphs(net, family, dims)):
+        say(f"tracing the {role} graph")
+        prefix = root / graph.directory / graph.name
+        prefix.parent.mkdir(exist_ok=True)
+        params = _save_program(graph, prefix, ir)
+        for param in params:
+            expected = shapes.get(network_names.get(param.name, ""))
+            if expected != (param.dtype, param.shape):
+                raise CheckFailed(f"the {role} graph's {param.name} ({network_names.get(param.name)}) is "
+                                  f"{param.dtype}{list(param.shape)}; the checkpoint has {expected}")
+        params_path = prefix.with_suffix(".pdiparams")
+        files[_ParamsFile(params_path, params)] = {param.name: network_names[param.name] for param in params}
+        if ir == "legacy":  # what jit.save records beside a legacy program
+            info = {param.name: {"structured_name": network_names[param.name], "stop_gradient": True}
+                    for param in params}
+            with open(prefix.with_suffix(".pdiparams.info"), "wb") as file:
+                pickle.dump(info, file, protocol=2)
+        where = f"{CHECKPOINTS}/{graph.directory}"
+        graphs[role] = {"model": f"{where}/{prefix.name}{'.pdmodel' if ir == 'legacy' else '.json'}",
+                        "params": f"{where}/{params_path.name}",
+                        "inputs": {spec.name: list(spec.shape) for spec in graph.inputs},  # -1: any size
+                        "outputs": list(graph.outputs)}
+    say("writing the parameters")
+    try:
+        _write_params(files, checkpoint, plan, buffers)
+    finally:
+        for params_file in files:
+            params_file.close()
+    return graphs
+
+
+def _file_digests(root: Path) -> dict[str, dict]:
+    """sha256 and size of every file under `root` (the staged checkpoints directory), by path relative to
+    out_dir."""
+    return {f"{CHECKPOINTS}/{path.relative_to(root).as_posix()}": file_entry(path)
+            for path in sorted(p for p in root.rglob("*") if p.is_file())}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Running the graphs
+
+
+class StaticPredictor:
+    """The exported graphs run by paddle.inference on CPU; tokens are embedded from the weights' table."""
+
+    def __init__(self, checkpoints: Path, weights_dir: Path, *, threads: int | None = None,
+                 fold_weights: bool = False) -> None:
+        """Load the vision and text graphs under `checkpoints` (.json, else .pdmodel) on `threads` CPU threads
+        (default: all): one predictor each, the text one running the prefill and every decode step. Weights
+        stay in their stored dtype and are cast where used; `fold_weights` lets Paddle cast them all to
+        float32 once at load instead (PIR graphs). Measured on Qwen2-VL-2B (bfloat16, 2 CPU threads, paddle
+        3.3.1): peak RSS 6.0 GB, decode steps 2.8 s (legacy graphs: 6.0 GB, 1.1 s); folded, 12.8 GB and
+        0.26 s, as Paddle then holds a float32 copy of every weight."""
+        checkpoints, weights_dir = Path(checkpoints), Path(weights_dir)
+        config_path = checkpoints / "encode_text" / "config.json"
+        if not config_path.is_file():
+            raise UserError(f"no {config_path}: export the graphs first")
+        config = json.loads(config_path.read_text())
+        self.family, self.dims = _family_dims(checkpoints, config)
+        self.max_seq_len = int(config["infer_model_max_seq_len"])
+        self._checkpoint = open_checkpoint(_pdparams_entry(weights_dir), bf16=True)
+        try:
+            self._embedding = _embedding_name(self._checkpoint, self.family, self.dims)
+            threads = threads or os.cpu_count() or 1
+            self._vision, self._text = (
+                _predictor(checkpoints / name, threads, fold_weights)
+                for name in ("encode_image/vision", f"encode_text/{graph_prefix(self.family)}"))
+        except BaseException:
+            self._checkpoint.close()
+            raise
+
+    def encode_images(self, pixel_values: np.ndarray, **vision_inputs: np.ndarray) -> np.ndarray:
+        """Image embeddings [image tokens, hidden], from the inputs `PaddleForward.encode_images` takes (a mask
+        the graph does not take, which no block reads, is left out)."""
+        taken = set(self._vision.get_input_names())
+        inputs = {name: value for name, value in vision_inputs.items() if name in taken or name not in _MASKS}
+        return _run(self._vision, VISION_OUTPUTS, pixel_values=pixel_values, **inputs)[0]
+
+    def generate(self, input_ids: np.ndarray, position_ids: np.ndarray, image_embeds: np.ndarray,
+                 image_mask: np.ndarray, tokens: int,
+                 positions_after: Callable[[int], np.ndarray]) -> tuple[np.ndarray, list[int]]:
+        """Greedy decoding: the prompt's logits [L, vocab] (the text graph over an empty cache) and `tokens`
+        ids, each after the first from one decode step (the text graph over one token and the cache).
+        `image_embeds` fill the positions `image_mask` marks, in order; `positions_after(n)` gives the
+        positions of n tokens appended to the prompt, shaped like `position_ids`."""
+        if tokens < 1:
+            raise ValueError("tokens must be at least 1")
+        if len(input_ids) + tokens - 1 > self.max_seq_len:
+            raise UserError(f"{len(input_ids)} prompt tokens and {tokens} generated pass the graphs' max_seq_len "
+                            f"{self.max_seq_len}")
+        mask = np.asarray(image_mask, dtype=bool)
+        if mask.shape != input_ids.shape or image_embeds.shape != (int(mask.sum()), self.dims.hidden):
+            raise ValueError(f"image_mask must be [{len(input_ids)}] and image_embeds [marked positions, "
+                             f"{self.dims.hidden}], not {list(mask.shape)} and {list(image_embeds.shape)}")
+        embeds = self._embed(input_ids)
+        embeds[mask] = image_embeds
+        empty = np.zeros(_cache_shape(self.dims, 0), np.float32)
+        logits, cache = _run(self._text, TEXT_OUTPUTS, inputs_embeds=embeds[None], position_ids=position_ids,
+                             past_key_values=empty)
+        generated = [int(logits[-1].argmax())]
+        for step in range(1, tokens):
+            last = self._embed(np.array(generated[-1:]))[None]
+            step_logits, cache = _run(self._text, TEXT_OUTPUTS, inputs_embeds=last,
+                                      position_ids=positions_after(step)[..., -1:], past_key_values=cache)
+            generated.append(int(step_logits[-1].argmax()))
+        return logits, generated
+
+    def close(self) -> None:
+        """Close the weights' open shard."""
+        self._checkpoint.close()
+
+    def _embed(self, ids: np.ndarray) -> np.ndarray:
+        """Rows `ids` of the embedding table as float32."""
+        vocab = self._checkpoint.tensors[self._embedding].shape[0]
+        if ids.ndim != 1 or not len(ids) or ids.min() < 0 or ids.max() >= vocab:
+            raise ValueError(f"token ids must be a non-empty 1-D array of values in [0, {vocab})")
+        rows = self._checkpoint.read_rows(self._embedding, ids)
+        return float32_values(rows, self._checkpoint.tensors[self._embedding].dtype)
+
+
+def _embedding_name(checkpoint: Checkpoint, family: str, dims: Qwen2Dims | QwenVLDims) -> str:
+    """The embedding table's name in the weights' layout, checked against the graphs' dims."""
+    layout = detect_layout(family, checkpoint.tensors, checkpoint.config)
+    name = next((n for n in embedding_candidates(family, layout) if n in checkpoint.tensors), None)
+    if name is None or checkpoint.tensors[name].shape != (dims.vocab, dims.hidden):
+        raise UserError(f"{checkpoint.root} holds no [{dims.vocab}, {dims.hidden}] embedding table for these graphs")
+    return name
+
+
+def _predictor(prefix: Path, threads: int, fold_weights: bool) -> paddle.inference.Predictor:
+    model = next((path for path in (prefix.with_suffix(".json"), prefix.with_suffix(".pdmodel")) if path.is_file()),
+                 None)
+    if model is None:
+        raise UserError(f"no {prefix.name}.json or {prefix.name}.pdmodel in {prefix.parent}: export the graphs first")
+    config = paddle.inference.Config(str(model), str(prefix.with_suffix(".pdiparams")))
+    config.disable_gpu()
+    # measured with paddle 3.3.1 on Qwen2-VL-2B: under oneDNN, weights cast from bfloat16 gave NaN logits, and
+    # oneDNN keeps a second, reordered copy of every float32 weight it multiplies by
+    config.disable_onednn()
+    if model.suffix == ".pdmodel":
+        # the legacy executor otherwise keeps every operator's output, each weight's float32 cast included:
+        # 15.0 GB instead of 6.0 GB on Qwen2-VL-2B
+        config.enable_memory_optim()
+    elif not fold_weights:
+        config.delete_pass("constant_folding_pass")  # which would turn each cast weight into a float32 copy
+    config.set_cpu_math_library_num_threads(threads)
+    config.disable_glog_info()
+    return paddle.inference.create_predictor(config)
+
+
+def _run(predictor: paddle.inference.Predictor, outputs: tuple[str, ...], **inputs: np.ndarray) -> list[np.ndarray]:
+    """Feed `inputs` by name, run, and copy out `outputs`."""
+    expected = predictor.get_input_names()
+    if sorted(inputs) != sorted(expected):
+        raise ValueError(f"the graph takes {', '.join(expected)}; given {', '.join(inputs)}")
+    for name, value in inputs.items():
+        handle = predictor.get_input_handle(name)
+        handle.reshape(value.shape)
+        handle.copy_from_cpu(np.ascontiguousarray(value, dtype=np.int64 if name in _INT_INPUTS else np.float32))
+    predictor.run()
+    return [predictor.get_output_handle(name).copy_to_cpu() for name in outputs]

@@ -1,0 +1,507 @@
+"""The Sophgo TPU-MLIR layout: `vlhub convert SRC --to tpu-mlir`.
+
+    DIR/
+      model/              the Hugging Face directory `llm_convert` reads: official key names, the full config
+                          (vision defaults filled in), safetensors in the dtype --quantize expects, tokenizer,
+                          processor, chat-template and generation files
+      compile.sh          checks the toolchain, then runs the `llm_convert` command for these options
+      vlhub-manifest.json S, max pixels, chip, quantize, layer and head counts, the networks, every file's sha256
+      README.md           how to compile and run it
+
+Every option is checked before anything is written: the vision tokens --max-pixels allows (computed with
+smart_resize, as the processor computes them) plus a prompt must fit in --seq-length, W and H are multiples of
+28, the group size divides the Linear layers' inputs, the chip is one TPU-MLIR builds for. Sources: TPU-MLIR
+python/tools/llm_convert.py and python/llm/ (llm_convert, read from the tpu-mlir 1.30.2 wheel), LLM-TPU
+models/Qwen2_VL and models/Qwen2_5_VL python_demo (the runtime).
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from vlhub import __version__
+from vlhub.atomic import staged_directory
+from vlhub.convert.configs import official_config
+from vlhub.convert.conversion import MANIFEST, Conversion, prepare_conversion, refresh_manifest_entry
+from vlhub.errors import UserError
+from vlhub.formats.writers import file_entry, write_json_atomic
+from vlhub.hub.store import conversion_output
+from vlhub.smoke.inputs import SMOKE_IMAGE, SMOKE_PATCHES, smart_resize
+from vlhub.targets.base import DeployedLayout, Deployment
+from vlhub.units import now_iso
+
+# --quantize -> the dtype llm_convert requires the checkpoint to declare (its "mismatch with model dtype" check)
+QUANTIZE_DTYPE = {"w4bf16": "bfloat16", "w8bf16": "bfloat16", "bf16": "bfloat16",
+                  "w4f16": "float16", "w8f16": "float16", "f16": "float16"}
+CHIPS = ("bm1684x", "bm1688")
+FAMILIES = ("qwen2_vl", "qwen2_5_vl")
+# llm_convert's --max_pixels defaults (W, H); Qwen2-VL's 768,768 is not a multiple of 28: its processor
+# resizes such an image to 756x756, so that is the budget
+DEFAULT_MAX_PIXELS = {"qwen2_vl": (756, 756), "qwen2_5_vl": (672, 896)}
+DEFAULT_SEQ_LENGTH = 2048
+DEFAULT_GROUP_SIZE = 64
+# the toolchain as vlhub's README sets it up: torch pinned and first, since an unpinned install on Python 3.10
+# pulls PyPI's CUDA build and its libraries; the wheel imports psutil and flatbuffers without declaring them
+TORCH_FIRST = ("torch==2.13.0 first (on Python 3.10 PyPI has only its CUDA build, several GB: vlhub's README, "
+               "'The TPU-MLIR toolchain', installs it with --no-deps and CPU stubs)")
+TOOLCHAIN_INSTALL = "pip install tpu-mlir==1.30.2 psutil flatbuffers"
+# room beside the image in the sequence: the chat template's system and user turns, a question, an answer
+PROMPT_TOKENS = 64
+PIXEL_FACTOR = 28  # patch 14 x merge 2: the processor resizes to multiples of this
+VIT_HEAD_DIM = 80  # llm_convert 1.30.2 builds the ViT's rotary table 20 wide: head_dim 80, as 1280 / 16 in every model
+# vision fields some official configs leave to the loader's defaults (transformers' Qwen2(.5)-VL vision configs)
+VISION_DEFAULTS = {
+    "qwen2_vl": {"hidden_act": "quick_gelu", "in_channels": 3, "mlp_ratio": 4, "patch_size": 14,
+                 "spatial_merge_size": 2, "temporal_patch_size": 2},
+    "qwen2_5_vl": {"hidden_act": "silu", "in_channels": 3, "patch_size": 14, "spatial_merge_size": 2,
+                   "temporal_patch_size": 2, "window_size": 112, "fullatt_block_indexes": [7, 15, 23, 31],
+                   "tokens_per_second": 4},
+}
+
+
+@dataclass(frozen=True)
+class TpuOptions:
+    """The compile options, checked against the model's config by `check_tpu_options`."""
+
+    seq_length: int
+    max_pixels: tuple[int, int]  # W, H
+    quantize: str
+    group_size: int
+    chip: str
+
+    @property
+    def vision_patches(self) -> int:
+        """ViT input rows: 14x14 patches of the largest image as the processor resizes it (each 3*2*14*14 =
+        1176 values)."""
+        width, height = self.max_pixels
+        resized_height, resized_width = smart_resize(height, width, max_pixels=width * height)
+        return (resized_height // 14) * (resized_width // 14)
+
+    @property
+    def vision_tokens(self) -> int:
+        """Tokens the largest image becomes in the sequence, after the 2x2 merge."""
+        return self.vision_patches // 4
+
+
+def parse_max_pixels(text: str | None, family: str) -> tuple[int, int]:
+    """`W,H` as llm_convert's --max_pixels takes it (default: llm_convert's own for the family)."""
+    if text is None:
+        return DEFAULT_MAX_PIXELS[family]
+    try:
+        width, height = (int(part) for part in text.replace("x", ",").split(","))
+    except ValueError:
+        raise UserError(f"--max-pixels {text!r}: write the largest image as W,H, e.g. 672,896") from None
+    return width, height
+
+
+def tpu_options(family: str, config: dict, source_dtype: str, *, seq_length: int = DEFAULT_SEQ_LENGTH,
+                max_pixels: str | None = None, quantize: str | None = None, group_size: int = DEFAULT_GROUP_SIZE,
+                chip: str = "bm1684x") -> TpuOptions:
+    """The options as given (defaults: llm_convert's pixel budget for the family, 4-bit weights with the half
+    type the checkpoint has), checked against the model's flat config."""
+    refuse_family(family)
+    default = "w4f16" if source_dtype == "float16" else "w4bf16"
+    options = TpuOptions(seq_length, parse_max_pixels(max_pixels, family), quantize or default, group_size, chip)
+    check_tpu_options(config, options)
+    return options
+
+
+def refuse_family(family: str) -> None:
+    """Only Qwen2-VL and Qwen2.5-VL have a TPU-MLIR route."""
+    if family == "qwen_vl":
+        raise UserError("Qwen-VL (v1) has no TPU-MLIR route: llm_convert supports qwen2_vl and qwen2_5_vl, not "
+                        "Qwen-VL's model_type qwen, and no Sophgo demo runs it; convert a Qwen2-VL or Qwen2.5-VL model")
+    if family not in FAMILIES:
+        raise UserError(f"--to tpu-mlir supports {', '.join(FAMILIES)}, not {family}")
+
+
+def check_tpu_options(config: dict, options: TpuOptions) -> None:
+    """Refuse, with the valid range and why, options llm_convert or the runtime cannot take (and a model it
+    cannot compile)."""
+    vision = config["vision_config"]
+    head_dim = vision.get("embed_dim", vision.get("hidden_size")) // vision["num_heads"]
+    if head_dim != VIT_HEAD_DIM:
+        raise UserError(f"this model's vision heads are {head_dim} wide; TPU-MLIR's llm_convert compiles only "
+                        f"{VIT_HEAD_DIM} (its ViT rotary table is fixed; every released Qwen2(.5)-VL has 1280 / 16)")
+    if options.chip not in CHIPS:
+        raise UserError(f"--chip {options.chip!r}: choose {' or '.join(CHIPS)}")
+    if options.quantize not in QUANTIZE_DTYPE:
+        raise UserError(f"--quantize {options.quantize!r}: choose one of {', '.join(QUANTIZE_DTYPE)} "
+                        "(w4/w8: 4- or 8-bit weights with bf16 or f16 activations)")
+    width, height = options.max_pixels
+    if width % PIXEL_FACTOR or height % PIXEL_FACTOR or min(width, height) < 2 * PIXEL_FACTOR:
+        raise UserError(f"--max-pixels {width},{height}: W and H must be multiples of {PIXEL_FACTOR} (14-pixel "
+                        f"patches merged 2x2), at least {2 * PIXEL_FACTOR}; e.g. {_nearest(width)},{_nearest(height)}")
+    needed = options.vision_tokens + PROMPT_TOKENS
+    limit = int(config.get("max_position_embeddings") or 32768)
+    if not needed <= options.seq_length <= limit:
+        raise UserError(f"--seq-length {options.seq_length}: a {width}x{height} image is {options.vision_tokens} "
+                        f"vision tokens, so the sequence needs at least {needed} (with {PROMPT_TOKENS} for the "
+                        f"prompt and answer), and at most {limit} (max_position_embeddings)")
+    if options.quantize.startswith("w"):
+        inputs = {"hidden_size": config["hidden_size"], "intermediate_size": config["intermediate_size"]}
+        if options.group_size < 1 or any(size % options.group_size for size in inputs.values()):
+            raise UserError(f"--group-size {options.group_size}: it must divide every quantized Linear's input "
+                            f"({', '.join(f'{k} {v}' for k, v in inputs.items())}); 64 or 128 usually do")
+
+
+def _nearest(pixels: int) -> int:
+    return max(2 * PIXEL_FACTOR, round(pixels / PIXEL_FACTOR) * PIXEL_FACTOR)
+
+
+def build_tpu_mlir(
+    source: str,
+    out: Path | None = None,
+    *,
+    seq_length: int = DEFAULT_SEQ_LENGTH,
+    max_pixels: str | None = None,
+    quantize: str | None = None,
+    group_size: int = DEFAULT_GROUP_SIZE,
+    chip: str = "bm1684x",
+    onnx: bool = False,
+    overwrite: bool = False,
+    on_bytes: Callable[[int], None] | None = None,
+) -> DeployedLayout:
+    """Write the TPU-MLIR layout of SRC into DIR, atomically; every option checked first. With `onnx`, also the
+    older flow's ONNX networks, exported one network at a time from model/, and compile_onnx.sh."""
+    if onnx:
+        check_onnx_installed()
+    probe = prepare_conversion(source, to="tpu-mlir")  # headers only: the family, config and dtype
+    if probe.checkpoint is not None:
+        probe.checkpoint.close()
+    family = probe.plan.family
+    options = tpu_options(family, official_config(probe.config), probe.output_dtype(), seq_length=seq_length,
+                          max_pixels=max_pixels, quantize=quantize, group_size=group_size, chip=chip)
+    dtype = QUANTIZE_DTYPE[options.quantize]
+    conversion = prepare_conversion(source, to="tpu-mlir", dtype=None if dtype == probe.output_dtype() else dtype)
+    out = Path(out) if out else tpu_layout_output(conversion, options, onnx)
+    with staged_directory(out, conversion.source_path, overwrite=overwrite, needed=conversion.plan.total_bytes,
+                          what="the model directory") as staging:
+        conversion.write(staging / "model", on_bytes=on_bytes)
+        _fill_vision_defaults(staging / "model", family)
+        scripts = {"compile.sh": compile_script(options)}
+        exported = None
+        if onnx:
+            exported = _export_onnx(staging, options, on_bytes)
+            scripts["compile_onnx.sh"] = onnx_compile_script(options, exported["networks"],
+                                                             _bmodel_name(conversion, options))
+        for name, text in scripts.items():
+            (staging / name).write_text(text)
+            (staging / name).chmod(0o755)
+        (staging / "README.md").write_text(_readme(conversion, family, options, onnx=onnx))
+        manifest = _manifest(conversion, staging, family, options, exported)
+        write_json_atomic(staging / MANIFEST, manifest)
+    return DeployedLayout(out, manifest)
+
+
+def check_smoke_image_fits(options: TpuOptions) -> None:
+    """The ONNX smoke test feeds the exported ViT the smoke image: the pixel budget must hold it."""
+    if options.vision_patches < SMOKE_PATCHES:
+        height, width = SMOKE_IMAGE
+        raise UserError(f"--max-pixels {options.max_pixels[0]},{options.max_pixels[1]} exports a ViT for "
+                        f"{options.vision_patches} patches, fewer than the smoke test's {width}x{height} image "
+                        f"({SMOKE_PATCHES}); give at least {width},{height}, or pass --no-smoke")
+
+
+def check_onnx_installed() -> None:
+    """Refuse --onnx before anything is written when onnx or onnxruntime cannot be imported."""
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError as exc:
+        raise UserError(f"--onnx exports and runs ONNX networks with onnx and onnxruntime, which are not importable "
+                        f"({exc}); install them with: pip install 'vlhub[onnx]'") from None
+
+
+def _export_onnx(staging: Path, options: TpuOptions, on_bytes: Callable[[int], None] | None) -> dict:
+    from vlhub.smoke.weights import ModelWeights
+    from vlhub.targets.tpu_mlir.onnx_export import export_onnx
+
+    with ModelWeights.open(staging / "model") as weights:  # streamed: one tensor in memory at a time
+        return export_onnx(weights, staging, seq_length=options.seq_length, vision_patches=options.vision_patches,
+                           on_bytes=on_bytes)
+
+
+def _bmodel_name(conversion: Conversion, options: TpuOptions) -> str:
+    """sophon-demo's naming: <model>_<quantize>_seq<S>_<chip>_1dev.bmodel."""
+    name = conversion.model.name if conversion.model else Path(conversion.source).name
+    return f"{name.lower()}_{options.quantize}_seq{options.seq_length}_{options.chip}_1dev.bmodel"
+
+
+def tpu_layout_output(conversion: Conversion, options: TpuOptions, onnx: bool = False) -> Path:
+    """Where the layout goes without --out: the cache for a catalog model (keyed by the options), else beside
+    the source."""
+    return conversion_output(conversion.model, conversion.source_path, "tpu-mlir",
+                             {"chip": options.chip, "quantize": options.quantize, "seq": options.seq_length, "onnx": onnx,
+                              "pixels": "x".join(map(str, options.max_pixels)),
+                              "group": options.group_size if options.quantize.startswith("w") else None})
+
+
+def _fill_vision_defaults(model_dir: Path, family: str) -> None:
+    """llm_convert reads the vision config's fields without transformers' defaults: write them out."""
+    config_path = model_dir / "config.json"
+    config = json.loads(config_path.read_text())
+    vision = config.setdefault("vision_config", {})
+    for key, value in VISION_DEFAULTS[family].items():
+        vision.setdefault(key, value)
+    if "in_chans" in vision:
+        vision["in_channels"] = vision["in_chans"]
+    # the merger's output is the language model's width (Qwen2-VL calls it hidden_size, Qwen2.5-VL out_hidden_size)
+    vision.setdefault("out_hidden_size" if family == "qwen2_5_vl" else "hidden_size", config["hidden_size"])
+    write_json_atomic(config_path, config)
+    refresh_manifest_entry(model_dir, "config.json")
+
+
+def networks(layers: int) -> list[str]:
+    """The networks llm_convert combines into one bmodel (the runtime looks them up by these names)."""
+    return ["vit", "embedding", "embedding_cache", "lm_head",
+            *(f"{kind}_{i}" for i in range(layers) for kind in ("block", "block_cache"))]
+
+
+def llm_convert_command(options: TpuOptions) -> list[str]:
+    """The llm_convert arguments for these options, run in DIR (model/ in, compiled/ out)."""
+    command = ["-m", "./model", "-s", str(options.seq_length), "-q", options.quantize]
+    if options.quantize.startswith("w"):
+        command += ["-g", str(options.group_size)]
+    return command + ["-c", options.chip, "--max_pixels", "{},{}".format(*options.max_pixels), "-o", "./compiled"]
+
+
+def compile_script(options: TpuOptions) -> str:
+    """compile.sh: the toolchain checks, each failing with what to do, then the llm_convert command."""
+    arguments = " ".join(shlex.quote(a) for a in llm_convert_command(options))
+    return f"""#!/usr/bin/env bash
+# Compile ./model for {options.chip} with TPU-MLIR's llm_convert (written by vlhub {__version__}).
+# The bmodel lands in ./compiled/, with ./compiled/config/ (tokenizer and processor files) beside it.
+{_toolchain_checks(parallel=True)}PATH="$BIN:$PATH" "$PYTHON" "$LLM_CONVERT" {arguments}
+"""
+
+
+# how each kind of network is deployed in the ONNX flow, as LLM-TPU's models/Qwen2_VL/compile/compile.sh did
+_DEPLOY_FLAGS = {
+    "embedding": ["--quant_input", "--quant_output"],
+    "lm_head": ["--quant_input"],
+    "block": ["--quant_input", "--quant_output"],
+    "block_cache": ["--quant_input", "--quant_output", "--addr_mode", "io_alone"],
+    "head": [],  # greedy / penalty-sample heads stay float32
+    # float32 in: LLM-TPU's runtime (models/Qwen2_VL/python_demo/chat.cpp, forward_vit) copies float32 pixels
+    # and masks into `vit`, and llm_convert compiles it without --quant_input (TPU-MLIR
+    # python/llm/LlmConverter.py, compile_vit)
+    "vit": ["--quant_output", "--high_precision"],
+}
+
+
+def onnx_compile_script(options: TpuOptions, networks: dict, bmodel: str) -> str:
+    """compile_onnx.sh: model_transform and model_deploy per ONNX file (input shapes from the exported graphs),
+    then model_tool --combine into `bmodel`, as sophon-demo's and LLM-TPU's compile scripts do."""
+    weights = ["--quantize", options.quantize.upper()]
+    if options.quantize.startswith("w"):
+        weights += ["--q_group_size", str(options.group_size)]
+    half = ["--quantize", "BF16" if QUANTIZE_DTYPE[options.quantize] == "bfloat16" else "F16"]
+    lines = []
+    for name, network in networks.items():
+        kind = _network_kind(name)
+        quantize = ["--quantize", "F32"] if kind == "head" else half if kind == "vit" else weights
+        shapes = "[" + ",".join("[" + ",".join(map(str, shape)) + "]" for _, shape, _ in network["inputs"]) + "]"
+        flags = " ".join(shlex.quote(a) for a in [*quantize, *_DEPLOY_FLAGS[kind]])
+        lines.append(f"net {name} {shlex.quote(network['file'])} {shlex.quote(shapes)} {flags}")
+    return f"""#!/usr/bin/env bash
+# Compile ./models/onnx for {options.chip}, one network at a time, with TPU-MLIR's model_transform and
+# model_deploy, then combine them (written by vlhub {__version__}). The bmodel lands in ./compiled_onnx/.
+{_toolchain_checks(parallel=False)}export PATH="$BIN:$PATH"
+net() {{  # name, ONNX file, input shapes, model_deploy flags
+    local name=$1 file=$2 shapes=$3
+    shift 3
+    mkdir -p "compiled_onnx/$name"
+    (cd "compiled_onnx/$name" &&
+        model_transform.py --model_name "$name" --model_def "../../$file" --input_shapes "$shapes" \\
+            --mlir "$name.mlir" &&
+        model_deploy.py --mlir "$name.mlir" --chip {options.chip} --model "$name.bmodel" "$@")
+}}
+{chr(10).join(lines)}
+model_tool --combine {" ".join(f"compiled_onnx/{name}/{name}.bmodel" for name in networks)} \\
+    -o compiled_onnx/{shlex.quote(bmodel)}
+"""
+
+
+def _network_kind(name: str) -> str:
+    """The _DEPLOY_FLAGS entry of a network: block_3 -> block, block_cache_3 -> block_cache."""
+    if name in ("greedy_head", "penalty_sample_head"):
+        return "head"
+    if name.startswith("embedding"):
+        return "embedding"
+    return name if name == "lm_head" else name.rsplit("_", 1)[0]
+
+
+def _toolchain_checks(*, parallel: bool) -> str:
+    """The shell lines that stop a compile script early, with what to do, when the toolchain is not there."""
+    if parallel:
+        flow_check = ('\ncommand -v parallel >/dev/null || fail "GNU parallel is not on PATH (llm_convert runs '
+                      'its jobs with it): apt-get install parallel"')
+    else:
+        flow_check = ("\n\"$PYTHON\" -c 'import onnx, onnxruntime' 2>/dev/null \\\n    || fail \"model_transform reads "
+                      "ONNX with onnx and onnxruntime: $PYTHON -m pip install 'tpu-mlir[onnx]==1.30.2'\"")
+    return f"""# TPU-MLIR is a Python 3.10 wheel: set VLHUB_TPU_MLIR_PYTHON to the python3.10 it is installed for
+# (README.md says how to set it up).
+set -euo pipefail
+cd "$(dirname "$0")"
+PYTHON="${{VLHUB_TPU_MLIR_PYTHON:-python3.10}}"
+fail() {{ echo "error: $*" >&2; exit 2; }}
+command -v "$PYTHON" >/dev/null || fail "$PYTHON not found: install Python 3.10 and set VLHUB_TPU_MLIR_PYTHON to it"
+"$PYTHON" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 10))' \\
+    || fail "$PYTHON is not Python 3.10, the only version the tpu-mlir wheel installs on"
+TORCH="install {TORCH_FIRST}"
+"$PYTHON" -c 'import tpu_mlir' 2>/dev/null \\
+    || fail "tpu-mlir is not importable by $PYTHON: $TORCH, then $PYTHON -m {TOOLCHAIN_INSTALL}"
+"$PYTHON" -c 'import torch, psutil' 2>/dev/null \\
+    || fail "TPU-MLIR also needs torch and psutil: $TORCH, then $PYTHON -m pip install psutil"{flow_check}
+BIN="$(dirname "$(command -v "$PYTHON")")"
+LLM_CONVERT="$BIN/llm_convert.py"
+[ -x "$LLM_CONVERT" ] || LLM_CONVERT="$(command -v llm_convert.py)" || fail "llm_convert.py not found beside $PYTHON"
+"""
+
+
+def _manifest(conversion: Conversion, staging: Path, family: str, options: TpuOptions,
+              exported: dict | None) -> dict:
+    model_manifest = json.loads((staging / "model" / MANIFEST).read_text())
+    files = {f"model/{name}": entry for name, entry in model_manifest["files"].items()}
+    scripts = ["compile.sh", "compile_onnx.sh"] if exported else ["compile.sh"]
+    for name in (f"model/{MANIFEST}", *scripts, "README.md"):
+        files[name] = file_entry(staging / name)
+    if exported:
+        files.update(exported["files"])
+    config = official_config(conversion.config)
+    quantized = options.quantize.startswith("w")
+    return {
+        "vlhub_version": __version__,
+        "created": now_iso(),
+        "source": model_manifest["source"],
+        "target": {
+            "name": "tpu-mlir", "family": family, "weights": "model", "smoke_path": "model", "chip": options.chip,
+            "quantize": options.quantize, "group_size": options.group_size if quantized else None,
+            "dtype": QUANTIZE_DTYPE[options.quantize], "seq_length": options.seq_length,
+            "max_pixels": list(options.max_pixels), "vision_patches": options.vision_patches,
+            "vision_tokens": options.vision_tokens, "layers": config["num_hidden_layers"],
+            "hidden_size": config["hidden_size"], "attention_heads": config["num_attention_heads"],
+            "kv_heads": config["num_key_value_heads"], "vision_depth": config["vision_config"]["depth"],
+            "networks": networks(config["num_hidden_layers"]),
+            "llm_convert": ["llm_convert.py", *llm_convert_command(options)],
+            "onnx": {"networks": exported["networks"], "bmodel": f"compiled_onnx/{_bmodel_name(conversion, options)}"}
+            if exported else None,
+        },
+        "files": files,
+    }
+
+
+def _onnx_readme(conversion: Conversion, options: TpuOptions) -> list[str]:
+    return [
+        "## The ONNX flow (sophon-demo)",
+        "",
+        ("`models/onnx/llm/` holds `block_N.onnx` and `block_cache_N.onnx` (KV sequence-major [1, S, kv_heads, "
+         "head_dim]; the decode block returns the new token's K/V only), `embedding.onnx`, `embedding_cache.onnx`, "
+         "`lm_head.onnx`, `greedy_head.onnx` and `penalty_sample_head.onnx`; `models/onnx/vit/` the vision "
+         "transformer. Inputs and outputs are listed under `target.onnx.networks` in vlhub-manifest.json. "
+         "`compile_onnx.sh` runs `model_transform.py` and `model_deploy.py` for each, then `model_tool --combine`:"),
+        "",
+        ("- The vision transformer's network is named `vit` (its file keeps LLM-TPU's name, "
+         "`vision_transformer.onnx`): LLM-TPU's runtime looks it up by that name "
+         "(`sophgo/LLM-TPU` `models/Qwen2_VL/python_demo/chat.cpp`, `bmrt_get_network_info(p_bmrt, \"vit\")`), as "
+         "its old `models/Qwen2_VL/compile/compile.sh` named it."),
+        ("- It is compiled with float32 inputs (`--quant_output --high_precision`, no `--quant_input`): that "
+         "runtime's `forward_vit` copies float32 pixels and masks in, and TPU-MLIR's llm_convert compiles its `vit` "
+         "the same way (`python/llm/LlmConverter.py`, `compile_vit`). The old compile.sh's `--quant_input "
+         "--quant_input_list 3` (the mask in half precision) went with an older chat.cpp that built the mask in "
+         "half precision itself."),
+        ("- Qwen2.5-VL's ViT takes llm_convert's input names, `full_attn_mask`, `window_attn_mask` and "
+         "`reverse_index` (TPU-MLIR `python/llm/Qwen2_5VLConverter.py`); Qwen2-VL's keeps the old export's "
+         "`attention_mask` [1, P, P]."),
+        "",
+        "```bash",
+        "VLHUB_TPU_MLIR_PYTHON=/path/to/python3.10 ./compile_onnx.sh",
+        f"# writes compiled_onnx/{_bmodel_name(conversion, options)}",
+        "```",
+        "",
+    ]
+
+
+def _readme(conversion: Conversion, family: str, options: TpuOptions, *, onnx: bool) -> str:
+    width, height = options.max_pixels
+    name = conversion.model.name if conversion.model else Path(conversion.source).name
+    command = " ".join(["llm_convert.py", *(shlex.quote(a) for a in llm_convert_command(options))])
+    return "\n".join([
+        f"# {name} for Sophgo {options.chip.upper()} (TPU-MLIR)",
+        "",
+        (f"Written by vlhub {__version__}: `{options.quantize}` weights, sequence length {options.seq_length}, "
+         f"images up to {width}x{height} pixels ({options.vision_patches} patches, {options.vision_tokens} vision "
+         "tokens)."),
+        "",
+        "| path | what it is |",
+        "|---|---|",
+        (f"| `model/` | the Hugging Face directory llm_convert reads ({family}: official key names, full config, "
+         f"{QUANTIZE_DTYPE[options.quantize]} safetensors, tokenizer and processor files) |"),
+        "| `compile.sh` | checks the toolchain, then compiles `model/` into `compiled/` |",
+        "| `vlhub-manifest.json` | the options, layer and head counts, the networks, every file's sha256 |",
+        "",
+        "## Compile",
+        "",
+        ("Needs Python 3.10 with `torch==2.13.0` (installed first: on Python 3.10 PyPI has only its CUDA build), "
+         "`tpu-mlir==1.30.2`, `psutil` and `flatbuffers`, and GNU `parallel`; vlhub's README, 'The TPU-MLIR "
+         "toolchain', sets this up step by step, on a machine that is not Ubuntu 22.04 too."),
+        "",
+        "```bash",
+        "VLHUB_TPU_MLIR_PYTHON=/path/to/python3.10 ./compile.sh",
+        f"# runs: {command}",
+        "```",
+        "",
+        ("It writes `compiled/<stem>_<timestamp>.bmodel` (networks `vit`, `embedding`, `embedding_cache`, "
+         "`lm_head`, `block_N`, `block_cache_N`) and `compiled/config/`."),
+        "",
+        *(_onnx_readme(conversion, options) if onnx else []),
+        "## Run",
+        "",
+        "On the device, with LLM-TPU's demo (`models/Qwen2_5_VL/python_demo` or `models/Qwen2_VL/python_demo`):",
+        "",
+        "```bash",
+        "python3 pipeline.py -m compiled/<stem>_<timestamp>.bmodel -c compiled/config",
+        "```",
+        "",
+        ("The demo reads the image budget from the bmodel's vision network: give it images up to "
+         f"{width}x{height} pixels; prompts and answers share the {options.seq_length} positions with the "
+         f"{options.vision_tokens} vision tokens."),
+        "",
+    ])
+
+
+def _check(family: str, config: dict, source_dtype: str, smoke: bool, *, onnx: bool = False, **options: object) -> None:
+    checked = tpu_options(family, config, source_dtype, **options)  # type: ignore[arg-type]
+    if onnx:
+        check_onnx_installed()
+        if smoke:
+            check_smoke_image_fits(checked)
+
+
+def _output(conversion: Conversion, *, onnx: bool = False, **options: object) -> Path:
+    checked = tpu_options(conversion.plan.family, official_config(conversion.config), conversion.output_dtype(),
+                          **options)  # type: ignore[arg-type]
+    return tpu_layout_output(conversion, checked, onnx)
+
+
+def _progress(conversion: Conversion, *, onnx: bool = False, **_options: object) -> tuple[str, int]:
+    total = conversion.plan.total_bytes
+    if onnx:  # float32 networks: about twice the parameters' bf16 bytes, a layer's weights in two networks
+        return "writing model/ and the ONNX networks", total + 4 * sum(s.target.nbytes for s in conversion.plan.steps)
+    return "writing the model directory for llm_convert", total
+
+
+DEPLOYMENT = Deployment(
+    name="tpu-mlir",
+    options=("seq_length", "max_pixels", "quantize", "group_size", "chip", "onnx"),
+    check=_check,
+    output=_output,
+    build=build_tpu_mlir,
+    progress=_progress,
+    summary="model/ for llm_convert and compile.sh; its README.md says how to compile and run it",
+)
