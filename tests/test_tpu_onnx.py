@@ -14,8 +14,8 @@ ort = pytest.importorskip("onnxruntime")
 
 from tests.test_smoke import q_and_k_swapped, rewrite
 from vlhub.errors import UserError
-from vlhub.families import text_config
 from vlhub.formats.writers import file_sha256
+from vlhub.keymaps.config import text_config
 from vlhub.smoke.inputs import smoke_input
 from vlhub.smoke.reference import ReferenceForward, softmax
 from vlhub.smoke.verdict import TOLERANCES, compare_arrays

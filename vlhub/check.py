@@ -35,12 +35,12 @@ from vlhub.convert.conversion import TARGETS as CONVERT_TARGETS
 from vlhub.convert.layouts import detect_family, detect_layout
 from vlhub.convert.plan import KeyMapMismatch, Plan, plan_conversion
 from vlhub.errors import UserError, VlhubError
-from vlhub.families import tie_word_embeddings
 from vlhub.formats.readers import Checkpoint, config_dtype, open_checkpoint
 from vlhub.formats.registry import FORMATS, format_of_file
 from vlhub.hub.home import vlhub_home
 from vlhub.hub.store import MANIFEST, manifest_problems, read_manifest
 from vlhub.keymaps import load_keymap
+from vlhub.keymaps.config import tie_word_embeddings
 from vlhub.plan import (
     DEFAULT_ANSWER_TOKENS,
     DEFAULT_PROMPT_TOKENS,

@@ -36,12 +36,12 @@ from vlhub.catalog import find_model
 from vlhub.convert.layouts import UNKNOWN, detect_family, detect_layout, embedding_candidates, spellings
 from vlhub.convert.ops import FLOAT_DTYPES, cast_float, transpose_2d
 from vlhub.errors import UserError
-from vlhub.families import tie_word_embeddings
 from vlhub.formats.readers import Checkpoint, open_checkpoint
 from vlhub.formats.tensors import TensorMeta, dtype_info
 from vlhub.formats.writers import temporary_name, write_json_atomic
 from vlhub.hub.sources import resolve_source
 from vlhub.keymaps import load_keymap
+from vlhub.keymaps.config import tie_word_embeddings
 
 DTYPES = ("float16", "bfloat16", "float32")
 FORMATS = ("bin", "npy")

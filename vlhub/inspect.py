@@ -7,8 +7,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from vlhub.convert.layouts import describe_layout, detect_family, detect_layout, embedding_candidates
-from vlhub.families import tie_word_embeddings
 from vlhub.formats.readers import Checkpoint, open_checkpoint
+from vlhub.keymaps.config import tie_word_embeddings
 
 
 @dataclass

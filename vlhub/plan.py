@@ -27,8 +27,9 @@ from typing import TypeVar
 from vlhub.catalog import find_model, unknown_model_message
 from vlhub.convert.configs import official_config
 from vlhub.errors import UserError
-from vlhub.families import FAMILIES, family_of_config, text_config
+from vlhub.families import FAMILIES, family_of_config
 from vlhub.formats.readers import config_dtype, open_checkpoint
+from vlhub.keymaps.config import text_config
 from vlhub.smoke.inputs import MAX_PIXELS, MAX_RATIO, MIN_PIXELS, SMOKE_PATCHES, VisionGeometry, smart_resize
 from vlhub.targets.tpu_mlir.build import TpuOptions, refuse_family, tpu_options
 

@@ -11,7 +11,8 @@ from functools import cache
 from importlib import resources
 
 from vlhub.errors import UserError
-from vlhub.families import FAMILIES, Family, tie_word_embeddings
+from vlhub.families import FAMILIES, Family
+from vlhub.keymaps.config import tie_word_embeddings
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -10,9 +10,8 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-from vlhub.families import FAMILIES, family_of_config
 from vlhub.formats.tensors import TensorMeta
-from vlhub.keymaps import FAMILY_FILES, KeyMap, Layout, evaluate, load_keymap
+from vlhub.keymaps import FAMILY_FILES, KeyMap, Layout, evaluate, keymap_of_config, load_keymap
 
 UNKNOWN = "unknown"
 
@@ -37,15 +36,14 @@ def match_count(keymap: KeyMap, layout: Layout, names: list[str]) -> int:
 
 def detect_family(config: dict | None, names: list[str]) -> str | None:
     """The family config.json names, or else the one whose layouts explain most key names."""
-    family = family_of_config(config)
-    if family is not None:
-        return family.name
+    named = keymap_of_config(config)
+    if named is not None:
+        return named.id
     best, best_count = None, 0
-    for candidate in FAMILIES.values():
-        keymap = candidate.keymap
+    for keymap in map(load_keymap, FAMILY_FILES):
         count = max(match_count(keymap, layout, names) for layout in keymap.layouts.values())
         if count > best_count:
-            best, best_count = candidate.name, count
+            best, best_count = keymap.id, count
     return best
 
 

@@ -10,11 +10,11 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from vlhub.errors import CorruptCheckpoint, UserError
-from vlhub.families import check_config
 from vlhub.formats.base import TensorFile
 from vlhub.formats.io_utils import StoredBytes, read_exact_into, read_json_file
 from vlhub.formats.registry import DIRECTORY_PRECEDENCE, FORMATS, Format, format_of_file
 from vlhub.formats.tensors import TensorMeta, dtype_info
+from vlhub.keymaps.config import check_config
 
 # Official config.json files are a few KB; an index names every tensor (about 100 bytes each), and the
 # reference safetensors library allows a header of 100 MB for the same list.

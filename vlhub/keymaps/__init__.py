@@ -1,7 +1,8 @@
 """Key maps: one data file per family naming every official tensor, its kind and shape, and the
 layouts it is stored in (renames and transposes). One map drives both directions of a conversion.
 
-A family file (`qwen2_vl.toml`, ...) may `include` fragments (`_qwen2_decoder.toml`); their sections
+A family's key map is `vlhub/families/<family>/keymap.toml`; the families are the folders that hold one. It
+may `include` fragments shared by several families (`vlhub/keymaps/fragments/<name>.toml`); their sections
 are merged, the including file's tensors first. Placeholders such as `{layer}` range over a count
 read from config.json. Every dim read from config.json has a bound here (`DIM_BOUNDS`), checked before
 anything loops or allocates on it.
@@ -23,14 +24,16 @@ from vlhub.errors import UserError
 from vlhub.keymaps.expr import evaluate
 
 __all__ = ["DIM_BOUNDS", "FAMILY_FILES", "DimBound", "ExpectedTensor", "KeyMap", "Layout", "TensorRule", "evaluate",
-           "load_keymap"]
+           "keymap_of_config", "load_keymap"]
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-FAMILY_FILES = ("qwen_vl", "qwen2_vl", "qwen2_5_vl")
+# every family is a folder of vlhub/families holding its key map (read as data: this layer imports no family)
+_FAMILIES_ROOT = resources.files("vlhub") / "families"
+FAMILY_FILES = tuple(sorted(entry.name for entry in _FAMILIES_ROOT.iterdir() if (entry / "keymap.toml").is_file()))
 _PLACEHOLDER = re.compile(r"\{(\w+)\}")
 
 # Upper bounds of the numbers a key map reads from config.json, so that a hostile one (num_hidden_layers:
@@ -258,6 +261,12 @@ def _config_value(config: dict, key: str) -> object:
     return text.get(key) if isinstance(text, dict) else None
 
 
+def keymap_of_config(config: dict | None) -> KeyMap | None:
+    """The key map of the family whose `model_type` config.json names, if vlhub has one."""
+    model_type = (config or {}).get("model_type")
+    return next((keymap for keymap in map(load_keymap, FAMILY_FILES) if keymap.model_type == model_type), None)
+
+
 def _merge(base: dict, extra: dict) -> dict:
     merged = dict(base)
     for key, value in extra.items():
@@ -270,14 +279,13 @@ def _merge(base: dict, extra: dict) -> dict:
 
 @cache
 def load_keymap(family: str) -> KeyMap:
-    """The key map of a family (`qwen_vl`, `qwen2_vl`, `qwen2_5_vl`)."""
+    """The key map of a family (one of `FAMILY_FILES`)."""
     if family not in FAMILY_FILES:
         raise UserError(f"no key map for family {family!r}; vlhub has {', '.join(FAMILY_FILES)}")
-    root = resources.files(__package__)
-    texts = [(root / f"{family}.toml").read_text()]
+    texts = [(_FAMILIES_ROOT / family / "keymap.toml").read_text()]
     data = tomllib.loads(texts[0])
     for fragment in data.get("include", []):
-        texts.append((root / f"{fragment}.toml").read_text())
+        texts.append((resources.files(__package__) / "fragments" / f"{fragment}.toml").read_text())
         data = _merge(data, tomllib.loads(texts[-1]))
     unbounded = [name for name, spec in data.get("dims", {}).items() if not _is_flag(spec) and name not in DIM_BOUNDS]
     if unbounded:

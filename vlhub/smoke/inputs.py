@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from vlhub.errors import CorruptCheckpoint, UserError
-from vlhub.families import text_config
+from vlhub.keymaps.config import text_config
 
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)

@@ -30,10 +30,11 @@ from paddle import nn
 from vlhub.convert.configs import official_config
 from vlhub.convert.layouts import UNKNOWN, detect_layout
 from vlhub.errors import CheckFailed, UserError
-from vlhub.families import family_of_config, tie_word_embeddings
+from vlhub.families import family_of_config
 from vlhub.formats.readers import Checkpoint, open_checkpoint
 from vlhub.formats.tensors import float32_values
 from vlhub.keymaps import load_keymap
+from vlhub.keymaps.config import tie_word_embeddings
 
 MASKED = -1e30  # additive mask value: finite, so a fully masked row gives no NaN
 HEAD_BLOCK = 4096  # lm_head columns (or tied embedding rows) per block in streamed mode

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from vlhub.errors import UserError
-from vlhub.families import text_config, tie_word_embeddings
+from vlhub.keymaps.config import text_config, tie_word_embeddings
 from vlhub.smoke.inputs import MASKED, SmokeInput
 from vlhub.smoke.weights import ModelWeights
 

@@ -69,8 +69,8 @@ from onnx import TensorProto, helper, numpy_helper
 from vlhub import __version__
 from vlhub.atomic import ensure_free_space, swap_in
 from vlhub.errors import UserError
-from vlhub.families import text_config, tie_word_embeddings
 from vlhub.formats.writers import file_entry, temporary_name
+from vlhub.keymaps.config import text_config, tie_word_embeddings
 from vlhub.smoke.inputs import DEVICE_MASKED
 from vlhub.smoke.reference import inverse_frequencies, rotary_tables
 from vlhub.smoke.weights import ModelWeights
