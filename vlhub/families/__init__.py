@@ -8,10 +8,12 @@ edits a list. It imports no family's code; `Family.code` does, when asked.
 
 from __future__ import annotations
 
+import importlib
 import sys
 from dataclasses import dataclass
 from functools import cached_property
 from importlib import resources
+from types import ModuleType
 
 from vlhub.errors import UserError
 from vlhub.keymaps import FAMILY_FILES, KeyMap, keymap_of_config, load_keymap
@@ -48,6 +50,12 @@ class Family:
         """What `target` needs to know of this family (its `[targets.<target>]` table), or None when the family
         has no route to it."""
         return (self.facts.get("targets") or {}).get(target)
+
+    def code(self, module: str) -> ModuleType:
+        """One module of the family's code (`inputs`, `reference`, `paddle`), imported on first use: the registry
+        itself imports none, so `import vlhub` stays light and a family's numpy or Paddle code loads only when
+        a forward of that family runs."""
+        return importlib.import_module(f"{__package__}.{self.name}.{module}")
 
     @property
     def model_type(self) -> str:

@@ -1,0 +1,1 @@
+"""Qwen2-VL (`Qwen2VLForConditionalGeneration`): its key map, facts and code."""
