@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from vlhub.errors import CorruptCheckpoint, UserError
+from vlhub.families import family_of_config
 from vlhub.keymaps.config import text_config
 
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
@@ -36,7 +37,7 @@ USER_IDS = (872, 198)
 QUESTION_IDS = (74785, 419, 2168, 13)
 NEWLINE_IDS = (198,)
 ASSISTANT_IDS = (77091, 198)
-QWEN_VL_PROMPT_IDS = (24669, 220, 16, 25)
+PICTURE_IDS = (24669, 220, 16, 25)  # "Picture 1:", the prompt before an image in Qwen's first chat format
 # the chat markers, by the name the tokenizer files give them (their ids are the checkpoint's own)
 CHAT_START, CHAT_END = "<|im_start|>", "<|im_end|>"
 # where the Qwen2(.5)-VL config names the ids of its image placeholders
@@ -91,14 +92,12 @@ class VisionGeometry:
     patch: int
     temporal_patch: int
     merge: int
-    window_size: int | None  # Qwen2.5-VL only
 
     @classmethod
     def from_config(cls, config: dict) -> VisionGeometry:
         vision = config.get("vision_config") or {}
-        window = vision.get("window_size", 112) if config.get("model_type") == "qwen2_5_vl" else None
         return cls(vision.get("patch_size", vision.get("spatial_patch_size", 14)),
-                   vision.get("temporal_patch_size", 2), vision.get("spatial_merge_size", 2), window)
+                   vision.get("temporal_patch_size", 2), vision.get("spatial_merge_size", 2))
 
 
 def patchify(pixels: np.ndarray, geometry: VisionGeometry) -> tuple[np.ndarray, tuple[int, int, int]]:
@@ -140,11 +139,11 @@ def segment_mask(lengths: list[int]) -> np.ndarray:
     return mask
 
 
-def window_order(grids: list[tuple[int, int, int]], geometry: VisionGeometry) -> tuple[np.ndarray, list[int]]:
-    """Qwen2.5-VL's window attention: the merge-group order that puts each window's groups together,
-    and the patch count of every window in that order."""
-    assert geometry.window_size is not None
-    side = geometry.window_size // geometry.merge // geometry.patch  # window side in merged units
+def window_order(grids: list[tuple[int, int, int]], geometry: VisionGeometry,
+                 window_size: int) -> tuple[np.ndarray, list[int]]:
+    """Window attention over `window_size`-pixel windows: the merge-group order that puts each window's groups
+    together, and the patch count of every window in that order."""
+    side = window_size // geometry.merge // geometry.patch  # window side in merged units
     unit = geometry.merge ** 2
     order, lengths, offset = [], [], 0
     for t, h, w in grids:
@@ -168,7 +167,7 @@ class VisionInputs:
     grids: list[tuple[int, int, int]]
     position_ids: np.ndarray  # [N, 2] int64
     full_mask: np.ndarray  # [N, N] float32, one segment per image frame
-    window_index: np.ndarray | None = None  # [N / merge^2] int64 (Qwen2.5-VL)
+    window_index: np.ndarray | None = None  # [N / merge^2] int64 (a tower with window attention)
     reverse_index: np.ndarray | None = None
     window_mask: np.ndarray | None = None  # [N, N] in window order
 
@@ -179,8 +178,9 @@ class VisionInputs:
         return {k: v for k, v in kwargs.items() if v is not None}
 
 
-def vision_inputs(images: list[np.ndarray], config: dict) -> VisionInputs:
-    """Patches and the host-side tables of the vision tower for normalised [3, H, W] images."""
+def vision_inputs(images: list[np.ndarray], config: dict, window_size: int | None = None) -> VisionInputs:
+    """Patches and the host-side tables of the vision tower for normalised [3, H, W] images, with the window
+    order and mask of `window_size`-pixel windows when the tower attends within windows."""
     geometry = VisionGeometry.from_config(config)
     pieces = [patchify(image, geometry) for image in images]
     grids = [grid for _, grid in pieces]
@@ -189,8 +189,8 @@ def vision_inputs(images: list[np.ndarray], config: dict) -> VisionInputs:
         vision_position_ids(grids, geometry.merge),
         segment_mask([h * w for t, h, w in grids for _ in range(t)]),
     )
-    if geometry.window_size is not None:
-        order, lengths = window_order(grids, geometry)
+    if window_size is not None:
+        order, lengths = window_order(grids, geometry, window_size)
         inputs.window_index, inputs.reverse_index = order, np.argsort(order).astype(np.int64)
         inputs.window_mask = segment_mask(lengths)
     return inputs
@@ -310,14 +310,21 @@ def smoke_input(config: dict, image_size: tuple[int, int] = SMOKE_IMAGE, *,
                 tokenizer: dict[str, int] | None = None) -> SmokeInput:
     """The smoke test's input for a model of this config.json, with the special tokens its tokenizer files
     name (`tokenizer_special_tokens`): chat markers where the tokenizer has them, the image placeholders the
-    config names."""
+    config names. The family's own code (`vlhub/families/<family>/inputs.py`) builds it."""
     tokenizer = tokenizer or {}
-    tokens = prompt_tokens(config, tokenizer)
-    if config.get("model_type") == "qwen":
-        return _qwen_vl_input(config, tokens)
+    family = family_of_config(config)
+    if family is None:
+        raise UserError(f"config.json model_type {config.get('model_type')!r} is no family vlhub knows")
+    return family.code("inputs").smoke_input(config, prompt_tokens(config, tokenizer), tokenizer, image_size)
+
+
+def patch_grid_input(config: dict, tokens: PromptTokens, tokenizer: dict[str, int], image_size: tuple[int, int],
+                     window_size: int | None = None) -> SmokeInput:
+    """The smoke input of a model whose processor cuts the image into merged patches and whose text model places
+    them with multimodal rotary positions: the chat prompt around vision start, image pads and vision end."""
     height, width = smart_resize(*image_size)
     image = normalize(synthetic_image(height, width))
-    vision = vision_inputs([image], config)
+    vision = vision_inputs([image], config, window_size)
     merge = VisionGeometry.from_config(config).merge
     count = vision.pixel_values.shape[0] // merge ** 2
     image_token, start, end = (tokens.checked(_vision_token(config, key, tokenizer), f"config.json {key}")
@@ -344,21 +351,6 @@ def _vision_token(config: dict, key: str, tokenizer: dict[str, int]) -> object:
         return tokenizer[_TOKEN_NAMES[key]]
     raise UserError(f"config.json has no {key} and no tokenizer file names {_TOKEN_NAMES[key]}: the smoke test "
                     f"cannot place an image; add {key} to config.json, or convert with --no-smoke")
-
-
-def _qwen_vl_input(config: dict, tokens: PromptTokens) -> SmokeInput:
-    visual = config.get("visual") or {}
-    size = visual.get("image_size", 448)
-    # <img>, </img> and the image pad are the three ids from image_start_id on
-    start = tokens.checked(visual.get("image_start_id"), "config.json visual.image_start_id")
-    tokens.checked(start + 2, "config.json visual.image_start_id + 2 (the image pad)")
-    queries = 256  # the resampler's fixed output: 256 tokens per image
-    pixels = normalize(synthetic_image(size, size))[None]
-    before = tokens.words(QWEN_VL_PROMPT_IDS)
-    ids = np.array([*before, start, *[start + 2] * queries, start + 1, *tokens.words(QUESTION_IDS)], dtype=np.int64)
-    mask = np.zeros(len(ids), dtype=bool)
-    mask[len(before) + 1:len(before) + 1 + queries] = True
-    return SmokeInput("qwen", ids, mask, np.arange(len(ids), dtype=np.int64), 0, None, pixels)
 
 
 def pad_rows(values: np.ndarray, rows: int) -> np.ndarray:

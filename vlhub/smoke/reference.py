@@ -1,11 +1,11 @@
-"""The reference forward of the three families in numpy, computing in float32.
+"""The reference forward in numpy, computing in float32: the ops, the generation loop every family shares, and
+the building blocks several families assemble (a multimodal-rotary decoder, a merged-patch vision tower). Each
+family's own forward is `vlhub/families/<family>/reference.py`; `ReferenceForward(weights)` gives it.
 
 Framework-neutral on purpose: a smoke test compares a converted model in its runtime with this, so
 it must need neither torch nor paddle. Weights come from `ModelWeights` one tensor at a time, at the
-point of use, so a streamed forward holds one layer's weights plus activations.
-
-Qwen2-VL / Qwen2.5-VL follow transformers' `modeling_qwen2_vl.py` / `modeling_qwen2_5_vl.py` (and
-are tested equal to them); Qwen-VL follows the published `modeling_qwen.py` / `visual.py`.
+point of use, so a streamed forward holds one layer's weights plus activations. Each family's forward
+follows transformers' (or the published remote code's) modeling file and is tested equal to it.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from vlhub.errors import UserError
+from vlhub.families import FAMILIES
 from vlhub.keymaps.config import text_config, tie_word_embeddings
-from vlhub.smoke.inputs import MASKED, SmokeInput
+from vlhub.smoke.inputs import MASKED, SmokeInput, VisionInputs
 from vlhub.smoke.weights import ModelWeights
 
 # lm_head rows per block: 16384 x 3584 float32 is 235 MB, however large the vocabulary
@@ -165,13 +165,21 @@ class KVCache:
 
 
 class ReferenceForward:
-    """One family's forward over `ModelWeights`: `encode_images`, then `logits` (with an optional cache)."""
+    """A family's forward over `ModelWeights`: `encode_images`, then `logits` (with an optional cache), and
+    greedy `generate`. `ReferenceForward(weights)` gives the forward of the weights' family (as `Path` gives a
+    `PosixPath`): the class `Reference` of `vlhub/families/<family>/reference.py`, which fills in the hooks."""
+
+    embedding = ""  # the official name of the token embedding table
+
+    def __new__(cls, weights: ModelWeights) -> ReferenceForward:
+        if cls is ReferenceForward:
+            cls = FAMILIES[weights.family].code("reference").Reference
+        return super().__new__(cls)
 
     def __init__(self, weights: ModelWeights) -> None:
         self.weights = weights
         self.config = weights.config
         self.text = text_config(self.config)
-        self.qwen_vl = weights.family == "qwen_vl"
 
     def w(self, name: str) -> np.ndarray:
         return self.weights.get(name)
@@ -180,96 +188,35 @@ class ReferenceForward:
         bias = prefix + ".bias"
         return self.w(prefix + ".weight"), self.w(bias) if self.weights.has(bias) else None
 
-    # -- vision
+    # -- what each family supplies
 
     def encode_images(self, smoke: SmokeInput) -> np.ndarray:
         """Image embeddings [image tokens, hidden], in the order the prompt's image positions take them."""
-        return self._qwen_vl_vision(smoke.pixel_values) if self.qwen_vl else self._qwen2_vision(smoke)
+        raise NotImplementedError
 
-    def _qwen2_vision(self, smoke: SmokeInput) -> np.ndarray:
-        vision, cfg = smoke.vision, self.config["vision_config"]
-        assert vision is not None
-        qwen25 = self.weights.family == "qwen2_5_vl"
-        width = cfg["hidden_size"] if qwen25 else cfg["embed_dim"]
-        heads = cfg["num_heads"]
-        unit = cfg.get("spatial_merge_size", 2) ** 2
-        x = vision.pixel_values @ self.w("visual.patch_embed.proj.weight").reshape(width, -1).T
-        cos, sin = vision_rotary(vision.position_ids, width // heads)
-        if qwen25:
-            order = vision.window_index
+    def text_rotary(self, position_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """cos and sin [L, head_dim] of the text positions."""
+        raise NotImplementedError
 
-            def by_window(a: np.ndarray) -> np.ndarray:
-                return a.reshape(-1, unit, a.shape[-1])[order].reshape(a.shape)
+    def layer(self, x: np.ndarray, layer: int, cos: np.ndarray, sin: np.ndarray, mask: np.ndarray,
+              cache: KVCache) -> np.ndarray:
+        """One decoder layer over new tokens `x`, extending `cache` with their keys and values."""
+        raise NotImplementedError
 
-            x, cos, sin = by_window(x), by_window(cos), by_window(sin)
-        full = set(cfg.get("fullatt_block_indexes", []))
-        for block in range(cfg["depth"]):
-            p = f"visual.blocks.{block}."
-            mask = vision.full_mask if not qwen25 or block in full else vision.window_mask
-            h = self._vision_norm(x, p + "norm1", qwen25)
-            qkv = linear(h, *self.wb(p + "attn.qkv")).reshape(len(x), 3, heads, -1)
-            q, k = apply_rotary(qkv[:, 0], cos, sin), apply_rotary(qkv[:, 1], cos, sin)
-            x = x + linear(attention(q, k, qkv[:, 2], mask), *self.wb(p + "attn.proj"))
-            h = self._vision_norm(x, p + "norm2", qwen25)
-            if qwen25:
-                act = silu(linear(h, *self.wb(p + "mlp.gate_proj"))) * linear(h, *self.wb(p + "mlp.up_proj"))
-                x = x + linear(act, *self.wb(p + "mlp.down_proj"))
-            else:
-                x = x + linear(quick_gelu(linear(h, *self.wb(p + "mlp.fc1"))), *self.wb(p + "mlp.fc2"))
-        h = self._vision_norm(x, "visual.merger.ln_q", qwen25).reshape(len(x) // unit, -1)
-        out = linear(gelu(linear(h, *self.wb("visual.merger.mlp.0"))), *self.wb("visual.merger.mlp.2"))
-        return out[vision.reverse_index] if qwen25 else out
+    def final_norm(self, x: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
 
-    def _vision_norm(self, x: np.ndarray, prefix: str, rms: bool) -> np.ndarray:
-        if rms:
-            return rms_norm(x, self.w(prefix + ".weight"), 1e-6)
-        return layer_norm(x, self.w(prefix + ".weight"), self.w(prefix + ".bias"))
+    def lm_head(self) -> str:
+        """The official name of the output projection (the embedding when the model ties them)."""
+        raise NotImplementedError
 
-    def _qwen_vl_vision(self, pixels: np.ndarray) -> np.ndarray:
-        cfg = self.config["visual"]
-        v = "transformer.visual."
-        width, heads, patch = cfg["width"], cfg["heads"], cfg["patch_size"]
-        conv = self.w(v + "conv1.weight").reshape(width, -1)
-        _, channels, size, _ = pixels.shape
-        side = size // patch
-        patches = pixels[0].reshape(channels, side, patch, side, patch).transpose(1, 3, 0, 2, 4)
-        x = patches.reshape(side * side, -1) @ conv.T
-        x = x + resize_grid(self.w(v + "positional_embedding"), side * side)
-        x = layer_norm(x, self.w(v + "ln_pre.weight"), self.w(v + "ln_pre.bias"))
-        for block in range(cfg["layers"]):
-            p = f"{v}transformer.resblocks.{block}."
-            h = layer_norm(x, self.w(p + "ln_1.weight"), self.w(p + "ln_1.bias"))
-            # the fused projection is grouped per head: (heads, [q; k; v] of head_dim each)
-            qkv = linear(h, *self.wb(p + "attn.in_proj")).reshape(len(x), heads, 3, -1)
-            x = x + linear(attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], None), *self.wb(p + "attn.out_proj"))
-            h = layer_norm(x, self.w(p + "ln_2.weight"), self.w(p + "ln_2.bias"))
-            x = x + linear(gelu(linear(h, *self.wb(p + "mlp.c_fc"))), *self.wb(p + "mlp.c_proj"))
-        out = self._resampler(x)
-        out = layer_norm(out, self.w(v + "ln_post.weight"), self.w(v + "ln_post.bias"))
-        return out @ self.w(v + "proj")
-
-    def _resampler(self, x: np.ndarray) -> np.ndarray:
-        """Qwen-VL's attention pool: 256 learned queries attend over the patches (nn.MultiheadAttention)."""
-        a = "transformer.visual.attn_pool."
-        dim = self.config["visual"]["output_dim"]
-        heads = dim // 128
-        if self.weights.has(a + "kv_proj.weight"):
-            x = linear(x, self.w(a + "kv_proj.weight"))
-        kv = layer_norm(x, self.w(a + "ln_kv.weight"), self.w(a + "ln_kv.bias"))
-        pos = self.w(a + "pos_embed")
-        query = layer_norm(self.w(a + "query"), self.w(a + "ln_q.weight"), self.w(a + "ln_q.bias"))
-        w_q, w_k, w_v = np.split(self.w(a + "attn.in_proj_weight"), 3)
-        b_q, b_k, b_v = np.split(self.w(a + "attn.in_proj_bias"), 3)
-        q = linear(query + pos, w_q, b_q).reshape(len(query), heads, -1)
-        k = linear(kv + resize_grid(pos, len(kv)), w_k, b_k).reshape(len(kv), heads, -1)
-        values = linear(kv, w_v, b_v).reshape(len(kv), heads, -1)
-        return linear(attention(q, k, values, None), *self.wb(a + "attn.out_proj"))
+    def check_length(self, total: int) -> None:
+        """Refuse a sequence the forward would not compute as the model does (nothing by default)."""
 
     # -- text
 
     def embed(self, input_ids: np.ndarray) -> np.ndarray:
-        table = "transformer.wte.weight" if self.qwen_vl else "model.embed_tokens.weight"
-        return self.weights.rows(table, input_ids)
+        return self.weights.rows(self.embedding, input_ids)
 
     def logits(self, input_ids: np.ndarray, position_ids: np.ndarray, image_embeds: np.ndarray | None = None,
                image_mask: np.ndarray | None = None, cache: KVCache | None = None) -> np.ndarray:
@@ -278,72 +225,16 @@ class ReferenceForward:
         if image_embeds is not None and image_mask is not None and image_mask.any():
             x[image_mask] = image_embeds
         cache = cache if cache is not None else KVCache()
-        if self.qwen_vl:
-            limit = self.text.get("seq_length", 2048)
-            if cache.length + len(input_ids) > limit:
-                raise UserError(f"the reference runs Qwen-VL up to seq_length {limit} tokens, where dynamic NTK "
-                                "and logn scaling are identities")
-        cos, sin = self._text_rotary(position_ids)
+        self.check_length(cache.length + len(input_ids))
+        cos, sin = self.text_rotary(position_ids)
         mask = causal_mask(len(input_ids), cache.length)
         for layer in range(self.text["num_hidden_layers"]):
-            x = self._qwen_vl_layer(x, layer, cos, sin, mask, cache) if self.qwen_vl else \
-                self._qwen2_layer(x, layer, cos, sin, mask, cache)
-        if self.qwen_vl:
-            x = rms_norm(x, self.w("transformer.ln_f.weight"), self.text["layer_norm_epsilon"])
-        else:
-            x = rms_norm(x, self.w("model.norm.weight"), self.text["rms_norm_eps"])
-        return self._lm_head(x)
+            x = self.layer(x, layer, cos, sin, mask, cache)
+        return self._project(self.final_norm(x))
 
-    def _text_rotary(self, position_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        t = self.text
-        if self.qwen_vl:
-            dim = int(t["kv_channels"] * t.get("rotary_pct", 1.0))
-            inv_freq = inverse_frequencies(dim, float(t.get("rotary_emb_base", 10000)))
-            return rotary_tables(position_ids[:, None].astype(np.float32) * inv_freq)
-        dim = t["hidden_size"] // t["num_attention_heads"]
-        inv_freq = inverse_frequencies(dim, float(t.get("rope_theta", 1000000.0)))
-        sections = (t.get("rope_scaling") or {}).get("mrope_section", [16, 24, 24])
-        angles = position_ids[..., None].astype(np.float32) * inv_freq  # [3, L, d/2]
-        bounds = np.cumsum([0, *sections])
-        chosen = [angles[i % 3, :, bounds[i]:bounds[i + 1]] for i in range(len(sections))]
-        return rotary_tables(np.concatenate(chosen, axis=-1))
-
-    def _qwen2_layer(self, x: np.ndarray, layer: int, cos: np.ndarray, sin: np.ndarray, mask: np.ndarray,
-                     cache: KVCache) -> np.ndarray:
-        t = self.text
-        p = f"model.layers.{layer}."
-        heads, kv_heads = t["num_attention_heads"], t["num_key_value_heads"]
-        h = rms_norm(x, self.w(p + "input_layernorm.weight"), t["rms_norm_eps"])
-        q = linear(h, *self.wb(p + "self_attn.q_proj")).reshape(len(x), heads, -1)
-        k = linear(h, *self.wb(p + "self_attn.k_proj")).reshape(len(x), kv_heads, -1)
-        v = linear(h, *self.wb(p + "self_attn.v_proj")).reshape(len(x), kv_heads, -1)
-        keys, values = cache.extend(layer, apply_rotary(k, cos, sin), v)
-        x = x + linear(attention(apply_rotary(q, cos, sin), keys, values, mask), self.w(p + "self_attn.o_proj.weight"))
-        h = rms_norm(x, self.w(p + "post_attention_layernorm.weight"), t["rms_norm_eps"])
-        act = silu(linear(h, self.w(p + "mlp.gate_proj.weight"))) * linear(h, self.w(p + "mlp.up_proj.weight"))
-        return x + linear(act, self.w(p + "mlp.down_proj.weight"))
-
-    def _qwen_vl_layer(self, x: np.ndarray, layer: int, cos: np.ndarray, sin: np.ndarray, mask: np.ndarray,
-                       cache: KVCache) -> np.ndarray:
-        t = self.text
-        p = f"transformer.h.{layer}."
-        heads = t["num_attention_heads"]
-        h = rms_norm(x, self.w(p + "ln_1.weight"), t["layer_norm_epsilon"])
-        q, k, v = (a.reshape(len(x), heads, -1) for a in np.split(linear(h, *self.wb(p + "attn.c_attn")), 3, axis=-1))
-        keys, values = cache.extend(layer, apply_rotary(k, cos, sin), v)
-        x = x + linear(attention(apply_rotary(q, cos, sin), keys, values, mask), self.w(p + "attn.c_proj.weight"))
-        h = rms_norm(x, self.w(p + "ln_2.weight"), t["layer_norm_epsilon"])
-        act = linear(h, self.w(p + "mlp.w1.weight")) * silu(linear(h, self.w(p + "mlp.w2.weight")))
-        return x + linear(act, self.w(p + "mlp.c_proj.weight"))
-
-    def _lm_head(self, x: np.ndarray) -> np.ndarray:
-        if self.qwen_vl:
-            head = "lm_head.weight"
-        else:
-            head = "model.embed_tokens.weight" if tie_word_embeddings(self.config) else "lm_head.weight"
-        vocab = self.text["vocab_size"]
-        out = np.empty((len(x), vocab), dtype=np.float32)
-        for start, block in self.weights.row_blocks(head, _HEAD_ROWS):
+    def _project(self, x: np.ndarray) -> np.ndarray:
+        out = np.empty((len(x), self.text["vocab_size"]), dtype=np.float32)
+        for start, block in self.weights.row_blocks(self.lm_head(), _HEAD_ROWS):
             out[:, start:start + len(block)] = x @ block.T
         return out
 
@@ -365,3 +256,69 @@ class ReferenceForward:
             chosen_from.append(step_logits[-1])
             generated.append(int(step_logits[-1].argmax()))
         return prompt_logits, generated, np.stack(chosen_from)
+
+
+class MRopeDecoderForward(ReferenceForward):
+    """A text model of pre-norm decoder layers (`model.layers.N.*`): grouped-query attention with biased q, k and
+    v projections, rotated by multimodal rotary positions whose frequency slots split into (time, height, width)
+    sections (`rope_scaling.mrope_section`), a SwiGLU MLP, RMSNorm; lm_head tied to the embedding or not."""
+
+    embedding = "model.embed_tokens.weight"
+
+    def text_rotary(self, position_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        t = self.text
+        dim = t["hidden_size"] // t["num_attention_heads"]
+        inv_freq = inverse_frequencies(dim, float(t.get("rope_theta", 1000000.0)))
+        sections = (t.get("rope_scaling") or {}).get("mrope_section", [16, 24, 24])
+        angles = position_ids[..., None].astype(np.float32) * inv_freq  # [3, L, d/2]
+        bounds = np.cumsum([0, *sections])
+        chosen = [angles[i % 3, :, bounds[i]:bounds[i + 1]] for i in range(len(sections))]
+        return rotary_tables(np.concatenate(chosen, axis=-1))
+
+    def layer(self, x: np.ndarray, layer: int, cos: np.ndarray, sin: np.ndarray, mask: np.ndarray,
+              cache: KVCache) -> np.ndarray:
+        t = self.text
+        p = f"model.layers.{layer}."
+        heads, kv_heads = t["num_attention_heads"], t["num_key_value_heads"]
+        h = rms_norm(x, self.w(p + "input_layernorm.weight"), t["rms_norm_eps"])
+        q = linear(h, *self.wb(p + "self_attn.q_proj")).reshape(len(x), heads, -1)
+        k = linear(h, *self.wb(p + "self_attn.k_proj")).reshape(len(x), kv_heads, -1)
+        v = linear(h, *self.wb(p + "self_attn.v_proj")).reshape(len(x), kv_heads, -1)
+        keys, values = cache.extend(layer, apply_rotary(k, cos, sin), v)
+        x = x + linear(attention(apply_rotary(q, cos, sin), keys, values, mask), self.w(p + "self_attn.o_proj.weight"))
+        h = rms_norm(x, self.w(p + "post_attention_layernorm.weight"), t["rms_norm_eps"])
+        act = silu(linear(h, self.w(p + "mlp.gate_proj.weight"))) * linear(h, self.w(p + "mlp.up_proj.weight"))
+        return x + linear(act, self.w(p + "mlp.down_proj.weight"))
+
+    def final_norm(self, x: np.ndarray) -> np.ndarray:
+        return rms_norm(x, self.w("model.norm.weight"), self.text["rms_norm_eps"])
+
+    def lm_head(self) -> str:
+        return self.embedding if tie_word_embeddings(self.config) else "lm_head.weight"
+
+    def merged_patches(self, vision: VisionInputs, *, width: int, norm: Callable[[np.ndarray, str], np.ndarray],
+                       mlp: Callable[[np.ndarray, str], np.ndarray], full_blocks: set[int] | None) -> np.ndarray:
+        """The vision tower of merged 14-pixel patches (`visual.*`): the patch projection, blocks of attention
+        rotated by 2-D (row, column) positions and an MLP, then the merger of each 2x2 group. `norm` and `mlp`
+        are the family's; `full_blocks` None means every block attends across the whole image, else the others
+        attend within windows (`vision.window_*`: the patches in window order, put back after the merger)."""
+        cfg = self.config["vision_config"]
+        heads, unit = cfg["num_heads"], cfg.get("spatial_merge_size", 2) ** 2
+        x = vision.pixel_values @ self.w("visual.patch_embed.proj.weight").reshape(width, -1).T
+        cos, sin = vision_rotary(vision.position_ids, width // heads)
+        windowed = full_blocks is not None
+        if windowed:
+            def by_window(a: np.ndarray) -> np.ndarray:
+                return a.reshape(-1, unit, a.shape[-1])[vision.window_index].reshape(a.shape)
+
+            x, cos, sin = by_window(x), by_window(cos), by_window(sin)
+        for block in range(cfg["depth"]):
+            p = f"visual.blocks.{block}."
+            mask = vision.window_mask if windowed and block not in full_blocks else vision.full_mask
+            qkv = linear(norm(x, p + "norm1"), *self.wb(p + "attn.qkv")).reshape(len(x), 3, heads, -1)
+            q, k = apply_rotary(qkv[:, 0], cos, sin), apply_rotary(qkv[:, 1], cos, sin)
+            x = x + linear(attention(q, k, qkv[:, 2], mask), *self.wb(p + "attn.proj"))
+            x = x + mlp(norm(x, p + "norm2"), p + "mlp.")
+        h = norm(x, "visual.merger.ln_q").reshape(len(x) // unit, -1)
+        out = linear(gelu(linear(h, *self.wb("visual.merger.mlp.0"))), *self.wb("visual.merger.mlp.2"))
+        return out[vision.reverse_index] if windowed else out
