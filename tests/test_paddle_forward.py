@@ -25,15 +25,10 @@ from transformers.vision_utils import (
 
 from vlhub.convert.conversion import prepare_conversion
 from vlhub.errors import CheckFailed
+from vlhub.families.qwen_vl.paddle import QwenVLDims, Resampler, resize_grid
 from vlhub.formats.readers import open_checkpoint
 from vlhub.formats.tensors import float32_from_bf16_bits
-from vlhub.smoke.paddle_forward import (
-    PaddleForward,
-    QwenVLDims,
-    Resampler,
-    StreamedWeights,
-    resize_grid,
-)
+from vlhub.smoke.paddle_forward import PaddleForward, StreamedWeights
 from vlhub.smoke.verdict import TOLERANCES, compare_arrays
 
 SHARD_BYTES = 16 << 20  # several shards and an index even for the tiny models

@@ -28,7 +28,8 @@ from vlhub.errors import UserError
 from vlhub.formats.readers import open_checkpoint
 from vlhub.formats.writers import CheckpointWriter, write_json_atomic
 from vlhub.smoke.inputs import SmokeInput, smoke_input
-from vlhub.smoke.paddle_forward import PaddleForward, Qwen2VLNet
+from vlhub.smoke.paddle_forward import PaddleForward
+from vlhub.smoke.paddle_mrope import MRopeVLNet
 from vlhub.smoke.reference import ReferenceForward
 from vlhub.smoke.verdict import TOLERANCES, Stage, Tolerance, compare_arrays
 from vlhub.smoke.weights import ModelWeights
@@ -192,14 +193,14 @@ def test_the_text_graph_continues_any_cache(ir: str, export: Callable, weights: 
                         position_ids=smoke.position_ids[..., start:end], past_key_values=cache)
 
         length, split = embeds.shape[1], 5
-        empty = np.zeros(_cache_shape(predictor.dims, 0), np.float32)
+        empty = np.zeros(_cache_shape(predictor.network, 0), np.float32)
         whole, whole_cache = run(0, length, empty)
         head, head_cache = run(0, split, empty)
         tail, tail_cache = run(split, length, head_cache)
     finally:
         predictor.close()
-    assert head_cache.shape == tuple(_cache_shape(predictor.dims, split))
-    assert whole_cache.shape == tail_cache.shape == tuple(_cache_shape(predictor.dims, length))
+    assert head_cache.shape == tuple(_cache_shape(predictor.network, split))
+    assert whole_cache.shape == tail_cache.shape == tuple(_cache_shape(predictor.network, length))
     scale = np.abs(whole).max()
     np.testing.assert_allclose(np.concatenate([head, tail]), whole, rtol=0, atol=1e-5 * scale)
     np.testing.assert_allclose(tail_cache, whole_cache, rtol=0, atol=1e-5 * np.abs(whole_cache).max())
@@ -228,9 +229,9 @@ def test_parameters_are_written_as_paddle_writes_them(export: Callable, weights:
     exported = checkpoints / "encode_image" / "vision.pdiparams"
     loaded = PaddleForward(weights["qwen2_vl"], streamed=False)
     with paddle.utils.unique_name.guard():  # the variable names the export gives
-        net = Qwen2VLNet(loaded.dims)
+        net = MRopeVLNet(loaded.network.dims)
     net.set_state_dict(loaded.net.state_dict())
-    dims = loaded.dims
+    dims = loaded.network.dims
     specs = [InputSpec([None, dims.in_chans * dims.temporal_patch * dims.patch**2], "float32"),
              InputSpec([None, 2], "int64"), InputSpec([None, None], "float32")]
     paddle.jit.save(paddle.jit.to_static(net.visual, input_spec=specs, full_graph=True), str(tmp_path / "vision"))
@@ -276,7 +277,7 @@ def test_bad_requests_are_refused_before_anything_is_written(weights: dict[str, 
     smoke, _ = expected("qwen2_vl")
     predictor = StaticPredictor(export("qwen2_vl")[1], weights["qwen2_vl"])
     try:
-        hidden = predictor.dims.hidden
+        hidden = predictor.network.hidden
         with pytest.raises(UserError, match="max_seq_len"):
             predictor.generate(smoke.input_ids, smoke.position_ids, np.zeros((int(smoke.image_mask.sum()), hidden),
                                np.float32), smoke.image_mask, MAX_SEQ_LEN, smoke.positions_after)

@@ -74,16 +74,7 @@ from vlhub.errors import CheckFailed, UserError
 from vlhub.formats.readers import Checkpoint, open_checkpoint
 from vlhub.formats.tensors import dtype_info, float32_values, logical_dtype
 from vlhub.formats.writers import file_entry, temporary_name, write_json_atomic
-from vlhub.smoke.paddle_forward import (
-    MASKED,
-    Qwen2Dims,
-    Qwen2VLNet,
-    QwenVLDims,
-    QwenVLNet,
-    _f32,
-    _family_dims,
-    _pdparams_entry,
-)
+from vlhub.smoke.paddle_forward import MASKED, PaddleFamily, as_float32, family_network, pdparams_entry
 
 CHECKPOINTS = "checkpoints"  # the directory under out_dir that holds the graphs
 IRS = ("pir", "legacy")
@@ -114,13 +105,9 @@ class _TextStep(nn.Layer):
     """The text model's layers and lm_head over host-side embeddings: L new tokens after a cache of T
     (T = 0 for the prefill), returning their logits and the cache extended by them."""
 
-    def __init__(self, net: Qwen2VLNet | QwenVLNet) -> None:
+    def __init__(self, network: PaddleFamily, net: nn.Layer) -> None:
         super().__init__()
-        if isinstance(net, QwenVLNet):
-            self.text, self.head, self.tied = net.transformer.llm, net.lm_head.weight, False
-        else:
-            self.text, self.tied = net.model, net.tied
-            self.head = net.model.embed_tokens.weight if net.tied else net.lm_head.weight
+        self.text, self.head, self.tied = network.text_model(net), network.head(net), network.tied
 
     def forward(self, inputs_embeds: paddle.Tensor, position_ids: paddle.Tensor,
                 past_key_values: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor]:
@@ -131,44 +118,8 @@ class _TextStep(nn.Layer):
         for i, layer in enumerate(getattr(self.text, self.text.layers_key)):
             h, cache = layer.step(h, cos, sin, mask, (past_key_values[i, 0], past_key_values[i, 1]))
             caches.append(paddle.stack(cache))
-        logits = paddle.matmul(self.text.final_norm(h), _f32(self.head), transpose_y=self.tied)
+        logits = paddle.matmul(self.text.final_norm(h), as_float32(self.head), transpose_y=self.tied)
         return logits, paddle.stack(caches)
-
-
-class _OneMaskVision(nn.Layer):
-    """Qwen2.5-VL's vision tower when no block reads one of its two masks (no full-attention block, or every
-    block one): a static graph may not take an input its outputs do not depend on, so the unread mask is
-    left out and the one mask given stands in for it."""
-
-    def __init__(self, net: Qwen2VLNet) -> None:
-        super().__init__()
-        self.tower = net.visual
-
-    def forward(self, pixel_values: paddle.Tensor, vision_position_ids: paddle.Tensor, window_index: paddle.Tensor,
-                reverse_index: paddle.Tensor, mask: paddle.Tensor) -> paddle.Tensor:
-        return self.tower(pixel_values, vision_position_ids, mask, window_index, reverse_index, mask)
-
-
-def _vision_graph(net: Qwen2VLNet | QwenVLNet, dims: Qwen2Dims | QwenVLDims) -> _Graph:
-    """The vision graph and its inputs: for Qwen2(.5)-VL the masks its blocks read (see `_OneMaskVision`)."""
-    if isinstance(dims, QwenVLDims):
-        inputs = (InputSpec([None, 3, dims.image_size, dims.image_size], "float32", "pixel_values"),)
-        return _Graph("encode_image", "vision", net.visual.forward, inputs, VISION_OUTPUTS)
-    assert isinstance(net, Qwen2VLNet)
-    width = dims.in_chans * dims.temporal_patch * dims.patch**2
-    patches = (InputSpec([None, width], "float32", "pixel_values"),
-               InputSpec([None, 2], "int64", "vision_position_ids"))
-    full = InputSpec([None, None], "float32", "full_mask")
-    if not dims.qwen2_5:
-        return _Graph("encode_image", "vision", net.visual.forward, (*patches, full), VISION_OUTPUTS)
-    order = (InputSpec([None], "int64", "window_index"), InputSpec([None], "int64", "reverse_index"))
-    window = InputSpec([None, None], "float32", "window_mask")
-    full_blocks = set(dims.fullatt_blocks) & set(range(dims.v_depth))
-    if 0 < len(full_blocks) < dims.v_depth:
-        return _Graph("encode_image", "vision", net.visual.forward, (*patches, full, *order, window), VISION_OUTPUTS)
-    used = full if full_blocks else window
-    return _Graph("encode_image", "vision", _OneMaskVision(net).forward, (*patches, *order, used),
-                  VISION_OUTPUTS)
 
 
 def _cached_causal_mask(new: paddle.Tensor, cached: paddle.Tensor) -> paddle.Tensor:
@@ -189,29 +140,28 @@ class _Graph:
     outputs: tuple[str, ...]
 
 
-def _graphs(net: Qwen2VLNet | QwenVLNet, family: str, dims: Qwen2Dims | QwenVLDims) -> list[_Graph]:
-    positions = [None] if isinstance(dims, QwenVLDims) else [3, None]
-    text = (InputSpec([1, None, dims.hidden], "float32", "inputs_embeds"),
-            InputSpec(positions, "int64", "position_ids"),
-            InputSpec(_cache_shape(dims, None), "float32", "past_key_values"))
-    return [_vision_graph(net, dims),
-            _Graph("encode_text", graph_prefix(family), _TextStep(net).forward, text, TEXT_OUTPUTS)]
+def _graphs(net: nn.Layer, family: str, network: PaddleFamily) -> list[_Graph]:
+    vision, vision_inputs = network.vision_graph(net)
+    text = (InputSpec([1, None, network.hidden], "float32", "inputs_embeds"),
+            InputSpec(list(network.positions_shape(None)), "int64", "position_ids"),
+            InputSpec(_cache_shape(network, None), "float32", "past_key_values"))
+    return [_Graph("encode_image", "vision", vision, tuple(vision_inputs), VISION_OUTPUTS),
+            _Graph("encode_text", graph_prefix(family), _TextStep(network, net).forward, text, TEXT_OUTPUTS)]
 
 
-def _cache_shape(dims: Qwen2Dims | QwenVLDims, tokens: int | None) -> list[int | None]:
+def _cache_shape(network: PaddleFamily, tokens: int | None) -> list[int | None]:
     """The KV cache's shape for `tokens` tokens: [layers, 2 (keys, values), kv_heads, tokens, head_dim]."""
-    kv_heads = dims.heads if isinstance(dims, QwenVLDims) else dims.kv_heads
-    return [dims.layers, 2, kv_heads, tokens, dims.hidden // dims.heads]
+    return [network.layers, 2, network.kv_heads, tokens, network.hidden // network.heads]
 
 
-def _lazy_network(dims: Qwen2Dims | QwenVLDims, dtype: str) -> Qwen2VLNet | QwenVLNet:
+def _lazy_network(network: PaddleFamily, dtype: str) -> nn.Layer:
     """The family's network with `dtype` parameters that have names and shapes but no memory."""
     previous = paddle.get_default_dtype()
     paddle.set_default_dtype(dtype)
     try:
         # fresh variable names (linear_0.w_0, ...): the same checkpoint always gives the same files
         with paddle.LazyGuard(), paddle.utils.unique_name.guard():
-            net = QwenVLNet(dims) if isinstance(dims, QwenVLDims) else Qwen2VLNet(dims)
+            net = network.build()
     finally:
         paddle.set_default_dtype(previous)
     net.eval()
@@ -430,17 +380,17 @@ def export_static(weights_dir: Path, out_dir: Path, *, ir: str = "pir", dtype: s
     weights_dir, out_dir = Path(weights_dir), Path(out_dir)
     final = out_dir / CHECKPOINTS
     staging = temporary_name(final)
-    with open_checkpoint(_pdparams_entry(weights_dir), bf16=True) as checkpoint:  # Paddle reads uint16 as bf16
-        family, dims = _family_dims(weights_dir, checkpoint.config)
-        if isinstance(dims, QwenVLDims) and max_seq_len > dims.seq_length:
-            raise UserError(f"max_seq_len {max_seq_len} passes Qwen-VL's seq_length {dims.seq_length}, beyond which "
-                            "it scales its rotary (dynamic NTK, logn); the graph does not")
+    with open_checkpoint(pdparams_entry(weights_dir), bf16=True) as checkpoint:  # Paddle reads uint16 as bf16
+        family, network = family_network(weights_dir, checkpoint.config)
+        if max_seq_len > network.position_limit:
+            raise UserError(f"max_seq_len {max_seq_len} passes the model's {network.limit_name} "
+                            f"{network.position_limit}, past which the graphs do not compute as the model does")
         plan = plan_conversion(checkpoint.tensors, checkpoint.config, target_layout="paddlemix", dtype=dtype)
         ensure_free_space(out_dir, sum(step.target.nbytes for step in plan.steps), "the static graphs")
         staging.mkdir(parents=True)
         try:
             with _IR_GUARDS[ir]():
-                graphs = _export(checkpoint, plan, family, dims, staging, ir, dtype, say)
+                graphs = _export(checkpoint, plan, family, network, staging, ir, dtype, say)
             config = {**checkpoint.config, "infer_model_max_seq_len": max_seq_len, "infer_model_dtype": dtype,
                       "infer_model_paddle_commit": paddle.version.commit}
             write_json_atomic(staging / "encode_text" / "config.json", config)
@@ -454,10 +404,10 @@ def export_static(weights_dir: Path, out_dir: Path, *, ir: str = "pir", dtype: s
             "graphs": graphs, "files": files, "seconds": round(time.monotonic() - started, 2)}
 
 
-def _export(checkpoint: Checkpoint, plan: Plan, family: str, dims: Qwen2Dims | QwenVLDims, root: Path, ir: str,
+def _export(checkpoint: Checkpoint, plan: Plan, family: str, network: PaddleFamily, root: Path, ir: str,
             dtype: str, say: Status) -> dict[str, dict]:
     """Every graph's program and parameters under `root`; what each graph is, by role."""
-    net = _lazy_network(dims, dtype)
+    net = _lazy_network(network, dtype)
     state = net.to_static_state_dict()
     network_names = {tensor.name: name for name, tensor in state.items()}
     parameters = {name for name, _ in net.named_parameters()}
@@ -466,7 +416,7 @@ def _export(checkpoint: Checkpoint, plan: Plan, family: str, dims: Qwen2Dims | Q
     shapes |= {name: (logical_dtype(values.dtype), values.shape) for name, values in buffers.items()}
     files: dict[_ParamsFile, dict[str, str]] = {}
     graphs = {}
-    for role, graph in zip(("vision", "text"), _graphs(net, family, dims)):
+    for role, graph in zip(("vision", "text"), _graphs(net, family, network)):
         say(f"tracing the {role} graph")
         prefix = root / graph.directory / graph.name
         prefix.parent.mkdir(exist_ok=True)
@@ -524,11 +474,11 @@ class StaticPredictor:
         if not config_path.is_file():
             raise UserError(f"no {config_path}: export the graphs first")
         config = json.loads(config_path.read_text())
-        self.family, self.dims = _family_dims(checkpoints, config)
+        self.family, self.network = family_network(checkpoints, config)
         self.max_seq_len = int(config["infer_model_max_seq_len"])
-        self._checkpoint = open_checkpoint(_pdparams_entry(weights_dir), bf16=True)
+        self._checkpoint = open_checkpoint(pdparams_entry(weights_dir), bf16=True)
         try:
-            self._embedding = _embedding_name(self._checkpoint, self.family, self.dims)
+            self._embedding = _embedding_name(self._checkpoint, self.family, self.network)
             threads = threads or os.cpu_count() or 1
             self._vision, self._text = (
                 _predictor(checkpoints / name, threads, fold_weights)
@@ -557,12 +507,12 @@ class StaticPredictor:
             raise UserError(f"{len(input_ids)} prompt tokens and {tokens} generated pass the graphs' max_seq_len "
                             f"{self.max_seq_len}")
         mask = np.asarray(image_mask, dtype=bool)
-        if mask.shape != input_ids.shape or image_embeds.shape != (int(mask.sum()), self.dims.hidden):
+        if mask.shape != input_ids.shape or image_embeds.shape != (int(mask.sum()), self.network.hidden):
             raise ValueError(f"image_mask must be [{len(input_ids)}] and image_embeds [marked positions, "
-                             f"{self.dims.hidden}], not {list(mask.shape)} and {list(image_embeds.shape)}")
+                             f"{self.network.hidden}], not {list(mask.shape)} and {list(image_embeds.shape)}")
         embeds = self._embed(input_ids)
         embeds[mask] = image_embeds
-        empty = np.zeros(_cache_shape(self.dims, 0), np.float32)
+        empty = np.zeros(_cache_shape(self.network, 0), np.float32)
         logits, cache = _run(self._text, TEXT_OUTPUTS, inputs_embeds=embeds[None], position_ids=position_ids,
                              past_key_values=empty)
         generated = [int(logits[-1].argmax())]
@@ -586,12 +536,13 @@ class StaticPredictor:
         return float32_values(rows, self._checkpoint.tensors[self._embedding].dtype)
 
 
-def _embedding_name(checkpoint: Checkpoint, family: str, dims: Qwen2Dims | QwenVLDims) -> str:
+def _embedding_name(checkpoint: Checkpoint, family: str, network: PaddleFamily) -> str:
     """The embedding table's name in the weights' layout, checked against the graphs' dims."""
     layout = detect_layout(family, checkpoint.tensors, checkpoint.config)
     name = next((n for n in embedding_candidates(family, layout) if n in checkpoint.tensors), None)
-    if name is None or checkpoint.tensors[name].shape != (dims.vocab, dims.hidden):
-        raise UserError(f"{checkpoint.root} holds no [{dims.vocab}, {dims.hidden}] embedding table for these graphs")
+    if name is None or checkpoint.tensors[name].shape != (network.vocab, network.hidden):
+        raise UserError(f"{checkpoint.root} holds no [{network.vocab}, {network.hidden}] embedding table for these "
+                        "graphs")
     return name
 
 
