@@ -23,7 +23,7 @@ def test_catalog_lists_nine_official_and_three_tiny_models() -> None:
 
 @pytest.mark.parametrize(
     ("name", "billions", "tied"),
-    # parameter counts published for the official checkpoints (qwen_keys.md section 2)
+    # parameter counts published for the official checkpoints (docs/facts/qwen-keys.md#configs)
     [("qwen2-vl-2b", 2.209, True), ("qwen2-vl-7b", 8.291, False), ("qwen2-vl-72b", 73.41, False),
      ("qwen2.5-vl-3b", 3.755, True), ("qwen2.5-vl-7b", 8.292, False), ("qwen2.5-vl-32b", 33.45, False),
      ("qwen2.5-vl-72b", 73.41, False), ("qwen-vl-7b", 9.66, False)],
@@ -35,7 +35,7 @@ def test_parameter_counts_match_the_official_checkpoints(name: str, billions: fl
 
 
 def test_qwen2_vl_7b_matches_its_published_shard_total() -> None:
-    # the five official shards add up to 16.57 GB (qwen_keys.md 2.2)
+    # the five official shards add up to 16.57 GB (docs/facts/qwen-keys.md#config-qwen2-vl)
     assert get_model("qwen2-vl-7b").size_bytes / 1e9 == pytest.approx(16.57, abs=0.02)
 
 

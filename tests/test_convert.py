@@ -252,7 +252,7 @@ def test_too_little_disk_is_refused_before_writing(tiny_qwen2_vl: Path, tmp_path
 
 
 def test_uint16_weights_without_a_bf16_config_are_refused(tiny_qwen2_vl: Path, tmp_path: Path) -> None:
-    # the Paddle trap: bf16 stored as uint16 must never be read as integers (paddle.md 1.3)
+    # the Paddle trap: bf16 stored as uint16 must never be read as integers (docs/facts/paddle.md#uint16-trap)
     prepare_conversion(str(tiny_qwen2_vl), to="paddle").write(tmp_path / "p")
     config = json.loads((tmp_path / "p" / "config.json").read_text())
     config["dtype"] = "float16"

@@ -1,7 +1,7 @@
 """`vlhub plan`: the vision arithmetic, computed by hand for every catalog model, and the command's output and errors.
 
 Every expected number below is worked out in the comments beside it, not taken from the code under test.
-smart_resize (shared/docs/qwen_keys.md 4.1), factor 28, default bounds 3136..12845056:
+smart_resize (docs/facts/qwen-keys.md#smart-resize), factor 28, default bounds 3136..12845056:
     round each side to a multiple of 28; if the area passes max_pixels, floor each side / beta (beta =
     sqrt(h*w / max_pixels)); if it is under min_pixels, ceil each side * beta (beta = sqrt(min_pixels / (h*w))).
 """

@@ -33,7 +33,7 @@ Tensors = dict[str, np.ndarray]  # official name -> float32, torch orientation
 def rewrite(good: Path, out: Path, edit: Callable[[Tensors], Tensors], *, bits_as_float16: bool = False) -> Path:
     """A copy of the checkpoint at `good` (same layout, dtypes, format and files) with `edit` applied to
     its tensors, taken by official name. `bits_as_float16` stores bf16 tensors as float16 numbers equal to
-    their bit patterns: the uint16 trap of paddle.md 1.3."""
+    their bit patterns: the uint16 trap (docs/facts/paddle.md#uint16-trap)."""
     with ModelWeights.open(good, resident=True) as weights:
         tensors = edit({step.target.name: weights.get(step.target.name).copy() for step in weights.plan.steps})
         steps = weights.plan.steps

@@ -3,7 +3,7 @@
 Everything a forward needs besides weights is computed here, on the host, once: patches in the
 processor's order, vision rotary positions, attention masks and window order (Qwen2.5-VL), and the
 text M-RoPE positions. Both the numpy reference and the Paddle forward consume the same arrays.
-Facts: shared/docs/qwen_keys.md 1.5 (patch order), 4.1 (smart_resize), 4.3 (M-RoPE).
+Facts: docs/facts/qwen-keys.md#patch-order, #smart-resize, #mrope.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from vlhub.keymaps.config import text_config
 
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
-# the official preprocessor_config.json bounds (qwen_keys.md 4.2)
+# the official preprocessor_config.json bounds (docs/facts/qwen-keys.md#preprocessor-defaults)
 MIN_PIXELS = 56 * 56
 MAX_PIXELS = 16384 * 28 * 28
 MAX_RATIO = 200
