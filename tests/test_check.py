@@ -12,10 +12,10 @@ import yaml
 
 from tests.conftest import run_vlhub
 from vlhub.check import FAIL, PASS, WARN, Report, check_model, check_path
-from vlhub.convert.conversion import MANIFEST
 from vlhub.formats.readers import open_checkpoint
 from vlhub.formats.tensors import TensorMeta, bf16_bits_from_float32
 from vlhub.formats.writers import CheckpointWriter, file_entry
+from vlhub.manifest import MANIFEST
 
 TINY = "tiny-qwen2-vl"
 

@@ -32,9 +32,10 @@ from vlhub.formats.pdparams_io import PdparamsFile, PdparamsShardWriter
 from vlhub.formats.readers import open_checkpoint
 from vlhub.formats.tensors import TensorMeta, bf16_bits_from_float32
 from vlhub.formats.writers import CheckpointWriter
-from vlhub.hub.store import MANIFEST, manifest_problems, read_manifest
+from vlhub.hub.store import manifest_problems
 from vlhub.keymaps import load_keymap
 from vlhub.keys import RenameResult, layout_renames, parse_rename, plan_renames, rename_keys
+from vlhub.manifest import MANIFEST, Manifest
 
 MB = 1 << 20
 
@@ -310,9 +311,9 @@ def test_allow_unknown_layout_writes_it_and_the_manifest_says_so(qwen_vl_paddle:
     assert result.stdout.startswith("renamed 18 keys (43 unchanged), in no qwen_vl layout (--allow-unknown-layout)")
     with open_checkpoint(source) as checkpoint:
         assert "qwen.llm.h.0.ln_1.weight" in checkpoint.tensors
-    manifest = read_manifest(source)
+    manifest = Manifest.read(source)
     assert manifest is not None and manifest_problems(source, manifest) == []
-    assert manifest["target"]["layout"] == "unknown" and "smoke" not in manifest  # no loader finds these keys
+    assert manifest.target.layout == "unknown" and manifest.smoke is None  # no loader finds these keys
 
     # from keys in no layout, vlhub cannot tell which rename was meant, but takes one that gives a layout
     line = _one_line_error(run_vlhub("keys", str(source), "--rename", "qwen.llm.=q.", "--dry-run"))
@@ -321,22 +322,22 @@ def test_allow_unknown_layout_writes_it_and_the_manifest_says_so(qwen_vl_paddle:
     result = run_vlhub("keys", str(source), "--rename", "qwen.llm.=qwen.", "--in-place", "--json")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["layout"] == "paddle-inference"
-    assert read_manifest(source)["target"]["layout"] == "paddle-inference"  # type: ignore[index]
+    assert Manifest.load(source).target.layout == "paddle-inference"
 
 
 @pytest.mark.parametrize("mode", ["in-place", "out"])
 def test_the_manifest_describes_the_renamed_weights(qwen_vl_paddle: Path, tmp_path: Path, mode: str) -> None:
     source = _copy_with_smoke_verdict(qwen_vl_paddle, tmp_path / "src")
-    original = read_manifest(source)
+    original = Manifest.load(source)
     target = source if mode == "in-place" else tmp_path / "out"
     result = rename_keys(source, [("transformer.llm.", "qwen.")], in_place=mode == "in-place",
                          out=None if mode == "in-place" else target)
     assert (result.family, result.layout) == ("qwen_vl", "paddle-inference")
     assert sorted(p.name for p in result.written) == ["model_state.pdparams", MANIFEST]
-    manifest = read_manifest(target)
-    assert manifest is not None and manifest_problems(target, manifest) == []  # every sha256 and size is the new one
-    assert manifest["target"] == {**original["target"], "layout": "paddle-inference"}  # type: ignore[index]
-    assert manifest["smoke"] == {"passed": True}  # the same tensors under the names their loader reads
+    manifest = Manifest.load(target)
+    assert manifest_problems(target, manifest) == []  # every sha256 and size is the new one
+    assert manifest.to_json()["target"] == {**original.to_json()["target"], "layout": "paddle-inference"}
+    assert manifest.smoke == {"passed": True}  # the same tensors under the names their loader reads
 
 
 @pytest.mark.parametrize("model", ["tiny-qwen-vl", "tiny-qwen2-vl", "tiny-qwen2.5-vl"])

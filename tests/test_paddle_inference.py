@@ -10,10 +10,13 @@ import pytest
 
 from tests.conftest import run_vlhub
 from tests.test_smoke import rewrite, untransposed_square
-from vlhub.convert.conversion import prepare_conversion
+from vlhub.convert.conversion import open_source
 from vlhub.formats.readers import open_checkpoint
+from vlhub.hub.sources import locate_source
+from vlhub.hub.store import conversion_output
 from vlhub.smoke.run import run_smoke
-from vlhub.targets.paddle_inference.build import build_paddle_inference, layout_output
+from vlhub.targets.paddle_inference.target import PADDLE_INFERENCE, PaddleInferenceOptions
+from vlhub.targets.registry import smoke_runner
 
 NAMES = {"tiny-qwen-vl": "qwen", "tiny-qwen2-vl": "model", "tiny-qwen2.5-vl": "model"}
 # the graph file each family's layout is written with by default: PaddleMIX's Qwen-VL static predictor
@@ -21,11 +24,27 @@ NAMES = {"tiny-qwen-vl": "qwen", "tiny-qwen2-vl": "model", "tiny-qwen2.5-vl": "m
 SUFFIX = {"tiny-qwen-vl": ".pdmodel", "tiny-qwen2-vl": ".json", "tiny-qwen2.5-vl": ".json"}
 
 
+def build(model: str, out: Path) -> Path:
+    """The layout of `model` with the default options, as `vlhub convert --to paddle-inference` builds it."""
+    with open_source(locate_source(model)) as source:
+        spec = PADDLE_INFERENCE.settle(PaddleInferenceOptions(), source.model, smoke=True)
+        conversion = source.plan(PADDLE_INFERENCE.name, PADDLE_INFERENCE.output, dtype=spec.dtype)
+        PADDLE_INFERENCE.build(conversion, spec, out, overwrite=False, on_bytes=None)
+    return out
+
+
+def cache_entry(model: str, ir: str | None = None) -> Path:
+    """Where `vlhub convert MODEL --to paddle-inference [--ir IR]` puts the layout without --out."""
+    with open_source(locate_source(model)) as source:
+        spec = PADDLE_INFERENCE.settle(PaddleInferenceOptions(ir=ir), source.model, smoke=False)
+    return conversion_output(source.source, PADDLE_INFERENCE.name, spec.cache_key())
+
+
 @pytest.fixture(scope="module")
 def layouts(tmp_path_factory: pytest.TempPathFactory, tiny_qwen_vl: Path, tiny_qwen2_vl: Path,
             tiny_qwen2_5_vl: Path) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("inference")
-    return {model: build_paddle_inference(model, root / model).out for model in NAMES}
+    return {model: build(model, root / model) for model in NAMES}
 
 
 @pytest.mark.parametrize("model", list(NAMES))
@@ -61,7 +80,7 @@ def test_layout_holds_weights_graphs_manifest_and_readme(layouts: dict[str, Path
 
 @pytest.mark.parametrize("model", list(NAMES))
 def test_layout_passes_its_smoke_test_through_paddle_inference(layouts: dict[str, Path], model: str) -> None:
-    report = run_smoke(layouts[model])
+    report = run_smoke(smoke_runner(layouts[model]))
     assert report.runtime == "paddle-inference"
     assert report.passed, report.as_dict()
     assert report.tokens_out == report.tokens_ref
@@ -83,10 +102,9 @@ def test_the_default_ir_is_the_one_the_familys_consumer_reads(layouts: dict[str,
 @pytest.mark.parametrize(("model", "default"), [("tiny-qwen-vl", "legacy"), ("tiny-qwen2-vl", "pir")])
 def test_the_cache_key_is_the_ir_written(model: str, default: str) -> None:
     """A default that depends on the family keys the cache as that IR given: one entry, never the other's."""
-    conversion = prepare_conversion(model, to="paddle-inference", dry_run=True)
     other = "pir" if default == "legacy" else "legacy"
-    assert layout_output(conversion) == layout_output(conversion, ir=default)
-    assert layout_output(conversion) != layout_output(conversion, ir=other)
+    assert cache_entry(model) == cache_entry(model, ir=default)
+    assert cache_entry(model) != cache_entry(model, ir=other)
 
 
 def test_a_broken_inference_weight_fails_the_smoke_test(layouts: dict[str, Path], tmp_path: Path) -> None:
@@ -96,7 +114,7 @@ def test_a_broken_inference_weight_fails_the_smoke_test(layouts: dict[str, Path]
     rewritten = rewrite(weights, tmp_path / "weights", untransposed_square)
     shutil.rmtree(weights)
     rewritten.rename(weights)
-    report = run_smoke(broken)
+    report = run_smoke(smoke_runner(broken))
     assert not report.passed
     assert next(s.name for s in report.stages if not s.passed).startswith("weights: ")
 

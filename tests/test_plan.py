@@ -24,8 +24,14 @@ from vlhub.cli import convert as convert_command
 from vlhub.cli.app import app
 from vlhub.convert.configs import official_config
 from vlhub.errors import UserError
-from vlhub.plan import MAX_VAMC_PATCHES, make_plan, max_pixels_for, plan_inputs, visual_output_split
+from vlhub.families import FAMILIES
+from vlhub.plan import Plan, make_plan
+from vlhub.sizes import max_pixels_for, plan_inputs
+from vlhub.targets.paddle_inference.plan import PaddleInferencePlan
+from vlhub.targets.tpu_mlir.build import TpuOptions
+from vlhub.targets.tpu_mlir.plan import TpuPlan
 from vlhub.targets.vamc.build import vamc_options
+from vlhub.targets.vamc.plan import MAX_VAMC_PATCHES, VamcPlan, visual_output_split
 
 IMAGES = [(1280, 720), (1920, 1080), (448, 448), (200, 5000), (20, 20)]  # width x height
 # (resized HxW, grid t,h,w, patches, tokens) for Qwen2-VL and Qwen2.5-VL (14-pixel patches, 2x2 merge)
@@ -65,6 +71,27 @@ MODELS = {
 }
 
 
+def vamc(plan: Plan) -> VamcPlan | None:
+    """The plan's vamc part."""
+    part = plan.targets.get("vamc")
+    assert part is None or isinstance(part, VamcPlan)
+    return part
+
+
+def tpu(plan: Plan) -> TpuOptions | None:
+    """The llm_convert options of the plan's tpu-mlir part."""
+    part = plan.targets.get("tpu-mlir")
+    assert part is None or isinstance(part, TpuPlan)
+    return part.options if part else None
+
+
+def max_seq_len(plan: Plan) -> int | None:
+    """The max_seq_len of the plan's paddle-inference part."""
+    part = plan.targets.get("paddle-inference")
+    assert part is None or isinstance(part, PaddleInferencePlan)
+    return part.max_seq_len if part else None
+
+
 def test_every_catalog_model_has_a_hand_computed_case() -> None:
     assert set(MODELS) == set(models())
 
@@ -79,17 +106,17 @@ def test_catalog_model(name: str) -> None:
     if family == "qwen_vl":
         assert got == [((448, 448), (1, 32, 32), 1024, 256)] * 5 and sizes == QWEN_VL_SIZES
         assert (plan.min_pixels, plan.max_pixels) == (None, None)
-        assert plan.vamc is None and plan.tpu_mlir is None and plan.paddle_max_seq_len == 896
+        assert vamc(plan) is None and tpu(plan) is None and max_seq_len(plan) == 896
         return
     assert got == QWEN2_INPUTS and sizes == QWEN2_SIZES and (plan.min_pixels, plan.max_pixels) == (3136, 12845056)
-    assert plan.vamc is not None and plan.vamc.to_json() == {
+    assert vamc(plan) is not None and vamc(plan).to_json() == {
         "visual_patches": 10768, "given": False, "max_pixels": 2110528, "input_ids": [[2832], [3344]],
         "output_split": split}
     # llm_convert: the largest input's own size, W,H = 1932,1092: 69 x 39 squares of 4 patches = 10764
-    assert plan.tpu_mlir is not None
-    assert (plan.tpu_mlir.max_pixels, plan.tpu_mlir.seq_length) == ((1932, 1092), 3344)
-    assert (plan.tpu_mlir.vision_patches, plan.tpu_mlir.vision_tokens) == (10764, 2691)
-    assert plan.paddle_max_seq_len == 3344
+    assert tpu(plan) is not None
+    assert (tpu(plan).max_pixels, tpu(plan).seq_length) == ((1932, 1092), 3344)
+    assert (tpu(plan).vision_patches, tpu(plan).vision_tokens) == (10764, 2691)
+    assert max_seq_len(plan) == 3344
 
 
 def test_video_frames_pair_up() -> None:
@@ -102,8 +129,8 @@ def test_video_frames_pair_up() -> None:
     (odd,) = plan_inputs(models()["qwen2-vl-2b"].config, video=(640, 360, 9))
     assert (odd.grid, odd.patches, odd.tokens) == ((5, 26, 46), 5980, 1495)
     # tpu-mlir: 1196 squares of 28 pixels, near-square: 35 across (34^2 = 1156 < 1196), ceil(1196 / 35) = 35 down
-    assert plan.tpu_mlir is not None and plan.tpu_mlir.max_pixels == (980, 980)
-    assert plan.tpu_mlir.vision_patches == 4900  # 70 x 70 patches >= 4784
+    assert tpu(plan) is not None and tpu(plan).max_pixels == (980, 980)
+    assert tpu(plan).vision_patches == 4900  # 70 x 70 patches >= 4784
 
 
 def test_given_patches_refit_images_and_videos() -> None:
@@ -114,8 +141,8 @@ def test_given_patches_refit_images_and_videos() -> None:
     image, video = plan.inputs
     assert (image.resized, image.patches, image.tokens) == ((700, 1260), 4500, 1125) and video.patches == 4784
     assert (plan.sizes.visual_patches, plan.sizes.prefill_length, plan.sizes.max_length) == (4784, 1328, 1840)
-    assert plan.vamc is not None and (plan.vamc.visual_patches, plan.vamc.given) == (4096, True)
-    assert plan.vamc.max_pixels == 802816  # 4096 x 196
+    assert vamc(plan) is not None and (vamc(plan).visual_patches, vamc(plan).given) == (4096, True)
+    assert vamc(plan).max_pixels == 802816  # 4096 x 196
     # at 802816: beta = sqrt(921600 / 802816) = 960 / 896: 720 * 896 / 960 / 28 = 24 -> 672,
     # 1280 * 896 / 960 / 28 = 42.67 -> 42 -> 1176; 48 x 84 = 4032 patches
     image_refit, video_refit = plan.refits
@@ -136,8 +163,8 @@ def test_narrow_image_gets_a_square_tpu_budget() -> None:
     plan = make_plan("tiny-qwen2-vl", images=[(20, 4000)], target="tpu-mlir")
     (item,) = plan.inputs
     assert (item.resized, item.grid, item.patches, item.tokens) == ((4004, 28), (1, 286, 2), 572, 143)
-    assert plan.tpu_mlir is not None and plan.tpu_mlir.max_pixels == (336, 336)
-    assert plan.tpu_mlir.vision_patches == 576 and plan.vamc is None and plan.paddle_max_seq_len is None
+    assert tpu(plan) is not None and tpu(plan).max_pixels == (336, 336)
+    assert tpu(plan).vision_patches == 576 and vamc(plan) is None and max_seq_len(plan) is None
 
 
 def test_min_and_max_pixels_bound_the_resize() -> None:
@@ -175,8 +202,8 @@ def test_position_limits() -> None:
 def test_local_checkpoint_directory(tiny_qwen2_vl: Path, tmp_path: Path) -> None:
     local = make_plan(str(tiny_qwen2_vl), images=[(1280, 720)])
     catalog = make_plan("tiny-qwen2-vl", images=[(1280, 720)])
-    assert (local.inputs, local.sizes, local.vamc, local.tpu_mlir) == (catalog.inputs, catalog.sizes, catalog.vamc,
-                                                                       catalog.tpu_mlir)
+    assert (local.inputs, local.sizes, vamc(local), tpu(local)) == (catalog.inputs, catalog.sizes, vamc(catalog),
+                                                                       tpu(catalog))
     save_file({"x": np.zeros(1, dtype=np.float32)}, str(tmp_path / "model.safetensors"))
     with pytest.raises(UserError, match="no config.json"):
         make_plan(str(tmp_path), images=[(1280, 720)])
@@ -194,8 +221,8 @@ def test_a_target_the_model_cannot_take_is_noted_unless_named(tiny_qwen2_vl: Pat
     (tmp_path / "config.json").unlink()
     (tmp_path / "config.json").write_text(json.dumps(config))
     plan = make_plan(str(tmp_path), images=[(1280, 720)])
-    assert plan.tpu_mlir is None and "vision heads are 40 wide" in plan.unavailable["tpu-mlir"]
-    assert plan.vamc is not None and plan.paddle_max_seq_len is not None
+    assert tpu(plan) is None and "vision heads are 40 wide" in plan.unavailable["tpu-mlir"]
+    assert vamc(plan) is not None and max_seq_len(plan) is not None
     assert plan.to_json()["targets"]["tpu-mlir"] == {"unavailable": plan.unavailable["tpu-mlir"]}
     result = run_vlhub("plan", str(tmp_path), "--image", "1280x720", "--target", "tpu-mlir")
     assert result.returncode == 2 and "vision heads are 40 wide" in result.stderr
@@ -353,7 +380,7 @@ def test_given_patches_size_the_vamc_prefill() -> None:
     # the inputs' sizes stay the image's: 1196 + 128 = 1324 -> 1328; + 512 = 1840
     assert (plan.sizes.prefill_length, plan.sizes.max_length) == (1328, 1840)
     # vamc's LLM holds the 5120 / 4 = 1280 tokens N gives: 1280 + 128 = 1408; + 512 = 1920
-    assert plan.vamc is not None and (plan.vamc.prefill_length, plan.vamc.max_length) == (1408, 1920)
+    assert vamc(plan) is not None and (vamc(plan).prefill_length, vamc(plan).max_length) == (1408, 1920)
     assert plan.command("vamc") == ("vlhub convert qwen2-vl-7b --to vamc --max-pixels 1003520 --prefill-len 1408 "
                                     "--max-len 1920")
 
@@ -363,14 +390,14 @@ def test_plan_and_convert_size_vamc_alike(image: str) -> None:
     width, height = map(int, image.split("x"))
     plan = make_plan("qwen2-vl-7b", images=[(width, height)], target="vamc")
     config = official_config(models()["qwen2-vl-7b"].config)
-    assert plan.vamc is not None
-    if plan.vamc.visual_patches > MAX_VAMC_PATCHES:  # 1080p: 10764 patches at the processor's bounds
+    assert vamc(plan) is not None
+    if vamc(plan).visual_patches > MAX_VAMC_PATCHES:  # 1080p: 10764 patches at the processor's bounds
         with pytest.raises(UserError, match=f"vlhub builds N up to {MAX_VAMC_PATCHES}"):
-            vamc_options("qwen2_vl", config, image=[image])
+            vamc_options(FAMILIES["qwen2_vl"], config, image=(image,))
         return
-    options = vamc_options("qwen2_vl", config, image=[image])
+    options = vamc_options(FAMILIES["qwen2_vl"], config, image=(image,))
     assert (options.visual_patches, options.max_pixels, options.prefill_length, options.max_length) == (
-        plan.vamc.visual_patches, plan.vamc.max_pixels, plan.vamc.prefill_length, plan.vamc.max_length)
+        vamc(plan).visual_patches, vamc(plan).max_pixels, vamc(plan).prefill_length, vamc(plan).max_length)
 
 
 def test_printed_commands_run_on_tiny_models() -> None:

@@ -15,14 +15,16 @@ import numpy as np
 import pytest
 
 from tests.conftest import run_vlhub
-from vlhub.convert.conversion import MANIFEST, prepare_conversion
+from vlhub.convert.conversion import prepare_conversion
 from vlhub.formats.registry import format_of_file
 from vlhub.formats.tensors import TensorMeta
 from vlhub.formats.writers import CheckpointWriter
 from vlhub.hub.synthetic import cast_float32
+from vlhub.manifest import MANIFEST
 from vlhub.smoke.run import run_smoke
 from vlhub.smoke.verdict import TOLERANCES
 from vlhub.smoke.weights import ModelWeights
+from vlhub.targets.registry import smoke_runner
 
 TINY = ("tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-qwen-vl")
 TARGETS = ("paddle", "safetensors")
@@ -129,7 +131,7 @@ def conversions(tmp_path_factory: pytest.TempPathFactory, tiny_qwen2_vl: Path, t
 @pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("model", TINY)
 def test_good_conversions_pass(conversions: dict, model: str, target: str) -> None:
-    report = run_smoke(conversions[model, target])
+    report = run_smoke(smoke_runner(conversions[model, target]))
     assert report.passed, report.as_dict()
     assert report.precision == "exact"
     assert report.tokens_out == report.tokens_ref and len(report.tokens_ref) == 4
@@ -149,7 +151,7 @@ def test_every_broken_conversion_fails(conversions: dict, tmp_path: Path, model:
         broken = rewrite(good, tmp_path / "broken", BREAKAGES[breakage])
     else:
         broken = rewrite(good, tmp_path / "broken", lambda t: t, bits_as_float16=True)
-    report = run_smoke(broken)
+    report = run_smoke(smoke_runner(broken))
     assert not report.passed, f"{breakage} passed: {report.as_dict()}"
 
 
@@ -157,7 +159,7 @@ def test_a_rewrite_without_a_breakage_still_passes(conversions: dict, tmp_path: 
     """The breakage tests fail because of the breakage, not because of how they rewrite."""
     for target in TARGETS:
         copy = rewrite(conversions["tiny-qwen2-vl", target], tmp_path / target, lambda t: t)
-        assert run_smoke(copy).passed
+        assert run_smoke(smoke_runner(copy)).passed
 
 
 def test_cli_reports_json_and_exit_codes(conversions: dict, tmp_path: Path) -> None:
@@ -187,8 +189,8 @@ def test_smoke_needs_a_reference(tmp_path: Path, tiny_qwen2_vl: Path, conversion
 
 def test_streamed_and_resident_agree(conversions: dict) -> None:
     for target in TARGETS:
-        streamed = run_smoke(conversions["tiny-qwen2.5-vl", target], streamed=True)
-        resident = run_smoke(conversions["tiny-qwen2.5-vl", target], streamed=False)
+        streamed = run_smoke(smoke_runner(conversions["tiny-qwen2.5-vl", target]), streamed=True)
+        resident = run_smoke(smoke_runner(conversions["tiny-qwen2.5-vl", target]), streamed=False)
         assert streamed.streamed and not resident.streamed
         assert streamed.passed and resident.passed
         assert streamed.tokens_out == resident.tokens_out
@@ -237,10 +239,10 @@ def test_narrowing_casts_pass_within_their_stated_tolerance(tmp_path: Path, tiny
                                                 format="safetensors")
     for dtype in ("float16", "bfloat16"):
         out = prepare_conversion(str(float32_source), to="paddle", dtype=dtype).write(tmp_path / dtype).out
-        report = run_smoke(out)
+        report = run_smoke(smoke_runner(out))
         assert report.precision == dtype
         assert report.passed, report.as_dict()
         # the rounding is real: more than float32 noise, well inside the stated bound
         assert 1e-5 < report.figure("relative") < TOLERANCES[dtype].relative / 2
     exact = prepare_conversion(str(float32_source), to="safetensors").write(tmp_path / "same").out
-    assert run_smoke(exact).precision == "exact"
+    assert run_smoke(smoke_runner(exact)).precision == "exact"

@@ -22,8 +22,8 @@ from tests.conftest import run_vlhub
 from vlhub.cli import convert as convert_cli
 from vlhub.cli.app import app
 from vlhub.convert.configs import official_config
-from vlhub.convert.conversion import MANIFEST
 from vlhub.errors import UserError
+from vlhub.manifest import MANIFEST
 from vlhub.smoke.inputs import CHAT_START, smoke_input, tokenizer_special_tokens
 
 

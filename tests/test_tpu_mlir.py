@@ -147,7 +147,7 @@ def test_qwen_vl_has_no_route_and_options_belong_to_their_target(tmp_path: Path)
 ])
 def test_vision_sizes_follow_smart_resize(model: str, pixels: tuple[int, int], patches: int) -> None:
     spec = get_model(model)
-    options = tpu_options(spec.family.name, spec.config, "bfloat16", max_pixels="{},{}".format(*pixels),
+    options = tpu_options(spec.family, spec.config, "bfloat16", max_pixels="{},{}".format(*pixels),
                           seq_length=8192)
     assert options.vision_patches == patches and options.vision_tokens == patches // 4
     with pytest.raises(UserError, match=f"at least {patches // 4 + 64}"):

@@ -17,6 +17,7 @@ from vlhub.catalog import get_model
 from vlhub.errors import UserError
 from vlhub.smoke.inputs import DEVICE_MASKED, smoke_input
 from vlhub.smoke.run import run_smoke
+from vlhub.targets.registry import smoke_runner
 from vlhub.targets.tpu_mlir.cmodel_runner import from_bf16, to_bf16
 from vlhub.targets.tpu_mlir.simulator import (
     TOOLCHAIN_ENV,
@@ -39,7 +40,7 @@ def convert(model: str, out: Path) -> Path:
 @pytest.mark.skipif(not os.environ.get(TOOLCHAIN_ENV), reason=f"{TOOLCHAIN_ENV} names no TPU-MLIR toolchain")
 def test_the_bmodel_chooses_the_reference_first_token_on_the_cmodel(tmp_path: Path) -> None:
     out = convert("tiny-qwen2-vl", tmp_path / "out")
-    report = run_smoke(out, tokens=1, tpu_mlir_python=os.environ[TOOLCHAIN_ENV])
+    report = run_smoke(smoke_runner(out, {"tpu_mlir_python": os.environ[TOOLCHAIN_ENV]}), tokens=1)
     stage = report.stages[-1]
     assert stage.name == "simulator" and stage.passed, stage.detail
     assert stage.detail.startswith(f"bm1684x cmodel token {report.tokens_ref[0]}, reference {report.tokens_ref[0]},")

@@ -17,10 +17,10 @@ from tests.conftest import run_vlhub
 from vlhub.catalog import get_model
 from vlhub.convert.configs import official_config
 from vlhub.errors import UserError
-from vlhub.plan import visual_output_split
 from vlhub.smoke.inputs import smoke_input
 from vlhub.smoke.weights import ModelWeights
 from vlhub.targets.vamc.build import llm_yaml, needs_stack_size, vamc_options, visual_yaml
+from vlhub.targets.vamc.plan import visual_output_split
 
 
 def convert(source: str | Path, out: Path, *args: str) -> dict:
@@ -149,20 +149,20 @@ def test_image_sizes_plan_the_visual_n(tmp_path: Path) -> None:
 def test_catalog_numbers(model: str, tp: int, split: list[int], stack: bool) -> None:
     spec = get_model(model)
     config = official_config(spec.config)
-    options = vamc_options(spec.family.name, config)
+    options = vamc_options(spec.family, config)
     assert (options.visual_patches, options.max_pixels, options.prefill_length, options.tp) == (
         5120, 5120 * 196, 1408, tp)
     assert visual_output_split(config["hidden_size"]) == split and sum(split) == config["hidden_size"]
-    visual = visual_yaml(spec.family.name, "v", "/ckpt", config, options)
+    visual = visual_yaml(spec.family, "v", "/ckpt", config, options)
     assert len(visual["backend"]["compile"]["output_layout"]) == len(split)
     assert visual["frontend"]["shape"]["cos"] == [5120, 80]
-    assert llm_yaml(spec.family.name, "l", "/ckpt", options)["frontend"]["model_kwargs"]["tp"] == tp
-    assert needs_stack_size(spec.family.name, config) is stack
+    assert llm_yaml(spec.family, "l", "/ckpt", options)["frontend"]["model_kwargs"]["tp"] == tp
+    assert needs_stack_size(spec.family, config) is stack
     # the seed's numbers: 720p at the README's budget needs 4784 patches; N = 4096 allows 802,816 pixels
-    assert vamc_options(spec.family.name, config, image=["1280x720"]).visual_patches == 4784
-    assert vamc_options(spec.family.name, config, max_pixels="802816").visual_patches == 4096
+    assert vamc_options(spec.family, config, image=("1280x720",)).visual_patches == 4784
+    assert vamc_options(spec.family, config, max_pixels="802816").visual_patches == 4096
     # a prefill above N's 1280 tokens holds them and a prompt (`vlhub plan --prompt-tokens 16` prints 1296)
-    assert vamc_options(spec.family.name, config, prefill_len=1296).prefill_length == 1296
+    assert vamc_options(spec.family, config, prefill_len=1296).prefill_length == 1296
 
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -195,7 +195,7 @@ def test_qwen_vl_has_no_route_and_a_busy_directory_is_kept(tmp_path: Path) -> No
     assert busy.returncode == 2 and "--overwrite" in busy.stderr
     assert [p.name for p in (tmp_path / "busy").iterdir()] == ["keep"]
     with pytest.raises(UserError, match="no vamc route"):
-        vamc_options("qwen_vl", {})
+        vamc_options(get_model("tiny-qwen-vl").family, {})
 
 
 def test_smoke_fails_for_the_right_reason(tmp_path: Path) -> None:

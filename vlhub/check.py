@@ -13,12 +13,8 @@ smoke (the recorded verdict, or a new run). Resource estimates are `Need`s, each
 
 from __future__ import annotations
 
-import importlib.metadata
-import importlib.util
 import math
-import os
 import shutil
-import subprocess
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -31,92 +27,37 @@ import yaml
 from vlhub.atomic import ensure_free_space
 from vlhub.catalog import ModelSpec, find_model, unknown_model_message
 from vlhub.convert.configs import official_config
-from vlhub.convert.conversion import TARGETS as CONVERT_TARGETS
+from vlhub.convert.conversion import Model
 from vlhub.convert.layouts import detect_family, detect_layout
-from vlhub.convert.plan import KeyMapMismatch, Plan, plan_conversion
+from vlhub.convert.plan import KeyMapMismatch, plan_conversion
 from vlhub.errors import UserError, VlhubError
 from vlhub.formats.readers import Checkpoint, config_dtype, open_checkpoint
 from vlhub.formats.registry import FORMATS, format_of_file
 from vlhub.hub.home import vlhub_home
-from vlhub.hub.store import MANIFEST, manifest_problems, read_manifest
+from vlhub.hub.store import manifest_problems
 from vlhub.keymaps import load_keymap
 from vlhub.keymaps.config import tie_word_embeddings
-from vlhub.plan import (
-    DEFAULT_ANSWER_TOKENS,
-    DEFAULT_PROMPT_TOKENS,
-    MAX_VAMC_PATCHES,
-    InputPlan,
-    compile_sizes,
-    make_plan,
-    max_pixels_for,
-    plan_inputs,
-    refuse_target,
-    tpu_mlir_options,
-)
-from vlhub.plan import Plan as SizePlan  # vlhub.convert.plan has the conversion's Plan
+from vlhub.manifest import MANIFEST, Manifest
+from vlhub.plan import make_plan, refuse_target
 from vlhub.smoke.run import available_memory, run_smoke
 from vlhub.smoke.verdict import unfinished_summary
-from vlhub.targets.paddle_inference.build import inference_dtype
-from vlhub.targets.tpu_mlir.build import (
-    PROMPT_TOKENS,
-    QUANTIZE_DTYPE,
-    TORCH_FIRST,
-    VISION_DEFAULTS,
-    TpuOptions,
-    check_tpu_options,
-)
-from vlhub.targets.tpu_mlir.simulator import TOOLCHAIN_ENV, TOOLCHAIN_VERSION, resolve_toolchain
-from vlhub.targets.vamc.build import PYENV, VENDOR, vamc_problems
+from vlhub.targets.base import Target
+from vlhub.targets.checks import FAIL, PASS, STATUSES, WARN, Check, LayoutContext, Need
+from vlhub.targets.registry import TARGETS, checkpoint_target, layouts, recorded_target, smoke_runner
 from vlhub.units import format_size
 
-PASS, WARN, FAIL = "pass", "warn", "fail"
-STATUSES = (PASS, WARN, FAIL)
-LAYOUT_TARGETS = ("paddle-inference", "tpu-mlir", "vamc")
-TARGETS = ("auto", "paddle", "paddle-inference", "tpu-mlir", "vamc", "safetensors", "torch")
-_TARGET_OF_FORMAT = {"pdparams": "paddle", "safetensors": "safetensors", "torch": "torch"}
+AUTO = "auto"  # --target auto: the manifest's target, else the weights' format
 # what a compile or a run writes inside a layout: never in the manifest, never stray
 _OUTPUT_DIRS = ("compiled", "compiled_onnx", "vamc_results")
 _SCAN_BLOCK = 64 << 20  # bytes of one tensor the NaN/Inf scan holds at a time
-
-# The figures resource estimates scale from, by parameter count or bytes, and where each was published or measured.
-_7B_PARAMS = 8_291_375_616  # Qwen2-VL-7B, the size every published figure below is for
-_7B_BYTES = 2 * _7B_PARAMS
-FIGURES = {
-    "tpu_compile_disk": (100e9, "sophon-demo's Qwen2-VL README: >= 100 GB for 7B, scaled by parameters"),
-    "tpu_compile_memory": (15e9, "sophon-demo's Qwen2-VL README: >= 15 GB for 7B, scaled by parameters"),
-    "vamc_compile_seconds": (7 * 3600.0, "VastModelZOO: about 7 h a network for 7B, two, scaled by parameters"),
-    "convert_seconds": (35.3, "README Performance: 35.3 s for 16.6 GB, scaled by bytes"),
-    "paddle_inference_seconds": (79.1, "README Performance: 79.1 s for 16.6 GB, scaled by bytes"),
-    "paddle_inference_smoke_seconds": (280.4 - 79.1, "README Performance: 201 s for 16.6 GB, scaled by bytes"),
-    "smoke_seconds": (139.0, "README Performance: 139 s streamed for 16.6 GB, scaled by bytes"),
-    "smoke_memory": (2.41e9, "README Performance: 2.41 GB streamed for 7B, scaled by parameters"),
-    "paddle_inference_memory": (18.22e9, "README Performance: 18.22 GB for 16.6 GB of weights, scaled by bytes"),
-}
 _FAILS_WHEN_SHORT = ("download", "convert", "compile")  # steps that run here; "smoke", "serve" and "load" may not
 _MEMORY_FIX = {"smoke": "convert with --no-smoke here, and smoke-test it on a machine with more memory",
                "serve": "serve it on a machine with more memory", "load": "load it on a machine with more memory"}
 
 
-@dataclass(frozen=True)
-class Check:
-    """One line of the checklist."""
-
-    group: str
-    name: str
-    status: str  # pass, warn or fail
-    detail: str
-    fix: str = ""
-
-
-@dataclass(frozen=True)
-class Need:
-    """What a step takes: `amount` bytes of disk or memory, or seconds (None: no figure to estimate from)."""
-
-    step: str  # download, convert, smoke, compile, serve, load
-    resource: str  # disk, memory, time
-    amount: float | None  # whole bytes; seconds to a tenth
-    where: str | None  # disk: the directory it is written under
-    source: str  # where the figure comes from
+def check_targets() -> list[str]:
+    """What `vlhub check --target` takes: auto, or a target of the registry."""
+    return [AUTO, *TARGETS]
 
 
 @dataclass
@@ -157,70 +98,23 @@ class Report:
 # A layout (or a converted checkpoint) on disk
 
 
-@dataclass
-class LayoutContext:
-    """What every layout check reads: the layout, its manifest, its weights (headers only) and config."""
-
-    path: Path
-    target: str
-    manifest: dict | None
-    weights: Path  # the weight folder
-    images: tuple[tuple[int, int], ...] = ()
-    smoke: bool = False
-    checkpoint: Checkpoint | None = None
-    open_error: str | None = None
-    config: dict | None = None  # flat official form
-    family: str | None = None
-    layout: str | None = None  # the key layout detected
-    plan: Plan | None = None  # the weights mapped onto the official tensors
-    plan_problems: dict[str, list[str]] = field(default_factory=dict)  # or why they do not map
-
-    @property
-    def layout_target(self) -> dict:
-        return (self.manifest or {}).get("target") or {}
-
-    def reconvert(self, options: str = "") -> str:
-        """The fix that writes the layout again: its source from the manifest, this path, `options` (the layout's
-        own otherwise)."""
-        source = (self.manifest or {}).get("source") or {}
-        name = source.get("model") or source.get("path") or "SRC"
-        return f"convert again: vlhub convert {name} --to {self.target} --out {self.path} --overwrite " + (
-            options or "(with the same options)")
-
-    @property
-    def model_bytes(self) -> int | None:
-        return self.checkpoint.total_bytes if self.checkpoint else None
-
-    @property
-    def params(self) -> int | None:
-        return sum(meta.numel for meta in self.checkpoint.tensors.values()) if self.checkpoint else None
-
-    @property
-    def needs(self) -> list[Need]:
-        """What the step after this layout takes (nothing to estimate from when the weights cannot be read)."""
-        if self.params is None or self.model_bytes is None:
-            return []
-        return next_step_needs(self.target, self.params, self.model_bytes, str(self.path))
-
-
-def check_path(path: Path, *, target: str = "auto", images: Sequence[tuple[int, int]] = (),
+def check_path(path: Path, *, target: str = AUTO, images: Sequence[tuple[int, int]] = (),
                smoke: bool = False) -> Report:
     """Run every check that applies to the layout or converted checkpoint at `path`."""
     if not path.is_dir():
         raise UserError(f"{path} is a file: vlhub check takes the directory vlhub convert wrote")
-    manifest = read_manifest(path)
+    manifest = Manifest.read(path)
     chosen = _resolve_target(path, target, manifest)
-    if images and chosen not in LAYOUT_TARGETS:
-        raise UserError(f"--image checks compiled sizes, which only {', '.join(LAYOUT_TARGETS)} layouts have; "
-                        f"a {chosen} checkpoint takes any size its processor allows")
-    ctx = LayoutContext(path, chosen, manifest, _weights_folder(path, chosen, manifest), tuple(images), smoke)
+    if images and not chosen.is_layout:
+        raise UserError(f"--image checks compiled sizes, which only {', '.join(t.name for t in layouts())} layouts "
+                        f"have; a {chosen.name} checkpoint takes any size its processor allows")
+    ctx = LayoutContext(path, chosen.name, manifest, _weights_folder(path, chosen, manifest), tuple(images), smoke)
     try:
         _open_weights(ctx)
-        report = Report("layout", chosen, path=str(path), family=ctx.family,
-                        model=((manifest or {}).get("source") or {}).get("model"))
+        report = Report("layout", chosen.name, path=str(path), family=ctx.family, model=ctx.model_name)
         for group in LAYOUT_GROUPS:
             report.checks += group(ctx)
-        report.needs = ctx.needs
+        report.needs = _next_needs(ctx)
         report.has = _has(report.needs)
     finally:
         if ctx.checkpoint is not None:
@@ -228,48 +122,47 @@ def check_path(path: Path, *, target: str = "auto", images: Sequence[tuple[int, 
     return report
 
 
-def _resolve_target(path: Path, target: str, manifest: dict | None) -> str:
-    """`auto`: the manifest's target name, else the weights' format; a given target must agree with them."""
-    if target not in TARGETS:
-        raise UserError(f"--target {target!r}: choose one of {', '.join(TARGETS)}")
-    if manifest is None and target in LAYOUT_TARGETS:
-        return target  # a layout that lost its manifest: the integrity checks say so
-    recorded = (manifest or {}).get("target") or {}
-    found = recorded.get("name") or _TARGET_OF_FORMAT.get(recorded.get("format", ""))
-    if manifest is None:
+def _resolve_target(path: Path, target: str, manifest: Manifest | None) -> Target:
+    """`auto`: the manifest's target, else the weights' format; a given target must agree with them."""
+    if target != AUTO and target not in TARGETS:
+        raise UserError(f"--target {target!r}: choose one of {', '.join(check_targets())}")
+    wanted = TARGETS.get(target)  # None: auto
+    if manifest is None and wanted is not None and wanted.is_layout:
+        return wanted  # a layout that lost its manifest: the integrity checks say so
+    if manifest is not None:
+        found = recorded_target(manifest)
+    else:
         found = _layout_by_shape(path)
         if found is None:
             with open_checkpoint(path) as checkpoint:  # headers only; no checkpoint here is bad input
-                found = _TARGET_OF_FORMAT[checkpoint.format.name]
-        elif target == "auto":
+                found = checkpoint_target(checkpoint.format.name)
+        elif wanted is None:
             return found
-    if target == "auto":
+    if wanted is None:
         if found is None:
             raise UserError(f"{path}: its {MANIFEST} names no target; pass --target")
         return found
-    if found == "paddle" and target == "paddle-inference":
-        return target  # Paddle weights checked as what Paddle's inference loaders read (the key layout check says)
-    if found is not None and found != target:
-        kind = "layout" if found in LAYOUT_TARGETS else "checkpoint"
-        raise UserError(f"{path} is a {found} {kind}, not {target}: pass --target {found} or leave --target out")
-    return target
+    if found is not None and not found.is_layout and wanted.reads_plain_weights \
+            and found.output.format == wanted.output.format:
+        return wanted  # plain weights checked as what the layout's loaders read (the key layout check says)
+    if found is not None and found is not wanted:
+        kind = "layout" if found.is_layout else "checkpoint"
+        raise UserError(f"{path} is a {found.name} {kind}, not {wanted.name}: pass --target {found.name} or leave "
+                        "--target out")
+    return wanted
 
 
-def _layout_by_shape(path: Path) -> str | None:
+def _layout_by_shape(path: Path) -> Target | None:
     """The layout target whose builder writes what `path` holds (for a layout whose manifest is gone)."""
-    shapes = {"paddle-inference": ("checkpoints", "*-inference"), "tpu-mlir": ("model", "compile.sh"),
-              "vamc": ("weights", "build_in")}
-    return next((name for name, globs in shapes.items() if all(any(path.glob(g)) for g in globs)), None)
+    return next((t for t in layouts() if all(any(path.glob(mark)) for mark in t.marks)), None)
 
 
-def _weights_folder(path: Path, target: str, manifest: dict | None) -> Path:
+def _weights_folder(path: Path, target: Target, manifest: Manifest | None) -> Path:
     """The folder a runtime loads the weights from: the manifest's `target.weights`, else where the builder puts
     it, else the directory itself."""
-    recorded = ((manifest or {}).get("target") or {}).get("weights")
-    if recorded:
-        return path / recorded
-    candidates = {"tpu-mlir": [path / "model"], "vamc": sorted((path / "weights").glob("*")),
-                  "paddle-inference": sorted(path.glob("*-inference"))}.get(target, [path])
+    if manifest is not None and manifest.target.weights:
+        return manifest.weights_dir(path)
+    candidates = sorted(path.glob(target.weights_glob)) if target.weights_glob else [path]
     return next((p for p in candidates if p.is_dir()), path)
 
 
@@ -297,8 +190,8 @@ def _open_weights(ctx: LayoutContext) -> None:
 
 def _listed_weights(ctx: LayoutContext) -> Path:
     """The index or single weight file of the target's format that the manifest lists, else the weight folder."""
-    fmt = FORMATS[CONVERT_TARGETS[ctx.target][1]]
-    listed = set((ctx.manifest or {}).get("files", {}))
+    fmt = FORMATS[TARGETS[ctx.target].output.format]
+    listed = set(ctx.manifest.files if ctx.manifest else ())
     prefix = ctx.weights.relative_to(ctx.path).as_posix()
     for name in (fmt.index_file, fmt.single_file):
         if (f"{prefix}/{name}" if prefix != "." else name) in listed and (ctx.weights / name).is_file():
@@ -313,16 +206,16 @@ def integrity_checks(ctx: LayoutContext) -> list[Check]:
     """The manifest is there; every file it lists has its recorded size and sha256; nothing else a loader reads."""
     convert = ctx.reconvert()
     if ctx.manifest is None:
-        status = FAIL if ctx.target in LAYOUT_TARGETS else WARN
+        status = FAIL if TARGETS[ctx.target].is_layout else WARN
         return [Check("integrity", "manifest", status,
                       f"no readable {MANIFEST}: nothing records which files belong here or their sha256", convert),
                 _stray_check(ctx)]
-    files = ctx.manifest.get("files") or {}
+    files = ctx.manifest.files
     checks = [Check("integrity", "manifest", PASS,
-                    f"{MANIFEST}: {len(files)} files, written by vlhub {ctx.manifest.get('vlhub_version', '?')} "
-                    f"on {ctx.manifest.get('created', '?')}")]
+                    f"{MANIFEST}: {len(files)} files, written by vlhub {ctx.manifest.vlhub_version} "
+                    f"on {ctx.manifest.created}")]
     damaged = manifest_problems(ctx.path, ctx.manifest)
-    total = sum(entry["size"] for entry in files.values())
+    total = sum(entry.size for entry in files.values())
     if damaged:
         checks.append(Check("integrity", "file hashes", FAIL,
                             f"{len(damaged)} of {len(files)} files differ from the manifest: {'; '.join(damaged)}",
@@ -344,8 +237,8 @@ def _stray_check(ctx: LayoutContext) -> Check:
                          f"{ctx.weights} also holds {', '.join(others)} weights; Paddle's loaders take safetensors, "
                          "then pdparams, then torch", "delete the weights of the other formats")
         return Check("integrity", "stray files", PASS, "one weight format in the weight folder")
-    listed = set(ctx.manifest.get("files") or {}) | {MANIFEST}
-    vendor = set(VENDOR.get(ctx.family or "", {}).get("files", ())) if ctx.target == "vamc" else set()
+    listed = set(ctx.manifest.files) | {MANIFEST}
+    vendor = set(TARGETS[ctx.target].vendor_files(ctx.family)) if ctx.family else set()
     stray_weights, unlisted = [], []
     for file in sorted(p for p in ctx.path.rglob("*") if p.is_file()):
         name = file.relative_to(ctx.path).as_posix()
@@ -359,7 +252,7 @@ def _stray_check(ctx: LayoutContext) -> Check:
         else:
             unlisted.append(name)
     if stray_weights:
-        paddle = CONVERT_TARGETS[ctx.target][1] == "pdparams"
+        paddle = TARGETS[ctx.target].output.format == "pdparams"
         why = ("PaddleNLP and PaddleMIX load *.safetensors before *.pdparams"
                if paddle and any(name.endswith(".safetensors") for name in stray_weights)
                else "a loader may pick one of them instead of the weights the manifest lists")
@@ -389,7 +282,7 @@ def weight_checks(ctx: LayoutContext) -> list[Check]:
 
 def expected_layout(target: str, family: str) -> str:
     """The key layout `target`'s loader reads: the first `vlhub convert` declares that the family has."""
-    wanted = CONVERT_TARGETS[target][0]
+    wanted = TARGETS[target].output.layout
     candidates = (wanted,) if isinstance(wanted, str) else wanted
     layouts = load_keymap(family).layouts
     return next((name for name in candidates if name in layouts), candidates[-1])
@@ -397,7 +290,7 @@ def expected_layout(target: str, family: str) -> str:
 
 def _layout_check(ctx: LayoutContext) -> Check:
     assert ctx.checkpoint is not None
-    fmt = CONVERT_TARGETS[ctx.target][1]
+    fmt = TARGETS[ctx.target].output.format
     if ctx.family is None:
         return Check("weights", "key layout", FAIL, "the keys are no Qwen-VL family model's",
                      "check config.json's model_type and the weights")
@@ -435,21 +328,9 @@ def _dtype_check(ctx: LayoutContext) -> Check:
     if declared != majority:
         return Check("weights", "dtype", FAIL, f"config.json says {declared}, the tensors are {shown}: a loader "
                      "allocates the one and reads the other", convert)
-    if ctx.target == "paddle-inference":
-        try:
-            inference_dtype(ctx.family or "", majority, majority or "")
-        except UserError as exc:
-            return Check("weights", "dtype", FAIL, f"{majority} weights, which this family's inference loader "
-                         f"misreads ({exc})", ctx.reconvert("--dtype float16"))
-        recorded = ctx.layout_target.get("dtype")
-        if recorded and recorded != majority:
-            return Check("weights", "dtype", FAIL, f"the manifest says {recorded}, the weights are {majority}", convert)
-    if ctx.target == "tpu-mlir":
-        quantize = ctx.layout_target.get("quantize")
-        needed = QUANTIZE_DTYPE.get(quantize or "")
-        if needed and needed != majority:
-            return Check("weights", "dtype", FAIL, f"--quantize {quantize} needs {needed} weights, these are "
-                         f"{majority}: llm_convert stops with a dtype mismatch", convert)
+    own = TARGETS[ctx.target].dtype_check(ctx, majority)
+    if own is not None:
+        return own
     return Check("weights", "dtype", PASS, f"{shown}; config.json says {declared}")
 
 
@@ -519,276 +400,38 @@ def _non_finite(block: np.ndarray, dtype: str) -> int:
 
 
 def number_checks(ctx: LayoutContext) -> list[Check]:
-    """The layout's compiled sizes against config.json, and against every --image."""
-    if ctx.target not in LAYOUT_TARGETS or ctx.config is None or ctx.manifest is None:
+    """The layout's compiled sizes against config.json, and against every --image (the target's own checks)."""
+    if not TARGETS[ctx.target].is_layout or ctx.config is None or ctx.manifest is None:
         return []
-    if not ctx.layout_target.get("name"):  # weights without the layout around them: nothing compiled
+    if not ctx.recorded.name:  # weights without the layout around them: nothing compiled
         return []
     try:
-        return _NUMBERS[ctx.target](ctx)
+        return TARGETS[ctx.target].number_checks(ctx)
     except (OSError, KeyError, TypeError, ValueError, yaml.YAMLError) as exc:
         return [Check("numbers", "compile sizes", FAIL, f"the layout's numbers cannot be read ({exc!r})",
                       ctx.reconvert())]
 
 
-def _tpu_numbers(ctx: LayoutContext) -> list[Check]:
-    assert ctx.config is not None
-    target = ctx.layout_target
-    options = TpuOptions(target["seq_length"], tuple(target["max_pixels"]), target["quantize"],
-                         target.get("group_size") or 64, target["chip"])
-    width, height = options.max_pixels
-    checks = []
-    try:
-        check_tpu_options(ctx.config, options)
-        checks.append(Check("numbers", "compile options", PASS,
-                            f"--seq-length {options.seq_length}, --max-pixels {width},{height} "
-                            f"({options.vision_patches} patches, {options.vision_tokens} vision tokens + "
-                            f"{PROMPT_TOKENS} prompt), {options.quantize}, {options.chip}"))
-    except UserError as exc:
-        checks.append(Check("numbers", "compile options", FAIL, str(exc),
-                            ctx.reconvert("with the options vlhub plan MODEL --target tpu-mlir gives")))
-    vision = ctx.config.get("vision_config", {})
-    missing = [key for key in VISION_DEFAULTS.get(ctx.family or "", {}) if key not in vision]
-    checks.append(Check("numbers", "llm_convert config", FAIL if missing else PASS,
-                        f"vision_config lacks {', '.join(missing)}, which llm_convert reads without defaults"
-                        if missing else "vision_config has every field llm_convert reads",
-                        ctx.reconvert() if missing else ""))
-
-    def shrunk(item: InputPlan) -> str:
-        budget = plan_inputs(ctx.config or {}, [(item.width, item.height)], max_pixels=width * height)[0]
-        return f": the processor shrinks it to {budget.resized[1]}x{budget.resized[0]} ({budget.patches} patches)"
-
-    return checks + _image_fits(ctx, (options.vision_patches, "the ViT's"), (options.seq_length, "--seq-length"),
-                                PROMPT_TOKENS, shrunk)
-
-
-def _vamc_numbers(ctx: LayoutContext) -> list[Check]:
-    assert ctx.config is not None
-    problems = vamc_problems(ctx.path)
-    target = ctx.layout_target
-    llm = yaml.safe_load((ctx.path / target["llm"]["yaml"]).read_text())
-    visual = yaml.safe_load((ctx.path / target["visual"]["yaml"]).read_text())
-    (prefill,), (longest,) = llm["frontend"]["shape"]["input_ids"]
-    n, tp = visual["frontend"]["shape"]["pixel_values"][0], llm["frontend"]["model_kwargs"]["tp"]
-    convert = ctx.reconvert("(vlhub plan MODEL --target vamc sizes them)")
-    checks = [Check("numbers", "yaml numbers", FAIL, "; ".join(problems), convert) if problems else
-              Check("numbers", "yaml numbers", PASS, f"visual N {n}, input_ids [[{prefill}],[{longest}]], tp {tp} of "
-                    f"{ctx.config['num_key_value_heads']} KV heads: multiples of 16, consistent with config.json")]
-    return checks + _image_fits(ctx, (n, "the visual N"), (prefill, "the prefill"), DEFAULT_PROMPT_TOKENS)
-
-
-def _paddle_inference_numbers(ctx: LayoutContext) -> list[Check]:
-    assert ctx.config is not None
-    max_seq_len = int(ctx.layout_target["max_seq_len"])
-    qwen_vl = ctx.family == "qwen_vl"
-    # Qwen-VL's graph stops at seq_length: past it the model scales its rotary (dynamic NTK), a static graph cannot
-    why = "seq_length" if qwen_vl else "max_position_embeddings"
-    limit = int(ctx.config.get(why) or (2048 if qwen_vl else 32768))
-    checks = [Check("numbers", "sequence length", FAIL if max_seq_len > limit else PASS,
-                    f"--max-seq-len {max_seq_len}, the model's {why} is {limit}",
-                    ctx.reconvert(f"--max-seq-len {limit} or less") if max_seq_len > limit else "")]
-    for item in _image_plans(ctx):
-        needed = item.tokens + DEFAULT_PROMPT_TOKENS + DEFAULT_ANSWER_TOKENS
-        wrong = [(f"{item.tokens} tokens + {DEFAULT_PROMPT_TOKENS} prompt + {DEFAULT_ANSWER_TOKENS} answer = {needed}, "
-                 f"more than --max-seq-len {max_seq_len}")] if needed > max_seq_len else []
-        checks.append(_image_check(ctx, item, wrong, f"{item.tokens} tokens + prompt and answer = {needed} of "
-                                   f"--max-seq-len {max_seq_len}"))
-    return checks
-
-
-_NUMBERS: dict[str, Callable[[LayoutContext], list[Check]]] = {
-    "tpu-mlir": _tpu_numbers, "vamc": _vamc_numbers, "paddle-inference": _paddle_inference_numbers}
-
-
-def _image_fits(ctx: LayoutContext, patches: tuple[int, str], length: tuple[int, str], prompt: int,
-                shrunk: Callable[[InputPlan], str] | None = None) -> list[Check]:
-    """Each --image's patches against the visual size, and its tokens and a prompt against the sequence length."""
-    checks = []
-    for item in _image_plans(ctx):
-        problems = []
-        if item.patches > patches[0]:
-            problems.append(f"{item.patches} patches, more than {patches[1]} {patches[0]}"
-                            + (shrunk(item) if shrunk else ""))
-        if item.tokens + prompt > length[0]:
-            problems.append(f"{item.tokens} tokens + {prompt} prompt, more than {length[1]} {length[0]}")
-        checks.append(_image_check(ctx, item, problems, f"{item.patches} patches, {item.tokens} tokens + {prompt} "
-                                   f"prompt: fits {patches[1]} {patches[0]} and {length[1]} {length[0]}"))
-    return checks
-
-
-def _image_plans(ctx: LayoutContext) -> list[InputPlan]:
-    """Each --image as `vlhub plan` counts it (the processor's default bounds)."""
-    assert ctx.config is not None
-    return plan_inputs(ctx.config, list(ctx.images)) if ctx.images else []
-
-
-def _image_check(ctx: LayoutContext, item: InputPlan, problems: list[str], fits: str) -> Check:
-    if not problems:
-        return Check("numbers", item.label, PASS, fits)
-    return Check("numbers", item.label, FAIL, "; ".join(problems), _image_fix(ctx, item))
-
-
-def _image_fix(ctx: LayoutContext, item: InputPlan) -> str:
-    """The conversion options whose compiled sizes hold `item` at the processor's default resolution."""
-    assert ctx.config is not None
-    model = ((ctx.manifest or {}).get("source") or {}).get("model") or "MODEL"
-    planned = f"vlhub plan {model} --image {item.width}x{item.height} --target {ctx.target} says why"
-    try:
-        if ctx.target == "tpu-mlir":
-            options = tpu_mlir_options(ctx.config, [item], compile_sizes(ctx.config, [item]))
-            return ctx.reconvert(f"--seq-length {options.seq_length} --max-pixels "
-                                 f"{options.max_pixels[0]},{options.max_pixels[1]}")
-        if ctx.target == "vamc":
-            if item.patches > MAX_VAMC_PATCHES:
-                return (f"vlhub builds a visual N up to {MAX_VAMC_PATCHES} patches: send images of at most "
-                        f"{max_pixels_for(ctx.config, MAX_VAMC_PATCHES)} pixels (vastgenx --max_pixels); {planned}")
-            return ctx.reconvert(f"--max-pixels {item.resized[0] * item.resized[1]}")
-        return ctx.reconvert(f"--max-seq-len {compile_sizes(ctx.config, [item]).max_length}")
-    except UserError:
-        return planned
-
-
 # -- toolchain --
 
 
-def toolchain_checks(target: str, family: str | None, weights: Path | None = None) -> list[Check]:
-    """What the next step needs installed here: paddlepaddle; Python 3.10 with tpu-mlir and GNU parallel; vamc,
-    the vendor modeling files in the weight folder (`weights`, when there is one yet) and the pinned versions."""
-    if target in ("paddle", "paddle-inference"):
-        return [_paddle_check(target)]
-    if target == "tpu-mlir":
-        return [_tpu_python_check(), _which_check("GNU parallel", "parallel", "llm_convert runs its jobs with it",
-                                                  "apt-get install parallel")]
-    if target == "vamc" and family in VENDOR:
-        checks = [_which_check("vamc", "vamc", "compile.sh runs vamc compile",
-                               "install VastAI's vamc (VastModelZOO's docs) so that vamc is on PATH")]
-        if weights is not None:
-            checks.append(_vendor_check(family, weights))
-        checks.append(_pins_check(family))
-        return checks
-    return []
-
-
-def _installed(*distributions: str) -> tuple[str, str] | None:
-    """(name, version) of the first of `distributions` installed in this Python."""
-    for name in distributions:
-        try:
-            return name, importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return None
-
-
-def _paddle_check(target: str) -> Check:
-    installed = _installed("paddlepaddle", "paddlepaddle-gpu")
-    # find_spec, not import: importing paddle takes seconds and vlhub check reads no weights with it
-    if installed is None or importlib.util.find_spec("paddle") is None:
-        return Check("toolchain", "paddlepaddle", FAIL if target == "paddle-inference" else WARN,
-                     "paddlepaddle is not installed in this Python: the smoke test and Paddle's loaders need it",
-                     "pip install 'vlhub[paddle]'")
-    name, version = installed
-    major = int(version.split(".")[0]) if version.split(".")[0].isdigit() else 0
-    if target == "paddle-inference" and major < 3:
-        return Check("toolchain", "paddlepaddle", FAIL, f"{name} {version}: Paddle 3 runs the layout's pir graphs "
-                     "(.json); 2.x reads only legacy .pdmodel",
-                     "pip install 'paddlepaddle>=3', or convert with --ir legacy")
-    return Check("toolchain", "paddlepaddle", PASS, f"{name} {version}")
-
-
-def _tpu_python_check() -> Check:
-    name = f"Python {TOOLCHAIN_VERSION} + tpu-mlir"
-    given = os.environ.get(TOOLCHAIN_ENV)
-    fix = (f"install Python {TOOLCHAIN_VERSION} with tpu-mlir==1.30.2, torch and psutil and set {TOOLCHAIN_ENV} to "
-           "it (README: the TPU-MLIR toolchain)")
-    if not given and shutil.which("python3.10") is None:
-        return Check("toolchain", name, FAIL, f"{TOOLCHAIN_ENV} is not set and python3.10 is not on PATH "
-                     "(compile.sh uses one of them)", fix)
-    try:
-        python = resolve_toolchain(None if given else "python3.10")
-    except UserError as exc:
-        # resolve_toolchain names its argument as an option; here it is compile.sh's fallback
-        said = str(exc) if given else str(exc).replace(
-            "--tpu-mlir-python python3.10", f"python3.10 (compile.sh's default without {TOOLCHAIN_ENV})")
-        return Check("toolchain", name, FAIL, said, fix)
-    assert python is not None
-    try:
-        probe = subprocess.run([python, "-c", "import torch, psutil"], capture_output=True, text=True, timeout=300,
-                               check=False)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return Check("toolchain", name, FAIL, f"{python} did not run: {exc}", fix)
-    if probe.returncode != 0:
-        reason = (probe.stderr.strip().splitlines() or ["no output"])[-1]
-        return Check("toolchain", name, FAIL, f"{python} has tpu_mlir but not torch and psutil ({reason})",
-                     f"install {TORCH_FIRST}, then {python} -m pip install psutil")
-    return Check("toolchain", name, PASS, f"{python}: Python {TOOLCHAIN_VERSION}, tpu_mlir, torch and psutil import")
-
-
-def _which_check(name: str, command: str, why: str, fix: str) -> Check:
-    found = shutil.which(command)
-    if found is None:
-        return Check("toolchain", name, FAIL, f"{command} is not on PATH ({why})", fix)
-    return Check("toolchain", name, PASS, found)
-
-
-def _vendor_check(family: str, weights: Path) -> Check:
-    vendor = VENDOR[family]
-    missing = [name for name in vendor["files"] if not (weights / name).is_file()]
-    if missing:
-        return Check("toolchain", "vendor files", FAIL, f"{', '.join(missing)} not in {weights}: vamc builds the vacc "
-                     "modeling config_vacc.json names", f"copy them from VastModelZOO {vendor['directory']}/ into "
-                     f"{weights}/")
-    return Check("toolchain", "vendor files", PASS, f"{', '.join(vendor['files'])} in {weights.name}/")
-
-
-def _pins_check(family: str) -> Check:
-    pins = PYENV[family]
-    found = {name: _installed(name) for name in pins}
-    # a warn, not a fail: vamc may run in an environment of its own (the yamls' workspace.pyenv names it)
-    differ = [f"{name} {got[1] if got else 'missing'} (recipe: {pins[name]})" for name, got in found.items()
-              if got is None or got[1] != pins[name]]
-    if differ:
-        return Check("toolchain", "pinned versions", WARN, f"in this Python {', '.join(differ)}: vamc's huggingface "
-                     "frontend loads the vacc modeling files with them, written against the recipe's versions",
-                     "in vamc's environment: pip install " + " ".join(f"{name}=={v}" for name, v in pins.items()))
-    return Check("toolchain", "pinned versions", PASS, ", ".join(f"{name} {version}" for name, version in pins.items()))
-
-
 def layout_toolchain_checks(ctx: LayoutContext) -> list[Check]:
-    return toolchain_checks(ctx.target, ctx.family, ctx.weights)
+    """What the next step needs installed here (the target's own list)."""
+    return TARGETS[ctx.target].toolchain_checks(ctx.family, ctx.weights)
 
 
 def layout_resource_checks(ctx: LayoutContext) -> list[Check]:
-    return resource_checks(ctx.needs)
+    return resource_checks(_next_needs(ctx))
 
 
 # -- resources --
 
 
-def _scaled(step: str, resource: str, figure: str, ratio: float, where: str | None = None) -> Need:
-    """A need estimated from one of FIGURES, scaled by `ratio` (the model's size over the figure's)."""
-    value, source = FIGURES[figure]
-    amount = value * ratio
-    return Need(step, resource, round(amount, 1) if resource == "time" else round(amount), where, source)
-
-
-def next_step_needs(target: str, params: int, model_bytes: int, where: str) -> list[Need]:
-    """What comes after the layout is written: the compile (tpu-mlir, vamc), or loading it to serve."""
-    by_params = params / _7B_PARAMS
-    if target == "tpu-mlir":
-        return [_scaled("compile", "disk", "tpu_compile_disk", by_params, where),
-                _scaled("compile", "memory", "tpu_compile_memory", by_params),
-                Need("compile", "time", None, None, "no published llm_convert time at real sizes; the tiny model "
-                                                    "compiled in 9.2 s here")]
-    if target == "vamc":
-        half = 2 * params
-        return [Need("compile", "disk", half, where, "no published figure: at least the float16 weights vamc writes, "
-                                                     "parameters x 2 bytes"),
-                Need("compile", "memory", half, None, "no published figure: vamc's huggingface frontend loads the "
-                                                      "whole model in float16, parameters x 2 bytes"),
-                _scaled("compile", "time", "vamc_compile_seconds", 2 * by_params)]
-    if target == "paddle-inference":
-        return [_scaled("serve", "memory", "paddle_inference_memory", model_bytes / _7B_BYTES)]
-    return [Need("load", "memory", model_bytes, None, "the whole model in its stored dtype")]
+def _next_needs(ctx: LayoutContext) -> list[Need]:
+    """What the step after this layout takes (nothing to estimate from when the weights cannot be read)."""
+    if ctx.params is None or ctx.model_bytes is None:
+        return []
+    return TARGETS[ctx.target].next_needs(ctx.params, ctx.model_bytes, str(ctx.path))
 
 
 def resource_checks(needs: list[Need]) -> list[Check]:
@@ -860,7 +503,7 @@ def smoke_checks(ctx: LayoutContext) -> list[Check]:
     """The smoke verdict the manifest records, or with `ctx.smoke` a new run of it."""
     if ctx.smoke:
         return [_run_smoke(ctx.path)]
-    verdict = (ctx.manifest or {}).get("smoke")
+    verdict = ctx.manifest.smoke if ctx.manifest else None
     rerun = f"vlhub smoke {ctx.path} (or vlhub check --smoke)"
     if verdict is None:
         return [Check("smoke", "smoke test", WARN, "no verdict recorded", rerun)]
@@ -878,7 +521,7 @@ def smoke_checks(ctx: LayoutContext) -> list[Check]:
 
 def _run_smoke(path: Path) -> Check:
     try:
-        report = run_smoke(path)
+        report = run_smoke(smoke_runner(path))
     except UserError as exc:  # the runtime is missing, or the source is gone
         return Check("smoke", "smoke test (run now)", WARN, f"could not run: {exc}",
                      f"vlhub smoke {path} --against SRC")
@@ -903,22 +546,23 @@ def check_model(name: str, *, target: str, images: Sequence[tuple[int, int]] = (
     spec = find_model(name)
     if spec is None:
         raise UserError(unknown_model_message(name))
-    if target == "auto" or target not in TARGETS:
+    if target not in TARGETS:
         raise UserError(f"--target {target!r}: a model that is not converted yet needs one of "
-                        f"{', '.join(TARGETS[1:])}")
+                        f"{', '.join(TARGETS)}")
+    chosen = TARGETS[target]
     report = Report("model", target, model=spec.name, family=spec.family.name)
     try:
-        if target in LAYOUT_TARGETS:
-            refuse_target(spec.family.name, target)
+        if chosen.is_layout:
+            refuse_target(spec.family, target)
     except UserError as exc:
         report.checks.append(Check("route", "route", FAIL, str(exc), "choose another --target or model"))
         return report
     report.checks.append(Check("route", "route", PASS, f"{spec.family.name} converts to {target}"))
     cached = _cached_source(spec)
     report.checks.append(cached[0])
-    report.checks += _model_numbers(spec, target, images)
-    report.checks += toolchain_checks(target, spec.family.name)
-    report.needs = model_needs(spec, target, downloaded=cached[1])
+    report.checks += _model_numbers(spec, chosen, images)
+    report.checks += chosen.toolchain_checks(spec.family.name, None)
+    report.needs = model_needs(spec, chosen, downloaded=cached[1])
     report.checks += resource_checks(report.needs)
     report.has = _has(report.needs)
     return report
@@ -936,76 +580,44 @@ def _cached_source(spec: ModelSpec) -> tuple[Check, bool]:
     return Check("source", "source", PASS, f"downloaded: {path}"), True
 
 
-def _model_numbers(spec: ModelSpec, target: str, images: Sequence[tuple[int, int]]) -> list[Check]:
+def _model_numbers(spec: ModelSpec, target: Target, images: Sequence[tuple[int, int]]) -> list[Check]:
     """The default options must hold for the model; with --image, the sizes that hold those images."""
-    if target not in LAYOUT_TARGETS:
+    if not target.is_layout:
         if images:
-            raise UserError(f"--image sizes compiled shapes, which only {', '.join(LAYOUT_TARGETS)} have")
+            raise UserError(f"--image sizes compiled shapes, which only {', '.join(t.name for t in layouts())} have")
         return []
     if images:
         try:
-            plan = make_plan(spec.name, images=list(images), target=target)
+            plan = make_plan(spec.name, images=list(images), target=target.name)
         except UserError as exc:
             return [Check("numbers", "sizes for --image", FAIL, str(exc), "send smaller images, or lower max_pixels")]
-        command = plan.command(target)
-        if command is None:  # vamc: a visual N past what vlhub builds
-            return [Check("numbers", "sizes for --image", FAIL, f"{target} cannot hold these images: visual N "
+        command = plan.command(target.name)
+        if command is None:  # a size past what vlhub builds
+            return [Check("numbers", "sizes for --image", FAIL, f"{target.name} cannot hold these images: visual N "
                           f"{plan.sizes.visual_patches}", "send smaller images, or lower max_pixels")]
-        return [Check("numbers", "sizes for --image", PASS, _target_sizes(plan, target), f"convert with: {command}")]
-    from vlhub.targets.registry import DEPLOYMENTS
-
+        return [Check("numbers", "sizes for --image", PASS, plan.targets[target.name].summary(),
+                      f"convert with: {command}")]
+    model = Model(spec.family, official_config(spec.config), "bfloat16")
     try:
-        DEPLOYMENTS[target].check(spec.family.name, official_config(spec.config), "bfloat16", True)
+        target.require(target.settle(target.options(), model, smoke=True))
     except UserError as exc:
         return [Check("numbers", "default options", FAIL, str(exc), "pass options that hold (vlhub plan MODEL)")]
-    return [Check("numbers", "default options", PASS, f"vlhub convert {spec.name} --to {target}'s defaults hold")]
+    return [Check("numbers", "default options", PASS, f"vlhub convert {spec.name} --to {target.name}'s defaults hold")]
 
 
-def _target_sizes(plan: SizePlan, target: str) -> str:
-    """The compile sizes `plan` gives `target`'s layout, as its convert command sets them."""
-    if target == "vamc" and plan.vamc:
-        return (f"visual N {plan.vamc.visual_patches}, prefill {plan.vamc.prefill_length}, context "
-                f"{plan.vamc.max_length}")
-    if target == "tpu-mlir" and plan.tpu_mlir:
-        width, height = plan.tpu_mlir.max_pixels
-        return (f"max pixels {width},{height} ({plan.tpu_mlir.vision_patches} patches), seq length "
-                f"{plan.tpu_mlir.seq_length}")
-    return f"max seq len {plan.paddle_max_seq_len}"
-
-
-def conversion_disk(target: str, spec: ModelSpec) -> int:
-    """Bytes `vlhub convert --to target` writes: what each builder asks staged_directory for."""
-    size = spec.size_bytes
-    config = official_config(spec.config)
-    if target == "paddle-inference":
-        return 2 * size  # the weights, then the graphs' parameters
-    if target == "vamc":
-        return size + 2 * int(config["vocab_size"]) * int(config["hidden_size"])  # + embed_tokens.bin in float16
-    return size
-
-
-def model_needs(spec: ModelSpec, target: str, *, downloaded: bool) -> list[Need]:
+def model_needs(spec: ModelSpec, target: Target, *, downloaded: bool) -> list[Need]:
     """Download, conversion, smoke test and the next step of `spec` to `target`, each with its source."""
     from huggingface_hub import constants
 
     needs = []
     size, params = spec.size_bytes, spec.params
-    by_bytes = size / _7B_BYTES
     if not downloaded:
         needs += [Need("download", "disk", size, str(constants.HF_HUB_CACHE), "the catalog's bf16 size"),
                   Need("download", "time", None, None, "depends on the network")]
     out = str(vlhub_home() / "artifacts")
     largest = max(math.prod(shape) for _, shape in spec.family.official_tensors(spec.config))
-    seconds_figure = "paddle_inference_seconds" if target == "paddle-inference" else "convert_seconds"
-    needs += [Need("convert", "disk", conversion_disk(target, spec), out,
+    needs += [Need("convert", "disk", target.written_bytes(size, official_config(spec.config)), out,
                    "what vlhub convert checks before writing"),
               Need("convert", "memory", 2 * 2 * largest, None,
-                   "the largest tensor and its transposed copy; README Performance: 2.28 GB for 7B"),
-              _scaled("convert", "time", seconds_figure, by_bytes)]
-    if target == "paddle-inference":
-        needs.append(_scaled("smoke", "time", "paddle_inference_smoke_seconds", by_bytes))
-    else:
-        needs += [_scaled("smoke", "memory", "smoke_memory", params / _7B_PARAMS),
-                  _scaled("smoke", "time", "smoke_seconds", by_bytes)]
-    return needs + next_step_needs(target, params, size, out)
-
+                   "the largest tensor and its transposed copy; README Performance: 2.28 GB for 7B")]
+    return needs + target.build_needs(params, size) + target.next_needs(params, size, out)

@@ -26,16 +26,15 @@ from pathlib import Path
 from typing import BinaryIO
 
 from vlhub.atomic import ensure_free_space, refuse_output_holding, signals_deferred, swap_in
-from vlhub.convert.conversion import MANIFEST
 from vlhub.convert.layouts import UNKNOWN, detect_family, detect_layout, explains, match_count
 from vlhub.errors import CorruptCheckpoint, UserError
 from vlhub.formats.io_utils import StoredBytes, copy_stored_bytes, read_json_file
 from vlhub.formats.readers import MAX_INDEX_BYTES, Checkpoint, open_checkpoint
 from vlhub.formats.safetensors_io import SafetensorsFile, SafetensorsShardWriter
 from vlhub.formats.tensors import TensorMeta
-from vlhub.formats.writers import file_entry, temporary_name, write_json_atomic
-from vlhub.hub.store import read_manifest
+from vlhub.formats.writers import temporary_name, write_json_atomic
 from vlhub.keymaps import KeyMap, Layout, load_keymap
+from vlhub.manifest import MANIFEST, FileEntry, Manifest
 
 SUPPORTED_FORMATS = ("safetensors", "pdparams")
 
@@ -345,7 +344,7 @@ def _write_directory(
         carried = _carry_other_files(checkpoint.root, {checkpoint.root / name for name in rewritten}, staging)
         manifest = _renamed_manifest(checkpoint.root, {name: staging / name for name in rewritten}, layout)
         if manifest is not None:
-            write_json_atomic(staging / MANIFEST, manifest)
+            manifest.write(staging)
             rewritten.append(MANIFEST)
         swap_in(staging, out)
     except BaseException:
@@ -386,7 +385,7 @@ def _rewrite_in_place(checkpoint: Checkpoint, mapping: dict[str, str], layout: s
             checkpoint.root, {final.relative_to(checkpoint.root).as_posix(): temp for temp, final in moves}, layout)
         if manifest is not None:
             final = checkpoint.root / MANIFEST
-            moves.append((write_json_atomic(temporary_name(final), manifest), final))
+            moves.append((write_json_atomic(temporary_name(final), manifest.to_json()), final))
         # a rename within one directory does not fail once the new file exists, so the commit runs all or
         # none; holding Ctrl-C and SIGTERM keeps the checkpoint from being left half old, half new
         with signals_deferred():
@@ -414,17 +413,17 @@ def _read_index(path: Path) -> dict:
     return index
 
 
-def _renamed_manifest(root: Path, rewritten: dict[str, Path], layout: str) -> dict | None:
+def _renamed_manifest(root: Path, rewritten: dict[str, Path], layout: str) -> Manifest | None:
     """The vlhub manifest in `root` (None if there is none) describing the renamed checkpoint instead: the sha256
     and size of each rewritten file (name relative to `root` -> where it is now) and the new key layout."""
-    manifest = read_manifest(root)
-    if manifest is None or not isinstance(manifest.get("files"), dict) or not isinstance(manifest.get("target"), dict):
+    manifest = Manifest.read(root)
+    if manifest is None:
         return None  # not one vlhub wrote: nothing to keep in step
     for name, path in rewritten.items():
-        manifest["files"][name] = file_entry(path)
-    manifest["target"]["layout"] = layout
+        manifest.files[name] = FileEntry.of(path)
+    manifest.target.layout = layout
     if layout == UNKNOWN:
-        manifest.pop("smoke", None)  # its verdict was for keys a loader found; these it will not
+        manifest.smoke = None  # its verdict was for keys a loader found; these it will not
     return manifest
 
 

@@ -34,6 +34,7 @@ from vlhub.hub.store import (
     verify_entry,
 )
 from vlhub.hub.tiny import ensure_tiny_model
+from vlhub.targets.registry import TARGETS
 from vlhub.units import format_size
 
 cache_app = typer.Typer(
@@ -46,8 +47,8 @@ ModelArg = Annotated[str, typer.Argument(metavar="MODEL", help="A catalog name o
 OptionalModelArg = Annotated[str | None, typer.Argument(metavar="[MODEL]", help="Only this model (default: all).", show_default=False)]
 TargetOpt = Annotated[
     str | None,
-    typer.Option("--target", help=f"An artifact's target (paddle, paddle-inference, ...; with options: "
-                                  f"paddle+dtype=float16), or {DOWNLOAD}.", show_default=False),
+    typer.Option("--target", help=f"An artifact's target ({', '.join(TARGETS)}; with the options it was made with, "
+                                  f"e.g. {next(iter(TARGETS))}+dtype=float16), or {DOWNLOAD}.", show_default=False),
 ]
 
 

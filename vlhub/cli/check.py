@@ -17,18 +17,18 @@ from rich.markup import escape
 from rich.table import Table
 
 from vlhub.catalog import find_model, unknown_model_message
-from vlhub.check import FAIL, PASS, TARGETS, WARN, Report, check_model, check_path
+from vlhub.check import AUTO, FAIL, PASS, WARN, Report, check_model, check_path, check_targets
 from vlhub.cli._errors import reports_errors
 from vlhub.cli._options import JsonOpt
 from vlhub.cli._output import print_json, stdout
 from vlhub.errors import CheckFailed, UserError
-from vlhub.plan import parse_size_pair
+from vlhub.sizes import parse_size_pair
 
 PathArg = Annotated[str, typer.Argument(
     metavar="PATH", show_default=False,
     help="A layout or checkpoint vlhub convert wrote, or a catalog model (with --target) before converting it.")]
 TargetOpt = Annotated[str, typer.Option(
-    "--target", help=f"{', '.join(TARGETS)}: auto reads the manifest (or the weights' format).")]
+    "--target", help=f"{', '.join(check_targets())}: {AUTO} reads the manifest (or the weights' format).")]
 ImageOpt = Annotated[list[str] | None, typer.Option(
     "--image", metavar="WxH", show_default=False,
     help="An image size you will send, e.g. 1280x720; repeat for more. Checked against the compiled sizes.")]
@@ -41,7 +41,7 @@ _STYLE = {PASS: "[green]pass[/]", WARN: "[yellow]warn[/]", FAIL: "[red]FAIL[/]"}
 @reports_errors
 def check(
     path: PathArg,
-    target: TargetOpt = "auto",
+    target: TargetOpt = AUTO,
     image: ImageOpt = None,
     json: JsonOpt = False,
     strict: StrictOpt = False,

@@ -10,7 +10,6 @@ Examples:
 
 from __future__ import annotations
 
-from itertools import groupby
 from typing import Annotated
 
 import typer
@@ -21,15 +20,9 @@ from vlhub.cli._errors import reports_errors
 from vlhub.cli._options import JsonOpt
 from vlhub.cli._output import print_json, stdout
 from vlhub.errors import UserError
-from vlhub.plan import (
-    DEFAULT_ANSWER_TOKENS,
-    DEFAULT_PROMPT_TOKENS,
-    MAX_VAMC_PATCHES,
-    TARGETS,
-    Plan,
-    make_plan,
-    parse_size_pair,
-)
+from vlhub.plan import Plan, make_plan
+from vlhub.sizes import DEFAULT_ANSWER_TOKENS, DEFAULT_PROMPT_TOKENS, parse_size_pair
+from vlhub.targets.registry import layouts
 
 ModelArg = Annotated[str, typer.Argument(
     metavar="MODEL", show_default=False,
@@ -49,13 +42,14 @@ MinPixelsOpt = Annotated[int | None, typer.Option(
     "--min-pixels", metavar="N", show_default=False, help="The processor's min_pixels (default 3136 = 56 x 56).")]
 PatchesOpt = Annotated[int | None, typer.Option(
     "--patches", metavar="N", show_default=False,
-    help="vamc: a given visual compile size (multiple of 16) to check every input against.")]
+    help=f"{' or '.join(t.name for t in layouts() if t.takes_patches)}: a given visual compile size (multiple of 16) "
+         "to check every input against.")]
 PromptOpt = Annotated[int, typer.Option(
     "--prompt-tokens", metavar="N", help="Text tokens beside the visual ones in the prefill.")]
 AnswerOpt = Annotated[int, typer.Option("--answer-tokens", metavar="N", help="Tokens generated after the prefill.")]
 TargetOpt = Annotated[str | None, typer.Option(
     "--target", show_default=False,
-    help=f"{', '.join(TARGETS)} (default: every one the model's family has a route to).")]
+    help=f"{', '.join(t.name for t in layouts())} (default: every one the model's family has a route to).")]
 
 
 @reports_errors
@@ -107,11 +101,12 @@ def plan(
 
 
 def _inputs_table(result: Plan) -> Table:
-    bounds = ("resized to 448x448" if result.min_pixels is None
+    sizing = result.sizing
+    bounds = (f"resized to {_hw(sizing.inputs[0].resized)}" if result.min_pixels is None
               else f"resized within {result.min_pixels}..{result.max_pixels} pixels")
-    table = Table("input WxH", "resized HxW", "grid t x h x w", "patches", "tokens", f"fits N={result.fit_patches}",
+    table = Table("input WxH", "resized HxW", "grid t x h x w", "patches", "tokens", f"fits N={sizing.fit_patches}",
                   box=None, title=f"{escape(result.model)} ({result.family}): {bounds}", title_justify="left")
-    for item, refit in zip(result.inputs, result.refits):
+    for item, refit in zip(sizing.inputs, result.refits):
         fits = "yes" if refit is None else (
             f"no: at max_pixels {refit.max_pixels} it becomes {_hw(refit.input.resized)}, {refit.input.patches} "
             "patches")
@@ -121,46 +116,22 @@ def _inputs_table(result: Plan) -> Table:
 
 
 def _sizes_table(result: Plan) -> Table:
-    sizes = result.sizes
-    largest = max(result.inputs, key=lambda item: item.tokens)
+    sizing = result.sizing
+    sizes = sizing.sizes
+    largest = max(sizing.inputs, key=lambda item: item.tokens)
     table = Table("size", "value", "why", box=None, title="compile sizes (one input per request)",
                   title_justify="left")
     table.add_row("visual N", str(sizes.visual_patches), "patches of the largest input, rounded up to a multiple of 16")
     table.add_row("prefill", str(sizes.prefill_length),
-                  f"its {largest.tokens} tokens + {result.prompt_tokens} prompt, rounded up to 16")
-    table.add_row("max context", str(sizes.max_length), f"prefill + {result.answer_tokens} answer, rounded up to 16; "
+                  f"its {largest.tokens} tokens + {sizing.prompt_tokens} prompt, rounded up to 16")
+    table.add_row("max context", str(sizes.max_length), f"prefill + {sizing.answer_tokens} answer, rounded up to 16; "
                                                         f"the model allows {sizes.position_limit}")
-    if result.vamc:
-        vamc = result.vamc
-        misses = sum(refit is not None for refit in result.refits)
-        given = (f"given; {misses} of {len(result.inputs)} inputs exceed it, {sizes.visual_patches} holds them all"
-                 if misses else "given; every input fits it") if vamc.given else "the visual yaml's N"
-        table.add_row("vamc N", str(vamc.visual_patches), given)
-        table.add_row("vamc max_pixels", str(vamc.max_pixels),
-                      f"the largest image N allows (N x 14 x 14): give vastgenx --max_pixels {vamc.max_pixels} or less")
-        table.add_row("vamc input_ids", f"[[{vamc.prefill_length}],[{vamc.max_length}]]",
-                      f"the LLM yaml's prefill (N's visual tokens + {result.prompt_tokens} prompt) and max context, "
-                      "rounded up to 16")
-        runs = [(width, len(list(run))) for width, run in groupby(vamc.output_split)]
-        table.add_row("vamc output split", " + ".join(f"{n} x {width}" if n > 1 else str(width) for width, n in runs),
-                      "visual output columns, one output_layout entry each")
-        table.add_row("vamc", f"--max-pixels {vamc.max_pixels}", _command(result, "vamc"))
-    if result.tpu_mlir:
-        options = result.tpu_mlir
-        table.add_row("tpu-mlir", f"--max_pixels {options.max_pixels[0]},{options.max_pixels[1]} "
-                                  f"--seq_length {options.seq_length}",
-                      f"llm_convert: a ViT of {options.vision_patches} patches; {_command(result, 'tpu-mlir')}")
-    if result.paddle_max_seq_len is not None:
-        table.add_row("paddle-inference", f"--max-seq-len {result.paddle_max_seq_len}",
-                      _command(result, "paddle-inference"))
-    for target, why in result.unavailable.items():
-        table.add_row(target, "not for this model", escape(why))
+    for name, planned in result.targets.items():
+        for row in planned.rows(sizing, result.command(name)):
+            table.add_row(*map(escape, row))
+    for name, why in result.unavailable.items():
+        table.add_row(name, "not for this model", escape(why))
     return table
-
-
-def _command(result: Plan, target: str) -> str:
-    command = result.command(target)
-    return escape(command) if command else f"vlhub builds N up to {MAX_VAMC_PATCHES}: lower --max-pixels"
 
 
 def _hw(size: tuple[int, int]) -> str:

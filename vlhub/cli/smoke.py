@@ -22,18 +22,19 @@ from rich.table import Table
 
 from vlhub.catalog import find_model
 from vlhub.cli._errors import reports_errors
-from vlhub.cli._options import JsonOpt
+from vlhub.cli._options import JsonOpt, TargetFlags, with_target_flags
 from vlhub.cli._output import print_json, stderr, stdout
 from vlhub.errors import CheckFailed, UserError
 from vlhub.hub.store import cached_artifact
 from vlhub.smoke.run import DEFAULT_TOKENS, run_smoke
 from vlhub.smoke.verdict import TOLERANCES, SmokeReport
+from vlhub.targets.registry import TARGETS, smoke_runner
 
 PathArg = Annotated[str, typer.Argument(
     metavar="PATH", help="A converted checkpoint or layout directory, or a catalog model whose conversion is in the "
                          "cache (with --target when it has several).", show_default=False)]
 TargetOpt = Annotated[str | None, typer.Option(
-    "--target", help="With a model name: which cached conversion (paddle, paddle-inference, tpu-mlir, vamc, ...).",
+    "--target", help=f"With a model name: which cached conversion ({', '.join(TARGETS)}).",
     show_default=False)]
 AgainstOpt = Annotated[
     str | None,
@@ -46,30 +47,25 @@ StreamedOpt = Annotated[
                  show_default=False),
 ]
 
-TpuMlirPythonOpt = Annotated[str | None, typer.Option(
-    "--tpu-mlir-python", metavar="PATH",
-    help="tpu-mlir layouts: the Python 3.10 with the tpu-mlir wheel; compile the bmodel if need be and run its first "
-         "token on the cmodel simulator (minutes; default: $VLHUB_TPU_MLIR_PYTHON, else no simulator stage).",
-    show_default=False)]
-
-
 @reports_errors
+@with_target_flags(options=False, smoke=True)
 def smoke(
     path: PathArg,
     against: AgainstOpt = None,
     tokens: TokensOpt = DEFAULT_TOKENS,
     streamed: StreamedOpt = None,
-    tpu_mlir_python: TpuMlirPythonOpt = None,
     target: TargetOpt = None,
     json: JsonOpt = False,
+    *,
+    flags: TargetFlags,
 ) -> None:
     """Run the converted model in its runtime (Paddle for Paddle weights; paddle.inference, plus the weights,
     for a paddle-inference layout) and the numpy reference on the source, on one synthetic image and prompt; compare vision embeddings, prefill logits and greedy
     tokens. A tpu-mlir layout with a toolchain also runs its bmodel's first token on the cmodel simulator, which
     must choose the reference's token. Exit 0 when within tolerance, 1 when not."""
+    runner = smoke_runner(_artifact(path, target), flags.smoke)
     with smoke_status() as status:
-        report = run_smoke(_artifact(path, target), against=against, tokens=tokens, streamed=streamed, status=status,
-                           tpu_mlir_python=tpu_mlir_python)
+        report = run_smoke(runner, against=against, tokens=tokens, streamed=streamed, status=status)
     show_report(report, json)
     if not report.passed:
         raise CheckFailed("smoke test failed: " + failure_summary(report))

@@ -8,6 +8,8 @@ PaddleNLP / PaddleMIX (which also drop `transformers_version`, as the PaddleMIX 
 
 from __future__ import annotations
 
+from vlhub.families import family_of_config
+
 # fields transformers 5 adds inside text_config that the flat official form does not have
 _TEXT_ONLY = ("model_type", "layer_types", "rope_parameters", "dtype")
 
@@ -37,7 +39,8 @@ def target_config(config: dict, *, dtype: str, for_paddle: bool) -> dict:
     out = official_config(config)
     out.pop("dtype", None)
     out.pop("torch_dtype", None)
-    if out.get("model_type") == "qwen":  # Qwen-VL's own precision flags
+    family = family_of_config(out)
+    if family is not None and family.config_facts.get("precision_flags"):  # the family's own flags say the dtype
         out.update(bf16=dtype == "bfloat16", fp16=dtype == "float16", fp32=dtype == "float32")
     if for_paddle:
         out.pop("transformers_version", None)

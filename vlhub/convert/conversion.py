@@ -1,125 +1,193 @@
-"""`vlhub convert`: a checkpoint in any supported layout and format to torch, safetensors or Paddle.
+"""`vlhub convert`'s library side: a source's headers read once, its conversion planned once, written streaming.
 
-    conversion = prepare_conversion("tiny-qwen2-vl", to="paddle")
-    result = conversion.write()            # or conversion.plan for a dry run
+    with open_source(locate_source("tiny-qwen2-vl")) as source:
+        conversion = source.plan("paddle", Output("paddlemix", "pdparams"))
+        result = conversion.write(out)            # or conversion.plan for a dry run
 
-Everything lands in a staging directory beside the output and is renamed into place at the end;
-an error or an interruption leaves nothing behind.
+Everything lands in a staging directory beside the output and is renamed into place at the end; an error or an
+interruption leaves nothing behind. A deployment layout writes its weights with `write_into`, inside its own
+staging directory.
 """
 
 from __future__ import annotations
 
-import json
 import shutil
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
-from vlhub import __version__
 from vlhub.atomic import staged_directory
-from vlhub.catalog import ModelSpec, find_model
-from vlhub.convert.configs import target_config
+from vlhub.convert.configs import official_config, target_config
+from vlhub.convert.ops import FLOAT_DTYPES
 from vlhub.convert.pipeline import buffer_cost, ordered_steps, run_plan
-from vlhub.convert.plan import Plan, plan_conversion
+from vlhub.convert.plan import Plan, checkpoint_family, plan_conversion
 from vlhub.errors import UserError
+from vlhub.families import FAMILIES, Family
 from vlhub.formats.readers import Checkpoint, open_checkpoint
 from vlhub.formats.registry import format_of_file
 from vlhub.formats.tensors import TensorMeta
-from vlhub.formats.writers import CheckpointWriter, file_entry, file_sha256, write_json_atomic
-from vlhub.hub.sources import resolve_source
-from vlhub.hub.store import MANIFEST, conversion_output, revision_of
-from vlhub.units import now_iso
+from vlhub.formats.writers import CheckpointWriter, file_sha256, write_json_atomic
+from vlhub.hub.sources import Source, locate_source
+from vlhub.manifest import MANIFEST, FileEntry, Manifest, SourceRecord, TargetRecord
 
-# --to name -> (key-map layout, or the first of several the family declares; file format)
-TARGETS: dict[str, tuple[str | tuple[str, ...], str]] = {
-    "paddle": ("paddlemix", "pdparams"),
-    # the names Paddle's inference loaders read: Qwen-VL's own layout, PaddleMIX's for the others
-    "paddle-inference": (("paddle-inference", "paddlemix"), "pdparams"),
-    "safetensors": ("official", "safetensors"),
-    # the Hugging Face directory TPU-MLIR's llm_convert reads (vlhub.targets.tpu_mlir.build builds the rest)
-    "tpu-mlir": ("official", "safetensors"),
-    # the HF folder vamc's frontend.checkpoint names (vlhub.targets.vamc.build builds the rest)
-    "vamc": ("official", "safetensors"),
-    "torch": ("official", "torch"),
-}
 # files a converted directory must not inherit: weights and indexes (a loader could pick a stale one)
 _NOT_CARRIED = (".index.json", ".safetensors", ".pdparams", ".bin", ".pt", ".pth")
+
+
+@dataclass(frozen=True)
+class Output:
+    """What a conversion writes: the key layout (or the first of several that the family's key map declares) and
+    the file format."""
+
+    layout: str | tuple[str, ...]
+    format: str
+
+
+@dataclass(frozen=True)
+class Model:
+    """What a target checks its options against: the family, its flat official config, and the dtype most of the
+    weights' bytes have."""
+
+    family: Family
+    config: dict
+    dtype: str
 
 
 @dataclass
 class ConvertResult:
     out: Path
-    files: dict[str, str]  # file name -> sha256
-    manifest: dict
+    manifest: Manifest
+
+
+@dataclass
+class OpenSource:
+    """A source's headers, read once (for a catalog model not on this machine: its official tensor list)."""
+
+    source: Source
+    tensors: dict[str, TensorMeta]
+    config: dict  # config.json as read
+    format: str
+    checkpoint: Checkpoint | None  # None: not on this machine, so only a dry run can plan it
+    extra_files: list[Path] = field(default_factory=list)
+
+    @cached_property
+    def model(self) -> Model:
+        """The family, flat config and dtype (refusing a checkpoint without config.json or of no known family)."""
+        family = FAMILIES[checkpoint_family(self.tensors, self.config)]
+        return Model(family, official_config(self.config), stored_dtype(self.tensors))
+
+    def plan(self, target: str, output: Output, *, dtype: str | None = None,
+             allow_unmatched: bool = False) -> Conversion:
+        """The conversion to `output` for `--to target` (headers only), casting floating tensors to `dtype`."""
+        plan = plan_conversion(self.tensors, self.config, target_layout=output.layout, dtype=dtype,
+                               allow_unmatched=allow_unmatched)
+        return Conversion(self.source, target, output, plan, self.config, self.checkpoint, self.format,
+                          self.extra_files)
+
+    def close(self) -> None:
+        if self.checkpoint is not None:
+            self.checkpoint.close()
+
+    def __enter__(self) -> OpenSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_source(source: Source) -> OpenSource:
+    """Read the source's headers (a catalog model not on this machine: its official tensors, as bfloat16)."""
+    if source.path is None:
+        assert source.model is not None
+        family = source.model.family
+        tensors = {name: TensorMeta(name, "bfloat16", shape, family.checkpoint_format)
+                   for name, shape in family.official_tensors(source.model.config)}
+        return OpenSource(source, tensors, source.model.config, family.checkpoint_format, None)
+    checkpoint = open_checkpoint(source.path)
+    extra = (_carried_files(checkpoint.root)
+             if source.path.is_dir() or source.path.name.endswith(".index.json") else [])
+    return OpenSource(source, checkpoint.tensors, checkpoint.config or {}, checkpoint.format.name, checkpoint, extra)
+
+
+def stored_dtype(tensors: dict[str, TensorMeta]) -> str:
+    """The floating dtype most of the tensors' bytes have (bfloat16 when none is floating)."""
+    by_dtype = Counter[str]()
+    for meta in tensors.values():
+        if meta.dtype in FLOAT_DTYPES:
+            by_dtype[meta.dtype] += meta.nbytes
+    return by_dtype.most_common(1)[0][0] if by_dtype else "bfloat16"
 
 
 @dataclass
 class Conversion:
     """A planned conversion: `plan` says what will happen; `write()` does it."""
 
-    source: str
-    source_path: Path | None  # None for a dry run of a catalog model that is not on this machine
-    to: str
+    source: Source
+    target: str  # the --to name
+    output: Output
     plan: Plan
-    config: dict
+    config: dict  # the source's config.json as read
     checkpoint: Checkpoint | None
     source_format: str
-    model: ModelSpec | None = None
     extra_files: list[Path] = field(default_factory=list)
-    allow_unmatched: bool = False
 
     @property
-    def target_format(self) -> str:
-        return TARGETS[self.to][1]
+    def family(self) -> Family:
+        return FAMILIES[self.plan.family]
 
-    def default_out(self, max_shard_size: int | None = None) -> Path:
-        """The cache for a catalog model (keyed by revision, target and the options that change the output),
-        else beside the source."""
-        options = {"dtype": self.plan.dtype, "max_shard_size": max_shard_size, "allow_unmatched": self.allow_unmatched}
-        return conversion_output(self.model, self.source_path, self.to, options)
-
-    def write(
-        self,
-        out: Path | None = None,
-        *,
-        overwrite: bool = False,
-        max_shard_size: int | None = None,
-        on_bytes: Callable[[int], None] | None = None,
-        memory_budget: int | None = None,
-        published_as: Path | None = None,
-    ) -> ConvertResult:
-        """Convert into `out` (default: beside the source), atomically. `published_as` is where `out` ends up
-        when a layout's staging directory holding it is swapped in (default: `out`)."""
-        if self.checkpoint is None:
-            raise UserError(f"{self.source} is not on this machine: only --dry-run can plan it")
-        out = Path(out) if out else self.default_out(max_shard_size)
+    def write(self, out: Path, *, overwrite: bool = False, max_shard_size: int | None = None,
+              on_bytes: Callable[[int], None] | None = None, memory_budget: int | None = None) -> ConvertResult:
+        """Convert into `out`, atomically, then close the source."""
+        source = self._local()
+        out = Path(out)
         needed = self.plan.total_bytes + sum(p.stat().st_size for p in self.extra_files)
         try:
-            with staged_directory(out, self.source_path, overwrite=overwrite, needed=needed,
+            with staged_directory(out, source, overwrite=overwrite, needed=needed,
                                   what="the converted weights") as staging:
-                steps = ordered_steps(self.plan, self.checkpoint)
-                metadata = {"format": "pt"} if self.target_format == "safetensors" else None
-                with CheckpointWriter(staging, self.target_format, [s.target for s in steps],
-                                      max_shard_size=max_shard_size, metadata=metadata, on_bytes=on_bytes) as writer:
-                    # room for the largest tensor and its transposed copy; smaller ones pipeline within it
-                    largest = max((buffer_cost(s) for s in steps), default=0)
-                    run_plan(self.plan, self.checkpoint, writer,
-                             memory_budget=memory_budget or max(largest, 512 << 20))
-                files = dict(writer.sha256)
-                for extra in self.extra_files:
-                    shutil.copy2(extra, staging / extra.name)
-                    files[extra.name] = file_sha256(staging / extra.name)
-                config = target_config(self.config, dtype=self.output_dtype(),
-                                       for_paddle=self.target_format == "pdparams")
-                if self.target_format == "pdparams" and self.plan.family == "qwen_vl":
-                    # PaddleMIX's Qwen-VL builds its LLM from the config this field names: its own directory
-                    config["llm_pretrained_model_name_or_path"] = str((published_as or out).absolute())
-                files["config.json"] = file_sha256(write_json_atomic(staging / "config.json", config))
-                manifest = self._manifest(files, staging)
-                write_json_atomic(staging / MANIFEST, manifest)
+                manifest = self.write_into(staging, max_shard_size=max_shard_size, on_bytes=on_bytes,
+                                           memory_budget=memory_budget, published_as=out)
         finally:
+            self.close()
+        return ConvertResult(out, manifest)
+
+    def write_into(self, directory: Path, *, max_shard_size: int | None = None,
+                   on_bytes: Callable[[int], None] | None = None, memory_budget: int | None = None,
+                   published_as: Path | None = None,
+                   edit_config: Callable[[dict], None] | None = None) -> Manifest:
+        """Write the weights, config.json (changed by `edit_config`, if given), the carried files and the manifest
+        into `directory`, which the caller stages; `published_as` is where `directory` ends up."""
+        self._local()
+        assert self.checkpoint is not None
+        directory.mkdir(parents=True, exist_ok=True)
+        steps = ordered_steps(self.plan, self.checkpoint)
+        metadata = {"format": "pt"} if self.output.format == "safetensors" else None
+        with CheckpointWriter(directory, self.output.format, [s.target for s in steps],
+                              max_shard_size=max_shard_size, metadata=metadata, on_bytes=on_bytes) as writer:
+            # room for the largest tensor and its transposed copy; smaller ones pipeline within it
+            largest = max((buffer_cost(s) for s in steps), default=0)
+            run_plan(self.plan, self.checkpoint, writer, memory_budget=memory_budget or max(largest, 512 << 20))
+        files = dict(writer.sha256)
+        for extra in self.extra_files:
+            shutil.copy2(extra, directory / extra.name)
+            files[extra.name] = file_sha256(directory / extra.name)
+        config = target_config(self.config, dtype=self.output_dtype(), for_paddle=self.output.format == "pdparams")
+        names_itself = self.family.paddle_facts.get("config_self_path")
+        if self.output.format == "pdparams" and names_itself:
+            # a Paddle loader of this family builds its LLM from the config this field names: its own directory
+            config[names_itself] = str((published_as or directory).absolute())
+        if edit_config is not None:
+            edit_config(config)
+        files["config.json"] = file_sha256(write_json_atomic(directory / "config.json", config))
+        manifest = self._manifest({name: FileEntry(digest, (directory / name).stat().st_size)
+                                   for name, digest in sorted(files.items())})
+        manifest.write(directory)
+        return manifest
+
+    def close(self) -> None:
+        if self.checkpoint is not None:
             self.checkpoint.close()
-        return ConvertResult(out, files, manifest)
 
     def output_dtype(self) -> str:
         """The dtype most of the output's bytes have (what config.json should declare)."""
@@ -128,62 +196,39 @@ class Conversion:
             by_dtype[step.target.dtype] = by_dtype.get(step.target.dtype, 0) + step.target.nbytes
         return max(by_dtype, key=by_dtype.__getitem__) if by_dtype else "bfloat16"
 
-    def _manifest(self, files: dict[str, str], staging: Path) -> dict:
-        fmt = TARGETS[self.to][1]
-        layout = self.plan.target_layout
-        return {
-            "vlhub_version": __version__,
-            "created": now_iso(),
-            "source": {
-                "path": str(self.source_path),
-                "model": self.model.name if self.model else None,
-                "repo": self.model.hf_repo if self.model else None,
-                "revision": revision_of(self.source_path),
-                "format": self.source_format,
-                "layout": self.plan.source_layout,
-            },
-            "keymap": {"id": self.plan.keymap.id, "digest": self.plan.keymap.digest},
-            "target": {"format": fmt, "layout": layout, "dtype": self.plan.dtype or "unchanged"},
-            "ops": self.plan.op_counts,
-            "tensors": len(self.plan.steps),
-            "total_bytes": self.plan.total_bytes,
-            "files": {name: {"sha256": digest, "size": (staging / name).stat().st_size}
-                      for name, digest in sorted(files.items())},
-        }
+    def _local(self) -> Path:
+        if self.checkpoint is None or self.source.path is None:
+            raise UserError(f"{self.source.given} is not on this machine: only --dry-run can plan it")
+        return self.source.path
+
+    def _manifest(self, files: dict[str, FileEntry]) -> Manifest:
+        model = self.source.model
+        source = SourceRecord(str(self.source.path), model.name if model else None, model.hf_repo if model else None,
+                              self.source.revision, self.source_format, self.plan.source_layout)
+        target = TargetRecord(format=self.output.format, layout=self.plan.target_layout,
+                              dtype=self.plan.dtype or "unchanged")
+        return Manifest(source, target, files, keymap={"id": self.plan.keymap.id, "digest": self.plan.keymap.digest},
+                        ops=self.plan.op_counts, tensors=len(self.plan.steps), total_bytes=self.plan.total_bytes)
 
 
-def prepare_conversion(
-    source: str,
-    *,
-    to: str,
-    dtype: str | None = None,
-    allow_unmatched: bool = False,
-    dry_run: bool = False,
-) -> Conversion:
-    """Read the source's headers and plan the conversion; nothing is read or written beyond headers."""
-    if to not in TARGETS:
-        raise UserError(f"unknown target format {to!r}; choose one of {', '.join(TARGETS)}")
-    model = find_model(source)
+def prepare_conversion(source: str, *, to: str, dtype: str | None = None, allow_unmatched: bool = False,
+                       dry_run: bool = False) -> Conversion:
+    """Plan converting SRC `--to` a target (headers only; a dry run of a catalog model that is not on this machine
+    plans from its official tensor list). For callers that name the target; the CLI plans through the target's
+    own settled options instead."""
+    # the registry names the targets and imports their code, which imports this module: asked at call time
+    from vlhub.targets.registry import target_named
+
+    output = target_named(to).output
+    located = locate_source(source)
+    if located.path is None and not dry_run:
+        located.local()  # says how to get it
+    opened = open_source(located)
     try:
-        path = resolve_source(source)
-    except UserError:
-        if not (dry_run and model is not None):
-            raise
-        # a dry run of a catalog model needs no data: plan from its official tensor list
-        tensors = {name: TensorMeta(name, "bfloat16", shape, model.family.checkpoint_format)
-                   for name, shape in model.family.official_tensors(model.config)}
-        plan = plan_conversion(tensors, model.config, target_layout=TARGETS[to][0], dtype=dtype)
-        return Conversion(source, None, to, plan, model.config, None, model.family.checkpoint_format, model)
-    checkpoint = open_checkpoint(path)
-    try:
-        plan = plan_conversion(checkpoint.tensors, checkpoint.config, target_layout=TARGETS[to][0],
-                               dtype=dtype, allow_unmatched=allow_unmatched)
+        return opened.plan(to, output, dtype=dtype, allow_unmatched=allow_unmatched)
     except BaseException:
-        checkpoint.close()
+        opened.close()
         raise
-    extra = _carried_files(checkpoint.root) if path.is_dir() or path.name.endswith(".index.json") else []
-    return Conversion(source, path, to, plan, checkpoint.config or {}, checkpoint, checkpoint.format.name,
-                      model, extra, allow_unmatched)
 
 
 def _carried_files(root: Path) -> list[Path]:
@@ -193,14 +238,6 @@ def _carried_files(root: Path) -> list[Path]:
         if p.is_file() and not p.name.startswith(".") and p.name not in ("config.json", MANIFEST)
         and not p.name.endswith(_NOT_CARRIED) and format_of_file(p.name) is None
     )
-
-
-def refresh_manifest_entry(directory: Path, name: str) -> None:
-    """Record the new sha256 and size of `name`, rewritten after `directory` was converted, in its manifest."""
-    manifest_path = directory / MANIFEST
-    manifest = json.loads(manifest_path.read_text())
-    manifest["files"][name] = file_entry(directory / name)
-    write_json_atomic(manifest_path, manifest)
 
 
 def plan_table_rows(plan: Plan) -> Iterator[tuple[str, str, str, str, str, int]]:
@@ -224,4 +261,3 @@ def plan_json(plan: Plan) -> dict:
         "steps": [dict(zip(("source", "target", "shape_before", "shape_after", "ops", "bytes"), row))
                   for row in plan_table_rows(plan)],
     }
-

@@ -73,6 +73,20 @@ class Plan:
         return dict(counts)
 
 
+def checkpoint_family(tensors: dict[str, TensorMeta], config: dict | None) -> str:
+    """The family of a checkpoint (its tensor metas and config.json), refusing one without a config or of no
+    family vlhub knows."""
+    names = list(tensors)
+    if not config:
+        raise UserError("no config.json beside the weights: vlhub reads the model's shape from it; "
+                        "put the original config.json next to the checkpoint")
+    family = detect_family(config, names)
+    if family is None:
+        raise UserError(f"cannot tell which model family this checkpoint is; keys seen: {', '.join(names[:6])}"
+                        f"{' ...' if len(names) > 6 else ''} (vlhub converts Qwen-VL, Qwen2-VL and Qwen2.5-VL)")
+    return family
+
+
 def plan_conversion(
     tensors: dict[str, TensorMeta],
     config: dict | None,
@@ -87,13 +101,8 @@ def plan_conversion(
     `dtype` casts every floating tensor; None keeps each tensor's dtype (bits unchanged).
     """
     names = list(tensors)
-    if not config:
-        raise UserError("no config.json beside the weights: vlhub reads the model's shape from it; "
-                        "put the original config.json next to the checkpoint")
-    family = detect_family(config, names)
-    if family is None:
-        raise UserError(f"cannot tell which model family this checkpoint is; keys seen: {', '.join(names[:6])}"
-                        f"{' ...' if len(names) > 6 else ''} (vlhub converts Qwen-VL, Qwen2-VL and Qwen2.5-VL)")
+    family = checkpoint_family(tensors, config)
+    assert config  # checkpoint_family refuses a checkpoint without one
     keymap = load_keymap(family)
     source_name = detect_layout(family, tensors, config)
     if source_name == UNKNOWN:

@@ -27,6 +27,20 @@ Shape = tuple[int, ...]
 
 
 @dataclass(frozen=True)
+class VisionFacts:
+    """How a family's processor and vision tower treat images (`family.toml` `[vision]`)."""
+
+    # "smart": smart_resize within [min_pixels, max_pixels] into 14-pixel patches, 2x2 merged into tokens;
+    # "fixed": every image resized to the config's image size, a fixed number of tokens (`image_tokens`)
+    resize: str = "smart"
+    image_tokens: str | None = None  # fixed: the key-map dim that is the tokens per image
+    video: bool = True
+    window_attention: bool = False  # blocks outside the config's fullatt_block_indexes attend within windows
+    norm: str | None = None  # the blocks' norm: "layer" or "rms"
+    mlp: str | None = None  # the blocks' MLP: "quick_gelu" (fc1, fc2) or "gated" (gate, up, down with SiLU)
+
+
+@dataclass(frozen=True)
 class Family:
     """A model family, described by its folder's key map and facts."""
 
@@ -46,10 +60,40 @@ class Family:
     def display_name(self) -> str:
         return self.facts.get("display_name", self.name)
 
+    @cached_property
+    def vision(self) -> VisionFacts:
+        """The family-wide facts of its vision tower (`[vision]`)."""
+        return VisionFacts(**self.facts.get("vision", {}))
+
+    @property
+    def config_facts(self) -> dict:
+        """What config.json of this family carries beyond the official fields (`[config]`)."""
+        return self.facts.get("config", {})
+
+    @property
+    def paddle_facts(self) -> dict:
+        """What PaddleMIX / PaddleNLP read of this family's Paddle outputs (`[paddle]`)."""
+        return self.facts.get("paddle", {})
+
     def target_facts(self, target: str) -> dict | None:
         """What `target` needs to know of this family (its `[targets.<target>]` table), or None when the family
         has no route to it."""
         return (self.facts.get("targets") or {}).get(target)
+
+    def routes_to(self, target: str) -> bool:
+        """Whether the family has a `[targets.<target>]` table that is not a refusal."""
+        facts = self.target_facts(target)
+        return facts is not None and "refused" not in facts
+
+    def route(self, target: str) -> dict:
+        """The facts `target` builds this family's layout from; UserError (the table's own reason, else which
+        families it takes) when the family has no route to it."""
+        facts = self.target_facts(target)
+        if facts is None or "refused" in facts:
+            reason = (facts or {}).get("refused")
+            takers = ", ".join(f.display_name for f in FAMILIES.values() if f.routes_to(target))
+            raise UserError(reason or f"--to {target} supports {takers}, not {self.display_name}")
+        return facts
 
     def code(self, module: str) -> ModuleType:
         """One module of the family's code (`inputs`, `reference`, `paddle`), imported on first use: the registry

@@ -1,38 +1,76 @@
-"""Turn what a user typed as SRC (a catalog name, a repo id or a path) into a local path."""
+"""What a user typed as SRC (a catalog name, a repo id or a path), resolved once into a `Source`."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from vlhub.catalog import ModelSpec, find_model, unknown_model_message
 from vlhub.errors import UserError, VlhubError
 from vlhub.formats.readers import open_checkpoint
+from vlhub.hub.home import vlhub_home
 
 
-def resolve_source(source: str) -> Path:
-    """A local path for SRC. Tiny models are generated on first use; other catalog models must
-    already be on disk (the Hugging Face cache is consulted, offline)."""
-    path = Path(source).expanduser()
+@dataclass(frozen=True)
+class Source:
+    """SRC resolved: the catalog entry it names (if any), where it is on this machine (None: a catalog model not
+    downloaded yet) and the revision that copy holds."""
+
+    given: str
+    model: ModelSpec | None
+    path: Path | None
+
+    @property
+    def revision(self) -> str:
+        """A hub snapshot's commit, a built-in model's generator version, `local` or `unknown` (not here)."""
+        return revision_of(self.path)
+
+    @property
+    def name(self) -> str:
+        """The catalog name, else the checkpoint directory's name."""
+        if self.model is not None:
+            return self.model.name
+        assert self.path is not None
+        return (self.path if self.path.is_dir() else self.path.parent).name
+
+    def local(self) -> Path:
+        """Where the source is; UserError when it is a catalog model that is not on this machine."""
+        if self.path is None:
+            assert self.model is not None
+            raise UserError(f"{self.model.name} ({self.model.hf_repo}) is not on this machine: `vlhub download "
+                            f"{self.model.name}` fetches it (`vlhub convert` does so by itself)")
+        return self.path
+
+    def downloaded(self, path: Path) -> Source:
+        """The same source, now on this machine at `path`."""
+        return replace(self, path=path)
+
+
+def locate_source(text: str) -> Source:
+    """SRC as a `Source`: a path that exists, else a catalog model (tiny models are generated on first use; other
+    models are looked for in the Hugging Face cache, offline). UserError for anything else."""
+    path = Path(text).expanduser()
+    spec = find_model(text)
     if path.exists():
-        return path
-    spec = find_model(source)
+        return Source(text, spec, path)
     if spec is not None:
-        return _local_copy(spec)
-    if path.suffix or source.startswith((".", "/", "~")) or source.count("/") > 1:
-        raise UserError(f"no such file or directory: {source}")
-    raise UserError(unknown_model_message(source))
+        return Source(text, spec, _local_copy(spec))
+    if path.suffix or text.startswith((".", "/", "~")) or text.count("/") > 1:
+        raise UserError(f"no such file or directory: {text}")
+    raise UserError(unknown_model_message(text))
 
 
-def _local_copy(spec: ModelSpec) -> Path:
+def resolve_source(text: str) -> Path:
+    """A local path for SRC (see `locate_source`); UserError when it is not on this machine."""
+    return locate_source(text).local()
+
+
+def _local_copy(spec: ModelSpec) -> Path | None:
     if spec.tiny:
         from vlhub.hub.tiny import ensure_tiny_model
 
         return ensure_tiny_model(spec)
-    path = cached_snapshot(spec)
-    if path is None:
-        raise UserError(f"{spec.name} ({spec.hf_repo}) is not on this machine: `vlhub download {spec.name}` fetches "
-                        "it (`vlhub convert` does so by itself)")
-    return path
+    return cached_snapshot(spec)
 
 
 def cached_snapshot(spec: ModelSpec) -> Path | None:
@@ -47,3 +85,26 @@ def cached_snapshot(spec: ModelSpec) -> Path | None:
     except (LocalEntryNotFoundError, VlhubError):
         return None
     return path
+
+
+def hub_snapshot(path: Path) -> tuple[str, str] | None:
+    """(repo folder, revision) when `path` is in a hub cache snapshot: Hugging Face's
+    …/models--Org--Name/snapshots/<commit>/, ModelScope's …/models/Org--Name/snapshots/<revision>/."""
+    parts = path.resolve().parts
+    for i in range(2, len(parts) - 1):
+        if parts[i] == "snapshots" and (parts[i - 1].startswith("models--") or parts[i - 2] == "models"):
+            return parts[i - 1], parts[i + 1]
+    return None
+
+
+def revision_of(path: Path | None) -> str:
+    """The revision a source directory holds: a hub snapshot's commit, a built-in model's generator version."""
+    if path is None:
+        return "unknown"
+    snapshot = hub_snapshot(path)
+    if snapshot is not None:
+        return snapshot[1]
+    tiny_root = (vlhub_home() / "tiny").resolve()
+    if tiny_root in path.resolve().parents:
+        return f"builtin-{path.resolve().relative_to(tiny_root).parts[0]}"
+    return "local"

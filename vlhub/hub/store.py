@@ -9,7 +9,6 @@ against their manifest), located and removed.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -18,17 +17,17 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vlhub.catalog import ModelSpec, find_model, models
+from vlhub.catalog import find_model, models
 from vlhub.errors import UserError
-from vlhub.formats.writers import write_json_atomic
 from vlhub.hub.download import hash_file
 from vlhub.hub.home import remove_empty_parents, safe_name, vlhub_home
 from vlhub.hub.locks import exclusive_lock, lock_path
 from vlhub.hub.records import DownloadRecord, RemoteFile, all_records, remove_record, save_record
+from vlhub.hub.sources import Source, hub_snapshot
+from vlhub.manifest import MANIFEST, Manifest
 from vlhub.smoke.verdict import verdict_state
 from vlhub.units import now_iso
 
-MANIFEST = "vlhub-manifest.json"
 DOWNLOAD, BUILT_IN = "download", "built-in"
 
 
@@ -64,44 +63,20 @@ def target_key(target: str, options: dict[str, object]) -> str:
     return "+".join([target, *extras])
 
 
-def _hub_snapshot(path: Path) -> tuple[str, str] | None:
-    """(repo folder, revision) when `path` is in a hub cache snapshot: Hugging Face's
-    …/models--Org--Name/snapshots/<commit>/, ModelScope's …/models/Org--Name/snapshots/<revision>/."""
-    parts = path.resolve().parts
-    for i in range(2, len(parts) - 1):
-        if parts[i] == "snapshots" and (parts[i - 1].startswith("models--") or parts[i - 2] == "models"):
-            return parts[i - 1], parts[i + 1]
-    return None
-
-
-def revision_of(path: Path | None) -> str:
-    """The revision a source directory holds: a hub snapshot's commit, a built-in model's generator version."""
-    if path is None:
-        return "unknown"
-    snapshot = _hub_snapshot(path)
-    if snapshot is not None:
-        return snapshot[1]
-    tiny_root = (vlhub_home() / "tiny").resolve()
-    if tiny_root in path.resolve().parents:
-        return f"builtin-{path.resolve().relative_to(tiny_root).parts[0]}"
-    return "local"
-
-
-def conversion_output(model: ModelSpec | None, source_path: Path | None, target: str,
-                      options: dict[str, object]) -> Path:
+def conversion_output(source: Source, target: str, options: dict[str, object]) -> Path:
     """Where a conversion goes without --out: into the cache for a catalog model or a hub snapshot (never into
     the hub's cache, whose client would take it for a revision), beside the source otherwise."""
-    name = model.name if model else _snapshot_model(source_path) if source_path else "model"
+    name = source.model.name if source.model else _snapshot_model(source.path) if source.path else "model"
     if name is not None:
-        return vlhub_home() / "artifacts" / name / revision_of(source_path) / target_key(target, options)
-    assert source_path is not None
-    base = source_path if source_path.is_dir() else source_path.parent
+        return vlhub_home() / "artifacts" / name / source.revision / target_key(target, options)
+    assert source.path is not None
+    base = source.path if source.path.is_dir() else source.path.parent
     return base.with_name(f"{base.name}-{target}")
 
 
 def _snapshot_model(path: Path) -> str | None:
     """The model a hub cache snapshot holds: its catalog name, else `Org--Name`."""
-    snapshot = _hub_snapshot(path)
+    snapshot = hub_snapshot(path)
     if snapshot is None:
         return None
     folder = snapshot[0].removeprefix("models--")
@@ -183,28 +158,10 @@ def _built_in() -> list[CacheEntry]:
     return entries
 
 
-def layout_target(path: Path, name: str | None = None) -> dict | None:
-    """The `target` of the deployment layout at `path` (paddle-inference, tpu-mlir, vamc): what it is and where
-    its weights are; None when `path` is no such layout, or not one of target `name`."""
-    target = (read_manifest(path) or {}).get("target")
-    if not isinstance(target, dict) or (name is not None and target.get("name") != name):
-        return None
-    return target
-
-
-def read_manifest(artifact: Path) -> dict | None:
-    """An artifact's manifest, or None when it is missing or not valid JSON."""
-    try:
-        manifest = json.loads((artifact / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return None
-    return manifest if isinstance(manifest, dict) else None
-
-
-def reusable_artifact(artifact: Path) -> dict | None:
+def reusable_artifact(artifact: Path) -> Manifest | None:
     """The manifest of a cached artifact that can be answered with: complete, and not found damaged."""
-    manifest = read_manifest(artifact)
-    if manifest is None or not (manifest.get("cache_verify") or {}).get("ok", True):
+    manifest = Manifest.read(artifact)
+    if manifest is None or not (manifest.cache_verify or {}).get("ok", True):
         return None
     return manifest
 
@@ -213,10 +170,10 @@ def _artifacts() -> list[CacheEntry]:
     entries = []
     for manifest_path in sorted((vlhub_home() / "artifacts").glob(f"*/*/*/{MANIFEST}")):
         path = manifest_path.parent
-        manifest = read_manifest(path) or {"cache_verify": {"ok": False, "damaged": [MANIFEST]}}
-        check = manifest.get("cache_verify")
+        manifest = Manifest.read(path)
+        check = manifest.cache_verify if manifest else {"ok": False, "damaged": [MANIFEST]}
         verified = "unverified" if not check else "verified" if check["ok"] else f"damaged ({len(check['damaged'])} files)"
-        smoke_state = verdict_state(manifest.get("smoke"))
+        smoke_state = verdict_state(manifest.smoke if manifest else None)
         model, revision = path.parent.parent.name, path.parent.name
         entries.append(CacheEntry(model, revision, path.name, "vlhub", path, _tree_size(path),
                                   manifest_path.stat().st_mtime, verified, smoke_state))
@@ -364,11 +321,11 @@ def _file_problem(path: Path, file: RemoteFile, on_bytes: Callable[[int], None] 
     return None if hash_file(path, file, on_bytes) == file.etag else f"{kind} differs from {file.etag[:16]}..."
 
 
-def manifest_problems(directory: Path, manifest: dict, on_bytes: Callable[[int], None] | None = None) -> list[str]:
+def manifest_problems(directory: Path, manifest: Manifest, on_bytes: Callable[[int], None] | None = None) -> list[str]:
     """"<file>: <what is wrong>" for each file the manifest lists that is missing or differs in size or sha256."""
     problems = []
-    for name, expected in sorted(manifest.get("files", {}).items()):
-        problem = _file_problem(directory / name, RemoteFile(name, expected["size"], expected["sha256"], None), on_bytes)
+    for name, expected in sorted(manifest.files.items()):
+        problem = _file_problem(directory / name, RemoteFile(name, expected.size, expected.sha256, None), on_bytes)
         if problem:
             problems.append(f"{name}: {problem}")
     return problems
@@ -377,15 +334,15 @@ def manifest_problems(directory: Path, manifest: dict, on_bytes: Callable[[int],
 def _verify_artifact(entry: CacheEntry, on_bytes: Callable[[int], None] | None) -> VerifyResult:
     result = VerifyResult(entry)
     manifest_path = entry.path / MANIFEST
-    manifest = read_manifest(entry.path)
+    manifest = Manifest.read(entry.path)
     if manifest is None:
         result.damaged.append(f"{MANIFEST}: unreadable")
         return result
-    result.checked = len(manifest.get("files", {}))
+    result.checked = len(manifest.files)
     result.damaged = manifest_problems(entry.path, manifest, on_bytes)
-    manifest["cache_verify"] = {"at": now_iso(), "ok": result.ok, "damaged": result.damaged}
+    manifest.cache_verify = {"at": now_iso(), "ok": result.ok, "damaged": result.damaged}
     last_used = manifest_path.stat().st_mtime
-    write_json_atomic(manifest_path, manifest)
+    manifest.write(entry.path)
     os.utime(manifest_path, (last_used, last_used))  # checking it is not using it
     return result
 

@@ -1,31 +1,121 @@
-"""What every deployment target of `vlhub convert` (paddle-inference, tpu-mlir, vamc) is to the CLI: how its
-options are checked, where it goes in the cache, how it is built, and what it wrote."""
+"""What a `vlhub convert --to` target is to the rest of vlhub: the `Target` protocol each folder's target.py
+implements, and the pieces every target's options and plans are made of.
+
+A target's options are a frozen dataclass whose fields are its `vlhub convert` flags (`flag()` gives each its
+help), built once by the CLI from what was typed. `Target.settle` checks them against the model, once, and
+returns the target's `Spec`: what its conversion, build and cache entry use. Nothing else of the CLI, `plan`,
+`check` or `smoke` knows a target by name; they ask the registry (vlhub.targets.registry).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from vlhub.convert.conversion import Conversion, Model, Output
+from vlhub.manifest import Manifest
+
+if TYPE_CHECKING:  # the types a target's hooks take and give; these modules import nothing of the registry
+    from vlhub.sizes import Sizing
+    from vlhub.smoke.run import SmokeRunner
+    from vlhub.targets.checks import Check, LayoutContext, Need
+
+OnBytes = Callable[[int], None] | None
 
 
-@dataclass(frozen=True)
-class DeployedLayout:
-    """A written layout: its directory and its manifest (whose `target.weights` names the weight folder)."""
-
-    out: Path
-    manifest: dict
+def flag(help: str, default: Any = None, metavar: str | None = None) -> Any:
+    """An options field that is the `vlhub convert` flag --<name> (underscores as dashes) with this help."""
+    return field(default=default, metadata={"help": help, "metavar": metavar})
 
 
-@dataclass(frozen=True)
-class Deployment:
-    """One `--to` target that writes a deployment layout. Every callable takes the target's own options (the
-    `options` names, as the CLI passes them) as keyword arguments."""
+class Spec(Protocol):
+    """A target's options settled against one model: what its conversion, build and cache entry use."""
 
-    name: str
-    options: tuple[str, ...]
-    # family, flat official config, source dtype, smoke-tested?, **options: raise UserError on a bad option
-    check: Callable[..., None]
-    output: Callable[..., Path]  # conversion, **options: the cache directory without --out
-    build: Callable[..., DeployedLayout]  # source, out, *, overwrite, on_bytes, **options
-    progress: Callable[..., tuple[str, int]]  # conversion, **options: the progress bar's label and bytes
-    summary: str  # what the layout holds, after its path; {weights} is the weight folder
+    @property
+    def dtype(self) -> str | None:
+        """The conversion's cast (None: every tensor keeps its dtype)."""
+
+    @property
+    def allow_unmatched(self) -> bool:
+        """Whether tensors the key map does not know pass through."""
+
+    def cache_key(self) -> dict[str, object]:
+        """The options that change what is written: they name the output's cache entry."""
+
+
+class TargetPlan(Protocol):
+    """A target's part of `vlhub plan`: the options that hold the planned inputs."""
+
+    def command_options(self) -> str | None:
+        """The `vlhub convert` options that build it (None: vlhub cannot build one this size)."""
+
+    def summary(self) -> str:
+        """Its compile sizes in a few words (vlhub check's `sizes for --image`)."""
+
+    def rows(self, sizing: Sizing, command: str | None) -> list[tuple[str, str, str]]:
+        """Its rows of plan's sizes table (size, value, why), the `command` that builds it among them."""
+
+    def to_json(self) -> dict:
+        """Its entry of `vlhub plan --json`'s targets (without the command, which the plan adds)."""
+
+
+class Target(Protocol):
+    """One `--to` target: a converted checkpoint format, or a deployment layout around converted weights."""
+
+    name: str  # the --to name
+    output: Output  # the weights it writes
+    options: type  # the frozen dataclass of its flags (see `flag`)
+    smoke_options: type | None  # the dataclass of its smoke test's own flags (`vlhub convert` and `vlhub smoke`)
+    is_layout: bool  # a deployment layout (weights in a folder of it, its own files and numbers beside them)
+    summary: str  # what convert prints after the output's path; {weights} is the weight folder
+    # the files a layout of it holds, as globs (how `vlhub check` knows one whose manifest is gone), and where its
+    # weight folder is in one (None: the output is the weight folder)
+    marks: tuple[str, ...]
+    weights_glob: str | None
+    takes_patches: bool  # `vlhub plan --patches N` is a visual compile size of this target's
+    # a plain checkpoint of its output format is checked as its weights (`vlhub check --target`): what its loaders read
+    reads_plain_weights: bool
+
+    def settle(self, options: Any, model: Model, *, smoke: bool) -> Spec:
+        """Check the options against the model (UserError naming the flag and the valid range); the spec."""
+
+    def require(self, spec: Any) -> None:
+        """Refuse, before any work, a machine that cannot build it (a missing exporter, say)."""
+
+    def written_bytes(self, weights: int, config: dict) -> int:
+        """The disk the output takes, for `weights` bytes of converted weights of a model of this flat config."""
+
+    def progress(self, conversion: Conversion, spec: Any) -> tuple[str, int]:
+        """The progress bar's label and the bytes `build` reports."""
+
+    def build(self, conversion: Conversion, spec: Any, out: Path, *, overwrite: bool, on_bytes: OnBytes) -> Manifest:
+        """Write the output into `out`, atomically; its manifest."""
+
+    def smoke_runner(self, layout: Path, manifest: Manifest | None, options: Any) -> SmokeRunner:
+        """What runs the smoke test of the output at `layout` (its manifest, this target's smoke options)."""
+
+    def plan(self, sizing: Sizing) -> TargetPlan | None:
+        """Its options for the planned inputs (UserError when the model cannot take them); None: nothing to size."""
+
+    def check_patches(self, config: dict, patches: int) -> None:
+        """Refuse a given visual compile size (`vlhub plan --patches`) this target cannot build."""
+
+    def vendor_files(self, family: str) -> tuple[str, ...]:
+        """Files the user puts in the weight folder from the vendor (not stray, not listed in the manifest)."""
+
+    def dtype_check(self, ctx: LayoutContext, stored: str | None) -> Check | None:
+        """A problem with the weights' dtype (`stored`: most of their bytes) particular to this target."""
+
+    def number_checks(self, ctx: LayoutContext) -> list[Check]:
+        """The layout's compiled sizes against config.json and the --image sizes."""
+
+    def toolchain_checks(self, family: str | None, weights: Path | None) -> list[Check]:
+        """What the next step needs installed here (`weights`: the weight folder, when there is one yet)."""
+
+    def build_needs(self, params: int, model_bytes: int) -> list[Need]:
+        """Time the conversion takes beyond the common figures, and its smoke test's needs."""
+
+    def next_needs(self, params: int, model_bytes: int, where: str) -> list[Need]:
+        """What comes after the output is written: a compile, or loading it to serve."""

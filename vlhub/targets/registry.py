@@ -1,11 +1,90 @@
-"""The `vlhub convert --to` targets that write deployment layouts, by name."""
+"""Every `vlhub convert --to` target, one line each: the CLI's --to choices and flags, `vlhub plan`'s targets,
+`vlhub check`'s groups and the smoke runners all come from here. A target's whole story is its folder."""
 
 from __future__ import annotations
 
-from vlhub.targets.base import Deployment
-from vlhub.targets.paddle_inference import build as paddle_inference
-from vlhub.targets.tpu_mlir import build as tpu_mlir
-from vlhub.targets.vamc import build as vamc
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
 
-DEPLOYMENTS: dict[str, Deployment] = {d.name: d for d in (paddle_inference.DEPLOYMENT, tpu_mlir.DEPLOYMENT,
-                                                           vamc.DEPLOYMENT)}
+from vlhub.errors import UserError
+from vlhub.formats.readers import open_checkpoint
+from vlhub.manifest import Manifest
+from vlhub.smoke.run import SmokeRunner
+from vlhub.targets.base import Target
+from vlhub.targets.checkpoint.target import PADDLE, SAFETENSORS, TORCH
+from vlhub.targets.paddle_inference.target import PADDLE_INFERENCE
+from vlhub.targets.tpu_mlir.target import TPU_MLIR
+from vlhub.targets.vamc.target import VAMC
+
+# the order is the order users see them in: checkpoint formats, then layouts (plan's and check's order too)
+TARGETS: dict[str, Target] = {target.name: target for target in (
+    PADDLE, SAFETENSORS, TORCH,  # vlhub/targets/checkpoint/
+    VAMC,  # vlhub/targets/vamc/
+    TPU_MLIR,  # vlhub/targets/tpu_mlir/
+    PADDLE_INFERENCE,  # vlhub/targets/paddle_inference/
+)}
+
+
+def target_named(name: str) -> Target:
+    """The target `--to name` means; UserError naming the choices otherwise."""
+    try:
+        return TARGETS[name]
+    except KeyError:
+        raise UserError(f"unknown target format {name!r}; choose one of {', '.join(TARGETS)}") from None
+
+
+def layouts() -> list[Target]:
+    """The targets that write a deployment layout around their weights."""
+    return [target for target in TARGETS.values() if target.is_layout]
+
+
+def checkpoint_target(fmt: str) -> Target:
+    """The checkpoint target that writes weights of format `fmt`."""
+    return next(target for target in TARGETS.values() if not target.is_layout and target.output.format == fmt)
+
+
+def recorded_target(manifest: Manifest) -> Target | None:
+    """The target a manifest records: the layout it names, else the checkpoint format it records."""
+    if manifest.target.name in TARGETS:
+        return TARGETS[manifest.target.name]
+    return next((target for target in TARGETS.values()
+                 if not target.is_layout and target.output.format == manifest.target.format), None)
+
+
+def output_at(path: Path) -> tuple[Target, Manifest | None]:
+    """The target that wrote the output at `path` and its manifest: the one the manifest records, else the
+    checkpoint format the weights are stored in (headers only)."""
+    manifest = Manifest.read(path if path.is_dir() else path.parent)
+    recorded = recorded_target(manifest) if manifest is not None else None
+    if recorded is not None:
+        return recorded, manifest
+    with open_checkpoint(path) as checkpoint:
+        return checkpoint_target(checkpoint.format.name), manifest
+
+
+def flag_names(cls: type | None) -> list[str]:
+    """The flags (field names) an options or smoke-options dataclass declares."""
+    return [f.name for f in fields(cls)] if cls is not None else []
+
+
+def takers(name: str, *, smoke: bool = False) -> list[str]:
+    """The targets whose options (smoke options, with `smoke`) include flag `name`."""
+    return [target.name for target in TARGETS.values()
+            if name in flag_names(target.smoke_options if smoke else target.options)]
+
+
+def options_of(cls: type | None, given: dict[str, Any]) -> Any:
+    """An options dataclass from the flags given (only those typed); None for a target without smoke options."""
+    return cls(**given) if cls is not None else None
+
+
+def smoke_runner(path: Path, given: dict[str, Any] | None = None) -> SmokeRunner:
+    """What runs the smoke test of the output at `path`, with the smoke flags `given` (UserError for a flag of
+    another target's smoke test)."""
+    target, manifest = output_at(path)
+    for name in given or {}:
+        if name not in flag_names(target.smoke_options):
+            raise UserError(f"--{name.replace('_', '-')} runs the smoke test of a vlhub convert --to "
+                            f"{' or '.join(takers(name, smoke=True))} layout; {path} is not one")
+    return target.smoke_runner(path, manifest, options_of(target.smoke_options, given or {}))

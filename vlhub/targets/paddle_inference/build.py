@@ -8,44 +8,52 @@
                                          (empty cache in) and each decode step (one token and the cache in)
       vlhub-manifest.json, README.md
 
-Everything is built in a staging directory beside DIR and renamed into place when complete.
-Sources: PaddleMIX deploy/qwen_vl/ (the Qwen-VL static layout and predictor) and deploy/qwen2_vl/,
-deploy/qwen2_5_vl/; PaddleNLP's QWenInferenceModel (the names, the bf16-as-uint16 trap).
+Everything is built in a staging directory beside DIR and renamed into place when complete. What differs by family
+(the IR its consumer opens, the graphs' file prefix, the dtype its loader reads, how PaddleMIX runs it) is the
+family's `[targets.paddle-inference]` facts. Sources: PaddleMIX deploy/qwen_vl/ (the Qwen-VL static layout and
+predictor) and deploy/qwen2_vl/, deploy/qwen2_5_vl/; PaddleNLP's QWenInferenceModel (the names, the
+bf16-as-uint16 trap).
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from vlhub import __version__
 from vlhub.atomic import staged_directory
-from vlhub.convert.configs import official_config
-from vlhub.convert.conversion import MANIFEST, Conversion, prepare_conversion
+from vlhub.convert.conversion import Conversion
 from vlhub.errors import UserError
-from vlhub.formats.writers import file_entry, write_json_atomic
-from vlhub.hub.store import conversion_output
-from vlhub.plan import check_max_seq_len
-from vlhub.targets.base import DeployedLayout, Deployment
-from vlhub.units import now_iso
+from vlhub.families import Family
+from vlhub.manifest import MANIFEST, FileEntry, Manifest, TargetRecord
+from vlhub.targets.base import OnBytes
 
+NAME = "paddle-inference"
 IR_SUFFIX = {"pir": ".json", "legacy": ".pdmodel"}
-# the graphs each family's documented consumer opens: PaddleMIX's Qwen-VL static predictor
-# (deploy/qwen_vl/run_static_predict.py) loads `<path>.pdmodel`; Qwen2(.5)-VL's PaddleMIX scripts run from the
-# weights directory, so only vlhub's own predictor reads their graphs, and it reads either: Paddle 3's own pir
-DEFAULT_IR = {"qwen_vl": "legacy", "qwen2_vl": "pir", "qwen2_5_vl": "pir"}
-TEXT_PREFIX = {"qwen_vl": "qwen", "qwen2_vl": "model", "qwen2_5_vl": "model"}
-DEFAULT_DTYPE = {"qwen_vl": "float16"}  # the others keep the source's dtype
 DEFAULT_MAX_SEQ_LEN = 2048
-# PaddleMIX's deploy scripts for the families it runs from the weights directory (its deploy/<family>/)
-DEPLOY_SCRIPT = {"qwen2_vl": "qwen2_vl/single_image_infer.py", "qwen2_5_vl": "qwen2_5_vl/qwen2_5_vl_infer.py"}
 
 
-def layout_ir(family: str, ir: str | None) -> str:
+@dataclass(frozen=True)
+class PaddleInferenceSpec:
+    """The layout's options, settled against the model."""
+
+    family: Family
+    given_dtype: str | None  # --dtype as given (the cache entry is keyed by it)
+    dtype: str  # the weights' and the graphs' parameters' dtype
+    ir: str
+    max_seq_len: int
+    allow_unmatched: bool = False
+
+    def cache_key(self) -> dict[str, object]:
+        # keyed by the IR written, given or defaulted, so `--ir legacy` and a family's legacy default share one entry
+        return {"dtype": self.given_dtype, "ir": None if self.ir == "pir" else self.ir,
+                "max_seq_len": None if self.max_seq_len == DEFAULT_MAX_SEQ_LEN else self.max_seq_len}
+
+
+def layout_ir(family: Family, ir: str | None) -> str:
     """The IR the layout is written in: `ir` as given (checked), else the one the family's consumer reads."""
     if ir is None:
-        return DEFAULT_IR[family]
+        return family.route(NAME)["ir"]
     if ir not in IR_SUFFIX:
         raise UserError(f"--ir {ir!r}: choose pir (writes .json, Paddle 3's default) or legacy (.pdmodel, which "
                         "PaddleMIX's Qwen-VL static predictor opens)")
@@ -61,99 +69,49 @@ def check_paddle_installed() -> None:
                         f"({exc}); install it with: pip install 'vlhub[paddle]'") from None
 
 
-def inference_dtype(family: str, requested: str | None, source_dtype: str) -> str:
-    """The weights' dtype for Paddle's inference loader of this family, refusing one it would misread."""
-    dtype = requested or DEFAULT_DTYPE.get(family, source_dtype)
-    if family == "qwen_vl" and dtype == "bfloat16":
-        raise UserError(
-            "--dtype bfloat16 is refused for Qwen-VL: pdparams store bf16 as uint16, and PaddleNLP's "
-            "QWenInferenceModel converts those numbers with to_tensor(x, dtype=float16), so bf16 1.0 would "
-            "load as 16256.0; use --dtype float16 (the default) or float32")
+def inference_dtype(family: Family, requested: str | None, source_dtype: str) -> str:
+    """The weights' dtype for Paddle's inference loader of this family (its default, else the source's), refusing
+    one it would misread."""
+    facts = family.route(NAME)
+    dtype = requested or facts.get("dtype", source_dtype)
+    refused = facts.get("refused_dtypes", {}).get(dtype)
+    if refused:
+        raise UserError(f"--dtype {dtype} is refused for {family.display_name}: {refused}")
     if dtype not in ("float16", "bfloat16", "float32"):
         raise UserError(f"--dtype {dtype} is not one Paddle Inference runs; choose float16, bfloat16 or float32")
     return dtype
 
 
-def build_paddle_inference(
-    source: str,
-    out: Path | None = None,
-    *,
-    dtype: str | None = None,
-    ir: str | None = None,
-    max_seq_len: int = DEFAULT_MAX_SEQ_LEN,
-    overwrite: bool = False,
-    on_bytes: Callable[[int], None] | None = None,
-) -> DeployedLayout:
-    """Convert SRC's weights for Paddle Inference and export its static graphs into DIR, atomically (`ir`
-    None: the family's DEFAULT_IR)."""
-    probe = prepare_conversion(source, to="paddle-inference")  # headers only: the family and dtype
-    if probe.checkpoint is not None:
-        probe.checkpoint.close()
-    family = probe.plan.family
-    _check(family, official_config(probe.config), probe.output_dtype(), True, dtype=dtype, ir=ir,
-           max_seq_len=max_seq_len)
-    ir = layout_ir(family, ir)
-    chosen = inference_dtype(family, dtype, probe.output_dtype())
-    conversion = prepare_conversion(source, to="paddle-inference", dtype=chosen)
-    out = Path(out) if out else layout_output(conversion, dtype=dtype, ir=ir, max_seq_len=max_seq_len)
-    name = _model_name(conversion)
+def build_paddle_inference(conversion: Conversion, spec: PaddleInferenceSpec, out: Path, *, overwrite: bool = False,
+                           on_bytes: OnBytes = None) -> Manifest:
+    """Write the conversion's weights for Paddle Inference and export its static graphs into `out`, atomically."""
+    name = conversion.source.name
+    weights = f"{name}-inference"
     # the weights, then the graphs' parameters (as large again); a margin for config and tokenizer files
-    with staged_directory(out, conversion.source_path, overwrite=overwrite, needed=2 * conversion.plan.total_bytes,
+    with staged_directory(out, conversion.source.local(), overwrite=overwrite, needed=2 * conversion.plan.total_bytes,
                           what="the weights and the static graphs") as staging:
-        weights_dir = staging / f"{name}-inference"
-        conversion.write(weights_dir, on_bytes=on_bytes, published_as=out / weights_dir.name)
+        converted = conversion.write_into(staging / weights, on_bytes=on_bytes, published_as=out / weights)
         from vlhub.targets.paddle_inference.static import export_static
 
-        graphs = export_static(weights_dir, staging, ir=ir, dtype=chosen, max_seq_len=max_seq_len)
-        manifest = _manifest(conversion, staging, name, family, chosen, ir, max_seq_len, graphs)
-        (staging / "README.md").write_text(_readme(name, family, chosen, ir, manifest))
-        manifest["files"]["README.md"] = file_entry(staging / "README.md")
-        write_json_atomic(staging / MANIFEST, manifest)
-    return DeployedLayout(out, manifest)
+        graphs = export_static(staging / weights, staging, ir=spec.ir, dtype=spec.dtype, max_seq_len=spec.max_seq_len)
+        (staging / "README.md").write_text(_readme(name, spec))
+        files = {f"{weights}/{file}": entry for file, entry in converted.files.items()}
+        for file in (f"{weights}/{MANIFEST}", "README.md"):
+            files[file] = FileEntry.of(staging / file)
+        files.update({file: FileEntry(**entry) for file, entry in graphs["files"].items()})
+        target = TargetRecord(name=NAME, family=spec.family.name, dtype=spec.dtype, weights=weights,
+                              details={"ir": spec.ir, "max_seq_len": spec.max_seq_len,
+                                       "text_prefix": spec.family.route(NAME)["text_prefix"]})
+        manifest = Manifest(converted.source, target, dict(sorted(files.items())), graphs=graphs["graphs"])
+        manifest.write(staging)
+    return manifest
 
 
-def layout_output(conversion: Conversion, *, dtype: str | None = None, ir: str | None = None,
-                  max_seq_len: int = DEFAULT_MAX_SEQ_LEN) -> Path:
-    """Where the layout goes without --out: the cache for a catalog model (keyed by the options), else beside
-    the source."""
-    # keyed by the IR written, given or defaulted, so `--ir legacy` and Qwen-VL's default share one entry
-    written = layout_ir(conversion.plan.family, ir)
-    options = {"dtype": dtype, "ir": None if written == "pir" else written,
-               "max_seq_len": None if max_seq_len == DEFAULT_MAX_SEQ_LEN else max_seq_len}
-    return conversion_output(conversion.model, conversion.source_path, "paddle-inference", options)
-
-
-def _model_name(conversion: Conversion) -> str:
-    if conversion.model is not None:
-        return conversion.model.name
-    path = conversion.source_path
-    assert path is not None
-    return (path if path.is_dir() else path.parent).name
-
-
-def _manifest(conversion: Conversion, staging: Path, name: str, family: str, dtype: str, ir: str,
-              max_seq_len: int, graphs: dict) -> dict:
-    weights_manifest = json.loads((staging / f"{name}-inference" / MANIFEST).read_text())
-    files = {f"{name}-inference/{file}": entry for file, entry in weights_manifest["files"].items()}
-    files[f"{name}-inference/{MANIFEST}"] = file_entry(staging / f"{name}-inference" / MANIFEST)
-    files.update(graphs["files"])
-    return {
-        "vlhub_version": __version__,
-        "created": now_iso(),
-        "source": weights_manifest["source"],
-        "target": {"name": "paddle-inference", "family": family, "dtype": dtype, "ir": ir,
-                   "max_seq_len": max_seq_len, "weights": f"{name}-inference",
-                   "text_prefix": TEXT_PREFIX[family]},
-        "graphs": graphs["graphs"],
-        "files": files,
-    }
-
-
-def _readme(name: str, family: str, dtype: str, ir: str, manifest: dict) -> str:
-    suffix = IR_SUFFIX[ir]
-    prefix = TEXT_PREFIX[family]
-    weights = f"{name}-inference"
-    lines = [
+def _readme(name: str, spec: PaddleInferenceSpec) -> str:
+    suffix = IR_SUFFIX[spec.ir]
+    facts = spec.family.route(NAME)
+    prefix, weights, dtype, ir = facts["text_prefix"], f"{name}-inference", spec.dtype, spec.ir
+    return "\n".join([
         f"# {name} for Paddle Inference",
         "",
         f"Written by vlhub {__version__} (`vlhub convert --to paddle-inference --dtype {dtype} --ir {ir}`).",
@@ -161,21 +119,21 @@ def _readme(name: str, family: str, dtype: str, ir: str, manifest: dict) -> str:
         "| path | what it is |",
         "|---|---|",
         (f"| `{weights}/` | weights ({dtype}) in the names Paddle's inference loaders read, config.json, "
-        "generation config, tokenizer and processor files: the `--model_name_or_path` of the PaddleMIX and "
-        "PaddleNLP scripts |"),
+         "generation config, tokenizer and processor files: the `--model_name_or_path` of the PaddleMIX and "
+         "PaddleNLP scripts |"),
         (f"| `checkpoints/encode_image/vision{suffix}` + `vision.pdiparams` | static vision encoder "
-        "(image in, image embeddings out) |"),
+         "(image in, image embeddings out) |"),
         (f"| `checkpoints/encode_text/{prefix}{suffix}` + `{prefix}.pdiparams` + `config.json` | static language "
          "model: `inputs_embeds` [1, L, H], `position_ids` and `past_key_values` [layers, 2, kv_heads, T, head_dim] "
          "in; `logits` [L, vocab] and `present_key_values` (T + L) out. The prefill passes an empty cache (T = 0), "
          "each decode step one token (L = 1); the host embeds tokens from the weights' embedding table |"),
         ("| `vlhub-manifest.json` | source, options, graph inputs and outputs, every file's sha256, the smoke "
-        "verdict |"),
+         "verdict |"),
         "",
         "## Run it",
         "",
         ("vlhub's own predictor (CPU or GPU Paddle Inference; greedy decoding, checked against the numpy "
-        "reference on the source):"),
+         "reference on the source):"),
         "",
         "```bash",
         "vlhub smoke .",
@@ -192,55 +150,6 @@ def _readme(name: str, family: str, dtype: str, ir: str, manifest: dict) -> str:
          "weights directory, with no static graph, so theirs are written `pir`, Paddle 3's own format, unless "
          "`--ir legacy` is given."),
         "",
-    ]
-    if family == "qwen_vl":
-        lines += [
-            ("PaddleMIX's static predictor (`deploy/qwen_vl/run_static_predict.py`) hard-codes the `.pdmodel` "
-            "suffix (this layout's default, `--ir legacy`) and runs the language graph PaddleNLP's "
-            "`llm/predict/export_model.py --inference_model` writes, with its GPU-only fused ops; the "
-            "language graphs here are vlhub's own and do not take that graph's inputs. On a GPU machine "
-            "with PaddleNLP, export that graph from these weights (it replaces vlhub's language graph), then run the "
-             "predictor on the three paths:"),
-            "",
-            "```bash",
-            (f"python llm/predict/export_model.py --model_name_or_path ./{weights} "
-            "--output_path ./checkpoints/encode_text/ --dtype float16 --inference_model "
-            "--model_prefix qwen --model_type qwen-img2txt"),
-            ("python deploy/qwen_vl/run_static_predict.py --first_model_path ./checkpoints/encode_image/vision "
-            f"--second_model_path ./checkpoints/encode_text/qwen --model_name_or_path ./{weights}"),
-            "```",
-            "",
-        ]
-    else:
-        lines += [
-            ("PaddleMIX runs Qwen2-VL / Qwen2.5-VL from the weights directory (vision in dygraph, the LLM through "
-            "PaddleNLP's block-attention inference model; GPU):"),
-            "",
-            "```bash",
-            (f"python deploy/{DEPLOY_SCRIPT[family]} --model_name_or_path ./{weights} "
-            f"--dtype {dtype} --block_attn True --inference_model True --mode dynamic"),
-            "```",
-            "",
-        ]
-    return "\n".join(lines)
-
-
-def _check(family: str, config: dict, source_dtype: str, smoke: bool, *, dtype: str | None = None,
-           ir: str | None = None, max_seq_len: int = DEFAULT_MAX_SEQ_LEN) -> None:
-    """Refuse options the layout cannot be built with, and a machine without paddlepaddle, before any work."""
-    layout_ir(family, ir)
-    check_max_seq_len(family, config, max_seq_len)
-    inference_dtype(family, dtype, source_dtype)
-    check_paddle_installed()
-
-
-DEPLOYMENT = Deployment(
-    name="paddle-inference",
-    options=("dtype", "ir", "max_seq_len"),
-    check=_check,
-    output=layout_output,
-    build=build_paddle_inference,
-    progress=lambda conversion, **_options: ("converting the weights for paddle inference",
-                                             conversion.plan.total_bytes),
-    summary="weights in {weights}/, static graphs in checkpoints/; its README.md says how to run them",
-)
+        facts["run"].strip().format(weights=weights, dtype=dtype),
+        "",
+    ])

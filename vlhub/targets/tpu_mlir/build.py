@@ -17,7 +17,6 @@ models/Qwen2_VL and models/Qwen2_5_VL python_demo (the runtime).
 
 from __future__ import annotations
 
-import json
 import shlex
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,22 +25,18 @@ from pathlib import Path
 from vlhub import __version__
 from vlhub.atomic import staged_directory
 from vlhub.convert.configs import official_config
-from vlhub.convert.conversion import MANIFEST, Conversion, prepare_conversion, refresh_manifest_entry
+from vlhub.convert.conversion import Conversion
 from vlhub.errors import UserError
-from vlhub.formats.writers import file_entry, write_json_atomic
-from vlhub.hub.store import conversion_output
+from vlhub.families import Family
+from vlhub.manifest import MANIFEST, FileEntry, Manifest, TargetRecord
 from vlhub.smoke.inputs import SMOKE_IMAGE, SMOKE_PATCHES, smart_resize
-from vlhub.targets.base import DeployedLayout, Deployment
-from vlhub.units import now_iso
+from vlhub.targets.base import OnBytes
 
+NAME = "tpu-mlir"
 # --quantize -> the dtype llm_convert requires the checkpoint to declare (its "mismatch with model dtype" check)
 QUANTIZE_DTYPE = {"w4bf16": "bfloat16", "w8bf16": "bfloat16", "bf16": "bfloat16",
                   "w4f16": "float16", "w8f16": "float16", "f16": "float16"}
 CHIPS = ("bm1684x", "bm1688")
-FAMILIES = ("qwen2_vl", "qwen2_5_vl")
-# llm_convert's --max_pixels defaults (W, H); Qwen2-VL's 768,768 is not a multiple of 28: its processor
-# resizes such an image to 756x756, so that is the budget
-DEFAULT_MAX_PIXELS = {"qwen2_vl": (756, 756), "qwen2_5_vl": (672, 896)}
 DEFAULT_SEQ_LENGTH = 2048
 DEFAULT_GROUP_SIZE = 64
 # the toolchain as vlhub's README sets it up: torch pinned and first, since an unpinned install on Python 3.10
@@ -53,16 +48,6 @@ TOOLCHAIN_INSTALL = "pip install tpu-mlir==1.30.2 psutil flatbuffers"
 PROMPT_TOKENS = 64
 PIXEL_FACTOR = 28  # patch 14 x merge 2: the processor resizes to multiples of this
 VIT_HEAD_DIM = 80  # llm_convert 1.30.2 builds the ViT's rotary table 20 wide: head_dim 80, as 1280 / 16 in every model
-# vision fields some official configs leave to the loader's defaults (transformers' Qwen2(.5)-VL vision configs)
-VISION_DEFAULTS = {
-    "qwen2_vl": {"hidden_act": "quick_gelu", "in_channels": 3, "mlp_ratio": 4, "patch_size": 14,
-                 "spatial_merge_size": 2, "temporal_patch_size": 2},
-    "qwen2_5_vl": {"hidden_act": "silu", "in_channels": 3, "patch_size": 14, "spatial_merge_size": 2,
-                   "temporal_patch_size": 2, "window_size": 112, "fullatt_block_indexes": [7, 15, 23, 31],
-                   "tokens_per_second": 4},
-}
-
-
 @dataclass(frozen=True)
 class TpuOptions:
     """The compile options, checked against the model's config by `check_tpu_options`."""
@@ -87,10 +72,28 @@ class TpuOptions:
         return self.vision_patches // 4
 
 
-def parse_max_pixels(text: str | None, family: str) -> tuple[int, int]:
+@dataclass(frozen=True)
+class TpuSpec:
+    """The layout's options settled against the model: the compile options, the ONNX flow, the weights' cast."""
+
+    family: Family
+    options: TpuOptions
+    onnx: bool
+    dtype: str | None  # what the weights are cast to: the one --quantize needs, when the source is not in it
+    allow_unmatched: bool = False
+
+    def cache_key(self) -> dict[str, object]:
+        options = self.options
+        return {"chip": options.chip, "quantize": options.quantize, "seq": options.seq_length, "onnx": self.onnx,
+                "pixels": "x".join(map(str, options.max_pixels)),
+                "group": options.group_size if options.quantize.startswith("w") else None}
+
+
+def parse_max_pixels(text: str | None, family: Family) -> tuple[int, int]:
     """`W,H` as llm_convert's --max_pixels takes it (default: llm_convert's own for the family)."""
     if text is None:
-        return DEFAULT_MAX_PIXELS[family]
+        width, height = family.route(NAME)["max_pixels"]
+        return width, height
     try:
         width, height = (int(part) for part in text.replace("x", ",").split(","))
     except ValueError:
@@ -98,25 +101,16 @@ def parse_max_pixels(text: str | None, family: str) -> tuple[int, int]:
     return width, height
 
 
-def tpu_options(family: str, config: dict, source_dtype: str, *, seq_length: int = DEFAULT_SEQ_LENGTH,
+def tpu_options(family: Family, config: dict, source_dtype: str, *, seq_length: int = DEFAULT_SEQ_LENGTH,
                 max_pixels: str | None = None, quantize: str | None = None, group_size: int = DEFAULT_GROUP_SIZE,
                 chip: str = "bm1684x") -> TpuOptions:
     """The options as given (defaults: llm_convert's pixel budget for the family, 4-bit weights with the half
-    type the checkpoint has), checked against the model's flat config."""
-    refuse_family(family)
+    type the checkpoint has), checked against the model's flat config; UserError for a family with no route."""
+    family.route(NAME)
     default = "w4f16" if source_dtype == "float16" else "w4bf16"
     options = TpuOptions(seq_length, parse_max_pixels(max_pixels, family), quantize or default, group_size, chip)
     check_tpu_options(config, options)
     return options
-
-
-def refuse_family(family: str) -> None:
-    """Only Qwen2-VL and Qwen2.5-VL have a TPU-MLIR route."""
-    if family == "qwen_vl":
-        raise UserError("Qwen-VL (v1) has no TPU-MLIR route: llm_convert supports qwen2_vl and qwen2_5_vl, not "
-                        "Qwen-VL's model_type qwen, and no Sophgo demo runs it; convert a Qwen2-VL or Qwen2.5-VL model")
-    if family not in FAMILIES:
-        raise UserError(f"--to tpu-mlir supports {', '.join(FAMILIES)}, not {family}")
 
 
 def check_tpu_options(config: dict, options: TpuOptions) -> None:
@@ -153,49 +147,28 @@ def _nearest(pixels: int) -> int:
     return max(2 * PIXEL_FACTOR, round(pixels / PIXEL_FACTOR) * PIXEL_FACTOR)
 
 
-def build_tpu_mlir(
-    source: str,
-    out: Path | None = None,
-    *,
-    seq_length: int = DEFAULT_SEQ_LENGTH,
-    max_pixels: str | None = None,
-    quantize: str | None = None,
-    group_size: int = DEFAULT_GROUP_SIZE,
-    chip: str = "bm1684x",
-    onnx: bool = False,
-    overwrite: bool = False,
-    on_bytes: Callable[[int], None] | None = None,
-) -> DeployedLayout:
-    """Write the TPU-MLIR layout of SRC into DIR, atomically; every option checked first. With `onnx`, also the
-    older flow's ONNX networks, exported one network at a time from model/, and compile_onnx.sh."""
-    if onnx:
-        check_onnx_installed()
-    probe = prepare_conversion(source, to="tpu-mlir")  # headers only: the family, config and dtype
-    if probe.checkpoint is not None:
-        probe.checkpoint.close()
-    family = probe.plan.family
-    options = tpu_options(family, official_config(probe.config), probe.output_dtype(), seq_length=seq_length,
-                          max_pixels=max_pixels, quantize=quantize, group_size=group_size, chip=chip)
-    dtype = QUANTIZE_DTYPE[options.quantize]
-    conversion = prepare_conversion(source, to="tpu-mlir", dtype=None if dtype == probe.output_dtype() else dtype)
-    out = Path(out) if out else tpu_layout_output(conversion, options, onnx)
-    with staged_directory(out, conversion.source_path, overwrite=overwrite, needed=conversion.plan.total_bytes,
+def build_tpu_mlir(conversion: Conversion, spec: TpuSpec, out: Path, *, overwrite: bool = False,
+                   on_bytes: OnBytes = None) -> Manifest:
+    """Write the TPU-MLIR layout of the conversion into `out`, atomically. With `spec.onnx`, also the older flow's
+    ONNX networks, exported one network at a time from model/, and compile_onnx.sh."""
+    options, facts = spec.options, spec.family.route(NAME)
+    with staged_directory(out, conversion.source.local(), overwrite=overwrite, needed=conversion.plan.total_bytes,
                           what="the model directory") as staging:
-        conversion.write(staging / "model", on_bytes=on_bytes)
-        _fill_vision_defaults(staging / "model", family)
+        weights = conversion.write_into(staging / "model", on_bytes=on_bytes,
+                                        edit_config=lambda config: fill_vision_defaults(config, facts))
         scripts = {"compile.sh": compile_script(options)}
         exported = None
-        if onnx:
+        if spec.onnx:
             exported = _export_onnx(staging, options, on_bytes)
             scripts["compile_onnx.sh"] = onnx_compile_script(options, exported["networks"],
                                                              _bmodel_name(conversion, options))
         for name, text in scripts.items():
             (staging / name).write_text(text)
             (staging / name).chmod(0o755)
-        (staging / "README.md").write_text(_readme(conversion, family, options, onnx=onnx))
-        manifest = _manifest(conversion, staging, family, options, exported)
-        write_json_atomic(staging / MANIFEST, manifest)
-    return DeployedLayout(out, manifest)
+        (staging / "README.md").write_text(_readme(conversion, spec.family, options, onnx=spec.onnx))
+        manifest = _manifest(conversion, staging, spec, weights, exported)
+        manifest.write(staging)
+    return manifest
 
 
 def check_smoke_image_fits(options: TpuOptions) -> None:
@@ -228,32 +201,19 @@ def _export_onnx(staging: Path, options: TpuOptions, on_bytes: Callable[[int], N
 
 def _bmodel_name(conversion: Conversion, options: TpuOptions) -> str:
     """sophon-demo's naming: <model>_<quantize>_seq<S>_<chip>_1dev.bmodel."""
-    name = conversion.model.name if conversion.model else Path(conversion.source).name
+    name = conversion.source.model.name if conversion.source.model else Path(conversion.source.given).name
     return f"{name.lower()}_{options.quantize}_seq{options.seq_length}_{options.chip}_1dev.bmodel"
 
 
-def tpu_layout_output(conversion: Conversion, options: TpuOptions, onnx: bool = False) -> Path:
-    """Where the layout goes without --out: the cache for a catalog model (keyed by the options), else beside
-    the source."""
-    return conversion_output(conversion.model, conversion.source_path, "tpu-mlir",
-                             {"chip": options.chip, "quantize": options.quantize, "seq": options.seq_length, "onnx": onnx,
-                              "pixels": "x".join(map(str, options.max_pixels)),
-                              "group": options.group_size if options.quantize.startswith("w") else None})
-
-
-def _fill_vision_defaults(model_dir: Path, family: str) -> None:
-    """llm_convert reads the vision config's fields without transformers' defaults: write them out."""
-    config_path = model_dir / "config.json"
-    config = json.loads(config_path.read_text())
+def fill_vision_defaults(config: dict, facts: dict) -> None:
+    """llm_convert reads the vision config's fields without transformers' defaults: write them into `config` (the
+    family's `vision_defaults`), and the merger's output width under the name the family's llm_convert reads."""
     vision = config.setdefault("vision_config", {})
-    for key, value in VISION_DEFAULTS[family].items():
+    for key, value in facts["vision_defaults"].items():
         vision.setdefault(key, value)
     if "in_chans" in vision:
         vision["in_channels"] = vision["in_chans"]
-    # the merger's output is the language model's width (Qwen2-VL calls it hidden_size, Qwen2.5-VL out_hidden_size)
-    vision.setdefault("out_hidden_size" if family == "qwen2_5_vl" else "hidden_size", config["hidden_size"])
-    write_json_atomic(config_path, config)
-    refresh_manifest_entry(model_dir, "config.json")
+    vision.setdefault(facts["merger_width"], config["hidden_size"])
 
 
 def networks(layers: int) -> list[str]:
@@ -364,36 +324,31 @@ LLM_CONVERT="$BIN/llm_convert.py"
 """
 
 
-def _manifest(conversion: Conversion, staging: Path, family: str, options: TpuOptions,
-              exported: dict | None) -> dict:
-    model_manifest = json.loads((staging / "model" / MANIFEST).read_text())
-    files = {f"model/{name}": entry for name, entry in model_manifest["files"].items()}
+def _manifest(conversion: Conversion, staging: Path, spec: TpuSpec, weights: Manifest,
+              exported: dict | None) -> Manifest:
+    files = {f"model/{name}": entry for name, entry in weights.files.items()}
     scripts = ["compile.sh", "compile_onnx.sh"] if exported else ["compile.sh"]
     for name in (f"model/{MANIFEST}", *scripts, "README.md"):
-        files[name] = file_entry(staging / name)
+        files[name] = FileEntry.of(staging / name)
     if exported:
-        files.update(exported["files"])
+        files.update({name: FileEntry(**entry) for name, entry in exported["files"].items()})
     config = official_config(conversion.config)
+    options = spec.options
     quantized = options.quantize.startswith("w")
-    return {
-        "vlhub_version": __version__,
-        "created": now_iso(),
-        "source": model_manifest["source"],
-        "target": {
-            "name": "tpu-mlir", "family": family, "weights": "model", "smoke_path": "model", "chip": options.chip,
-            "quantize": options.quantize, "group_size": options.group_size if quantized else None,
-            "dtype": QUANTIZE_DTYPE[options.quantize], "seq_length": options.seq_length,
-            "max_pixels": list(options.max_pixels), "vision_patches": options.vision_patches,
-            "vision_tokens": options.vision_tokens, "layers": config["num_hidden_layers"],
-            "hidden_size": config["hidden_size"], "attention_heads": config["num_attention_heads"],
-            "kv_heads": config["num_key_value_heads"], "vision_depth": config["vision_config"]["depth"],
-            "networks": networks(config["num_hidden_layers"]),
-            "llm_convert": ["llm_convert.py", *llm_convert_command(options)],
-            "onnx": {"networks": exported["networks"], "bmodel": f"compiled_onnx/{_bmodel_name(conversion, options)}"}
-            if exported else None,
-        },
-        "files": files,
+    details = {
+        "chip": options.chip, "quantize": options.quantize, "group_size": options.group_size if quantized else None,
+        "seq_length": options.seq_length, "max_pixels": list(options.max_pixels),
+        "vision_patches": options.vision_patches, "vision_tokens": options.vision_tokens,
+        "layers": config["num_hidden_layers"], "hidden_size": config["hidden_size"],
+        "attention_heads": config["num_attention_heads"], "kv_heads": config["num_key_value_heads"],
+        "vision_depth": config["vision_config"]["depth"], "networks": networks(config["num_hidden_layers"]),
+        "llm_convert": ["llm_convert.py", *llm_convert_command(options)],
+        "onnx": {"networks": exported["networks"], "bmodel": f"compiled_onnx/{_bmodel_name(conversion, options)}"}
+        if exported else None,
     }
+    target = TargetRecord(name=NAME, family=spec.family.name, weights="model", smoke_path="model",
+                          dtype=QUANTIZE_DTYPE[options.quantize], details=details)
+    return Manifest(weights.source, target, files)
 
 
 def _onnx_readme(conversion: Conversion, options: TpuOptions) -> list[str]:
@@ -427,9 +382,9 @@ def _onnx_readme(conversion: Conversion, options: TpuOptions) -> list[str]:
     ]
 
 
-def _readme(conversion: Conversion, family: str, options: TpuOptions, *, onnx: bool) -> str:
+def _readme(conversion: Conversion, family: Family, options: TpuOptions, *, onnx: bool) -> str:
     width, height = options.max_pixels
-    name = conversion.model.name if conversion.model else Path(conversion.source).name
+    name = conversion.source.model.name if conversion.source.model else Path(conversion.source.given).name
     command = " ".join(["llm_convert.py", *(shlex.quote(a) for a in llm_convert_command(options))])
     return "\n".join([
         f"# {name} for Sophgo {options.chip.upper()} (TPU-MLIR)",
@@ -440,7 +395,7 @@ def _readme(conversion: Conversion, family: str, options: TpuOptions, *, onnx: b
         "",
         "| path | what it is |",
         "|---|---|",
-        (f"| `model/` | the Hugging Face directory llm_convert reads ({family}: official key names, full config, "
+        (f"| `model/` | the Hugging Face directory llm_convert reads ({family.name}: official key names, full config, "
          f"{QUANTIZE_DTYPE[options.quantize]} safetensors, tokenizer and processor files) |"),
         "| `compile.sh` | checks the toolchain, then compiles `model/` into `compiled/` |",
         "| `vlhub-manifest.json` | the options, layer and head counts, the networks, every file's sha256 |",
@@ -473,35 +428,3 @@ def _readme(conversion: Conversion, family: str, options: TpuOptions, *, onnx: b
          f"{options.vision_tokens} vision tokens."),
         "",
     ])
-
-
-def _check(family: str, config: dict, source_dtype: str, smoke: bool, *, onnx: bool = False, **options: object) -> None:
-    checked = tpu_options(family, config, source_dtype, **options)  # type: ignore[arg-type]
-    if onnx:
-        check_onnx_installed()
-        if smoke:
-            check_smoke_image_fits(checked)
-
-
-def _output(conversion: Conversion, *, onnx: bool = False, **options: object) -> Path:
-    checked = tpu_options(conversion.plan.family, official_config(conversion.config), conversion.output_dtype(),
-                          **options)  # type: ignore[arg-type]
-    return tpu_layout_output(conversion, checked, onnx)
-
-
-def _progress(conversion: Conversion, *, onnx: bool = False, **_options: object) -> tuple[str, int]:
-    total = conversion.plan.total_bytes
-    if onnx:  # float32 networks: about twice the parameters' bf16 bytes, a layer's weights in two networks
-        return "writing model/ and the ONNX networks", total + 4 * sum(s.target.nbytes for s in conversion.plan.steps)
-    return "writing the model directory for llm_convert", total
-
-
-DEPLOYMENT = Deployment(
-    name="tpu-mlir",
-    options=("seq_length", "max_pixels", "quantize", "group_size", "chip", "onnx"),
-    check=_check,
-    output=_output,
-    build=build_tpu_mlir,
-    progress=_progress,
-    summary="model/ for llm_convert and compile.sh; its README.md says how to compile and run it",
-)

@@ -34,12 +34,12 @@ from pathlib import Path
 import numpy as np
 
 from vlhub.errors import CheckFailed, UserError
-from vlhub.hub.store import MANIFEST, layout_target
+from vlhub.manifest import MANIFEST, Manifest, TargetRecord
 from vlhub.smoke.inputs import DEVICE_MASKED, SmokeInput, VisionGeometry, VisionInputs, pad_rows, padded_mask
 from vlhub.smoke.reference import ReferenceForward, causal_mask
 from vlhub.smoke.verdict import TOLERANCES, Stage, compare_arrays
 from vlhub.smoke.weights import ModelWeights
-from vlhub.targets.tpu_mlir.build import TOOLCHAIN_INSTALL, TORCH_FIRST
+from vlhub.targets.tpu_mlir.build import NAME, TOOLCHAIN_INSTALL, TORCH_FIRST
 from vlhub.targets.tpu_mlir.cmodel_runner import PREFIX
 
 TOOLCHAIN_ENV = "VLHUB_TPU_MLIR_PYTHON"
@@ -85,9 +85,10 @@ def resolve_toolchain(option: str | None) -> str | None:
     return python
 
 
-def tpu_mlir_target(layout: Path) -> dict | None:
+def tpu_mlir_target(layout: Path) -> TargetRecord | None:
     """The manifest's `target` of a `vlhub convert --to tpu-mlir` layout, or None for anything else."""
-    return layout_target(Path(layout), "tpu-mlir")
+    manifest = Manifest.read(Path(layout))
+    return manifest.target if manifest is not None and manifest.target.name == NAME else None
 
 
 def ensure_bmodel(layout: Path, python: str, status: Status | None = None) -> Path:
@@ -218,22 +219,22 @@ def simulate_first_token(layout: Path, python: str, smoke: SmokeInput, reference
     target = tpu_mlir_target(layout)
     if target is None:
         raise UserError(f"{layout} is not a vlhub convert --to tpu-mlir layout (its {MANIFEST} says otherwise)")
-    with ModelWeights.open(layout / target.get("smoke_path", "model")) as weights:
-        inputs = simulator_inputs(smoke, weights.config, target["seq_length"], target["vision_patches"])
+    with ModelWeights.open(layout / (target.smoke_path or "model")) as weights:
+        inputs = simulator_inputs(smoke, weights.config, target.details["seq_length"], target.details["vision_patches"])
         seconds: dict[str, float] = {}
         compiling, started = _newest_bmodel(layout / "compiled") is None, time.monotonic()
         bmodel = ensure_bmodel(layout, python, status)
         if compiling:
             seconds["compile"] = time.monotonic() - started
         started = time.monotonic()
-        result = _run_runner(python, bmodel, inputs, target["chip"], status)
+        result = _run_runner(python, bmodel, inputs, target.details["chip"], status)
         seconds["cmodel"] = time.monotonic() - started
         seconds["of which lm_head"] = json.loads(str(result["seconds"])).get("lm_head", 0.0)
         host_logits = ReferenceForward(weights)._lm_head(result["hidden"][None])[0]
     image_cosine = None
     if reference_image_embeds is not None and result["image_embeds"].shape == reference_image_embeds.shape:
         image_cosine = compare_arrays("", reference_image_embeds, result["image_embeds"], TOLERANCES["bfloat16"]).cosine
-    return SimulatorResult(target["chip"], int(result["token"]), int(np.argmax(reference_logits)),
+    return SimulatorResult(target.details["chip"], int(result["token"]), int(np.argmax(reference_logits)),
                            int(np.argmax(host_logits)), host_logits, np.asarray(reference_logits, dtype=np.float32),
                            image_cosine, seconds)
 

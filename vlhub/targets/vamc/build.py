@@ -23,62 +23,50 @@ import json
 import math
 import shlex
 import shutil
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import yaml
 
-from vlhub import __version__, families
+from vlhub import __version__
 from vlhub.atomic import staged_directory
 from vlhub.convert.configs import official_config
-from vlhub.convert.conversion import MANIFEST, Conversion, prepare_conversion
+from vlhub.convert.conversion import Conversion
 from vlhub.embeddings import prepare_dump
 from vlhub.errors import UserError
-from vlhub.formats.writers import file_entry, write_json_atomic
-from vlhub.hub.store import conversion_output
-from vlhub.plan import (
-    MAX_VAMC_PATCHES,
-    OUTPUT_CHUNK,
-    max_pixels_for,
-    parse_size_pair,
-    patch_multiple,
-    plan_inputs,
-    refuse_target,
-    round_up,
-    vamc_lengths,
-    visual_output_split,
-)
+from vlhub.families import FAMILIES, Family
+from vlhub.formats.writers import write_json_atomic
+from vlhub.manifest import MANIFEST, FileEntry, Manifest, TargetRecord
+from vlhub.sizes import max_pixels_for, parse_size_pair, patch_multiple, plan_inputs, round_up
 from vlhub.smoke.inputs import MIN_PIXELS, SMOKE_IMAGE, SMOKE_PATCHES, VisionGeometry
-from vlhub.targets.base import DeployedLayout, Deployment
-from vlhub.units import now_iso
+from vlhub.targets.base import OnBytes
+from vlhub.targets.vamc.plan import MAX_VAMC_PATCHES, NAME, OUTPUT_CHUNK, vamc_lengths, visual_output_split
 
-FAMILIES = ("qwen2_vl", "qwen2_5_vl")
 DEFAULT_MAX_PIXELS = 14 * 14 * 4 * 1280  # the VastModelZOO README's default: 5120 patches, 1280 tokens
 PREFERRED_TP = 4  # VastModelZOO's builds: one die per shard, four dies
-# the vacc recipe's pinned environment (the recipes' yamls' workspace.pyenv)
-PYENV = {"qwen2_vl": {"transformers": "4.45.0", "huggingface-hub": "0.23.2"},
-         "qwen2_5_vl": {"transformers": "4.51.3", "huggingface-hub": "0.30.2"}}
-# what the weight folder needs from VastModelZOO (not ours to ship): the recipe folder's Python files, and what
-# config_vacc.json's auto_map names, as the vendor's own config_vacc.json spells it. Qwen2-VL's auto_map names a
-# processing_qwen2_vl.py that vlm/qwen2_vl/build_in/source_code/ does not hold (only config_vacc.json,
-# configuration_qwen2_vl.py, export_onnx.py, modeling_qwen2_vl_vacc.py): compiling loads the config and model
-# classes, and the modeling file imports configuration_qwen2_vl, so those two are what the recipe uses
-VENDOR = {
-    "qwen2_vl": {"directory": "vlm/qwen2_vl/build_in/source_code",
-                 "files": ("modeling_qwen2_vl_vacc.py", "configuration_qwen2_vl.py"),
-                 "auto_map": {"AutoConfig": "configuration_qwen2_vl.Qwen2VLConfig",
-                              "AutoModel": "modeling_qwen2_vl_vacc.Qwen2VLForConditionalGeneration",
-                              "AutoProcessor": "processing_qwen2_vl.Qwen2VLProcessor"}},
-    "qwen2_5_vl": {"directory": "vlm/qwen2_5_vl/build_in/source_code",
-                   "files": ("modeling_qwen2_5_vl_vacc.py", "configuration_qwen2_5_vl_vacc.py",
-                             "processing_qwen2_5_vl_vacc.py"),
-                   "auto_map": {"AutoConfig": "configuration_qwen2_5_vl_vacc.Qwen2_5_VLConfig",
-                                "AutoModel": "modeling_qwen2_5_vl_vacc.Qwen2_5_VLForConditionalGeneration",
-                                "AutoProcessor": "processing_qwen2_5_vl_vacc.Qwen2_5_VLProcessor"}},
-}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
                    "added_tokens.json", "chat_template.json", "chat_template.jinja")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """VastModelZOO's recipe for one family (its `[targets.vamc]` facts): the yamls' stem, the pinned environment,
+    the vendor files the weight folder needs and the auto_map naming them, and whether it sets VACC_STACK_SIZE."""
+
+    name: str
+    pyenv: dict[str, str]
+    vendor_directory: str
+    vendor_files: tuple[str, ...]
+    auto_map: dict[str, str]
+    stack_size: bool
+    vendor_note: str
+
+    @classmethod
+    def of(cls, family: Family) -> Recipe:
+        """The family's recipe; UserError when it has none."""
+        facts = family.route(NAME)
+        return cls(facts["recipe"], facts["pyenv"], facts["vendor_directory"], tuple(facts["vendor_files"]),
+                   facts["auto_map"], facts["stack_size"], facts["vendor_note"])
 
 
 @dataclass(frozen=True)
@@ -98,13 +86,13 @@ class VamcOptions:
         return self.visual_patches // 4
 
 
-def vamc_options(family: str, config: dict, *, image: list[str] | None = None, max_pixels: str | None = None,
+def vamc_options(family: Family, config: dict, *, image: tuple[str, ...] = (), max_pixels: str | None = None,
                  prefill_len: int | None = None, max_len: int | None = None, tp: int | None = None,
                  dtype: str | None = None) -> VamcOptions:
     """The options as given, defaults computed from the model's flat config and the image budget (the
     `--image` sizes as `vlhub plan` counts them, else `--max-pixels`, else VastModelZOO's 1,003,520), refused
-    with the valid range."""
-    refuse_target(family, "vamc")
+    with the valid range; UserError for a family with no route."""
+    family.route(NAME)
     if dtype not in (None, "float16"):
         raise UserError(f"--dtype {dtype}: the vamc recipes compile float16 (backend dtype fp16); int8 builds need "
                         "a GPTQ checkpoint, which vlhub does not make")
@@ -112,7 +100,7 @@ def vamc_options(family: str, config: dict, *, image: list[str] | None = None, m
         raise UserError("give the image budget as --image WxH (the sizes you will send) or as --max-pixels N, "
                         "not both")
     min_pixels = MIN_PIXELS
-    sizes = tuple(parse_size_pair(text, "--image") for text in image or ())
+    sizes = tuple(parse_size_pair(text, "--image") for text in image)
     if sizes:  # at the processor's own bounds, as `vlhub plan` resizes them: the N it prints is the N built
         needed = max(item.patches for item in plan_inputs(config, images=list(sizes)))
         why = f"the largest --image ({needed} patches)"
@@ -150,34 +138,33 @@ def _llm_options(config: dict, patches: int, prefill_len: int | None, max_len: i
     return prefill, longest, chosen
 
 
-def build_vamc(
-    source: str,
-    out: Path | None = None,
-    *,
-    image: list[str] | None = None,
-    max_pixels: str | None = None,
-    prefill_len: int | None = None,
-    max_len: int | None = None,
-    tp: int | None = None,
-    dtype: str | None = None,
-    overwrite: bool = False,
-    on_bytes: Callable[[int], None] | None = None,
-) -> DeployedLayout:
-    """Write the vamc layout of SRC into DIR, atomically, every option checked first."""
-    conversion = prepare_conversion(source, to="vamc")
-    family = conversion.plan.family
+@dataclass(frozen=True)
+class VamcSpec:
+    """The layout's numbers settled against the model (vamc compiles the weights as they are stored)."""
+
+    family: Family
+    options: VamcOptions
+    dtype: str | None = None
+    allow_unmatched: bool = False
+
+    def cache_key(self) -> dict[str, object]:
+        options = self.options
+        return {"n": options.visual_patches, "prefill": options.prefill_length, "max": options.max_length,
+                "tp": options.tp}
+
+
+def build_vamc(conversion: Conversion, spec: VamcSpec, out: Path, *, overwrite: bool = False,
+               on_bytes: OnBytes = None) -> Manifest:
+    """Write the vamc layout of the conversion into `out`, atomically."""
+    family, options, recipe = spec.family, spec.options, Recipe.of(spec.family)
     config = official_config(conversion.config)
-    options = vamc_options(family, config, image=image, max_pixels=max_pixels, prefill_len=prefill_len,
-                           max_len=max_len, tp=tp, dtype=dtype)
-    out = Path(out) if out else vamc_output(conversion, options)
     name = weights_name(conversion)
-    table = 2 * config["vocab_size"] * config["hidden_size"]
-    with staged_directory(out, conversion.source_path, overwrite=overwrite,
-                          needed=conversion.plan.total_bytes + table, what="the weights and embed_tokens.bin") as staging:
+    with staged_directory(out, conversion.source.local(), overwrite=overwrite,
+                          needed=written_bytes(conversion.plan.total_bytes, config),
+                          what="the weights and embed_tokens.bin") as staging:
         weights = staging / "weights" / name
-        conversion.write(weights, on_bytes=on_bytes)
-        vacc_config = {**config, "auto_map": VENDOR[family]["auto_map"], "_attn_implementation": "eager",
-                       "insert_slice": True}
+        converted = conversion.write_into(weights, on_bytes=on_bytes)
+        vacc_config = {**config, "auto_map": recipe.auto_map, "_attn_implementation": "eager", "insert_slice": True}
         write_json_atomic(weights / "config_vacc.json", vacc_config)
         dump = prepare_dump(str(weights), out=staging / "embed_tokens.bin", dtype="float16")
         dump.write(on_bytes)
@@ -191,45 +178,43 @@ def build_vamc(
         build = staging / "build_in" / "build"
         build.mkdir(parents=True)
         checkpoint = str((out / "weights" / name).absolute())
-        (build / f"{family}_llm.yaml").write_text(_dump_yaml(llm_yaml(family, names["llm"], checkpoint, options)))
-        (build / f"{family}_visual.yaml").write_text(
+        (build / f"{recipe.name}_llm.yaml").write_text(_dump_yaml(llm_yaml(family, names["llm"], checkpoint, options)))
+        (build / f"{recipe.name}_visual.yaml").write_text(
             _dump_yaml(visual_yaml(family, names["visual"], checkpoint, config, options)))
         (staging / "compile.sh").write_text(compile_script(family, config, name, names))
         (staging / "compile.sh").chmod(0o755)
         (staging / "README.md").write_text(_readme(conversion, family, config, name, names, options))
-        manifest = _manifest(conversion, staging, family, config, name, names, options)
-        write_json_atomic(staging / MANIFEST, manifest)
-    return DeployedLayout(out, manifest)
+        manifest = _manifest(staging, spec, config, name, names, converted)
+        manifest.write(staging)
+    return manifest
 
 
-def vamc_output(conversion: Conversion, options: VamcOptions) -> Path:
-    """Where the layout goes without --out: the cache for a catalog model (keyed by the numbers), else beside
-    the source."""
-    return conversion_output(conversion.model, conversion.source_path, "vamc",
-                             {"n": options.visual_patches, "prefill": options.prefill_length,
-                              "max": options.max_length, "tp": options.tp})
+def written_bytes(weights: int, config: dict) -> int:
+    """The weights, and embed_tokens.bin: the embedding table in float16."""
+    return weights + 2 * int(config["vocab_size"]) * int(config["hidden_size"])
 
 
 def weights_name(conversion: Conversion) -> str:
     """The weight folder's name: the hub repository's (Qwen2-VL-7B-Instruct), else the model's or the source's."""
-    if conversion.model is not None:
-        return (conversion.model.hf_repo or conversion.model.name).rsplit("/", 1)[-1]
-    assert conversion.source_path is not None
-    return conversion.source_path.name
+    model = conversion.source.model
+    if model is not None:
+        return (model.hf_repo or model.name).rsplit("/", 1)[-1]
+    return conversion.source.local().name
 
 
 def yaml_names(conversion: Conversion, config: dict, options: VamcOptions) -> dict[str, str]:
     """vamc output names as VastModelZOO's examples spell them, encoding layers, lengths, tp and dtype:
     qwen2_vl_7b_llm_28layer_2048_4096_tp4_fp16 and qwen2_vl_7b_visual_32layer_5120_fp16."""
-    stem = conversion.model.name if conversion.model else conversion.source_path.name if conversion.source_path else "model"
+    model, path = conversion.source.model, conversion.source.path
+    stem = model.name if model else path.name if path else "model"
     stem = "".join(c if c.isalnum() or c == "." else "_" for c in stem.lower())
     return {"llm": f"{stem}_llm_{config['num_hidden_layers']}layer_{options.prefill_length}_{options.max_length}"
                    f"_tp{options.tp}_fp16",
             "visual": f"{stem}_visual_{config['vision_config']['depth']}layer_{options.visual_patches}_fp16"}
 
 
-def llm_yaml(family: str, name: str, checkpoint: str, options: VamcOptions) -> dict:
-    """The LLM's vamc yaml (as VastModelZOO's build_in/build/<family>_llm.yaml): prefill and context lengths, tp,
+def llm_yaml(family: Family, name: str, checkpoint: str, options: VamcOptions) -> dict:
+    """The LLM's vamc yaml (as VastModelZOO's build_in/build/<recipe>_llm.yaml): prefill and context lengths, tp,
     fp16."""
     return {
         "name": name,
@@ -239,20 +224,19 @@ def llm_yaml(family: str, name: str, checkpoint: str, options: VamcOptions) -> d
         "backend": {"type": "tvm_vacc", "dtype": "fp16", "merge_params": True, "remove_params": False,
                     "compile": {"data_type": 0, "gather_data_vccl_dsp_enable": True, "attention_split_num": 16,
                                 "ffn_split_num": 16}},
-        "workspace": {"path": "vamc_results", "pyenv": PYENV[family], "env_recheck": False, "workers": 4},
+        "workspace": {"path": "vamc_results", "pyenv": Recipe.of(family).pyenv, "env_recheck": False, "workers": 4},
     }
 
 
-def visual_yaml(family: str, name: str, checkpoint: str, config: dict, options: VamcOptions) -> dict:
-    """The vision tower's vamc yaml (as VastModelZOO's <family>_visual.yaml): N patch rows, cos/sin as wide as a
-    vision head, the output
-    in 640-column chunks."""
+def visual_yaml(family: Family, name: str, checkpoint: str, config: dict, options: VamcOptions) -> dict:
+    """The vision tower's vamc yaml (as VastModelZOO's <recipe>_visual.yaml): N patch rows, cos/sin as wide as a
+    vision head, the output in 640-column chunks (and, for window attention, the full-attention blocks)."""
     n, head_dim = options.visual_patches, vision_head_dim(config)
     patch_values = _patch_values(config)
     chunks = visual_output_split(config["hidden_size"], OUTPUT_CHUNK)
     compile_options: dict = {"data_type": 0, "data_transport_mode": 1, "attention_split_num": 32, "ffn_split_num": 4,
                              "llm_build": True, "output_layout": [f"{i}:YX" for i in range(len(chunks))]}
-    if family == "qwen2_5_vl":
+    if family.vision.window_attention:
         compile_options["fullatt_block_indexes"] = list(config["vision_config"]["fullatt_block_indexes"])
     return {
         "name": name,
@@ -261,7 +245,7 @@ def visual_yaml(family: str, name: str, checkpoint: str, config: dict, options: 
                                "cos": [n, head_dim], "sin": [n, head_dim]},
                      "model_kwargs": {"model_arch": "vacc", "build_visual": True}},
         "backend": {"type": "tvm_vacc", "dtype": "fp16", "compile": compile_options},
-        "workspace": {"path": "vamc_results", "pyenv": PYENV[family], "env_recheck": False},
+        "workspace": {"path": "vamc_results", "pyenv": Recipe.of(family).pyenv, "env_recheck": False},
     }
 
 
@@ -270,16 +254,17 @@ def vision_head_dim(config: dict) -> int:
     return int(vision.get("embed_dim") or vision["hidden_size"]) // int(vision["num_heads"])
 
 
-def needs_stack_size(family: str, config: dict) -> bool:
-    """VACC_STACK_SIZE=256 for the compile: Qwen2.5-VL's recipe exports it before both `vamc compile` runs
-    (VastModelZOO vlm/qwen2_5_vl/README.md), llm/README.md for any model of 32B and up."""
-    return family == "qwen2_5_vl" or sum(math.prod(s) for _, s in families.FAMILIES[family].official_tensors(config)) >= 32e9
+def needs_stack_size(family: Family, config: dict) -> bool:
+    """VACC_STACK_SIZE=256 for the compile: where the family's recipe exports it before both `vamc compile` runs
+    (its `stack_size`), and, as VastModelZOO's llm/README.md asks, for any model of 32B and up."""
+    return Recipe.of(family).stack_size or sum(math.prod(s) for _, s in family.official_tensors(config)) >= 32e9
 
 
-def compile_script(family: str, config: dict, weights: str, names: dict[str, str]) -> str:
+def compile_script(family: Family, config: dict, weights: str, names: dict[str, str]) -> str:
     """compile.sh: checks for vamc and the vendor files, the two `vamc compile` runs with the environment each
     needs, then tokenizer/ and preprocess_config.json placed beside the compiled networks."""
-    vendor = " ".join(VENDOR[family]["files"])
+    recipe = Recipe.of(family)
+    vendor = " ".join(recipe.vendor_files)
     # exported, so both compiles see it, as VastModelZOO's vlm/qwen2_5_vl/README.md runs them
     stack = "export VACC_STACK_SIZE=256\n" if needs_stack_size(family, config) else ""
     llm, visual = (shlex.quote(names[k]) for k in ("llm", "visual"))
@@ -292,10 +277,10 @@ fail() {{ echo "error: $*" >&2; exit 2; }}
 command -v vamc >/dev/null || fail "vamc is not on PATH: install VastAI's vamc (VastModelZOO docs) first"
 for file in {vendor}; do
     [ -f "weights/{weights}/$file" ] || fail "weights/{weights}/$file is missing: copy the vacc modeling files \\
-from VastModelZOO {VENDOR[family]["directory"]}/ into weights/{weights}/ (see README.md)"
+from VastModelZOO {recipe.vendor_directory}/ into weights/{weights}/ (see README.md)"
 done
-{stack}vamc compile build_in/build/{family}_visual.yaml
-vamc compile build_in/build/{family}_llm.yaml
+{stack}vamc compile build_in/build/{recipe.name}_visual.yaml
+vamc compile build_in/build/{recipe.name}_llm.yaml
 [ ! -d tokenizer ] || cp -r tokenizer vamc_results/{llm}/
 cp preprocess_config.json vamc_results/{visual}/
 cp embed_tokens.bin embed_tokens.json vamc_results/{llm}/
@@ -314,45 +299,41 @@ def _dump_yaml(document: dict) -> str:
     return header + yaml.safe_dump(document, sort_keys=False, default_flow_style=None)
 
 
-def _manifest(conversion: Conversion, staging: Path, family: str, config: dict, weights: str,
-              names: dict[str, str], options: VamcOptions) -> dict:
-    weights_manifest = json.loads((staging / "weights" / weights / MANIFEST).read_text())
-    files = {f"weights/{weights}/{name}": entry for name, entry in weights_manifest["files"].items()}
+def _manifest(staging: Path, spec: VamcSpec, config: dict, weights: str, names: dict[str, str],
+              converted: Manifest) -> Manifest:
+    family, options, recipe = spec.family, spec.options, Recipe.of(spec.family)
+    files = {f"weights/{weights}/{name}": entry for name, entry in converted.files.items()}
     for path in sorted(p for p in staging.rglob("*") if p.is_file() and not p.is_relative_to(staging / "weights")):
-        files[path.relative_to(staging).as_posix()] = file_entry(path)
+        files[path.relative_to(staging).as_posix()] = FileEntry.of(path)
     for name in (f"weights/{weights}/{MANIFEST}", f"weights/{weights}/config_vacc.json"):
-        files[name] = file_entry(staging / name)
+        files[name] = FileEntry.of(staging / name)
     vision = config["vision_config"]
-    return {
-        "vlhub_version": __version__,
-        "created": now_iso(),
-        "source": weights_manifest["source"],
-        "target": {
-            "name": "vamc", "family": family, "smoke_path": f"weights/{weights}", "dtype": "float16",
-            "weights": f"weights/{weights}", "embed_tokens": "embed_tokens.bin",
-            "llm": {"name": names["llm"], "yaml": f"build_in/build/{family}_llm.yaml",
-                    "prefill_length": options.prefill_length, "max_length": options.max_length, "tp": options.tp,
-                    "layers": config["num_hidden_layers"], "hidden_size": config["hidden_size"],
-                    "attention_heads": config["num_attention_heads"], "kv_heads": config["num_key_value_heads"]},
-            "visual": {"name": names["visual"], "yaml": f"build_in/build/{family}_visual.yaml",
-                       "patches": options.visual_patches, "tokens": options.visual_tokens,
-                       "depth": vision["depth"], "head_dim": vision_head_dim(config),
-                       "output_split": visual_output_split(config["hidden_size"], OUTPUT_CHUNK),
-                       "fullatt_block_indexes": vision.get("fullatt_block_indexes")},
-            "pixels": {"min": options.min_pixels, "max": options.max_pixels,
-                       "images": [list(size) for size in options.images]},
-            "pyenv": PYENV[family], "stack_size": 256 if needs_stack_size(family, config) else None,
-            "vendor_files": {"directory": VENDOR[family]["directory"], "files": list(VENDOR[family]["files"])},
-            "options": asdict(options),
-        },
-        "files": files,
+    details = {
+        "embed_tokens": "embed_tokens.bin",
+        "llm": {"name": names["llm"], "yaml": f"build_in/build/{recipe.name}_llm.yaml",
+                "prefill_length": options.prefill_length, "max_length": options.max_length, "tp": options.tp,
+                "layers": config["num_hidden_layers"], "hidden_size": config["hidden_size"],
+                "attention_heads": config["num_attention_heads"], "kv_heads": config["num_key_value_heads"]},
+        "visual": {"name": names["visual"], "yaml": f"build_in/build/{recipe.name}_visual.yaml",
+                   "patches": options.visual_patches, "tokens": options.visual_tokens,
+                   "depth": vision["depth"], "head_dim": vision_head_dim(config),
+                   "output_split": visual_output_split(config["hidden_size"], OUTPUT_CHUNK),
+                   "fullatt_block_indexes": vision.get("fullatt_block_indexes")},
+        "pixels": {"min": options.min_pixels, "max": options.max_pixels,
+                   "images": [list(size) for size in options.images]},
+        "pyenv": recipe.pyenv, "stack_size": 256 if needs_stack_size(family, config) else None,
+        "vendor_files": {"directory": recipe.vendor_directory, "files": list(recipe.vendor_files)},
+        "options": asdict(options),
     }
+    target = TargetRecord(name=NAME, family=family.name, smoke_path=f"weights/{weights}", dtype="float16",
+                          weights=f"weights/{weights}", details=details)
+    return Manifest(converted.source, target, files)
 
 
-def _readme(conversion: Conversion, family: str, config: dict, weights: str, names: dict[str, str],
+def _readme(conversion: Conversion, family: Family, config: dict, weights: str, names: dict[str, str],
             options: VamcOptions) -> str:
-    model = conversion.model.name if conversion.model else weights
-    vendor = VENDOR[family]
+    model = conversion.source.model.name if conversion.source.model else weights
+    recipe = Recipe.of(family)
     split = visual_output_split(config["hidden_size"], OUTPUT_CHUNK)
     devices = list(range(options.tp))
     stack = (" `compile.sh` exports `VACC_STACK_SIZE=256` before both compiles, as VastModelZOO's "
@@ -369,7 +350,7 @@ def _readme(conversion: Conversion, family: str, config: dict, weights: str, nam
         "|---|---|",
         (f"| `weights/{weights}/` | the HF folder both yamls' `frontend.checkpoint` name: official key names, "
          "`config.json`, `config_vacc.json` (auto_map, eager attention, insert_slice) |"),
-        f"| `build_in/build/{family}_llm.yaml`, `{family}_visual.yaml` | the `vamc compile` inputs |",
+        f"| `build_in/build/{recipe.name}_llm.yaml`, `{recipe.name}_visual.yaml` | the `vamc compile` inputs |",
         ("| `embed_tokens.bin`, `embed_tokens.json` | float16 [vocab, hidden] rows, no header; the host embeds "
         "tokens with it (the LLM takes inputs_embeds) |"),
         ("| `preprocess_config.json` | min/max pixels for vastgenx, consistent with N (schema inferred: vastgenx "
@@ -380,25 +361,19 @@ def _readme(conversion: Conversion, family: str, config: dict, weights: str, nam
         "## Vendor files",
         "",
         (f"vamc builds the vacc modeling named in `config_vacc.json`'s auto_map. Copy "
-         f"{', '.join(f'`{f}`' for f in vendor['files'])} from VastModelZOO `{vendor['directory']}/` into "
+         f"{', '.join(f'`{f}`' for f in recipe.vendor_files)} from VastModelZOO `{recipe.vendor_directory}/` into "
          f"`weights/{weights}/` (they are VastAI's, not vlhub's to ship). `vlhub check` reports whether they are "
-         "there." + (" VastModelZOO's Qwen2.5-VL recipe also replaces `config.json` with its vacc variant: "
-                     "copy `config_vacc.json` over it if your vamc reads config.json." if family == "qwen2_5_vl" else
-                     " The auto_map also names `processing_qwen2_vl.Qwen2VLProcessor`, as the vendor's own "
-                     "`config_vacc.json` does, but that folder holds no `processing_qwen2_vl.py` (only "
-                     "`config_vacc.json`, `configuration_qwen2_vl.py`, `export_onnx.py` and "
-                     "`modeling_qwen2_vl_vacc.py`), so compile.sh asks for the two the model classes come from: "
-                     "the modeling file auto_map's AutoModel names and the configuration module it imports.")),
+         f"there. {recipe.vendor_note}"),
         "",
         "## Compile",
         "",
-        (f"vamc's own environment pins transformers {PYENV[family]['transformers']} and huggingface-hub "
-         f"{PYENV[family]['huggingface-hub']} (the yamls' `workspace.pyenv`).{stack}"),
+        (f"vamc's own environment pins transformers {recipe.pyenv['transformers']} and huggingface-hub "
+         f"{recipe.pyenv['huggingface-hub']} (the yamls' `workspace.pyenv`).{stack}"),
         "",
         "```bash",
         "./compile.sh",
-        f"# vamc compile build_in/build/{family}_visual.yaml  ->  vamc_results/{names['visual']}",
-        f"# vamc compile build_in/build/{family}_llm.yaml     ->  vamc_results/{names['llm']}",
+        f"# vamc compile build_in/build/{recipe.name}_visual.yaml  ->  vamc_results/{names['visual']}",
+        f"# vamc compile build_in/build/{recipe.name}_llm.yaml     ->  vamc_results/{names['llm']}",
         "```",
         "",
         (f"The visual output [tokens, {config['hidden_size']}] comes back in {len(split)} column chunks "
@@ -445,44 +420,16 @@ def check_smoke_image_fits(options: VamcOptions) -> None:
                         f"image ({SMOKE_PATCHES}); give a larger budget, or pass --no-smoke")
 
 
-def _check(family: str, config: dict, source_dtype: str, smoke: bool, **options: object) -> None:
-    checked = vamc_options(family, config, **options)  # type: ignore[arg-type]
-    if smoke:
-        check_smoke_image_fits(checked)
-
-
-def _output(conversion: Conversion, **options: object) -> Path:
-    checked = vamc_options(conversion.plan.family, official_config(conversion.config), **options)  # type: ignore[arg-type]
-    return vamc_output(conversion, checked)
-
-
-def _progress(conversion: Conversion, **_options: object) -> tuple[str, int]:
-    config = official_config(conversion.config)
-    return "writing the vamc layout", conversion.plan.total_bytes + 2 * config["vocab_size"] * config["hidden_size"]
-
-
-DEPLOYMENT = Deployment(
-    name="vamc",
-    options=("image", "max_pixels", "prefill_len", "max_len", "tp", "dtype"),
-    check=_check,
-    output=_output,
-    build=build_vamc,
-    progress=_progress,
-    summary="{weights}/ for vamc, build_in/build/*.yaml, embed_tokens.bin and compile.sh; its README.md says how "
-            "to compile and serve it",
-)
-
-
 def vamc_problems(layout: Path) -> list[str]:
     """What is wrong with the numbers of the vamc layout at `layout` (empty when nothing is): each yaml against
     the weight folder's config.json and the other yaml, and the pixel budget against the visual N."""
-    target = json.loads((layout / MANIFEST).read_text())["target"]
-    family = target["family"]
-    config = official_config(json.loads((layout / target["weights"] / "config.json").read_text()))
-    build = layout / "build_in" / "build"
+    manifest = Manifest.load(layout)
+    target = manifest.target
+    assert target.weights is not None and target.family is not None
+    config = official_config(json.loads((layout / target.weights / "config.json").read_text()))
     try:
-        llm = yaml.safe_load((build / f"{family}_llm.yaml").read_text())
-        visual = yaml.safe_load((build / f"{family}_visual.yaml").read_text())
+        llm = yaml.safe_load((layout / target.details["llm"]["yaml"]).read_text())
+        visual = yaml.safe_load((layout / target.details["visual"]["yaml"]).read_text())
         preprocess = json.loads((layout / "preprocess_config.json").read_text())
         (prefill,), (longest,) = llm["frontend"]["shape"]["input_ids"]
         tp = llm["frontend"]["model_kwargs"]["tp"]
@@ -513,10 +460,10 @@ def vamc_problems(layout: Path) -> list[str]:
          f"{max_pixels_patches(config, int(preprocess.get('max_pixels', 0)))} patches, more than N {n}")),
         (len(layouts) == len(split), (f"{len(layouts)} output_layout entries for {len(split)} output chunks "
                                      f"({' + '.join(map(str, split))} = {config['hidden_size']})")),
-        (checkpoints == {str((layout / target["weights"]).absolute())},
-         f"frontend.checkpoint {sorted(checkpoints)} is not this layout's {target['weights']} (moved? convert again)"),
+        (checkpoints == {str((layout / target.weights).absolute())},
+         f"frontend.checkpoint {sorted(checkpoints)} is not this layout's {target.weights} (moved? convert again)"),
     ]
-    if family == "qwen2_5_vl":
+    if FAMILIES[target.family].vision.window_attention:
         indexes = visual["backend"]["compile"].get("fullatt_block_indexes")
         checks.append((indexes == list(config["vision_config"]["fullatt_block_indexes"]),
                        (f"fullatt_block_indexes {indexes} are not the config's "

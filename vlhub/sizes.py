@@ -1,0 +1,228 @@
+"""The vision sequence-length arithmetic: what images and videos become, and the compile sizes that hold them.
+
+A family whose processor resizes smartly (`[vision] resize = "smart"`: Qwen2-VL, Qwen2.5-VL) resizes every image
+with `smart_resize` to multiples of patch x merge (28 pixels), within [min_pixels, max_pixels], cuts it into
+14-pixel patches (a grid t x h x w) and merges each 2x2 group of patches into one language-model token. A video is
+its frames resized the same way, two frames (temporal_patch_size) to a grid step. A family that resizes to a fixed
+size (`resize = "fixed"`: Qwen-VL) makes every image the config's image_size square, a fixed number of tokens.
+
+Compile sizes are for one input per request (one image per ViT call, as vastgenx and the TPU demos run it): the
+visual size N holds the largest input's patches, the prefill its tokens plus a prompt, the maximum context the
+prefill plus an answer. Each deployment target sizes its own options from these (`Sizing`). Sources:
+transformers' Qwen2-VL image processor and the official preprocessor_config.json (resizing, bounds).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from vlhub.errors import UserError
+from vlhub.families import FAMILIES, Family, family_of_config
+from vlhub.keymaps.config import text_config
+from vlhub.smoke.inputs import MAX_PIXELS, MAX_RATIO, MIN_PIXELS, VisionGeometry, smart_resize
+
+# compile shapes are multiples of 16 (vamc's rule, VastModelZOO llm/README.md; every target's sizes are held to it)
+ALIGN = 16
+DEFAULT_PROMPT_TOKENS = 128  # the chat template's turns and a question beside the visual tokens
+DEFAULT_ANSWER_TOKENS = 512
+
+
+@dataclass(frozen=True)
+class InputPlan:
+    """One image (frames None) or video as the processor prepares it."""
+
+    width: int
+    height: int
+    frames: int | None
+    resized: tuple[int, int]  # (height, width) after smart_resize
+    grid: tuple[int, int, int]  # (t, h, w) in patches
+    tokens: int  # language-model tokens it becomes
+
+    @property
+    def patches(self) -> int:
+        """ViT input rows: t * h * w."""
+        return math.prod(self.grid)
+
+    @property
+    def label(self) -> str:
+        kind = "image" if self.frames is None else "video"
+        return f"{kind} {self.width}x{self.height}" + ("" if self.frames is None else f", {self.frames} frames")
+
+    def to_json(self) -> dict:
+        return {"input": self.label, "kind": "image" if self.frames is None else "video", "width": self.width,
+                "height": self.height, "frames": self.frames,
+                "resized": {"height": self.resized[0], "width": self.resized[1]}, "grid": list(self.grid),
+                "patches": self.patches, "tokens": self.tokens}
+
+
+@dataclass(frozen=True)
+class CompileSizes:
+    """Sizes that hold every input, one per request."""
+
+    visual_patches: int  # N: the ViT's input rows, a multiple of patch_multiple(config)
+    prefill_length: int  # the largest input's tokens plus the prompt, a multiple of 16
+    max_length: int  # prefill plus the answer, a multiple of 16
+    position_limit: int  # the model's max_position_embeddings
+
+    def to_json(self) -> dict:
+        return {"visual_patches": self.visual_patches, "prefill_length": self.prefill_length,
+                "max_length": self.max_length, "position_limit": self.position_limit}
+
+
+@dataclass(frozen=True)
+class Sizing:
+    """What `vlhub plan` found for a model, from which each target sizes its own options."""
+
+    model: str  # as the user named it (what the target's convert command names)
+    family: Family
+    config: dict  # flat official
+    inputs: tuple[InputPlan, ...]
+    sizes: CompileSizes
+    fit_patches: int  # the visual size each input is checked against: --patches, else sizes.visual_patches
+    patches_given: bool  # whether fit_patches is the user's --patches
+    prompt_tokens: int
+    answer_tokens: int
+
+
+def config_family(config: dict) -> Family:
+    """The family a config belongs to, refusing any other model type."""
+    family = family_of_config(config)
+    if family is None:
+        raise UserError(f"model_type {config.get('model_type')!r} is not a Qwen-VL family model: vlhub plans "
+                        f"{', '.join(f.model_type for f in FAMILIES.values())}")
+    return family
+
+
+def parse_size_pair(text: str, option: str = "--image") -> tuple[int, int]:
+    """(width, height) from WIDTHxHEIGHT, e.g. 1280x720, both at least 1 pixel."""
+    try:
+        width, height = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise UserError(f"{option} {text!r}: write WIDTHxHEIGHT in pixels, e.g. 1280x720") from None
+    _check_size(width, height, option)
+    return width, height
+
+
+def _check_size(width: int, height: int, option: str) -> None:
+    if width < 1 or height < 1:
+        raise UserError(f"{option} {width}x{height}: width and height must be at least 1 pixel")
+
+
+def _fixed_size(family: Family) -> bool:
+    return family.vision.resize == "fixed"
+
+
+def patch_multiple(config: dict) -> int:
+    """What a visual compile size must be a multiple of: 16, and whole merge groups."""
+    if _fixed_size(config_family(config)):
+        return ALIGN
+    return math.lcm(ALIGN, VisionGeometry.from_config(config).merge ** 2)
+
+
+def pixel_bounds(config: dict, min_pixels: int | None, max_pixels: int | None) -> tuple[int, int] | None:
+    """The checked [min_pixels, max_pixels] (default: the official processor's), None for a fixed-size family."""
+    family = config_family(config)
+    if _fixed_size(family):
+        if min_pixels is not None or max_pixels is not None:
+            side = _fixed_side(config)
+            raise UserError(f"{family.display_name} resizes every image to {side}x{side}: --min-pixels and "
+                            "--max-pixels do not apply")
+        return None
+    geometry = VisionGeometry.from_config(config)
+    smallest = (geometry.patch * geometry.merge) ** 2  # one merged token
+    low = MIN_PIXELS if min_pixels is None else min_pixels
+    high = MAX_PIXELS if max_pixels is None else max_pixels
+    if high < smallest:
+        raise UserError(f"--max-pixels {high}: at least {smallest} (one {geometry.patch * geometry.merge}-pixel "
+                        f"square), e.g. {MAX_PIXELS} (the processor's default)")
+    if not 1 <= low <= high:
+        raise UserError(f"--min-pixels {low}: from 1 to --max-pixels ({high}); the processor's default is "
+                        f"{MIN_PIXELS}")
+    return low, high
+
+
+def plan_inputs(config: dict, images: Sequence[tuple[int, int]] = (), video: tuple[int, int, int] | None = None, *,
+                min_pixels: int | None = None, max_pixels: int | None = None) -> list[InputPlan]:
+    """Each image (width, height), then the video (width, height, frames), as the model's processor prepares
+    it. Video frames are resized with the same smart_resize and the same bounds as images (the processor's
+    own video bounds are smaller: give them with min_pixels / max_pixels); grid t is frames / temporal
+    patch, rounded up."""
+    if not images and video is None:
+        raise UserError("nothing to plan: give --image WIDTHxHEIGHT (e.g. 1280x720) or --video WxH --frames F")
+    bounds = pixel_bounds(config, min_pixels, max_pixels)
+    sizes = [(w, h, None) for w, h in images] + ([video] if video else [])
+    for width, height, frames in sizes:
+        option = "--image" if frames is None else "--video"
+        _check_size(width, height, option)
+        if frames is not None and frames < 1:
+            raise UserError(f"--frames {frames}: a video needs at least 1 frame")
+        ratio = max(width, height) / min(width, height)
+        if bounds is not None and ratio > MAX_RATIO:
+            raise UserError(f"{option} {width}x{height}: the processor takes aspect ratios up to {MAX_RATIO}:1, "
+                            f"this one is {ratio:.0f}:1")
+    if bounds is None:
+        return _fixed_inputs(config, images, video)
+    return [resize_input(config, w, h, frames, *bounds) for w, h, frames in sizes]
+
+
+def resize_input(config: dict, width: int, height: int, frames: int | None, min_pixels: int,
+                 max_pixels: int) -> InputPlan:
+    """One image (frames None) or video resized with smart_resize within [min_pixels, max_pixels]."""
+    geometry = VisionGeometry.from_config(config)
+    resized = smart_resize(height, width, factor=geometry.patch * geometry.merge, min_pixels=min_pixels,
+                           max_pixels=max_pixels)
+    grid_t = 1 if frames is None else math.ceil(frames / geometry.temporal_patch)
+    grid = (grid_t, resized[0] // geometry.patch, resized[1] // geometry.patch)
+    return InputPlan(width, height, frames, resized, grid, math.prod(grid) // geometry.merge ** 2)
+
+
+def _fixed_side(config: dict) -> int:
+    return int(config["visual"].get("image_size", 448))
+
+
+def _fixed_inputs(config: dict, images: Sequence[tuple[int, int]],
+                  video: tuple[int, int, int] | None) -> list[InputPlan]:
+    family = config_family(config)
+    if video is not None and not family.vision.video:
+        raise UserError(f"{family.display_name} takes images only: drop --video")
+    side = _fixed_side(config)
+    grid = (1, side // config["visual"]["patch_size"], side // config["visual"]["patch_size"])
+    assert family.vision.image_tokens is not None  # a fixed-size family names the dim its tokens are
+    tokens = int(family.keymap.resolve_dims(config)[family.vision.image_tokens])
+    return [InputPlan(w, h, None, (side, side), grid, tokens) for w, h in images]
+
+
+def round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def position_limit(config: dict) -> int:
+    """The positions the model takes: its max_position_embeddings (32768, transformers' default, when absent)."""
+    return int(text_config(config).get("max_position_embeddings") or 32768)
+
+
+def compile_sizes(config: dict, inputs: Sequence[InputPlan], prompt_tokens: int = DEFAULT_PROMPT_TOKENS,
+                  answer_tokens: int = DEFAULT_ANSWER_TOKENS) -> CompileSizes:
+    """The smallest sizes that hold every input, one per request, within max_position_embeddings."""
+    if prompt_tokens < 1:
+        raise UserError(f"--prompt-tokens {prompt_tokens}: 1 or more (the visual tokens always come with text: the "
+                        "chat template's turns and the question)")
+    if answer_tokens < 1:
+        raise UserError(f"--answer-tokens {answer_tokens}: 1 or more")
+    largest = max(inputs, key=lambda item: item.tokens)
+    tokens, patches, what = largest.tokens, max(item.patches for item in inputs), f"the {largest.label}"
+    prefill = round_up(tokens + prompt_tokens, ALIGN)
+    longest = round_up(prefill + answer_tokens, ALIGN)
+    limit = position_limit(config)
+    if longest > limit:
+        raise UserError(f"{what} is {tokens} tokens: with {prompt_tokens} prompt and {answer_tokens} answer tokens "
+                        f"it needs {longest} positions, more than the model's {limit} (max_position_embeddings); "
+                        "lower --max-pixels or the token counts")
+    return CompileSizes(round_up(patches, patch_multiple(config)), prefill, longest, limit)
+
+
+def max_pixels_for(config: dict, patches: int) -> int:
+    """The largest image (in pixels) a visual compile size of `patches` holds: patches * patch_size**2."""
+    return patches * VisionGeometry.from_config(config).patch ** 2

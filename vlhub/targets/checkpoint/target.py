@@ -1,0 +1,106 @@
+"""The checkpoint targets: PaddleMIX's names in pdparams (`--to paddle`), the official names in safetensors or torch
+`.bin` (`--to safetensors`, `--to torch`). The output is the weight folder; its smoke test runs it in Paddle or in
+the numpy reference."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from vlhub.convert.conversion import Conversion, Model, Output
+from vlhub.manifest import Manifest
+from vlhub.sizes import Sizing
+from vlhub.smoke.run import CheckpointRunner
+from vlhub.targets.base import OnBytes, TargetPlan, flag
+from vlhub.targets.checks import Check, LayoutContext, Need, common_build_needs, paddle_check
+from vlhub.units import parse_size
+
+
+@dataclass(frozen=True)
+class CheckpointOptions:
+    """What `vlhub convert --to <checkpoint format>` takes."""
+
+    dtype: str | None = flag("Cast floating tensors: bfloat16, float16 or float32 (default: keep each tensor's "
+                             "dtype).")
+    max_shard_size: str | None = flag("Largest shard, e.g. 5GB or 2GiB (default: 5GB safetensors, 10GB pdparams "
+                                      "and torch).")
+    allow_unmatched: bool = flag("Pass tensors the key map does not know through unchanged.", default=False)
+
+
+@dataclass(frozen=True)
+class CheckpointSpec:
+    """The options as the conversion uses them (the dtype is checked when it is planned)."""
+
+    dtype: str | None
+    max_shard_size: int | None
+    allow_unmatched: bool
+
+    def cache_key(self) -> dict[str, object]:
+        return {"dtype": self.dtype, "max_shard_size": self.max_shard_size, "allow_unmatched": self.allow_unmatched}
+
+
+@dataclass(frozen=True)
+class CheckpointTarget:
+    """One checkpoint format as a target."""
+
+    name: str
+    output: Output
+    options: type = CheckpointOptions
+    smoke_options: type | None = None
+    is_layout: bool = False
+    summary: str = ""
+    marks: tuple[str, ...] = ()
+    weights_glob: str | None = None
+    takes_patches: bool = False
+    reads_plain_weights: bool = False
+
+    def settle(self, options: CheckpointOptions, model: Model, *, smoke: bool) -> CheckpointSpec:
+        shard = parse_size(options.max_shard_size) if options.max_shard_size else None
+        return CheckpointSpec(options.dtype, shard, options.allow_unmatched)
+
+    def require(self, spec: CheckpointSpec) -> None:
+        """Nothing beyond vlhub itself writes a checkpoint."""
+
+    def written_bytes(self, weights: int, config: dict) -> int:
+        return weights
+
+    def progress(self, conversion: Conversion, spec: CheckpointSpec) -> tuple[str, int]:
+        return f"converting to {self.name}", conversion.plan.total_bytes
+
+    def build(self, conversion: Conversion, spec: CheckpointSpec, out: Path, *, overwrite: bool,
+              on_bytes: OnBytes) -> Manifest:
+        return conversion.write(out, overwrite=overwrite, max_shard_size=spec.max_shard_size,
+                                on_bytes=on_bytes).manifest
+
+    def smoke_runner(self, layout: Path, manifest: Manifest | None, options: object) -> CheckpointRunner:
+        return CheckpointRunner(layout)
+
+    def plan(self, sizing: Sizing) -> TargetPlan | None:
+        return None  # a checkpoint takes any size its processor allows: nothing is compiled
+
+    def check_patches(self, config: dict, patches: int) -> None:
+        raise AssertionError("a checkpoint has no visual compile size")
+
+    def vendor_files(self, family: str) -> tuple[str, ...]:
+        return ()
+
+    def dtype_check(self, ctx: LayoutContext, stored: str | None) -> Check | None:
+        return None
+
+    def number_checks(self, ctx: LayoutContext) -> list[Check]:
+        return []
+
+    def toolchain_checks(self, family: str | None, weights: Path | None) -> list[Check]:
+        # Paddle's loaders (and the smoke test) read pdparams with paddlepaddle; the others need nothing here
+        return [paddle_check(required=False)] if self.output.format == "pdparams" else []
+
+    def build_needs(self, params: int, model_bytes: int) -> list[Need]:
+        return common_build_needs(params, model_bytes)
+
+    def next_needs(self, params: int, model_bytes: int, where: str) -> list[Need]:
+        return [Need("load", "memory", model_bytes, None, "the whole model in its stored dtype")]
+
+
+PADDLE = CheckpointTarget("paddle", Output("paddlemix", "pdparams"))
+SAFETENSORS = CheckpointTarget("safetensors", Output("official", "safetensors"))
+TORCH = CheckpointTarget("torch", Output("official", "torch"))

@@ -1,0 +1,60 @@
+"""TPU-MLIR's compile sizes for planned inputs: llm_convert's --max_pixels W,H and --seq-length, as `vlhub plan`
+prints them and `--to tpu-mlir` checks them."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from vlhub.families import Family
+from vlhub.formats.readers import config_dtype
+from vlhub.sizes import CompileSizes, InputPlan, Sizing
+from vlhub.smoke.inputs import VisionGeometry
+from vlhub.targets.tpu_mlir.build import NAME, TpuOptions, tpu_options
+
+
+@dataclass(frozen=True)
+class TpuPlan:
+    """The llm_convert options that hold the planned inputs."""
+
+    options: TpuOptions
+
+    def command_options(self) -> str:
+        width, height = self.options.max_pixels
+        return f"--seq-length {self.options.seq_length} --max-pixels {width},{height}"
+
+    def summary(self) -> str:
+        width, height = self.options.max_pixels
+        return (f"max pixels {width},{height} ({self.options.vision_patches} patches), seq length "
+                f"{self.options.seq_length}")
+
+    def rows(self, sizing: Sizing, command: str | None) -> list[tuple[str, str, str]]:
+        width, height = self.options.max_pixels
+        return [(NAME, f"--max_pixels {width},{height} --seq_length {self.options.seq_length}",
+                 f"llm_convert: a ViT of {self.options.vision_patches} patches; {command}")]
+
+    def to_json(self) -> dict:
+        return {"max_pixels": list(self.options.max_pixels), "seq_length": self.options.seq_length,
+                "vision_patches": self.options.vision_patches, "vision_tokens": self.options.vision_tokens}
+
+
+def tpu_mlir_options(family: Family, config: dict, inputs: Sequence[InputPlan], sizes: CompileSizes) -> TpuOptions:
+    """llm_convert's --max_pixels W,H and --seq-length for `inputs` (planned into `sizes`), checked as `vlhub
+    convert --to tpu-mlir` checks them. W,H is the largest input's resized size; a video, or a side under 56
+    pixels, gets a near-square budget of as many 28-pixel squares."""
+    largest = max(inputs, key=lambda item: item.patches)
+    height, width = largest.resized
+    geometry = VisionGeometry.from_config(config)
+    factor = geometry.patch * geometry.merge
+    if largest.frames is not None or min(height, width) < 2 * factor:
+        squares = largest.patches // geometry.merge ** 2
+        across = max(2, math.isqrt(squares - 1) + 1)
+        width, height = across * factor, max(2, -(-squares // across)) * factor
+    return tpu_options(family, config, config_dtype(config) or "bfloat16", seq_length=sizes.max_length,
+                       max_pixels=f"{width},{height}")
+
+
+def tpu_plan(sizing: Sizing) -> TpuPlan:
+    """The options that hold the planned inputs."""
+    return TpuPlan(tpu_mlir_options(sizing.family, sizing.config, sizing.inputs, sizing.sizes))
