@@ -69,21 +69,20 @@ def plan(
     """Count the patches and tokens each input becomes, and the compile sizes that hold them.
 
     Each image is resized as the model's processor does (smart_resize to multiples of 28 within \\[min_pixels,
-    max_pixels]; a video's frames with the same bounds, two frames to a grid step; Qwen-VL: 448x448, 256
-    tokens), then cut into 14-pixel patches; 2x2 patches make a token. The compile sizes hold the largest input,
-    one input per request: visual N (patches, a multiple of 16), prefill (its tokens + the prompt) and max
-    context (+ the answer), multiples of 16 within max_position_embeddings. Per target: vamc's N, input_ids
-    (a prefill holding N's tokens + the prompt), the max_pixels N allows (N x 14 x 14) and output split;
-    tpu-mlir's --max_pixels W,H and --seq_length; paddle-inference's --max-seq-len. Each target's `vlhub
-    convert` command is checked as convert checks it (with --no-smoke where N is below the smoke image).
+    max_pixels]; a video's frames with the same bounds, two frames to a grid step; a family that resizes every
+    image to one size: that size, a fixed number of tokens), then cut into 14-pixel patches; 2x2 patches make a
+    token. The compile sizes hold the largest input, one input per request: visual N (patches, a multiple of 16),
+    prefill (its tokens + the prompt) and max context (+ the answer), multiples of 16 within
+    max_position_embeddings. Then, for each deployment target the family has a route to (--target: one), the
+    options that hold them and the `vlhub convert` command that builds it, checked as convert checks it (with
+    --no-smoke where the smoke image would not fit).
 
     --json prints an object: model, family, min_pixels, max_pixels, prompt_tokens, answer_tokens, fit_patches
     (the N inputs are checked against), inputs (input, kind, width, height, frames, resized {height, width},
     grid \\[t, h, w], patches, tokens, fits, refit: null, or the input resized with the max_pixels that fits),
-    compile (visual_patches, prefill_length, max_length, position_limit) and targets (vamc: visual_patches,
-    given, max_pixels, input_ids, output_split, command: null when N passes what vlhub builds; tpu-mlir:
-    max_pixels \\[W, H], seq_length, vision_patches, vision_tokens, command; paddle-inference: max_seq_len,
-    command; a target this model cannot take: unavailable, the reason)."""
+    compile (visual_patches, prefill_length, max_length, position_limit) and targets (by name: the target's own
+    sizes and command, null where vlhub cannot build it; a target this model cannot take: unavailable, the
+    reason)."""
     if frames is not None and video is None:
         raise UserError("--frames goes with --video WxH: the frame size of the video it counts")
     if video is not None and frames is None:

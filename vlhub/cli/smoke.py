@@ -59,10 +59,10 @@ def smoke(
     *,
     flags: TargetFlags,
 ) -> None:
-    """Run the converted model in its runtime (Paddle for Paddle weights; paddle.inference, plus the weights,
-    for a paddle-inference layout) and the numpy reference on the source, on one synthetic image and prompt; compare vision embeddings, prefill logits and greedy
-    tokens. A tpu-mlir layout with a toolchain also runs its bmodel's first token on the cmodel simulator, which
-    must choose the reference's token. Exit 0 when within tolerance, 1 when not."""
+    """Run the converted model in its runtime (Paddle for Paddle weights, the numpy reference for the others;
+    a deployment layout as its target's smoke test says: its static graphs, its ONNX networks, its bmodel on a
+    simulator) and the numpy reference on the source, on one synthetic image and prompt; compare vision
+    embeddings, prefill logits and greedy tokens. Exit 0 when within tolerance, 1 when not."""
     runner = smoke_runner(_artifact(path, target), flags.smoke)
     with smoke_status() as status:
         report = run_smoke(runner, against=against, tokens=tokens, streamed=streamed, status=status)
@@ -111,7 +111,7 @@ def show_report(report: SmokeReport, as_json: bool) -> None:
             "[green]pass[/]" if stage.passed else f"[red]FAIL[/] {escape(stage.detail)}",
         )
     stdout.print(table)
-    if report.tokens_ref:  # a vamc layout generates none
+    if report.tokens_ref:  # a layout whose language model cannot run here generates none
         stdout.print(f"tokens: reference {report.tokens_ref}, converted {report.tokens_out}")
     for stage in report.skipped:
         stdout.print(f"not run here: {escape(stage.name)}: {escape(stage.detail)}")

@@ -1,8 +1,8 @@
 """`vlhub convert`'s library side: a source's headers read once, its conversion planned once, written streaming.
 
     with open_source(locate_source("tiny-qwen2-vl")) as source:
-        conversion = source.plan("paddle", Output("paddlemix", "pdparams"))
-        result = conversion.write(out)            # or conversion.plan for a dry run
+        conversion = source.plan(target.name, target.output)   # a target of vlhub.targets.registry
+        result = conversion.write(out)                          # or conversion.plan for a dry run
 
 Everything lands in a staging directory beside the output and is renamed into place at the end; an error or an
 interruption leaves nothing behind. A deployment layout writes its weights with `write_into`, inside its own

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from vlhub.convert.layouts import UNKNOWN, detect_family, detect_layout
 from vlhub.convert.ops import FLOAT_DTYPES
 from vlhub.errors import UserError
+from vlhub.families import FAMILIES
 from vlhub.formats.tensors import TensorMeta
 from vlhub.keymaps import KeyMap, Layout, evaluate, load_keymap
 
@@ -83,7 +84,8 @@ def checkpoint_family(tensors: dict[str, TensorMeta], config: dict | None) -> st
     family = detect_family(config, names)
     if family is None:
         raise UserError(f"cannot tell which model family this checkpoint is; keys seen: {', '.join(names[:6])}"
-                        f"{' ...' if len(names) > 6 else ''} (vlhub converts Qwen-VL, Qwen2-VL and Qwen2.5-VL)")
+                        f"{' ...' if len(names) > 6 else ''} (vlhub converts "
+                        f"{', '.join(f.display_name for f in FAMILIES.values())})")
     return family
 
 

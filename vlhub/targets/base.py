@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from vlhub.convert.conversion import Conversion, Model, Output
 from vlhub.manifest import Manifest
+from vlhub.sizes import Sizing
+from vlhub.targets.checks import Check, LayoutContext, Need, common_build_needs
 
-if TYPE_CHECKING:  # the types a target's hooks take and give; these modules import nothing of the registry
-    from vlhub.sizes import Sizing
+if TYPE_CHECKING:  # smoke.run is the smoke test's machinery, above this protocol
     from vlhub.smoke.run import SmokeRunner
-    from vlhub.targets.checks import Check, LayoutContext, Need
 
 OnBytes = Callable[[int], None] | None
 
@@ -119,3 +119,39 @@ class Target(Protocol):
 
     def next_needs(self, params: int, model_bytes: int, where: str) -> list[Need]:
         """What comes after the output is written: a compile, or loading it to serve."""
+
+
+class TargetDefaults:
+    """What a target does where it has nothing of its own: each target's class starts from these and overrides
+    what it has (`Target` says what each is)."""
+
+    name: str
+    smoke_options: type | None = None
+    marks: tuple[str, ...] = ()
+    weights_glob: str | None = None
+    takes_patches = False
+    reads_plain_weights = False
+
+    def require(self, spec: Any) -> None:
+        """Nothing beyond vlhub itself is needed to build it."""
+
+    def written_bytes(self, weights: int, config: dict) -> int:
+        return weights
+
+    def plan(self, sizing: Sizing) -> TargetPlan | None:
+        return None
+
+    def check_patches(self, config: dict, patches: int) -> None:
+        raise AssertionError(f"--to {self.name} takes no given visual compile size (takes_patches is false)")
+
+    def vendor_files(self, family: str) -> tuple[str, ...]:
+        return ()
+
+    def dtype_check(self, ctx: LayoutContext, stored: str | None) -> Check | None:
+        return None
+
+    def number_checks(self, ctx: LayoutContext) -> list[Check]:
+        return []
+
+    def build_needs(self, params: int, model_bytes: int) -> list[Need]:
+        return common_build_needs(params, model_bytes)

@@ -9,10 +9,9 @@ from pathlib import Path
 
 from vlhub.convert.conversion import Conversion, Model, Output
 from vlhub.manifest import Manifest
-from vlhub.sizes import Sizing
 from vlhub.smoke.run import CheckpointRunner
-from vlhub.targets.base import OnBytes, TargetPlan, flag
-from vlhub.targets.checks import Check, LayoutContext, Need, common_build_needs, paddle_check
+from vlhub.targets.base import OnBytes, TargetDefaults, flag
+from vlhub.targets.checks import Check, Need, paddle_check
 from vlhub.units import parse_size
 
 
@@ -40,29 +39,18 @@ class CheckpointSpec:
 
 
 @dataclass(frozen=True)
-class CheckpointTarget:
-    """One checkpoint format as a target."""
+class CheckpointTarget(TargetDefaults):
+    """One checkpoint format as a target: the output is the weight folder, nothing is compiled."""
 
     name: str
     output: Output
     options: type = CheckpointOptions
-    smoke_options: type | None = None
     is_layout: bool = False
     summary: str = ""
-    marks: tuple[str, ...] = ()
-    weights_glob: str | None = None
-    takes_patches: bool = False
-    reads_plain_weights: bool = False
 
     def settle(self, options: CheckpointOptions, model: Model, *, smoke: bool) -> CheckpointSpec:
         shard = parse_size(options.max_shard_size) if options.max_shard_size else None
         return CheckpointSpec(options.dtype, shard, options.allow_unmatched)
-
-    def require(self, spec: CheckpointSpec) -> None:
-        """Nothing beyond vlhub itself writes a checkpoint."""
-
-    def written_bytes(self, weights: int, config: dict) -> int:
-        return weights
 
     def progress(self, conversion: Conversion, spec: CheckpointSpec) -> tuple[str, int]:
         return f"converting to {self.name}", conversion.plan.total_bytes
@@ -75,27 +63,9 @@ class CheckpointTarget:
     def smoke_runner(self, layout: Path, manifest: Manifest | None, options: object) -> CheckpointRunner:
         return CheckpointRunner(layout)
 
-    def plan(self, sizing: Sizing) -> TargetPlan | None:
-        return None  # a checkpoint takes any size its processor allows: nothing is compiled
-
-    def check_patches(self, config: dict, patches: int) -> None:
-        raise AssertionError("a checkpoint has no visual compile size")
-
-    def vendor_files(self, family: str) -> tuple[str, ...]:
-        return ()
-
-    def dtype_check(self, ctx: LayoutContext, stored: str | None) -> Check | None:
-        return None
-
-    def number_checks(self, ctx: LayoutContext) -> list[Check]:
-        return []
-
     def toolchain_checks(self, family: str | None, weights: Path | None) -> list[Check]:
         # Paddle's loaders (and the smoke test) read pdparams with paddlepaddle; the others need nothing here
         return [paddle_check(required=False)] if self.output.format == "pdparams" else []
-
-    def build_needs(self, params: int, model_bytes: int) -> list[Need]:
-        return common_build_needs(params, model_bytes)
 
     def next_needs(self, params: int, model_bytes: int, where: str) -> list[Need]:
         return [Need("load", "memory", model_bytes, None, "the whole model in its stored dtype")]

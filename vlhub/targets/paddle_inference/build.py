@@ -56,7 +56,7 @@ def layout_ir(family: Family, ir: str | None) -> str:
         return family.route(NAME)["ir"]
     if ir not in IR_SUFFIX:
         raise UserError(f"--ir {ir!r}: choose pir (writes .json, Paddle 3's default) or legacy (.pdmodel, which "
-                        "PaddleMIX's Qwen-VL static predictor opens)")
+                        "PaddleMIX's static predictor opens)")
     return ir
 
 

@@ -65,16 +65,18 @@ from paddle.framework.io_utils import is_persistable
 from paddle.static import InputSpec
 from paddle.static.pir_io import append_pir_fetch_ops, get_pir_parameters
 
-from vlhub.atomic import ensure_free_space, swap_in
+from vlhub.atomic import ensure_free_space
 from vlhub.convert.layouts import detect_layout, embedding_candidates
 from vlhub.convert.ops import cast_float, transpose_2d
 from vlhub.convert.pipeline import ordered_steps
 from vlhub.convert.plan import Plan, Step, plan_conversion
 from vlhub.errors import CheckFailed, UserError
+from vlhub.families import FAMILIES
 from vlhub.formats.readers import Checkpoint, open_checkpoint
 from vlhub.formats.tensors import dtype_info, float32_values, logical_dtype
-from vlhub.formats.writers import file_entry, temporary_name, write_json_atomic
+from vlhub.formats.writers import file_entry, write_json_atomic
 from vlhub.smoke.paddle_forward import MASKED, PaddleFamily, as_float32, family_network, pdparams_entry
+from vlhub.targets.paddle_inference.build import NAME
 
 CHECKPOINTS = "checkpoints"  # the directory under out_dir that holds the graphs
 IRS = ("pir", "legacy")
@@ -93,8 +95,8 @@ Status = Callable[[str], None]
 
 
 def graph_prefix(family: str) -> str:
-    """The text graphs' file prefix: `qwen` for Qwen-VL, as PaddleNLP's deploy scripts name it, else `model`."""
-    return "qwen" if family == "qwen_vl" else "model"
+    """The text graphs' file prefix: the family's `text_prefix` (the one its PaddleNLP deploy script names)."""
+    return FAMILIES[family].route(NAME)["text_prefix"]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -361,7 +363,9 @@ def _write_params(files: dict[_ParamsFile, dict[str, str]], checkpoint: Checkpoi
 def export_static(weights_dir: Path, out_dir: Path, *, ir: str = "pir", dtype: str, max_seq_len: int,
                   on_step: Status | None = None) -> dict:
     """Write the vision graph and the text graph (prefill and decode steps) of the converted checkpoint at
-    `weights_dir` to `out_dir/checkpoints` (replacing it, atomically), with parameters stored in `dtype`.
+    `weights_dir` to `out_dir/checkpoints`, which must not exist yet, with parameters stored in `dtype`. The caller
+    stages `out_dir` (`vlhub convert --to paddle-inference` builds the whole layout in one staging directory); a
+    failed export removes what it wrote.
 
     `max_seq_len` bounds prompt plus generated tokens (recorded for the predictor; Qwen-VL's cannot pass
     its seq_length, where the graph's rotary would need dynamic NTK). Returns what was written: family,
@@ -378,8 +382,7 @@ def export_static(weights_dir: Path, out_dir: Path, *, ir: str = "pir", dtype: s
     say = on_step or (lambda _message: None)
     started = time.monotonic()
     weights_dir, out_dir = Path(weights_dir), Path(out_dir)
-    final = out_dir / CHECKPOINTS
-    staging = temporary_name(final)
+    root = out_dir / CHECKPOINTS
     with open_checkpoint(pdparams_entry(weights_dir), bf16=True) as checkpoint:  # Paddle reads uint16 as bf16
         family, network = family_network(weights_dir, checkpoint.config)
         if max_seq_len > network.position_limit:
@@ -387,18 +390,17 @@ def export_static(weights_dir: Path, out_dir: Path, *, ir: str = "pir", dtype: s
                             f"{network.position_limit}, past which the graphs do not compute as the model does")
         plan = plan_conversion(checkpoint.tensors, checkpoint.config, target_layout="paddlemix", dtype=dtype)
         ensure_free_space(out_dir, sum(step.target.nbytes for step in plan.steps), "the static graphs")
-        staging.mkdir(parents=True)
+        root.mkdir(parents=True)
         try:
             with _IR_GUARDS[ir]():
-                graphs = _export(checkpoint, plan, family, network, staging, ir, dtype, say)
+                graphs = _export(checkpoint, plan, family, network, root, ir, dtype, say)
             config = {**checkpoint.config, "infer_model_max_seq_len": max_seq_len, "infer_model_dtype": dtype,
                       "infer_model_paddle_commit": paddle.version.commit}
-            write_json_atomic(staging / "encode_text" / "config.json", config)
+            write_json_atomic(root / "encode_text" / "config.json", config)
             say("hashing the files")
-            files = _file_digests(staging)
-            swap_in(staging, final)
+            files = _file_digests(root)
         except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
+            shutil.rmtree(root, ignore_errors=True)
             raise
     return {"family": family, "ir": ir, "dtype": dtype, "max_seq_len": max_seq_len, "prefix": graph_prefix(family),
             "graphs": graphs, "files": files, "seconds": round(time.monotonic() - started, 2)}
@@ -448,7 +450,7 @@ def _export(checkpoint: Checkpoint, plan: Plan, family: str, network: PaddleFami
 
 
 def _file_digests(root: Path) -> dict[str, dict]:
-    """sha256 and size of every file under `root` (the staged checkpoints directory), by path relative to
+    """sha256 and size of every file under `root` (the checkpoints directory), by path relative to
     out_dir."""
     return {f"{CHECKPOINTS}/{path.relative_to(root).as_posix()}": file_entry(path)
             for path in sorted(p for p in root.rglob("*") if p.is_file())}

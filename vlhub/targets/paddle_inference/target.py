@@ -10,7 +10,7 @@ from vlhub.convert.conversion import Conversion, Model, Output
 from vlhub.families import FAMILIES
 from vlhub.manifest import Manifest
 from vlhub.sizes import Sizing
-from vlhub.targets.base import OnBytes, flag
+from vlhub.targets.base import OnBytes, TargetDefaults, flag
 from vlhub.targets.checks import Check, LayoutContext, Need, paddle_check
 from vlhub.targets.paddle_inference import check
 from vlhub.targets.paddle_inference.build import (
@@ -39,26 +39,24 @@ class PaddleInferenceOptions:
 
     dtype: str | None = flag("The weights' and graphs' dtype: float16, bfloat16 or float32 (default: "
                              f"{_defaults('dtype', otherwise='else the source')}).")
-    ir: str | None = flag("Graphs: pir (.json, Paddle 3's) or legacy (.pdmodel, which PaddleMIX's Qwen-VL static "
-                          f"predictor opens); default {_defaults('ir')}.")
+    ir: str | None = flag("Graphs: pir (.json, Paddle 3's) or legacy (.pdmodel, which PaddleMIX's static predictor "
+                          f"opens); default {_defaults('ir')}.")
     max_seq_len: int | None = flag(f"The longest prompt plus generation the layout is for (default "
                                    f"{DEFAULT_MAX_SEQ_LEN}).")
 
 
-class PaddleInferenceTarget:
+class PaddleInferenceTarget(TargetDefaults):
     """Weights in the names Paddle's inference loaders read, and static graphs."""
 
-    name: str = NAME
+    name = NAME
     # the names Paddle's inference loaders read: a family's own paddle-inference layout, else PaddleMIX's
-    output: Output = Output(("paddle-inference", "paddlemix"), "pdparams")
-    options: type = PaddleInferenceOptions
-    smoke_options: type | None = None
-    is_layout: bool = True
-    summary: str = "weights in {weights}/, static graphs in checkpoints/; its README.md says how to run them"
-    marks: tuple[str, ...] = ("checkpoints", "*-inference")
-    weights_glob: str | None = "*-inference"
-    takes_patches: bool = False
-    reads_plain_weights: bool = True  # Paddle weights, checked as what Paddle's inference loaders read
+    output = Output(("paddle-inference", "paddlemix"), "pdparams")
+    options = PaddleInferenceOptions
+    is_layout = True
+    summary = "weights in {weights}/, static graphs in checkpoints/; its README.md says how to run them"
+    marks = ("checkpoints", "*-inference")
+    weights_glob = "*-inference"
+    reads_plain_weights = True  # Paddle weights, checked as what Paddle's inference loaders read
 
     def settle(self, options: PaddleInferenceOptions, model: Model, *, smoke: bool) -> PaddleInferenceSpec:
         ir = layout_ir(model.family, options.ir)
@@ -86,12 +84,6 @@ class PaddleInferenceTarget:
 
     def plan(self, sizing: Sizing) -> PaddleInferencePlan:
         return paddle_inference_plan(sizing)
-
-    def check_patches(self, config: dict, patches: int) -> None:
-        raise AssertionError("Paddle Inference graphs take any number of patches")
-
-    def vendor_files(self, family: str) -> tuple[str, ...]:
-        return ()
 
     def dtype_check(self, ctx: LayoutContext, stored: str | None) -> Check | None:
         return check.dtype_check(ctx, stored)

@@ -69,13 +69,15 @@ from onnx import TensorProto, helper, numpy_helper
 from vlhub import __version__
 from vlhub.atomic import ensure_free_space, swap_in
 from vlhub.errors import UserError
+from vlhub.families import FAMILIES
 from vlhub.formats.writers import file_entry, temporary_name
 from vlhub.keymaps.config import text_config, tie_word_embeddings
+from vlhub.sizes import config_family
 from vlhub.smoke.inputs import DEVICE_MASKED
 from vlhub.smoke.reference import inverse_frequencies, rotary_tables
 from vlhub.smoke.weights import ModelWeights
+from vlhub.targets.tpu_mlir.build import NAME
 
-FAMILIES = ("qwen2_vl", "qwen2_5_vl")
 OPSET = 15  # what the sophon-demo / LLM-TPU exporters used
 IR_VERSION = 8  # opset 15's; TPU-MLIR's onnxruntime 1.16 refuses IR versions above 9
 MASK_VALUE = float(DEVICE_MASKED)
@@ -127,8 +129,7 @@ def export_onnx(weights: ModelWeights, out: Path, *, seq_length: int, vision_pat
 
     Returns `files` (path relative to `out` -> sha256, size) and `networks` (name -> its `file` and its
     `inputs` / `outputs` as [name, shape, dtype])."""
-    if weights.family not in FAMILIES:
-        raise UserError(f"the ONNX export covers {', '.join(FAMILIES)}, not {weights.family}")
+    FAMILIES[weights.family].route(NAME)  # the families llm_convert takes are the ones the ONNX flow does
     config = weights.config
     dims = TextDims.from_config(config)
     unit = config["vision_config"].get("spatial_merge_size", 2) ** 2
@@ -516,8 +517,10 @@ def _vision_transformer(store: _Store, config: dict, patches: int, *, vacc: bool
     """Patch embedding, blocks and merger over P padded patch rows (see the module doc for the inputs; with
     `vacc`, VastAI's form instead: see `export_vacc_vision`)."""
     cfg = config["vision_config"]
-    qwen25 = config["model_type"] == "qwen2_5_vl"
-    width, heads = (cfg["hidden_size"] if qwen25 else cfg["embed_dim"]), cfg["num_heads"]
+    vision = config_family(config).vision
+    # window attention comes with llm_convert's names and forms of the masks (TPU-MLIR python/llm/Qwen2_5VLConverter.py)
+    windows = vision.window_attention
+    width, heads = int(cfg.get("embed_dim") or cfg["hidden_size"]), cfg["num_heads"]
     dim = width // heads
     unit = cfg.get("spatial_merge_size", 2) ** 2
     patch_values = math.prod(store.shapes["visual.patch_embed.proj.weight"][1:])
@@ -526,15 +529,15 @@ def _vision_transformer(store: _Store, config: dict, patches: int, *, vacc: bool
         pixels = g.input("pixel_values", _F32, [patches, patch_values])
         # vacc masks say 1 (attend) or 0, as the boolean mask its SDPA takes
         masks = [g.op("Mul", g.op("Sub", g.input(name, _F32, [1, patches, patches]), g.const(1.0)),
-                      g.const(-MASK_VALUE)) for name in ("attention_mask", "window_attention_mask")[: 1 + qwen25]]
+                      g.const(-MASK_VALUE)) for name in ("attention_mask", "window_attention_mask")[: 1 + windows]]
         full, window = masks[0], masks[-1]
         cos, sin = (g.input(name, _F32, [patches, dim]) for name in ("cos", "sin"))
     else:
         pixels = g.input("input_states", _F32, [patches, patch_values])
         positions = g.input("position_ids", _I32, [patches, 2])
-        mask_shape = [1, 1, patches, patches] if qwen25 else [1, patches, patches]
-        full = g.input("full_attn_mask" if qwen25 else "attention_mask", _F32, mask_shape)
-        if qwen25:
+        mask_shape = [1, 1, patches, patches] if windows else [1, patches, patches]
+        full = g.input("full_attn_mask" if windows else "attention_mask", _F32, mask_shape)
+        if windows:
             window = g.input("window_attn_mask", _F32, mask_shape)
             reverse = g.input("reverse_index", _I32, [patches // unit])
         # rows and columns are below P; each gathers D/4 angles, and (row, column) repeated makes the D-wide table
@@ -549,18 +552,18 @@ def _vision_transformer(store: _Store, config: dict, patches: int, *, vacc: bool
     full_blocks = set(cfg.get("fullatt_block_indexes", []))
 
     def norm(x: str, prefix: str) -> str:
-        return _rms_norm(g, x, prefix + ".weight", 1e-6) if qwen25 else _layer_norm(g, x, prefix)
+        return _rms_norm(g, x, prefix + ".weight", 1e-6) if vision.norm == "rms" else _layer_norm(g, x, prefix)
 
     for block in range(cfg["depth"]):
         p = f"visual.blocks.{block}."
-        mask = full if not qwen25 or block in full_blocks else window
+        mask = full if not windows or block in full_blocks else window
         qkv = g.op("Reshape", _linear(g, norm(x, p + "norm1"), p + "attn.qkv"), g.const([patches, 3, heads, dim]))
         q, k, v = g.ops("Split", (g.op("Transpose", qkv, perm=[1, 2, 0, 3]), g.const([1, 1, 1])), [None] * 3, axis=0)
         q, k = (_rotary(g, t, cos, sin, dim) for t in (q, k))
         attended = g.op("Transpose", _attention(g, q, k, v, mask, dim), perm=[0, 2, 1, 3])
         x = g.op("Add", x, _linear(g, g.op("Reshape", attended, g.const([patches, width])), p + "attn.proj"))
         h = norm(x, p + "norm2")
-        if qwen25:
+        if vision.mlp == "gated":
             act = g.op("Mul", _silu(g, _linear(g, h, p + "mlp.gate_proj")), _linear(g, h, p + "mlp.up_proj"))
             x = g.op("Add", x, _linear(g, act, p + "mlp.down_proj"))
         else:
@@ -572,7 +575,7 @@ def _vision_transformer(store: _Store, config: dict, patches: int, *, vacc: bool
     gelu = g.op("Mul", g.op("Mul", h, g.const(0.5)),
                 g.op("Add", g.op("Erf", g.op("Mul", h, g.const(1 / math.sqrt(2)))), g.const(1.0)))
     output = "image_embeds" if vacc else "hidden_states"
-    reordered = qwen25 and not vacc  # vacc puts the tokens back in image order on the host
+    reordered = windows and not vacc  # vacc puts the tokens back in image order on the host
     merged = _linear(g, gelu, "visual.merger.mlp.2", out=None if reordered else output)
     if reordered:
         g.op("Gather", merged, reverse, axis=0, out=output)

@@ -20,6 +20,7 @@ import numpy as np
 import onnxruntime as ort
 
 from vlhub.errors import UserError
+from vlhub.sizes import config_family
 from vlhub.smoke.inputs import SmokeInput, VisionGeometry, pad_rows, padded_mask
 from vlhub.smoke.reference import causal_mask
 from vlhub.targets.tpu_mlir.onnx_export import LLM_DIR, MASK_VALUE, VIT, network_file
@@ -32,7 +33,7 @@ class OnnxPipeline:
         """`resident` keeps every network loaded; otherwise each is loaded for each use and dropped, so memory
         holds one network at a time (slow: every decode step reloads every layer)."""
         self.out = Path(out)
-        self.qwen25 = config.get("model_type") == "qwen2_5_vl"
+        self.windows = config_family(config).vision.window_attention
         self.unit = VisionGeometry.from_config(config).merge ** 2
         self.resident = resident
         self._sessions: dict[str, ort.InferenceSession] = {}
@@ -46,7 +47,7 @@ class OnnxPipeline:
         to the ViT's P rows (Qwen2.5-VL: in window order), their position ids and masks."""
         vision = smoke.vision
         if vision is None:
-            raise UserError("the ONNX networks are Qwen2-VL / Qwen2.5-VL's; this input has no vision patches")
+            raise UserError("the ONNX networks' ViT takes patch rows; this input has no vision patches")
         count, patches = len(vision.pixel_values), self.patches
         if count > patches:
             raise UserError(f"the image has {count} patches; the exported ViT takes at most {patches}")
@@ -54,7 +55,7 @@ class OnnxPipeline:
         pixels, positions = vision.pixel_values, vision.position_ids
         full = padded_mask(vision.full_mask, patches)[None]
         masks = {"attention_mask": full}
-        if self.qwen25:  # llm_convert's form and names
+        if self.windows:  # llm_convert's form and names for window attention
             assert vision.window_index is not None and vision.reverse_index is not None
             assert vision.window_mask is not None
             pixels, positions = (a.reshape(-1, self.unit, a.shape[-1])[vision.window_index].reshape(a.shape)

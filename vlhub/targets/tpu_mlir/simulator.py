@@ -126,7 +126,7 @@ def check_fits(smoke: SmokeInput, seq_length: int, patches: int) -> VisionInputs
     """Refuse a bmodel whose ViT rows or sequence cannot hold the smoke image and prompt; its vision inputs."""
     vision = smoke.vision
     if vision is None:
-        raise UserError("the simulator runs Qwen2-VL / Qwen2.5-VL bmodels; this input has no vision patches")
+        raise UserError("the simulator runs bmodels whose ViT takes patch rows; this input has no vision patches")
     if len(vision.pixel_values) > patches:
         raise UserError(f"the smoke image is {len(vision.pixel_values)} patches and this bmodel's ViT takes "
                         f"{patches}: convert with a --max-pixels that holds it, e.g. 168,112")

@@ -10,8 +10,8 @@ from vlhub.convert.conversion import Conversion, Model, Output
 from vlhub.families import FAMILIES
 from vlhub.manifest import Manifest
 from vlhub.sizes import Sizing
-from vlhub.targets.base import OnBytes, flag
-from vlhub.targets.checks import Check, LayoutContext, Need, common_build_needs
+from vlhub.targets.base import OnBytes, TargetDefaults, flag
+from vlhub.targets.checks import Check, LayoutContext, Need
 from vlhub.targets.tpu_mlir import check
 from vlhub.targets.tpu_mlir.build import (
     DEFAULT_GROUP_SIZE,
@@ -47,20 +47,18 @@ class TpuMlirOptions:
                       "compile_onnx.sh; the smoke test then runs them in onnxruntime.", default=False)
 
 
-class TpuMlirTarget:
+class TpuMlirTarget(TargetDefaults):
     """The Hugging Face directory TPU-MLIR's llm_convert reads, and its compile scripts."""
 
-    name: str = NAME
+    name = NAME
     # the Hugging Face directory llm_convert reads (build.py writes the rest of the layout around it)
-    output: Output = Output("official", "safetensors")
-    options: type = TpuMlirOptions
-    smoke_options: type | None = TpuSmokeOptions
-    is_layout: bool = True
-    summary: str = "model/ for llm_convert and compile.sh; its README.md says how to compile and run it"
-    marks: tuple[str, ...] = ("model", "compile.sh")
-    weights_glob: str | None = "model"
-    takes_patches: bool = False
-    reads_plain_weights: bool = False
+    output = Output("official", "safetensors")
+    options = TpuMlirOptions
+    smoke_options = TpuSmokeOptions
+    is_layout = True
+    summary = "model/ for llm_convert and compile.sh; its README.md says how to compile and run it"
+    marks = ("model", "compile.sh")
+    weights_glob = "model"
 
     def settle(self, options: TpuMlirOptions, model: Model, *, smoke: bool) -> TpuSpec:
         settled = tpu_options(
@@ -77,9 +75,6 @@ class TpuMlirTarget:
     def require(self, spec: TpuSpec) -> None:
         if spec.onnx:
             check_onnx_installed()
-
-    def written_bytes(self, weights: int, config: dict) -> int:
-        return weights
 
     def progress(self, conversion: Conversion, spec: TpuSpec) -> tuple[str, int]:
         total = conversion.plan.total_bytes
@@ -100,12 +95,6 @@ class TpuMlirTarget:
     def plan(self, sizing: Sizing) -> TpuPlan:
         return tpu_plan(sizing)
 
-    def check_patches(self, config: dict, patches: int) -> None:
-        raise AssertionError("llm_convert sizes its ViT from --max-pixels")
-
-    def vendor_files(self, family: str) -> tuple[str, ...]:
-        return ()
-
     def dtype_check(self, ctx: LayoutContext, stored: str | None) -> Check | None:
         return check.dtype_check(ctx, stored)
 
@@ -114,9 +103,6 @@ class TpuMlirTarget:
 
     def toolchain_checks(self, family: str | None, weights: Path | None) -> list[Check]:
         return check.toolchain_checks()
-
-    def build_needs(self, params: int, model_bytes: int) -> list[Need]:
-        return common_build_needs(params, model_bytes)
 
     def next_needs(self, params: int, model_bytes: int, where: str) -> list[Need]:
         return check.next_needs(params, where)

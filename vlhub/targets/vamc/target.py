@@ -11,8 +11,8 @@ from vlhub.convert.conversion import Conversion, Model, Output
 from vlhub.families import FAMILIES
 from vlhub.manifest import Manifest
 from vlhub.sizes import Sizing
-from vlhub.targets.base import OnBytes, flag
-from vlhub.targets.checks import Check, LayoutContext, Need, common_build_needs
+from vlhub.targets.base import OnBytes, TargetDefaults, flag
+from vlhub.targets.checks import Check, LayoutContext, Need
 from vlhub.targets.vamc import check
 from vlhub.targets.vamc.build import (
     DEFAULT_MAX_PIXELS,
@@ -42,21 +42,20 @@ class VamcOptions:
     dtype: str | None = flag("float16, the only dtype the recipes compile.")
 
 
-class VamcTarget:
-    """The VastAI VACC layout: the weight folder, yamls and embedding table vamc and vastgenx take."""
+class VamcTarget(TargetDefaults):
+    """The VastAI VACC layout: the weight folder, yamls and embedding table vamc and vastgenx take (vamc itself
+    runs elsewhere: `vlhub check` says whether it is here)."""
 
-    name: str = NAME
+    name = NAME
     # the HF folder vamc's frontend.checkpoint names (build.py writes the rest of the layout around it)
-    output: Output = Output("official", "safetensors")
-    options: type = VamcOptions
-    smoke_options: type | None = None
-    is_layout: bool = True
-    summary: str = ("{weights}/ for vamc, build_in/build/*.yaml, embed_tokens.bin and compile.sh; its README.md says "
-                    "how to compile and serve it")
-    marks: tuple[str, ...] = ("weights", "build_in")
-    weights_glob: str | None = "weights/*"
-    takes_patches: bool = True  # the visual network's N
-    reads_plain_weights: bool = False
+    output = Output("official", "safetensors")
+    options = VamcOptions
+    is_layout = True
+    summary = ("{weights}/ for vamc, build_in/build/*.yaml, embed_tokens.bin and compile.sh; its README.md says how "
+               "to compile and serve it")
+    marks = ("weights", "build_in")
+    weights_glob = "weights/*"
+    takes_patches = True  # the visual network's N
 
     def settle(self, options: VamcOptions, model: Model, *, smoke: bool) -> VamcSpec:
         settled = vamc_options(model.family, model.config, image=options.image, max_pixels=options.max_pixels,
@@ -65,9 +64,6 @@ class VamcTarget:
         if smoke:
             check_smoke_image_fits(settled)
         return VamcSpec(model.family, settled)
-
-    def require(self, spec: VamcSpec) -> None:
-        """vamc itself runs elsewhere (`vlhub check` reports whether it is here)."""
 
     def written_bytes(self, weights: int, config: dict) -> int:
         return written_bytes(weights, config)
@@ -92,17 +88,11 @@ class VamcTarget:
     def vendor_files(self, family: str) -> tuple[str, ...]:
         return Recipe.of(FAMILIES[family]).vendor_files if FAMILIES[family].routes_to(NAME) else ()
 
-    def dtype_check(self, ctx: LayoutContext, stored: str | None) -> Check | None:
-        return None
-
     def number_checks(self, ctx: LayoutContext) -> list[Check]:
         return check.number_checks(ctx)
 
     def toolchain_checks(self, family: str | None, weights: Path | None) -> list[Check]:
         return check.toolchain_checks(family, weights)
-
-    def build_needs(self, params: int, model_bytes: int) -> list[Need]:
-        return common_build_needs(params, model_bytes)
 
     def next_needs(self, params: int, model_bytes: int, where: str) -> list[Need]:
         return check.next_needs(params, where)
