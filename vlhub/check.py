@@ -47,8 +47,6 @@ from vlhub.targets.registry import TARGETS, checkpoint_target, layouts, recorded
 from vlhub.units import format_size
 
 AUTO = "auto"  # --target auto: the manifest's target, else the weights' format
-# what a compile or a run writes inside a layout: never in the manifest, never stray
-_OUTPUT_DIRS = ("compiled", "compiled_onnx", "vamc_results")
 _SCAN_BLOCK = 64 << 20  # bytes of one tensor the NaN/Inf scan holds at a time
 _FAILS_WHEN_SHORT = ("download", "convert", "compile")  # steps that run here; "smoke", "serve" and "load" may not
 _MEMORY_FIX = {"smoke": "convert with --no-smoke here, and smoke-test it on a machine with more memory",
@@ -242,7 +240,7 @@ def _stray_check(ctx: LayoutContext) -> Check:
     stray_weights, unlisted = [], []
     for file in sorted(p for p in ctx.path.rglob("*") if p.is_file()):
         name = file.relative_to(ctx.path).as_posix()
-        if name in listed or name.split("/")[0] in _OUTPUT_DIRS or file.name.startswith("."):
+        if name in listed or name.split("/")[0] in TARGETS[ctx.target].compile_outputs or file.name.startswith("."):
             continue
         in_weights = file.parent == ctx.weights
         if in_weights and file.name in vendor:

@@ -133,11 +133,11 @@ class Reference:
             report.stages.append(Stage("load", False, detail=str(exc)))
             return report
         with loaded:
-            if loaded.family != self.family or any(
-                    loaded.config.get(k) != self.config.get(k) for k in _ARCHITECTURE_KEYS if k in self.config):
+            dims = [key for key in _ARCHITECTURE_KEYS if key in self.config]
+            if loaded.family != self.family or any(loaded.config.get(k) != self.config.get(k) for k in dims):
                 raise UserError(f"{artifact} is not the same architecture as the reference ({self.family}, "
-                                f"{', '.join(f'{k} {self.config.get(k)}' for k in _ARCHITECTURE_KEYS if k in self.config)}"
-                                "); pass --against a checkpoint of this model")
+                                f"{', '.join(f'{k} {self.config.get(k)}' for k in dims)}); pass --against a "
+                                "checkpoint of this model")
             runtime = runtime or ("paddle" if loaded.checkpoint.format.name == "pdparams" else "reference")
             stored = {step.target.name: step.source.dtype for step in loaded.plan.steps}
         pairs = [(self.dtypes[name], dtype) for name, dtype in stored.items() if name in self.dtypes]

@@ -74,6 +74,7 @@ class Target(Protocol):
     # weight folder is in one (None: the output is the weight folder)
     marks: tuple[str, ...]
     weights_glob: str | None
+    compile_outputs: tuple[str, ...]  # what its compile or run writes in a layout: never listed, never stray
     takes_patches: bool  # `vlhub plan --patches N` is a visual compile size of this target's
     # a plain checkpoint of its output format is checked as its weights (`vlhub check --target`): what its loaders read
     reads_plain_weights: bool
@@ -129,6 +130,7 @@ class TargetDefaults:
     smoke_options: type | None = None
     marks: tuple[str, ...] = ()
     weights_glob: str | None = None
+    compile_outputs: tuple[str, ...] = ()
     takes_patches = False
     reads_plain_weights = False
 

@@ -5,7 +5,7 @@ flow: `model_transform.py` per file, then `model_deploy.py` and `model_tool --co
         summary = export_onnx(weights, Path("deploy"), seq_length=2048, vision_patches=3136)
 
 The graphs are built node by node with onnx.helper from `ModelWeights` (official names, float32): no torch,
-no transformers. Files under `out/models/onnx/` (replaced as a whole, atomically), S = seq_length, H, KV,
+no transformers. Files under `out/models/onnx/` (the caller stages `out`), S = seq_length, H, KV,
 D = H / heads and V the text dims, P = vision_patches, all floats float32, opset 15, IR version 8:
 
     llm/block_{i}.onnx        input_states [1,S,H], position_ids [3,1,S] int64, attention_mask [1,1,S,S]
@@ -67,10 +67,10 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from vlhub import __version__
-from vlhub.atomic import ensure_free_space, swap_in
+from vlhub.atomic import ensure_free_space
 from vlhub.errors import UserError
 from vlhub.families import FAMILIES
-from vlhub.formats.writers import file_entry, temporary_name
+from vlhub.formats.writers import file_entry
 from vlhub.keymaps.config import text_config, tie_word_embeddings
 from vlhub.sizes import config_family
 from vlhub.smoke.inputs import DEVICE_MASKED
@@ -85,7 +85,7 @@ EXTERNAL_DATA_BYTES = 1_500_000_000
 TOP_K = 50
 MIN_TOKENS_TO_KEEP = 5
 FILTERED_LOGIT = -1000.0  # what the sample head gives tokens top-p drops (LLM-TPU's PenaltySampleHead)
-MODELS = "models"  # the directory under out that is replaced
+MODELS = "models"  # the directory under out that is written
 LLM_DIR = "models/onnx/llm"
 VIT_DIR = "models/onnx/vit"
 VIT = "vit"  # the ViT network's name
@@ -125,7 +125,9 @@ class TextDims:
 def export_onnx(weights: ModelWeights, out: Path, *, seq_length: int, vision_patches: int,
                 on_bytes: Progress | None = None) -> dict:
     """Write every network of the checkpoint behind `weights` under `out/models/onnx/` (see the module doc),
-    one at a time, replacing `out/models` atomically. `on_bytes` is told the size of everything written.
+    one at a time, into `out/models`, which must not exist yet: the caller stages `out` (`vlhub convert --to tpu-mlir
+    --onnx` builds the whole layout in one staging directory), and a failed export removes what it wrote.
+    `on_bytes` is told the size of everything written.
 
     Returns `files` (path relative to `out` -> sha256, size) and `networks` (name -> its `file` and its
     `inputs` / `outputs` as [name, shape, dtype])."""
@@ -141,23 +143,21 @@ def export_onnx(weights: ModelWeights, out: Path, *, seq_length: int, vision_pat
         raise UserError(f"seq_length {seq_length} cannot hold the {vision_patches // unit} tokens of the largest "
                         f"image ({vision_patches} patches)")
     out = Path(out)
-    final = out / MODELS
+    root = out / MODELS
     shapes = {step.target.name: step.target.shape for step in weights.plan.steps}
     tied = tie_word_embeddings(config)
     ensure_free_space(out, _estimated_bytes(shapes, tied), "the ONNX networks")
-    staging = temporary_name(final)
+    (root / "onnx" / "llm").mkdir(parents=True)
     try:
-        (staging / "onnx" / "llm").mkdir(parents=True)
-        (staging / "onnx" / "vit").mkdir()
-        writer = _Writer(weights, shapes, staging, on_bytes or (lambda _size: None))
+        (root / "onnx" / "vit").mkdir()
+        writer = _Writer(weights, shapes, root, on_bytes or (lambda _size: None))
         _write_text(writer, dims, seq_length, tied)
         with writer.group(VIT_DIR, VIT_STEM, [n for n in shapes if n.startswith("visual.")]) as store:
             writer.save(_vision_transformer(store, config, vision_patches), VIT_DIR, VIT_STEM)
-        files = {f"{MODELS}/{path.relative_to(staging).as_posix()}": file_entry(path)
-                 for path in sorted(p for p in staging.rglob("*") if p.is_file())}
-        swap_in(staging, final)
+        files = {f"{MODELS}/{path.relative_to(root).as_posix()}": file_entry(path)
+                 for path in sorted(p for p in root.rglob("*") if p.is_file())}
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(root, ignore_errors=True)
         raise
     return {"files": files, "networks": writer.networks}
 

@@ -59,6 +59,7 @@ class TpuMlirTarget(TargetDefaults):
     summary = "model/ for llm_convert and compile.sh; its README.md says how to compile and run it"
     marks = ("model", "compile.sh")
     weights_glob = "model"
+    compile_outputs = ("compiled", "compiled_onnx")  # compile.sh's and compile_onnx.sh's bmodels
 
     def settle(self, options: TpuMlirOptions, model: Model, *, smoke: bool) -> TpuSpec:
         settled = tpu_options(

@@ -55,6 +55,7 @@ class VamcTarget(TargetDefaults):
                "to compile and serve it")
     marks = ("weights", "build_in")
     weights_glob = "weights/*"
+    compile_outputs = ("vamc_results",)  # compile.sh's networks
     takes_patches = True  # the visual network's N
 
     def settle(self, options: VamcOptions, model: Model, *, smoke: bool) -> VamcSpec:
