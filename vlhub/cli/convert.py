@@ -159,7 +159,7 @@ def _smoke(out: Path, source: Source, tokens: int, smoke_flags: dict[str, Any]) 
     record_verdict(out, unfinished_verdict(RUNNING))
     try:
         with smoke_status() as status:
-            report = run_smoke(smoke_runner(out, smoke_flags), against=str(source.local()), tokens=tokens,
+            report = run_smoke(smoke_runner(out, smoke_flags), against=source.local(), tokens=tokens,
                                status=status)
     except RuntimeMissing as exc:
         stderr.print(f"warning: smoke test not run: {exc}", markup=False)

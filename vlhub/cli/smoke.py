@@ -25,6 +25,7 @@ from vlhub.cli._errors import reports_errors
 from vlhub.cli._options import JsonOpt, TargetFlags, with_target_flags
 from vlhub.cli._output import print_json, stderr, stdout
 from vlhub.errors import CheckFailed, UserError
+from vlhub.hub.sources import resolve_source
 from vlhub.hub.store import cached_artifact
 from vlhub.smoke.run import DEFAULT_TOKENS, run_smoke
 from vlhub.smoke.verdict import TOLERANCES, SmokeReport
@@ -65,7 +66,8 @@ def smoke(
     embeddings, prefill logits and greedy tokens. Exit 0 when within tolerance, 1 when not."""
     runner = smoke_runner(_artifact(path, target), flags.smoke)
     with smoke_status() as status:
-        report = run_smoke(runner, against=against, tokens=tokens, streamed=streamed, status=status)
+        report = run_smoke(runner, against=resolve_source(against) if against else None, tokens=tokens,
+                           streamed=streamed, status=status)
     show_report(report, json)
     if not report.passed:
         raise CheckFailed("smoke test failed: " + failure_summary(report))

@@ -2,7 +2,7 @@
 
     runner = smoke_runner(Path("Qwen2-VL-7B-Instruct-paddle"))       # vlhub.targets.registry: the target's own
     report = run_smoke(runner)                                       # source from the manifest
-    report = run_smoke(runner, against="tiny-qwen2-vl", tokens=4)
+    report = run_smoke(runner, against=resolve_source("tiny-qwen2-vl"), tokens=4)
     report.passed, report.as_dict()
 
 The reference (numpy, float32) runs on the source: vision tower, prefill, greedy decoding of `tokens` tokens.
@@ -82,9 +82,10 @@ class SmokeRunner(Protocol):
         """The report of the output against the checkpoint at `reference`."""
 
 
-def run_smoke(runner: SmokeRunner, *, against: str | None = None, tokens: int = DEFAULT_TOKENS,
+def run_smoke(runner: SmokeRunner, *, against: Path | None = None, tokens: int = DEFAULT_TOKENS,
               streamed: bool | None = None, status: Status | None = None) -> SmokeReport:
-    """Smoke-test an output with its target's runner against `against` (default: the source its manifest names).
+    """Smoke-test an output with its target's runner against the checkpoint at `against` (default: the source
+    its manifest names).
 
     `streamed` None decides from the model's size and the memory available. Raises UserError when the test
     cannot run (no reference, different architectures, no runtime); a broken artifact is a failed report, not
@@ -94,7 +95,7 @@ def run_smoke(runner: SmokeRunner, *, against: str | None = None, tokens: int = 
         raise UserError("--tokens must be at least 1")
     if not runner.artifact.exists():
         raise UserError(f"no such file or directory: {runner.artifact}")
-    reference = resolve_source(against) if against else recorded_source(runner.artifact)
+    reference = against or recorded_source(runner.artifact)
     started = time.monotonic()
     report = runner.run(reference, tokens, streamed, status or (lambda _message: None))
     report.seconds = time.monotonic() - started
