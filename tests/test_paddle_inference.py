@@ -28,7 +28,7 @@ def build(model: str, out: Path) -> Path:
     """The layout of `model` with the default options, as `vlhub convert --to paddle-inference` builds it."""
     with open_source(locate_source(model)) as source:
         spec = PADDLE_INFERENCE.settle(PaddleInferenceOptions(), source.model, smoke=True)
-        conversion = source.plan(PADDLE_INFERENCE.name, PADDLE_INFERENCE.output, dtype=spec.dtype)
+        conversion = source.plan(PADDLE_INFERENCE.output, dtype=spec.dtype)
         PADDLE_INFERENCE.build(conversion, spec, out, overwrite=False, on_bytes=None)
     return out
 

@@ -1,7 +1,7 @@
 """`vlhub check`: the pre-deployment checklist, for a layout vlhub wrote or for a catalog model before conversion.
 
     report = check_path(Path("./tiny-tpu"), target="auto", images=[(1280, 720)])
-    report = check_model("qwen2-vl-7b", target="tpu-mlir")
+    report = check_model("qwen2-vl-7b", target=name)   # name: a target of vlhub.targets.registry
     report.verdict, report.to_json()
 
 Every check is a `Check` (group, name, status pass / warn / fail, detail, fix). A layout goes through the groups
@@ -9,7 +9,8 @@ in `LAYOUT_GROUPS`, each a function of a `LayoutContext`: integrity (manifest, r
 (key layout, dtype, shapes against config.json, tied embeddings, a streamed NaN/Inf scan), numbers (the compiled
 sizes against config.json and the --image sizes), toolchain, resources (disk and memory for the next step) and
 smoke (the recorded verdict, or a new run). Resource estimates are `Need`s, each naming where its figure comes from.
-"""
+What differs by target (its numbers, toolchain, dtype rules, needs) is the target's own
+(vlhub/targets/<target>/check.py, through the registry); this module holds what every output shares."""
 
 from __future__ import annotations
 

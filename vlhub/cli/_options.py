@@ -43,6 +43,7 @@ def _declared(smoke: bool) -> dict[str, list[tuple[Target, Field, Any]]]:
 def _parameter(name: str, declarations: list[tuple[Target, Field, Any]]) -> inspect.Parameter:
     """The typer parameter of one flag: its help, per target when several take it with different meanings."""
     hint = declarations[0][2]
+    assert all(declared == hint for _, _, declared in declarations), f"--{name} is typed differently by targets"
     by_help: dict[str, list[str]] = {}
     for target, each, _ in declarations:
         by_help.setdefault(each.metadata["help"], []).append(target.name)
@@ -70,7 +71,7 @@ class TargetFlags:
 def with_target_flags(*, options: bool, smoke: bool) -> Callable[[F], F]:
     """Give a command every target's flags (its options' with `options`, its smoke test's with `smoke`); the
     command takes what was typed of them as its `flags: TargetFlags` parameter."""
-    declared = {False: _declared(False) if options else {}, True: _declared(True) if smoke else {}}
+    declared = {"options": _declared(False) if options else {}, "smoke": _declared(True) if smoke else {}}
 
     def wrap(command: F) -> F:
         own = inspect.signature(command, eval_str=True)
@@ -79,9 +80,9 @@ def with_target_flags(*, options: bool, smoke: bool) -> Callable[[F], F]:
 
         @functools.wraps(command)
         def wrapper(**kwargs: Any) -> Any:
-            typed = {kind: {name: _typed(kwargs.pop(name)) for name in names} for kind, names in declared.items()}
-            flags = TargetFlags(*({name: value for name, value in typed[kind].items() if value is not None}
-                                  for kind in (False, True)))
+            given = {kind: {name: _typed(kwargs.pop(name)) for name in names} for kind, names in declared.items()}
+            flags = TargetFlags(**{kind: {name: value for name, value in values.items() if value is not None}
+                                   for kind, values in given.items()})
             return command(**kwargs, flags=flags)
 
         wrapper.__signature__ = own.replace(parameters=[*kept, *added])  # type: ignore[attr-defined]

@@ -74,13 +74,13 @@ def convert(
     if located.path is None and not dry_run:  # a catalog model not here: its options checked first, then fetched
         with open_source(located) as catalog:
             spec = target.settle(options, catalog.model, smoke=smoke)
-            catalog.plan(target.name, target.output, dtype=spec.dtype, allow_unmatched=spec.allow_unmatched)
+            catalog.plan(target.output, dtype=spec.dtype, allow_unmatched=spec.allow_unmatched)
             target.require(spec)
         assert located.model is not None
         located = located.downloaded(download_for(located.model))
     with open_source(located) as opened:
         spec = target.settle(options, opened.model, smoke=smoke)
-        conversion = opened.plan(target.name, target.output, dtype=spec.dtype, allow_unmatched=spec.allow_unmatched)
+        conversion = opened.plan(target.output, dtype=spec.dtype, allow_unmatched=spec.allow_unmatched)
         if dry_run:
             _show_plan(conversion, json)
             return

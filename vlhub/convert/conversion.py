@@ -1,7 +1,7 @@
 """`vlhub convert`'s library side: a source's headers read once, its conversion planned once, written streaming.
 
     with open_source(locate_source("tiny-qwen2-vl")) as source:
-        conversion = source.plan(target.name, target.output)   # a target of vlhub.targets.registry
+        conversion = source.plan(target.output)              # target: one of vlhub.targets.registry
         result = conversion.write(out)                          # or conversion.plan for a dry run
 
 Everything lands in a staging directory beside the output and is renamed into place at the end; an error or an
@@ -78,13 +78,11 @@ class OpenSource:
         family = FAMILIES[checkpoint_family(self.tensors, self.config)]
         return Model(family, official_config(self.config), stored_dtype(self.tensors))
 
-    def plan(self, target: str, output: Output, *, dtype: str | None = None,
-             allow_unmatched: bool = False) -> Conversion:
-        """The conversion to `output` for `--to target` (headers only), casting floating tensors to `dtype`."""
+    def plan(self, output: Output, *, dtype: str | None = None, allow_unmatched: bool = False) -> Conversion:
+        """The conversion to `output` (headers only), casting floating tensors to `dtype`."""
         plan = plan_conversion(self.tensors, self.config, target_layout=output.layout, dtype=dtype,
                                allow_unmatched=allow_unmatched)
-        return Conversion(self.source, target, output, plan, self.config, self.checkpoint, self.format,
-                          self.extra_files)
+        return Conversion(self.source, output, plan, self.config, self.checkpoint, self.format, self.extra_files)
 
     def close(self) -> None:
         if self.checkpoint is not None:
@@ -125,7 +123,6 @@ class Conversion:
     """A planned conversion: `plan` says what will happen; `write()` does it."""
 
     source: Source
-    target: str  # the --to name
     output: Output
     plan: Plan
     config: dict  # the source's config.json as read
@@ -225,7 +222,7 @@ def prepare_conversion(source: str, *, to: str, dtype: str | None = None, allow_
         located.local()  # says how to get it
     opened = open_source(located)
     try:
-        return opened.plan(to, output, dtype=dtype, allow_unmatched=allow_unmatched)
+        return opened.plan(output, dtype=dtype, allow_unmatched=allow_unmatched)
     except BaseException:
         opened.close()
         raise
