@@ -10,7 +10,9 @@
 
 Every option is checked before anything is written: the vision tokens --max-pixels allows (computed with
 smart_resize, as the processor computes them) plus a prompt must fit in --seq-length, W and H are multiples of
-28, the group size divides the Linear layers' inputs, the chip is one TPU-MLIR builds for. Sources: TPU-MLIR
+28, the group size divides the Linear layers' inputs, the chip is one TPU-MLIR builds for. What differs by family
+(the default pixel budget, the vision fields llm_convert reads without defaults, the merger width's name) is the
+family's `[targets.tpu-mlir]` facts; a family without them has no route here. Sources: TPU-MLIR
 python/tools/llm_convert.py and python/llm/ (llm_convert, read from the tpu-mlir 1.30.2 wheel), LLM-TPU
 models/Qwen2_VL and models/Qwen2_5_VL python_demo (the runtime).
 """

@@ -1,11 +1,11 @@
-"""`vlhub convert SRC --to vamc`: the VastAI VACC layout of a Qwen2-VL / Qwen2.5-VL checkpoint, every number
-computed (`vlhub.plan`) and checked. Sources: VastModelZOO vlm/qwen2_vl and vlm/qwen2_5_vl (README.md,
-build_in/build/*.yaml, build_in/source_code/), llm/README.md.
+"""`vlhub convert SRC --to vamc`: the VastAI VACC layout of a checkpoint of a family VastModelZOO has a recipe for
+(its `[targets.vamc]` facts), every number computed (`plan.py`) and checked. Sources: VastModelZOO's vlm/ recipes
+(README.md, build_in/build/*.yaml, build_in/source_code/), llm/README.md.
 
     DIR/weights/<name>/                 the HF folder both yamls' frontend.checkpoint name: official key names,
                                         config.json, config_vacc.json (auto_map, eager attention, insert_slice),
                                         tokenizer and processor files; the vendor's *_vacc.py files go here
-    DIR/build_in/build/<family>_llm.yaml, <family>_visual.yaml   the two `vamc compile` inputs
+    DIR/build_in/build/<recipe>_llm.yaml, <recipe>_visual.yaml   the two `vamc compile` inputs
     DIR/embed_tokens.bin, embed_tokens.json     the float16 [vocab, hidden] table the host embeds with
     DIR/preprocess_config.json          min/max pixels for vastgenx, consistent with the visual N
     DIR/tokenizer/                      when the source has tokenizer files
@@ -13,9 +13,8 @@ build_in/build/*.yaml, build_in/source_code/), llm/README.md.
 
 The visual network takes N patch rows (a multiple of 16 and of the 2x2 merge unit): the largest image the
 pixel budget allows, padded. The LLM takes a prefill of P tokens (the image's N/4 plus a prompt) and a
-context of M, both multiples of 16 (`vlhub.plan.vamc_lengths`, which `vlhub plan` sizes them with too);
-tp splits the KV heads across dies, so it divides them.
-"""
+context of M, both multiples of 16 (`plan.vamc_lengths`, which `vlhub plan` sizes them with too);
+tp splits the KV heads across dies, so it divides them."""
 
 from __future__ import annotations
 
