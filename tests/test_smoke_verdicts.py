@@ -28,7 +28,8 @@ from vlhub.smoke.inputs import CHAT_START, smoke_input, tokenizer_special_tokens
 
 
 def verdict(out: Path) -> dict:
-    return json.loads((out / MANIFEST).read_text())["smoke"]
+    """The smoke verdict the manifest records (empty in the moment between the output and its first verdict)."""
+    return json.loads((out / MANIFEST).read_text()).get("smoke") or {}
 
 
 def check_smoke_line(out: Path) -> dict:
