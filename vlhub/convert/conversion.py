@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import shutil
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -76,7 +76,7 @@ class OpenSource:
     def model(self) -> Model:
         """The family, flat config and dtype (refusing a checkpoint without config.json or of no known family)."""
         family = FAMILIES[checkpoint_family(self.tensors, self.config)]
-        return Model(family, official_config(self.config), stored_dtype(self.tensors))
+        return Model(family, official_config(self.config), stored_dtype(self.tensors.values()))
 
     def plan(self, output: Output, *, dtype: str | None = None, allow_unmatched: bool = False) -> Conversion:
         """The conversion to `output` (headers only), casting floating tensors to `dtype`."""
@@ -109,10 +109,10 @@ def open_source(source: Source) -> OpenSource:
     return OpenSource(source, checkpoint.tensors, checkpoint.config or {}, checkpoint.format.name, checkpoint, extra)
 
 
-def stored_dtype(tensors: dict[str, TensorMeta]) -> str:
+def stored_dtype(tensors: Iterable[TensorMeta]) -> str:
     """The floating dtype most of the tensors' bytes have (bfloat16 when none is floating)."""
     by_dtype = Counter[str]()
-    for meta in tensors.values():
+    for meta in tensors:
         if meta.dtype in FLOAT_DTYPES:
             by_dtype[meta.dtype] += meta.nbytes
     return by_dtype.most_common(1)[0][0] if by_dtype else "bfloat16"
@@ -188,10 +188,7 @@ class Conversion:
 
     def output_dtype(self) -> str:
         """The dtype most of the output's bytes have (what config.json should declare)."""
-        by_dtype: dict[str, int] = {}
-        for step in self.plan.steps:
-            by_dtype[step.target.dtype] = by_dtype.get(step.target.dtype, 0) + step.target.nbytes
-        return max(by_dtype, key=by_dtype.__getitem__) if by_dtype else "bfloat16"
+        return stored_dtype(step.target for step in self.plan.steps)
 
     def _local(self) -> Path:
         if self.checkpoint is None or self.source.path is None:

@@ -4,6 +4,17 @@ needs to know of it) and its code (the smoke input, the numpy reference and the 
 
 This module is the registry: a family is a folder that holds a key map, found by looking, so adding one never
 edits a list. It imports no family's code; `Family.code` does, when asked.
+
+`family.toml`, read through `Family`:
+
+    display_name = "Qwen2-VL"          how messages name the family
+    [vision]                           `Family.vision`: resize ("smart" or "fixed"), image_tokens (fixed: the key-map
+                                       dim that is the tokens per image), video, window_attention, norm, mlp
+    [config]                           `Family.config_facts`: what its config.json carries (precision_flags)
+    [paddle]                           `Family.paddle_facts`: what Paddle loaders read of its Paddle outputs
+    [targets.<target>]                 `Family.route(target)`: what that target builds its layout from (each
+                                       target's folder says which keys it reads); without the table the family
+                                       has no route there, and `refused = "..."` is the one-line reason instead
 """
 
 from __future__ import annotations
