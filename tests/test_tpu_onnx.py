@@ -20,7 +20,7 @@ from vlhub.smoke.inputs import smoke_input
 from vlhub.smoke.reference import ReferenceForward, softmax
 from vlhub.smoke.verdict import TOLERANCES, compare_arrays
 from vlhub.smoke.weights import ModelWeights
-from vlhub.targets.tpu_mlir import onnx_export as tpu_onnx
+from vlhub.targets import onnx_graph
 from vlhub.targets.tpu_mlir.build import TpuOptions, onnx_compile_script
 from vlhub.targets.tpu_mlir.onnx_export import export_onnx
 from vlhub.targets.tpu_mlir.onnx_runtime import OnnxPipeline, onnx_outputs
@@ -214,8 +214,8 @@ def test_greedy_and_penalty_sample_heads(exports: dict) -> None:
 def test_external_data_is_shared_and_runs_the_same(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                    sources: dict, exports: dict, references: dict) -> None:
     """Over the threshold, weights go to one data file per group; tiny models cross it when it is 0."""
-    monkeypatch.setattr(tpu_onnx, "EXTERNAL_DATA_BYTES", 0)
-    monkeypatch.setattr(tpu_onnx, "_BLOCK_BYTES", 1 << 20)  # the embedding streamed in several row blocks
+    monkeypatch.setattr(onnx_graph, "EXTERNAL_DATA_BYTES", 0)
+    monkeypatch.setattr(onnx_graph, "_BLOCK_BYTES", 1 << 20)  # the embedding streamed in several row blocks
     written: list[int] = []
     with ModelWeights.open(sources["qwen2_5_vl"]) as weights:
         summary = export_onnx(weights, tmp_path, seq_length=SEQ, vision_patches=PATCHES, on_bytes=written.append)

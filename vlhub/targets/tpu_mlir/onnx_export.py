@@ -54,34 +54,40 @@ shapes), TPU-MLIR python/llm/Qwen2VLConverter.py and Qwen2_5VLConverter.py (llm_
 
 from __future__ import annotations
 
-import contextlib
 import math
 import shutil
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
-import onnx
-from onnx import TensorProto, helper, numpy_helper
 
-from vlhub import __version__
 from vlhub.atomic import ensure_free_space
 from vlhub.errors import UserError
 from vlhub.families import FAMILIES
 from vlhub.formats.writers import file_entry
 from vlhub.keymaps.config import text_config, tie_word_embeddings
 from vlhub.sizes import config_family
-from vlhub.smoke.inputs import DEVICE_MASKED
 from vlhub.smoke.reference import inverse_frequencies, rotary_tables
 from vlhub.smoke.weights import ModelWeights
+from vlhub.targets.onnx_graph import (
+    F32,
+    I32,
+    I64,
+    Graph,
+    Progress,
+    Store,
+    Writer,
+    attention,
+    linear,
+    rms_norm,
+    rotary,
+    silu,
+    vision_tower,
+    vision_width,
+)
 from vlhub.targets.tpu_mlir.build import NAME
 
-OPSET = 15  # what the sophon-demo / LLM-TPU exporters used
-IR_VERSION = 8  # opset 15's; TPU-MLIR's onnxruntime 1.16 refuses IR versions above 9
-MASK_VALUE = float(DEVICE_MASKED)
-EXTERNAL_DATA_BYTES = 1_500_000_000
 TOP_K = 50
 MIN_TOKENS_TO_KEEP = 5
 FILTERED_LOGIT = -1000.0  # what the sample head gives tokens top-p drops (LLM-TPU's PenaltySampleHead)
@@ -90,13 +96,6 @@ LLM_DIR = "models/onnx/llm"
 VIT_DIR = "models/onnx/vit"
 VIT = "vit"  # the ViT network's name
 VIT_STEM = "vision_transformer"  # its file's name
-_ALIGN = 4096  # external tensors start on page boundaries, so runtimes can map them
-_BLOCK_BYTES = 64 << 20  # an embedding or lm_head is streamed to external data this much at a time
-_F32 = TensorProto.FLOAT
-_I32 = TensorProto.INT32
-_I64 = TensorProto.INT64
-
-Progress = Callable[[int], None]
 
 
 @dataclass(frozen=True)
@@ -150,7 +149,7 @@ def export_onnx(weights: ModelWeights, out: Path, *, seq_length: int, vision_pat
     (root / "onnx" / "llm").mkdir(parents=True)
     try:
         (root / "onnx" / "vit").mkdir()
-        writer = _Writer(weights, shapes, root, on_bytes or (lambda _size: None))
+        writer = Writer(weights, shapes, out, on_bytes or (lambda _size: None))
         _write_text(writer, dims, seq_length, tied)
         with writer.group(VIT_DIR, VIT_STEM, [n for n in shapes if n.startswith("visual.")]) as store:
             writer.save(_vision_transformer(store, config, vision_patches), VIT_DIR, VIT_STEM)
@@ -175,7 +174,7 @@ def _estimated_bytes(shapes: dict[str, tuple[int, ...]], tied: bool) -> int:
     return sum(sizes.values()) + layers + sizes["model.embed_tokens.weight"] * (2 if tied else 1)
 
 
-def _write_text(writer: _Writer, dims: TextDims, seq: int, tied: bool) -> None:
+def _write_text(writer: Writer, dims: TextDims, seq: int, tied: bool) -> None:
     angles = np.arange(seq, dtype=np.float32)[:, None] * inverse_frequencies(dims.head_dim, dims.theta)
     rope = _Rope(*rotary_tables(angles), _mrope_selector(dims))
     for layer in range(dims.layers):
@@ -217,241 +216,50 @@ def _mrope_selector(dims: TextDims) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Writing
-
-
-class _Store:
-    """Where a group of networks' weights go: into each network's file (read from the checkpoint again for
-    each, rather than kept: a network then holds its weights twice at most, in its proto and serialised), or,
-    for a group over EXTERNAL_DATA_BYTES, once into the group's external data file that each network refers
-    to (written a tensor at a time, 2-D tables in row blocks)."""
-
-    def __init__(self, weights: ModelWeights, shapes: dict[str, tuple[int, ...]], data: BinaryIO | None,
-                 on_bytes: Progress) -> None:
-        self.weights, self.shapes, self.on_bytes = weights, shapes, on_bytes
-        self.location = Path(data.name).name if data else None
-        self._file = data
-        self._placed: dict[tuple[str, bool], tuple[int, int]] = {}
-
-    def has(self, name: str) -> bool:
-        return self.weights.has(name)
-
-    def add(self, graph: onnx.GraphProto, name: str, transpose: bool) -> None:
-        """Official tensor `name` as an initializer of `graph`, transposed to [in, out] (the rest of its dims
-        flattened into `in`) when asked."""
-        shape = self.shapes[name]
-        tensor = graph.initializer.add()  # filled in place: appending a built tensor would copy its data again
-        tensor.name, tensor.data_type = name, _F32
-        tensor.dims.extend((math.prod(shape[1:]), shape[0]) if transpose else shape)
-        if self._file is None:
-            tensor.raw_data = self._array(name, transpose).astype("<f4", copy=False).tobytes()
-            return
-        offset, length = self._place(name, transpose)
-        tensor.data_location = TensorProto.EXTERNAL
-        for key, value in (("location", self.location), ("offset", offset), ("length", length)):
-            entry = tensor.external_data.add()
-            entry.key, entry.value = key, str(value)
-
-    def _array(self, name: str, transpose: bool) -> np.ndarray:
-        values = self.weights.get(name)
-        return np.ascontiguousarray(values.reshape(values.shape[0], -1).T) if transpose else values
-
-    def _place(self, name: str, transpose: bool) -> tuple[int, int]:
-        """(offset, length) of the tensor in the data file, writing it there the first time."""
-        placed = self._placed.get((name, transpose))
-        if placed is not None:
-            return placed
-        assert self._file is not None
-        padding = -self._file.tell() % _ALIGN
-        self._file.write(b"\0" * padding)
-        self.on_bytes(padding)
-        offset = self._file.tell()
-        for block in self._blocks(name, transpose):
-            self._file.write(np.ascontiguousarray(block, dtype="<f4").data)
-            self.on_bytes(block.nbytes)
-        self._placed[name, transpose] = offset, self._file.tell() - offset
-        return self._placed[name, transpose]
-
-    def _blocks(self, name: str, transpose: bool) -> Iterator[np.ndarray]:
-        shape = self.shapes[name]
-        if transpose or len(shape) != 2:
-            yield self._array(name, transpose)
-            return
-        for _start, block in self.weights.row_blocks(name, max(1, _BLOCK_BYTES // (4 * shape[1]))):
-            yield block
-
-
-class _Writer:
-    """Saves networks under the staging directory (`root`, what becomes out/models) and records what each one
-    takes and gives."""
-
-    def __init__(self, weights: ModelWeights, shapes: dict[str, tuple[int, ...]], root: Path,
-                 on_bytes: Progress, *, flat: bool = False) -> None:
-        """`flat` puts every file straight into `root` instead of its models/ subdirectory."""
-        self.weights, self.shapes, self.root, self.on_bytes, self.flat = weights, shapes, root, on_bytes, flat
-        self.networks: dict[str, dict] = {}
-
-    @contextlib.contextmanager
-    def group(self, directory: str, name: str, tensors: list[str]) -> Iterator[_Store]:
-        """A store for networks that use `tensors`, external (`<name>.onnx.data`) when they are too large to
-        sit in the graph files."""
-        size = sum(4 * math.prod(self.shapes[n]) for n in tensors)
-        with contextlib.ExitStack() as stack:
-            data = None
-            if size > EXTERNAL_DATA_BYTES:
-                data = stack.enter_context(open(self._path(directory, f"{name}.onnx.data"), "wb"))
-            yield _Store(self.weights, self.shapes, data, self.on_bytes)
-
-    def save(self, network: _Graph, directory: str, stem: str | None = None) -> None:
-        """Write `network` to `<stem>.onnx` in `directory` (stem: the network's name)."""
-        path = self._path(directory, f"{stem or network.name}.onnx")
-        onnx.save(network.model, path)
-        self.on_bytes(path.stat().st_size)
-        self.networks[network.name] = {"file": f"{directory}/{path.name}",
-                                       "inputs": _signature(network.graph.input),
-                                       "outputs": _signature(network.graph.output)}
-
-    def _path(self, directory: str, name: str) -> Path:
-        return self.root / name if self.flat else self.root / Path(directory).relative_to(MODELS) / name
-
-
-def _signature(values: list[onnx.ValueInfoProto]) -> list[list]:
-    return [[value.name, [d.dim_value for d in value.type.tensor_type.shape.dim],
-             helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type).name] for value in values]
-
-
-# ---------------------------------------------------------------------------------------------------
-# Building graphs
-
-
-class _Graph:
-    """One network under construction, written straight into its ModelProto (no copies of the weights)."""
-
-    def __init__(self, name: str, store: _Store | None = None) -> None:
-        self.name, self.store = name, store
-        self.model = helper.make_model(helper.make_graph([], name, [], []), producer_name="vlhub",
-                                       producer_version=__version__, opset_imports=[helper.make_opsetid("", OPSET)])
-        self.model.ir_version = IR_VERSION
-        self.graph = self.model.graph
-        self._count = 0
-        self._weights: set[str] = set()
-
-    def input(self, name: str, dtype: int, shape: list[int]) -> str:
-        self.graph.input.append(helper.make_tensor_value_info(name, dtype, shape))
-        return name
-
-    def output(self, name: str, dtype: int, shape: list[int]) -> None:
-        self.graph.output.append(helper.make_tensor_value_info(name, dtype, shape))
-
-    def const(self, value: np.ndarray | float | list[int]) -> str:
-        array = np.asarray(value, dtype=np.float32 if isinstance(value, float) else None)
-        name = self._fresh("const")
-        self.graph.initializer.append(numpy_helper.from_array(array, name))
-        return name
-
-    def weight(self, name: str, transpose: bool = False) -> str:
-        assert self.store is not None
-        if name not in self._weights:
-            self.store.add(self.graph, name, transpose)
-            self._weights.add(name)
-        return name
-
-    def op(self, op_type: str, *inputs: str, out: str | None = None, **attrs: object) -> str:
-        return self.ops(op_type, inputs, [out], **attrs)[0]
-
-    def ops(self, op_type: str, inputs: tuple[str, ...] | list[str], outputs: list[str | None],
-            **attrs: object) -> list[str]:
-        """A node with several outputs, named as given or fresh where None."""
-        names = [name or self._fresh(op_type) for name in outputs]
-        self.graph.node.append(helper.make_node(op_type, list(inputs), names, **attrs))
-        return names
-
-    def _fresh(self, prefix: str) -> str:
-        self._count += 1
-        return f"{prefix}_{self._count}"
-
-
-def _linear(g: _Graph, x: str, prefix: str, out: str | None = None) -> str:
-    assert g.store is not None
-    bias = prefix + ".bias"
-    y = g.op("MatMul", x, g.weight(prefix + ".weight", transpose=True), out=None if g.store.has(bias) else out)
-    return g.op("Add", y, g.weight(bias), out=out) if g.store.has(bias) else y
-
-
-def _rms_norm(g: _Graph, x: str, weight: str, eps: float) -> str:
-    mean = g.op("ReduceMean", g.op("Mul", x, x), axes=[-1], keepdims=1)
-    return g.op("Mul", g.op("Div", x, g.op("Sqrt", g.op("Add", mean, g.const(eps)))), g.weight(weight))
-
-
-def _layer_norm(g: _Graph, x: str, prefix: str, eps: float = 1e-6) -> str:
-    centred = g.op("Sub", x, g.op("ReduceMean", x, axes=[-1], keepdims=1))
-    variance = g.op("ReduceMean", g.op("Mul", centred, centred), axes=[-1], keepdims=1)
-    normed = g.op("Div", centred, g.op("Sqrt", g.op("Add", variance, g.const(eps))))
-    return g.op("Add", g.op("Mul", normed, g.weight(prefix + ".weight")), g.weight(prefix + ".bias"))
-
-
-def _silu(g: _Graph, x: str) -> str:
-    return g.op("Mul", x, g.op("Sigmoid", x))
-
-
-def _rotary(g: _Graph, x: str, cos: str, sin: str, dim: int, out: str | None = None) -> str:
-    """x * cos + rotate_half(x) * sin over the last axis."""
-    first, second = g.ops("Split", (x, g.const([dim // 2, dim // 2])), [None, None], axis=-1)
-    rotated = g.op("Concat", g.op("Neg", second), first, axis=-1)
-    return g.op("Add", g.op("Mul", x, cos), g.op("Mul", rotated, sin), out=out)
-
-
-def _attention(g: _Graph, q: str, k: str, v: str, mask: str, dim: int) -> str:
-    """Softmax(q k^T / sqrt(d) + mask) v over [1, heads, L, d] queries and [1, heads, T, d] keys, values."""
-    scores = g.op("Mul", g.op("MatMul", q, g.op("Transpose", k, perm=[0, 1, 3, 2])), g.const(1 / math.sqrt(dim)))
-    return g.op("MatMul", g.op("Softmax", g.op("Add", scores, mask), axis=-1), v)
-
-
-# ---------------------------------------------------------------------------------------------------
 # The text networks
 
 
-def _block(store: _Store, dims: TextDims, layer: int, seq: int, rope: _Rope, cache: bool) -> _Graph:
+def _block(store: Store, dims: TextDims, layer: int, seq: int, rope: _Rope, cache: bool) -> Graph:
     """block_{layer} (the prompt, S tokens) or block_cache_{layer} (one token after an S-slot history)."""
-    g = _Graph(f"block_cache_{layer}" if cache else f"block_{layer}", store)
+    g = Graph(f"block_cache_{layer}" if cache else f"block_{layer}", store)
     length, keys = (1, seq + 1) if cache else (seq, seq)
     kv = [1, length, dims.kv_heads, dims.head_dim]
-    x = g.input("input_states", _F32, [1, length, dims.hidden])
-    positions = g.input("position_ids", _I64, [3, 1, length])
-    mask = g.input("attention_mask", _F32, [1, 1, length, keys])
-    history = [g.input(name, _F32, [1, seq, dims.kv_heads, dims.head_dim])
+    x = g.input("input_states", F32, [1, length, dims.hidden])
+    positions = g.input("position_ids", I64, [3, 1, length])
+    mask = g.input("attention_mask", F32, [1, 1, length, keys])
+    history = [g.input(name, F32, [1, seq, dims.kv_heads, dims.head_dim])
                for name in (("history_k", "history_v") if cache else ())]
     cos, sin = (_mrope(g, table, rope.selector, positions) for table in (rope.cos, rope.sin))
     p = f"model.layers.{layer}."
-    h = _rms_norm(g, x, p + "input_layernorm.weight", dims.eps)
-    q, k = (g.op("Reshape", _linear(g, h, f"{p}self_attn.{n}_proj"), g.const([1, length, heads, dims.head_dim]))
+    h = rms_norm(g, x, p + "input_layernorm.weight", dims.eps)
+    q, k = (g.op("Reshape", linear(g, h, f"{p}self_attn.{n}_proj"), g.const([1, length, heads, dims.head_dim]))
             for n, heads in (("q", dims.heads), ("k", dims.kv_heads)))
-    v = g.op("Reshape", _linear(g, h, p + "self_attn.v_proj"), g.const(kv), out="past_v")
-    q = _rotary(g, q, cos, sin, dims.head_dim)
-    k = _rotary(g, k, cos, sin, dims.head_dim, out="past_k")
+    v = g.op("Reshape", linear(g, h, p + "self_attn.v_proj"), g.const(kv), out="past_v")
+    q = rotary(g, q, cos, sin, dims.head_dim)
+    k = rotary(g, k, cos, sin, dims.head_dim, out="past_k")
     if history:
         k, v = (g.op("Concat", old, new, axis=1) for old, new in zip(history, (k, v)))
     k, v = (_heads_major(g, t, dims) for t in (k, v))
-    attended = _attention(g, g.op("Transpose", q, perm=[0, 2, 1, 3]), k, v, mask, dims.head_dim)
+    attended = attention(g, g.op("Transpose", q, perm=[0, 2, 1, 3]), k, v, mask, dims.head_dim)
     attended = g.op("Reshape", g.op("Transpose", attended, perm=[0, 2, 1, 3]), g.const([1, length, dims.hidden]))
-    x = g.op("Add", x, _linear(g, attended, p + "self_attn.o_proj"))
-    h = _rms_norm(g, x, p + "post_attention_layernorm.weight", dims.eps)
-    act = g.op("Mul", _silu(g, _linear(g, h, p + "mlp.gate_proj")), _linear(g, h, p + "mlp.up_proj"))
-    g.op("Add", x, _linear(g, act, p + "mlp.down_proj"), out="hidden_states")
-    g.output("hidden_states", _F32, [1, length, dims.hidden])
-    g.output("past_k", _F32, kv)
-    g.output("past_v", _F32, kv)
+    x = g.op("Add", x, linear(g, attended, p + "self_attn.o_proj"))
+    h = rms_norm(g, x, p + "post_attention_layernorm.weight", dims.eps)
+    act = g.op("Mul", silu(g, linear(g, h, p + "mlp.gate_proj")), linear(g, h, p + "mlp.up_proj"))
+    g.op("Add", x, linear(g, act, p + "mlp.down_proj"), out="hidden_states")
+    g.output("hidden_states", F32, [1, length, dims.hidden])
+    g.output("past_k", F32, kv)
+    g.output("past_v", F32, kv)
     return g
 
 
-def _mrope(g: _Graph, table: np.ndarray, selector: np.ndarray, positions: str) -> str:
+def _mrope(g: Graph, table: np.ndarray, selector: np.ndarray, positions: str) -> str:
     """The table's rows for the t, h and w positions, each column from its section's row: [1, L, 1, D]."""
     rows = g.op("Gather", g.const(table), positions, axis=0)  # [3, 1, L, D]
     mixed = g.op("ReduceSum", g.op("Mul", rows, g.const(selector)), g.const([0]), keepdims=0)
     return g.op("Unsqueeze", mixed, g.const([2]))
 
 
-def _heads_major(g: _Graph, t: str, dims: TextDims) -> str:
+def _heads_major(g: Graph, t: str, dims: TextDims) -> str:
     """Sequence-major [1, T, KV, D] keys or values as [1, heads, T, D], each KV head serving heads/KV queries."""
     t = g.op("Transpose", t, perm=[0, 2, 1, 3])
     group = dims.heads // dims.kv_heads
@@ -461,38 +269,38 @@ def _heads_major(g: _Graph, t: str, dims: TextDims) -> str:
     return g.op("Reshape", t, g.const([1, dims.heads, -1, dims.head_dim]))
 
 
-def _embedding(store: _Store, name: str, length: int, dims: TextDims) -> _Graph:
-    g = _Graph(name, store)
-    ids = g.input("input_ids", _I32, [1, length])
+def _embedding(store: Store, name: str, length: int, dims: TextDims) -> Graph:
+    g = Graph(name, store)
+    ids = g.input("input_ids", I32, [1, length])
     g.op("Gather", g.weight("model.embed_tokens.weight"), ids, axis=0, out="hidden_states")
-    g.output("hidden_states", _F32, [1, length, dims.hidden])
+    g.output("hidden_states", F32, [1, length, dims.hidden])
     return g
 
 
-def _lm_head(store: _Store, dims: TextDims, head: str) -> _Graph:
-    g = _Graph("lm_head", store)
-    x = g.input("hidden_states", _F32, [1, dims.hidden])
-    h = _rms_norm(g, x, "model.norm.weight", dims.eps)
+def _lm_head(store: Store, dims: TextDims, head: str) -> Graph:
+    g = Graph("lm_head", store)
+    x = g.input("hidden_states", F32, [1, dims.hidden])
+    h = rms_norm(g, x, "model.norm.weight", dims.eps)
     g.op("Gemm", h, g.weight(head), transB=1, out="m_logits")  # [V, H] as stored: streamed, never transposed
-    g.output("m_logits", _F32, [1, dims.vocab])
+    g.output("m_logits", F32, [1, dims.vocab])
     return g
 
 
-def _greedy_head(vocab: int) -> _Graph:
-    g = _Graph("greedy_head")
-    g.op("ArgMax", g.input("m_logits", _F32, [1, vocab]), axis=1, keepdims=1, out="token")
-    g.output("token", _I64, [1, 1])
+def _greedy_head(vocab: int) -> Graph:
+    g = Graph("greedy_head")
+    g.op("ArgMax", g.input("m_logits", F32, [1, vocab]), axis=1, keepdims=1, out="token")
+    g.output("token", I64, [1, 1])
     return g
 
 
-def _penalty_sample_head(vocab: int, seq: int) -> _Graph:
+def _penalty_sample_head(vocab: int, seq: int) -> Graph:
     """LLM-TPU's PenaltySampleHead: logits of the ids in `input_ids` divided by `penalty` (multiplied where
     negative), the top 50, divided by `temperature`, softmax; tokens past cumulative `top_p` get -1000 (the
     first 5 always stay); softmax again. The caller samples a token from `probs` over `token`."""
-    g = _Graph("penalty_sample_head")
-    logits = g.input("m_logits", _F32, [1, vocab])
-    ids = g.input("input_ids", _I64, [1, seq])
-    top_p, temperature, penalty = (g.input(n, _F32, [1]) for n in ("top_p", "temperature", "penalty"))
+    g = Graph("penalty_sample_head")
+    logits = g.input("m_logits", F32, [1, vocab])
+    ids = g.input("input_ids", I64, [1, seq])
+    top_p, temperature, penalty = (g.input(n, F32, [1]) for n in ("top_p", "temperature", "penalty"))
     seen = g.op("GatherElements", logits, ids, axis=1)
     penalised = g.op("Where", g.op("Less", seen, g.const(0.0)), g.op("Mul", seen, penalty), g.op("Div", seen, penalty))
     logits = g.op("ScatterElements", logits, ids, penalised, axis=1)  # repeated ids write the same value
@@ -504,8 +312,8 @@ def _penalty_sample_head(vocab: int, seq: int) -> _Graph:
     always = g.const(np.where(np.arange(TOP_K)[None] < MIN_TOKENS_TO_KEEP, 1e4, 0.0).astype(np.float32))
     kept = g.op("Less", g.op("Sub", cumulative, always), top_p)
     g.op("Softmax", g.op("Where", kept, top, g.const(FILTERED_LOGIT)), axis=1, out="probs")
-    g.output("probs", _F32, [1, TOP_K])
-    g.output("token", _I64, [1, TOP_K])
+    g.output("probs", F32, [1, TOP_K])
+    g.output("token", I64, [1, TOP_K])
     return g
 
 
@@ -513,96 +321,34 @@ def _penalty_sample_head(vocab: int, seq: int) -> _Graph:
 # The vision network
 
 
-def _vision_transformer(store: _Store, config: dict, patches: int, *, vacc: bool = False) -> _Graph:
-    """Patch embedding, blocks and merger over P padded patch rows (see the module doc for the inputs; with
-    `vacc`, VastAI's form instead: see `export_vacc_vision`)."""
+def _vision_transformer(store: Store, config: dict, patches: int) -> Graph:
+    """The ViT network in llm_convert's form over P padded patch rows (see the module doc for its inputs)."""
     cfg = config["vision_config"]
-    vision = config_family(config).vision
     # window attention comes with llm_convert's names and forms of the masks (TPU-MLIR python/llm/Qwen2_5VLConverter.py)
-    windows = vision.window_attention
-    width, heads = int(cfg.get("embed_dim") or cfg["hidden_size"]), cfg["num_heads"]
+    windows = config_family(config).vision.window_attention
+    width, heads = vision_width(config)
     dim = width // heads
     unit = cfg.get("spatial_merge_size", 2) ** 2
     patch_values = math.prod(store.shapes["visual.patch_embed.proj.weight"][1:])
-    g = _Graph(VIT, store)
-    if vacc:
-        pixels = g.input("pixel_values", _F32, [patches, patch_values])
-        # vacc masks say 1 (attend) or 0, as the boolean mask its SDPA takes
-        masks = [g.op("Mul", g.op("Sub", g.input(name, _F32, [1, patches, patches]), g.const(1.0)),
-                      g.const(-MASK_VALUE)) for name in ("attention_mask", "window_attention_mask")[: 1 + windows]]
-        full, window = masks[0], masks[-1]
-        cos, sin = (g.input(name, _F32, [patches, dim]) for name in ("cos", "sin"))
-    else:
-        pixels = g.input("input_states", _F32, [patches, patch_values])
-        positions = g.input("position_ids", _I32, [patches, 2])
-        mask_shape = [1, 1, patches, patches] if windows else [1, patches, patches]
-        full = g.input("full_attn_mask" if windows else "attention_mask", _F32, mask_shape)
-        if windows:
-            window = g.input("window_attn_mask", _F32, mask_shape)
-            reverse = g.input("reverse_index", _I32, [patches // unit])
-        # rows and columns are below P; each gathers D/4 angles, and (row, column) repeated makes the D-wide table
-        angles = np.arange(patches, dtype=np.float32)[:, None] * inverse_frequencies(dim // 2, 10000.0)
-        tables = []
-        for function in (np.cos, np.sin):
-            half = g.op("Reshape", g.op("Gather", g.const(function(angles)), positions, axis=0),
-                        g.const([patches, dim // 2]))
-            tables.append(g.op("Concat", half, half, axis=-1))
-        cos, sin = tables
-    x = g.op("MatMul", pixels, g.weight("visual.patch_embed.proj.weight", transpose=True))
-    full_blocks = set(cfg.get("fullatt_block_indexes", []))
-
-    def norm(x: str, prefix: str) -> str:
-        return _rms_norm(g, x, prefix + ".weight", 1e-6) if vision.norm == "rms" else _layer_norm(g, x, prefix)
-
-    for block in range(cfg["depth"]):
-        p = f"visual.blocks.{block}."
-        mask = full if not windows or block in full_blocks else window
-        qkv = g.op("Reshape", _linear(g, norm(x, p + "norm1"), p + "attn.qkv"), g.const([patches, 3, heads, dim]))
-        q, k, v = g.ops("Split", (g.op("Transpose", qkv, perm=[1, 2, 0, 3]), g.const([1, 1, 1])), [None] * 3, axis=0)
-        q, k = (_rotary(g, t, cos, sin, dim) for t in (q, k))
-        attended = g.op("Transpose", _attention(g, q, k, v, mask, dim), perm=[0, 2, 1, 3])
-        x = g.op("Add", x, _linear(g, g.op("Reshape", attended, g.const([patches, width])), p + "attn.proj"))
-        h = norm(x, p + "norm2")
-        if vision.mlp == "gated":
-            act = g.op("Mul", _silu(g, _linear(g, h, p + "mlp.gate_proj")), _linear(g, h, p + "mlp.up_proj"))
-            x = g.op("Add", x, _linear(g, act, p + "mlp.down_proj"))
-        else:
-            fc1 = _linear(g, h, p + "mlp.fc1")
-            x = g.op("Add", x, _linear(g, g.op("Mul", fc1, g.op("Sigmoid", g.op("Mul", fc1, g.const(1.702)))),
-                                       p + "mlp.fc2"))
-    h = g.op("Reshape", norm(x, "visual.merger.ln_q"), g.const([patches // unit, unit * width]))
-    h = _linear(g, h, "visual.merger.mlp.0")
-    gelu = g.op("Mul", g.op("Mul", h, g.const(0.5)),
-                g.op("Add", g.op("Erf", g.op("Mul", h, g.const(1 / math.sqrt(2)))), g.const(1.0)))
-    output = "image_embeds" if vacc else "hidden_states"
-    reordered = windows and not vacc  # vacc puts the tokens back in image order on the host
-    merged = _linear(g, gelu, "visual.merger.mlp.2", out=None if reordered else output)
-    if reordered:
-        g.op("Gather", merged, reverse, axis=0, out=output)
-    g.output(output, _F32, [patches // unit, store.shapes["visual.merger.mlp.2.weight"][0]])
+    g = Graph(VIT, store)
+    pixels = g.input("input_states", F32, [patches, patch_values])
+    positions = g.input("position_ids", I32, [patches, 2])
+    mask_shape = [1, 1, patches, patches] if windows else [1, patches, patches]
+    full = window = g.input("full_attn_mask" if windows else "attention_mask", F32, mask_shape)
+    if windows:
+        window = g.input("window_attn_mask", F32, mask_shape)
+        reverse = g.input("reverse_index", I32, [patches // unit])
+    # rows and columns are below P; each gathers D/4 angles, and (row, column) repeated makes the D-wide table
+    angles = np.arange(patches, dtype=np.float32)[:, None] * inverse_frequencies(dim // 2, 10000.0)
+    tables = []
+    for function in (np.cos, np.sin):
+        half = g.op("Reshape", g.op("Gather", g.const(function(angles)), positions, axis=0),
+                    g.const([patches, dim // 2]))
+        tables.append(g.op("Concat", half, half, axis=-1))
+    cos, sin = tables
+    merged = vision_tower(g, config, patches, pixels, cos, sin, full, window,
+                          out=None if windows else "hidden_states")
+    if windows:  # the merged tokens back in image order
+        g.op("Gather", merged, reverse, axis=0, out="hidden_states")
+    g.output("hidden_states", F32, [patches // unit, store.shapes["visual.merger.mlp.2.weight"][0]])
     return g
-
-
-def export_vacc_vision(weights: ModelWeights, out: Path, patches: int, on_bytes: Progress | None = None) -> Path:
-    """The vision tower and merger as VastAI's vamc takes them, in `out/vision_transformer.onnx`:
-
-        pixel_values [N,1176], attention_mask [1,N,N] (1 attend, 0 not), cos, sin [N, head_dim]
-        (Qwen2.5-VL: also window_attention_mask [1,N,N], for the blocks outside fullatt_block_indexes)
-        -> image_embeds [N/4, hidden]
-
-    The names are the vendor's, not llm_convert's full_attn_mask: VastModelZOO's visual yamls' frontend.shape
-    and vlm/qwen2_vl/build_in/source_code/export_onnx.py's input_names are pixel_values, attention_mask, cos,
-    sin. Qwen2.5-VL's second mask is vlhub's: the vendor's vision forward (modeling_qwen2_5_vl_vacc.py) passes
-    one attention_mask to every block, and its yaml lists fullatt_block_indexes for vamc, which applies them
-    in a way that is not public.
-
-    Patches padded to N rows; the host builds cos/sin (`vision_rotary`) and the block-diagonal masks and, for
-    Qwen2.5-VL, orders patches by window and the output back. vamc compiles its own export of the vendor's
-    modeling; this one checks the numbers that form implies."""
-    config = weights.config
-    shapes = {step.target.name: step.target.shape for step in weights.plan.steps}
-    out.mkdir(parents=True, exist_ok=True)
-    writer = _Writer(weights, shapes, out, on_bytes or (lambda _size: None), flat=True)
-    with writer.group(VIT_DIR, VIT_STEM, [n for n in shapes if n.startswith("visual.")]) as store:
-        writer.save(_vision_transformer(store, config, patches, vacc=True), VIT_DIR, VIT_STEM)
-    return out / f"{VIT_STEM}.onnx"

@@ -23,7 +23,8 @@ from vlhub.errors import UserError
 from vlhub.sizes import config_family
 from vlhub.smoke.inputs import SmokeInput, VisionGeometry, pad_rows, padded_mask
 from vlhub.smoke.reference import causal_mask
-from vlhub.targets.tpu_mlir.onnx_export import LLM_DIR, MASK_VALUE, VIT, network_file
+from vlhub.targets.onnx_graph import MASK_VALUE
+from vlhub.targets.tpu_mlir.onnx_export import LLM_DIR, VIT, network_file
 
 
 class OnnxPipeline:

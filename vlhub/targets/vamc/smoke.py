@@ -91,7 +91,7 @@ def _vacc_vision(weights: ModelWeights, scratch: Path, smoke: SmokeInput, patche
     """The smoke image through the exported vacc vision network, in the reference's token order."""
     import onnxruntime as ort
 
-    from vlhub.targets.tpu_mlir.onnx_export import export_vacc_vision
+    from vlhub.targets.vamc.onnx_vision import export_vacc_vision
 
     vision = smoke.vision
     assert vision is not None
