@@ -21,7 +21,6 @@ from hypothesis import strategies as st
 
 from tests.conftest import run_vlhub
 from vlhub.catalog import get_model
-from vlhub.convert.conversion import prepare_conversion
 from vlhub.embeddings import DTYPES, prepare_dump
 from vlhub.errors import UserError
 from vlhub.formats.readers import Checkpoint, open_checkpoint
@@ -29,6 +28,7 @@ from vlhub.formats.tensors import TensorMeta
 from vlhub.formats.writers import CheckpointWriter, file_sha256
 from vlhub.hub.tiny import ensure_tiny_model
 from vlhub.keys import rename_keys
+from vlhub.targets.registry import prepare_conversion
 
 torch = pytest.importorskip("torch")
 

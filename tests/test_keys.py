@@ -25,7 +25,6 @@ import vlhub.keys
 from tests.conftest import run_vlhub
 from vlhub.catalog import get_model
 from vlhub.check import check_path
-from vlhub.convert.conversion import prepare_conversion
 from vlhub.errors import UserError
 from vlhub.formats.io_utils import StoredBytes
 from vlhub.formats.pdparams_io import PdparamsFile, PdparamsShardWriter
@@ -36,6 +35,7 @@ from vlhub.hub.store import manifest_problems
 from vlhub.keymaps import load_keymap
 from vlhub.keys import RenameResult, layout_renames, parse_rename, plan_renames, rename_keys
 from vlhub.manifest import MANIFEST, Manifest
+from vlhub.targets.registry import prepare_conversion
 
 MB = 1 << 20
 

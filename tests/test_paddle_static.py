@@ -21,7 +21,6 @@ from tests.conformance.judge import judge_conversion
 from tests.conftest import run_vlhub
 from tests.test_smoke import rewrite, untransposed_square
 from vlhub.convert.configs import target_config
-from vlhub.convert.conversion import prepare_conversion
 from vlhub.convert.pipeline import ordered_steps, run_plan
 from vlhub.convert.plan import plan_conversion
 from vlhub.errors import UserError
@@ -34,6 +33,7 @@ from vlhub.smoke.reference import ReferenceForward
 from vlhub.smoke.verdict import TOLERANCES, Stage, Tolerance, compare_arrays
 from vlhub.smoke.weights import ModelWeights
 from vlhub.targets.paddle_inference.static import TEXT_OUTPUTS, StaticPredictor, _cache_shape, _run, export_static
+from vlhub.targets.registry import prepare_conversion
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen_vl")
 TOKENS = 4

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 
 from tests.conftest import run_vlhub
-from vlhub.convert.conversion import prepare_conversion
 from vlhub.formats.registry import format_of_file
 from vlhub.formats.tensors import TensorMeta
 from vlhub.formats.writers import CheckpointWriter
@@ -24,7 +23,7 @@ from vlhub.manifest import MANIFEST
 from vlhub.smoke.run import run_smoke
 from vlhub.smoke.verdict import TOLERANCES
 from vlhub.smoke.weights import ModelWeights
-from vlhub.targets.registry import smoke_runner
+from vlhub.targets.registry import prepare_conversion, smoke_runner
 
 TINY = ("tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-qwen-vl")
 TARGETS = ("paddle", "safetensors")

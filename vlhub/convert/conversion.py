@@ -29,7 +29,7 @@ from vlhub.formats.readers import Checkpoint, open_checkpoint
 from vlhub.formats.registry import format_of_file
 from vlhub.formats.tensors import TensorMeta
 from vlhub.formats.writers import CheckpointWriter, file_sha256, write_json_atomic
-from vlhub.hub.sources import Source, locate_source
+from vlhub.hub.sources import Source
 from vlhub.manifest import MANIFEST, FileEntry, Manifest, SourceRecord, TargetRecord
 
 # files a converted directory must not inherit: weights and indexes (a loader could pick a stale one)
@@ -207,22 +207,12 @@ class Conversion:
 
 def prepare_conversion(source: str, *, to: str, dtype: str | None = None, allow_unmatched: bool = False,
                        dry_run: bool = False) -> Conversion:
-    """Plan converting SRC `--to` a target (headers only; a dry run of a catalog model that is not on this machine
-    plans from its official tensor list). For callers that name the target; the CLI plans through the target's
-    own settled options instead."""
+    """`vlhub.targets.registry.prepare_conversion`, where the tests of the families' Paddle code still import it
+    from (remove this once they import the registry's)."""
     # the registry names the targets and imports their code, which imports this module: asked at call time
-    from vlhub.targets.registry import target_named
+    from vlhub.targets.registry import prepare_conversion as prepare
 
-    output = target_named(to).output
-    located = locate_source(source)
-    if located.path is None and not dry_run:
-        located.local()  # says how to get it
-    opened = open_source(located)
-    try:
-        return opened.plan(output, dtype=dtype, allow_unmatched=allow_unmatched)
-    except BaseException:
-        opened.close()
-        raise
+    return prepare(source, to=to, dtype=dtype, allow_unmatched=allow_unmatched, dry_run=dry_run)
 
 
 def _carried_files(root: Path) -> list[Path]:

@@ -7,8 +7,10 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from vlhub.convert.conversion import Conversion, open_source
 from vlhub.errors import UserError
 from vlhub.formats.readers import open_checkpoint
+from vlhub.hub.sources import locate_source
 from vlhub.manifest import Manifest
 from vlhub.smoke.run import SmokeRunner
 from vlhub.targets.base import Target
@@ -32,6 +34,23 @@ def target_named(name: str) -> Target:
         return TARGETS[name]
     except KeyError:
         raise UserError(f"unknown target format {name!r}; choose one of {', '.join(TARGETS)}") from None
+
+
+def prepare_conversion(source: str, *, to: str, dtype: str | None = None, allow_unmatched: bool = False,
+                       dry_run: bool = False) -> Conversion:
+    """Plan converting SRC `--to` a target's weights (headers only; a dry run of a catalog model that is not on this
+    machine plans from its official tensor list), for callers that name the target; the CLI plans through the
+    target's own settled options instead."""
+    output = target_named(to).output
+    located = locate_source(source)
+    if located.path is None and not dry_run:
+        located.local()  # says how to get it
+    opened = open_source(located)
+    try:
+        return opened.plan(output, dtype=dtype, allow_unmatched=allow_unmatched)
+    except BaseException:
+        opened.close()
+        raise
 
 
 def layouts() -> list[Target]:
