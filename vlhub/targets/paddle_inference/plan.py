@@ -8,8 +8,7 @@ from dataclasses import dataclass
 from vlhub.errors import UserError
 from vlhub.families import Family
 from vlhub.sizes import Sizing, position_limit
-
-NAME = "paddle-inference"
+from vlhub.targets.paddle_inference.build import NAME
 
 
 @dataclass(frozen=True)

@@ -65,7 +65,7 @@ class VamcPlan:
               "rounded up to 16")),
             ("vamc output split", " + ".join(f"{n} x {width}" if n > 1 else str(width) for width, n in runs),
              "visual output columns, one output_layout entry each"),
-            ("vamc", f"--max-pixels {self.max_pixels}",
+            (NAME, f"--max-pixels {self.max_pixels}",
              command or f"vlhub builds N up to {MAX_VAMC_PATCHES}: lower --max-pixels"),
         ]
 
