@@ -87,8 +87,8 @@ class Family:
         return self.facts.get("paddle", {})
 
     def target_facts(self, target: str) -> dict | None:
-        """What `target` needs to know of this family (its `[targets.<target>]` table), or None when the family
-        has no route to it."""
+        """This family's `[targets.<target>]` table (the facts `target` needs, or a `refused` reason), or None when
+        there is none; `route` is what targets ask."""
         return (self.facts.get("targets") or {}).get(target)
 
     def routes_to(self, target: str) -> bool:
