@@ -278,9 +278,10 @@ def _paddle_bf16_declared_float16(directory: Path) -> str:
 
 BAD_INPUTS = {
     "no embedding": (lambda d: [_no_embedding(d / "src")],
-                     (r"no embedding table in .*src: looked for transformer\.wte\.weight, "
-                      r"transformer\.llm\.wte\.weight, qwen\.wte\.weight, model\.embed_tokens\.weight, "
-                      r"model\.language_model\.embed_tokens\.weight \(its largest 2-D tensors: "
+                     # every family's spellings, in the registry's order
+                     (r"no embedding table in .*src: looked for (?=.*\btransformer\.wte\.weight)"
+                      r"(?=.*transformer\.llm\.wte\.weight)(?=.*qwen\.wte\.weight)(?=.*model\.embed_tokens\.weight)"
+                      r"(?=.*model\.language_model\.embed_tokens\.weight).*\(its largest 2-D tensors: "
                       r"encoder\.proj\.weight \[8, 4\]\); name it with --tensor NAME")),
     "tensor not 2-D": (lambda d: ["tiny-qwen2-vl", "--tensor", "model.norm.weight"],
                        r"model\.norm\.weight is \[128\], not a 2-D table"),
