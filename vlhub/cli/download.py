@@ -19,7 +19,8 @@ from vlhub.catalog import ModelSpec
 from vlhub.cli._errors import reports_errors
 from vlhub.cli._options import JsonOpt
 from vlhub.cli._output import byte_progress, print_json, stderr, stdout
-from vlhub.hub.download import SOURCES, open_download
+from vlhub.hub.download import SOURCES
+from vlhub.hub.fetch import open_download
 from vlhub.units import format_size
 
 ModelArg = Annotated[str, typer.Argument(metavar="MODEL", help="A catalog name (qwen2-vl-7b) or a repo id (Qwen/Qwen2-VL-7B-Instruct).", show_default=False)]

@@ -205,16 +205,6 @@ class Conversion:
                         ops=self.plan.op_counts, tensors=len(self.plan.steps), total_bytes=self.plan.total_bytes)
 
 
-def prepare_conversion(source: str, *, to: str, dtype: str | None = None, allow_unmatched: bool = False,
-                       dry_run: bool = False) -> Conversion:
-    """`vlhub.targets.registry.prepare_conversion`, where the tests of the families' Paddle code still import it
-    from (remove this once they import the registry's)."""
-    # the registry names the targets and imports their code, which imports this module: asked at call time
-    from vlhub.targets.registry import prepare_conversion as prepare
-
-    return prepare(source, to=to, dtype=dtype, allow_unmatched=allow_unmatched, dry_run=dry_run)
-
-
 def _carried_files(root: Path) -> list[Path]:
     """Tokenizer, processor, generation and chat-template files: everything but weights and config."""
     return sorted(

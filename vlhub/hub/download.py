@@ -20,16 +20,15 @@ import re
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
-from typing import Any, BinaryIO, Protocol
+from typing import Any, BinaryIO
 
 from vlhub.atomic import ensure_free_space
 from vlhub.catalog import find_model
 from vlhub.errors import CheckFailed, UserError, VlhubError
 from vlhub.formats.writers import hash_file_into, temporary_name
-from vlhub.hub.locks import exclusive_lock, lock_open_file, lock_path
+from vlhub.hub.locks import lock_open_file
 from vlhub.hub.records import DownloadRecord, RemoteFile, RepoRef, load_record, save_record
 from vlhub.units import format_size, now_iso
 
@@ -70,44 +69,6 @@ def resolve_repo(model: str, source: str = "huggingface", revision: str | None =
     assert repo_id is not None
     default_revision = "main" if source == "huggingface" else "master"
     return RepoRef(source, repo_id, revision or default_revision, spec.name if spec else repo_id)
-
-
-class Download(Protocol):
-    """A listed, checked download: `fetch` transfers what is missing and returns the snapshot directory."""
-
-    ref: RepoRef
-    commit: str
-    files: list[RemoteFile]
-    missing_bytes: int  # what the listing says is still to fetch (for the progress bar and the disk check)
-    downloaded_bytes: int  # what `fetch` received
-
-    def fetch(self, on_bytes: Callable[[int], None] | None = None) -> Path: ...
-
-
-@contextmanager
-def open_download(
-    model: str,
-    *,
-    source: str = "huggingface",
-    revision: str | None = None,
-    include: list[str] | None = None,
-    exclude: list[str] | None = None,
-    endpoint: str | None = None,
-    on_wait: Callable[[str], None] | None = None,
-) -> Iterator[Download]:
-    """Lock the model's revision, list its files, refuse unsafe names and a too-full disk; yield the download.
-    Tokens come from the clients' own settings (HF_TOKEN or `hf auth login`; MODELSCOPE_API_TOKEN)."""
-    ref = resolve_repo(model, source, revision)
-    if endpoint is not None and not endpoint.startswith(("http://", "https://")):
-        raise UserError(f"--endpoint {endpoint!r}: write the URL with its scheme, e.g. https://hf-mirror.com")
-    with exclusive_lock(lock_path(ref.source, ref.repo_id, ref.revision), on_wait=on_wait):
-        if source == "huggingface":
-            download: Download = HuggingFaceDownload(ref, include, exclude, endpoint)
-        else:
-            from vlhub.hub.modelscope import ModelScopeDownload
-
-            download = ModelScopeDownload(ref, include, exclude, endpoint)
-        yield download
 
 
 def checked_files(files: list[RemoteFile], ref: RepoRef, include: list[str] | None,
