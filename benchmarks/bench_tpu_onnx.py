@@ -22,7 +22,7 @@ from pathlib import Path
 from _harness import measure
 
 from vlhub.catalog import get_model
-from vlhub.families import FAMILIES
+from vlhub.family_registry import FAMILIES
 from vlhub.hub.synthetic import write_synthetic_checkpoint
 
 

@@ -15,7 +15,7 @@ from vlhub.formats.readers import open_checkpoint
 from vlhub.formats.tensors import float32_from_bf16_bits
 from vlhub.formats.writers import CheckpointWriter, file_sha256
 from vlhub.keymaps import load_keymap
-from vlhub.targets.registry import prepare_conversion
+from vlhub.targets import prepare_conversion
 
 TINY = {"tiny-qwen2-vl": ("safetensors", "tiny_qwen2_vl"), "tiny-qwen2.5-vl": ("safetensors", "tiny_qwen2_5_vl"),
         "tiny-qwen-vl": ("torch", "tiny_qwen_vl")}

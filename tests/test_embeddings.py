@@ -28,7 +28,7 @@ from vlhub.formats.tensors import TensorMeta
 from vlhub.formats.writers import CheckpointWriter, file_sha256
 from vlhub.hub.tiny import ensure_tiny_model
 from vlhub.keys import rename_keys
-from vlhub.targets.registry import prepare_conversion
+from vlhub.targets import prepare_conversion
 
 torch = pytest.importorskip("torch")
 

@@ -35,7 +35,7 @@ from vlhub.hub.store import manifest_problems
 from vlhub.keymaps import load_keymap
 from vlhub.keys import RenameResult, layout_renames, parse_rename, plan_renames, rename_keys
 from vlhub.manifest import MANIFEST, Manifest
-from vlhub.targets.registry import prepare_conversion
+from vlhub.targets import prepare_conversion
 
 MB = 1 << 20
 

@@ -29,7 +29,7 @@ from vlhub.formats.readers import open_checkpoint
 from vlhub.formats.tensors import float32_from_bf16_bits
 from vlhub.smoke.paddle_forward import PaddleForward, StreamedWeights
 from vlhub.smoke.verdict import TOLERANCES, compare_arrays
-from vlhub.targets.registry import prepare_conversion
+from vlhub.targets import prepare_conversion
 
 SHARD_BYTES = 16 << 20  # several shards and an index even for the tiny models
 GRID = [1, 8, 12]  # 24 merged tokens; for Qwen2.5-VL two windows wide, the second one partial

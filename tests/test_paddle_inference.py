@@ -16,7 +16,7 @@ from vlhub.hub.sources import locate_source
 from vlhub.hub.store import conversion_output
 from vlhub.smoke.run import run_smoke
 from vlhub.targets.paddle_inference.target import PADDLE_INFERENCE, PaddleInferenceOptions
-from vlhub.targets.registry import smoke_runner
+from vlhub.targets import smoke_runner
 
 NAMES = {"tiny-qwen-vl": "qwen", "tiny-qwen2-vl": "model", "tiny-qwen2.5-vl": "model"}
 # the graph file each family's layout is written with by default: PaddleMIX's Qwen-VL static predictor

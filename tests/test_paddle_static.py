@@ -33,7 +33,7 @@ from vlhub.smoke.reference import ReferenceForward
 from vlhub.smoke.verdict import TOLERANCES, Stage, Tolerance, compare_arrays
 from vlhub.smoke.weights import ModelWeights
 from vlhub.targets.paddle_inference.static import TEXT_OUTPUTS, StaticPredictor, _cache_shape, _run, export_static
-from vlhub.targets.registry import prepare_conversion
+from vlhub.targets import prepare_conversion
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen_vl")
 TOKENS = 4

@@ -24,7 +24,7 @@ from vlhub.cli import convert as convert_command
 from vlhub.cli.app import app
 from vlhub.convert.configs import official_config
 from vlhub.errors import UserError
-from vlhub.families import FAMILIES
+from vlhub.family_registry import FAMILIES
 from vlhub.plan import Plan, make_plan
 from vlhub.sizes import max_pixels_for, plan_inputs
 from vlhub.targets.paddle_inference.plan import PaddleInferencePlan

@@ -23,7 +23,7 @@ from vlhub.manifest import MANIFEST
 from vlhub.smoke.run import run_smoke
 from vlhub.smoke.verdict import TOLERANCES
 from vlhub.smoke.weights import ModelWeights
-from vlhub.targets.registry import prepare_conversion, smoke_runner
+from vlhub.targets import prepare_conversion, smoke_runner
 
 TINY = ("tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-qwen-vl")
 TARGETS = ("paddle", "safetensors")

@@ -13,6 +13,7 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 from tests.test_smoke import q_and_k_swapped, rewrite
+from vlhub.deploy import onnx_graph
 from vlhub.errors import UserError
 from vlhub.formats.writers import file_sha256
 from vlhub.keymaps.config import text_config
@@ -20,7 +21,6 @@ from vlhub.smoke.inputs import smoke_input
 from vlhub.smoke.reference import ReferenceForward, softmax
 from vlhub.smoke.verdict import TOLERANCES, compare_arrays
 from vlhub.smoke.weights import ModelWeights
-from vlhub.targets import onnx_graph
 from vlhub.targets.tpu_mlir.build import TpuOptions, onnx_compile_script
 from vlhub.targets.tpu_mlir.onnx_export import export_onnx
 from vlhub.targets.tpu_mlir.onnx_runtime import OnnxPipeline, onnx_outputs

@@ -17,7 +17,7 @@ from vlhub.catalog import get_model
 from vlhub.errors import UserError
 from vlhub.smoke.inputs import DEVICE_MASKED, smoke_input
 from vlhub.smoke.run import run_smoke
-from vlhub.targets.registry import smoke_runner
+from vlhub.targets import smoke_runner
 from vlhub.targets.tpu_mlir.cmodel_runner import from_bf16, to_bf16
 from vlhub.targets.tpu_mlir.simulator import (
     TOOLCHAIN_ENV,

@@ -1,7 +1,7 @@
 """`vlhub check`: the pre-deployment checklist, for a layout vlhub wrote or for a catalog model before conversion.
 
     report = check_path(Path("./tiny-tpu"), target="auto", images=[(1280, 720)])
-    report = check_model("qwen2-vl-7b", target=name)   # name: a target of vlhub.targets.registry
+    report = check_model("qwen2-vl-7b", target=name)   # name: a target of vlhub.targets
     report.verdict, report.to_json()
 
 Every check is a `Check` (group, name, status pass / warn / fail, detail, fix). A layout goes through the groups
@@ -31,6 +31,8 @@ from vlhub.convert.configs import official_config
 from vlhub.convert.conversion import Model
 from vlhub.convert.layouts import detect_family, detect_layout
 from vlhub.convert.plan import KeyMapMismatch, plan_conversion
+from vlhub.deploy.checks import FAIL, PASS, STATUSES, WARN, Check, LayoutContext, Need
+from vlhub.deploy.target import Target
 from vlhub.errors import UserError, VlhubError
 from vlhub.formats.readers import Checkpoint, config_dtype, open_checkpoint
 from vlhub.formats.registry import FORMATS, format_of_file
@@ -38,13 +40,10 @@ from vlhub.hub.home import vlhub_home
 from vlhub.hub.store import manifest_problems
 from vlhub.keymaps import load_keymap
 from vlhub.keymaps.config import tie_word_embeddings
-from vlhub.manifest import MANIFEST, Manifest
+from vlhub.manifest import MANIFEST, Manifest, unfinished_summary
 from vlhub.plan import make_plan, refuse_target
 from vlhub.smoke.run import available_memory, run_smoke
-from vlhub.smoke.verdict import unfinished_summary
-from vlhub.targets.base import Target
-from vlhub.targets.checks import FAIL, PASS, STATUSES, WARN, Check, LayoutContext, Need
-from vlhub.targets.registry import TARGETS, checkpoint_target, layouts, recorded_target, smoke_runner
+from vlhub.targets import TARGETS, checkpoint_target, layouts, recorded_target, smoke_runner
 from vlhub.units import format_size
 
 AUTO = "auto"  # --target auto: the manifest's target, else the weights' format

@@ -13,8 +13,9 @@ from pathlib import Path
 
 from vlhub.catalog import find_model, unknown_model_message
 from vlhub.convert.configs import official_config
+from vlhub.deploy.target import Target, TargetPlan
 from vlhub.errors import UserError
-from vlhub.families import Family
+from vlhub.family_registry import Family
 from vlhub.formats.readers import open_checkpoint
 from vlhub.sizes import (
     DEFAULT_ANSWER_TOKENS,
@@ -29,8 +30,7 @@ from vlhub.sizes import (
     plan_inputs,
     resize_input,
 )
-from vlhub.targets.base import Target, TargetPlan
-from vlhub.targets.registry import TARGETS, layouts
+from vlhub.targets import TARGETS, layouts
 
 
 @dataclass(frozen=True)

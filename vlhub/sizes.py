@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from vlhub.errors import UserError
-from vlhub.families import FAMILIES, Family, family_of_config
+from vlhub.family_registry import FAMILIES, Family, family_of_config
 from vlhub.keymaps.config import text_config
 from vlhub.smoke.inputs import MAX_PIXELS, MAX_RATIO, MIN_PIXELS, VisionGeometry, smart_resize
 

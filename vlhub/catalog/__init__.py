@@ -11,7 +11,7 @@ from functools import cache
 from importlib import resources
 
 from vlhub.errors import UserError
-from vlhub.families import FAMILIES, Family
+from vlhub.family_registry import FAMILIES, Family
 from vlhub.keymaps.config import tie_word_embeddings
 
 if sys.version_info >= (3, 11):

@@ -10,9 +10,9 @@ from typing import Annotated, Any, TypeVar, get_args, get_type_hints
 
 import typer
 
+from vlhub.deploy.target import Target
 from vlhub.errors import UserError
-from vlhub.targets.base import Target
-from vlhub.targets.registry import TARGETS, options_of, takers
+from vlhub.targets import TARGETS, options_of, takers
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
 SourceArg = Annotated[

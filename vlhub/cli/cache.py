@@ -34,7 +34,7 @@ from vlhub.hub.store import (
     verify_entry,
 )
 from vlhub.hub.tiny import ensure_tiny_model
-from vlhub.targets.registry import TARGETS
+from vlhub.targets import TARGETS
 from vlhub.units import format_size
 
 cache_app = typer.Typer(

@@ -1,5 +1,5 @@
 """`vlhub convert`: any supported checkpoint to another format, or into a deployment layout, streaming, then
-smoke-tested. The targets, and each one's flags, come from the registry (vlhub.targets.registry).
+smoke-tested. The targets, and each one's flags, come from the registry (vlhub.targets).
 
 Examples:
     vlhub convert tiny-qwen2-vl --to paddle                  # into the cache: vlhub cache path tiny-qwen2-vl --target paddle
@@ -27,14 +27,14 @@ from vlhub.cli._output import byte_progress, print_json, stderr, stdout
 from vlhub.cli.download import download_for
 from vlhub.cli.smoke import failure_summary, show_report, smoke_status
 from vlhub.convert.conversion import Conversion, open_source, plan_json, plan_table_rows
+from vlhub.deploy.target import Target
 from vlhub.errors import CheckFailed, UserError, VlhubError
 from vlhub.hub.sources import Source, locate_source
 from vlhub.hub.store import conversion_output, mark_used, reusable_artifact
-from vlhub.manifest import Manifest
+from vlhub.manifest import ERRORED, INTERRUPTED, NOT_RUN, RUNNING, SKIPPED, Manifest, unfinished_verdict
 from vlhub.smoke.run import DEFAULT_TOKENS, RuntimeMissing, checkpoint_smoke_input, record_verdict, run_smoke
-from vlhub.smoke.verdict import ERRORED, INTERRUPTED, NOT_RUN, RUNNING, SKIPPED, SmokeReport, unfinished_verdict
-from vlhub.targets.base import Target
-from vlhub.targets.registry import TARGETS, smoke_runner, target_named
+from vlhub.smoke.verdict import SmokeReport
+from vlhub.targets import TARGETS, smoke_runner, target_named
 from vlhub.units import format_size
 
 ToOpt = Annotated[str, typer.Option("--to", help=f"Target format: {', '.join(TARGETS)}.", show_default=False)]

@@ -22,7 +22,7 @@ from vlhub.cli._output import print_json, stdout
 from vlhub.errors import UserError
 from vlhub.plan import Plan, make_plan
 from vlhub.sizes import DEFAULT_ANSWER_TOKENS, DEFAULT_PROMPT_TOKENS, parse_size_pair
-from vlhub.targets.registry import layouts
+from vlhub.targets import layouts
 
 ModelArg = Annotated[str, typer.Argument(
     metavar="MODEL", show_default=False,

@@ -29,7 +29,7 @@ from vlhub.hub.sources import resolve_source
 from vlhub.hub.store import cached_artifact
 from vlhub.smoke.run import DEFAULT_TOKENS, run_smoke
 from vlhub.smoke.verdict import TOLERANCES, SmokeReport
-from vlhub.targets.registry import TARGETS, smoke_runner
+from vlhub.targets import TARGETS, smoke_runner
 
 PathArg = Annotated[str, typer.Argument(
     metavar="PATH", help="A converted checkpoint or layout directory, or a catalog model whose conversion is in the "

@@ -8,7 +8,7 @@ PaddleNLP / PaddleMIX (which also drop `transformers_version`, as the PaddleMIX 
 
 from __future__ import annotations
 
-from vlhub.families import family_of_config
+from vlhub.family_registry import family_of_config
 
 # fields transformers 5 adds inside text_config that the flat official form does not have
 _TEXT_ONLY = ("model_type", "layer_types", "rope_parameters", "dtype")

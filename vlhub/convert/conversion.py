@@ -1,7 +1,7 @@
 """`vlhub convert`'s library side: a source's headers read once, its conversion planned once, written streaming.
 
     with open_source(locate_source("tiny-qwen2-vl")) as source:
-        conversion = source.plan(target.output)              # target: one of vlhub.targets.registry
+        conversion = source.plan(target.output)              # target: one of vlhub.targets
         result = conversion.write(out)                          # or conversion.plan for a dry run
 
 Everything lands in a staging directory beside the output and is renamed into place at the end; an error or an
@@ -24,7 +24,7 @@ from vlhub.convert.ops import FLOAT_DTYPES
 from vlhub.convert.pipeline import buffer_cost, ordered_steps, run_plan
 from vlhub.convert.plan import Plan, checkpoint_family, plan_conversion
 from vlhub.errors import UserError
-from vlhub.families import FAMILIES, Family
+from vlhub.family_registry import FAMILIES, Family
 from vlhub.formats.readers import Checkpoint, open_checkpoint
 from vlhub.formats.registry import format_of_file
 from vlhub.formats.tensors import TensorMeta

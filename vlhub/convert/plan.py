@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from vlhub.convert.layouts import UNKNOWN, detect_family, detect_layout
 from vlhub.convert.ops import FLOAT_DTYPES
 from vlhub.errors import UserError
-from vlhub.families import FAMILIES
+from vlhub.family_registry import FAMILIES
 from vlhub.formats.tensors import TensorMeta
 from vlhub.keymaps import KeyMap, Layout, evaluate, load_keymap
 

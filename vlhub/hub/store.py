@@ -24,8 +24,7 @@ from vlhub.hub.home import remove_empty_parents, safe_name, vlhub_home
 from vlhub.hub.locks import exclusive_lock, lock_path
 from vlhub.hub.records import DownloadRecord, RemoteFile, all_records, remove_record, save_record
 from vlhub.hub.sources import Source, hub_snapshot
-from vlhub.manifest import MANIFEST, Manifest
-from vlhub.smoke.verdict import verdict_state
+from vlhub.manifest import MANIFEST, Manifest, verdict_state
 from vlhub.units import now_iso
 
 DOWNLOAD, BUILT_IN = "download", "built-in"

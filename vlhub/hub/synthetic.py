@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vlhub.families import Family
+from vlhub.family_registry import Family
 from vlhub.formats.tensors import TensorMeta, bf16_bits_from_float32, dtype_info
 from vlhub.formats.writers import CheckpointWriter, write_json_atomic
 
@@ -43,14 +43,6 @@ def cast_float32(values: np.ndarray, dtype: str) -> np.ndarray:
     return values.astype(dtype_info(dtype).storage)
 
 
-def generation_config(config: dict) -> dict:
-    """A generation_config.json like the official one (greedy, so smoke tests are deterministic)."""
-    if config.get("model_type") == "qwen":
-        return {"chat_format": "chatml", "eos_token_id": 151643, "pad_token_id": 151643,
-                "max_window_size": 6144, "max_new_tokens": 512, "do_sample": False}
-    return {"bos_token_id": 151643, "pad_token_id": 151643, "eos_token_id": [151645, 151643], "do_sample": False}
-
-
 def write_synthetic_checkpoint(
     out_dir: Path,
     family: Family,
@@ -71,7 +63,7 @@ def write_synthetic_checkpoint(
                           on_bytes=on_bytes) as writer:
         for meta in tensors:
             writer.write(meta.name, cast_float32(synthetic_values(meta.name, meta.shape, seed), dtype))
-    write_json_atomic(out_dir / "generation_config.json", generation_config(config))
+    write_json_atomic(out_dir / "generation_config.json", family.facts["generation"])
     # config.json last: its presence marks a complete checkpoint
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return out_dir

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from vlhub.errors import CorruptCheckpoint, UserError
-from vlhub.families import family_of_config
+from vlhub.family_registry import family_of_config
 from vlhub.keymaps.config import text_config
 
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)

@@ -28,7 +28,7 @@ from paddle import nn
 
 from vlhub.convert.layouts import UNKNOWN, detect_layout
 from vlhub.errors import CheckFailed, UserError
-from vlhub.families import family_of_config
+from vlhub.family_registry import family_of_config
 from vlhub.formats.readers import Checkpoint, open_checkpoint
 from vlhub.formats.tensors import float32_values
 from vlhub.keymaps import load_keymap

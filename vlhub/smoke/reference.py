@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from vlhub.families import FAMILIES
+from vlhub.family_registry import FAMILIES
 from vlhub.keymaps.config import text_config, tie_word_embeddings
 from vlhub.smoke.inputs import MASKED, SmokeInput, VisionInputs
 from vlhub.smoke.weights import ModelWeights

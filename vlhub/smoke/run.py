@@ -1,6 +1,6 @@
 """`vlhub smoke`: run a converted checkpoint in its runtime and compare it with the reference on the source.
 
-    runner = smoke_runner(Path("Qwen2-VL-7B-Instruct-paddle"))       # vlhub.targets.registry: the target's own
+    runner = smoke_runner(Path("Qwen2-VL-7B-Instruct-paddle"))       # vlhub.targets: the target's own
     report = run_smoke(runner)                                       # source from the manifest
     report = run_smoke(runner, against=resolve_source("tiny-qwen2-vl"), tokens=4)
     report.passed, report.as_dict()

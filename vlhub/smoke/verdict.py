@@ -101,44 +101,6 @@ def compare_tokens(reference: list[int], predicted: list[int], ref_margins: list
     return Stage("generated tokens", not decisive, top1_agreement=agreement, detail=detail)
 
 
-# What a manifest's `smoke` record says when no report was made (`passed` is then None):
-SKIPPED = "skipped"  # converted with --no-smoke
-NOT_RUN = "not-run"  # the runtime is not installed here
-RUNNING = "running"  # recorded when the smoke test starts: still there, the run was killed before it finished
-INTERRUPTED = "interrupted"  # Ctrl-C or SIGTERM during the smoke test
-ERRORED = "errored"  # the smoke test stopped on an error; `reason` says which
-_UNFINISHED_SUMMARY = {
-    SKIPPED: "not run: converted with --no-smoke",
-    NOT_RUN: "not run",
-    RUNNING: "started and never finished (the run was killed)",
-    INTERRUPTED: "interrupted before it finished",
-    ERRORED: "stopped on an error",
-}
-
-
-def unfinished_verdict(state: str, reason: str = "") -> dict:
-    """The manifest record of a smoke test that gave no report: its state and why."""
-    assert state in _UNFINISHED_SUMMARY
-    return {"passed": None, "state": state, **({"reason": reason} if reason else {})}
-
-
-def verdict_state(verdict: dict | None) -> str | None:
-    """passed, failed, or one of the unfinished states above; None when no verdict is recorded."""
-    if verdict is None:
-        return None
-    if verdict.get("passed") is not None:
-        return "passed" if verdict["passed"] else "failed"
-    # records written before `state` existed say only why the test did not run
-    return verdict.get("state", NOT_RUN)
-
-
-def unfinished_summary(verdict: dict) -> str:
-    """One line for a verdict without a report: what happened, and why when known."""
-    state = verdict_state(verdict) or NOT_RUN
-    reason = verdict.get("reason") or verdict.get("not_run")
-    return _UNFINISHED_SUMMARY.get(state, state) + (f": {reason}" if reason else "")
-
-
 @dataclass
 class SmokeReport:
     """The verdict of one smoke test and everything it measured."""

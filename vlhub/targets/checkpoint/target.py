@@ -8,10 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vlhub.convert.conversion import Conversion, Model, Output
+from vlhub.deploy.checks import Check, Need, paddle_check
+from vlhub.deploy.target import OnBytes, TargetDefaults, flag
 from vlhub.manifest import Manifest
 from vlhub.smoke.run import CheckpointRunner
-from vlhub.targets.base import OnBytes, TargetDefaults, flag
-from vlhub.targets.checks import Check, Need, paddle_check
 from vlhub.units import parse_size
 
 

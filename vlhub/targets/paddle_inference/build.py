@@ -23,12 +23,12 @@ from pathlib import Path
 from vlhub import __version__
 from vlhub.atomic import staged_directory
 from vlhub.convert.conversion import Conversion
+from vlhub.deploy.target import OnBytes
 from vlhub.errors import UserError
-from vlhub.families import Family
+from vlhub.family_registry import Family
 from vlhub.manifest import MANIFEST, FileEntry, Manifest, TargetRecord
-from vlhub.targets.base import OnBytes
+from vlhub.targets.paddle_inference import NAME
 
-NAME = "paddle-inference"
 IR_SUFFIX = {"pir": ".json", "legacy": ".pdmodel"}
 DEFAULT_MAX_SEQ_LEN = 2048
 

@@ -3,10 +3,7 @@ model's positions and the --image sizes, paddlepaddle, and the memory serving it
 
 from __future__ import annotations
 
-from vlhub.errors import UserError
-from vlhub.families import FAMILIES
-from vlhub.sizes import DEFAULT_ANSWER_TOKENS, DEFAULT_PROMPT_TOKENS, InputPlan, compile_sizes
-from vlhub.targets.checks import (
+from vlhub.deploy.checks import (
     BYTES_7B,
     FAIL,
     PASS,
@@ -18,6 +15,9 @@ from vlhub.targets.checks import (
     planned_fix,
     scaled,
 )
+from vlhub.errors import UserError
+from vlhub.family_registry import FAMILIES
+from vlhub.sizes import DEFAULT_ANSWER_TOKENS, DEFAULT_PROMPT_TOKENS, InputPlan, compile_sizes
 from vlhub.targets.paddle_inference.build import inference_dtype
 from vlhub.targets.paddle_inference.plan import graph_positions
 

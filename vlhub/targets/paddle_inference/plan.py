@@ -6,9 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vlhub.errors import UserError
-from vlhub.families import Family
+from vlhub.family_registry import Family
 from vlhub.sizes import Sizing, position_limit
-from vlhub.targets.paddle_inference.build import NAME
+from vlhub.targets.paddle_inference import NAME
 
 
 @dataclass(frozen=True)

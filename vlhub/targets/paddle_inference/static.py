@@ -71,12 +71,12 @@ from vlhub.convert.ops import cast_float, transpose_2d
 from vlhub.convert.pipeline import ordered_steps
 from vlhub.convert.plan import Plan, Step, plan_conversion
 from vlhub.errors import CheckFailed, UserError
-from vlhub.families import FAMILIES
+from vlhub.family_registry import FAMILIES
 from vlhub.formats.readers import Checkpoint, open_checkpoint
 from vlhub.formats.tensors import dtype_info, float32_values, logical_dtype
 from vlhub.formats.writers import file_entry, write_json_atomic
 from vlhub.smoke.paddle_forward import MASKED, PaddleFamily, as_float32, family_network, pdparams_entry
-from vlhub.targets.paddle_inference.build import NAME
+from vlhub.targets.paddle_inference import NAME
 
 CHECKPOINTS = "checkpoints"  # the directory under out_dir that holds the graphs
 IRS = ("pir", "legacy")

@@ -7,11 +7,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vlhub.convert.conversion import Conversion, Model, Output
-from vlhub.families import FAMILIES
+from vlhub.deploy.checks import Check, LayoutContext, Need, paddle_check
+from vlhub.deploy.target import OnBytes, TargetDefaults, flag
+from vlhub.family_registry import FAMILIES
 from vlhub.manifest import Manifest
 from vlhub.sizes import Sizing
-from vlhub.targets.base import OnBytes, TargetDefaults, flag
-from vlhub.targets.checks import Check, LayoutContext, Need, paddle_check
 from vlhub.targets.paddle_inference import check
 from vlhub.targets.paddle_inference.build import (
     DEFAULT_MAX_SEQ_LEN,

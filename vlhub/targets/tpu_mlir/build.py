@@ -28,13 +28,13 @@ from vlhub import __version__
 from vlhub.atomic import staged_directory
 from vlhub.convert.configs import official_config
 from vlhub.convert.conversion import Conversion
+from vlhub.deploy.target import OnBytes
 from vlhub.errors import UserError
-from vlhub.families import Family
+from vlhub.family_registry import Family
 from vlhub.manifest import MANIFEST, FileEntry, Manifest, TargetRecord
 from vlhub.smoke.inputs import SMOKE_IMAGE, SMOKE_PATCHES, smart_resize
-from vlhub.targets.base import OnBytes
+from vlhub.targets.tpu_mlir import NAME
 
-NAME = "tpu-mlir"
 # --quantize -> the dtype llm_convert requires the checkpoint to declare (its "mismatch with model dtype" check)
 QUANTIZE_DTYPE = {"w4bf16": "bfloat16", "w8bf16": "bfloat16", "bf16": "bfloat16",
                   "w4f16": "float16", "w8f16": "float16", "f16": "float16"}

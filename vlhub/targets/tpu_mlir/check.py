@@ -7,10 +7,7 @@ import os
 import shutil
 import subprocess
 
-from vlhub.errors import UserError
-from vlhub.families import FAMILIES
-from vlhub.sizes import InputPlan, compile_sizes, plan_inputs
-from vlhub.targets.checks import (
+from vlhub.deploy.checks import (
     FAIL,
     PARAMS_7B,
     PASS,
@@ -22,7 +19,11 @@ from vlhub.targets.checks import (
     scaled,
     which_check,
 )
-from vlhub.targets.tpu_mlir.build import NAME, PROMPT_TOKENS, QUANTIZE_DTYPE, TORCH_FIRST, TpuOptions, check_tpu_options
+from vlhub.errors import UserError
+from vlhub.family_registry import FAMILIES
+from vlhub.sizes import InputPlan, compile_sizes, plan_inputs
+from vlhub.targets.tpu_mlir import NAME
+from vlhub.targets.tpu_mlir.build import PROMPT_TOKENS, QUANTIZE_DTYPE, TORCH_FIRST, TpuOptions, check_tpu_options
 from vlhub.targets.tpu_mlir.plan import tpu_mlir_options
 from vlhub.targets.tpu_mlir.simulator import TOOLCHAIN_ENV, TOOLCHAIN_VERSION, resolve_toolchain
 

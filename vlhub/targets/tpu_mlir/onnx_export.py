@@ -63,14 +63,7 @@ from typing import NamedTuple
 import numpy as np
 
 from vlhub.atomic import ensure_free_space
-from vlhub.errors import UserError
-from vlhub.families import FAMILIES
-from vlhub.formats.writers import file_entry
-from vlhub.keymaps.config import text_config, tie_word_embeddings
-from vlhub.sizes import config_family
-from vlhub.smoke.reference import inverse_frequencies, rotary_tables
-from vlhub.smoke.weights import ModelWeights
-from vlhub.targets.onnx_graph import (
+from vlhub.deploy.onnx_graph import (
     F32,
     I32,
     I64,
@@ -86,7 +79,14 @@ from vlhub.targets.onnx_graph import (
     vision_tower,
     vision_width,
 )
-from vlhub.targets.tpu_mlir.build import NAME
+from vlhub.errors import UserError
+from vlhub.family_registry import FAMILIES
+from vlhub.formats.writers import file_entry
+from vlhub.keymaps.config import text_config, tie_word_embeddings
+from vlhub.sizes import config_family
+from vlhub.smoke.reference import inverse_frequencies, rotary_tables
+from vlhub.smoke.weights import ModelWeights
+from vlhub.targets.tpu_mlir import NAME
 
 TOP_K = 50
 MIN_TOKENS_TO_KEEP = 5

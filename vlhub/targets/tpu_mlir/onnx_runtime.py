@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from vlhub.deploy.onnx_graph import MASK_VALUE
 from vlhub.errors import UserError
 from vlhub.sizes import config_family
 from vlhub.smoke.inputs import SmokeInput, VisionGeometry, pad_rows, padded_mask
 from vlhub.smoke.reference import causal_mask
-from vlhub.targets.onnx_graph import MASK_VALUE
 from vlhub.targets.tpu_mlir.onnx_export import LLM_DIR, VIT, network_file
 
 

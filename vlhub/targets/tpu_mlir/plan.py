@@ -7,11 +7,12 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from vlhub.families import Family
+from vlhub.family_registry import Family
 from vlhub.formats.readers import config_dtype
 from vlhub.sizes import CompileSizes, InputPlan, Sizing
 from vlhub.smoke.inputs import VisionGeometry
-from vlhub.targets.tpu_mlir.build import NAME, TpuOptions, tpu_options
+from vlhub.targets.tpu_mlir import NAME
+from vlhub.targets.tpu_mlir.build import TpuOptions, tpu_options
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,8 @@ from vlhub.smoke.inputs import DEVICE_MASKED, SmokeInput, VisionGeometry, Vision
 from vlhub.smoke.reference import ReferenceForward, causal_mask
 from vlhub.smoke.verdict import TOLERANCES, Stage, compare_arrays
 from vlhub.smoke.weights import ModelWeights
-from vlhub.targets.tpu_mlir.build import NAME, TOOLCHAIN_INSTALL, TORCH_FIRST
+from vlhub.targets.tpu_mlir import NAME
+from vlhub.targets.tpu_mlir.build import TOOLCHAIN_INSTALL, TORCH_FIRST
 from vlhub.targets.tpu_mlir.cmodel_runner import PREFIX
 
 TOOLCHAIN_ENV = "VLHUB_TPU_MLIR_PYTHON"

@@ -7,11 +7,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from vlhub.deploy.target import flag
 from vlhub.errors import CheckFailed
 from vlhub.manifest import TargetRecord
 from vlhub.smoke.run import Outputs, Reference, Run, RuntimeMissing, Status, checkpoint_outputs, compare_runs
 from vlhub.smoke.verdict import SmokeReport, Stage
-from vlhub.targets.base import flag
 from vlhub.targets.tpu_mlir.simulator import STAGE, TOOLCHAIN_ENV, check_fits, simulate_first_token
 
 ONNX_NETWORKS = "models/onnx"  # where `vlhub convert --to tpu-mlir --onnx` puts its networks

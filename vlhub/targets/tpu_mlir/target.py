@@ -7,11 +7,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vlhub.convert.conversion import Conversion, Model, Output
-from vlhub.families import FAMILIES
+from vlhub.deploy.checks import Check, LayoutContext, Need
+from vlhub.deploy.target import OnBytes, TargetDefaults, flag
+from vlhub.family_registry import FAMILIES
 from vlhub.manifest import Manifest
 from vlhub.sizes import Sizing
-from vlhub.targets.base import OnBytes, TargetDefaults, flag
-from vlhub.targets.checks import Check, LayoutContext, Need
 from vlhub.targets.tpu_mlir import check
 from vlhub.targets.tpu_mlir.build import (
     DEFAULT_GROUP_SIZE,

@@ -31,14 +31,14 @@ from vlhub import __version__
 from vlhub.atomic import staged_directory
 from vlhub.convert.configs import official_config
 from vlhub.convert.conversion import Conversion
+from vlhub.deploy.target import OnBytes
 from vlhub.embeddings import prepare_dump
 from vlhub.errors import UserError
-from vlhub.families import FAMILIES, Family
+from vlhub.family_registry import FAMILIES, Family
 from vlhub.formats.writers import write_json_atomic
 from vlhub.manifest import MANIFEST, FileEntry, Manifest, TargetRecord
 from vlhub.sizes import max_pixels_for, parse_size_pair, patch_multiple, plan_inputs, round_up
 from vlhub.smoke.inputs import MIN_PIXELS, SMOKE_IMAGE, SMOKE_PATCHES, VisionGeometry
-from vlhub.targets.base import OnBytes
 from vlhub.targets.vamc.plan import MAX_VAMC_PATCHES, NAME, OUTPUT_CHUNK, vamc_lengths, visual_output_split
 
 DEFAULT_MAX_PIXELS = 14 * 14 * 4 * 1280  # the VastModelZOO README's default: 5120 patches, 1280 tokens

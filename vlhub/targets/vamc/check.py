@@ -7,9 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from vlhub.families import FAMILIES
-from vlhub.sizes import InputPlan, max_pixels_for
-from vlhub.targets.checks import (
+from vlhub.deploy.checks import (
     FAIL,
     PARAMS_7B,
     PASS,
@@ -24,6 +22,8 @@ from vlhub.targets.checks import (
     scaled,
     which_check,
 )
+from vlhub.family_registry import FAMILIES
+from vlhub.sizes import InputPlan, max_pixels_for
 from vlhub.targets.vamc.build import NAME, Recipe, vamc_problems
 from vlhub.targets.vamc.plan import MAX_VAMC_PATCHES
 

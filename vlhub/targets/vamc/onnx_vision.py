@@ -7,9 +7,9 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from vlhub.deploy.onnx_graph import F32, MASK_VALUE, Graph, Progress, Store, Writer, vision_tower, vision_width
 from vlhub.sizes import config_family
 from vlhub.smoke.weights import ModelWeights
-from vlhub.targets.onnx_graph import F32, MASK_VALUE, Graph, Progress, Store, Writer, vision_tower, vision_width
 
 STEM = "vision_transformer"  # the file's name, as the vendor's export_onnx.py names it
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vlhub.families import FAMILIES
+from vlhub.family_registry import FAMILIES
 from vlhub.manifest import TargetRecord
 from vlhub.smoke.inputs import SmokeInput, pad_rows, padded_mask, smoke_input
 from vlhub.smoke.reference import ReferenceForward, vision_rotary

@@ -8,11 +8,11 @@ from pathlib import Path
 
 from vlhub.convert.configs import official_config
 from vlhub.convert.conversion import Conversion, Model, Output
-from vlhub.families import FAMILIES
+from vlhub.deploy.checks import Check, LayoutContext, Need
+from vlhub.deploy.target import OnBytes, TargetDefaults, flag
+from vlhub.family_registry import FAMILIES
 from vlhub.manifest import Manifest
 from vlhub.sizes import Sizing
-from vlhub.targets.base import OnBytes, TargetDefaults, flag
-from vlhub.targets.checks import Check, LayoutContext, Need
 from vlhub.targets.vamc import check
 from vlhub.targets.vamc.build import (
     DEFAULT_MAX_PIXELS,

@@ -4,7 +4,7 @@ implements, and the pieces every target's options and plans are made of.
 A target's options are a frozen dataclass whose fields are its `vlhub convert` flags (`flag()` gives each its
 help), built once by the CLI from what was typed. `Target.settle` checks them against the model, once, and
 returns the target's `Spec`: what its conversion, build and cache entry use. Nothing else of the CLI, `plan`,
-`check` or `smoke` knows a target by name; they ask the registry (vlhub.targets.registry).
+`check` or `smoke` knows a target by name; they ask the registry (vlhub.targets).
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from vlhub.convert.conversion import Conversion, Model, Output
+from vlhub.deploy.checks import Check, LayoutContext, Need, common_build_needs
 from vlhub.manifest import Manifest
 from vlhub.sizes import Sizing
-from vlhub.targets.checks import Check, LayoutContext, Need, common_build_needs
 
 if TYPE_CHECKING:  # smoke.run is the smoke test's machinery, above this protocol
     from vlhub.smoke.run import SmokeRunner
