@@ -8,9 +8,11 @@ Facts: docs/facts/qwen-keys.md#patch-order, #smart-resize, #mrope.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
-from dataclasses import dataclass
+import reprlib
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +24,13 @@ from vlhub.keymaps.config import text_config
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
 # the official preprocessor_config.json bounds (docs/facts/qwen-keys.md#preprocessor-defaults)
+PREPROCESSOR_CONFIG = "preprocessor_config.json"
 MIN_PIXELS = 56 * 56
 MAX_PIXELS = 16384 * 28 * 28
 MAX_RATIO = 200
+# the most pixels a preprocessor_config.json may make the smallest image (min_pixels): 4096 16-pixel patches, where
+# released files say 3136 (Qwen2-VL) and 65536 (Qwen3-VL)
+MAX_SMOKE_MIN_PIXELS = 1 << 20
 # the smoke image: 8 x 12 patches, 24 visual tokens; for Qwen2.5-VL two 112-pixel windows wide, the
 # second one partial, so window attention and its padding are exercised
 SMOKE_IMAGE = (112, 168)
@@ -79,10 +85,78 @@ def synthetic_image(height: int, width: int) -> np.ndarray:
     return np.clip(np.stack([red, green, blue], axis=-1), 0, 255).round().astype(np.uint8)
 
 
-def normalize(image: np.ndarray) -> np.ndarray:
-    """uint8 [H, W, 3] to CLIP-normalised float32 [3, H, W]."""
+def normalize(image: np.ndarray, mean: np.ndarray = CLIP_MEAN, std: np.ndarray = CLIP_STD) -> np.ndarray:
+    """uint8 [H, W, 3] to normalised float32 [3, H, W] (CLIP's mean and std unless given)."""
     scaled = image.astype(np.float32) * np.float32(1 / 255)
-    return ((scaled - CLIP_MEAN) / CLIP_STD).transpose(2, 0, 1)
+    return ((scaled - mean) / std).transpose(2, 0, 1)
+
+
+@dataclass(frozen=True)
+class ImageProcessing:
+    """What the image processor does before cutting patches: smart_resize to multiples of `factor` within
+    [min_pixels, max_pixels], then (x / 255 - mean) / std. The defaults are Qwen2(.5)-VL's."""
+
+    factor: int = 28
+    min_pixels: int = MIN_PIXELS
+    max_pixels: int = MAX_PIXELS
+    mean: np.ndarray = field(default_factory=lambda: CLIP_MEAN)
+    std: np.ndarray = field(default_factory=lambda: CLIP_STD)
+
+    @classmethod
+    def from_preprocessor(cls, preprocessor: dict, fallback: ImageProcessing) -> ImageProcessing:
+        """The values a checkpoint's preprocessor_config.json gives, `fallback`'s where it is silent. As
+        transformers' Qwen2-VL image processor reads them: `size.shortest_edge` / `size.longest_edge` are the
+        pixel bounds, the older top-level `min_pixels` / `max_pixels` override them; the factor is
+        `patch_size` x `merge_size`."""
+        size = preprocessor.get("size") if isinstance(preprocessor.get("size"), dict) else {}
+        low = preprocessor.get("min_pixels", size.get("shortest_edge", fallback.min_pixels))
+        high = preprocessor.get("max_pixels", size.get("longest_edge", fallback.max_pixels))
+        patch, merge = preprocessor.get("patch_size"), preprocessor.get("merge_size")
+        factor = patch * merge if _positive(patch) and _positive(merge) else fallback.factor
+        for name, value in (("min_pixels (size.shortest_edge)", low), ("max_pixels (size.longest_edge)", high)):
+            if not _positive(value):
+                raise UserError(f"preprocessor_config.json {name} is {reprlib.repr(value)}: the smoke test needs a "
+                                "positive integer; fix preprocessor_config.json, or convert with --no-smoke")
+        if low > high:
+            raise UserError(f"preprocessor_config.json gives min_pixels {low} above max_pixels {high}; fix "
+                            "preprocessor_config.json, or convert with --no-smoke")
+        if low > MAX_SMOKE_MIN_PIXELS:  # every image is resized up to it: the smoke image too
+            raise UserError(f"preprocessor_config.json min_pixels is {low}: the smoke image would be resized to at "
+                            f"least that, vlhub's smoke test takes at most {MAX_SMOKE_MIN_PIXELS}; convert with "
+                            "--no-smoke")
+        return cls(factor, low, high, _channels(preprocessor, "image_mean", fallback.mean),
+                   _channels(preprocessor, "image_std", fallback.std))
+
+
+def _positive(value: object) -> bool:
+    return type(value) is int and value > 0
+
+
+def _channels(preprocessor: dict, key: str, fallback: np.ndarray) -> np.ndarray:
+    value = preprocessor.get(key)
+    if value is None:
+        return fallback
+    if (not isinstance(value, list) or len(value) != 3
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+            or (key == "image_std" and not all(v > 0 for v in value))):
+        raise UserError(f"preprocessor_config.json {key} is {reprlib.repr(value)}: the smoke test needs three numbers"
+                        f"{' above 0' if key == 'image_std' else ''}; fix preprocessor_config.json, or convert with "
+                        "--no-smoke")
+    return np.array(value, dtype=np.float32)
+
+
+def preprocessor_config(directory: Path) -> dict:
+    """The checkpoint's preprocessor_config.json in `directory` (empty when there is none)."""
+    path = directory / PREPROCESSOR_CONFIG
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        data = None
+    if not isinstance(data, dict):
+        raise CorruptCheckpoint(f"{path}: not a JSON object vlhub can read; fix or remove it")
+    return data
 
 
 @dataclass(frozen=True)
@@ -161,7 +235,7 @@ def window_order(grids: list[tuple[int, int, int]], geometry: VisionGeometry,
 
 @dataclass
 class VisionInputs:
-    """What the Qwen2(.5)-VL vision tower takes besides its weights."""
+    """What a merged-patch vision tower (Qwen2-VL's and its successors') takes besides its weights."""
 
     pixel_values: np.ndarray  # [N, 3*T*P*P] float32
     grids: list[tuple[int, int, int]]
@@ -170,10 +244,14 @@ class VisionInputs:
     window_index: np.ndarray | None = None  # [N / merge^2] int64 (a tower with window attention)
     reverse_index: np.ndarray | None = None
     window_mask: np.ndarray | None = None  # [N, N] in window order
+    # a tower with a learned position table resampled to each grid: 4 taps of the table per patch (`bilinear_taps`)
+    interp_indices: np.ndarray | None = None  # [N, 4] int64 rows of the table
+    interp_weights: np.ndarray | None = None  # [N, 4] float32, summing to 1 per patch
 
     def as_kwargs(self) -> dict[str, np.ndarray]:
         """The arrays by the names the forwards take."""
-        names = ("position_ids", "full_mask", "window_index", "reverse_index", "window_mask")
+        names = ("position_ids", "full_mask", "window_index", "reverse_index", "window_mask", "interp_indices",
+                 "interp_weights")
         kwargs = {"vision_" + n if n == "position_ids" else n: getattr(self, n) for n in names}
         return {k: v for k, v in kwargs.items() if v is not None}
 
@@ -194,6 +272,33 @@ def vision_inputs(images: list[np.ndarray], config: dict, window_size: int | Non
         inputs.window_index, inputs.reverse_index = order, np.argsort(order).astype(np.int64)
         inputs.window_mask = segment_mask(lengths)
     return inputs
+
+
+def bilinear_taps(grids: list[tuple[int, int, int]], side: int, merge: int) -> tuple[np.ndarray, np.ndarray]:
+    """A learned [side * side, C] position table bilinearly resampled to each grid (align_corners=True: the corner
+    patches take the corner rows), as 4 taps per patch in merge-group order, repeated over the grid's frames:
+    indices [N, 4] int64 into the table and weights [N, 4] float32, so that patch n's embedding is
+    sum_k weights[n, k] * table[indices[n, k]]. transformers computes the same
+    (`vision_utils.get_vision_interpolation_indices_and_weights`, mode "bilinear")."""
+    indices, weights = [], []
+    for t, h, w in grids:
+        rows, cols = vision_position_ids([(1, h, w)], merge).T
+        row_taps, row_weights = _linear_taps(rows, h, side)
+        col_taps, col_weights = _linear_taps(cols, w, side)
+        taps = (row_taps[:, :, None] * side + col_taps[:, None, :]).reshape(-1, 4)
+        tap_weights = (row_weights[:, :, None] * col_weights[:, None, :]).reshape(-1, 4)
+        indices.append(np.tile(taps, (t, 1)))
+        weights.append(np.tile(tap_weights, (t, 1)))
+    return np.concatenate(indices).astype(np.int64), np.concatenate(weights).astype(np.float32)
+
+
+def _linear_taps(index: np.ndarray, size: int, side: int) -> tuple[np.ndarray, np.ndarray]:
+    """Along one axis of `size` patches, the two table rows (of `side`) each patch reads and their weights."""
+    source = index.astype(np.float32) * np.float32(side - 1) / np.float32(max(size - 1, 1))
+    floor = np.floor(source)
+    taps = np.clip(floor.astype(np.int64)[:, None] + np.arange(2), 0, side - 1)
+    weights = np.clip(1 - np.abs(source[:, None] - floor[:, None] - np.arange(2, dtype=np.float32)), 0, None)
+    return taps, weights.astype(np.float32)
 
 
 def mrope_position_ids(input_ids: np.ndarray, image_token_id: int, grids: list[tuple[int, int, int]],
@@ -307,23 +412,30 @@ def prompt_tokens(config: dict, tokenizer: dict[str, int]) -> PromptTokens:
 
 
 def smoke_input(config: dict, image_size: tuple[int, int] = SMOKE_IMAGE, *,
-                tokenizer: dict[str, int] | None = None) -> SmokeInput:
+                tokenizer: dict[str, int] | None = None, preprocessor: dict | None = None) -> SmokeInput:
     """The smoke test's input for a model of this config.json, with the special tokens its tokenizer files
     name (`tokenizer_special_tokens`): chat markers where the tokenizer has them, the image placeholders the
-    config names. The family's own code (`vlhub/families/<family>/inputs.py`) builds it."""
+    config names. The family's own code (`vlhub/families/<family>/inputs.py`) builds it; a family whose
+    `smoke_input` takes `preprocessor` also gets the checkpoint's preprocessor_config.json (`preprocessor_config`,
+    empty when there is none)."""
     tokenizer = tokenizer or {}
     family = family_of_config(config)
     if family is None:
         raise UserError(f"config.json model_type {config.get('model_type')!r} is no family vlhub knows")
-    return family.code("inputs").smoke_input(config, prompt_tokens(config, tokenizer), tokenizer, image_size)
+    build = family.code("inputs").smoke_input
+    extra = {"preprocessor": preprocessor or {}} if "preprocessor" in inspect.signature(build).parameters else {}
+    return build(config, prompt_tokens(config, tokenizer), tokenizer, image_size, **extra)
 
 
 def patch_grid_input(config: dict, tokens: PromptTokens, tokenizer: dict[str, int], image_size: tuple[int, int],
-                     window_size: int | None = None) -> SmokeInput:
+                     window_size: int | None = None, processing: ImageProcessing | None = None) -> SmokeInput:
     """The smoke input of a model whose processor cuts the image into merged patches and whose text model places
-    them with multimodal rotary positions: the chat prompt around vision start, image pads and vision end."""
-    height, width = smart_resize(*image_size)
-    image = normalize(synthetic_image(height, width))
+    them with multimodal rotary positions: the chat prompt around vision start, image pads and vision end. The
+    image is resized and normalised as `processing` says (default: Qwen2(.5)-VL's processor)."""
+    processing = processing or ImageProcessing()
+    height, width = smart_resize(*image_size, factor=processing.factor, min_pixels=processing.min_pixels,
+                                 max_pixels=processing.max_pixels)
+    image = normalize(synthetic_image(height, width), processing.mean, processing.std)
     vision = vision_inputs([image], config, window_size)
     merge = VisionGeometry.from_config(config).merge
     count = vision.pixel_values.shape[0] // merge ** 2

@@ -49,6 +49,12 @@ def quick_gelu(x: np.ndarray) -> np.ndarray:
     return x / (1 + np.exp(np.float32(-1.702) * x))
 
 
+def gelu_tanh(x: np.ndarray) -> np.ndarray:
+    """GELU's tanh approximation (torch's approximate="tanh", transformers' `gelu_pytorch_tanh`)."""
+    inner = np.float32(math.sqrt(2 / math.pi)) * (x + np.float32(0.044715) * x * x * x)
+    return np.float32(0.5) * x * (1 + np.tanh(inner))
+
+
 def erf(x: np.ndarray) -> np.ndarray:
     """erf to within 1.2e-7 everywhere (Numerical Recipes' erfc Chebyshev fit), numpy having none."""
     z = np.abs(x).astype(np.float64)
@@ -220,9 +226,16 @@ class ReferenceForward:
 
     def logits(self, input_ids: np.ndarray, position_ids: np.ndarray, image_embeds: np.ndarray | None = None,
                image_mask: np.ndarray | None = None, cache: KVCache | None = None) -> np.ndarray:
-        """Logits [L, vocab] for new tokens (their positions, shaped [3, L] or [L]) after `cache`'s."""
+        """Logits [L, vocab] for new tokens (their positions, shaped [3, L] or [L]) after `cache`'s.
+
+        `image_embeds` [image tokens, hidden] replace the embeddings where `image_mask` is set. A family whose
+        vision tower also feeds early decoder layers (DeepStack) gives [1 + k, image tokens, hidden]: the first
+        replaces the embeddings, feature j is added to the output of decoder layer j at the same positions."""
         x = self.embed(input_ids)
+        layer_features = None
         if image_embeds is not None and image_mask is not None and image_mask.any():
+            if image_embeds.ndim == 3:
+                image_embeds, layer_features = image_embeds[0], image_embeds[1:]
             x[image_mask] = image_embeds
         cache = cache if cache is not None else KVCache()
         self.check_length(cache.length + len(input_ids))
@@ -230,6 +243,8 @@ class ReferenceForward:
         mask = causal_mask(len(input_ids), cache.length)
         for layer in range(self.text["num_hidden_layers"]):
             x = self.layer(x, layer, cos, sin, mask, cache)
+            if layer_features is not None and layer < len(layer_features):
+                x[image_mask] += layer_features[layer]
         return self._project(self.final_norm(x))
 
     def _project(self, x: np.ndarray) -> np.ndarray:
@@ -261,13 +276,29 @@ class ReferenceForward:
 class MRopeDecoderForward(ReferenceForward):
     """A text model of pre-norm decoder layers (`model.layers.N.*`): grouped-query attention with biased q, k and
     v projections, rotated by multimodal rotary positions whose frequency slots split into (time, height, width)
-    sections (`rope_scaling.mrope_section`), a SwiGLU MLP, RMSNorm; lm_head tied to the embedding or not."""
+    sections (`rope_scaling.mrope_section`), a SwiGLU MLP, RMSNorm; lm_head tied to the embedding or not.
 
+    Hooks for a family built the same way with a few differences: `text_prefix` (where the text model's tensors
+    are), `head_dim`, `qk_norm` (what q and k go through before the rotary), `mlp` (the feed-forward block)."""
+
+    text_prefix = "model."
     embedding = "model.embed_tokens.weight"
+
+    def head_dim(self) -> int:
+        return self.text["hidden_size"] // self.text["num_attention_heads"]
+
+    def qk_norm(self, q: np.ndarray, k: np.ndarray, prefix: str) -> tuple[np.ndarray, np.ndarray]:
+        """q [L, heads, d] and k [L, kv heads, d] as the rotary takes them (as they are by default)."""
+        return q, k
+
+    def mlp(self, h: np.ndarray, layer: int, prefix: str) -> np.ndarray:
+        """The feed-forward block of decoder layer `layer` (tensors under `prefix`) on normed `h`: SwiGLU."""
+        gate = silu(linear(h, self.w(prefix + "mlp.gate_proj.weight")))
+        return linear(gate * linear(h, self.w(prefix + "mlp.up_proj.weight")), self.w(prefix + "mlp.down_proj.weight"))
 
     def text_rotary(self, position_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         t = self.text
-        dim = t["hidden_size"] // t["num_attention_heads"]
+        dim = self.head_dim()
         inv_freq = inverse_frequencies(dim, float(t.get("rope_theta", 1000000.0)))
         sections = (t.get("rope_scaling") or {}).get("mrope_section", [16, 24, 24])
         angles = position_ids[..., None].astype(np.float32) * inv_freq  # [3, L, d/2]
@@ -278,20 +309,20 @@ class MRopeDecoderForward(ReferenceForward):
     def layer(self, x: np.ndarray, layer: int, cos: np.ndarray, sin: np.ndarray, mask: np.ndarray,
               cache: KVCache) -> np.ndarray:
         t = self.text
-        p = f"model.layers.{layer}."
+        p = f"{self.text_prefix}layers.{layer}."
         heads, kv_heads = t["num_attention_heads"], t["num_key_value_heads"]
         h = rms_norm(x, self.w(p + "input_layernorm.weight"), t["rms_norm_eps"])
         q = linear(h, *self.wb(p + "self_attn.q_proj")).reshape(len(x), heads, -1)
         k = linear(h, *self.wb(p + "self_attn.k_proj")).reshape(len(x), kv_heads, -1)
         v = linear(h, *self.wb(p + "self_attn.v_proj")).reshape(len(x), kv_heads, -1)
+        q, k = self.qk_norm(q, k, p)
         keys, values = cache.extend(layer, apply_rotary(k, cos, sin), v)
         x = x + linear(attention(apply_rotary(q, cos, sin), keys, values, mask), self.w(p + "self_attn.o_proj.weight"))
         h = rms_norm(x, self.w(p + "post_attention_layernorm.weight"), t["rms_norm_eps"])
-        act = silu(linear(h, self.w(p + "mlp.gate_proj.weight"))) * linear(h, self.w(p + "mlp.up_proj.weight"))
-        return x + linear(act, self.w(p + "mlp.down_proj.weight"))
+        return x + self.mlp(h, layer, p)
 
     def final_norm(self, x: np.ndarray) -> np.ndarray:
-        return rms_norm(x, self.w("model.norm.weight"), self.text["rms_norm_eps"])
+        return rms_norm(x, self.w(self.text_prefix + "norm.weight"), self.text["rms_norm_eps"])
 
     def lm_head(self) -> str:
         return self.embedding if tie_word_embeddings(self.config) else "lm_head.weight"
@@ -313,12 +344,18 @@ class MRopeDecoderForward(ReferenceForward):
 
             x, cos, sin = by_window(x), by_window(cos), by_window(sin)
         for block in range(cfg["depth"]):
-            p = f"visual.blocks.{block}."
             mask = vision.window_mask if windowed and block not in full_blocks else vision.full_mask
-            qkv = linear(norm(x, p + "norm1"), *self.wb(p + "attn.qkv")).reshape(len(x), 3, heads, -1)
-            q, k = apply_rotary(qkv[:, 0], cos, sin), apply_rotary(qkv[:, 1], cos, sin)
-            x = x + linear(attention(q, k, qkv[:, 2], mask), *self.wb(p + "attn.proj"))
-            x = x + mlp(norm(x, p + "norm2"), p + "mlp.")
+            x = self.vision_block(x, f"visual.blocks.{block}.", heads, cos, sin, mask, norm=norm, mlp=mlp)
         h = norm(x, "visual.merger.ln_q").reshape(len(x) // unit, -1)
         out = linear(gelu(linear(h, *self.wb("visual.merger.mlp.0"))), *self.wb("visual.merger.mlp.2"))
         return out[vision.reverse_index] if windowed else out
+
+    def vision_block(self, x: np.ndarray, prefix: str, heads: int, cos: np.ndarray, sin: np.ndarray,
+                     mask: np.ndarray | None, *, norm: Callable[[np.ndarray, str], np.ndarray],
+                     mlp: Callable[[np.ndarray, str], np.ndarray]) -> np.ndarray:
+        """One pre-norm block of a merged-patch tower (`norm1`, `attn.qkv` with q, k, v rows, `attn.proj`, `norm2`,
+        `mlp.`): attention rotated by the 2-D (row, column) tables `cos`, `sin` within `mask`, then the MLP."""
+        qkv = linear(norm(x, prefix + "norm1"), *self.wb(prefix + "attn.qkv")).reshape(len(x), 3, heads, -1)
+        q, k = apply_rotary(qkv[:, 0], cos, sin), apply_rotary(qkv[:, 1], cos, sin)
+        x = x + linear(attention(q, k, qkv[:, 2], mask), *self.wb(prefix + "attn.proj"))
+        return x + mlp(norm(x, prefix + "norm2"), prefix + "mlp.")
