@@ -10,7 +10,7 @@ import pytest
 
 from tests.conformance.factory import FRESH, save_checkpoint
 from tests.conformance.judge import CONVERT_TARGETS, judge_conversion
-from tests.conftest import run_vlhub
+from tests.helpers import run_vlhub_subprocess
 
 
 @pytest.mark.parametrize("family", FRESH)
@@ -21,6 +21,6 @@ def test_a_fresh_checkpoint_converts_to_every_target(family: str, tmp_path: Path
     assert len(list(source.glob("model-*.safetensors"))) > 1
     for target in CONVERT_TARGETS:
         out = tmp_path / target
-        result = run_vlhub("convert", str(source), "--to", target, "--out", str(out))
+        result = run_vlhub_subprocess("convert", str(source), "--to", target, "--out", str(out))
         assert result.returncode == 0, f"--to {target}: {result.stderr}"
         judge_conversion(spec, target, out, expected)

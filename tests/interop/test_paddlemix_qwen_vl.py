@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_vlhub
+from tests.helpers import run_vlhub
 
 paddle = pytest.importorskip("paddle")
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from tests.conftest import run_vlhub
+from tests.helpers import run_vlhub
 from vlhub.cli import convert as convert_cli
 from vlhub.cli.app import app
 from vlhub.convert.configs import official_config

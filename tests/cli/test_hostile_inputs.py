@@ -13,7 +13,7 @@ import pytest
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from tests.conftest import run_vlhub
+from tests.helpers import run_vlhub
 from vlhub.catalog import get_model
 from vlhub.errors import CorruptCheckpoint, UserError
 from vlhub.formats.readers import RowsOutOfRange, open_checkpoint

@@ -8,112 +8,19 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.conftest import run_vlhub
-from vlhub.formats.registry import format_of_file
-from vlhub.formats.tensors import TensorMeta
-from vlhub.formats.writers import CheckpointWriter
-from vlhub.hub.synthetic import cast_float32
+from tests.helpers import BREAKAGES, layers_swapped, rewrite, run_vlhub
 from vlhub.manifest import MANIFEST
 from vlhub.smoke.run import run_smoke
 from vlhub.smoke.verdict import TOLERANCES
-from vlhub.smoke.weights import ModelWeights
 from vlhub.targets import prepare_conversion, smoke_runner
 
 TINY = ("tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-qwen-vl")
 TARGETS = ("paddle", "safetensors")
-
-Tensors = dict[str, np.ndarray]  # official name -> float32, torch orientation
-
-
-def rewrite(good: Path, out: Path, edit: Callable[[Tensors], Tensors], *, bits_as_float16: bool = False) -> Path:
-    """A copy of the checkpoint at `good` (same layout, dtypes, format and files) with `edit` applied to
-    its tensors, taken by official name. `bits_as_float16` stores bf16 tensors as float16 numbers equal to
-    their bit patterns: the uint16 trap (docs/facts/paddle.md#uint16-trap)."""
-    with ModelWeights.open(good, resident=True) as weights:
-        tensors = edit({step.target.name: weights.get(step.target.name).copy() for step in weights.plan.steps})
-        steps = weights.plan.steps
-        fmt = weights.checkpoint.format
-        raw = {step.source.name: weights.checkpoint.read(step.source.name) for step in steps}
-    out.mkdir()
-    metas = []
-    for step in steps:
-        dtype = "float16" if bits_as_float16 and step.source.dtype == "bfloat16" else step.source.dtype
-        metas.append(TensorMeta(step.source.name, dtype, step.source.shape))
-    with CheckpointWriter(out, fmt, metas) as writer:
-        for step, meta in zip(steps, metas):
-            if meta.dtype != step.source.dtype:
-                writer.write(meta.name, raw[meta.name].astype(np.float16))
-                continue
-            values = tensors[step.target.name]
-            writer.write(meta.name, cast_float32(values.T.copy() if step.transpose else values, meta.dtype))
-    for extra in good.iterdir():
-        if format_of_file(extra.name) is None and not extra.name.endswith(".index.json"):
-            shutil.copy2(extra, out / extra.name)
-    return out
-
-
-def layer_prefix(tensors: Tensors) -> str:
-    """Where decoder layers' names start, for the family these tensors belong to."""
-    return "model.layers." if "model.norm.weight" in tensors else "transformer.h."
-
-
-def untransposed_square(tensors: Tensors) -> Tensors:
-    prefix = layer_prefix(tensors)
-    name = prefix + ("0.attn.c_proj.weight" if prefix.startswith("transformer") else "0.self_attn.o_proj.weight")
-    assert tensors[name].shape[0] == tensors[name].shape[1]
-    tensors[name] = tensors[name].T.copy()
-    return tensors
-
-
-def q_and_k_swapped(tensors: Tensors) -> Tensors:
-    prefix = layer_prefix(tensors)
-    if prefix.startswith("transformer"):  # fused [q; k; v] rows
-        fused = tensors[prefix + "1.attn.c_attn.weight"]
-        third = fused.shape[0] // 3
-        fused[:third], fused[third:2 * third] = fused[third:2 * third].copy(), fused[:third].copy()
-        return tensors
-    q, k = (tensors[f"{prefix}1.self_attn.{p}_proj.weight"] for p in "qk")
-    # grouped-query attention: k has fewer rows than q; swap k with the q heads of its size
-    q[: len(k)], k[:] = k.copy(), q[: len(k)].copy()
-    return tensors
-
-
-def layers_swapped(tensors: Tensors) -> Tensors:
-    prefix = layer_prefix(tensors)
-    first = {n: v for n, v in tensors.items() if n.startswith(prefix + "0.")}
-    for name in first:
-        other = prefix + "1." + name[len(prefix) + 2:]
-        tensors[name], tensors[other] = tensors[other], tensors[name]
-    return tensors
-
-
-def merger_zeroed(tensors: Tensors) -> Tensors:
-    merger = "visual.merger." if "visual.merger.ln_q.weight" in tensors else "transformer.visual.attn_pool."
-    for name in tensors:
-        if name.startswith(merger) and name.endswith("weight") and tensors[name].ndim == 2:
-            tensors[name][:] = 0
-    return tensors
-
-
-def lm_head_is_embedding(tensors: Tensors) -> Tensors:
-    embedding = "transformer.wte.weight" if "transformer.wte.weight" in tensors else "model.embed_tokens.weight"
-    tensors["lm_head.weight"] = tensors[embedding].copy()
-    return tensors
-
-
-BREAKAGES: dict[str, Callable[[Tensors], Tensors]] = {
-    "square Linear weight left untransposed": untransposed_square,
-    "q_proj and k_proj swapped": q_and_k_swapped,
-    "decoder layers 0 and 1 swapped": layers_swapped,
-    "vision merger zeroed": merger_zeroed,
-    "lm_head replaced by the embedding": lm_head_is_embedding,
-}
 
 
 @pytest.fixture(scope="module")
@@ -214,15 +121,15 @@ def test_a_failed_smoke_fails_the_conversion(tmp_path: Path, tiny_qwen2_vl: Path
     from vlhub.cli.app import app
     from vlhub.convert import pipeline
 
-    real = pipeline.transpose_2d
+    real = pipeline.transpose_last
 
     def square_left_alone(array: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        if array.shape[0] != array.shape[1]:
+        if array.shape[-2] != array.shape[-1]:
             return real(array, out)
         out[:] = array
         return out
 
-    monkeypatch.setattr(pipeline, "transpose_2d", square_left_alone)
+    monkeypatch.setattr(pipeline, "transpose_last", square_left_alone)
     result = CliRunner().invoke(app, ["convert", "tiny-qwen2-vl", "--to", "paddle", "--out", str(tmp_path / "out")])
     assert result.exit_code == 1
     assert "fails its smoke test" in result.output

@@ -13,7 +13,7 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from tests.conftest import run_vlhub
+from tests.helpers import run_vlhub
 from vlhub.catalog import get_model
 from vlhub.convert.configs import official_config
 from vlhub.errors import UserError

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.conftest import run_vlhub
+from tests.helpers import run_vlhub
 from vlhub.check import FAIL, PASS, WARN, Report, check_model, check_path
 from vlhub.formats.readers import open_checkpoint
 from vlhub.formats.tensors import TensorMeta, bf16_bits_from_float32

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import run_vlhub
+from tests.helpers import run_vlhub
 from vlhub.catalog import get_model
 from vlhub.errors import UserError
 from vlhub.smoke.inputs import DEVICE_MASKED, smoke_input

@@ -1,4 +1,7 @@
-"""The `vlhub` command line as a user runs it: output streams, exit codes, one-line errors."""
+"""The `vlhub` command line as a user runs it: output streams, exit codes, one-line errors.
+
+The errors are checked on the real entry point (`python -m vlhub`, a fresh interpreter): its streams and exit
+codes are the subject here; every other test module runs commands in-process (tests/helpers.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_vlhub
+from tests.helpers import one_line_error, run_vlhub, run_vlhub_subprocess
 
 
 def test_models_json_lists_every_model_with_its_fields() -> None:
@@ -52,34 +55,27 @@ def test_inspect_lists_tensors(tiny_qwen2_vl: Path) -> None:
     assert "visual.merger.mlp.2.weight" in table.stdout and "128x256" in table.stdout
 
 
-def _one_line_error(result: subprocess.CompletedProcess[str], code: int = 2) -> str:
-    assert result.returncode == code
-    assert result.stdout == ""
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0]
-
-
 def test_unknown_model_suggests_close_names() -> None:
-    line = _one_line_error(run_vlhub("inspect", "qwen2-vl-8b"))
+    line = one_line_error(run_vlhub_subprocess("inspect", "qwen2-vl-8b"))
     assert "qwen2-vl-7b" in line and "vlhub models" in line
 
 
 def test_missing_path(tmp_path: Path) -> None:
-    assert "no such file or directory" in _one_line_error(run_vlhub("inspect", str(tmp_path / "x.safetensors")))
+    line = one_line_error(run_vlhub_subprocess("inspect", str(tmp_path / "x.safetensors")))
+    assert "no such file or directory" in line
 
 
 def test_corrupt_file_is_one_line_and_debug_shows_the_traceback(tmp_path: Path) -> None:
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{oops")
-    assert "larger than the file" in _one_line_error(run_vlhub("inspect", str(bad)))
-    debug = run_vlhub("inspect", str(bad), env={"VLHUB_DEBUG": "1"})
+    assert "larger than the file" in one_line_error(run_vlhub_subprocess("inspect", str(bad)))
+    debug = run_vlhub_subprocess("inspect", str(bad), env={"VLHUB_DEBUG": "1"})
     assert debug.returncode == 2 and "Traceback" in debug.stderr
 
 
 def test_usage_error_exits_2() -> None:
-    assert run_vlhub("inspect").returncode == 2
-    assert run_vlhub("inspect", "tiny-qwen2-vl", "--no-such-flag").returncode == 2
+    assert run_vlhub_subprocess("inspect").returncode == 2
+    assert run_vlhub_subprocess("inspect", "tiny-qwen2-vl", "--no-such-flag").returncode == 2
 
 
 def test_import_and_help_load_neither_paddle_nor_torch() -> None:

@@ -9,9 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.helpers import REPO
 from vlhub.family_registry import FAMILIES
 
-PACKAGE = Path(__file__).resolve().parent.parent / "vlhub"
+PACKAGE = REPO / "vlhub"
 
 
 def test_import_contracts_hold() -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_vlhub
+from tests.helpers import run_vlhub
 from vlhub.catalog import get_model
 from vlhub.errors import UserError
 from vlhub.formats.readers import open_checkpoint

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_vlhub
+from tests.helpers import run_vlhub
 from tests.fake_hub import FakeHub
 from tests.fake_modelscope import FakeModelScope
 from vlhub.hub.download import HashingWriter

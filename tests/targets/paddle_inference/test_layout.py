@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_vlhub
-from tests.test_smoke import rewrite, untransposed_square
+from tests.helpers import rewrite, run_vlhub, run_vlhub_subprocess, untransposed_square
 from vlhub.convert.conversion import open_source
 from vlhub.formats.readers import open_checkpoint
 from vlhub.hub.sources import locate_source
@@ -148,8 +147,9 @@ def test_without_paddle_the_export_is_refused_before_writing(tmp_path: Path, tin
     shadow = tmp_path / "shadow" / "paddle"
     shadow.mkdir(parents=True)
     (shadow / "__init__.py").write_text("raise ImportError(\"No module named 'paddle'\")\n")
-    result = run_vlhub("convert", "tiny-qwen2-vl", "--to", "paddle-inference", "--out", str(tmp_path / "out"),
-                       env={"PYTHONPATH": str(shadow.parent)})
+    # a fresh interpreter: PYTHONPATH is read at start-up, and this process has paddle imported already
+    result = run_vlhub_subprocess("convert", "tiny-qwen2-vl", "--to", "paddle-inference", "--out",
+                                  str(tmp_path / "out"), env={"PYTHONPATH": str(shadow.parent)})
     assert result.returncode == 2
     assert "pip install 'vlhub[paddle]'" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()

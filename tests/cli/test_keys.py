@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 import vlhub.keys
-from tests.conftest import run_vlhub
+from tests.helpers import REPO, one_line_error, run_vlhub
 from vlhub.catalog import get_model
 from vlhub.check import check_path
 from vlhub.errors import UserError
@@ -80,14 +80,6 @@ def _data_section(path: Path) -> bytes:
     raw = path.read_bytes()
     (header_len,) = struct.unpack("<Q", raw[:8])
     return raw[8 + header_len:]
-
-
-def _one_line_error(result: subprocess.CompletedProcess[str]) -> str:
-    assert result.returncode == 2, result.stderr
-    assert result.stdout == ""
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0]
 
 
 QWEN = [("transformer.", "qwen.")]
@@ -266,7 +258,7 @@ def test_a_rename_to_no_layout_is_refused_naming_the_rename_that_gives_one(qwen_
     source = shutil.copytree(qwen_vl_paddle, tmp_path / "src")
     before = _files(source)
     # PaddleMIX's old README step, on its current layout, would write qwen.llm.h.N.*, which no loader reads
-    line = _one_line_error(run_vlhub("keys", str(source), "--rename", "transformer=qwen", "--in-place"))
+    line = one_line_error(run_vlhub("keys", str(source), "--rename", "transformer=qwen", "--in-place"))
     assert line == ("error: --rename transformer=qwen would leave the keys in no qwen_vl layout (qwen.llm.wte.weight "
                     "where paddle-inference has qwen.wte.weight; --rename transformer.llm.=qwen. gives the "
                     "paddle-inference layout); pass --allow-unknown-layout to write them anyway")
@@ -300,7 +292,7 @@ def test_refusals_name_the_nearest_layout(qwen_vl_paddle: Path, tiny_qwen2_vl: P
         path = tmp_path / "qwen2-vl-paddle"
         prepare_conversion("tiny-qwen2-vl", to="paddle").write(path)
     args = [arg for rename in renames for arg in ("--rename", rename)]
-    line = _one_line_error(run_vlhub("keys", str(path), *args, "--dry-run"))
+    line = one_line_error(run_vlhub("keys", str(path), *args, "--dry-run"))
     assert f"({message}); pass --allow-unknown-layout to write them anyway" in line
 
 
@@ -316,7 +308,7 @@ def test_allow_unknown_layout_writes_it_and_the_manifest_says_so(qwen_vl_paddle:
     assert manifest.target.layout == "unknown" and manifest.smoke is None  # no loader finds these keys
 
     # from keys in no layout, vlhub cannot tell which rename was meant, but takes one that gives a layout
-    line = _one_line_error(run_vlhub("keys", str(source), "--rename", "qwen.llm.=q.", "--dry-run"))
+    line = one_line_error(run_vlhub("keys", str(source), "--rename", "qwen.llm.=q.", "--dry-run"))
     assert line.endswith("(the source's keys match none of official, paddlemix, paddle-inference either, so vlhub "
                          "cannot say which rename would give one); pass --allow-unknown-layout to write them anyway")
     result = run_vlhub("keys", str(source), "--rename", "qwen.llm.=qwen.", "--in-place", "--json")
@@ -395,7 +387,7 @@ def test_readme_recipe_passes_check_for_paddle_inference(readme_recipe: tuple[Pa
 
 
 def test_torch_bin_is_refused(tiny_qwen_vl: Path) -> None:
-    line = _one_line_error(run_vlhub("keys", str(tiny_qwen_vl), "--rename", "transformer=qwen", "--dry-run"))
+    line = one_line_error(run_vlhub("keys", str(tiny_qwen_vl), "--rename", "transformer=qwen", "--dry-run"))
     assert "safetensors and pdparams" in line and "not torch" in line
 
 
@@ -546,7 +538,7 @@ def test_cli_writes_and_reports_json(tmp_path: Path) -> None:
 def test_cli_errors_are_one_line_and_exit_2(tmp_path: Path, args: list[str], message: str) -> None:
     source = _make_checkpoint(tmp_path / "src", "safetensors")
     before = _files(tmp_path)
-    assert message in _one_line_error(run_vlhub("keys", str(source), *args))
+    assert message in one_line_error(run_vlhub("keys", str(source), *args))
     assert _files(tmp_path) == before
 
 
@@ -554,7 +546,7 @@ def test_cli_errors_are_one_line_and_exit_2(tmp_path: Path, args: list[str], mes
 
 
 BIG = 256 * MB
-HARNESS = Path(__file__).parents[1] / "benchmarks" / "_harness.py"
+HARNESS = REPO / "benchmarks" / "_harness.py"
 
 
 def _peak_rss(argv: list[str]) -> int:

@@ -12,7 +12,7 @@ import pytest
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from tests.test_smoke import q_and_k_swapped, rewrite
+from tests.helpers import q_and_k_swapped, rewrite
 from vlhub.deploy import onnx_graph
 from vlhub.errors import UserError
 from vlhub.formats.writers import file_sha256

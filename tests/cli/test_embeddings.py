@@ -19,7 +19,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import run_vlhub
+from tests.helpers import run_vlhub
 from vlhub.catalog import get_model
 from vlhub.embeddings import DTYPES, prepare_dump
 from vlhub.errors import UserError

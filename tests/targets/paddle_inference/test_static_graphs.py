@@ -18,8 +18,7 @@ from paddle.static import InputSpec
 
 from tests.conformance.factory import FRESH, save_checkpoint
 from tests.conformance.judge import judge_conversion
-from tests.conftest import run_vlhub
-from tests.test_smoke import rewrite, untransposed_square
+from tests.helpers import rewrite, run_vlhub, untransposed_square
 from vlhub.convert.configs import target_config
 from vlhub.convert.pipeline import ordered_steps, run_plan
 from vlhub.convert.plan import plan_conversion

@@ -1,0 +1,222 @@
+"""What several test modules share (test modules never import each other): running the `vlhub` command, in this
+process or as a real one, and checkpoints broken on purpose for the smoke tests to catch.
+
+`run_vlhub` runs the command in this process through typer's `CliRunner`, against the same Typer app and the same
+error handling (`reports_errors`, click's usage errors) the console script runs; `run_vlhub_subprocess` starts the
+real `python -m vlhub` where the process itself is the point (signals, kills, exit codes of the real entry point,
+what an interpreter imports, peak memory, environment read at start-up such as PYTHONPATH).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import traceback
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import huggingface_hub.constants as hf_constants  # imported before any test changes HF_* (see _hub_settings)
+import numpy as np
+from rich.console import Console
+from typer.testing import CliRunner
+
+REPO = Path(__file__).resolve().parent.parent  # the checkout the tests run from
+
+# --- running vlhub -------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Ran:
+    """What a `vlhub` run gave: the attributes of `subprocess.CompletedProcess` the tests read."""
+
+    args: list[str]
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+# settings a Python process reads once, when it starts: a run in this process cannot honour them
+_START_UP_ONLY = ("PYTHON", "LD_")
+
+
+def run_vlhub(*args: str, env: Mapping[str, str | None] | None = None) -> Ran:
+    """Run `vlhub ARGS` in this process, as the console script would: `env` is applied for the run and restored
+    after (a value of None removes the variable), stdout and stderr are captured apart, an uncaught exception is a
+    traceback on stderr and exit 1, as Python prints it."""
+    env = dict(env or {})
+    start_up = [name for name in env if name.startswith(_START_UP_ONLY)]
+    if start_up:
+        raise ValueError(f"{', '.join(start_up)} take effect when a process starts: use run_vlhub_subprocess")
+    from vlhub.cli.app import app
+
+    result = _Runner().invoke(app, list(args), env=env, prog_name="vlhub", catch_exceptions=True)
+    stderr, code = result.stderr, result.exit_code
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        stderr += "".join(traceback.format_exception(*result.exc_info))  # what Python prints of an uncaught one
+        code = 1
+    return Ran(list(args), code, result.stdout, stderr)
+
+
+def run_vlhub_subprocess(*args: str, env: Mapping[str, str] | None = None,
+                         timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """Run the real `vlhub` entry point in a fresh interpreter, as a user's shell would."""
+    return subprocess.run([sys.executable, "-m", "vlhub", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=timeout)
+
+
+def one_line_error(result: Ran | subprocess.CompletedProcess[str], code: int = 2) -> str:
+    """The one `error: ...` line a refused command prints, nothing on stdout; returns the line."""
+    assert result.returncode == code, result.stderr
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+class _Runner(CliRunner):
+    """typer's CliRunner, with the state a fresh process would have built from the run's environment and streams:
+    huggingface_hub's settings (read from HF_* once, at import) and vlhub's rich consoles (built at import, for
+    the streams of the time)."""
+
+    @contextlib.contextmanager
+    def isolation(self, *args: object, **kwargs: object) -> Iterator[tuple]:  # type: ignore[override]
+        with super().isolation(*args, **kwargs) as streams, _hub_settings(), _consoles_as_piped():  # type: ignore[arg-type]
+            yield streams
+
+
+@contextlib.contextmanager
+def _hub_settings() -> Iterator[None]:
+    """huggingface_hub.constants as the run's environment gives them (HF_ENDPOINT, HF_HOME, HF_HUB_OFFLINE...),
+    restored after."""
+    saved = dict(vars(hf_constants))
+    importlib.reload(hf_constants)
+    try:
+        yield
+    finally:
+        vars(hf_constants).clear()
+        vars(hf_constants).update(saved)
+
+
+@contextlib.contextmanager
+def _consoles_as_piped() -> Iterator[None]:
+    """vlhub.cli._output's consoles as that module builds them when stdout and stderr are the captured streams
+    (not a terminal: no colour, its pipe width), whatever the streams were when pytest first imported it; they
+    find the captured streams themselves (a rich Console without a file writes to sys.stdout / sys.stderr)."""
+    from vlhub.cli import _output
+
+    spec = importlib.util.find_spec(_output.__name__)
+    assert spec is not None and spec.loader is not None
+    fresh = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fresh)
+    consoles = {name: value for name, value in vars(_output).items() if isinstance(value, Console)}
+    saved = {name: dict(vars(console)) for name, console in consoles.items()}
+    for name, console in consoles.items():
+        vars(console).update(vars(getattr(fresh, name)))
+    try:
+        yield
+    finally:
+        for name, console in consoles.items():
+            vars(console).clear()
+            vars(console).update(saved[name])
+
+
+# --- checkpoints broken on purpose ---------------------------------------------------------------------------------
+
+Tensors = dict[str, np.ndarray]  # official name -> float32, torch orientation
+
+
+def rewrite(good: Path, out: Path, edit: Callable[[Tensors], Tensors], *, bits_as_float16: bool = False) -> Path:
+    """A copy of the checkpoint at `good` (same layout, dtypes, format and files) with `edit` applied to
+    its tensors, taken by official name. `bits_as_float16` stores bf16 tensors as float16 numbers equal to
+    their bit patterns: the uint16 trap (docs/facts/paddle.md#uint16-trap)."""
+    from vlhub.formats.registry import format_of_file
+    from vlhub.formats.tensors import TensorMeta
+    from vlhub.formats.writers import CheckpointWriter
+    from vlhub.hub.synthetic import cast_float32
+    from vlhub.smoke.weights import ModelWeights
+
+    with ModelWeights.open(good, resident=True) as weights:
+        tensors = edit({step.target.name: weights.get(step.target.name).copy() for step in weights.plan.steps})
+        steps = weights.plan.steps
+        fmt = weights.checkpoint.format
+        raw = {step.source.name: weights.checkpoint.read(step.source.name) for step in steps}
+    out.mkdir()
+    metas = []
+    for step in steps:
+        dtype = "float16" if bits_as_float16 and step.source.dtype == "bfloat16" else step.source.dtype
+        metas.append(TensorMeta(step.source.name, dtype, step.source.shape))
+    with CheckpointWriter(out, fmt, metas) as writer:
+        for step, meta in zip(steps, metas):
+            if meta.dtype != step.source.dtype:
+                writer.write(meta.name, raw[meta.name].astype(np.float16))
+                continue
+            values = tensors[step.target.name]
+            writer.write(meta.name, cast_float32(values.T.copy() if step.transpose else values, meta.dtype))
+    for extra in good.iterdir():
+        if format_of_file(extra.name) is None and not extra.name.endswith(".index.json"):
+            shutil.copy2(extra, out / extra.name)
+    return out
+
+
+def layer_prefix(tensors: Tensors) -> str:
+    """Where decoder layers' names start, for the family these tensors belong to."""
+    return "model.layers." if "model.norm.weight" in tensors else "transformer.h."
+
+
+def untransposed_square(tensors: Tensors) -> Tensors:
+    prefix = layer_prefix(tensors)
+    name = prefix + ("0.attn.c_proj.weight" if prefix.startswith("transformer") else "0.self_attn.o_proj.weight")
+    assert tensors[name].shape[0] == tensors[name].shape[1]
+    tensors[name] = tensors[name].T.copy()
+    return tensors
+
+
+def q_and_k_swapped(tensors: Tensors) -> Tensors:
+    prefix = layer_prefix(tensors)
+    if prefix.startswith("transformer"):  # fused [q; k; v] rows
+        fused = tensors[prefix + "1.attn.c_attn.weight"]
+        third = fused.shape[0] // 3
+        fused[:third], fused[third:2 * third] = fused[third:2 * third].copy(), fused[:third].copy()
+        return tensors
+    q, k = (tensors[f"{prefix}1.self_attn.{p}_proj.weight"] for p in "qk")
+    # grouped-query attention: k has fewer rows than q; swap k with the q heads of its size
+    q[: len(k)], k[:] = k.copy(), q[: len(k)].copy()
+    return tensors
+
+
+def layers_swapped(tensors: Tensors) -> Tensors:
+    prefix = layer_prefix(tensors)
+    first = {n: v for n, v in tensors.items() if n.startswith(prefix + "0.")}
+    for name in first:
+        other = prefix + "1." + name[len(prefix) + 2:]
+        tensors[name], tensors[other] = tensors[other], tensors[name]
+    return tensors
+
+
+def merger_zeroed(tensors: Tensors) -> Tensors:
+    merger = "visual.merger." if "visual.merger.ln_q.weight" in tensors else "transformer.visual.attn_pool."
+    for name in tensors:
+        if name.startswith(merger) and name.endswith("weight") and tensors[name].ndim == 2:
+            tensors[name][:] = 0
+    return tensors
+
+
+def lm_head_is_embedding(tensors: Tensors) -> Tensors:
+    embedding = "transformer.wte.weight" if "transformer.wte.weight" in tensors else "model.embed_tokens.weight"
+    tensors["lm_head.weight"] = tensors[embedding].copy()
+    return tensors
+
+
+BREAKAGES: dict[str, Callable[[Tensors], Tensors]] = {
+    "square Linear weight left untransposed": untransposed_square,
+    "q_proj and k_proj swapped": q_and_k_swapped,
+    "decoder layers 0 and 1 swapped": layers_swapped,
+    "vision merger zeroed": merger_zeroed,
+    "lm_head replaced by the embedding": lm_head_is_embedding,
+}
