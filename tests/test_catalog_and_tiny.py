@@ -13,11 +13,14 @@ from vlhub.errors import UserError
 from vlhub.formats.readers import open_checkpoint
 
 OFFICIAL = ["qwen-vl-7b", "qwen-vl-chat-7b", "qwen2-vl-2b", "qwen2-vl-7b", "qwen2-vl-72b",
-            "qwen2.5-vl-3b", "qwen2.5-vl-7b", "qwen2.5-vl-32b", "qwen2.5-vl-72b"]
-TINY = ["tiny-qwen-vl", "tiny-qwen2-vl", "tiny-qwen2.5-vl"]
+            "qwen2.5-vl-3b", "qwen2.5-vl-7b", "qwen2.5-vl-32b", "qwen2.5-vl-72b",
+            *(f"qwen3-vl-{size}{edition}" for size in ("2b", "4b", "8b", "32b", "30b-a3b", "235b-a22b")
+              for edition in ("", "-thinking")),
+            "qwen3-vl-30b-a3b-fp8", "qwen3-vl-30b-a3b-thinking-fp8", "qwen3-vl-235b-a22b-thinking-fp8"]
+TINY = ["tiny-qwen-vl", "tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-qwen3-vl", "tiny-qwen3-vl-moe"]
 
 
-def test_catalog_lists_nine_official_and_three_tiny_models() -> None:
+def test_catalog_lists_the_official_models_then_the_tiny_ones() -> None:
     assert list(models()) == OFFICIAL + TINY
 
 
@@ -26,7 +29,9 @@ def test_catalog_lists_nine_official_and_three_tiny_models() -> None:
     # parameter counts published for the official checkpoints (docs/facts/qwen-keys.md#configs)
     [("qwen2-vl-2b", 2.209, True), ("qwen2-vl-7b", 8.291, False), ("qwen2-vl-72b", 73.41, False),
      ("qwen2.5-vl-3b", 3.755, True), ("qwen2.5-vl-7b", 8.292, False), ("qwen2.5-vl-32b", 33.45, False),
-     ("qwen2.5-vl-72b", 73.41, False), ("qwen-vl-7b", 9.66, False)],
+     ("qwen2.5-vl-72b", 73.41, False), ("qwen-vl-7b", 9.66, False),
+     # the Hub model pages of Qwen3-VL-4B, -8B and -30B-A3B-Instruct (safetensors parameters)
+     ("qwen3-vl-4b", 4.438, True), ("qwen3-vl-8b", 8.767, False), ("qwen3-vl-30b-a3b", 31.07, False)],
 )
 def test_parameter_counts_match_the_official_checkpoints(name: str, billions: float, tied: bool) -> None:
     spec = get_model(name)
@@ -43,7 +48,7 @@ def test_repo_ids_and_short_names_name_the_same_model() -> None:
     assert get_model("Qwen/Qwen2.5-VL-7B-Instruct").name == "qwen2.5-vl-7b"
     assert get_model("qwen/qwen-vl-chat").name == "qwen-vl-chat-7b"
     assert find_model("llava-7b") is None
-    with pytest.raises(UserError, match="did you mean qwen2-vl-7b"):
+    with pytest.raises(UserError, match="did you mean .*qwen2-vl-7b"):
         get_model("qwen2-vl-8b")
 
 

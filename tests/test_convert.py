@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import run_vlhub
+from tests.helpers import run_vlhub
 from vlhub.errors import UserError
 from vlhub.formats.readers import open_checkpoint
 from vlhub.formats.tensors import float32_from_bf16_bits
@@ -232,7 +232,7 @@ def test_an_interrupted_conversion_leaves_nothing(tiny_qwen2_vl: Path, tmp_path:
             raise KeyboardInterrupt
         return array.T.copy()
 
-    monkeypatch.setattr(pipeline, "transpose_2d", failing_transpose)
+    monkeypatch.setattr(pipeline, "transpose_last", failing_transpose)
     with pytest.raises(KeyboardInterrupt):
         prepare_conversion(str(tiny_qwen2_vl), to="paddle").write(tmp_path / "o")
     assert list(tmp_path.iterdir()) == []

@@ -36,13 +36,15 @@ def test_qwen_vl_inference_names_are_what_paddlenlp_reads() -> None:
 
 
 @pytest.mark.parametrize("family", FAMILY_FILES)
-def test_only_linear_weights_are_transposed(family: str) -> None:
+def test_only_linear_weights_and_experts_are_transposed(family: str) -> None:
     keymap = load_keymap(family)
     for layout in keymap.layouts.values():
-        assert layout.transpose <= {"linear"}
+        assert layout.transpose <= {"linear", "experts"}
     for rule in keymap.tensors:
         if rule.kind == "linear":
             assert rule.template.endswith(("weight", "in_proj_weight")) and len(rule.shape) == 2, rule.template
+        if rule.kind == "experts":  # one [in, out] or [out, in] matrix per expert
+            assert ".experts." in rule.template and len(rule.shape) == 3, rule.template
         if any(word in rule.template for word in ("embed_tokens", "wte", "norm", "ln_", "bias", "conv", "patch_embed")):
             assert rule.kind != "linear", rule.template
 

@@ -141,7 +141,7 @@ def _resolve_target(path: Path, target: str, manifest: Manifest | None) -> Targe
             raise UserError(f"{path}: its {MANIFEST} names no target; pass --target")
         return found
     if found is not None and not found.is_layout and wanted.reads_plain_weights \
-            and found.output.format == wanted.output.format:
+            and wanted.output.formats() & found.output.formats():
         return wanted  # plain weights checked as what the layout's loaders read (the key layout check says)
     if found is not None and found is not wanted:
         kind = "layout" if found.is_layout else "checkpoint"
@@ -188,7 +188,7 @@ def _open_weights(ctx: LayoutContext) -> None:
 
 def _listed_weights(ctx: LayoutContext) -> Path:
     """The index or single weight file of the target's format that the manifest lists, else the weight folder."""
-    fmt = FORMATS[TARGETS[ctx.target].output.format]
+    fmt = FORMATS[ctx.recorded.format or _weights_format(ctx)]
     listed = set(ctx.manifest.files if ctx.manifest else ())
     prefix = ctx.weights.relative_to(ctx.path).as_posix()
     for name in (fmt.index_file, fmt.single_file):
@@ -250,7 +250,7 @@ def _stray_check(ctx: LayoutContext) -> Check:
         else:
             unlisted.append(name)
     if stray_weights:
-        paddle = TARGETS[ctx.target].output.format == "pdparams"
+        paddle = _weights_format(ctx) == "pdparams"
         why = ("PaddleNLP and PaddleMIX load *.safetensors before *.pdparams"
                if paddle and any(name.endswith(".safetensors") for name in stray_weights)
                else "a loader may pick one of them instead of the weights the manifest lists")
@@ -280,15 +280,20 @@ def weight_checks(ctx: LayoutContext) -> list[Check]:
 
 def expected_layout(target: str, family: str) -> str:
     """The key layout `target`'s loader reads: the first `vlhub convert` declares that the family has."""
-    wanted = TARGETS[target].output.layout
-    candidates = (wanted,) if isinstance(wanted, str) else wanted
-    layouts = load_keymap(family).layouts
-    return next((name for name in candidates if name in layouts), candidates[-1])
+    return TARGETS[target].output.layout_in(load_keymap(family))
+
+
+def _weights_format(ctx: LayoutContext) -> str:
+    """The file format the target's loader reads for this family (its only one when the family is unknown)."""
+    output = TARGETS[ctx.target].output
+    if ctx.family is not None:
+        return output.format_in(load_keymap(ctx.family))
+    return output.format or sorted(output.formats())[0]
 
 
 def _layout_check(ctx: LayoutContext) -> Check:
     assert ctx.checkpoint is not None
-    fmt = TARGETS[ctx.target].output.format
+    fmt = _weights_format(ctx)
     if ctx.family is None:
         return Check("weights", "key layout", FAIL, "the keys are no Qwen-VL family model's",
                      "check config.json's model_type and the weights")
@@ -296,7 +301,8 @@ def _layout_check(ctx: LayoutContext) -> Check:
     problems = []
     if ctx.checkpoint.format.name != fmt:
         problems.append(f"the weights are {ctx.checkpoint.format.name}, {ctx.target} loads {fmt}")
-    if ctx.layout != wanted:
+    layouts = load_keymap(ctx.family).layouts
+    if ctx.layout not in layouts or not layouts[ctx.layout].stores_like(layouts[wanted]):
         problems.append(f"the keys are in the {ctx.layout} layout, {ctx.target}'s loader reads {wanted}")
     problems += ctx.plan_problems.get("unreadable", [])
     for kind in ("unmatched", "ambiguous"):
@@ -401,7 +407,7 @@ def number_checks(ctx: LayoutContext) -> list[Check]:
     """The layout's compiled sizes against config.json, and against every --image (the target's own checks)."""
     if not TARGETS[ctx.target].is_layout or ctx.config is None or ctx.manifest is None:
         return []
-    if not ctx.recorded.name:  # weights without the layout around them: nothing compiled
+    if ctx.recorded.name != ctx.target:  # weights without the layout around them: nothing compiled
         return []
     try:
         return TARGETS[ctx.target].number_checks(ctx)

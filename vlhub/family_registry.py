@@ -10,7 +10,9 @@ edits a list. It imports no family's code; `Family.code` does, when asked.
     display_name = "Qwen2-VL"          how messages name the family
     [vision]                           `Family.vision`: resize ("smart" or "fixed"), image_tokens (fixed: the key-map
                                        dim that is the tokens per image), video, window_attention, norm, mlp
-    [config]                           `Family.config_facts`: what its config.json carries (precision_flags)
+    [config]                           `Family.config_facts`: what its config.json carries (precision_flags;
+                                       nested: the official file keeps text_config and vision_config)
+    [processor]                        the official preprocessor_config.json (the built-in tiny models write it)
     [paddle]                           `Family.paddle_facts`: what Paddle loaders read of its Paddle outputs
     [generation]                       the official generation_config.json (the built-in tiny models write it)
     [targets.<target>]                 `Family.route(target)`: what that target builds its layout from (each

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from vlhub.convert.ops import cast_float, transpose_2d
+from vlhub.convert.ops import Transpose, cast_float, swapped_shape, transpose_2d, transpose_last
 from vlhub.errors import UserError
 from vlhub.formats.tensors import bf16_bits_from_float32
 
@@ -40,3 +40,11 @@ def test_a_cast_that_would_overflow_is_refused() -> None:
 def test_tiled_transpose_matches_numpy_on_ragged_shapes() -> None:
     array = np.arange(300 * 517, dtype=np.uint16).reshape(300, 517)
     assert np.array_equal(transpose_2d(array), array.T)
+
+
+def test_expert_tensors_transpose_expert_by_expert() -> None:
+    """A fused expert tensor [experts, a, b] becomes [experts, b, a]: each expert's matrix transposed, in order."""
+    array = np.arange(5 * 300 * 7, dtype=np.float32).reshape(5, 300, 7)
+    assert np.array_equal(transpose_last(array), array.transpose(0, 2, 1))
+    assert Transpose.shape((5, 300, 7)) == swapped_shape((5, 300, 7)) == (5, 7, 300)
+    assert np.array_equal(Transpose.apply(Transpose.apply(array)), array)  # its own inverse

@@ -31,6 +31,7 @@ class ModelSpec:
     config: dict
     tiny: bool = False
     max_shard_size: int | None = None
+    refused: str | None = None  # why vlhub lists this release but does not convert it (one line)
 
     @property
     def params(self) -> int:
@@ -55,7 +56,14 @@ class ModelSpec:
             "size_bytes": self.size_bytes,
             "tie_word_embeddings": self.tie_word_embeddings,
             "tiny": self.tiny,
+            "refused": self.refused,
         }
+
+    def usable(self) -> ModelSpec:
+        """This entry, or a UserError with its reason when vlhub lists the release but does not convert it."""
+        if self.refused:
+            raise UserError(f"{self.name} ({self.hf_repo}): {self.refused}")
+        return self
 
 
 @cache
@@ -74,6 +82,7 @@ def models() -> dict[str, ModelSpec]:
             config=config,
             tiny=entry.get("tiny", False),
             max_shard_size=entry.get("max_shard_size"),
+            refused=entry.get("refused"),
         )
     return specs
 

@@ -190,7 +190,7 @@ def _show_plan(conversion: Conversion, as_json: bool) -> None:
         print_json(plan_json(plan))
         return
     table = Table("source", "target", "shape", "ops", "bytes", box=None,
-                  title=f"{plan.family}: {plan.source_layout} -> {plan.target_layout} ({conversion.output.format})")
+                  title=f"{plan.family}: {plan.source_layout} -> {plan.target_layout} ({conversion.format})")
     for source, target, before, after, ops, nbytes in plan_table_rows(plan):
         shape = before if before == after else f"{before} -> {after}"
         table.add_row(escape(source), escape(target) if target != source else "=", shape, ops, format_size(nbytes))

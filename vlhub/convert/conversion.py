@@ -30,6 +30,7 @@ from vlhub.formats.registry import format_of_file
 from vlhub.formats.tensors import TensorMeta
 from vlhub.formats.writers import CheckpointWriter, file_sha256, write_json_atomic
 from vlhub.hub.sources import Source
+from vlhub.keymaps import FAMILY_FILES, KeyMap, load_keymap
 from vlhub.manifest import MANIFEST, FileEntry, Manifest, SourceRecord, TargetRecord
 
 # files a converted directory must not inherit: weights and indexes (a loader could pick a stale one)
@@ -39,10 +40,32 @@ _NOT_CARRIED = (".index.json", ".safetensors", ".pdparams", ".bin", ".pt", ".pth
 @dataclass(frozen=True)
 class Output:
     """What a conversion writes: the key layout (or the first of several that the family's key map declares) and
-    the file format."""
+    the file format (None: the one that layout declares, e.g. PaddleMIX's pdparams, PaddleFormers' safetensors).
+    `name` is the checkpoint target it is, recorded in the manifest."""
 
     layout: str | tuple[str, ...]
-    format: str
+    format: str | None = None
+    name: str | None = None
+
+    def layout_in(self, keymap: KeyMap) -> str:
+        """The layout this output writes for a family: its first candidate the key map declares."""
+        candidates = (self.layout,) if isinstance(self.layout, str) else self.layout
+        return next((name for name in candidates if name in keymap.layouts), candidates[-1])
+
+    def format_in(self, keymap: KeyMap) -> str:
+        """The file format this output writes for a family."""
+        if self.format is not None:
+            return self.format
+        layout = keymap.layout(self.layout_in(keymap))
+        assert layout.format is not None, f"{keymap.id} layout {layout.name} declares no format"
+        return layout.format
+
+    def formats(self) -> set[str]:
+        """Every format it may write, whichever the family."""
+        if self.format is not None:
+            return {self.format}
+        keymaps = [load_keymap(name) for name in FAMILY_FILES]
+        return {self.format_in(keymap) for keymap in keymaps if self.layout_in(keymap) in keymap.layouts}
 
 
 @dataclass(frozen=True)
@@ -134,6 +157,11 @@ class Conversion:
     def family(self) -> Family:
         return FAMILIES[self.plan.family]
 
+    @property
+    def format(self) -> str:
+        """The file format it writes."""
+        return self.output.format_in(self.plan.keymap)
+
     def write(self, out: Path, *, overwrite: bool = False, max_shard_size: int | None = None,
               on_bytes: Callable[[int], None] | None = None, memory_budget: int | None = None) -> ConvertResult:
         """Convert into `out`, atomically, then close the source."""
@@ -159,8 +187,8 @@ class Conversion:
         assert self.checkpoint is not None
         directory.mkdir(parents=True, exist_ok=True)
         steps = ordered_steps(self.plan, self.checkpoint)
-        metadata = {"format": "pt"} if self.output.format == "safetensors" else None
-        with CheckpointWriter(directory, self.output.format, [s.target for s in steps],
+        metadata = {"format": "pt"} if self.format == "safetensors" else None
+        with CheckpointWriter(directory, self.format, [s.target for s in steps],
                               max_shard_size=max_shard_size, metadata=metadata, on_bytes=on_bytes) as writer:
             # room for the largest tensor and its transposed copy; smaller ones pipeline within it
             largest = max((buffer_cost(s) for s in steps), default=0)
@@ -169,9 +197,9 @@ class Conversion:
         for extra in self.extra_files:
             shutil.copy2(extra, directory / extra.name)
             files[extra.name] = file_sha256(directory / extra.name)
-        config = target_config(self.config, dtype=self.output_dtype(), for_paddle=self.output.format == "pdparams")
+        config = target_config(self.config, dtype=self.output_dtype(), for_paddle=self.format == "pdparams")
         names_itself = self.family.paddle_facts.get("config_self_path")
-        if self.output.format == "pdparams" and names_itself:
+        if self.format == "pdparams" and names_itself:
             # a Paddle loader of this family builds its LLM from the config this field names: its own directory
             config[names_itself] = str((published_as or directory).absolute())
         if edit_config is not None:
@@ -199,7 +227,7 @@ class Conversion:
         model = self.source.model
         source = SourceRecord(str(self.source.path), model.name if model else None, model.hf_repo if model else None,
                               self.source.revision, self.source_format, self.plan.source_layout)
-        target = TargetRecord(format=self.output.format, layout=self.plan.target_layout,
+        target = TargetRecord(name=self.output.name, format=self.format, layout=self.plan.target_layout,
                               dtype=self.plan.dtype or "unchanged")
         return Manifest(source, target, files, keymap={"id": self.plan.keymap.id, "digest": self.plan.keymap.digest},
                         ops=self.plan.op_counts, tensors=len(self.plan.steps), total_bytes=self.plan.total_bytes)

@@ -1,8 +1,9 @@
 """Recognise a checkpoint's family and key layout from its names, shapes and config.json.
 
-Every layout is declared in the family's key map (`vlhub/keymaps/*.toml`); a layout matches the
-names it would produce. Layouts that share names (official Qwen2-VL and PaddleMIX) differ only in
-whether Linear weights are stored transposed, which one declared probe tensor's shape settles.
+Every layout is declared in the family's key map (`vlhub/families/<family>/keymap.toml`); a layout matches the
+names it would produce. Layouts that share names (official Qwen2-VL and PaddleMIX; official Qwen3-VL MoE and its
+transformers-5 re-save) differ only in which kinds they store transposed: the shapes config.json gives settle it,
+and where they cannot (square weights), one declared probe tensor's shape does.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
+from vlhub.convert.ops import swapped_shape
+from vlhub.errors import UserError
 from vlhub.formats.tensors import TensorMeta
 from vlhub.keymaps import FAMILY_FILES, KeyMap, Layout, evaluate, keymap_of_config, load_keymap
 
@@ -75,6 +78,8 @@ def detect_layout(family: str | None, tensors: dict[str, TensorMeta], config: di
     if best == 0:
         return UNKNOWN
     tied = [keymap.layouts[name] for name, count in counts.items() if count == best]
+    if len(tied) > 1 and config:
+        tied = _best_shaped(keymap, tied, tensors, config)
     if len(tied) == 1:
         return tied[0].name
     orientation = linear_orientation(keymap, tied[0], tensors, config)
@@ -82,6 +87,27 @@ def detect_layout(family: str | None, tensors: dict[str, TensorMeta], config: di
         return UNKNOWN
     stored_transposed = orientation == "in_out"
     return next((layout.name for layout in tied if layout.transposes("linear") == stored_transposed), UNKNOWN)
+
+
+def _best_shaped(keymap: KeyMap, layouts: list[Layout], tensors: dict[str, TensorMeta], config: dict) -> list[Layout]:
+    """The layouts under which most tensors have the shape config.json gives them (all of them when the config's
+    dims are unusable: the plan reports that)."""
+    try:
+        expected = {t.name: t for t in keymap.expected(config)}
+    except UserError:
+        return layouts
+
+    def agreeing(layout: Layout) -> int:
+        count = 0
+        for name, meta in tensors.items():
+            want = expected.get(layout.to_official(name))
+            if want is not None and len(want.shape) >= 2:
+                count += meta.shape == (swapped_shape(want.shape) if layout.transposes(want.kind) else want.shape)
+        return count
+
+    scores = {layout.name: agreeing(layout) for layout in layouts}
+    top = max(scores.values())
+    return [layout for layout in layouts if scores[layout.name] == top]
 
 
 def spellings(family: str | None, layout: str, officials: Callable[[KeyMap], list[str]]) -> list[str]:

@@ -1,7 +1,8 @@
 """The per-tensor operations a key map can declare. Each has an inverse, so one map converts both ways.
 
 - rename: a name change only (its inverse renames back); the bytes are copied untouched.
-- transpose: 2-D Linear weights between torch [out, in] and Paddle [in, out]; its own inverse.
+- transpose: the last two axes, between torch [out, in] and Paddle [in, out] (Linear weights, and each expert of a
+  fused expert tensor [experts, ., .]); its own inverse.
 - cast: between float dtypes, rounding to nearest even through float32; never reinterprets bits and
   never turns integers into floats. Its inverse is the opposite cast (exact when widening).
 """
@@ -43,13 +44,11 @@ class Transpose:
 
     @staticmethod
     def shape(shape: tuple[int, ...]) -> tuple[int, ...]:
-        if len(shape) != 2:
-            raise ValueError(f"transpose applies to 2-D Linear weights, not shape {list(shape)}")
-        return shape[::-1]
+        return swapped_shape(shape)
 
     @staticmethod
     def apply(array: np.ndarray) -> np.ndarray:
-        return transpose_2d(array)
+        return transpose_last(array)
 
 
 @dataclass(frozen=True)
@@ -68,6 +67,23 @@ class Cast:
 
     def apply(self, array: np.ndarray) -> np.ndarray:
         return cast_float(array, self.source, self.target)
+
+
+def swapped_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """A shape with its last two axes swapped (a Linear weight's, or each expert's of a fused expert tensor)."""
+    if len(shape) < 2:
+        raise ValueError(f"transpose applies to Linear weights and expert tensors, not shape {list(shape)}")
+    return (*shape[:-2], shape[-1], shape[-2])
+
+
+def transpose_last(array: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """A C-contiguous copy with the last two axes swapped, one 2-D slice (one expert) at a time."""
+    if array.ndim == 2:
+        return transpose_2d(array, out)
+    out = output_array(swapped_shape(array.shape), array.dtype, out)
+    for index in np.ndindex(*array.shape[:-2]):
+        transpose_2d(array[index], out[index])
+    return out
 
 
 def transpose_2d(array: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from vlhub.convert.ops import cast_float, transpose_2d
+from vlhub.convert.ops import cast_float, swapped_shape, transpose_last
 from vlhub.convert.plan import Plan, Step
 from vlhub.formats.io_utils import StoredBytes
 from vlhub.formats.readers import Checkpoint
@@ -101,7 +101,7 @@ class BufferBudget:
 def transform(step: Step, array: np.ndarray, budget: BufferBudget) -> np.ndarray:
     """Apply a step's transpose and cast, handing each consumed buffer back to the budget."""
     if step.transpose:
-        transposed = transpose_2d(array, budget.array(array.shape[::-1], array.dtype))
+        transposed = transpose_last(array, budget.array(swapped_shape(array.shape), array.dtype))
         budget.release(array)
         array = transposed
     if step.source.dtype != step.target.dtype:

@@ -11,7 +11,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from vlhub.convert.layouts import UNKNOWN, detect_family, detect_layout
-from vlhub.convert.ops import FLOAT_DTYPES
+from vlhub.convert.ops import FLOAT_DTYPES, swapped_shape
 from vlhub.errors import UserError
 from vlhub.family_registry import FAMILIES
 from vlhub.formats.tensors import TensorMeta
@@ -142,7 +142,7 @@ def _match(keymap: KeyMap, source: Layout, target: Layout, tensors: dict[str, Te
             continue
         claimed[official] = name
         want = expected[official]
-        stored = want.shape[::-1] if source.transposes(want.kind) else want.shape
+        stored = swapped_shape(want.shape) if source.transposes(want.kind) else want.shape
         if meta.shape != stored:
             problems["mis-shaped"].append(f"{name} is {list(meta.shape)}, config.json says {list(stored)}")
         if meta.dtype not in FLOAT_DTYPES:  # every tensor these families hold is floating point
@@ -162,7 +162,7 @@ def _match(keymap: KeyMap, source: Layout, target: Layout, tensors: dict[str, Te
         target_meta = TensorMeta(
             target.from_official(official),
             dtype or meta.dtype,
-            meta.shape[::-1] if transpose else meta.shape,
+            swapped_shape(meta.shape) if transpose else meta.shape,
         )
         ops = []
         if target_meta.name != meta.name:

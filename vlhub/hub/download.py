@@ -52,7 +52,7 @@ def resolve_repo(model: str, source: str = "huggingface", revision: str | None =
         raise UserError(f"{spec.name} is built in: vlhub generates it locally on first use, there is nothing to "
                         f"download (`vlhub cache path {spec.name}` prints where it is)")
     if spec is not None:
-        repo_id = spec.hf_repo if source == "huggingface" else spec.modelscope_repo
+        repo_id = spec.usable().hf_repo if source == "huggingface" else spec.modelscope_repo
     else:
         from huggingface_hub.errors import HFValidationError
         from huggingface_hub.utils import validate_repo_id

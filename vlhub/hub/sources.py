@@ -54,7 +54,7 @@ def locate_source(text: str) -> Source:
     if path.exists():
         return Source(text, spec, path)
     if spec is not None:
-        return Source(text, spec, _local_copy(spec))
+        return Source(text, spec.usable(), _local_copy(spec))
     if path.suffix or text.startswith((".", "/", "~")) or text.count("/") > 1:
         raise UserError(f"no such file or directory: {text}")
     raise UserError(unknown_model_message(text))

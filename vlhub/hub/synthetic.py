@@ -54,7 +54,8 @@ def write_synthetic_checkpoint(
     seed: int = 0,
     on_bytes: Callable[[int], None] | None = None,
 ) -> Path:
-    """Write config.json, generation_config.json and random weights for every official tensor."""
+    """Write config.json, generation_config.json (and preprocessor_config.json where the family gives one) and
+    random weights for every official tensor."""
     out_dir.mkdir(parents=True, exist_ok=True)
     fmt = format or family.checkpoint_format
     tensors = [TensorMeta(name, dtype, shape) for name, shape in family.official_tensors(config)]
@@ -64,6 +65,8 @@ def write_synthetic_checkpoint(
         for meta in tensors:
             writer.write(meta.name, cast_float32(synthetic_values(meta.name, meta.shape, seed), dtype))
     write_json_atomic(out_dir / "generation_config.json", family.facts["generation"])
+    if "processor" in family.facts:
+        write_json_atomic(out_dir / "preprocessor_config.json", family.facts["processor"])
     # config.json last: its presence marks a complete checkpoint
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return out_dir

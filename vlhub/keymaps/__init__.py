@@ -51,6 +51,8 @@ MAX_MLP_RATIO = 64  # a ViT's MLP width over its width: 4 to 5.3 in released mod
 MAX_CHANNELS = 64  # input image channels: 3
 MAX_PATCH = 1024  # patch side, temporal patch and merge size: 14, 2 and 2 in released models
 MAX_POSITIONS = 1 << 24  # max_position_embeddings (and Qwen-VL's seq_length): 32768 to 262144 in released models
+MAX_EXPERTS = 4096  # routed experts per layer: 128 (Qwen3-VL MoE) to 512 (Qwen3.5-397B) in released models
+MAX_POSITION_TABLE = 1 << 16  # a ViT's learned position table: 2304 rows (48 x 48) in Qwen3-VL
 
 
 @dataclass(frozen=True)
@@ -60,16 +62,19 @@ class DimBound:
 
     most: int
     whole: bool = True
+    least: int = 1
 
     def accepts(self, value: object) -> bool:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return False
         if self.whole:
-            return isinstance(value, int) and 1 <= value <= self.most
+            return isinstance(value, int) and self.least <= value <= self.most
         return math.isfinite(value) and 0 < value <= self.most
 
     def describe(self) -> str:
-        return f"a whole number from 1 to {self.most}" if self.whole else f"a number above 0 and at most {self.most}"
+        if not self.whole:
+            return f"a number above 0 and at most {self.most}"
+        return f"a whole number from {self.least} to {self.most}" if self.least != self.most else f"{self.most}"
 
 
 # every dim of every key map, by name; flags (dims whose default is true or false) need none
@@ -83,10 +88,18 @@ DIM_BOUNDS: dict[str, DimBound] = {
     "v_mlp_ratio": DimBound(MAX_MLP_RATIO, whole=False),
     "v_in_chans": DimBound(MAX_CHANNELS),
     **dict.fromkeys(("v_patch", "v_temporal", "v_merge"), DimBound(MAX_PATCH)),
+    **dict.fromkeys(("head_dim",), DimBound(MAX_WIDTH)),
+    "experts": DimBound(MAX_EXPERTS),
+    "experts_per_token": DimBound(MAX_EXPERTS),
+    "moe_inter": DimBound(MAX_FFN),
+    "v_positions": DimBound(MAX_POSITION_TABLE),
+    # list lengths (`length = true`): how many deepstack mergers a vision tower has, 3 in released models
+    "deepstack": DimBound(MAX_LAYERS, least=0),
+    # MoE checkpoints whose every decoder layer is sparse, as every release is: dense layers among sparse ones
+    # (mlp_only_layers, decoder_sparse_step above 1) would need per-layer tensor rules
+    "dense_layers": DimBound(0, least=0),
+    "sparse_step": DimBound(1),
 }
-# (divisor, dividend): transformers' Qwen2-VL attention refuses a hidden size its heads do not divide, each
-# key/value head serves a whole group of query heads, and the vision heads split the vision width
-_DIVIDES = (("heads", "hidden"), ("kv_heads", "heads"), ("v_heads", "v_width"))
 
 
 @dataclass(frozen=True)
@@ -138,6 +151,10 @@ class Layout:
     def transposes(self, kind: str) -> bool:
         return kind in self.transpose
 
+    def stores_like(self, other: Layout) -> bool:
+        """Whether both store every tensor under the same name and shape (two loaders' names for one form)."""
+        return self.rename == other.rename and self.transpose == other.transpose
+
 
 def _swap_prefix(name: str, pairs: tuple[tuple[str, str], ...]) -> str:
     best = max((pair for pair in pairs if name.startswith(pair[0])), key=lambda p: len(p[0]), default=None)
@@ -167,17 +184,27 @@ class KeyMap:
     tensors: tuple[TensorRule, ...]
     drop: dict[str, str]
     layouts: dict[str, Layout]
+    # model_type -> architecture, the family's main model type first (a family may hold dense and MoE variants)
+    model_types: dict[str, str] = field(default_factory=dict)
+    # (divisor, dividend) dim pairs the architecture splits evenly, e.g. the heads of a width
+    divides: tuple[tuple[str, str], ...] = ()
     digest: str = field(default="")
 
     def check_config(self, config: dict) -> dict[str, object]:
         """The dims config.json sets, each within its bound (`DIM_BOUNDS`) and each pair the architecture
-        splits evenly (`_DIVIDES`); anything else is one `UserError` line naming the field. Dims it leaves
+        splits evenly (`divides`); anything else is one `UserError` line naming the field. Dims it leaves
         out are not looked for here."""
         given = {}
         for name, spec in self.dims.items():
-            found = _config_value(config, spec["key"])
+            key, found = _config_lookup(config, spec)
+            if found is not None and spec.get("length"):
+                if not isinstance(found, list):
+                    raise UserError(f"config.json {key} is {reprlib.repr(found)}; a {self.id} checkpoint needs a list")
+                found = len(found)
+            if found is not None and "equals" in spec:
+                found = found == spec["equals"]
             if found is not None:
-                given[name] = self._checked(name, found)
+                given[name] = self._checked(name, key, found)
         self._check_divides(given)
         return given
 
@@ -193,24 +220,35 @@ class KeyMap:
             elif "default_from" in spec:
                 values[name] = values[spec["default_from"]]
             else:
-                raise UserError(f"config.json has no {spec['key']!r}, which a {self.id} checkpoint needs")
+                raise UserError(f"config.json has no {' or '.join(map(repr, _keys(spec)))}, which a {self.id} "
+                                "checkpoint needs")
         self._check_divides(values)  # a default can complete a pair
         for name, expression in self.derived.items():
             values[name] = evaluate(expression, values)
         return values
 
-    def _checked(self, name: str, value: object) -> object:
+    def resolve_flag(self, config: dict, name: str) -> bool:
+        """One true-or-false dim of a config (its default when config.json leaves it out)."""
+        key, found = _config_lookup(config, self.dims[name])
+        return bool(self._checked(name, key, found) if found is not None else self.dims[name].get("default", False))
+
+    def _checked(self, name: str, key: str, value: object) -> object:
         spec = self.dims[name]
         bound = None if _is_flag(spec) else DIM_BOUNDS[name]
         if isinstance(value, bool) if bound is None else bound.accepts(value):
             return value
         wanted = "true or false" if bound is None else bound.describe()
-        raise UserError(f"config.json {spec['key']} is {reprlib.repr(value)}; a {self.id} checkpoint needs {wanted}")
+        if spec.get("length"):
+            wanted = f"at most {bound.most} entries" if bound is not None and bound.least == 0 else wanted
+            raise UserError(f"config.json {key} has {value} entries; a {self.id} checkpoint needs {wanted}"
+                            + (f" ({spec['why']})" if "why" in spec else ""))
+        raise UserError(f"config.json {key} is {reprlib.repr(value)}; a {self.id} checkpoint needs {wanted}"
+                        + (f" ({spec['why']})" if "why" in spec else ""))
 
     def _check_divides(self, values: dict[str, object]) -> None:
-        for divisor, dividend in _DIVIDES:
+        for divisor, dividend in self.divides:
             if divisor in values and dividend in values and values[dividend] % values[divisor]:  # type: ignore
-                top, bottom = self.dims[dividend]["key"], self.dims[divisor]["key"]
+                top, bottom = _keys(self.dims[dividend])[0], _keys(self.dims[divisor])[0]
                 raise UserError(f"config.json {top} {values[dividend]} is not a multiple of {bottom} "
                                 f"{values[divisor]}; a {self.id} checkpoint needs {top} divisible by {bottom}")
 
@@ -246,7 +284,23 @@ class KeyMap:
 
 
 def _is_flag(spec: dict) -> bool:
-    return isinstance(spec.get("default"), bool)
+    return isinstance(spec.get("default"), bool) or "equals" in spec
+
+
+def _keys(spec: dict) -> list[str]:
+    """The config.json keys a dim is read from: one, or alternatives tried in order (the official file's name
+    first, then what transformers re-saves)."""
+    key = spec["key"]
+    return [key] if isinstance(key, str) else list(key)
+
+
+def _config_lookup(config: dict, spec: dict) -> tuple[str, object]:
+    """(the key found, its value) for a dim, or (its first key, None) when config.json has none of them."""
+    for key in _keys(spec):
+        found = config.get(key) if spec.get("top_level") else _config_value(config, key)
+        if found is not None:
+            return key, found
+    return _keys(spec)[0], None
 
 
 def _config_value(config: dict, key: str) -> object:
@@ -264,7 +318,7 @@ def _config_value(config: dict, key: str) -> object:
 def keymap_of_config(config: dict | None) -> KeyMap | None:
     """The key map of the family whose `model_type` config.json names, if vlhub has one."""
     model_type = (config or {}).get("model_type")
-    return next((keymap for keymap in map(load_keymap, FAMILY_FILES) if keymap.model_type == model_type), None)
+    return next((keymap for keymap in map(load_keymap, FAMILY_FILES) if model_type in keymap.model_types), None)
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -272,6 +326,8 @@ def _merge(base: dict, extra: dict) -> dict:
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
             merged[key] = {**merged[key], **value}
+        elif isinstance(value, list) and isinstance(merged.get(key), list):
+            merged[key] = merged[key] + value
         else:
             merged.setdefault(key, value)
     return merged
@@ -305,8 +361,11 @@ def load_keymap(family: str) -> KeyMap:
         )
         for name, spec in data["layouts"].items()
     }
+    model_types = {data["model_type"]: data["architecture"]}
+    model_types.update({name: spec["architecture"] for name, spec in data.get("variants", {}).items()})
     return KeyMap(
-        id=data["id"], model_type=data["model_type"], architecture=data["architecture"],
+        id=data["id"], model_type=data["model_type"], architecture=data["architecture"], model_types=model_types,
+        divides=tuple(tuple(pair) for pair in data.get("divides", [])),  # type: ignore[misc]
         checkpoint_format=data["checkpoint_format"], orientation_probe=data["orientation_probe"],
         dims=data.get("dims", {}), derived=data.get("derived", {}), counts=data.get("counts", {}),
         tensors=rules, drop=data.get("drop", {}), layouts=layouts,

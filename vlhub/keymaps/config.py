@@ -16,7 +16,11 @@ def text_config(config: dict) -> dict:
 
 
 def tie_word_embeddings(config: dict) -> bool:
-    """Whether lm_head shares the embedding (then the official file has no lm_head.weight)."""
+    """Whether lm_head shares the embedding (then the official file has no lm_head.weight): as the family's key
+    map reads the flag (transformers 5 ties a nested Qwen3-VL config by its top-level flag alone)."""
+    keymap = keymap_of_config(config)
+    if keymap is not None and "tied" in keymap.dims:
+        return bool(keymap.resolve_flag(config, "tied"))
     return bool(text_config(config).get("tie_word_embeddings", False))
 
 

@@ -8,7 +8,6 @@ Facts: docs/facts/qwen-keys.md#patch-order, #smart-resize, #mrope.
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import reprlib
@@ -169,9 +168,17 @@ class VisionGeometry:
 
     @classmethod
     def from_config(cls, config: dict) -> VisionGeometry:
+        """From config.json, with its family's defaults (transformers') for what it leaves out."""
         vision = config.get("vision_config") or {}
-        return cls(vision.get("patch_size", vision.get("spatial_patch_size", 14)),
-                   vision.get("temporal_patch_size", 2), vision.get("spatial_merge_size", 2))
+        family = family_of_config(config)
+        dims = family.keymap.dims if family is not None else {}
+
+        def default(dim: str, fallback: int) -> int:
+            return dims.get(dim, {}).get("default", fallback)
+
+        return cls(vision.get("patch_size", vision.get("spatial_patch_size", default("v_patch", 14))),
+                   vision.get("temporal_patch_size", default("v_temporal", 2)),
+                   vision.get("spatial_merge_size", default("v_merge", 2)))
 
 
 def patchify(pixels: np.ndarray, geometry: VisionGeometry) -> tuple[np.ndarray, tuple[int, int, int]]:
@@ -411,20 +418,37 @@ def prompt_tokens(config: dict, tokenizer: dict[str, int]) -> PromptTokens:
     return PromptTokens(vocab, frozenset(t for t in [*ids, *tokenizer.values()] if type(t) is int))
 
 
+def image_processing(config: dict, preprocessor: dict | None = None) -> ImageProcessing:
+    """How the processor prepares an image for a model of this config.json (a family that resizes smartly): the
+    checkpoint's preprocessor_config.json, its family's published one (`[processor]` in family.toml) where the
+    checkpoint's is silent, the processor class's defaults (Qwen2-VL's) where both are. Its factor must be the
+    vision tower's (patch x merge in config.json)."""
+    geometry = VisionGeometry.from_config(config)
+    factor = geometry.patch * geometry.merge
+    family = family_of_config(config)
+    published = (family.facts.get("processor") if family is not None else None) or {}
+    found = ImageProcessing.from_preprocessor(preprocessor or {},
+                                              ImageProcessing.from_preprocessor(published, ImageProcessing(factor)))
+    if found.factor != factor:
+        raise UserError(f"preprocessor_config.json cuts images into multiples of {found.factor} pixels (patch_size x "
+                        f"merge_size), config.json's vision tower takes multiples of {factor}; fix one of them, or "
+                        "convert with --no-smoke")
+    return found
+
+
 def smoke_input(config: dict, image_size: tuple[int, int] = SMOKE_IMAGE, *,
                 tokenizer: dict[str, int] | None = None, preprocessor: dict | None = None) -> SmokeInput:
     """The smoke test's input for a model of this config.json, with the special tokens its tokenizer files
     name (`tokenizer_special_tokens`): chat markers where the tokenizer has them, the image placeholders the
-    config names. The family's own code (`vlhub/families/<family>/inputs.py`) builds it; a family whose
-    `smoke_input` takes `preprocessor` also gets the checkpoint's preprocessor_config.json (`preprocessor_config`,
-    empty when there is none)."""
+    config names, the image prepared as its preprocessor_config.json says (`image_processing`). The family's
+    own code (`vlhub/families/<family>/inputs.py`) builds it."""
     tokenizer = tokenizer or {}
     family = family_of_config(config)
     if family is None:
         raise UserError(f"config.json model_type {config.get('model_type')!r} is no family vlhub knows")
-    build = family.code("inputs").smoke_input
-    extra = {"preprocessor": preprocessor or {}} if "preprocessor" in inspect.signature(build).parameters else {}
-    return build(config, prompt_tokens(config, tokenizer), tokenizer, image_size, **extra)
+    processing = image_processing(config, preprocessor) if family.vision.resize == "smart" else None
+    return family.code("inputs").smoke_input(config, prompt_tokens(config, tokenizer), tokenizer, image_size,
+                                             processing)
 
 
 def patch_grid_input(config: dict, tokens: PromptTokens, tokenizer: dict[str, int], image_size: tuple[int, int],

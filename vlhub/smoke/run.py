@@ -29,7 +29,7 @@ from vlhub.convert.plan import KeyMapMismatch
 from vlhub.errors import CheckFailed, CorruptCheckpoint, UserError
 from vlhub.hub.sources import resolve_source
 from vlhub.manifest import MANIFEST, Manifest
-from vlhub.smoke.inputs import SmokeInput, smoke_input, tokenizer_special_tokens
+from vlhub.smoke.inputs import SmokeInput, preprocessor_config, smoke_input, tokenizer_special_tokens
 from vlhub.smoke.reference import ReferenceForward
 from vlhub.smoke.verdict import (
     TOLERANCES,
@@ -182,10 +182,11 @@ class CheckpointRunner:
     weights, the numpy reference for the others), teacher-forced, against the reference."""
 
     artifact: Path
+    runtime: str | None = None  # None: Paddle for Paddle weights, the numpy reference for the others
 
     def run(self, reference: Path, tokens: int, streamed: bool | None, say: Status) -> SmokeReport:
         source = Reference.probe(reference, streamed)
-        report = source.report(self.artifact)
+        report = source.report(self.artifact, runtime=self.runtime)
         if not report.stages:  # the weights load
             compare_runs(source, report, tokens, say, lambda expected: [("", lambda: checkpoint_outputs(
                 self.artifact, report.runtime, source.smoke, expected.tokens, source.resident, say))])
@@ -194,8 +195,9 @@ class CheckpointRunner:
 
 def checkpoint_smoke_input(root: Path, config: dict) -> SmokeInput:
     """The smoke input for the checkpoint in `root` (its config.json as read, its tokenizer files' special
-    tokens); raises UserError when no prompt can be made for it."""
-    return smoke_input(official_config(config), tokenizer=tokenizer_special_tokens(root))
+    tokens, its preprocessor_config.json); raises UserError when no prompt can be made for it."""
+    return smoke_input(official_config(config), tokenizer=tokenizer_special_tokens(root),
+                       preprocessor=preprocessor_config(root))
 
 
 def _compare(label: str, expected: Outputs, produced: Outputs, tolerance: Tolerance) -> list[Stage]:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from vlhub.convert.configs import official_config
-from vlhub.convert.ops import transpose_2d
+from vlhub.convert.ops import transpose_2d, transpose_last
 from vlhub.convert.plan import Step, plan_conversion
 from vlhub.formats.readers import Checkpoint, open_checkpoint
 from vlhub.formats.tensors import float32_values
@@ -62,7 +62,7 @@ class ModelWeights:
         step = self._steps[name]
         values = float32_values(self.checkpoint.read(step.source.name), step.source.dtype)
         if step.transpose:
-            values = transpose_2d(values)
+            values = transpose_last(values)
         if self.resident:
             self._kept[name] = values
         return values

@@ -62,15 +62,19 @@ def layouts() -> list[Target]:
 
 def checkpoint_target(fmt: str) -> Target:
     """The checkpoint target that writes weights of format `fmt`."""
-    return next(target for target in TARGETS.values() if not target.is_layout and target.output.format == fmt)
+    plain = [target for target in TARGETS.values() if not target.is_layout]
+    # a target that always writes `fmt` (safetensors, torch) before one whose families' layouts may (paddle)
+    return next((target for target in plain if target.output.format == fmt),
+                next(target for target in plain if fmt in target.output.formats()))
 
 
 def recorded_target(manifest: Manifest) -> Target | None:
     """The target a manifest records: the layout it names, else the checkpoint format it records."""
     if manifest.target.name in TARGETS:
         return TARGETS[manifest.target.name]
-    return next((target for target in TARGETS.values()
-                 if not target.is_layout and target.output.format == manifest.target.format), None)
+    if manifest.target.format is None:
+        return None
+    return checkpoint_target(manifest.target.format)
 
 
 def output_at(path: Path) -> tuple[Target, Manifest | None]:

@@ -3,12 +3,12 @@ attend within `window_size`-pixel windows (transformers' default 112 when config
 
 from __future__ import annotations
 
-from vlhub.smoke.inputs import PromptTokens, SmokeInput, patch_grid_input
+from vlhub.smoke.inputs import ImageProcessing, PromptTokens, SmokeInput, patch_grid_input
 
 DEFAULT_WINDOW = 112
 
 
-def smoke_input(config: dict, tokens: PromptTokens, tokenizer: dict[str, int],
-                image_size: tuple[int, int]) -> SmokeInput:
+def smoke_input(config: dict, tokens: PromptTokens, tokenizer: dict[str, int], image_size: tuple[int, int],
+                processing: ImageProcessing) -> SmokeInput:
     window = (config.get("vision_config") or {}).get("window_size", DEFAULT_WINDOW)
-    return patch_grid_input(config, tokens, tokenizer, image_size, window)
+    return patch_grid_input(config, tokens, tokenizer, image_size, window, processing)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from vlhub.smoke.inputs import PromptTokens, SmokeInput, patch_grid_input
+from vlhub.smoke.inputs import ImageProcessing, PromptTokens, SmokeInput, patch_grid_input
 
 
-def smoke_input(config: dict, tokens: PromptTokens, tokenizer: dict[str, int],
-                image_size: tuple[int, int]) -> SmokeInput:
-    return patch_grid_input(config, tokens, tokenizer, image_size)
+def smoke_input(config: dict, tokens: PromptTokens, tokenizer: dict[str, int], image_size: tuple[int, int],
+                processing: ImageProcessing) -> SmokeInput:
+    return patch_grid_input(config, tokens, tokenizer, image_size, processing=processing)

@@ -5,14 +5,23 @@ from __future__ import annotations
 
 import numpy as np
 
-from vlhub.smoke.inputs import PICTURE_IDS, QUESTION_IDS, PromptTokens, SmokeInput, normalize, synthetic_image
+from vlhub.smoke.inputs import (
+    PICTURE_IDS,
+    QUESTION_IDS,
+    ImageProcessing,
+    PromptTokens,
+    SmokeInput,
+    normalize,
+    synthetic_image,
+)
 
 QUERIES = 256  # the resampler's fixed output: 256 tokens per image
 
 
-def smoke_input(config: dict, tokens: PromptTokens, tokenizer: dict[str, int],
-                image_size: tuple[int, int]) -> SmokeInput:
-    del tokenizer, image_size  # Qwen-VL's ids are in config.json, and every image becomes the same square
+def smoke_input(config: dict, tokens: PromptTokens, tokenizer: dict[str, int], image_size: tuple[int, int],
+                processing: ImageProcessing | None) -> SmokeInput:
+    # Qwen-VL's ids are in config.json, and every image becomes the same square (no smart resize: no processing)
+    del tokenizer, image_size, processing
     visual = config.get("visual") or {}
     size = visual.get("image_size", 448)
     # <img>, </img> and the image pad are the three ids from image_start_id on

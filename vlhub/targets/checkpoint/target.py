@@ -1,4 +1,5 @@
-"""The checkpoint targets: PaddleMIX's names in pdparams (`--to paddle`), the official names in safetensors or torch
+"""The checkpoint targets: what Paddle's loaders of the family read (`--to paddle`: PaddleMIX's names in pdparams, or
+for Qwen3-VL PaddleFormers' safetensors, which are the official ones), the official names in safetensors or torch
 `.bin` (`--to safetensors`, `--to torch`). The output is the weight folder; its smoke test runs it in Paddle or in
 the numpy reference."""
 
@@ -47,6 +48,7 @@ class CheckpointTarget(TargetDefaults):
     options: type = CheckpointOptions
     is_layout: bool = False
     summary: str = ""
+    runtime: str | None = None  # what its smoke test runs the output in (None: by the weights' format)
 
     def settle(self, options: CheckpointOptions, model: Model, *, smoke: bool) -> CheckpointSpec:
         shard = parse_size(options.max_shard_size) if options.max_shard_size else None
@@ -61,16 +63,17 @@ class CheckpointTarget(TargetDefaults):
                                 on_bytes=on_bytes).manifest
 
     def smoke_runner(self, layout: Path, manifest: Manifest | None, options: object) -> CheckpointRunner:
-        return CheckpointRunner(layout)
+        return CheckpointRunner(layout, self.runtime)
 
     def toolchain_checks(self, family: str | None, weights: Path | None) -> list[Check]:
-        # Paddle's loaders (and the smoke test) read pdparams with paddlepaddle; the others need nothing here
-        return [paddle_check(required=False)] if self.output.format == "pdparams" else []
+        # Paddle's loaders (and the smoke test) read the weights with paddlepaddle; the others need nothing here
+        return [paddle_check(required=False)] if self.runtime == "paddle" else []
 
     def next_needs(self, params: int, model_bytes: int, where: str) -> list[Need]:
         return [Need("load", "memory", model_bytes, None, "the whole model in its stored dtype")]
 
 
-PADDLE = CheckpointTarget("paddle", Output("paddlemix", "pdparams"))
-SAFETENSORS = CheckpointTarget("safetensors", Output("official", "safetensors"))
-TORCH = CheckpointTarget("torch", Output("official", "torch"))
+# each family's Paddle layout declares its format (PaddleMIX's pdparams; PaddleFormers' safetensors)
+PADDLE = CheckpointTarget("paddle", Output(("paddlemix", "paddleformers"), name="paddle"), runtime="paddle")
+SAFETENSORS = CheckpointTarget("safetensors", Output("official", "safetensors", name="safetensors"))
+TORCH = CheckpointTarget("torch", Output("official", "torch", name="torch"))
