@@ -1,5 +1,5 @@
 """What several test modules share (test modules never import each other): running the `vlhub` command, in this
-process or as a real one, and checkpoints broken on purpose for the smoke tests to catch.
+process or as a real one, checkpoints broken on purpose for the smoke tests to catch, a plan's target parts.
 
 `run_vlhub` runs the command in this process through typer's `CliRunner`, against the same Typer app and the same
 error handling (`reports_errors`, click's usage errors) the console script runs; `run_vlhub_subprocess` starts the
@@ -12,19 +12,27 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util
+import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import traceback
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import huggingface_hub.constants as hf_constants  # imported before any test changes HF_* (see _hub_settings)
 import numpy as np
 from rich.console import Console
 from typer.testing import CliRunner
+
+if TYPE_CHECKING:
+    from vlhub.plan import Plan
+    from vlhub.targets.tpu_mlir.build import TpuOptions
+    from vlhub.targets.vamc.plan import VamcPlan
 
 REPO = Path(__file__).resolve().parent.parent  # the checkout the tests run from
 
@@ -220,3 +228,62 @@ BREAKAGES: dict[str, Callable[[Tensors], Tensors]] = {
     "vision merger zeroed": merger_zeroed,
     "lm_head replaced by the embedding": lm_head_is_embedding,
 }
+
+
+# --- a plan's target parts -----------------------------------------------------------------------------------------
+
+
+def plan_vamc(plan: Plan) -> VamcPlan | None:
+    """The plan's vamc part."""
+    from vlhub.targets.vamc.plan import VamcPlan
+
+    part = plan.targets.get("vamc")
+    assert part is None or isinstance(part, VamcPlan)
+    return part
+
+
+def plan_tpu(plan: Plan) -> TpuOptions | None:
+    """The llm_convert options of the plan's tpu-mlir part."""
+    from vlhub.targets.tpu_mlir.plan import TpuPlan
+
+    part = plan.targets.get("tpu-mlir")
+    assert part is None or isinstance(part, TpuPlan)
+    return part.options if part else None
+
+
+def plan_max_seq_len(plan: Plan) -> int | None:
+    """The max_seq_len of the plan's paddle-inference part."""
+    from vlhub.targets.paddle_inference.plan import PaddleInferencePlan
+
+    part = plan.targets.get("paddle-inference")
+    assert part is None or isinstance(part, PaddleInferencePlan)
+    return part.max_seq_len if part else None
+
+
+# --- hostile files -------------------------------------------------------------------------------------------------
+
+
+def with_config_text(source: Path, target: Path, text: str | None) -> Path:
+    """`source`'s weights (linked) beside a config.json of `text`, or a config.json that loops."""
+    target.mkdir()
+    for entry in source.iterdir():
+        if entry.name != "config.json":
+            (target / entry.name).symlink_to(entry)
+    if text is None:
+        (target / "config.json").symlink_to(target / "loop.json")
+        (target / "loop.json").symlink_to(target / "config.json")
+    else:
+        (target / "config.json").write_text(text)
+    return target
+
+
+def safetensors_with_header(path: Path, header: dict | bytes, data: bytes, length: int | None = None) -> Path:
+    """A .safetensors file of `header` (a dict, or raw bytes), its length field `length` if given, then `data`."""
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw) if length is None else length) + raw + data)
+    return path
+
+
+def header_entry(dtype: str, shape: list[int], begin: int, end: int, **extra: object) -> dict:
+    """One tensor's entry in a safetensors header."""
+    return {"dtype": dtype, "shape": shape, "data_offsets": [begin, end], **extra}

@@ -1,5 +1,6 @@
 """`vlhub download` and `vlhub cache` through the real huggingface_hub client against a real local HTTP server
-(tests/fake_hub.py) that serves the tiny models as the official repos, with faults injected."""
+(tests/fake_hub.py) that serves the tiny models as the official repos, with faults injected (the locks, the hashing
+writer and the listing's names on their own: tests/unit/test_hub.py)."""
 
 from __future__ import annotations
 
@@ -16,11 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import run_vlhub
 from tests.fake_hub import FakeHub
 from tests.fake_modelscope import FakeModelScope
-from vlhub.hub.download import HashingWriter
-from vlhub.hub.locks import exclusive_lock
+from tests.helpers import run_vlhub
 from vlhub.units import format_size
 
 REPO = "Qwen/Qwen2-VL-2B-Instruct"  # served with tiny-qwen2-vl's files, so `qwen2-vl-2b` names it
@@ -197,37 +196,6 @@ def test_concurrent_downloads_wait_for_each_other(hub: FakeHub, env: dict[str, s
     assert run_vlhub("cache", "verify", env=env).returncode == 0
 
 
-def test_a_lock_held_by_a_dead_process_is_taken_at_once(tmp_path: Path) -> None:
-    lock = tmp_path / "model.lock"
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from pathlib import Path; from vlhub.hub.locks import exclusive_lock\n"
-        f"with exclusive_lock(Path({str(lock)!r})):\n    print('held', flush=True); time.sleep(600)")],
-        stdout=subprocess.PIPE, text=True)
-    assert holder.stdout.readline().strip() == "held"
-    waits: list[str] = []
-    holder.kill()
-    holder.wait()
-    assert f"pid {holder.pid}" in lock.read_text()  # the dead holder's note is still there
-    started = time.monotonic()
-    with exclusive_lock(lock, on_wait=waits.append):
-        pass
-    assert not waits and time.monotonic() - started < 1
-
-
-def test_hashing_writer_follows_a_restart_from_zero(tmp_path: Path) -> None:
-    """When a server ignores Range, the client seeks back and truncates: the hash must restart with the file."""
-    path = tmp_path / "part"
-    path.write_bytes(b"stale-prefix")
-    with open(path, "r+b") as handle:
-        writer = HashingWriter(handle, hashlib.sha256, None)
-        writer.write(b"more")
-        writer.seek(0)
-        writer.truncate()
-        writer.write(b"fresh content")
-    assert writer.digest.hexdigest() == hashlib.sha256(b"fresh content").hexdigest()
-    assert path.read_bytes() == b"fresh content"
-
-
 def test_unknown_repo_and_revision_are_clear_errors(env: dict[str, str]) -> None:
     missing = run_vlhub("download", "nobody/nothing", env=env)
     assert missing.returncode == 2 and "has no repo nobody/nothing" in missing.stderr
@@ -375,17 +343,6 @@ def test_cached_conversions_are_keyed_by_options_and_smoke_tested_when_reused(tm
     assert json.loads((out / "vlhub-manifest.json").read_text())["smoke"]["passed"] is True
     smokes = {e["kind"]: e["smoke"] for e in json.loads(run_vlhub("cache", "ls", "--json", env=env).stdout)}
     assert smokes == {"built-in": None, "paddle": "passed", "paddle+dtype=float16": "skipped"}
-
-
-def test_listed_hashes_are_untrusted_names_too() -> None:
-    from vlhub.errors import UserError
-    from vlhub.hub.download import checked_files, resolve_repo
-    from vlhub.hub.records import RemoteFile
-
-    ref = resolve_repo("org/repo")
-    for sha256, blob_id in (("../../../../victim.txt", None), (None, "../victim"), (None, None), ("A" * 64, None)):
-        with pytest.raises(UserError, match="no valid hash"):
-            checked_files([RemoteFile("w.safetensors", 5, sha256, blob_id)], ref, None, None)
 
 
 def test_two_revisions_of_one_repo_downloading_at_once_share_blobs_safely(hub: FakeHub, env: dict[str, str],

@@ -9,21 +9,18 @@ from __future__ import annotations
 
 import json
 import re
-import tempfile
 import tracemalloc
 from functools import cache
 from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from tests.helpers import run_vlhub
 from vlhub.catalog import get_model
 from vlhub.embeddings import DTYPES, prepare_dump
 from vlhub.errors import UserError
-from vlhub.formats.readers import Checkpoint, open_checkpoint
+from vlhub.formats.readers import Checkpoint
 from vlhub.formats.tensors import TensorMeta
 from vlhub.formats.writers import CheckpointWriter, file_sha256
 from vlhub.hub.tiny import ensure_tiny_model
@@ -176,25 +173,6 @@ def test_memory_stays_at_a_few_blocks_whatever_the_vocabulary(tmp_path: Path) ->
     finally:
         tracemalloc.stop()
     assert peak < 8 << 20, peak
-
-
-@settings(max_examples=30, deadline=None)
-@given(
-    rows=st.integers(1, 40), cols=st.integers(1, 40), size=st.integers(1, 50), axis=st.sampled_from([0, 1]),
-    fmt=st.sampled_from(["safetensors", "pdparams", "torch"]), dtype=st.sampled_from(["float16", "float32", "int8"]),
-)
-def test_iter_blocks_tiles_any_2d_tensor(rows: int, cols: int, size: int, axis: int, fmt: str, dtype: str) -> None:
-    array = (np.arange(rows * cols) % 120).reshape(rows, cols).astype(dtype)
-    with tempfile.TemporaryDirectory() as directory:
-        meta = TensorMeta("t", dtype, (rows, cols))
-        with CheckpointWriter(directory, fmt, [TensorMeta("pad", "int8", (3,)), meta]) as writer:
-            writer.write("pad", np.zeros(3, np.int8))  # so the table does not start at the data section's start
-            writer.write("t", array)
-        with open_checkpoint(directory) as checkpoint:
-            blocks = [block.copy() for block in checkpoint.iter_blocks("t", size, axis=axis)]
-    assert all(block.flags.c_contiguous for block in blocks)
-    assert [block.shape[axis] for block in blocks][:-1] == [size] * (len(blocks) - 1)
-    assert np.array_equal(np.concatenate(blocks, axis=axis), array)
 
 
 def test_a_single_weight_file_and_an_output_directory(tmp_path: Path) -> None:

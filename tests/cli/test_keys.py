@@ -1,11 +1,11 @@
 """`vlhub keys`: renamed keys with byte-identical data in safetensors and pdparams, checked by the reference
-libraries; rename rules, refusals, dry runs, atomic --in-place, and a memory bound that would catch a full read."""
+libraries; layouts, refusals, dry runs, atomic --in-place, and a memory bound that would catch a full read (the
+rename rules on key names alone: tests/unit/test_rename_rules.py)."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import itertools
 import json
 import os
 import re
@@ -23,7 +23,6 @@ import pytest
 
 import vlhub.keys
 from tests.helpers import REPO, one_line_error, run_vlhub
-from vlhub.catalog import get_model
 from vlhub.check import check_path
 from vlhub.errors import UserError
 from vlhub.formats.io_utils import StoredBytes
@@ -32,8 +31,7 @@ from vlhub.formats.readers import open_checkpoint
 from vlhub.formats.tensors import TensorMeta, bf16_bits_from_float32
 from vlhub.formats.writers import CheckpointWriter
 from vlhub.hub.store import manifest_problems
-from vlhub.keymaps import load_keymap
-from vlhub.keys import RenameResult, layout_renames, parse_rename, plan_renames, rename_keys
+from vlhub.keys import RenameResult, rename_keys
 from vlhub.manifest import MANIFEST, Manifest
 from vlhub.targets import prepare_conversion
 
@@ -97,52 +95,6 @@ def _transformers5(name: str) -> str:
         if name.startswith(old):
             return new + name[len(old):]
     return name
-
-
-# --- rename rules ------------------------------------------------------------------------------
-
-
-def test_prefix_rules_apply_first_match_wins_in_the_order_given() -> None:
-    keys = ["transformer.llm.h.0.ln_1.weight", "transformer.wte.weight", "transformer.visual.conv1.weight", "lm_head.w"]
-    mapping = plan_renames(keys, [("transformer.llm.", "qwen."), ("transformer.visual.", "visual."),
-                                  ("transformer.", "qwen.")])
-    assert mapping == {"transformer.llm.h.0.ln_1.weight": "qwen.h.0.ln_1.weight",
-                       "transformer.wte.weight": "qwen.wte.weight",
-                       "transformer.visual.conv1.weight": "visual.conv1.weight", "lm_head.w": "lm_head.w"}
-    with pytest.raises(UserError, match="transformer.llm.=qwen. renames nothing: every key it matches is taken"):
-        plan_renames(keys, [("transformer.", "qwen."), ("transformer.llm.", "qwen.")])
-
-
-def test_regex_replaces_the_first_match_only() -> None:
-    keys = ["transformer.visual.transformer.resblocks.0.w", "model.layers.12.mlp.w", "model.norm.weight"]
-    mapping = plan_renames(keys, [(r"transformer\.", "qwen."), (r"^model\.layers\.(\d+)\.", r"llm.h.\1.")],
-                           regex=True)
-    assert mapping == {"transformer.visual.transformer.resblocks.0.w": "qwen.visual.transformer.resblocks.0.w",
-                       "model.layers.12.mlp.w": "llm.h.12.mlp.w", "model.norm.weight": "model.norm.weight"}
-
-
-def test_parse_rename_splits_at_the_last_equals_sign() -> None:
-    assert parse_rename("transformer=qwen") == ("transformer", "qwen")
-    assert parse_rename(r"(?<=h\.)0=zero") == (r"(?<=h\.)0", "zero")
-    assert parse_rename("model.=") == ("model.", "")
-    with pytest.raises(UserError, match="expected OLD=NEW"):
-        parse_rename("transformer")
-
-
-@pytest.mark.parametrize(
-    ("renames", "regex", "message"),
-    [
-        ([("a.", "c."), ("b.", "c.")], False, r"rename collision: 'a\.x', 'b\.x' would both be named 'c\.x'"),
-        ([("a.", "qwen.")], False, r"'a\.x', 'qwen\.x' \(not renamed\) would both be named 'qwen\.x'"),
-        ([("transfomer.", "qwen.")], False, r"--rename transfomer\.=qwen\. matches no key \(keys start with a\., "),
-        ([("(unclosed", "x")], True, r"bad regex"),
-        ([(r"^a\.", r"\2")], True, r"bad replacement"),
-        ([], False, r"at least one --rename"),
-    ],
-)
-def test_refused_renames(renames: list[tuple[str, str]], regex: bool, message: str) -> None:
-    with pytest.raises(UserError, match=message):
-        plan_renames(["a.x", "b.x", "qwen.x"], renames, regex=regex)
 
 
 # --- safetensors -------------------------------------------------------------------------------
@@ -332,19 +284,6 @@ def test_the_manifest_describes_the_renamed_weights(qwen_vl_paddle: Path, tmp_pa
     assert manifest.smoke == {"passed": True}  # the same tensors under the names their loader reads
 
 
-@pytest.mark.parametrize("model", ["tiny-qwen-vl", "tiny-qwen2-vl", "tiny-qwen2.5-vl"])
-def test_layout_renames_take_each_layout_to_every_one_a_rename_reaches(model: str) -> None:
-    spec = get_model(model)
-    keymap = load_keymap(spec.family.name)
-    officials = [tensor.name for tensor in keymap.expected(spec.config)]
-    for source, target in itertools.permutations(keymap.layouts.values(), 2):
-        if source.transpose != target.transpose:
-            continue  # a rename cannot transpose
-        names = {source.from_official(name): target.from_official(name) for name in officials}
-        assert plan_renames(names, layout_renames(source, target)) == names, (source.name, target.name)
-
-
-# The README's `vlhub keys` recipe, exactly as written there (run from the directory it writes into).
 README_RECIPE = [
     "vlhub convert tiny-qwen-vl --to paddle --dtype float16 --out ./qwen-vl-paddle",
     "vlhub keys ./qwen-vl-paddle --rename transformer.llm.=qwen. --dry-run",

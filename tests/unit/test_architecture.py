@@ -1,5 +1,6 @@
 """The architecture holds: the import contracts in pyproject.toml (layers, families and targets independent of
-each other, no cycles), and a family's name appears in code only in its own folder (and the registry's data)."""
+each other, no cycles), and a family's name appears in code only in its own folder (and the registry's data).
+In the tests, no test module imports another (they share tests/helpers.py and conftest.py's fixtures)."""
 
 from __future__ import annotations
 
@@ -52,4 +53,28 @@ def test_a_family_is_named_only_in_its_folder() -> None:
             for name, pattern in patterns.items():
                 if pattern.search(text) and parts[:2] != ("families", name):
                     offenders.append(f"{path.relative_to(PACKAGE.parent)}:{line} {name}: {text[:60]!r}")
+    assert not offenders, "\n".join(offenders)
+
+
+def _imported_modules(tree: ast.AST) -> list[tuple[int, str]]:
+    """Every module name an import statement names, with each name it imports from one (which may be a module)."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = "." * node.level + (node.module or "")
+            found += [(node.lineno, base)] + [(node.lineno, f"{base}.{alias.name}") for alias in node.names]
+    return found
+
+
+def test_no_test_module_imports_another() -> None:
+    """Tests share code through tests/helpers.py, conftest.py's fixtures and helper modules (the fake hubs, the
+    conformance suite's factory and judge), never by importing a test module or a conftest: each test module
+    stands alone, and pytest collects a test function where it is defined, once."""
+    offenders = []
+    for path in sorted((REPO / "tests").rglob("*.py")):
+        for line, module in _imported_modules(ast.parse(path.read_text())):
+            if any(part.startswith("test_") or part == "conftest" for part in module.split(".")):
+                offenders.append(f"{path.relative_to(REPO)}:{line} imports {module}")
     assert not offenders, "\n".join(offenders)

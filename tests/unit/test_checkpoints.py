@@ -1,12 +1,15 @@
-"""Sharded writing, opening checkpoints in every format, round trips and bad indexes."""
+"""Sharded writing, opening checkpoints in every format, round trips, bad indexes, rows and blocks of a tensor."""
 
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from vlhub.errors import CorruptCheckpoint, UserError
 from vlhub.formats.readers import open_checkpoint
@@ -177,3 +180,22 @@ def test_read_rows_gives_the_rows_asked_for_in_order_with_repeats(tmp_path: Path
     rows = np.array([7, 3, 7, 49, 0, 3])
     with open_checkpoint(tmp_path, bf16=True) as checkpoint:
         np.testing.assert_array_equal(checkpoint.read_rows("embed", rows), table[rows])
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    rows=st.integers(1, 40), cols=st.integers(1, 40), size=st.integers(1, 50), axis=st.sampled_from([0, 1]),
+    fmt=st.sampled_from(["safetensors", "pdparams", "torch"]), dtype=st.sampled_from(["float16", "float32", "int8"]),
+)
+def test_iter_blocks_tiles_any_2d_tensor(rows: int, cols: int, size: int, axis: int, fmt: str, dtype: str) -> None:
+    array = (np.arange(rows * cols) % 120).reshape(rows, cols).astype(dtype)
+    with tempfile.TemporaryDirectory() as directory:
+        meta = TensorMeta("t", dtype, (rows, cols))
+        with CheckpointWriter(directory, fmt, [TensorMeta("pad", "int8", (3,)), meta]) as writer:
+            writer.write("pad", np.zeros(3, np.int8))  # so the table does not start at the data section's start
+            writer.write("t", array)
+        with open_checkpoint(directory) as checkpoint:
+            blocks = [block.copy() for block in checkpoint.iter_blocks("t", size, axis=axis)]
+    assert all(block.flags.c_contiguous for block in blocks)
+    assert [block.shape[axis] for block in blocks][:-1] == [size] * (len(blocks) - 1)
+    assert np.array_equal(np.concatenate(blocks, axis=axis), array)
