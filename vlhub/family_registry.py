@@ -17,7 +17,9 @@ edits a list. It imports no family's code; `Family.code` does, when asked.
     [generation]                       the official generation_config.json (the built-in tiny models write it)
     [targets.<target>]                 `Family.route(target)`: what that target builds its layout from (each
                                        target's folder says which keys it reads); without the table the family
-                                       has no route there, and `refused = "..."` is the one-line reason instead
+                                       has no route there, and `refused = "..."` is the one-line reason instead;
+                                       `[targets.<target>.model_types.<type>] refused = "..."` refuses one of
+                                       the family's model types (a MoE variant) only
 """
 
 from __future__ import annotations
@@ -90,20 +92,24 @@ class Family:
         """What PaddleMIX / PaddleNLP read of this family's Paddle outputs (`[paddle]`)."""
         return self.facts.get("paddle", {})
 
-    def target_facts(self, target: str) -> dict | None:
+    def target_facts(self, target: str, model_type: str | None = None) -> dict | None:
         """This family's `[targets.<target>]` table (the facts `target` needs, or a `refused` reason), or None when
-        there is none; `route` is what targets ask."""
-        return (self.facts.get("targets") or {}).get(target)
+        there is none; for one of its model types, that type's `[targets.<target>.model_types.<type>]` refusal
+        where it has one. `route` is what targets ask."""
+        facts = (self.facts.get("targets") or {}).get(target)
+        own = ((facts or {}).get("model_types") or {}).get(model_type or "")
+        return own if own is not None and "refused" in own else facts
 
-    def routes_to(self, target: str) -> bool:
-        """Whether the family has a `[targets.<target>]` table that is not a refusal."""
-        facts = self.target_facts(target)
+    def routes_to(self, target: str, model_type: str | None = None) -> bool:
+        """Whether the family (of that model type, if given) has a `[targets.<target>]` table that is not a
+        refusal."""
+        facts = self.target_facts(target, model_type)
         return facts is not None and "refused" not in facts
 
-    def route(self, target: str) -> dict:
-        """The facts `target` builds this family's layout from; UserError (the table's own reason, else which
-        families it takes) when the family has no route to it."""
-        facts = self.target_facts(target)
+    def route(self, target: str, model_type: str | None = None) -> dict:
+        """The facts `target` builds this family's layout (of that model type, if given) from; UserError (the
+        table's own reason, else which families it takes) when the family has no route to it."""
+        facts = self.target_facts(target, model_type)
         if facts is None or "refused" in facts:
             reason = (facts or {}).get("refused")
             takers = ", ".join(f.display_name for f in FAMILIES.values() if f.routes_to(target))

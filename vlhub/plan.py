@@ -17,6 +17,7 @@ from vlhub.deploy.target import Target, TargetPlan
 from vlhub.errors import UserError
 from vlhub.family_registry import Family
 from vlhub.formats.readers import open_checkpoint
+from vlhub.smoke.inputs import preprocessor_config
 from vlhub.sizes import (
     DEFAULT_ANSWER_TOKENS,
     DEFAULT_PROMPT_TOKENS,
@@ -92,29 +93,29 @@ class Plan:
                 "compile": sizing.sizes.to_json(), "targets": targets}
 
 
-def model_config(model: str) -> dict:
-    """The flat official config of MODEL: a local checkpoint's config.json, else the catalog's (nothing is
-    downloaded)."""
+def model_config(model: str) -> tuple[dict, dict]:
+    """The flat official config of MODEL and its preprocessor_config.json: a local checkpoint's, else the
+    catalog's config (its family's published preprocessor applies; nothing is downloaded)."""
     path = Path(model).expanduser()
     if path.exists():
         with open_checkpoint(path) as checkpoint:  # headers only
-            config = checkpoint.config
+            config, root = checkpoint.config, checkpoint.root
         if not config:
             raise UserError(f"{path}: no config.json beside the weights; the plan reads the vision settings from it")
-        return official_config(config)
+        return official_config(config), preprocessor_config(root)
     spec = find_model(model)
     if spec is not None:
-        return official_config(spec.config)
+        return official_config(spec.config), {}
     if model.startswith((".", "/", "~")) or model.count("/") > 1:
         raise UserError(f"no such file or directory: {model}")
     raise UserError(unknown_model_message(model))
 
 
-def refuse_target(family: Family, target: str) -> Target:
+def refuse_target(family: Family, target: str, model_type: str | None) -> Target:
     """The layout target `--target` names, refusing one vlhub does not plan or the family has no route to."""
     if target not in TARGETS or not TARGETS[target].is_layout:
         raise UserError(f"--target {target!r}: choose {', '.join(t.name for t in layouts())}")
-    family.route(target)
+    family.route(target, model_type)
     return TARGETS[target]
 
 
@@ -130,12 +131,12 @@ def _check_patches(family: Family, targets: list[Target], config: dict, patches:
     owners = [target.name for target in layouts() if target.takes_patches]
     takers = [target for target in targets if target.takes_patches]
     if not takers:
-        routed = [name for name in owners if family.routes_to(name)]
+        routed = [name for name in owners if family.routes_to(name, config.get("model_type"))]
         if routed:
             why = f"use it with --target {' or '.join(routed)}"
         else:
             try:
-                family.route(owners[0])
+                family.route(owners[0], config.get("model_type"))
             except UserError as exc:
                 why = str(exc)
         raise UserError(f"--patches is a {' or '.join(owners)} visual compile size: {why}")
@@ -149,14 +150,16 @@ def make_plan(model: str, *, images: Sequence[tuple[int, int]] = (), video: tupl
               target: str | None = None) -> Plan:
     """The plan for MODEL (see `model_config`): `target` alone, or every target the family has a route to.
     `patches` is a given visual compile size (of a target that takes one) to check each input against."""
-    config = model_config(model)
+    config, preprocessor = model_config(model)
     family = config_family(config)
-    targets = ([refuse_target(family, target)] if target is not None
-               else [t for t in layouts() if family.routes_to(t.name)])
+    model_type = config.get("model_type")
+    targets = ([refuse_target(family, target, model_type)] if target is not None
+               else [t for t in layouts() if family.routes_to(t.name, model_type)])
     if patches is not None:
         _check_patches(family, targets, config, patches)
-    bounds = pixel_bounds(config, min_pixels, max_pixels)
-    inputs = tuple(plan_inputs(config, images, video, min_pixels=min_pixels, max_pixels=max_pixels))
+    bounds = pixel_bounds(config, min_pixels, max_pixels, preprocessor)
+    inputs = tuple(plan_inputs(config, images, video, min_pixels=min_pixels, max_pixels=max_pixels,
+                               preprocessor=preprocessor))
     sizes: CompileSizes = compile_sizes(config, inputs, prompt_tokens, answer_tokens)
     fit = sizes.visual_patches if patches is None else patches
     # without --patches every input fits by construction; a fixed-size family (no bounds) takes no --patches
@@ -175,6 +178,7 @@ def make_plan(model: str, *, images: Sequence[tuple[int, int]] = (), video: tupl
             continue
         if part is not None:
             planned[each.name] = part
-    if len(unavailable) == len(targets):  # no route is left: the first reason is the answer
+    if targets and len(unavailable) == len(targets):  # no route is left: the first reason is the answer
         raise UserError(next(iter(unavailable.values())))
+    # a model no layout takes (Qwen3-VL's MoE): the arithmetic stands alone
     return Plan(sizing, *(bounds or (None, None)), refits, planned, unavailable)

@@ -1,9 +1,10 @@
 """The vision sequence-length arithmetic: what images and videos become, and the compile sizes that hold them.
 
-A family whose processor resizes smartly (`[vision] resize = "smart"`: Qwen2-VL, Qwen2.5-VL) resizes every image
-with `smart_resize` to multiples of patch x merge (28 pixels), within [min_pixels, max_pixels], cuts it into
-14-pixel patches (a grid t x h x w) and merges each 2x2 group of patches into one language-model token. A video is
-its frames resized the same way, two frames (temporal_patch_size) to a grid step. A family that resizes to a fixed
+A family whose processor resizes smartly (`[vision] resize = "smart"`: Qwen2-VL, Qwen2.5-VL, Qwen3-VL) resizes every
+image with `smart_resize` to multiples of patch x merge (28 pixels; 32 for Qwen3-VL's 16-pixel patches), within
+[min_pixels, max_pixels] (the checkpoint's preprocessor_config.json, else its family's published one), cuts it into
+patches (a grid t x h x w) and merges each 2x2 group of patches into one language-model token. A video is its frames
+resized the same way, two frames (temporal_patch_size) to a grid step. A family that resizes to a fixed
 size (`resize = "fixed"`: Qwen-VL) makes every image the config's image_size square, a fixed number of tokens.
 
 Compile sizes are for one input per request (one image per ViT call, as vastgenx and the TPU demos run it): the
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from vlhub.errors import UserError
 from vlhub.family_registry import FAMILIES, Family, family_of_config
 from vlhub.keymaps.config import text_config
-from vlhub.smoke.inputs import MAX_PIXELS, MAX_RATIO, MIN_PIXELS, VisionGeometry, smart_resize
+from vlhub.smoke.inputs import MAX_RATIO, VisionGeometry, image_processing, smart_resize
 
 # compile shapes are multiples of 16 (vamc's rule, VastModelZOO llm/README.md; every target's sizes are held to it)
 ALIGN = 16
@@ -121,8 +122,10 @@ def patch_multiple(config: dict) -> int:
     return math.lcm(ALIGN, VisionGeometry.from_config(config).merge ** 2)
 
 
-def pixel_bounds(config: dict, min_pixels: int | None, max_pixels: int | None) -> tuple[int, int] | None:
-    """The checked [min_pixels, max_pixels] (default: the official processor's), None for a fixed-size family."""
+def pixel_bounds(config: dict, min_pixels: int | None, max_pixels: int | None,
+                 preprocessor: dict | None = None) -> tuple[int, int] | None:
+    """The checked [min_pixels, max_pixels] (default: the checkpoint's `preprocessor` config, else its family's
+    published one), None for a fixed-size family."""
     family = config_family(config)
     if _fixed_size(family):
         if min_pixels is not None or max_pixels is not None:
@@ -132,26 +135,28 @@ def pixel_bounds(config: dict, min_pixels: int | None, max_pixels: int | None) -
         return None
     geometry = VisionGeometry.from_config(config)
     smallest = (geometry.patch * geometry.merge) ** 2  # one merged token
-    low = MIN_PIXELS if min_pixels is None else min_pixels
-    high = MAX_PIXELS if max_pixels is None else max_pixels
+    default = image_processing(config, preprocessor)
+    low = default.min_pixels if min_pixels is None else min_pixels
+    high = default.max_pixels if max_pixels is None else max_pixels
     if high < smallest:
         raise UserError(f"--max-pixels {high}: at least {smallest} (one {geometry.patch * geometry.merge}-pixel "
-                        f"square), e.g. {MAX_PIXELS} (the processor's default)")
+                        f"square), e.g. {default.max_pixels} (the processor's default)")
     if not 1 <= low <= high:
         raise UserError(f"--min-pixels {low}: from 1 to --max-pixels ({high}); the processor's default is "
-                        f"{MIN_PIXELS}")
+                        f"{default.min_pixels}")
     return low, high
 
 
 def plan_inputs(config: dict, images: Sequence[tuple[int, int]] = (), video: tuple[int, int, int] | None = None, *,
-                min_pixels: int | None = None, max_pixels: int | None = None) -> list[InputPlan]:
+                min_pixels: int | None = None, max_pixels: int | None = None,
+                preprocessor: dict | None = None) -> list[InputPlan]:
     """Each image (width, height), then the video (width, height, frames), as the model's processor prepares
     it. Video frames are resized with the same smart_resize and the same bounds as images (the processor's
     own video bounds are smaller: give them with min_pixels / max_pixels); grid t is frames / temporal
     patch, rounded up."""
     if not images and video is None:
         raise UserError("nothing to plan: give --image WIDTHxHEIGHT (e.g. 1280x720) or --video WxH --frames F")
-    bounds = pixel_bounds(config, min_pixels, max_pixels)
+    bounds = pixel_bounds(config, min_pixels, max_pixels, preprocessor)
     sizes = [(w, h, None) for w, h in images] + ([video] if video else [])
     for width, height, frames in sizes:
         option = "--image" if frames is None else "--video"

@@ -63,7 +63,26 @@ MODELS = {
     "qwen2.5-vl-32b": ("qwen2_5_vl", [640] * 8, 128000),  # 5120 = 8 x 640
     "qwen2.5-vl-72b": ("qwen2_5_vl", [640] * 12 + [512], 128000),
     "tiny-qwen2.5-vl": ("qwen2_5_vl", [128], 128000),
+    # Qwen3-VL: no vamc route (VastAI serves it through vllm_vacc), max_position_embeddings 262144
+    **{name: ("qwen3_vl", None, 262144) for name in models() if name.startswith(("qwen3-vl", "tiny-qwen3-vl"))},
 }
+# Qwen3-VL: 16-pixel patches, factor 32, its published bounds 65536..16777216 (preprocessor_config.json
+# size.shortest_edge / longest_edge, docs/facts/qwen3.md#processor)
+QWEN3_INPUTS = [
+    # 720p: 720/32 = 22.5 -> round half to even 22 -> 704, 1280/32 = 40 -> 1280; 901120 pixels, within the bounds
+    ((704, 1280), (1, 44, 80), 3520, 880),
+    # 1080p: 1080/32 = 33.75 -> 34 -> 1088, 1920/32 = 60 -> 1920; 2088960 pixels
+    ((1088, 1920), (1, 68, 120), 8160, 2040),
+    # 448/32 = 14 exactly; 200704 pixels >= 65536
+    ((448, 448), (1, 28, 28), 784, 196),
+    # tall: 5000/32 = 156.25 -> 156 -> 4992, 200/32 = 6.25 -> 6 -> 192; 958464 pixels; 312 x 12 patches
+    ((4992, 192), (1, 312, 12), 3744, 936),
+    # tiny: 32x32 = 1024 < 65536, beta = sqrt(65536 / 400) = 12.8, ceil(20 * 12.8 / 32) = 8 -> 256x256
+    ((256, 256), (1, 16, 16), 256, 64),
+]
+# the largest is 1080p: N = 8160 (510 * 16); prefill 2040 + 128 = 2168 -> 2176 (136 * 16); max context
+# 2176 + 512 = 2688 (168 * 16)
+QWEN3_SIZES = (8160, 2176, 2688)
 
 
 def test_every_catalog_model_has_a_hand_computed_case() -> None:
@@ -81,6 +100,16 @@ def test_catalog_model(name: str) -> None:
         assert got == [((448, 448), (1, 32, 32), 1024, 256)] * 5 and sizes == QWEN_VL_SIZES
         assert (plan.min_pixels, plan.max_pixels) == (None, None)
         assert vamc(plan) is None and tpu(plan) is None and max_seq_len(plan) == 896
+        return
+    if family == "qwen3_vl":
+        assert got == QWEN3_INPUTS and sizes == QWEN3_SIZES
+        assert (plan.min_pixels, plan.max_pixels) == (65536, 16777216) and vamc(plan) is None
+        # llm_convert: the largest input's own size, W,H = 1920,1088 (its multiples of 32)
+        if models()[name].config["model_type"] == "qwen3_vl_moe":  # llm_convert has no qwen3_vl_moe
+            assert tpu(plan) is None
+        else:
+            assert (tpu(plan).max_pixels, tpu(plan).seq_length) == ((1920, 1088), 2688)
+            assert (tpu(plan).vision_patches, tpu(plan).vision_tokens) == (8160, 2040)
         return
     assert got == QWEN2_INPUTS and sizes == QWEN2_SIZES and (plan.min_pixels, plan.max_pixels) == (3136, 12845056)
     assert vamc(plan) is not None and vamc(plan).to_json() == {

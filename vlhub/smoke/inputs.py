@@ -114,15 +114,11 @@ class ImageProcessing:
         factor = patch * merge if _positive(patch) and _positive(merge) else fallback.factor
         for name, value in (("min_pixels (size.shortest_edge)", low), ("max_pixels (size.longest_edge)", high)):
             if not _positive(value):
-                raise UserError(f"preprocessor_config.json {name} is {reprlib.repr(value)}: the smoke test needs a "
-                                "positive integer; fix preprocessor_config.json, or convert with --no-smoke")
+                raise UserError(f"preprocessor_config.json {name} is {reprlib.repr(value)}: vlhub needs a positive "
+                                "integer; fix preprocessor_config.json (or convert with --no-smoke)")
         if low > high:
             raise UserError(f"preprocessor_config.json gives min_pixels {low} above max_pixels {high}; fix "
-                            "preprocessor_config.json, or convert with --no-smoke")
-        if low > MAX_SMOKE_MIN_PIXELS:  # every image is resized up to it: the smoke image too
-            raise UserError(f"preprocessor_config.json min_pixels is {low}: the smoke image would be resized to at "
-                            f"least that, vlhub's smoke test takes at most {MAX_SMOKE_MIN_PIXELS}; convert with "
-                            "--no-smoke")
+                            "preprocessor_config.json (or convert with --no-smoke)")
         return cls(factor, low, high, _channels(preprocessor, "image_mean", fallback.mean),
                    _channels(preprocessor, "image_std", fallback.std))
 
@@ -447,6 +443,10 @@ def smoke_input(config: dict, image_size: tuple[int, int] = SMOKE_IMAGE, *,
     if family is None:
         raise UserError(f"config.json model_type {config.get('model_type')!r} is no family vlhub knows")
     processing = image_processing(config, preprocessor) if family.vision.resize == "smart" else None
+    if processing is not None and processing.min_pixels > MAX_SMOKE_MIN_PIXELS:  # every image is resized up to it
+        raise UserError(f"preprocessor_config.json min_pixels is {processing.min_pixels}: the smoke image would be "
+                        f"resized to at least that, vlhub's smoke test takes at most {MAX_SMOKE_MIN_PIXELS}; convert "
+                        "with --no-smoke")
     return family.code("inputs").smoke_input(config, prompt_tokens(config, tokenizer), tokenizer, image_size,
                                              processing)
 
