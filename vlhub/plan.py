@@ -178,7 +178,6 @@ def make_plan(model: str, *, images: Sequence[tuple[int, int]] = (), video: tupl
             continue
         if part is not None:
             planned[each.name] = part
-    if targets and len(unavailable) == len(targets):  # no route is left: the first reason is the answer
-        raise UserError(next(iter(unavailable.values())))
-    # a model no layout takes (Qwen3-VL's MoE): the arithmetic stands alone
+    # no target left (none takes this model, or none has a route: Qwen3-VL's MoE): the arithmetic stands, with the
+    # notes saying why
     return Plan(sizing, *(bounds or (None, None)), refits, planned, unavailable)

@@ -2,15 +2,19 @@
 
 vlhub's own tiny models share its assumptions (the official vocabulary, the official special-token ids,
 its own config writer). These do not: the config classes are transformers' (`Qwen2VLConfig`,
-`Qwen2_5_VLConfig`), the weights come from `save_pretrained`, and the drawn values go where a real
-checkpoint may put them: small or official vocabularies with the special tokens anywhere in them, widths
-and head counts that are not powers of two, GQA, tied or untied embeddings, Qwen2.5-VL windows and
-full-attention blocks, three dtypes, one to many shards, and the on-disk forms users hold:
+`Qwen2_5_VLConfig`, `Qwen3VLConfig`, `Qwen3VLMoeConfig`), the weights come from `save_pretrained`, and the drawn
+values go where a real checkpoint may put them: small or official vocabularies with the special tokens anywhere in
+them, widths and head counts that are not powers of two, GQA, tied or untied embeddings, Qwen2.5-VL windows and
+full-attention blocks, Qwen3-VL head widths apart from the hidden size, DeepStack mergers, routed experts, three
+dtypes, one to many shards, and the on-disk forms users hold:
 
-    official     `save_pretrained` as transformers 5 does it: official key names, nested config.json
+    official     `save_pretrained` as transformers 5 does it: official key names, nested config.json (a Qwen3-VL
+                 MoE's experts as transformers holds them, [E, 2 x moe_inter, hidden]: its re-save form)
     memory-names `save_pretrained(save_original_format=False)`: `model.language_model.*`, `model.visual.*`
     flat-config  official names with the flat config.json of transformers 4 (text fields top-level)
     torch-bin    the same tensors as `pytorch_model-*.bin` shards written by `torch.save`
+    hub-experts  a Qwen3-VL MoE as the Hub's files hold it: experts [E, hidden, 2 x moe_inter] and
+                 [E, moe_inter, hidden]
 """
 
 from __future__ import annotations
@@ -21,13 +25,28 @@ from pathlib import Path
 
 from hypothesis import strategies as st
 
-FAMILIES = ("qwen2_vl", "qwen2_5_vl")
-DISK_FORMS = ("official", "memory-names", "flat-config", "torch-bin")
+# the families drawn; "qwen3_vl" draws dense and mixture-of-experts models
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+DISK_FORMS = {"qwen2_vl": ("official", "memory-names", "flat-config", "torch-bin"),
+              "qwen2_5_vl": ("official", "memory-names", "flat-config", "torch-bin"),
+              # official Qwen3-VL configs are nested and its in-memory names are the official ones
+              "qwen3_vl": ("official", "torch-bin", "hub-experts")}
 DTYPES = ("bfloat16", "float16", "float32")
 # the released vocabularies, and sizes a small research model or a resized fine-tune has
-OFFICIAL_VOCAB = {"qwen2_vl": 151936, "qwen2_5_vl": 151936}
-# the processor's geometry is the same in every release: 14-pixel patches merged 2x2, two frames a patch
-PATCH, MERGE, TEMPORAL = 14, 2, 2
+OFFICIAL_VOCAB = {"qwen2_vl": 151936, "qwen2_5_vl": 151936, "qwen3_vl": 151936}
+# the processor's geometry is the same in every release of a family: patches merged 2x2, two frames a patch;
+# Qwen2(.5)-VL 14-pixel patches, Qwen3-VL 16
+PATCH = {"qwen2_vl": 14, "qwen2_5_vl": 14, "qwen3_vl": 16}
+MERGE, TEMPORAL = 2, 2
+
+
+@dataclass(frozen=True)
+class MoeDims:
+    """Qwen3-VL MoE: routed experts in every layer."""
+
+    experts: int
+    per_token: int
+    inter: int
 
 
 @dataclass(frozen=True)
@@ -41,10 +60,12 @@ class TextDims:
     tied: bool
     mrope_section: tuple[int, int, int]
     rope_theta: float
+    width: int | None = None  # Qwen3-VL: a hidden size of its own (else heads x head_dim)
+    moe: MoeDims | None = None
 
     @property
     def hidden(self) -> int:
-        return self.heads * self.head_dim
+        return self.width or self.heads * self.head_dim
 
 
 @dataclass(frozen=True)
@@ -52,10 +73,12 @@ class VisionDims:
     depth: int
     heads: int
     head_dim: int
-    mlp: int  # Qwen2.5-VL intermediate_size; Qwen2-VL embed_dim * mlp_ratio
+    mlp: int  # Qwen2.5-VL and Qwen3-VL intermediate_size; Qwen2-VL embed_dim * mlp_ratio
     mlp_ratio: int  # Qwen2-VL only (transformers takes an integer)
     window_size: int  # Qwen2.5-VL only
     fullatt_blocks: tuple[int, ...]  # Qwen2.5-VL only
+    position_side: int = 48  # Qwen3-VL only: the learned position table is side x side
+    deepstack: tuple[int, ...] = ()  # Qwen3-VL only: the blocks whose output feeds a DeepStack merger
 
     @property
     def width(self) -> int:
@@ -89,8 +112,9 @@ class CheckpointSpec:
 
     def describe(self) -> str:
         t, v = self.text, self.vision
+        moe = f", {t.moe.experts} experts (top {t.moe.per_token}) of {t.moe.inter}" if t.moe else ""
         return (f"{self.family} {self.disk_form} {self.dtype}: vocab {t.vocab}, hidden {t.hidden} "
-                f"({t.heads}/{t.kv_heads} heads of {t.head_dim}), {t.layers} layers, tied {t.tied}; vision "
+                f"({t.heads}/{t.kv_heads} heads of {t.head_dim}), {t.layers} layers{moe}, tied {t.tied}; vision "
                 f"{v.depth} x {v.width} ({v.heads} heads of {v.head_dim}); image token {self.tokens.image}; "
                 f"shards <= {self.max_shard_size} bytes")
 
@@ -106,7 +130,16 @@ FRESH = {
                                "bfloat16", "official", max_shard_size=1_000_000, seed=7),
     "qwen2_5_vl": CheckpointSpec("qwen2_5_vl", _FRESH_TEXT, VisionDims(2, 2, 80, 256, 2, 112, (1,)), _FRESH_TOKENS,
                                  "bfloat16", "official", max_shard_size=1_000_000, seed=8, with_tokenizer=True),
+    # a dense Qwen3-VL whose heads (3 x 64) are wider than its hidden size (160), as Qwen3-VL-4B's are, with two
+    # DeepStack mergers and a 6 x 6 position table
+    "qwen3_vl": CheckpointSpec("qwen3_vl", TextDims(vocab=3001, heads=3, kv_heads=1, head_dim=64, intermediate=320,
+                                                    layers=2, tied=False, mrope_section=(12, 10, 10),
+                                                    rope_theta=5000000.0, width=160),
+                               VisionDims(2, 2, 32, 96, 2, 112, (), position_side=6, deepstack=(0, 1)),
+                               _FRESH_TOKENS, "bfloat16", "official", max_shard_size=1_000_000, seed=9),
 }
+# the targets a family has a route to (the others refuse it, tested elsewhere)
+FRESH_TARGETS = {"qwen3_vl": ("paddle", "safetensors", "torch", "tpu-mlir")}
 
 
 @st.composite
@@ -115,31 +148,50 @@ def text_dims(draw: st.DrawFn, family: str, *, vocab: int | None = None) -> Text
     kv_heads = draw(st.sampled_from([d for d in range(1, heads + 1) if heads % d == 0]))
     head_dim = draw(st.sampled_from([8, 12, 16, 20, 24, 32]))
     half = head_dim // 2
-    # M-RoPE splits the rotary half of each head between time, height and width, each part non-empty
-    first = draw(st.integers(1, half - 2))
-    second = draw(st.integers(1, half - first - 1))
+    if family == "qwen3_vl":
+        # interleaved M-RoPE: height and width take every third slot of the rotary half, up to 3 x their part
+        second = draw(st.integers(1, half // 3))
+        third = draw(st.integers(1, half // 3))
+        section = (half - second - third, second, third)
+    else:
+        # M-RoPE splits the rotary half of each head between time, height and width, each part non-empty
+        first = draw(st.integers(1, half - 2))
+        second = draw(st.integers(1, half - first - 1))
+        section = (first, second, half - first - second)
     drawn_vocab = vocab if vocab is not None else draw(st.one_of(
         st.integers(1000, 5000), st.sampled_from([OFFICIAL_VOCAB[family], 152064])))
+    moe = None
+    width = None
+    if family == "qwen3_vl":
+        # its own hidden size, apart from heads x head_dim; often a multiple of 64, as llm_convert's default
+        # quantization groups need (else --to tpu-mlir refuses it)
+        width = draw(st.one_of(st.sampled_from([64, 128, 192]), st.integers(8, 96).map(lambda n: 2 * n)))
+        if draw(st.booleans()):
+            experts = draw(st.integers(2, 8))
+            moe = MoeDims(experts, draw(st.integers(1, experts)), draw(st.integers(8, 64)))
     return TextDims(
         vocab=drawn_vocab, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
         intermediate=draw(st.integers(17, 160)), layers=draw(st.integers(1, 4)), tied=draw(st.booleans()),
-        mrope_section=(first, second, half - first - second),
-        rope_theta=draw(st.sampled_from([10000.0, 1000000.0])),
+        mrope_section=section, rope_theta=draw(st.sampled_from([10000.0, 1000000.0, 5000000.0])),
+        width=width, moe=moe,
     )
 
 
 @st.composite
 def vision_dims(draw: st.DrawFn, family: str) -> VisionDims:
     heads = draw(st.sampled_from([1, 2, 3]))
-    # every release has 80; the 2-D vision rotary needs a multiple of 4
-    head_dim = draw(st.sampled_from([80, 80, 16, 20, 32, 40]))
+    # Qwen2(.5)-VL releases have 80, Qwen3-VL 72 and 64; the 2-D vision rotary needs a multiple of 4
+    head_dim = draw(st.sampled_from([80, 80, 16, 20, 32, 40] if family != "qwen3_vl" else [64, 72, 16, 20, 32]))
     depth = draw(st.integers(1, 3))
     mlp_ratio = draw(st.sampled_from([1, 2, 3, 4]))
     width = heads * head_dim
     window = draw(st.sampled_from([56, 112, 224]))
     fullatt = draw(st.lists(st.integers(0, depth - 1), unique=True, max_size=depth).map(sorted))
     mlp = width * mlp_ratio if family == "qwen2_vl" else draw(st.integers(16, 3 * width))
-    return VisionDims(depth, heads, head_dim, mlp, mlp_ratio, window, tuple(fullatt))
+    # Qwen3-VL: a position table of 2 x 2 to 48 x 48 (every release), DeepStack after any blocks, in any order
+    side = draw(st.sampled_from([2, 5, 8, 48]))
+    deepstack = draw(st.lists(st.integers(0, depth - 1), unique=True, max_size=depth))
+    return VisionDims(depth, heads, head_dim, mlp, mlp_ratio, window, tuple(fullatt), side, tuple(deepstack))
 
 
 @st.composite
@@ -158,9 +210,10 @@ def checkpoint_specs(draw: st.DrawFn, family: str | None = None, *, disk_form: s
     """A drawn checkpoint of `family` (or either), in `disk_form` (or any)."""
     family = family or draw(st.sampled_from(FAMILIES))
     text = draw(text_dims(family, vocab=vocab))
+    forms = [form for form in DISK_FORMS[family] if form != "hub-experts" or text.moe is not None]
     return CheckpointSpec(
         family=family, text=text, vision=draw(vision_dims(family)), tokens=draw(special_tokens(text.vocab)),
-        dtype=draw(st.sampled_from(DTYPES)), disk_form=disk_form or draw(st.sampled_from(DISK_FORMS)),
+        dtype=draw(st.sampled_from(DTYPES)), disk_form=disk_form or draw(st.sampled_from(forms)),
         max_shard_size=draw(st.sampled_from([40_000, 400_000, 50_000_000])), seed=draw(st.integers(0, 2**16)),
         with_tokenizer=draw(st.booleans()),
     )
@@ -168,7 +221,7 @@ def checkpoint_specs(draw: st.DrawFn, family: str | None = None, *, disk_form: s
 
 def transformers_config(spec: CheckpointSpec):  # -> transformers.PretrainedConfig
     """The drawn checkpoint's config as transformers' own config class."""
-    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
+    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig, Qwen3VLConfig, Qwen3VLMoeConfig
 
     t, v, tokens = spec.text, spec.vision, spec.tokens
     text = dict(
@@ -177,13 +230,22 @@ def transformers_config(spec: CheckpointSpec):  # -> transformers.PretrainedConf
         eos_token_id=tokens.eos, tie_word_embeddings=t.tied,
         rope_parameters={"rope_type": "default", "rope_theta": t.rope_theta, "mrope_section": list(t.mrope_section)},
     )
-    common = dict(depth=v.depth, num_heads=v.heads, patch_size=PATCH, spatial_merge_size=MERGE,
+    common = dict(depth=v.depth, num_heads=v.heads, patch_size=PATCH[spec.family], spatial_merge_size=MERGE,
                   temporal_patch_size=TEMPORAL)
     ids = dict(image_token_id=tokens.image, video_token_id=tokens.video, vision_start_token_id=tokens.vision_start,
                vision_end_token_id=tokens.vision_end, tie_word_embeddings=t.tied)
     if spec.family == "qwen2_vl":
         vision = dict(common, embed_dim=v.width, hidden_size=t.hidden, mlp_ratio=v.mlp_ratio)
         return Qwen2VLConfig(text_config=text, vision_config=vision, **ids)
+    if spec.family == "qwen3_vl":
+        text.update(head_dim=t.head_dim)
+        text["rope_parameters"]["mrope_interleaved"] = True
+        vision = dict(common, hidden_size=v.width, intermediate_size=v.mlp, out_hidden_size=t.hidden,
+                      num_position_embeddings=v.position_side ** 2, deepstack_visual_indexes=list(v.deepstack))
+        if t.moe is None:
+            return Qwen3VLConfig(text_config=text, vision_config=vision, **ids)
+        text.update(num_experts=t.moe.experts, num_experts_per_tok=t.moe.per_token, moe_intermediate_size=t.moe.inter)
+        return Qwen3VLMoeConfig(text_config=text, vision_config=vision, **ids)
     vision = dict(common, hidden_size=v.width, intermediate_size=v.mlp, out_hidden_size=t.hidden,
                   window_size=v.window_size, fullatt_block_indexes=list(v.fullatt_blocks))
     return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
@@ -191,9 +253,13 @@ def transformers_config(spec: CheckpointSpec):  # -> transformers.PretrainedConf
 
 def model_class(spec: CheckpointSpec) -> type:
     """transformers' model class of the drawn family."""
-    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
+    import transformers
 
-    return Qwen2VLForConditionalGeneration if spec.family == "qwen2_vl" else Qwen2_5_VLForConditionalGeneration
+    if spec.family == "qwen3_vl":
+        return (transformers.Qwen3VLMoeForConditionalGeneration if spec.text.moe
+                else transformers.Qwen3VLForConditionalGeneration)
+    return (transformers.Qwen2VLForConditionalGeneration if spec.family == "qwen2_vl"
+            else transformers.Qwen2_5_VLForConditionalGeneration)
 
 
 def build_model(spec: CheckpointSpec):  # -> transformers.PreTrainedModel
@@ -214,6 +280,8 @@ def save_checkpoint(spec: CheckpointSpec, directory: Path):  # -> transformers.P
         _flatten_config(directory / "config.json")
     elif spec.disk_form == "torch-bin":
         _to_torch_bin(directory)
+    elif spec.disk_form == "hub-experts":
+        _experts_as_on_the_hub(directory)
     if spec.with_tokenizer:
         save_tokenizer(spec, directory)
     return model
@@ -231,6 +299,19 @@ def _flatten_config(path: Path) -> None:
     flat["rope_scaling"] = {"type": "mrope", "mrope_section": rope["mrope_section"]}
     flat["vision_config"] = {k: v for k, v in nested["vision_config"].items() if k != "rope_parameters"}
     path.write_text(json.dumps(flat, indent=2))
+
+
+def _experts_as_on_the_hub(directory: Path) -> None:
+    """Rewrite each shard with the MoE expert tensors as the Hub's Qwen3-VL files hold them: each expert's
+    matrix transposed, [E, hidden, 2 x moe_inter] and [E, moe_inter, hidden] (transformers' loader transposes
+    them back)."""
+    from safetensors.torch import load_file, save_file
+
+    for shard in sorted(directory.glob("*.safetensors")):
+        tensors = load_file(shard)
+        for name in [name for name in tensors if name.endswith((".experts.gate_up_proj", ".experts.down_proj"))]:
+            tensors[name] = tensors[name].transpose(1, 2).contiguous()
+        save_file(tensors, shard, metadata={"format": "pt"})
 
 
 def _to_torch_bin(directory: Path) -> None:

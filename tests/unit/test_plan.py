@@ -197,9 +197,12 @@ def test_position_limits() -> None:
     # 1280x720 video, 64 frames: 32 x 52 x 92 = 153088 patches, 38272 tokens > 32768 positions
     with pytest.raises(UserError, match="38912 positions.*32768"):
         make_plan("qwen2-vl-7b", video=(1280, 720, 64))
-    # Qwen-VL's static graph stops at seq_length 2048: 384 + 2000 = 2384 -> 2384 (149 x 16) > 2048
+    # Qwen-VL's static graph stops at seq_length 2048: 384 + 2000 = 2384 -> 2384 (149 x 16) > 2048; named, the
+    # target refuses; unnamed, the plan keeps its arithmetic and says why no target takes it
     with pytest.raises(UserError, match="2384 positions pass Qwen-VL's seq_length 2048"):
-        make_plan("qwen-vl-7b", images=[(448, 448)], answer_tokens=2000)
+        make_plan("qwen-vl-7b", images=[(448, 448)], answer_tokens=2000, target="paddle-inference")
+    plan = make_plan("qwen-vl-7b", images=[(448, 448)], answer_tokens=2000)
+    assert not plan.targets and "2384 positions pass Qwen-VL's seq_length 2048" in plan.unavailable["paddle-inference"]
 
 
 def test_local_checkpoint_directory(tiny_qwen2_vl: Path, tmp_path: Path) -> None:
