@@ -41,10 +41,11 @@ def _code_strings(tree: ast.AST) -> list[tuple[int, str]]:
 
 
 def test_a_family_is_named_only_in_its_folder() -> None:
-    """Code outside `vlhub/families/<family>/` never branches on a family: its folder name and model_type appear in
+    """Code outside `vlhub/families/<family>/` never branches on a family: its folder name and model types appear in
     no identifier or string there (vendor file paths and key prefixes such as `qwen.` in text aside)."""
     names = {family.name: family for family in FAMILIES.values()}
-    patterns = {name: re.compile(rf"(?<![\w/-])({re.escape(name)}|{re.escape(family.model_type)})(?![\w/.-])")
+    patterns = {name: re.compile(rf"(?<![\w/-])({'|'.join(map(re.escape, {name, *family.keymap.model_types}))})"
+                                 r"(?![\w/.-])")
                 for name, family in names.items()}
     offenders = []
     for path in sorted(PACKAGE.rglob("*.py")):
