@@ -17,6 +17,7 @@ import numpy as np
 from vlhub.family_registry import Family
 from vlhub.formats.tensors import TensorMeta, bf16_bits_from_float32, dtype_info
 from vlhub.formats.writers import CheckpointWriter, write_json_atomic
+from vlhub.keymaps import Layout
 
 
 def synthetic_values(name: str, shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
@@ -53,17 +54,27 @@ def write_synthetic_checkpoint(
     max_shard_size: int | None = None,
     seed: int = 0,
     on_bytes: Callable[[int], None] | None = None,
+    layout: Layout | None = None,
 ) -> Path:
     """Write config.json, generation_config.json (and preprocessor_config.json where the family gives one) and
-    random weights for every official tensor."""
+    random weights for every official tensor, in the official layout or in `layout` (one of the family's: its
+    names, its kinds stored transposed; the values are the official ones either way)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     fmt = format or family.checkpoint_format
-    tensors = [TensorMeta(name, dtype, shape) for name, shape in family.official_tensors(config)]
+    expected = family.keymap.expected(config)
+    stored = {t.name: layout is not None and layout.transposes(t.kind) for t in expected}
+    names = {t.name: layout.from_official(t.name) if layout is not None else t.name for t in expected}
+    tensors = [TensorMeta(names[t.name], dtype,
+                          (*t.shape[:-2], t.shape[-1], t.shape[-2]) if stored[t.name] else t.shape)
+               for t in expected]
     metadata = {"format": "pt"} if fmt == "safetensors" else None
     with CheckpointWriter(out_dir, fmt, tensors, max_shard_size=max_shard_size, metadata=metadata,
                           on_bytes=on_bytes) as writer:
-        for meta in tensors:
-            writer.write(meta.name, cast_float32(synthetic_values(meta.name, meta.shape, seed), dtype))
+        for official in expected:
+            values = synthetic_values(official.name, official.shape, seed)
+            writer.write(names[official.name],
+                         cast_float32(np.ascontiguousarray(values.swapaxes(-1, -2)) if stored[official.name]
+                                      else values, dtype))
     write_json_atomic(out_dir / "generation_config.json", family.facts["generation"])
     if "processor" in family.facts:
         write_json_atomic(out_dir / "preprocessor_config.json", family.facts["processor"])
