@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -63,11 +61,3 @@ def tiny_qwen2_vl_transformers5(tiny_qwen2_vl: Path, tmp_path_factory: pytest.Te
                 writer.write(new, np.asarray(checkpoint.read(meta.name)))
     transformers.AutoConfig.from_pretrained(tiny_qwen2_vl).save_pretrained(source)
     return source
-
-
-def run_vlhub(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """Run the real `vlhub` entry point in a fresh interpreter, as a user's shell would."""
-    return subprocess.run(
-        [sys.executable, "-m", "vlhub", *args],
-        capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=600,
-    )
