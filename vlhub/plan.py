@@ -17,7 +17,6 @@ from vlhub.deploy.target import Target, TargetPlan
 from vlhub.errors import UserError
 from vlhub.family_registry import Family
 from vlhub.formats.readers import open_checkpoint
-from vlhub.smoke.inputs import preprocessor_config
 from vlhub.sizes import (
     DEFAULT_ANSWER_TOKENS,
     DEFAULT_PROMPT_TOKENS,
@@ -31,6 +30,7 @@ from vlhub.sizes import (
     plan_inputs,
     resize_input,
 )
+from vlhub.smoke.inputs import preprocessor_config
 from vlhub.targets import TARGETS, layouts
 
 

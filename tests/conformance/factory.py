@@ -15,6 +15,7 @@ dtypes, one to many shards, and the on-disk forms users hold:
     torch-bin    the same tensors as `pytorch_model-*.bin` shards written by `torch.save`
     hub-experts  a Qwen3-VL MoE as the Hub's files hold it: experts [E, hidden, 2 x moe_inter] and
                  [E, moe_inter, hidden]
+    per-expert   a Qwen3-VL MoE with each expert's gate, up and down projections on their own, [out, in]
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 DISK_FORMS = {"qwen2_vl": ("official", "memory-names", "flat-config", "torch-bin"),
               "qwen2_5_vl": ("official", "memory-names", "flat-config", "torch-bin"),
               # official Qwen3-VL configs are nested and its in-memory names are the official ones
-              "qwen3_vl": ("official", "torch-bin", "hub-experts")}
+              "qwen3_vl": ("official", "torch-bin", "hub-experts", "per-expert")}
+MOE_FORMS = ("hub-experts", "per-expert")  # drawn for a mixture-of-experts model only
 DTYPES = ("bfloat16", "float16", "float32")
 # the released vocabularies, and sizes a small research model or a resized fine-tune has
 OFFICIAL_VOCAB = {"qwen2_vl": 151936, "qwen2_5_vl": 151936, "qwen3_vl": 151936}
@@ -168,7 +170,10 @@ def text_dims(draw: st.DrawFn, family: str, *, vocab: int | None = None) -> Text
         width = draw(st.one_of(st.sampled_from([64, 128, 192]), st.integers(8, 96).map(lambda n: 2 * n)))
         if draw(st.booleans()):
             experts = draw(st.integers(2, 8))
-            moe = MoeDims(experts, draw(st.integers(1, experts)), draw(st.integers(8, 64)))
+            # never an expert matrix as wide as it is tall (moe_inter or 2 x moe_inter equal to the hidden size):
+            # transformers' loader then cannot tell the Hub's form from its own and leaves it untransposed
+            inter = draw(st.integers(8, 64).filter(lambda n: width not in (n, 2 * n)))
+            moe = MoeDims(experts, draw(st.integers(1, experts)), inter)
     return TextDims(
         vocab=drawn_vocab, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
         intermediate=draw(st.integers(17, 160)), layers=draw(st.integers(1, 4)), tied=draw(st.booleans()),
@@ -210,7 +215,7 @@ def checkpoint_specs(draw: st.DrawFn, family: str | None = None, *, disk_form: s
     """A drawn checkpoint of `family` (or either), in `disk_form` (or any)."""
     family = family or draw(st.sampled_from(FAMILIES))
     text = draw(text_dims(family, vocab=vocab))
-    forms = [form for form in DISK_FORMS[family] if form != "hub-experts" or text.moe is not None]
+    forms = [form for form in DISK_FORMS[family] if form not in MOE_FORMS or text.moe is not None]
     return CheckpointSpec(
         family=family, text=text, vision=draw(vision_dims(family)), tokens=draw(special_tokens(text.vocab)),
         dtype=draw(st.sampled_from(DTYPES)), disk_form=disk_form or draw(st.sampled_from(forms)),
@@ -282,6 +287,8 @@ def save_checkpoint(spec: CheckpointSpec, directory: Path):  # -> transformers.P
         _to_torch_bin(directory)
     elif spec.disk_form == "hub-experts":
         _experts_as_on_the_hub(directory)
+    elif spec.disk_form == "per-expert":
+        _experts_one_by_one(directory)
     if spec.with_tokenizer:
         save_tokenizer(spec, directory)
     return model
@@ -312,6 +319,36 @@ def _experts_as_on_the_hub(directory: Path) -> None:
         for name in [name for name in tensors if name.endswith((".experts.gate_up_proj", ".experts.down_proj"))]:
             tensors[name] = tensors[name].transpose(1, 2).contiguous()
         save_file(tensors, shard, metadata={"format": "pt"})
+
+
+def _experts_one_by_one(directory: Path) -> None:
+    """Rewrite each shard with every expert's gate, up and down projections as tensors of their own, [out, in]
+    (`mlp.experts.{e}.gate_proj.weight`, ...), the index following."""
+    from safetensors.torch import load_file, save_file
+
+    index_path = directory / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text()) if index_path.exists() else None
+    for shard in sorted(directory.glob("*.safetensors")):
+        split = {}
+        for name, tensor in load_file(shard).items():
+            base, _, kind = name.rpartition(".")
+            if kind == "gate_up_proj":  # transformers' [E, 2 x inter, hidden]: gate rows, then up rows
+                inter = tensor.shape[1] // 2
+                for expert in range(tensor.shape[0]):
+                    split[f"{base}.{expert}.gate_proj.weight"] = tensor[expert, :inter].contiguous()
+                    split[f"{base}.{expert}.up_proj.weight"] = tensor[expert, inter:].contiguous()
+            elif kind == "down_proj" and base.endswith(".experts"):
+                for expert in range(tensor.shape[0]):
+                    split[f"{base}.{expert}.down_proj.weight"] = tensor[expert].contiguous()
+            else:
+                split[name] = tensor
+        save_file(split, shard, metadata={"format": "pt"})
+        if index is not None:
+            index["weight_map"].update(dict.fromkeys(split, shard.name))
+    if index is not None:
+        index["weight_map"] = {name: file for name, file in index["weight_map"].items()
+                               if not name.endswith((".experts.gate_up_proj", ".experts.down_proj"))}
+        index_path.write_text(json.dumps(index, indent=2))
 
 
 def _to_torch_bin(directory: Path) -> None:

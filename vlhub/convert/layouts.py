@@ -27,9 +27,13 @@ def describe_layout(family: str | None, layout: str) -> str:
 
 
 def explains(keymap: KeyMap, layout: Layout, name: str) -> bool:
-    """Whether `name` is this layout's spelling of an official tensor."""
+    """Whether `name` is this layout's spelling of an official tensor (or of one part of one)."""
+    part = layout.part_of(name)
+    if part is not None:
+        return keymap.rule_for(part.official) is not None
     official = layout.to_official(name)
-    return layout.from_official(official) == name and keymap.rule_for(official) is not None
+    return (layout.from_official(official) == name and keymap.rule_for(official) is not None
+            and not layout.keeps_in_parts(official))
 
 
 def match_count(keymap: KeyMap, layout: Layout, names: list[str]) -> int:

@@ -3,6 +3,10 @@
 - rename: a name change only (its inverse renames back); the bytes are copied untouched.
 - transpose: the last two axes, between torch [out, in] and Paddle [in, out] (Linear weights, and each expert of a
   fused expert tensor [experts, ., .]); its own inverse.
+- fuse: a tensor a layout keeps in parts (a mixture-of-experts model's gate, up and down projections one expert
+  at a time) joined into the official fused tensor, expert by expert as it is read (`pipeline.read_source`): each
+  part's [out, in] matrix transposed into its columns of its expert. Layouts that keep parts are read, never
+  written, so its inverse (splitting) has no writer yet.
 - cast: between float dtypes, rounding to nearest even through float32; never reinterprets bits and
   never turns integers into floats. Its inverse is the opposite cast (exact when widening).
 """

@@ -19,9 +19,9 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from vlhub.convert.ops import cast_float, swapped_shape, transpose_last
+from vlhub.convert.ops import cast_float, swapped_shape, transpose_2d, transpose_last
 from vlhub.convert.plan import Plan, Step
-from vlhub.formats.io_utils import StoredBytes
+from vlhub.formats.io_utils import StoredBytes, output_array
 from vlhub.formats.readers import Checkpoint
 from vlhub.formats.tensors import dtype_info
 from vlhub.formats.writers import CheckpointWriter
@@ -31,7 +31,22 @@ def ordered_steps(plan: Plan, checkpoint: Checkpoint) -> list[Step]:
     """Steps in source order (shard by shard, as each file lays them out), so every read is sequential."""
     shard_order = {shard: i for i, shard in enumerate(checkpoint.shards)}
     file_order = {name: i for i, name in enumerate(checkpoint.tensors)}
-    return sorted(plan.steps, key=lambda s: (shard_order[s.source.shard], file_order[s.source.name]))
+    return sorted(plan.steps, key=lambda s: (shard_order[s.first_stored.shard], file_order[s.first_stored.name]))
+
+
+def read_source(checkpoint: Checkpoint, step: Step, out: np.ndarray | None = None) -> np.ndarray:
+    """The step's source tensor in its storage dtype (into `out` if given): read whole, or joined from its parts
+    one at a time, each part's [out, in] matrix transposed into its columns of its entry (the "fuse" op)."""
+    if not step.parts:
+        return checkpoint.read(step.source.name, out)
+    out = output_array(step.source.shape, dtype_info(step.source.dtype).storage, out)
+    entries, _, columns = step.source.shape
+    count = len(step.parts) // entries
+    width = columns // count
+    for number, part in enumerate(step.parts):
+        entry, column = divmod(number, count)
+        out[entry, :, column * width:(column + 1) * width] = transpose_2d(checkpoint.read(part.name))
+    return out
 
 
 def buffer_cost(step: Step) -> int:
@@ -151,7 +166,7 @@ def run_plan(plan: Plan, checkpoint: Checkpoint, writer: CheckpointWriter, *, me
                 if stop.is_set():
                     return
                 source = dtype_info(step.source.dtype).storage
-                read_queue.put((step, checkpoint.read(step.source.name, budget.array(step.source.shape, source))))
+                read_queue.put((step, read_source(checkpoint, step, budget.array(step.source.shape, source))))
         finally:
             read_queue.put(_DONE)
 

@@ -15,7 +15,7 @@ from vlhub.convert.ops import FLOAT_DTYPES, swapped_shape
 from vlhub.errors import UserError
 from vlhub.family_registry import FAMILIES
 from vlhub.formats.tensors import TensorMeta
-from vlhub.keymaps import KeyMap, Layout, evaluate, load_keymap
+from vlhub.keymaps import ExpectedTensor, KeyMap, Layout, evaluate, load_keymap
 
 _LISTED = 8  # keys named per category in an error line; the rest are counted
 
@@ -34,11 +34,14 @@ class KeyMapMismatch(UserError):
 
 @dataclass(frozen=True)
 class Step:
-    """One output tensor: where it comes from and what happens to it on the way."""
+    """One output tensor: where it comes from and what happens to it on the way. A tensor the source keeps in
+    parts (one expert at a time) has them in `parts`, in order (expert by expert, each expert's parts in turn);
+    `source` is then the official tensor they make, stored where the first part is."""
 
     source: TensorMeta
     target: TensorMeta
     ops: tuple[str, ...]
+    parts: tuple[TensorMeta, ...] = ()
 
     @property
     def transpose(self) -> bool:
@@ -47,7 +50,12 @@ class Step:
     @property
     def copies_bytes(self) -> bool:
         """Whether the output bytes are the source bytes (a rename at most)."""
-        return not self.transpose and self.source.dtype == self.target.dtype
+        return not self.parts and not self.transpose and self.source.dtype == self.target.dtype
+
+    @property
+    def first_stored(self) -> TensorMeta:
+        """The first tensor it reads from the source (where it is in the files)."""
+        return self.parts[0] if self.parts else self.source
 
 
 @dataclass
@@ -119,6 +127,29 @@ def plan_conversion(
     return _match(keymap, keymap.layouts[source_name], target, tensors, config, dtype, allow_unmatched)
 
 
+def _joined_parts(layout: Layout, want: ExpectedTensor, parts: dict[tuple[int, int], TensorMeta],
+                  problems: dict[str, list[str]]) -> tuple[TensorMeta, ...]:
+    """The parts of one fused official tensor [entries, rows, columns], in order, each [columns / parts, rows]
+    (an [out, in] matrix whose transpose is its slice of the entry); what is missing, mis-shaped or of mixed
+    dtypes goes into `problems`."""
+    count = layout.part_count(want.name)
+    entries, rows, columns = want.shape
+    ordered = []
+    for index in range(entries):
+        for number in range(count):
+            meta = parts.get((index, number))
+            if meta is None:
+                problems.setdefault("missing", []).append(f"{want.name} (expert {index}, part {number + 1} of {count})")
+                continue
+            if meta.shape != (columns // count, rows):
+                problems["mis-shaped"].append(f"{meta.name} is {list(meta.shape)}, config.json says "
+                                              f"{[columns // count, rows]}")
+            ordered.append(meta)
+    if len({meta.dtype for meta in ordered}) > 1:
+        problems["mis-shaped"].append(f"the parts of {want.name} have different dtypes")
+    return tuple(ordered)
+
+
 def _match(keymap: KeyMap, source: Layout, target: Layout, tensors: dict[str, TensorMeta], config: dict,
            dtype: str | None, allow_unmatched: bool) -> Plan:
     dims = keymap.resolve_dims(config)
@@ -126,7 +157,14 @@ def _match(keymap: KeyMap, source: Layout, target: Layout, tensors: dict[str, Te
     claimed: dict[str, str] = {}
     problems: dict[str, list[str]] = {"unmatched": [], "ambiguous": [], "mis-shaped": [], "not float": []}
     dropped, passed_through = [], []
+    in_parts: dict[str, dict[tuple[int, int], TensorMeta]] = {}
     for name, meta in tensors.items():
+        part = source.part_of(name)
+        if part is not None and part.official in expected:
+            in_parts.setdefault(part.official, {})[(part.index, part.part)] = meta
+            if meta.dtype not in FLOAT_DTYPES:
+                problems["not float"].append(f"{name} is {meta.dtype}")
+            continue
         official = source.to_official(name)
         if source.from_official(official) != name or official not in expected:
             condition = keymap.drop.get(official)
@@ -149,7 +187,10 @@ def _match(keymap: KeyMap, source: Layout, target: Layout, tensors: dict[str, Te
             problems["not float"].append(f"{name} is {meta.dtype}"
                                          + (" (how Paddle stores bfloat16: if it is, say dtype bfloat16 in "
                                             "config.json)" if meta.dtype == "uint16" else ""))
-    problems["missing"] = [name for name in expected if name not in claimed]
+    joined = {official: _joined_parts(source, expected[official], parts, problems)
+              for official, parts in in_parts.items()}
+    problems["missing"] = problems.get("missing", []) + [name for name in expected
+                                                          if name not in claimed and name not in joined]
     problems = {kind: keys for kind, keys in problems.items() if keys}
     if problems:
         hint = "; --allow-unmatched passes unmatched tensors through" if "unmatched" in problems else ""
@@ -157,20 +198,22 @@ def _match(keymap: KeyMap, source: Layout, target: Layout, tensors: dict[str, Te
 
     steps = []
     for official, want in expected.items():
-        meta = tensors[claimed[official]]
+        parts = joined.get(official, ())
+        meta = (TensorMeta(official, parts[0].dtype, want.shape, parts[0].shard) if parts
+                else tensors[claimed[official]])
         transpose = source.transposes(want.kind) != target.transposes(want.kind)
         target_meta = TensorMeta(
             target.from_official(official),
             dtype or meta.dtype,
             swapped_shape(meta.shape) if transpose else meta.shape,
         )
-        ops = []
+        ops = ["fuse"] if parts else []
         if target_meta.name != meta.name:
             ops.append("rename")
         if transpose:
             ops.append("transpose")
         if target_meta.dtype != meta.dtype:
             ops.append(f"cast:{meta.dtype}->{target_meta.dtype}")
-        steps.append(Step(meta, target_meta, tuple(ops)))
+        steps.append(Step(meta, target_meta, tuple(ops), parts))
     steps += [Step(meta, TensorMeta(meta.name, meta.dtype, meta.shape), ()) for meta in passed_through]
     return Plan(keymap.id, keymap, source.name, target.name, dtype, steps, dropped)

@@ -23,8 +23,8 @@ from importlib import resources
 from vlhub.errors import UserError
 from vlhub.keymaps.expr import evaluate
 
-__all__ = ["DIM_BOUNDS", "FAMILY_FILES", "DimBound", "ExpectedTensor", "KeyMap", "Layout", "TensorRule", "evaluate",
-           "keymap_of_config", "load_keymap"]
+__all__ = ["DIM_BOUNDS", "FAMILY_FILES", "DimBound", "ExpectedTensor", "KeyMap", "Layout", "PartOf", "TensorRule",
+           "evaluate", "keymap_of_config", "load_keymap"]
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -130,8 +130,21 @@ class ExpectedTensor:
 
 
 @dataclass(frozen=True)
+class PartOf:
+    """Where one stored tensor of a layout that keeps a fused tensor in parts belongs: the official (fused)
+    tensor, the index along its first axis (the expert) and which of that entry's parts it is."""
+
+    official: str
+    index: int
+    part: int
+
+
+@dataclass(frozen=True)
 class Layout:
-    """How a layout stores the official tensors: prefix renames and which kinds it transposes."""
+    """How a layout stores the official tensors: prefix renames, which kinds it transposes, and which fused
+    tensors it keeps in parts (`unfused`: official template -> the templates of its parts, one set per entry of
+    its first axis, `{expert}` numbering them; entry e of the official tensor is its parts' [out, in] matrices
+    transposed and joined along their out axis)."""
 
     name: str
     description: str
@@ -139,6 +152,26 @@ class Layout:
     transpose: frozenset[str] = frozenset()
     format: str | None = None
     input_only: bool = False
+    unfused: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+    def part_of(self, name: str) -> PartOf | None:
+        """The fused official tensor a stored part belongs to, if `name` is one of this layout's parts."""
+        for official, parts in self.unfused:
+            for number, template in enumerate(parts):
+                found = _compile(template).fullmatch(name)
+                if found is not None:
+                    bound = found.groupdict()
+                    return PartOf(_PLACEHOLDER.sub(lambda m: bound[m.group(1)], official),
+                                  int(bound["expert"]), number)
+        return None
+
+    def part_count(self, official_name: str) -> int:
+        """How many parts each entry of that official tensor has in this layout (0: it is stored whole)."""
+        return next((len(parts) for official, parts in self.unfused if _compile(official).fullmatch(official_name)), 0)
+
+    def keeps_in_parts(self, official_name: str) -> bool:
+        """Whether this layout stores that official tensor as parts."""
+        return self.part_count(official_name) > 0
 
     def from_official(self, name: str) -> str:
         """This layout's name for an official name (the longest matching official prefix wins)."""
@@ -358,6 +391,7 @@ def load_keymap(family: str) -> KeyMap:
             transpose=frozenset(spec.get("transpose", [])),
             format=spec.get("format"),
             input_only=spec.get("input_only", False),
+            unfused=tuple((official, tuple(parts)) for official, parts in spec.get("unfused", {}).items()),
         )
         for name, spec in data["layouts"].items()
     }

@@ -15,6 +15,7 @@ import numpy as np
 
 from vlhub.convert.configs import official_config
 from vlhub.convert.ops import transpose_2d, transpose_last
+from vlhub.convert.pipeline import read_source
 from vlhub.convert.plan import Step, plan_conversion
 from vlhub.formats.readers import Checkpoint, open_checkpoint
 from vlhub.formats.tensors import float32_values
@@ -60,7 +61,7 @@ class ModelWeights:
         if kept is not None:
             return kept
         step = self._steps[name]
-        values = float32_values(self.checkpoint.read(step.source.name), step.source.dtype)
+        values = float32_values(read_source(self.checkpoint, step), step.source.dtype)
         if step.transpose:
             values = transpose_last(values)
         if self.resident:

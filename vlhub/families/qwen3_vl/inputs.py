@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 
-
 from vlhub.smoke.inputs import (
     ImageProcessing,
     PromptTokens,
