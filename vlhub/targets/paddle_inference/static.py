@@ -67,8 +67,8 @@ from paddle.static.pir_io import append_pir_fetch_ops, get_pir_parameters
 
 from vlhub.atomic import ensure_free_space
 from vlhub.convert.layouts import detect_layout, embedding_candidates
-from vlhub.convert.ops import cast_float, transpose_2d
-from vlhub.convert.pipeline import ordered_steps
+from vlhub.convert.ops import cast_float, transpose_last
+from vlhub.convert.pipeline import ordered_steps, read_source
 from vlhub.convert.plan import Plan, Step, plan_conversion
 from vlhub.errors import CheckFailed, UserError
 from vlhub.family_registry import FAMILIES
@@ -330,9 +330,9 @@ class _ParamsFile:
 
 def _stored_values(checkpoint: Checkpoint, step: Step) -> np.ndarray:
     """One tensor as the network holds it: the plan's transpose (none for Paddle layouts) and cast applied."""
-    values = checkpoint.read(step.source.name)
+    values = read_source(checkpoint, step)
     if step.transpose:
-        values = transpose_2d(values)
+        values = transpose_last(values)
     return cast_float(values, step.source.dtype, step.target.dtype)
 
 
