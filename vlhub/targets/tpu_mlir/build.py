@@ -8,20 +8,24 @@
       vlhub-manifest.json S, max pixels, chip, quantize, layer and head counts, the networks, every file's sha256
       README.md           how to compile and run it
 
-Every option is checked before anything is written: the vision tokens --max-pixels allows (computed with
-smart_resize, as the processor computes them) plus a prompt must fit in --seq-length, W and H are multiples of
-28, the group size divides the Linear layers' inputs, the chip is one TPU-MLIR builds for. What differs by family
-(the default pixel budget, the vision fields llm_convert reads without defaults, the merger width's name) is the
-family's `[targets.tpu-mlir]` facts; a family without them has no route here. Sources: TPU-MLIR
-python/tools/llm_convert.py and python/llm/ (llm_convert, read from the tpu-mlir 1.30.2 wheel), LLM-TPU
-models/Qwen2_VL and models/Qwen2_5_VL python_demo (the runtime).
+Every option is checked before anything is written: the vision tokens --max-pixels allows plus a prompt must fit
+in --seq-length, W and H are multiples of the processor's factor (the config's patch side x merge size: 28 for
+Qwen2(.5)-VL, 32 for Qwen3-VL), the group size divides the Linear layers' inputs, the chip is one TPU-MLIR builds
+for, and the vision heads are a width llm_convert compiles. What differs by family is the family's
+`[targets.tpu-mlir]` facts (`tpu_facts`): the default pixel budget, the vision fields llm_convert reads without
+defaults, the merger width's name, the ViT head widths its converter compiles, extra llm_convert flags, LLM-TPU's
+demo, a refused --onnx; a sub-table `[targets.tpu-mlir.model_types.<model_type>]` overrides them for one model
+type of the family, or refuses it (`refused = "..."`). A family without the table has no route here. Sources:
+TPU-MLIR python/tools/llm_convert.py and python/llm/ (llm_convert, read from the tpu-mlir 1.30.2 wheel), LLM-TPU
+models/Qwen2_VL, models/Qwen2_5_VL and models/Qwen3_VL python_demo (the runtime).
 """
 
 from __future__ import annotations
 
+import math
 import shlex
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from vlhub import __version__
@@ -30,9 +34,9 @@ from vlhub.convert.configs import official_config
 from vlhub.convert.conversion import Conversion
 from vlhub.deploy.target import OnBytes
 from vlhub.errors import UserError
-from vlhub.family_registry import Family
+from vlhub.family_registry import Family, family_of_config
 from vlhub.manifest import MANIFEST, FileEntry, Manifest, TargetRecord
-from vlhub.smoke.inputs import SMOKE_IMAGE, SMOKE_PATCHES, smart_resize
+from vlhub.smoke.inputs import SMOKE_IMAGE, SMOKE_PATCHES
 from vlhub.targets.tpu_mlir import NAME
 
 # --quantize -> the dtype llm_convert requires the checkpoint to declare (its "mismatch with model dtype" check)
@@ -48,30 +52,39 @@ TORCH_FIRST = ("torch==2.13.0 first (on Python 3.10 PyPI has only its CUDA build
 TOOLCHAIN_INSTALL = "pip install tpu-mlir==1.30.2 psutil flatbuffers"
 # room beside the image in the sequence: the chat template's system and user turns, a question, an answer
 PROMPT_TOKENS = 64
-PIXEL_FACTOR = 28  # patch 14 x merge 2: the processor resizes to multiples of this
-VIT_HEAD_DIM = 80  # llm_convert 1.30.2 builds the ViT's rotary table 20 wide: head_dim 80, as 1280 / 16 in every model
+
+
 @dataclass(frozen=True)
 class TpuOptions:
-    """The compile options, checked against the model's config by `check_tpu_options`."""
+    """The compile options, checked against the model's config by `check_tpu_options`. `patch` and `merge` are
+    the model's (vision_config patch_size, spatial_merge_size; `tpu_options` reads them): the defaults are
+    Qwen2(.5)-VL's, for options built by hand."""
 
     seq_length: int
     max_pixels: tuple[int, int]  # W, H
     quantize: str
     group_size: int
     chip: str
+    patch: int = 14
+    merge: int = 2
 
     @property
     def vision_patches(self) -> int:
-        """ViT input rows: 14x14 patches of the largest image as the processor resizes it (each 3*2*14*14 =
-        1176 values)."""
+        """ViT input rows, as llm_convert sizes its ViT (max_pixels // patch**2): the patches of a W x H image,
+        which the processor keeps as it is, W and H being multiples of patch x merge (each row 3 x 2 x patch**2
+        values)."""
         width, height = self.max_pixels
-        resized_height, resized_width = smart_resize(height, width, max_pixels=width * height)
-        return (resized_height // 14) * (resized_width // 14)
+        return (height // self.patch) * (width // self.patch)
 
     @property
     def vision_tokens(self) -> int:
-        """Tokens the largest image becomes in the sequence, after the 2x2 merge."""
-        return self.vision_patches // 4
+        """Tokens the largest image becomes in the sequence, after the merge."""
+        return self.vision_patches // self.merge ** 2
+
+    @property
+    def factor(self) -> int:
+        """The processor's resize multiple: one merged token's side in pixels."""
+        return self.patch * self.merge
 
 
 @dataclass(frozen=True)
@@ -83,6 +96,7 @@ class TpuSpec:
     onnx: bool
     dtype: str | None  # what the weights are cast to: the one --quantize needs, when the source is not in it
     allow_unmatched: bool = False
+    facts: dict | None = field(default=None, compare=False)  # `tpu_facts` for the model (None: work them out)
 
     def cache_key(self) -> dict[str, object]:
         options = self.options
@@ -91,10 +105,25 @@ class TpuSpec:
                 "group": options.group_size if options.quantize.startswith("w") else None}
 
 
-def parse_max_pixels(text: str | None, family: Family) -> tuple[int, int]:
+def tpu_facts(family: Family, config: dict | None = None) -> dict:
+    """The family's `[targets.tpu-mlir]` facts for a config's model type: the table, with the model type's own
+    `model_types.<model_type>` sub-table over it. UserError with the reason when the family has no route, or the
+    sub-table refuses the model type (`refused`)."""
+    model_type = (config or {}).get("model_type")
+    facts = family.route(NAME, model_type)  # the family's or the model type's refusal stops here
+    own = (facts.get("model_types") or {}).get(model_type, {})
+    return {**{key: value for key, value in facts.items() if key != "model_types"}, **own}
+
+
+def vision_fields(config: dict, facts: dict) -> dict:
+    """The vision config as llm_convert reads it: the config's fields, the family's defaults where it has none."""
+    return {**facts.get("vision_defaults", {}), **(config.get("vision_config") or {})}
+
+
+def parse_max_pixels(text: str | None, facts: dict) -> tuple[int, int]:
     """`W,H` as llm_convert's --max_pixels takes it (default: llm_convert's own for the family)."""
     if text is None:
-        width, height = family.route(NAME)["max_pixels"]
+        width, height = facts["max_pixels"]
         return width, height
     try:
         width, height = (int(part) for part in text.replace("x", ",").split(","))
@@ -107,31 +136,34 @@ def tpu_options(family: Family, config: dict, source_dtype: str, *, seq_length: 
                 max_pixels: str | None = None, quantize: str | None = None, group_size: int = DEFAULT_GROUP_SIZE,
                 chip: str = "bm1684x") -> TpuOptions:
     """The options as given (defaults: llm_convert's pixel budget for the family, 4-bit weights with the half
-    type the checkpoint has), checked against the model's flat config; UserError for a family with no route."""
-    family.route(NAME)
+    type the checkpoint has), checked against the model's flat config; UserError for a family or model type
+    with no route."""
+    facts = tpu_facts(family, config)
+    vision = vision_fields(config, facts)
     default = "w4f16" if source_dtype == "float16" else "w4bf16"
-    options = TpuOptions(seq_length, parse_max_pixels(max_pixels, family), quantize or default, group_size, chip)
+    options = TpuOptions(seq_length, parse_max_pixels(max_pixels, facts), quantize or default, group_size, chip,
+                         int(vision["patch_size"]), int(vision["spatial_merge_size"]))
     check_tpu_options(config, options)
     return options
 
 
 def check_tpu_options(config: dict, options: TpuOptions) -> None:
     """Refuse, with the valid range and why, options llm_convert or the runtime cannot take (and a model it
-    cannot compile)."""
-    vision = config["vision_config"]
-    head_dim = vision.get("embed_dim", vision.get("hidden_size")) // vision["num_heads"]
-    if head_dim != VIT_HEAD_DIM:
-        raise UserError(f"this model's vision heads are {head_dim} wide; TPU-MLIR's llm_convert compiles only "
-                        f"{VIT_HEAD_DIM} (its ViT rotary table is fixed; every released Qwen2(.5)-VL has 1280 / 16)")
+    cannot compile). `config` is the flat official form; its family's facts say what its converter compiles."""
+    family = family_of_config(config)
+    facts = tpu_facts(family, config) if family is not None else {}
+    _check_vit_heads(vision_fields(config, facts), facts.get("vit_head_dim") or {})
     if options.chip not in CHIPS:
         raise UserError(f"--chip {options.chip!r}: choose {' or '.join(CHIPS)}")
     if options.quantize not in QUANTIZE_DTYPE:
         raise UserError(f"--quantize {options.quantize!r}: choose one of {', '.join(QUANTIZE_DTYPE)} "
                         "(w4/w8: 4- or 8-bit weights with bf16 or f16 activations)")
     width, height = options.max_pixels
-    if width % PIXEL_FACTOR or height % PIXEL_FACTOR or min(width, height) < 2 * PIXEL_FACTOR:
-        raise UserError(f"--max-pixels {width},{height}: W and H must be multiples of {PIXEL_FACTOR} (14-pixel "
-                        f"patches merged 2x2), at least {2 * PIXEL_FACTOR}; e.g. {_nearest(width)},{_nearest(height)}")
+    factor = options.factor
+    if width % factor or height % factor or min(width, height) < 2 * factor:
+        raise UserError(f"--max-pixels {width},{height}: W and H must be multiples of {factor} ({options.patch}-pixel "
+                        f"patches merged {options.merge}x{options.merge}), at least {2 * factor}; e.g. "
+                        f"{_nearest(width, factor)},{_nearest(height, factor)}")
     needed = options.vision_tokens + PROMPT_TOKENS
     limit = int(config.get("max_position_embeddings") or 32768)
     if not needed <= options.seq_length <= limit:
@@ -145,20 +177,42 @@ def check_tpu_options(config: dict, options: TpuOptions) -> None:
                             f"({', '.join(f'{k} {v}' for k, v in inputs.items())}); 64 or 128 usually do")
 
 
-def _nearest(pixels: int) -> int:
-    return max(2 * PIXEL_FACTOR, round(pixels / PIXEL_FACTOR) * PIXEL_FACTOR)
+def _check_vit_heads(vision: dict, rule: dict) -> None:
+    """The vision heads' width against what the family's llm_convert converter compiles (`vit_head_dim`: a width
+    it `equals`, or a `multiple_of`)."""
+    if not rule:
+        return
+    key = "embed_dim" if "embed_dim" in vision else "hidden_size"
+    width, heads = vision.get(key), vision.get("num_heads")
+    if not isinstance(width, int) or not isinstance(heads, int) or heads < 1:
+        raise UserError(f"vision_config {key} {width!r} / num_heads {heads!r}: llm_convert needs both as positive "
+                        "integers")
+    head_dim = width // heads
+    if "equals" in rule and head_dim != rule["equals"]:
+        allowed = f"{rule['equals']}"
+    elif "multiple_of" in rule and head_dim % rule["multiple_of"]:
+        allowed = f"multiples of {rule['multiple_of']}"
+    else:
+        return
+    raise UserError(f"this model's vision heads are {head_dim} wide; TPU-MLIR's llm_convert compiles only {allowed} "
+                    f"({rule['why']}; vision_config {key} {width} / num_heads {heads})")
+
+
+def _nearest(pixels: int, factor: int) -> int:
+    return max(2 * factor, round(pixels / factor) * factor)
 
 
 def build_tpu_mlir(conversion: Conversion, spec: TpuSpec, out: Path, *, overwrite: bool = False,
                    on_bytes: OnBytes = None) -> Manifest:
     """Write the TPU-MLIR layout of the conversion into `out`, atomically. With `spec.onnx`, also the older flow's
     ONNX networks, exported one network at a time from model/, and compile_onnx.sh."""
-    options, facts = spec.options, spec.family.route(NAME)
+    options = spec.options
+    facts = spec.facts if spec.facts is not None else tpu_facts(spec.family, official_config(conversion.config))
     with staged_directory(out, conversion.source.local(), overwrite=overwrite, needed=conversion.plan.total_bytes,
                           what="the model directory") as staging:
         weights = conversion.write_into(staging / "model", on_bytes=on_bytes,
                                         edit_config=lambda config: fill_vision_defaults(config, facts))
-        scripts = {"compile.sh": compile_script(options)}
+        scripts = {"compile.sh": compile_script(options, facts)}
         exported = None
         if spec.onnx:
             exported = _export_onnx(staging, options, on_bytes)
@@ -167,8 +221,8 @@ def build_tpu_mlir(conversion: Conversion, spec: TpuSpec, out: Path, *, overwrit
         for name, text in scripts.items():
             (staging / name).write_text(text)
             (staging / name).chmod(0o755)
-        (staging / "README.md").write_text(_readme(conversion, spec.family, options, onnx=spec.onnx))
-        manifest = _manifest(conversion, staging, spec, weights, exported)
+        (staging / "README.md").write_text(_readme(conversion, spec.family, options, facts, onnx=spec.onnx))
+        manifest = _manifest(conversion, staging, spec, facts, weights, exported)
         manifest.write(staging)
     return manifest
 
@@ -209,32 +263,36 @@ def _bmodel_name(conversion: Conversion, options: TpuOptions) -> str:
 
 def fill_vision_defaults(config: dict, facts: dict) -> None:
     """llm_convert reads the vision config's fields without transformers' defaults: write them into `config` (the
-    family's `vision_defaults`), and the merger's output width under the name the family's llm_convert reads."""
+    family's `vision_defaults`), and the merger's output width under the name the family's llm_convert reads.
+    `config` is the config.json being written, flat or nested (`text_config`) as the family's official file is."""
     vision = config.setdefault("vision_config", {})
     for key, value in facts["vision_defaults"].items():
         vision.setdefault(key, value)
     if "in_chans" in vision:
         vision["in_channels"] = vision["in_chans"]
-    vision.setdefault(facts["merger_width"], config["hidden_size"])
+    vision.setdefault(facts["merger_width"], official_config(config)["hidden_size"])
 
 
-def networks(layers: int) -> list[str]:
-    """The networks llm_convert combines into one bmodel (the runtime looks them up by these names)."""
-    return ["vit", "embedding", "embedding_cache", "lm_head",
+def networks(layers: int, facts: dict | None = None) -> list[str]:
+    """The networks llm_convert combines into one bmodel (the runtime looks them up by these names): a family's
+    converter may add its own (`extra_networks`: Qwen3-VL's `add`, which adds the DeepStack features)."""
+    return ["vit", *(facts or {}).get("extra_networks", []), "embedding", "embedding_cache", "lm_head",
             *(f"{kind}_{i}" for i in range(layers) for kind in ("block", "block_cache"))]
 
 
-def llm_convert_command(options: TpuOptions) -> list[str]:
-    """The llm_convert arguments for these options, run in DIR (model/ in, compiled/ out)."""
+def llm_convert_command(options: TpuOptions, facts: dict | None = None) -> list[str]:
+    """The llm_convert arguments for these options, run in DIR (model/ in, compiled/ out), with the family's own
+    flags (`llm_convert_flags`)."""
     command = ["-m", "./model", "-s", str(options.seq_length), "-q", options.quantize]
     if options.quantize.startswith("w"):
         command += ["-g", str(options.group_size)]
-    return command + ["-c", options.chip, "--max_pixels", "{},{}".format(*options.max_pixels), "-o", "./compiled"]
+    return command + ["-c", options.chip, "--max_pixels", "{},{}".format(*options.max_pixels),
+                      *(facts or {}).get("llm_convert_flags", []), "-o", "./compiled"]
 
 
-def compile_script(options: TpuOptions) -> str:
+def compile_script(options: TpuOptions, facts: dict | None = None) -> str:
     """compile.sh: the toolchain checks, each failing with what to do, then the llm_convert command."""
-    arguments = " ".join(shlex.quote(a) for a in llm_convert_command(options))
+    arguments = " ".join(shlex.quote(a) for a in llm_convert_command(options, facts))
     return f"""#!/usr/bin/env bash
 # Compile ./model for {options.chip} with TPU-MLIR's llm_convert (written by vlhub {__version__}).
 # The bmodel lands in ./compiled/, with ./compiled/config/ (tokenizer and processor files) beside it.
@@ -326,7 +384,7 @@ LLM_CONVERT="$BIN/llm_convert.py"
 """
 
 
-def _manifest(conversion: Conversion, staging: Path, spec: TpuSpec, weights: Manifest,
+def _manifest(conversion: Conversion, staging: Path, spec: TpuSpec, facts: dict, weights: Manifest,
               exported: dict | None) -> Manifest:
     files = {f"model/{name}": entry for name, entry in weights.files.items()}
     scripts = ["compile.sh", "compile_onnx.sh"] if exported else ["compile.sh"]
@@ -343,8 +401,11 @@ def _manifest(conversion: Conversion, staging: Path, spec: TpuSpec, weights: Man
         "vision_patches": options.vision_patches, "vision_tokens": options.vision_tokens,
         "layers": config["num_hidden_layers"], "hidden_size": config["hidden_size"],
         "attention_heads": config["num_attention_heads"], "kv_heads": config["num_key_value_heads"],
-        "vision_depth": config["vision_config"]["depth"], "networks": networks(config["num_hidden_layers"]),
-        "llm_convert": ["llm_convert.py", *llm_convert_command(options)],
+        "vision_depth": config["vision_config"]["depth"],
+        "networks": networks(config["num_hidden_layers"], facts),
+        # llm_convert --dynamic: the ViT and the prefill blocks take the real rows and mask them themselves
+        "dynamic": "--dynamic" in facts.get("llm_convert_flags", []),
+        "llm_convert": ["llm_convert.py", *llm_convert_command(options, facts)],
         "onnx": {"networks": exported["networks"], "bmodel": f"compiled_onnx/{_bmodel_name(conversion, options)}"}
         if exported else None,
     }
@@ -384,10 +445,26 @@ def _onnx_readme(conversion: Conversion, options: TpuOptions) -> list[str]:
     ]
 
 
-def _readme(conversion: Conversion, family: Family, options: TpuOptions, *, onnx: bool) -> str:
+def _position_grid_note(config: dict, facts: dict) -> list[str]:
+    """What the demo needs changed when the model's learned position table is not the grid its pipeline.py
+    resamples (`demo_position_grid`), else nothing."""
+    grid = facts.get("demo_position_grid")
+    table = (config.get("vision_config") or {}).get("num_position_embeddings")
+    if grid is None or table is None or table == grid * grid:
+        return []
+    side = math.isqrt(table)
+    fix = (f"is {side}x{side} (num_position_embeddings {table}): set `num_grid_per_side = {side}` there before "
+           "running it" if side * side == table else
+           f"has {table} rows (num_position_embeddings), not a square grid the demo can resample")
+    return ["", (f"LLM-TPU's `pipeline.py` resamples the ViT's learned position table as a {grid}x{grid} grid "
+                 f"(`num_grid_per_side = {grid}`, as in every released model); this model's {fix}.")]
+
+
+def _readme(conversion: Conversion, family: Family, options: TpuOptions, facts: dict, *, onnx: bool) -> str:
     width, height = options.max_pixels
     name = conversion.source.model.name if conversion.source.model else Path(conversion.source.given).name
-    command = " ".join(["llm_convert.py", *(shlex.quote(a) for a in llm_convert_command(options))])
+    command = " ".join(["llm_convert.py", *(shlex.quote(a) for a in llm_convert_command(options, facts))])
+    named = ", ".join(f"`{network}`" for network in networks(0, facts))  # besides the blocks
     return "\n".join([
         f"# {name} for Sophgo {options.chip.upper()} (TPU-MLIR)",
         "",
@@ -413,13 +490,13 @@ def _readme(conversion: Conversion, family: Family, options: TpuOptions, *, onnx
         f"# runs: {command}",
         "```",
         "",
-        ("It writes `compiled/<stem>_<timestamp>.bmodel` (networks `vit`, `embedding`, `embedding_cache`, "
-         "`lm_head`, `block_N`, `block_cache_N`) and `compiled/config/`."),
+        (f"It writes `compiled/<stem>_<timestamp>.bmodel` (networks {named}, `block_N`, `block_cache_N`) and "
+         "`compiled/config/`."),
         "",
         *(_onnx_readme(conversion, options) if onnx else []),
         "## Run",
         "",
-        "On the device, with LLM-TPU's demo (`models/Qwen2_5_VL/python_demo` or `models/Qwen2_VL/python_demo`):",
+        f"On the device, with LLM-TPU's demo (`{facts['demo']}`):",
         "",
         "```bash",
         "python3 pipeline.py -m compiled/<stem>_<timestamp>.bmodel -c compiled/config",
@@ -428,5 +505,6 @@ def _readme(conversion: Conversion, family: Family, options: TpuOptions, *, onnx
         ("The demo reads the image budget from the bmodel's vision network: give it images up to "
          f"{width}x{height} pixels; prompts and answers share the {options.seq_length} positions with the "
          f"{options.vision_tokens} vision tokens."),
+        *_position_grid_note(conversion.config, facts),
         "",
     ])

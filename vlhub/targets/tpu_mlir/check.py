@@ -23,7 +23,14 @@ from vlhub.errors import UserError
 from vlhub.family_registry import FAMILIES
 from vlhub.sizes import InputPlan, compile_sizes, plan_inputs
 from vlhub.targets.tpu_mlir import NAME
-from vlhub.targets.tpu_mlir.build import PROMPT_TOKENS, QUANTIZE_DTYPE, TORCH_FIRST, TpuOptions, check_tpu_options
+from vlhub.targets.tpu_mlir.build import (
+    PROMPT_TOKENS,
+    QUANTIZE_DTYPE,
+    TORCH_FIRST,
+    TpuOptions,
+    check_tpu_options,
+    vision_fields,
+)
 from vlhub.targets.tpu_mlir.plan import tpu_mlir_options
 from vlhub.targets.tpu_mlir.simulator import TOOLCHAIN_ENV, TOOLCHAIN_VERSION, resolve_toolchain
 
@@ -32,10 +39,15 @@ COMPILE_MEMORY = (15e9, "sophon-demo's Qwen2-VL README: >= 15 GB for 7B, scaled 
 
 
 def recorded_options(ctx: LayoutContext) -> TpuOptions:
-    """The compile options the manifest records."""
+    """The compile options the manifest records, with the patch and merge sizes of the layout's config."""
     details = ctx.recorded.details
+    family = FAMILIES.get(ctx.family or "")
+    facts = family.route(NAME) if family is not None and family.routes_to(NAME) else {}
+    vision = vision_fields(ctx.config or {}, facts)
+    sizes = {name: int(vision[key]) for name, key in (("patch", "patch_size"), ("merge", "spatial_merge_size"))
+             if isinstance(vision.get(key), int)}
     return TpuOptions(details["seq_length"], tuple(details["max_pixels"]), details["quantize"],
-                      details.get("group_size") or 64, details["chip"])
+                      details.get("group_size") or 64, details["chip"], **sizes)
 
 
 def dtype_check(ctx: LayoutContext, stored: str | None) -> Check | None:

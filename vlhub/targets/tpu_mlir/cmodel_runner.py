@@ -1,17 +1,23 @@
-"""Run one greedy token of an llm_convert Qwen2(.5)-VL bmodel on TPU-MLIR's cmodel simulator.
+"""Run one greedy token of an llm_convert vision-language bmodel (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) on TPU-MLIR's
+cmodel simulator, feeding its networks as LLM-TPU's runtime does (models/Qwen2_VL, Qwen2_5_VL, Qwen3_VL
+python_demo/chat.cpp, without history).
 
 Standalone: the toolchain's Python 3.10 runs this file by path, with numpy and tpu_mlir only (never vlhub).
 vlhub.targets.tpu_mlir.simulator writes the inputs, already shaped as the networks take them:
 
     python3.10 cmodel_runner.py BMODEL INPUTS.npz RESULT.npz [--chip bm1684x]
 
-INPUTS.npz: `vit.<input>` for every input of the `vit` network (float32 / int32, padded to its rows),
-`input_ids` [1, S], `position_ids` [3, S], `attention_mask` [1, 1, S, S] (additive, float32),
-`image_rows` (the sequence positions the ViT's first rows fill, in order) and `last` (the prompt's last
-position). It runs vit, embedding (image rows replaced), block_0 .. block_{N-1} and lm_head on that position.
+INPUTS.npz: `vit.<input>` for every input of the `vit` network (float32 / int32: padded to its rows for a static
+ViT, the image's own rows for a dynamic one), `input_ids` [1, S], `position_ids` [3, S] (static blocks) or [3, L]
+(dynamic blocks, which take the prompt's L rows and mask it themselves), `attention_mask` [1, 1, S, S] (additive,
+float32; static blocks only), `image_rows` (the sequence positions the ViT's first rows fill, in order) and `last`
+(the prompt's last position). It runs vit, embedding (image rows replaced), block_0 .. block_{N-1} and lm_head
+on that position. A ViT with more than one output (Qwen3-VL's DeepStack) has its k-th extra output added to
+block_{k}'s output at the image rows, through the bmodel's `add` network, as the runtime does.
 RESULT.npz: `token` (lm_head's greedy choice), `hidden` [H] float32 (the last block's output there: llm_convert
 fuses the final norm into the last block, so lm_head.weight @ hidden are the logits), `image_embeds` [n, H]
-float32 and `seconds` (JSON: seconds per network). Progress lines go to stdout prefixed with PREFIX.
+float32 ([1 + k, n, H] with DeepStack features) and `seconds` (JSON: seconds per network). Progress lines go to
+stdout prefixed with PREFIX.
 """
 
 from __future__ import annotations
@@ -71,8 +77,11 @@ def start_runtime(chip: str, workdir: str) -> Any:
         # libbmlib opens libcmodel.so by name: a private directory holding that name for this chip, searched
         # first, leaves the wheel's shared lib/libcmodel.so alone
         links = os.path.join(workdir, "cmodel-lib")
-        os.makedirs(links)
-        os.symlink(os.path.join(root, "lib", CMODEL_LIBRARIES[chip]), os.path.join(links, "libcmodel.so"))
+        os.makedirs(links, exist_ok=True)  # a RESULT beside an earlier run's reuses it
+        link = os.path.join(links, "libcmodel.so")
+        if os.path.lexists(link):
+            os.remove(link)
+        os.symlink(os.path.join(root, "lib", CMODEL_LIBRARIES[chip]), link)
         os.environ["LD_LIBRARY_PATH"] = links + os.pathsep + os.environ.get("LD_LIBRARY_PATH", "")
         os.environ[_REEXEC] = "1"
         os.execv(sys.executable, [sys.executable, *sys.argv])
@@ -80,6 +89,16 @@ def start_runtime(chip: str, workdir: str) -> Any:
     import pyruntime_bm
 
     return pyruntime_bm
+
+
+class Output:
+    """A network's output after a run: its values (as the runtime holds them; bf16 as uint16 bits), cut to the
+    shape this run gave, and the runtime's name of its dtype."""
+
+    def __init__(self, tensor: Any, shape: list[int] | None = None) -> None:
+        data = np.array(tensor.data)
+        self.dtype: str = tensor.dtype
+        self.data = data if shape is None else data.reshape(-1)[:int(np.prod(shape))].reshape(shape)
 
 
 class Runner:
@@ -90,49 +109,78 @@ class Runner:
         self.nets = {name: self.model.Net(name) for name in self.model.networks}
         self.seconds: dict[str, float] = {}
 
-    def run(self, name: str, **inputs: np.ndarray) -> dict[str, Any]:
-        """Fill the inputs, forward, return the output tensors by name (read them before the next run)."""
+    def run(self, name: str, **inputs: np.ndarray) -> dict[str, Output]:
+        """Fill the inputs, forward, return the outputs by name, in the network's order. An input smaller than
+        the network's (a dynamic network's real rows) runs it at the shapes given."""
         net = self.nets[name]
         started = time.monotonic()
+        shapes, dynamic = [], False
         for tensor in net.inputs:
             if tensor.name not in inputs:
                 sys.exit(f"{name}: no value for its input {tensor.name}")
             value = as_tensor(np.asarray(inputs[tensor.name]), tensor)
-            if value.size != tensor.data.size:
+            if value.size > tensor.data.size or (value.size < tensor.data.size and value.ndim != tensor.data.ndim):
                 sys.exit(f"{name}: input {tensor.name} is {list(tensor.data.shape)}, given {list(value.shape)}")
-            tensor.data.reshape(-1)[:] = value.reshape(-1)
-        net.forward()
+            dynamic = dynamic or value.size < tensor.data.size
+            shapes.append(list(value.shape))
+            tensor.data.reshape(-1)[:value.size] = value.reshape(-1)
+        if dynamic:
+            outputs = [Output(tensor, shape) for tensor, shape in zip(net.outputs, net.forward_dynamic(shapes))]
+        else:
+            net.forward()
+            outputs = [Output(tensor) for tensor in net.outputs]
         self.seconds[name] = self.seconds.get(name, 0.0) + time.monotonic() - started
-        return {tensor.name: tensor for tensor in net.outputs}
+        return {tensor.name: output for tensor, output in zip(net.outputs, outputs)}
 
 
 def first_token(runner: Runner, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """vit, embedding with the image rows replaced, every prefill block, lm_head on the last prompt position."""
+    """vit, embedding with the image rows replaced, every prefill block (each of the first k followed by `add`
+    of the ViT's k-th DeepStack feature), lm_head on the last prompt position."""
     image_rows = inputs["image_rows"]
     vit = {key[len("vit."):]: value for key, value in inputs.items() if key.startswith("vit.")}
     say(f"vit: {len(image_rows)} image tokens")
-    image = next(iter(runner.run("vit", **vit).values()))
-    image_dtype, image = image.dtype, np.array(image.data)[:len(image_rows)]
+    outputs = list(runner.run("vit", **vit).values())
+    features, image_dtype = [output.data[:len(image_rows)] for output in outputs], outputs[0].dtype
     say("embedding")
     embedded = runner.run("embedding", input_ids=inputs["input_ids"])["embedding"]
     if embedded.dtype != image_dtype:
         sys.exit(f"vit returns {image_dtype}, embedding {embedded.dtype}: not an llm_convert bmodel")
-    hidden, dtype = np.array(embedded.data), embedded.dtype
-    hidden[0, image_rows] = image
+    padded, dtype = embedded.data.copy(), embedded.dtype  # [1, S, H]: the embedding network is static
+    padded[0, image_rows] = features[0]
+    deepstack = []
+    for feature in features[1:]:  # the runtime's deepstack buffers: the feature at the image rows, zero elsewhere
+        buffer = np.zeros_like(padded)
+        buffer[0, image_rows] = feature
+        deepstack.append(buffer)
+    if deepstack and "add" not in runner.nets:
+        sys.exit(f"vit returns {len(deepstack)} DeepStack features but the bmodel has no `add` network")
+    position_ids = inputs["position_ids"]
+    length = position_ids.shape[-1]  # S for static blocks, the prompt's L for dynamic ones
+    block = {"position_ids": position_ids}
+    if "attention_mask" in inputs:
+        block["attention_mask"] = inputs["attention_mask"]
+    hidden = padded[:, :length]
     layers = sum(1 for name in runner.nets if name.startswith("block_") and name[len("block_"):].isdigit())
     for layer in range(layers):
         say(f"block_{layer} of {layers}")
-        out = runner.run(f"block_{layer}", input_states=hidden, position_ids=inputs["position_ids"],
-                         attention_mask=inputs["attention_mask"])["output_states"]
-        hidden, dtype = np.array(out.data), out.dtype
+        out = runner.run(f"block_{layer}", input_states=hidden, **block)["output_states"]
+        hidden, dtype = out.data, out.dtype
+        if layer < len(deepstack):
+            say(f"add: DeepStack feature {layer}")
+            full = np.zeros_like(padded)
+            full[:, :hidden.shape[1]] = hidden
+            added = next(iter(runner.run("add", input0=full.reshape(-1), input1=deepstack[layer].reshape(-1))
+                              .values()))
+            hidden, dtype = added.data.reshape(padded.shape)[:, :length], added.dtype
     last = int(inputs["last"])
     say("lm_head (the vocabulary's matmul: minutes on the simulator)")
     head = next(iter(runner.run("lm_head", hidden_states=hidden[:, last]).values()))
-    values = np.array(head.data).reshape(-1)
+    values = head.data.reshape(-1)
     # lm_head ends in a fused top-1, unless compiled with --do_sample: then it returns the logits
     token = int(values[0]) if values.size == 1 else int(to_float32(values, head.dtype).argmax())
+    image = np.stack([to_float32(feature, image_dtype) for feature in features])
     return {"token": np.int64(token), "hidden": to_float32(hidden[:, last], dtype).reshape(-1),
-            "image_embeds": to_float32(image, image_dtype)}
+            "image_embeds": image[0] if len(features) == 1 else image}
 
 
 def main() -> int:

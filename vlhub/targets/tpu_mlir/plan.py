@@ -10,9 +10,8 @@ from dataclasses import dataclass
 from vlhub.family_registry import Family
 from vlhub.formats.readers import config_dtype
 from vlhub.sizes import CompileSizes, InputPlan, Sizing
-from vlhub.smoke.inputs import VisionGeometry
 from vlhub.targets.tpu_mlir import NAME
-from vlhub.targets.tpu_mlir.build import TpuOptions, tpu_options
+from vlhub.targets.tpu_mlir.build import TpuOptions, tpu_facts, tpu_options, vision_fields
 
 
 @dataclass(frozen=True)
@@ -42,14 +41,16 @@ class TpuPlan:
 
 def tpu_mlir_options(family: Family, config: dict, inputs: Sequence[InputPlan], sizes: CompileSizes) -> TpuOptions:
     """llm_convert's --max_pixels W,H and --seq-length for `inputs` (planned into `sizes`), checked as `vlhub
-    convert --to tpu-mlir` checks them. W,H is the largest input's resized size; a video, or a side under 56
-    pixels, gets a near-square budget of as many 28-pixel squares."""
+    convert --to tpu-mlir` checks them. W,H is the largest input's resized size; a video, or a side under two
+    merged tokens (56 pixels for Qwen2(.5)-VL, 64 for Qwen3-VL), gets a near-square budget of as many squares of
+    one merged token (the config's patch side x merge size)."""
     largest = max(inputs, key=lambda item: item.patches)
     height, width = largest.resized
-    geometry = VisionGeometry.from_config(config)
-    factor = geometry.patch * geometry.merge
+    vision = vision_fields(config, tpu_facts(family, config))
+    merge = int(vision["spatial_merge_size"])
+    factor = int(vision["patch_size"]) * merge
     if largest.frames is not None or min(height, width) < 2 * factor:
-        squares = largest.patches // geometry.merge ** 2
+        squares = largest.patches // merge ** 2
         across = max(2, math.isqrt(squares - 1) + 1)
         width, height = across * factor, max(2, -(-squares // across)) * factor
     return tpu_options(family, config, config_dtype(config) or "bfloat16", seq_length=sizes.max_length,

@@ -12,9 +12,10 @@ figures against the reference's logits, and, when those choose the reference's t
 near-tie explanation: bf16 logits cannot order two choices closer than their rounding step.
 
 The toolchain's Python 3.10 runs cmodel_runner.py (numpy and tpu_mlir only) on the inputs built here, padded
-to the networks' fixed shapes. One token takes minutes: lm_head over a 151936-word vocabulary dominates.
-Sources: TPU-MLIR python/llm/ (llm_convert's networks), LLM-TPU models/Qwen2_VL/python_demo (how they are fed);
-the toolchain's setup: vlhub's README, 'The TPU-MLIR toolchain'.
+to the networks' fixed shapes (or, for networks llm_convert compiled --dynamic, at the real rows). One token takes
+minutes: lm_head over a 151936-word vocabulary dominates. Sources: TPU-MLIR python/llm/ (llm_convert's networks),
+LLM-TPU models/Qwen2_VL and models/Qwen3_VL python_demo (how they are fed); the toolchain's setup: vlhub's README,
+'The TPU-MLIR toolchain'.
 """
 
 from __future__ import annotations
@@ -123,29 +124,43 @@ def _newest_bmodel(compiled: Path) -> Path | None:
     return bmodels[-1] if bmodels else None
 
 
-def check_fits(smoke: SmokeInput, seq_length: int, patches: int) -> VisionInputs:
-    """Refuse a bmodel whose ViT rows or sequence cannot hold the smoke image and prompt; its vision inputs."""
+def check_fits(smoke: SmokeInput, seq_length: int, patches: int, config: dict | None = None) -> VisionInputs:
+    """Refuse a bmodel whose ViT rows or sequence cannot hold the smoke image and prompt; its vision inputs. With
+    the model's `config`, the refusal gives the --max-pixels of the smoke image as the processor resized it."""
     vision = smoke.vision
     if vision is None:
         raise UserError("the simulator runs bmodels whose ViT takes patch rows; this input has no vision patches")
     if len(vision.pixel_values) > patches:
+        example = "168,112"  # tiny-qwen2-vl's smoke image
+        if config is not None and len(vision.grids) == 1:
+            _, rows, columns = vision.grids[0]
+            patch = VisionGeometry.from_config(config).patch
+            example = f"{columns * patch},{rows * patch}"
         raise UserError(f"the smoke image is {len(vision.pixel_values)} patches and this bmodel's ViT takes "
-                        f"{patches}: convert with a --max-pixels that holds it, e.g. 168,112")
+                        f"{patches}: convert with a --max-pixels that holds it, e.g. {example}")
     if len(smoke.input_ids) > seq_length:
         raise UserError(f"the smoke prompt is {len(smoke.input_ids)} tokens, more than the bmodel's --seq-length "
                         f"{seq_length}")
     return vision
 
 
-def simulator_inputs(smoke: SmokeInput, config: dict, seq_length: int, patches: int) -> dict[str, np.ndarray]:
-    """What cmodel_runner.py feeds the networks for the smoke prompt: the image's patches, positions and masks
-    padded to the ViT's `patches` rows (the padding one more segment, seen only by itself), the prompt padded to
-    `seq_length` with a causal mask over its real tokens."""
-    vision = check_fits(smoke, seq_length, patches)
+def simulator_inputs(smoke: SmokeInput, config: dict, seq_length: int, patches: int, *,
+                     dynamic: bool = False) -> dict[str, np.ndarray]:
+    """What cmodel_runner.py feeds the networks for the smoke prompt, by llm_convert's input names. Static networks
+    (llm_convert without --dynamic): the image's patches, positions and masks padded to the ViT's `patches` rows
+    (the padding one more segment, seen only by itself), the prompt padded to `seq_length` with a causal mask over
+    its real tokens. Dynamic ones (`dynamic`: the ViT and the prefill blocks take the real rows and build their own
+    masks): the image's rows and the prompt's positions as they are, the token ids still padded (the embedding is
+    static). A tower with a learned position table also gets its four taps per patch (`pos_idx`, `pos_weight`)."""
+    vision = check_fits(smoke, seq_length, patches, config)
     count, length = len(vision.pixel_values), len(smoke.input_ids)
     unit = VisionGeometry.from_config(config).merge ** 2
     pixels, positions = vision.pixel_values, vision.position_ids
-    inputs = {}
+    vit_rows = count if dynamic else patches
+    inputs: dict[str, np.ndarray] = {"image_rows": np.flatnonzero(smoke.image_mask), "last": np.int64(length - 1)}
+    if vision.interp_indices is not None and vision.interp_weights is not None:  # Qwen3-VL's resampled table
+        inputs["vit.pos_idx"] = pad_rows(vision.interp_indices.astype(np.int32), vit_rows)
+        inputs["vit.pos_weight"] = pad_rows(vision.interp_weights.astype(np.float32), vit_rows)[:, :, None]
     if vision.window_index is not None:  # Qwen2.5-VL: patches in window order, merged rows put back by the ViT
         assert vision.window_mask is not None and vision.reverse_index is not None
         pixels, positions = (rows.reshape(-1, unit, rows.shape[-1])[vision.window_index].reshape(rows.shape)
@@ -153,16 +168,19 @@ def simulator_inputs(smoke: SmokeInput, config: dict, seq_length: int, patches: 
         inputs["vit.window_attn_mask"] = padded_mask(vision.window_mask, patches)[None, None]
         inputs["vit.reverse_index"] = np.concatenate(
             [vision.reverse_index, np.arange(count // unit, patches // unit)]).astype(np.int32)
-    inputs["vit.input_states"] = pad_rows(pixels.astype(np.float32), patches)
-    inputs["vit.position_ids"] = pad_rows(positions.astype(np.int32), patches)
-    inputs["vit.full_attn_mask"] = padded_mask(vision.full_mask, patches)[None, None]
+    inputs["vit.input_states"] = pad_rows(pixels.astype(np.float32), vit_rows)
+    inputs["vit.position_ids"] = pad_rows(positions.astype(np.int32), vit_rows)
     inputs["input_ids"] = pad_rows(smoke.input_ids.astype(np.int32), seq_length)[None]
+    if dynamic:
+        inputs["position_ids"] = smoke.position_ids.astype(np.int32)
+        return inputs
+    full_mask = padded_mask(vision.full_mask, patches)[None, None]
+    inputs["vit.full_attn_mask"] = full_mask
+    inputs["vit.attention_mask"] = full_mask  # the name Qwen3VLConverter's static ViT gives it
     inputs["position_ids"] = np.pad(smoke.position_ids.astype(np.int32), ((0, 0), (0, seq_length - length)))
     mask = np.full((seq_length, seq_length), DEVICE_MASKED, dtype=np.float32)
     mask[:length, :length] = np.where(causal_mask(length, 0) < 0, DEVICE_MASKED, 0)
     inputs["attention_mask"] = mask[None, None]
-    inputs["image_rows"] = np.flatnonzero(smoke.image_mask)
-    inputs["last"] = np.int64(length - 1)
     return inputs
 
 
@@ -221,7 +239,8 @@ def simulate_first_token(layout: Path, python: str, smoke: SmokeInput, reference
     if target is None:
         raise UserError(f"{layout} is not a vlhub convert --to tpu-mlir layout (its {MANIFEST} says otherwise)")
     with ModelWeights.open(layout / (target.smoke_path or "model")) as weights:
-        inputs = simulator_inputs(smoke, weights.config, target.details["seq_length"], target.details["vision_patches"])
+        inputs = simulator_inputs(smoke, weights.config, target.details["seq_length"], target.details["vision_patches"],
+                                  dynamic=bool(target.details.get("dynamic")))
         seconds: dict[str, float] = {}
         compiling, started = _newest_bmodel(layout / "compiled") is None, time.monotonic()
         bmodel = ensure_bmodel(layout, python, status)
@@ -231,7 +250,7 @@ def simulate_first_token(layout: Path, python: str, smoke: SmokeInput, reference
         result = _run_runner(python, bmodel, inputs, target.details["chip"], status)
         seconds["cmodel"] = time.monotonic() - started
         seconds["of which lm_head"] = json.loads(str(result["seconds"])).get("lm_head", 0.0)
-        host_logits = ReferenceForward(weights)._lm_head(result["hidden"][None])[0]
+        host_logits = ReferenceForward(weights)._project(result["hidden"][None])[0]
     image_cosine = None
     if reference_image_embeds is not None and result["image_embeds"].shape == reference_image_embeds.shape:
         image_cosine = compare_arrays("", reference_image_embeds, result["image_embeds"], TOLERANCES["bfloat16"]).cosine

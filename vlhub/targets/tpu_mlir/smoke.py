@@ -44,7 +44,8 @@ class TpuMlirRunner:
         if report.stages:  # the weights do not load
             return report
         if self.toolchain:  # before the reference runs
-            check_fits(source.smoke, self.record.details["seq_length"], self.record.details["vision_patches"])
+            check_fits(source.smoke, self.record.details["seq_length"], self.record.details["vision_patches"],
+                       source.config)
 
         def runs(expected: Outputs) -> list[Run]:
             if onnx:

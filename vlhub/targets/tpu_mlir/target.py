@@ -9,6 +9,7 @@ from pathlib import Path
 from vlhub.convert.conversion import Conversion, Model, Output
 from vlhub.deploy.checks import Check, LayoutContext, Need
 from vlhub.deploy.target import OnBytes, TargetDefaults, flag
+from vlhub.errors import UserError
 from vlhub.family_registry import FAMILIES
 from vlhub.manifest import Manifest
 from vlhub.sizes import Sizing
@@ -22,6 +23,7 @@ from vlhub.targets.tpu_mlir.build import (
     build_tpu_mlir,
     check_onnx_installed,
     check_smoke_image_fits,
+    tpu_facts,
     tpu_options,
 )
 from vlhub.targets.tpu_mlir.plan import TpuPlan, tpu_plan
@@ -34,12 +36,23 @@ def _default_pixels() -> str:
                      for f in FAMILIES.values() if f.routes_to(NAME))
 
 
+def _pixel_multiples() -> str:
+    """Each routed family's resize multiple (patch side x merge size, from its vision defaults), as help says it."""
+    by_factor: dict[int, list[str]] = {}
+    for family in FAMILIES.values():
+        if family.routes_to(NAME):
+            vision = family.route(NAME)["vision_defaults"]
+            by_factor.setdefault(vision["patch_size"] * vision["spatial_merge_size"], []).append(family.display_name)
+    return ", ".join(f"{factor} for {' and '.join(names)}" for factor, names in sorted(by_factor.items()))
+
+
 @dataclass(frozen=True)
 class TpuMlirOptions:
     """What `vlhub convert --to tpu-mlir` takes."""
 
     seq_length: int | None = flag(f"Positions for the prompt, image and answer (default {DEFAULT_SEQ_LENGTH}).")
-    max_pixels: str | None = flag(f"The largest image, W,H in multiples of 28 (default {_default_pixels()}).")
+    max_pixels: str | None = flag(f"The largest image, W,H in multiples of the patch side x merge size "
+                                       f"({_pixel_multiples()}; default {_default_pixels()}).")
     quantize: str | None = flag(f"{', '.join(QUANTIZE_DTYPE)} (default w4bf16, or w4f16 for a float16 model).")
     group_size: int | None = flag(f"Weights per quantization group for w4/w8 (default {DEFAULT_GROUP_SIZE}).")
     chip: str | None = flag("bm1684x (default) or bm1688.")
@@ -62,6 +75,9 @@ class TpuMlirTarget(TargetDefaults):
     compile_outputs = ("compiled", "compiled_onnx")  # compile.sh's and compile_onnx.sh's bmodels
 
     def settle(self, options: TpuMlirOptions, model: Model, *, smoke: bool) -> TpuSpec:
+        facts = tpu_facts(model.family, model.config)  # a family or model type without a route stops here
+        if options.onnx and "onnx_refused" in facts:
+            raise UserError(facts["onnx_refused"])
         settled = tpu_options(
             model.family, model.config, model.dtype,
             seq_length=DEFAULT_SEQ_LENGTH if options.seq_length is None else options.seq_length,
@@ -71,7 +87,7 @@ class TpuMlirTarget(TargetDefaults):
         if options.onnx and smoke:
             check_smoke_image_fits(settled)
         dtype = QUANTIZE_DTYPE[settled.quantize]
-        return TpuSpec(model.family, settled, options.onnx, None if dtype == model.dtype else dtype)
+        return TpuSpec(model.family, settled, options.onnx, None if dtype == model.dtype else dtype, facts=facts)
 
     def require(self, spec: TpuSpec) -> None:
         if spec.onnx:
