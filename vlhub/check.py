@@ -557,7 +557,7 @@ def check_model(name: str, *, target: str, images: Sequence[tuple[int, int]] = (
     report = Report("model", target, model=spec.name, family=spec.family.name)
     try:
         if chosen.is_layout:
-            refuse_target(spec.family, target)
+            refuse_target(spec.family, target, spec.config.get("model_type"))
     except UserError as exc:
         report.checks.append(Check("route", "route", FAIL, str(exc), "choose another --target or model"))
         return report

@@ -13,16 +13,21 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import one_line_error, run_vlhub, run_vlhub_subprocess
+from vlhub.catalog import models
 
 
 def test_models_json_lists_every_model_with_its_fields() -> None:
     result = run_vlhub("models", "--json")
     assert result.returncode == 0, result.stderr
     rows = json.loads(result.stdout)
-    assert len(rows) == 12 and {r["name"] for r in rows} >= {"qwen2-vl-7b", "tiny-qwen2.5-vl"}
+    assert [r["name"] for r in rows] == list(models())
+    assert {r["name"] for r in rows} >= {"qwen2-vl-7b", "tiny-qwen2.5-vl", "qwen3-vl-30b-a3b", "tiny-qwen3-vl-moe"}
     for row in rows:
         assert {"name", "family", "hf_repo", "modelscope_repo", "params", "size_bytes",
-                "tie_word_embeddings"} <= set(row)
+                "tie_word_embeddings", "refused"} <= set(row)
+    # listed and refused: the FP8 releases
+    assert {r["name"] for r in rows if r["refused"]} == {"qwen3-vl-30b-a3b-fp8", "qwen3-vl-30b-a3b-thinking-fp8",
+                                                         "qwen3-vl-235b-a22b-thinking-fp8"}
 
 
 def test_models_table() -> None:

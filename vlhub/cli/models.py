@@ -26,8 +26,11 @@ def models(json: JsonOpt = False) -> None:
     table = Table("name", "family", "params", "bf16 size", "tied", "Hugging Face", "ModelScope", box=None)
     for spec in specs:
         table.add_row(
-            spec.name, spec.family.name, format_count(spec.params), format_size(spec.size_bytes),
-            "yes" if spec.tie_word_embeddings else "no",
+            spec.name + (" *" if spec.refused else ""), spec.family.name, format_count(spec.params),
+            format_size(spec.size_bytes), "yes" if spec.tie_word_embeddings else "no",
             spec.hf_repo or "built in", spec.modelscope_repo or "built in",
         )
     stdout.print(table)
+    refused = {spec.refused for spec in specs if spec.refused}
+    for reason in sorted(refused):
+        stdout.print(f"* listed, not converted: {reason}")
