@@ -69,23 +69,28 @@ class Checkpoint:
         return self._file(self.meta(name).shard).stored_bytes(name)
 
     def read_rows(self, name: str, rows: np.ndarray) -> np.ndarray:
-        """Rows `rows` of a 2-D tensor (token ids of an embedding table) in its storage dtype, reading only
-        those rows, each distinct one once (a prompt repeats its pad tokens hundreds of times). A row the
-        tensor lacks, negative ones included, raises `RowsOutOfRange` before anything is read."""
+        """Rows `rows` of a tensor along its first axis in its storage dtype, reading only those rows, each
+        distinct one once: token ids of a 2-D embedding table (a prompt repeats its pad tokens hundreds of
+        times), or entries of a stacked tensor ([experts, ...]: one expert's slice), shaped
+        [len(rows), *shape[1:]]. A row the tensor lacks, negative ones included, raises `RowsOutOfRange`
+        before anything is read."""
         meta = self.meta(name)
-        if len(meta.shape) != 2:
-            raise ValueError(f"{name} is {list(meta.shape)}: rows need a 2-D tensor")
+        if len(meta.shape) < 2:
+            raise ValueError(f"{name} is {list(meta.shape)}: rows need a tensor of two or more axes")
         distinct, inverse = np.unique(np.asarray(rows, dtype=np.int64), return_inverse=True)
         outside = distinct[(distinct < 0) | (distinct >= meta.shape[0])]
         if outside.size:
             # unchecked, a row past the end reads the next tensor's bytes, or past the file's end
-            raise RowsOutOfRange(f"token id {outside[0]} is outside the embedding table {name} ({meta.shape[0]} rows)")
+            if len(meta.shape) == 2:
+                raise RowsOutOfRange(f"token id {outside[0]} is outside the embedding table {name} "
+                                     f"({meta.shape[0]} rows)")
+            raise RowsOutOfRange(f"index {outside[0]} is outside the first axis of {name} ({meta.shape[0]} entries)")
         stored = self.stored_bytes(name)
         if stored is None:  # a pickled view has no byte range of its own
             return self.read(name)[distinct][inverse]
         storage = dtype_info(meta.dtype).storage
-        out = np.empty((len(distinct), meta.shape[1]), storage)
-        row_bytes = meta.shape[1] * storage.itemsize
+        out = np.empty((len(distinct), *meta.shape[1:]), storage)
+        row_bytes = int(np.prod(meta.shape[1:], dtype=np.int64)) * storage.itemsize
         with open(stored.path, "rb", buffering=0) as file:
             for target, row in zip(out, distinct):
                 read_exact_into(file, stored.offset + int(row) * row_bytes, target, stored.path)

@@ -2,14 +2,20 @@
 loading, and `PaddleForward`, which runs a family's network resident or streamed. Each family's own network is
 `vlhub/families/<family>/paddle.py`, a `PaddleFamily` subclass named `Network`.
 
-The networks mirror PaddleMIX's parameter names. A checkpoint in another Paddle layout its family's key
-map declares (Qwen-VL's `paddle-inference`: `qwen.h.N.*`, `qwen.wte`, `qwen.ln_f`) is read through the
-key map, each network name spelt in the checkpoint's layout; checks report the checkpoint's own names.
-Resident, the whole network is built and loaded as Paddle users load it (`paddle.load` of each shard,
-its keys renamed to the network's, `set_state_dict`); streamed, the same layer classes are built one
-block at a time and filled from vlhub's lazy reader, so memory holds one block's weights, never the
-model. Weights of any float dtype (bfloat16, float16, float32) are cast to float32 as they load. Everything
-computes in float32. The forwards take masks and index orders as tensors and branch only on
+The networks mirror the parameter names of the Paddle loader of their family (`[paddle] layout` in its
+family.toml, PaddleMIX's `paddlemix` by default; Qwen3-VL's is PaddleFormers', the official names), and the
+weights are read from the file that loader reads, in that layout's format. A checkpoint in another Paddle
+layout its family's key map declares (Qwen-VL's `paddle-inference`: `qwen.h.N.*`, `qwen.wte`, `qwen.ln_f`)
+is read through the key map, each network name spelt in the checkpoint's layout; checks report the
+checkpoint's own names. A family whose loader transposes some kinds as it reads them (`[paddle]
+transpose_at_load`: PaddleFormers turns the stored torch [out, in] Linear weights into Paddle's [in, out])
+has them transposed here the same way. Resident, the whole network is built and loaded as Paddle users
+load it (pdparams: `paddle.load` of each shard, its keys renamed to the network's, `set_state_dict`;
+safetensors: each tensor read by name, transposed where the loader does); streamed, the same layer classes
+are built one block at a time and filled from vlhub's lazy reader, so memory holds one block's weights,
+never the model (a layer that is an `OnDemand` reads its tensors in parts as it uses them: one expert of
+a mixture at a time). Weights of any float dtype (bfloat16, float16, float32) are cast to float32 as they
+load. Everything computes in float32. The forwards take masks and index orders as tensors and branch only on
 configuration, so the resident networks can go through `paddle.jit.to_static`. Parameters may be
 created narrower than float32 (a static export keeps the checkpoint's dtype); they are cast to float32
 where they are used. Facts: docs/facts/paddle.md#qwen2-vl-names, #qwen-vl-paddlemix-names, #pdparams.
@@ -27,15 +33,18 @@ import paddle.nn.functional as F
 from paddle import nn
 
 from vlhub.convert.layouts import UNKNOWN, detect_layout
+from vlhub.convert.ops import swapped_shape, transpose_last
 from vlhub.errors import CheckFailed, UserError
-from vlhub.family_registry import family_of_config
-from vlhub.formats.readers import Checkpoint, open_checkpoint
+from vlhub.family_registry import FAMILIES, family_of_config
+from vlhub.formats.io_utils import read_json_file
+from vlhub.formats.readers import MAX_CONFIG_BYTES, Checkpoint, open_checkpoint
+from vlhub.formats.registry import FORMATS
 from vlhub.formats.tensors import float32_values
-from vlhub.keymaps import load_keymap
+from vlhub.keymaps import Layout, load_keymap
 
 MASKED = -1e30  # additive mask value: finite, so a fully masked row gives no NaN
 HEAD_BLOCK = 4096  # lm_head columns (or tied embedding rows) per block in streamed mode
-NETWORK_LAYOUT = "paddlemix"  # the key-map layout whose names the networks' parameters have
+NETWORK_LAYOUT = "paddlemix"  # the key-map layout whose names the networks' parameters have, unless [paddle] says
 _SHOWN_KEYS = 8
 
 
@@ -172,12 +181,21 @@ class TextModel(nn.Layer):
         cos, sin = self.rotary(position_ids)
         return merge_image_embeds(h, image_embeds, image_mask), cos, sin, causal_mask(h)
 
+    def after_layer(self, index: int, h: paddle.Tensor, image_embeds: paddle.Tensor,
+                    image_mask: paddle.Tensor) -> paddle.Tensor:
+        """Decoder layer `index`'s output as the next layer takes it: as it is (DeepStack adds image features)."""
+        return h
+
+    def stream_layer(self, dims: object) -> nn.Layer:
+        """The layer each decoder layer's weights fill in turn when streamed."""
+        return self.layer_class(dims)
+
     def forward(self, input_ids: paddle.Tensor, position_ids: paddle.Tensor, image_embeds: paddle.Tensor,
                 image_mask: paddle.Tensor) -> paddle.Tensor:
         embedding = getattr(self, self.embedding_key.removesuffix(".weight"))
         h, cos, sin, mask = self.prepare(embedding(input_ids), position_ids, image_embeds, image_mask)
-        for layer in getattr(self, self.layers_key):
-            h = layer(h, cos, sin, mask)
+        for index, layer in enumerate(getattr(self, self.layers_key)):
+            h = self.after_layer(index, layer(h, cos, sin, mask), image_embeds, image_mask)
         return self.final_norm(h)
 
 
@@ -223,6 +241,15 @@ class PaddleFamily:
         """The resident network's text model, or (no `net`) one without layers or embedding to stream through."""
         raise NotImplementedError
 
+    def vision(self, net: nn.Layer) -> nn.Layer:
+        """The resident network's vision tower, which takes `vision_tensors`."""
+        return net.visual
+
+    def image_embeds_shape(self, marked: int) -> tuple[int, ...]:
+        """The shape of the image embeddings the text model takes for `marked` image positions (the vision
+        tower's output): [marked, hidden], or with DeepStack [1 + features, marked, hidden]."""
+        return (marked, self.hidden)
+
     def head(self, net: nn.Layer) -> paddle.Tensor:
         """The output projection: lm_head's [hidden, vocab] weight, or (tied) the [vocab, hidden] embedding."""
         raise NotImplementedError
@@ -248,10 +275,36 @@ def family_network(path: Path, config: dict | None) -> tuple[str, PaddleFamily]:
 
 
 def pdparams_entry(path: Path) -> Path:
-    for name in ("model_state.pdparams.index.json", "model_state.pdparams"):
+    return _entry(path, "pdparams")
+
+
+def _entry(path: Path, format_name: str) -> Path:
+    """The index or single file of `format_name` weights in `path`, as Paddle's loaders look for them."""
+    fmt = FORMATS[format_name]
+    for name in (fmt.index_file, fmt.single_file):
         if (path / name).is_file():
             return path / name
-    raise UserError(f"no model_state.pdparams[.index.json] in {path}: convert it first (vlhub convert SRC --to paddle)")
+    raise UserError(f"no {fmt.single_file}[.index.json] in {path}: convert it first (vlhub convert SRC --to paddle)")
+
+
+def paddle_layout(family: str) -> tuple[Layout, frozenset[str]]:
+    """The key-map layout of the family's Paddle weights, whose names its network's parameters have (`[paddle]
+    layout`, PaddleMIX's by default), and the tensor kinds its loader transposes as it reads them (`[paddle]
+    transpose_at_load`: none by default)."""
+    facts = FAMILIES[family].paddle_facts
+    layout = load_keymap(family).layout(facts.get("layout", NETWORK_LAYOUT))
+    return layout, frozenset(facts.get("transpose_at_load", ()))
+
+
+def weights_entry(path: Path) -> tuple[Path, bool | None]:
+    """The weight file (or index) in `path` that the Paddle loader of the checkpoint's family reads, in the format
+    of the family's Paddle layout, and how to open it: pdparams read as Paddle does (uint16 is bfloat16), other
+    formats by their own dtypes. Without a config.json naming a family vlhub knows: the pdparams."""
+    config_path = path / "config.json"
+    config = read_json_file(config_path, MAX_CONFIG_BYTES) if config_path.is_file() else None
+    family = family_of_config(config) if isinstance(config, dict) else None
+    format_name = (paddle_layout(family.name)[0].format if family is not None else None) or "pdparams"
+    return _entry(path, format_name), True if format_name == "pdparams" else None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -261,11 +314,15 @@ def pdparams_entry(path: Path) -> Path:
 class StreamedWeights:
     """Layer weights read tensor by tensor from a converted checkpoint, decoded to float32.
 
-    Every method takes network names; `names` gives the checkpoint's name for each (default: the same)."""
+    Every method takes network names; `names` gives the checkpoint's name for each (default: the same), and
+    the tensors named in `transposed` are stored with their last two axes swapped relative to the network's
+    parameters (torch [out, in] Linear weights a PaddleFormers loader transposes as it reads them)."""
 
-    def __init__(self, checkpoint: Checkpoint, names: dict[str, str] | None = None) -> None:
+    def __init__(self, checkpoint: Checkpoint, names: dict[str, str] | None = None,
+                 transposed: frozenset[str] | set[str] = frozenset()) -> None:
         self.checkpoint = checkpoint
         self.names = names or {}
+        self.transposed = frozenset(transposed)
 
     def stored(self, name: str) -> str:
         """The checkpoint's name for the network's tensor `name`."""
@@ -273,27 +330,60 @@ class StreamedWeights:
 
     def read(self, name: str) -> np.ndarray:
         stored = self.stored(name)
-        return _float32(self.checkpoint.read(stored), self.checkpoint.tensors[stored].dtype)
+        values = _float32(self.checkpoint.read(stored), self.checkpoint.tensors[stored].dtype)
+        return transpose_last(values) if name in self.transposed else values
 
     def fill(self, layer: nn.Layer, prefix: str) -> nn.Layer:
-        """`layer` with every parameter set from the checkpoint tensor `prefix` + its name."""
+        """`layer` with every parameter set from the checkpoint tensor `prefix` + its name, and each of its
+        `OnDemand` parts told where to read its own tensors when it uses them."""
         layer.set_state_dict({key: self.read(prefix + key) for key in layer.state_dict()})
+        for name, part in layer.named_sublayers(include_self=True):
+            if isinstance(part, OnDemand):
+                part.attach(self, f"{prefix}{name}." if name else prefix)
         return layer
 
     def rows(self, name: str, ids: np.ndarray) -> paddle.Tensor:
         """Rows `ids` of a 2-D table, reading only those rows."""
+        return paddle.to_tensor(self.slices(name, ids))
+
+    def slices(self, name: str, ids: np.ndarray) -> np.ndarray:
+        """Entries `ids` along the first axis of a tensor (rows of a table, experts of a stacked expert
+        tensor) as float32, reading only those."""
+        if name in self.transposed:
+            raise ValueError(f"{name} is stored transposed: its entries are not rows of the stored tensor")
         stored = self.stored(name)
-        return paddle.to_tensor(_float32(self.checkpoint.read_rows(stored, ids), self.checkpoint.tensors[stored].dtype))
+        return _float32(self.checkpoint.read_rows(stored, ids), self.checkpoint.tensors[stored].dtype)
 
     def head(self, h: paddle.Tensor, name: str, *, tied: bool) -> np.ndarray:
-        """h @ lm_head in blocks: `name` is [hidden, vocab] (Paddle's lm_head) or, tied, the [vocab, hidden] table."""
+        """h @ lm_head in blocks: `name` is [hidden, vocab] (Paddle's lm_head) or [vocab, hidden] (tied, the
+        embedding table; or a torch-layout lm_head the loader transposes)."""
         stored = self.stored(name)
         dtype = self.checkpoint.tensors[stored].dtype
-        blocks = self.checkpoint.iter_blocks(stored, HEAD_BLOCK, axis=0 if tied else 1)
+        by_rows = tied or name in self.transposed
+        blocks = self.checkpoint.iter_blocks(stored, HEAD_BLOCK, axis=0 if by_rows else 1)
         return np.concatenate(
-            [paddle.matmul(h, paddle.to_tensor(_float32(block, dtype)), transpose_y=tied).numpy() for block in blocks],
+            [paddle.matmul(h, paddle.to_tensor(_float32(block, dtype)), transpose_y=by_rows).numpy()
+             for block in blocks],
             axis=1,
         )
+
+
+class OnDemand(nn.Layer):
+    """A part of a streamed network that reads its tensors when it uses them, a piece at a time (the experts of a
+    mixture, one expert's slice each), rather than when its layer is filled: `StreamedWeights.fill` attaches the
+    weights and the prefix its tensors' names start with."""
+
+    weights: StreamedWeights | None = None
+    prefix = ""
+
+    def attach(self, weights: StreamedWeights, prefix: str) -> None:
+        self.weights, self.prefix = weights, prefix
+
+    def slices(self, name: str, ids: np.ndarray) -> paddle.Tensor:
+        """Entries `ids` along the first axis of this part's tensor `name`, read now."""
+        if self.weights is None:
+            raise RuntimeError(f"{type(self).__name__} reads its tensors from the weights a fill attaches")
+        return paddle.to_tensor(self.weights.slices(self.prefix + name, ids))
 
 
 def _float32(values: np.ndarray, dtype: str) -> np.ndarray:
@@ -306,18 +396,30 @@ def _parameter_shapes(net: nn.Layer) -> dict[str, tuple[int, ...]]:
     return {name: tuple(value.shape) for name, value in net.state_dict().items()}
 
 
-def _stored_names(checkpoint: Checkpoint, family: str, network_names: Iterable[str]) -> dict[str, str]:
+def _stored_names(checkpoint: Checkpoint, family: str,
+                  network_names: Iterable[str]) -> tuple[dict[str, str], frozenset[str]]:
     """The checkpoint's name for each network name, through the family's key map: the network's layout
-    (PaddleMIX) to official names to the layout the checkpoint's names are in. A checkpoint in no layout
-    the key map declares is taken as the network's names, and the fit check lists what does not fit."""
+    (the family's Paddle layout) to official names to the layout the checkpoint's names are in; and the network
+    names whose kind the family's loader transposes as it reads them. A checkpoint in no layout the key map
+    declares is taken as the network's names, and the fit check lists what does not fit."""
     keymap = load_keymap(family)
-    network = keymap.layouts[NETWORK_LAYOUT]
+    network, at_load = paddle_layout(family)
     detected = detect_layout(family, checkpoint.tensors, checkpoint.config)
     stored = network if detected == UNKNOWN else keymap.layouts[detected]
     if stored.transpose != network.transpose:
-        raise CheckFailed(f"{checkpoint.root}: the weights are in the {detected} layout, which stores Linear weights "
-                          f"as torch does ([out, in]); the Paddle network takes a Paddle layout ([in, out])")
-    return {name: stored.from_official(network.to_official(name)) for name in network_names}
+        if network.transposes("linear") and not stored.transposes("linear"):
+            raise CheckFailed(f"{checkpoint.root}: the weights are in the {detected} layout, which stores Linear "
+                              "weights as torch does ([out, in]); the Paddle network takes a Paddle layout ([in, out])")
+        raise CheckFailed(f"{checkpoint.root}: the weights are in the {detected} layout ({stored.description}); "
+                          f"the Paddle network reads the {network.name} layout ({network.description})")
+    names, transposed = {}, set()
+    for name in network_names:
+        official = network.to_official(name)
+        names[name] = stored.from_official(official)
+        rule = keymap.rule_for(official) if at_load else None
+        if rule is not None and rule.kind in at_load:
+            transposed.add(name)
+    return names, frozenset(transposed)
 
 
 def _check_fit(path: Path, family: str, expected: dict[str, tuple[int, ...]],
@@ -337,15 +439,18 @@ def _check_fit(path: Path, family: str, expected: dict[str, tuple[int, ...]],
                           + "; ".join(listed))
 
 
-def _stored_shapes(expected: dict[str, tuple[int, ...]], names: dict[str, str]) -> dict[str, tuple[int, ...]]:
-    """The network's parameter shapes by the checkpoint's names."""
-    return {names[name]: shape for name, shape in expected.items()}
+def _stored_shapes(expected: dict[str, tuple[int, ...]], names: dict[str, str],
+                   transposed: frozenset[str] = frozenset()) -> dict[str, tuple[int, ...]]:
+    """The network's parameter shapes by the checkpoint's names, as stored (`transposed` ones swapped)."""
+    return {names[name]: swapped_shape(shape) if name in transposed else shape for name, shape in expected.items()}
 
 
-def _load_shards(net: nn.Layer, checkpoint: Checkpoint, family: str, names: dict[str, str]) -> None:
-    """paddle.load each shard and set_state_dict the tensors that fit, renamed to the network's names and
-    cast to float32; then check."""
+def _load_shards(net: nn.Layer, checkpoint: Checkpoint, family: str, names: dict[str, str],
+                 transposed: frozenset[str] = frozenset()) -> None:
+    """paddle.load each shard and set_state_dict the tensors that fit, renamed to the network's names (and
+    transposed where the family's loader does) and cast to float32; then check."""
     expected = _parameter_shapes(net)
+    stored_shapes = _stored_shapes(expected, names, transposed)
     network_name = {stored: name for name, stored in names.items()}
     found: dict[str, tuple[int, ...]] = {}
     for shard in checkpoint.shards:
@@ -354,14 +459,31 @@ def _load_shards(net: nn.Layer, checkpoint: Checkpoint, family: str, names: dict
         for stored, tensor in state.items():
             found[stored] = tuple(tensor.shape)
             name = network_name.get(stored)
-            if name is not None and expected[name] == found[stored]:
+            if name is not None and stored_shapes[stored] == found[stored]:
                 fitting[name] = as_float32(tensor)
+                if name in transposed:
+                    fitting[name] = fitting[name].transpose([*range(tensor.ndim - 2), tensor.ndim - 1, tensor.ndim - 2])
         with warnings.catch_warnings():
             # each shard holds a part of the network: Paddle would warn about every other part
             warnings.filterwarnings("ignore", message="Skip loading for")
             net.set_state_dict(fitting)
         del state, fitting
-    _check_fit(checkpoint.root, family, _stored_shapes(expected, names), found)
+    _check_fit(checkpoint.root, family, stored_shapes, found)
+
+
+def _load_tensors(net: nn.Layer, checkpoint: Checkpoint, family: str, names: dict[str, str],
+                  transposed: frozenset[str]) -> None:
+    """Check, then set every parameter from the checkpoint tensor of its name, one tensor at a time in shard
+    order, transposed where the family's loader does (PaddleFormers' way with safetensors: each tensor read by
+    its name, Linear weights turned to [in, out] as they load), cast to float32."""
+    expected = _parameter_shapes(net)
+    _check_fit(checkpoint.root, family, _stored_shapes(expected, names, transposed),
+               {name: meta.shape for name, meta in checkpoint.tensors.items()})
+    weights = StreamedWeights(checkpoint, names, transposed)
+    shard_order = {shard: i for i, shard in enumerate(checkpoint.shards)}
+    parameters = net.state_dict()
+    for name in sorted(expected, key=lambda n: shard_order[checkpoint.tensors[names[n]].shard]):
+        parameters[name].set_value(weights.read(name))
 
 
 
@@ -378,21 +500,25 @@ class PaddleForward:
         self.streamed = streamed
         self._net: nn.Layer | None = None
         self._weights: StreamedWeights | None = None
-        checkpoint = open_checkpoint(pdparams_entry(self.path), bf16=True)  # Paddle reads uint16 as bf16
+        entry, bf16 = weights_entry(self.path)
+        checkpoint = open_checkpoint(entry, bf16=bf16)
         try:
             self.family, self.network = family_network(self.path, checkpoint.config)
             if streamed:
                 with paddle.LazyGuard():  # shapes only: nothing is allocated
                     expected = _parameter_shapes(self.network.build())
-                names = _stored_names(checkpoint, self.family, expected)
-                _check_fit(self.path, self.family, _stored_shapes(expected, names),
+                names, transposed = _stored_names(checkpoint, self.family, expected)
+                _check_fit(self.path, self.family, _stored_shapes(expected, names, transposed),
                            {n: m.shape for n, m in checkpoint.tensors.items()})
-                self._weights = StreamedWeights(checkpoint, names)
+                self._weights = StreamedWeights(checkpoint, names, transposed)
             else:
                 self._net = self.network.build()
                 self._net.eval()
-                names = _stored_names(checkpoint, self.family, self._net.state_dict())
-                _load_shards(self._net, checkpoint, self.family, names)
+                names, transposed = _stored_names(checkpoint, self.family, self._net.state_dict())
+                if checkpoint.format.name == "pdparams":
+                    _load_shards(self._net, checkpoint, self.family, names, transposed)
+                else:
+                    _load_tensors(self._net, checkpoint, self.family, names, transposed)
         finally:
             if self._weights is None:
                 checkpoint.close()
@@ -408,7 +534,7 @@ class PaddleForward:
         tensors = self.network.vision_tensors(pixel_values, vision_inputs)
         with paddle.no_grad():
             if self._net is not None:
-                return self._net.visual(*tensors).numpy()
+                return self.network.vision(self._net)(*tensors).numpy()
             return self.network.stream_vision(self._weights, tensors).numpy()
 
     def logits(self, input_ids: np.ndarray, position_ids: np.ndarray, image_embeds: np.ndarray,
@@ -440,8 +566,9 @@ class PaddleForward:
             raise ValueError(f"position_ids is {list(position_ids.shape)}; expected "
                              f"{list(network.positions_shape(length))}")
         mask = np.asarray(image_mask, dtype=bool)
-        if mask.shape != (length,) or image_embeds.ndim != 2 or image_embeds.shape != (int(mask.sum()), network.hidden):
-            raise ValueError(f"image_mask must be [{length}] and image_embeds [marked positions, {network.hidden}], "
+        if mask.shape != (length,) or image_embeds.shape != network.image_embeds_shape(int(mask.sum())):
+            wanted = ", ".join("marked positions" if d == -1 else str(d) for d in network.image_embeds_shape(-1))
+            raise ValueError(f"image_mask must be [{length}] and image_embeds [{wanted}], "
                              f"not {list(mask.shape)} and {list(image_embeds.shape)}")
         return int_tensor(input_ids), int_tensor(position_ids), float_tensor(image_embeds), paddle.to_tensor(mask)
 
@@ -450,11 +577,12 @@ class PaddleForward:
         """The resident text model's forward with one layer's weights in memory at a time."""
         network, prefix = self.network, self.network.text_prefix
         text = self._weights.fill(network.text_model(), prefix)
-        layer = text.layer_class(network.dims)
+        layer = text.stream_layer(network.dims)
         embedding = prefix + text.embedding_key
         h, cos, sin, causal = text.prepare(self._weights.rows(embedding, ids.numpy()), positions, embeds, mask)
         for i in range(network.layers):
-            h = self._weights.fill(layer, f"{prefix}{text.layers_key}.{i}.")(h, cos, sin, causal)
+            h = text.after_layer(i, self._weights.fill(layer, f"{prefix}{text.layers_key}.{i}.")(h, cos, sin, causal),
+                                 embeds, mask)
         return self._weights.head(text.final_norm(h), embedding if network.tied else "lm_head.weight",
                                   tied=network.tied)
 

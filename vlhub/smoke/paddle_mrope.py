@@ -226,13 +226,28 @@ class VisionTower(nn.Layer):
         return self.merge(x, reverse_index)
 
 
-class MRope(nn.Layer):
-    """Text M-RoPE angles from [3, L] positions: frequency slot chunks take rows t, h, w in turn."""
+def interleaved_rows(section: Iterable[int], slots: int) -> np.ndarray:
+    """The position row (0 time, 1 height, 2 width) each of `slots` frequency slots takes in interleaved M-RoPE
+    (Qwen3-VL's): slot s takes height if s % 3 == 1 and s < 3 * section[1], width if s % 3 == 2 and
+    s < 3 * section[2], else time."""
+    _, height, width = section
+    slot = np.arange(slots)
+    rows = np.zeros(slots, dtype=np.int64)
+    rows[(slot % 3 == 1) & (slot < 3 * height)] = 1
+    rows[(slot % 3 == 2) & (slot < 3 * width)] = 2
+    return rows
 
-    def __init__(self, head_dim: int, theta: float, section: Iterable[int]) -> None:
+
+class MRope(nn.Layer):
+    """Text M-RoPE angles from [3, L] positions: frequency slot chunks take rows t, h, w in turn (interleaved:
+    slot by slot, `interleaved_rows`)."""
+
+    def __init__(self, head_dim: int, theta: float, section: Iterable[int], *, interleaved: bool = False) -> None:
         super().__init__()
         self.register_buffer("inv_freq", inverse_frequencies(head_dim, theta), persistable=False)
-        rows = np.concatenate([np.full(n, i % 3) for i, n in enumerate(section)])
+        section = tuple(section)
+        rows = interleaved_rows(section, head_dim // 2) if interleaved else \
+            np.concatenate([np.full(n, i % 3) for i, n in enumerate(section)])
         # a one-hot [3, 1, d/2] selector: picking by multiply-and-sum is exact and needs no gather
         self.register_buffer("select", paddle.to_tensor((rows == np.arange(3)[:, None, None]).astype(np.float32)),
                              persistable=False)
