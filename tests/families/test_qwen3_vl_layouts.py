@@ -174,3 +174,20 @@ def test_the_largest_release_plans_without_data() -> None:
     assert plan["tensors"] == 1388 and plan["target_layout"] == "paddleformers"
     experts = [s for s in plan["steps"] if s["target"].endswith("experts.gate_up_proj")]
     assert len(experts) == 94 and experts[0]["shape_after"] == "128x4096x3072"
+
+
+@pytest.mark.parametrize("form", ["re-save", "hub", "per-expert"])
+def test_a_streamed_reference_reads_one_expert_at_a_time(resaved: tuple[Path, dict], tmp_path: Path,
+                                                         form: str) -> None:
+    """What the reference computes an expert with is that expert of the official tensor, whichever form holds it."""
+    from vlhub.smoke.weights import ModelWeights
+
+    directory, _ = resaved
+    source = {"re-save": lambda: directory,
+              "hub": lambda: _rewrite_experts(directory, tmp_path / "hub", _hub_form),
+              "per-expert": lambda: _rewrite_experts(directory, tmp_path / "per-expert", _per_expert)}[form]()
+    with ModelWeights.open(source, resident=False) as streamed:
+        for name in ("model.language_model.layers.1.mlp.experts.gate_up_proj",
+                     "model.language_model.layers.0.mlp.experts.down_proj"):
+            whole = streamed.get(name)
+            assert all((streamed.entry(name, expert) == whole[expert]).all() for expert in range(4))

@@ -18,7 +18,7 @@ from vlhub.convert.ops import transpose_2d, transpose_last
 from vlhub.convert.pipeline import read_source
 from vlhub.convert.plan import Step, plan_conversion
 from vlhub.formats.readers import Checkpoint, open_checkpoint
-from vlhub.formats.tensors import float32_values
+from vlhub.formats.tensors import TensorMeta, float32_values
 
 _FLOAT32_BYTES = 4
 
@@ -67,6 +67,23 @@ class ModelWeights:
         if self.resident:
             self._kept[name] = values
         return values
+
+    def entry(self, name: str, index: int) -> np.ndarray:
+        """Entry `index` along the first axis of an official tensor (one expert of a fused expert tensor) as
+        float32 in the official orientation, reading only that entry: a 235B-A22B layer's 128 experts are
+        never in memory together."""
+        if self.resident:
+            return self.get(name)[index]
+        step = self._steps[name]
+        if step.parts:  # the entry's own parts, joined
+            count = len(step.parts) // step.source.shape[0]
+            one = Step(TensorMeta(name, step.source.dtype, (1, *step.source.shape[1:])), step.target, step.ops,
+                       step.parts[index * count:(index + 1) * count])
+            values = read_source(self.checkpoint, one)[0]
+        else:
+            values = self.checkpoint.read_rows(step.source.name, np.array([index]))[0]
+        values = float32_values(values, step.source.dtype)
+        return transpose_2d(values) if step.transpose else values
 
     def rows(self, name: str, ids: np.ndarray) -> np.ndarray:
         """Rows `ids` of an embedding table ([len(ids), hidden] float32), reading only those rows."""

@@ -154,16 +154,15 @@ class Reference(MRopeDecoderForward):
         # transformers' Qwen3VLMoeTextTopKRouter always renormalises the top-k (its config has no norm_topk_prob)
         weights /= weights.sum(axis=-1, keepdims=True)
         # official layout (docs/facts/qwen3.md#moe): gate_up_proj [E, H, 2Ie] (gate the first Ie columns, then up),
-        # down_proj [E, Ie, H]; only the experts some token is routed to are computed
-        gate_up = self.w(prefix + "mlp.experts.gate_up_proj")
-        down = self.w(prefix + "mlp.experts.down_proj")
-        inner = down.shape[1]
+        # down_proj [E, Ie, H]; only the experts some token is routed to are computed, each read on its own
         out = np.zeros_like(h)
         for expert in np.unique(chosen):
             tokens, rank = np.nonzero(chosen == expert)
-            fused = h[tokens] @ gate_up[expert]
+            fused = h[tokens] @ self.weights.entry(prefix + "mlp.experts.gate_up_proj", int(expert))
+            inner = fused.shape[1] // 2
             act = silu(fused[:, :inner]) * fused[:, inner:]
-            out[tokens] += (act @ down[expert]) * weights[tokens, rank, None]
+            out[tokens] += (act @ self.weights.entry(prefix + "mlp.experts.down_proj", int(expert))) \
+                * weights[tokens, rank, None]
         return out
 
     def _sparse(self, layer: int) -> bool:
