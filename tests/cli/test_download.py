@@ -20,6 +20,7 @@ import pytest
 from tests.fake_hub import FakeHub
 from tests.fake_modelscope import FakeModelScope
 from tests.helpers import run_vlhub
+from vlhub.hub.tiny import GENERATOR_VERSION
 from vlhub.units import format_size
 
 REPO = "Qwen/Qwen2-VL-2B-Instruct"  # served with tiny-qwen2-vl's files, so `qwen2-vl-2b` names it
@@ -332,7 +333,7 @@ def test_cached_conversions_are_keyed_by_options_and_smoke_tested_when_reused(tm
     first = run_vlhub("convert", "tiny-qwen2-vl", "--to", "paddle", "--no-smoke", env=env)
     assert first.returncode == 0, first.stderr
     out = Path(first.stdout.split()[0])
-    assert out == tmp_path / "vlhub" / "artifacts" / "tiny-qwen2-vl" / "builtin-v2" / "paddle"
+    assert out == tmp_path / "vlhub" / "artifacts" / "tiny-qwen2-vl" / f"builtin-v{GENERATOR_VERSION}" / "paddle"
     cast = run_vlhub("convert", "tiny-qwen2-vl", "--to", "paddle", "--dtype", "float16", "--no-smoke", env=env)
     assert Path(cast.stdout.split()[0]) == out.with_name("paddle+dtype=float16")
 

@@ -132,12 +132,12 @@ FRESH = {
                                "bfloat16", "official", max_shard_size=1_000_000, seed=7),
     "qwen2_5_vl": CheckpointSpec("qwen2_5_vl", _FRESH_TEXT, VisionDims(2, 2, 80, 256, 2, 112, (1,)), _FRESH_TOKENS,
                                  "bfloat16", "official", max_shard_size=1_000_000, seed=8, with_tokenizer=True),
-    # a dense Qwen3-VL whose heads (3 x 64) are wider than its hidden size (160), as Qwen3-VL-4B's are, with two
-    # DeepStack mergers and a 6 x 6 position table
+    # a dense Qwen3-VL whose heads (3 x 64) are wider than its hidden size (128), as Qwen3-VL-4B's are, with two
+    # DeepStack mergers and a 6 x 6 position table; widths llm_convert's default quantization groups (64) divide
     "qwen3_vl": CheckpointSpec("qwen3_vl", TextDims(vocab=3001, heads=3, kv_heads=1, head_dim=64, intermediate=320,
                                                     layers=2, tied=False, mrope_section=(12, 10, 10),
-                                                    rope_theta=5000000.0, width=160),
-                               VisionDims(2, 2, 32, 96, 2, 112, (), position_side=6, deepstack=(0, 1)),
+                                                    rope_theta=5000000.0, width=128),
+                               VisionDims(2, 2, 32, 128, 2, 112, (), position_side=6, deepstack=(0, 1)),
                                _FRESH_TOKENS, "bfloat16", "official", max_shard_size=1_000_000, seed=9),
 }
 # the targets a family has a route to (the others refuse it, tested elsewhere)

@@ -23,8 +23,8 @@ from vlhub.keymaps import Layout
 def synthetic_values(name: str, shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
     """float32 values for one tensor, scaled so a forward pass stays well conditioned.
 
-    Norm weights sit near 1, biases near 0, embeddings are unit normal and other weights have
-    variance 1/fan_in, so logits differ clearly and greedy decoding is not a coin toss.
+    Norm weights sit near 1, biases near 0, embeddings are unit normal and other weights (each expert of a fused
+    expert tensor too) have variance 1/fan_in, so logits differ clearly and greedy decoding is not a coin toss.
     """
     rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
     values = rng.standard_normal(shape, dtype=np.float32)
@@ -32,6 +32,8 @@ def synthetic_values(name: str, shape: tuple[int, ...], seed: int = 0) -> np.nda
         values *= 0.1
         if not name.endswith("bias"):
             values += 1.0
+    elif len(shape) == 3:  # fused experts [experts, in, out] in the official layout: each expert's fan-in
+        values *= 1 / math.sqrt(shape[1])
     elif not name.endswith(("embed_tokens.weight", "wte.weight")):
         values *= 1 / math.sqrt(math.prod(shape[1:]))
     return values

@@ -11,8 +11,9 @@ from vlhub.hub.home import vlhub_home
 from vlhub.hub.synthetic import write_synthetic_checkpoint
 
 # bump when the generator or the tiny configs change what it writes, so stale tiny models are not reused
-# (2: Qwen2(.5)-VL ViT head_dim 80, as every released model has and TPU-MLIR's llm_convert requires)
-GENERATOR_VERSION = 2
+# (2: Qwen2(.5)-VL ViT head_dim 80, as every released model has and TPU-MLIR's llm_convert requires; 3: fused expert
+# tensors scaled by each expert's fan-in)
+GENERATOR_VERSION = 3
 
 
 def tiny_model_dir(spec: ModelSpec) -> Path:
