@@ -1,8 +1,11 @@
-"""Shared fixtures: an isolated VLHUB_HOME per test session and the built-in tiny models in it."""
+"""Shared fixtures: an isolated VLHUB_HOME per test session (per pytest-xdist worker) and the built-in tiny models in
+it, and directories for a module's fixtures that go when the module is done."""
 
 from __future__ import annotations
 
 import os
+import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -10,12 +13,37 @@ import pytest
 from vlhub.catalog import get_model
 from vlhub.hub.tiny import ensure_tiny_model
 
+# The tests read vlhub's output as a script does, from a pipe: rich then lays it out 200 columns wide unless COLUMNS
+# says otherwise. pytest-xdist's workers inherit COLUMNS=80 and LINES=24 (GNU readline exports them into the
+# controller's environment once something imports it), which would wrap tables and long paths.
+for _name in ("COLUMNS", "LINES"):
+    os.environ.pop(_name, None)
+
 
 @pytest.fixture(scope="session", autouse=True)
 def vlhub_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     home = tmp_path_factory.mktemp("vlhub-home")
     os.environ["VLHUB_HOME"] = str(home)
     return home
+
+
+@pytest.fixture(scope="module")
+def module_tmp(tmp_path_factory: pytest.TempPathFactory,
+               request: pytest.FixtureRequest) -> Iterator[Callable[[str], Path]]:
+    """`tmp_path_factory.mktemp` for a module's fixtures, whose directories are removed once the module's tests are
+    done (kept if one of them failed, as tmp_path_retention_policy keeps a failed test's): the run's peak disk is
+    then what the modules in progress hold, not what every module ever made."""
+    made: list[Path] = []
+    failed = request.session.testsfailed
+
+    def mktemp(name: str) -> Path:
+        made.append(tmp_path_factory.mktemp(name))
+        return made[-1]
+
+    yield mktemp
+    if request.session.testsfailed == failed:
+        for directory in made:
+            shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

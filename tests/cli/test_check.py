@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -20,37 +21,37 @@ from vlhub.manifest import MANIFEST
 TINY = "tiny-qwen2-vl"
 
 
-def convert(tmp: pytest.TempPathFactory, model: str, to: str, *options: str, smoke: bool = False) -> Path:
-    out = tmp.mktemp("layout") / to
+def convert(mktemp: Callable[[str], Path], model: str, to: str, *options: str, smoke: bool = False) -> Path:
+    out = mktemp("layout") / to
     result = run_vlhub("convert", model, "--to", to, "--out", str(out), *options, *([] if smoke else ["--no-smoke"]))
     assert result.returncode == 0, result.stderr
     return out
 
 
 @pytest.fixture(scope="module")
-def vamc(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return convert(tmp_path_factory, TINY, "vamc")
+def vamc(module_tmp: Callable[[str], Path]) -> Path:
+    return convert(module_tmp, TINY, "vamc")
 
 
 @pytest.fixture(scope="module")
-def tpu(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return convert(tmp_path_factory, TINY, "tpu-mlir", "--seq-length", "128", "--max-pixels", "112,112",
+def tpu(module_tmp: Callable[[str], Path]) -> Path:
+    return convert(module_tmp, TINY, "tpu-mlir", "--seq-length", "128", "--max-pixels", "112,112",
                    "--quantize", "bf16")
 
 
 @pytest.fixture(scope="module")
-def paddle_inference(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return convert(tmp_path_factory, TINY, "paddle-inference")
+def paddle_inference(module_tmp: Callable[[str], Path]) -> Path:
+    return convert(module_tmp, TINY, "paddle-inference")
 
 
 @pytest.fixture(scope="module")
-def paddle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return convert(tmp_path_factory, TINY, "paddle", smoke=True)  # its smoke verdict recorded
+def paddle(module_tmp: Callable[[str], Path]) -> Path:
+    return convert(module_tmp, TINY, "paddle", smoke=True)  # its smoke verdict recorded
 
 
 @pytest.fixture(scope="module")
-def qwen_vl_inference(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return convert(tmp_path_factory, "tiny-qwen-vl", "paddle-inference")
+def qwen_vl_inference(module_tmp: Callable[[str], Path]) -> Path:
+    return convert(module_tmp, "tiny-qwen-vl", "paddle-inference")
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ import json
 import re
 import tracemalloc
 from functools import cache
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -50,9 +51,9 @@ TIED = {"tiny-qwen2-vl": False, "tiny-qwen2.5-vl": True, "tiny-qwen-vl": False}
 
 
 @pytest.fixture(scope="module")
-def layout_source(vlhub_home: Path, tmp_path_factory: pytest.TempPathFactory):
+def layout_source(vlhub_home: Path, module_tmp: Callable[[str], Path]):
     """A function giving SRC for (model, layout): the catalog name for official, else a directory made once."""
-    root = tmp_path_factory.mktemp("layouts")
+    root = module_tmp("layouts")
 
     @cache
     def make(model: str, layout: str) -> str:

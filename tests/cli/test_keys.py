@@ -16,6 +16,7 @@ import struct
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -190,9 +191,9 @@ def test_pdparams_renamed_and_bit_equal_in_paddle(tmp_path: Path, max_shard_size
 
 
 @pytest.fixture(scope="module")
-def qwen_vl_paddle(vlhub_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def qwen_vl_paddle(vlhub_home: Path, module_tmp: Callable[[str], Path]) -> Path:
     """tiny-qwen-vl converted to PaddleMIX's layout (transformer.llm.*, visual.vit.*), with vlhub's manifest."""
-    out = tmp_path_factory.mktemp("qwen-vl") / "paddle"
+    out = module_tmp("qwen-vl") / "paddle"
     prepare_conversion("tiny-qwen-vl", to="paddle").write(out)
     return out
 
@@ -293,9 +294,9 @@ README_RECIPE = [
 
 
 @pytest.fixture(scope="module")
-def readme_recipe(vlhub_home: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list]:
+def readme_recipe(vlhub_home: Path, module_tmp: Callable[[str], Path]) -> tuple[Path, list]:
     """The recipe's directory and each command's result; the commands stop at the first that fails."""
-    directory = tmp_path_factory.mktemp("recipe")
+    directory = module_tmp("recipe")
     results = []
     with contextlib.chdir(directory):
         for command in README_RECIPE:

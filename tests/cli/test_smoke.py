@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -24,9 +25,9 @@ TARGETS = ("paddle", "safetensors")
 
 
 @pytest.fixture(scope="module")
-def conversions(tmp_path_factory: pytest.TempPathFactory, tiny_qwen2_vl: Path, tiny_qwen2_5_vl: Path,
+def conversions(module_tmp: Callable[[str], Path], tiny_qwen2_vl: Path, tiny_qwen2_5_vl: Path,
                 tiny_qwen_vl: Path) -> dict[tuple[str, str], Path]:
-    root = tmp_path_factory.mktemp("smoke")
+    root = module_tmp("smoke")
     out = {}
     for model in TINY:
         for target in TARGETS:

@@ -43,9 +43,9 @@ def _rel(actual: np.ndarray, expected: np.ndarray) -> float:
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory: pytest.TempPathFactory, tiny_qwen2_vl: Path, tiny_qwen2_5_vl: Path,
+def converted(module_tmp: Callable[[str], Path], tiny_qwen2_vl: Path, tiny_qwen2_5_vl: Path,
               tiny_qwen_vl: Path) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("paddle-forward")
+    root = module_tmp("paddle-forward")
     sources = {"qwen2_vl": tiny_qwen2_vl, "qwen2_5_vl": tiny_qwen2_5_vl, "qwen_vl": tiny_qwen_vl}
     for family, source in sources.items():
         prepare_conversion(str(source), to="paddle").write(root / family, max_shard_size=SHARD_BYTES)
@@ -336,10 +336,10 @@ def test_streamed_matches_resident(family: str, forward: Callable, hf_model: Cal
 
 
 @pytest.fixture(scope="module")
-def qwen_vl_inference(tmp_path_factory: pytest.TempPathFactory, tiny_qwen_vl: Path) -> Path:
+def qwen_vl_inference(module_tmp: Callable[[str], Path], tiny_qwen_vl: Path) -> Path:
     """The tiny Qwen-VL in the paddle-inference layout (PaddleNLP's qwen.* names), float16 as
     `vlhub convert --to paddle-inference` writes it."""
-    out = tmp_path_factory.mktemp("qwen-vl-inference") / "weights"
+    out = module_tmp("qwen-vl-inference") / "weights"
     return prepare_conversion(str(tiny_qwen_vl), to="paddle-inference", dtype="float16").write(out).out
 
 

@@ -9,6 +9,7 @@ LLM under `transformer.llm.` (a PaddleNLP QWenModel), the ViT under `visual.vit.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -69,9 +70,9 @@ def paddlemix_parameters(config: dict) -> Shapes:
 
 
 @pytest.fixture(scope="module")
-def converted(vlhub_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def converted(vlhub_home: Path, module_tmp: Callable[[str], Path]) -> Path:
     """`vlhub convert tiny-qwen-vl --to paddle` (no smoke test: this module checks the output itself)."""
-    out = tmp_path_factory.mktemp("paddlemix-qwen-vl") / "paddle"
+    out = module_tmp("paddlemix-qwen-vl") / "paddle"
     result = run_vlhub("convert", "tiny-qwen-vl", "--to", "paddle", "--out", str(out), "--no-smoke")
     assert result.returncode == 0, result.stderr
     return out

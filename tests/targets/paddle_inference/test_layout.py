@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -40,9 +41,9 @@ def cache_entry(model: str, ir: str | None = None) -> Path:
 
 
 @pytest.fixture(scope="module")
-def layouts(tmp_path_factory: pytest.TempPathFactory, tiny_qwen_vl: Path, tiny_qwen2_vl: Path,
+def layouts(module_tmp: Callable[[str], Path], tiny_qwen_vl: Path, tiny_qwen2_vl: Path,
             tiny_qwen2_5_vl: Path) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("inference")
+    root = module_tmp("inference")
     return {model: build(model, root / model) for model in NAMES}
 
 

@@ -56,10 +56,10 @@ def _paddle_inference_weights(source: Path, out: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory: pytest.TempPathFactory, sources: dict[str, Path]) -> dict[str, Path]:
+def weights(module_tmp: Callable[[str], Path], sources: dict[str, Path]) -> dict[str, Path]:
     """The weights directory of a paddle-inference layout per family: PaddleMIX names for Qwen2(.5)-VL,
     PaddleNLP's inference names for Qwen-VL."""
-    root = tmp_path_factory.mktemp("static-weights")
+    root = module_tmp("static-weights")
     out = {family: prepare_conversion(str(sources[family]), to="paddle").write(root / family).out
            for family in ("qwen2_vl", "qwen2_5_vl")}
     out["qwen_vl"] = _paddle_inference_weights(sources["qwen_vl"], root / "qwen_vl")
@@ -67,9 +67,9 @@ def weights(tmp_path_factory: pytest.TempPathFactory, sources: dict[str, Path]) 
 
 
 @pytest.fixture(scope="module")
-def export(tmp_path_factory: pytest.TempPathFactory, weights: dict[str, Path]) -> Callable[..., tuple[dict, Path]]:
+def export(module_tmp: Callable[[str], Path], weights: dict[str, Path]) -> Callable[..., tuple[dict, Path]]:
     """(summary, checkpoints directory) of a family's export, made once per ir and dtype."""
-    root = tmp_path_factory.mktemp("static-graphs")
+    root = module_tmp("static-graphs")
     made: dict[tuple[str, str, str], tuple[dict, Path]] = {}
 
     def get(family: str, ir: str = "pir", dtype: str = "bfloat16") -> tuple[dict, Path]:

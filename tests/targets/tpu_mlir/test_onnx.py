@@ -4,6 +4,7 @@ reference on the source."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -38,8 +39,8 @@ def sources(tiny_qwen2_vl: Path, tiny_qwen2_5_vl: Path) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def exports(tmp_path_factory: pytest.TempPathFactory, sources: dict[str, Path]) -> dict[str, tuple[dict, Path]]:
-    root = tmp_path_factory.mktemp("tpu-onnx")
+def exports(module_tmp: Callable[[str], Path], sources: dict[str, Path]) -> dict[str, tuple[dict, Path]]:
+    root = module_tmp("tpu-onnx")
     made = {}
     for family, source in sources.items():
         with ModelWeights.open(source) as weights:
