@@ -1,7 +1,7 @@
 """Qwen3-VL-30B-A3B-shaped checkpoints with a few decoder layers (full-size experts: 128 of them, each layer's two
-fused expert tensors 805 MB and 403 MB in bf16): `vlhub convert --to safetensors` and `--to paddle`, each with its
-default smoke test, against `cp -r` of the same bytes; peak memory at two depths, to show it does not grow with
-layers (and is not the whole expert tensor in float32 per layer).
+fused expert tensors 805 MB and 403 MB in bf16): `vlhub convert --to safetensors` and `--to paddle`, then each
+output's smoke test on its own (`vlhub smoke OUT`), against `cp -r` of the same bytes; peak memory at two depths,
+to show it does not grow with layers (nor holds a layer's expert tensors in float32).
 
     python benchmarks/bench_moe.py [--data DIR] [--layers 2 4] [--rounds N]
 
@@ -50,23 +50,32 @@ def main() -> None:
     for layers in args.layers:
         source = shaped_checkpoint(layers, args.data)
         size = sum(p.stat().st_size for p in source.iterdir()) / 1e9
-        commands = {
-            "`cp -r` (baseline)": lambda out, src=source: f"cp -r '{src}' '{out}'",
-            "`vlhub convert --to safetensors` (+ smoke)": lambda out, src=source: (
-                f"vlhub convert '{src}' --to safetensors --out '{out}' 2>/dev/null"),
-            "`vlhub convert --to paddle` (+ smoke)": lambda out, src=source: (
-                f"vlhub convert '{src}' --to paddle --out '{out}' 2>/dev/null"),
-        }
-        for label, make in commands.items():
+        for label, argv in (
+            ("`cp -r` (baseline)", lambda out: f"cp -r '{source}' '{out}'"),
+            ("`vlhub convert --to safetensors --no-smoke`", lambda out: (
+                f"vlhub convert '{source}' --to safetensors --out '{out}' --no-smoke 2>/dev/null")),
+            ("`vlhub convert --to paddle --no-smoke`", lambda out: (
+                f"vlhub convert '{source}' --to paddle --out '{out}' --no-smoke 2>/dev/null")),
+        ):
             runs: list[Run] = []
+            smokes: list[Run] = []
             for _ in range(args.rounds):
                 with tempfile.TemporaryDirectory(dir=args.data) as directory:
-                    runs.append(measure(["sh", "-c", f"{make(Path(directory) / 'out')} && sync"]))
-            seconds = statistics.median(r.seconds for r in runs)
-            peak = max(r.peak_rss_bytes for r in runs)
-            print(f"| {label} | {layers} | {size:.1f} | {seconds:.1f} s | {peak / 1e6:,.0f} MB | "
-                  f"{', '.join(f'{r.seconds:.1f}' for r in runs)} |", flush=True)
+                    out = Path(directory) / "out"
+                    runs.append(measure(["sh", "-c", f"{argv(out)} && sync"]))
+                    if "vlhub" in label:  # its smoke test on its own: the reference against the output's runtime
+                        smokes.append(measure(["sh", "-c", f"vlhub smoke '{out}' 2>/dev/null"]))
+            _row(label, layers, size, runs)
+            if smokes:
+                _row(f"`vlhub smoke` of that output ({'Paddle' if 'paddle' in label else 'numpy reference'})",
+                     layers, size, smokes)
 
+
+def _row(label: str, layers: int, size: float, runs: list[Run]) -> None:
+    seconds = statistics.median(r.seconds for r in runs)
+    peak = max(r.peak_rss_bytes for r in runs)
+    print(f"| {label} | {layers} | {size:.1f} | {seconds:.1f} s | {peak / 1e6:,.0f} MB | "
+          f"{', '.join(f'{r.seconds:.1f}' for r in runs)} |", flush=True)
 
 if __name__ == "__main__":
     main()
