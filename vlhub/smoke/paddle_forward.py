@@ -258,6 +258,18 @@ class PaddleFamily:
         """The function a static vision graph traces and its `paddle.static.InputSpec`s."""
         raise NotImplementedError
 
+    @property
+    def head_dim(self) -> int:
+        """The width of one attention head (and of a KV cache row): hidden / heads unless the family has its own."""
+        return self.hidden // self.heads
+
+    @property
+    def deepstack(self) -> int:
+        """How many decoder layers' outputs gain image features at the image positions (DeepStack: feature j after
+        layer j), as `image_embeds_shape` gives them: 0 when the image embeddings are [marked, hidden]."""
+        shape = self.image_embeds_shape(1)
+        return shape[0] - 1 if len(shape) == 3 else 0
+
     def positions_shape(self, length: int | None) -> tuple[int | None, ...]:
         """The shape of `length` tokens' positions (None: any length, as a static graph takes them)."""
         return (length,) if self.positions_rows is None else (self.positions_rows, length)

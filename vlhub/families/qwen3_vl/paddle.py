@@ -29,6 +29,7 @@ import numpy as np
 import paddle
 import paddle.nn.functional as F
 from paddle import nn
+from paddle.static import InputSpec
 
 from vlhub.convert.configs import official_config
 from vlhub.errors import UserError
@@ -232,11 +233,10 @@ class VisionTower(nn.Layer):
         cos, sin = self.rotary(positions)
         return x, cos, sin
 
-    def features(self, block: int, x: paddle.Tensor, found: list[paddle.Tensor]) -> None:
-        """After vision block `block`: its DeepStack feature, if it is a DeepStack block."""
-        for listed, merger in self.dims.deepstack:
-            if listed == block:
-                found.append(self.deepstack_merger_list[merger](x))
+    def features(self, block: int, x: paddle.Tensor) -> list[paddle.Tensor]:
+        """After vision block `block`: its DeepStack feature, if it is a DeepStack block (a new list, so tracing
+        for a static graph sees no list grow in place)."""
+        return [self.deepstack_merger_list[merger](x) for listed, merger in self.dims.deepstack if listed == block]
 
     def forward(self, pixel_values: paddle.Tensor, vision_position_ids: paddle.Tensor, full_mask: paddle.Tensor,
                 interp_indices: paddle.Tensor, interp_weights: paddle.Tensor) -> paddle.Tensor:
@@ -244,7 +244,7 @@ class VisionTower(nn.Layer):
         found: list[paddle.Tensor] = []
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, full_mask)
-            self.features(i, x, found)
+            found = found + self.features(i, x)
         return paddle.stack([self.merger(x), *found])
 
 
@@ -428,6 +428,18 @@ class Network(PaddleFamily):
     def image_embeds_shape(self, marked: int) -> tuple[int, ...]:
         return (self.dims.features, marked, self.hidden)
 
+    @property
+    def head_dim(self) -> int:
+        return self.dims.head_dim
+
+    def vision_graph(self, net: nn.Layer) -> tuple[Callable, list]:
+        dims = self.dims
+        width = dims.in_chans * dims.temporal_patch * dims.patch**2
+        return net.model.visual.forward, [
+            InputSpec([None, width], "float32", "pixel_values"), InputSpec([None, 2], "int64", "vision_position_ids"),
+            InputSpec([None, None], "float32", "full_mask"), InputSpec([None, 4], "int64", "interp_indices"),
+            InputSpec([None, 4], "float32", "interp_weights")]
+
     def vision_tensors(self, pixel_values: np.ndarray, vision_inputs: dict[str, np.ndarray]) -> list[paddle.Tensor]:
         dims = self.dims
         if set(vision_inputs) != set(_VISION_INPUTS):
@@ -455,7 +467,7 @@ class Network(PaddleFamily):
         found: list[paddle.Tensor] = []
         for i in range(self.dims.v_depth):
             x = weights.fill(block, f"{VISION}blocks.{i}.")(x, cos, sin, full_mask)
-            tower.features(i, x, found)
+            found = found + tower.features(i, x)
         return paddle.stack([tower.merger(x), *found])
 
     def text_model(self, net: nn.Layer | None = None) -> TextModel:

@@ -147,8 +147,8 @@ def _readme(name: str, spec: PaddleInferenceSpec) -> str:
          "`paddle.inference.Config` given both file paths read either format. PaddleMIX's Qwen-VL static "
          "predictor (`deploy/qwen_vl/run_static_predict.py`) opens `<path>.pdmodel` only, so Qwen-VL layouts "
          "are written `legacy` unless `--ir pir` is given; PaddleMIX runs Qwen2-VL and Qwen2.5-VL from the "
-         "weights directory, with no static graph, so theirs are written `pir`, Paddle 3's own format, unless "
-         "`--ir legacy` is given."),
+         "weights directory, with no static graph, and no Paddle deployment runs Qwen3-VL from one, so theirs "
+         "are written `pir`, Paddle 3's own format, unless `--ir legacy` is given."),
         "",
         facts["run"].strip().format(weights=weights, dtype=dtype),
         "",

@@ -1,4 +1,4 @@
-"""Static graphs of the three families for Paddle Inference on CPU, and a predictor that runs them.
+"""Static graphs of the families for Paddle Inference on CPU, and a predictor that runs them.
 
     summary = export_static(Path("qwen2-vl-2b-paddle"), Path("deploy"), dtype="bfloat16", max_seq_len=4096)
     predictor = StaticPredictor(Path("deploy/checkpoints"), Path("qwen2-vl-2b-paddle"))
@@ -19,9 +19,13 @@ The graphs' inputs and outputs, by their fixed names (floats float32, indices in
              vision_position_ids   [N, 2], full_mask [N, N]                              Qwen2(.5)-VL
              window_index, reverse_index [N/4], window_mask [N, N]                       Qwen2.5-VL
              (a Qwen2.5-VL whose blocks all read one mask takes only that one)
-          -> image_embeds          [image tokens, hidden]
+             interp_indices [N, 4] (int), interp_weights [N, 4]: position-table taps    Qwen3-VL
+          -> image_embeds          [image tokens, hidden]; with DeepStack (Qwen3-VL) [1 + k, image tokens, hidden]:
+                                   the main embeddings, then the k DeepStack features
     text     inputs_embeds [1, L, hidden], position_ids [3, L] (M-RoPE) or [L] (Qwen-VL),
-             past_key_values [layers, 2, kv_heads, T, head_dim]
+             past_key_values [layers, 2, kv_heads, T, head_dim],
+             deepstack_embeds [k, L, hidden] with DeepStack: feature j at the image positions (zeros elsewhere and
+             while decoding; the host scatters it), added to decoder layer j's output
           -> logits [L, vocab] (every position, which a smoke test compares),
              present_key_values [layers, 2, kv_heads, T + L, head_dim]
 
@@ -34,8 +38,10 @@ embeddings merged there, so the text graph starts from `inputs_embeds` and the t
 
 Parameters are stored in the export dtype and cast to float32 where the graph uses them; everything is
 computed in float32, so graphs over the source's values agree with the numpy reference within the
-"exact" smoke tolerance. The programs are traced from `paddle_forward`'s networks built under
-`paddle.LazyGuard` (nothing allocated); the `.pdiparams` files are written here in Paddle's format, one
+"exact" smoke tolerance. The parameters are the network's, named in the family's Paddle layout (`[paddle]`), the
+kinds its Paddle loader transposes as it reads them (`transpose_at_load`) written transposed so; the weights
+directory is read in that layout's format (pdparams, or PaddleFormers' safetensors). The programs are traced
+from `paddle_forward`'s networks built under `paddle.LazyGuard` (nothing allocated); the `.pdiparams` files are written here in Paddle's format, one
 tensor at a time from the lazy reader, so memory holds one tensor, never the model.
 Sources: PaddleMIX deploy/qwen_vl/ (file names, the `<path>.pdmodel` its predictor opens), PaddleNLP's
 StaticGraphPredictor (prefixes), Paddle Inference's Config (either IR from explicit paths).
@@ -67,7 +73,7 @@ from paddle.static.pir_io import append_pir_fetch_ops, get_pir_parameters
 
 from vlhub.atomic import ensure_free_space
 from vlhub.convert.layouts import detect_layout, embedding_candidates
-from vlhub.convert.ops import cast_float, transpose_last
+from vlhub.convert.ops import cast_float, swapped_shape, transpose_last
 from vlhub.convert.pipeline import ordered_steps, read_source
 from vlhub.convert.plan import Plan, Step, plan_conversion
 from vlhub.errors import CheckFailed, UserError
@@ -75,7 +81,8 @@ from vlhub.family_registry import FAMILIES
 from vlhub.formats.readers import Checkpoint, open_checkpoint
 from vlhub.formats.tensors import dtype_info, float32_values, logical_dtype
 from vlhub.formats.writers import file_entry, write_json_atomic
-from vlhub.smoke.paddle_forward import MASKED, PaddleFamily, as_float32, family_network, pdparams_entry
+from vlhub.keymaps import Layout
+from vlhub.smoke.paddle_forward import MASKED, PaddleFamily, as_float32, family_network, paddle_layout, weights_entry
 from vlhub.targets.paddle_inference import NAME
 
 CHECKPOINTS = "checkpoints"  # the directory under out_dir that holds the graphs
@@ -84,7 +91,7 @@ DTYPES = ("float16", "bfloat16", "float32")
 VISION_OUTPUTS = ("image_embeds",)
 _MASKS = ("full_mask", "window_mask")  # a Qwen2.5-VL graph takes only the ones its blocks read
 TEXT_OUTPUTS = ("logits", "present_key_values")
-_INT_INPUTS = frozenset({"vision_position_ids", "window_index", "reverse_index", "position_ids"})
+_INT_INPUTS = frozenset({"vision_position_ids", "window_index", "reverse_index", "interp_indices", "position_ids"})
 _PROTO_DTYPES = {"float16": framework_pb2.VarType.FP16, "bfloat16": framework_pb2.VarType.BF16,
                  "float32": framework_pb2.VarType.FP32}
 _IR_GUARDS = {"pir": paddle.pir_utils.DygraphPirGuard, "legacy": paddle.pir_utils.DygraphOldIrGuard}
@@ -113,15 +120,36 @@ class _TextStep(nn.Layer):
 
     def forward(self, inputs_embeds: paddle.Tensor, position_ids: paddle.Tensor,
                 past_key_values: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor]:
+        return self.run(inputs_embeds, position_ids, past_key_values, None)
+
+    def run(self, inputs_embeds: paddle.Tensor, position_ids: paddle.Tensor, past_key_values: paddle.Tensor,
+            deepstack_embeds: paddle.Tensor | None) -> tuple[paddle.Tensor, paddle.Tensor]:
         h = inputs_embeds.reshape([-1, inputs_embeds.shape[-1]])
         cos, sin = self.text.rotary(position_ids)
         mask = _cached_causal_mask(paddle.shape(h)[0], paddle.shape(past_key_values)[3])
         caches = []
         for i, layer in enumerate(getattr(self.text, self.text.layers_key)):
             h, cache = layer.step(h, cos, sin, mask, (past_key_values[i, 0], past_key_values[i, 1]))
+            if deepstack_embeds is not None and i < deepstack_embeds.shape[0]:
+                h = add_deepstack(h, deepstack_embeds[i])
             caches.append(paddle.stack(cache))
         logits = paddle.matmul(self.text.final_norm(h), as_float32(self.head), transpose_y=self.tied)
         return logits, paddle.stack(caches)
+
+
+class _DeepStackTextStep(_TextStep):
+    """`_TextStep` of a DeepStack model: decoder layer j's output gains `deepstack_embeds[j]` [L, hidden] (the
+    host scatters DeepStack feature j to the image positions, zeros elsewhere and while decoding)."""
+
+    def forward(self, inputs_embeds: paddle.Tensor, position_ids: paddle.Tensor, past_key_values: paddle.Tensor,
+                deepstack_embeds: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor]:
+        return self.run(inputs_embeds, position_ids, past_key_values, deepstack_embeds.reshape(
+            [deepstack_embeds.shape[0], -1, deepstack_embeds.shape[-1]]))
+
+
+def add_deepstack(h: paddle.Tensor, features: paddle.Tensor) -> paddle.Tensor:
+    """A decoder layer's output [L, hidden] plus its DeepStack features [L, hidden] (zeros off the image)."""
+    return h + features
 
 
 def _cached_causal_mask(new: paddle.Tensor, cached: paddle.Tensor) -> paddle.Tensor:
@@ -147,13 +175,17 @@ def _graphs(net: nn.Layer, family: str, network: PaddleFamily) -> list[_Graph]:
     text = (InputSpec([1, None, network.hidden], "float32", "inputs_embeds"),
             InputSpec(list(network.positions_shape(None)), "int64", "position_ids"),
             InputSpec(_cache_shape(network, None), "float32", "past_key_values"))
+    step = _TextStep(network, net)
+    if network.deepstack:
+        step = _DeepStackTextStep(network, net)
+        text += (InputSpec([network.deepstack, None, network.hidden], "float32", "deepstack_embeds"),)
     return [_Graph("encode_image", "vision", vision, tuple(vision_inputs), VISION_OUTPUTS),
-            _Graph("encode_text", graph_prefix(family), _TextStep(network, net).forward, text, TEXT_OUTPUTS)]
+            _Graph("encode_text", graph_prefix(family), step.forward, text, TEXT_OUTPUTS)]
 
 
 def _cache_shape(network: PaddleFamily, tokens: int | None) -> list[int | None]:
     """The KV cache's shape for `tokens` tokens: [layers, 2 (keys, values), kv_heads, tokens, head_dim]."""
-    return [network.layers, 2, network.kv_heads, tokens, network.hidden // network.heads]
+    return [network.layers, 2, network.kv_heads, tokens, network.head_dim]
 
 
 def _lazy_network(network: PaddleFamily, dtype: str) -> nn.Layer:
@@ -328,16 +360,26 @@ class _ParamsFile:
         os.close(self._fd)
 
 
-def _stored_values(checkpoint: Checkpoint, step: Step) -> np.ndarray:
-    """One tensor as the network holds it: the plan's transpose (none for Paddle layouts) and cast applied."""
+def _stored_values(checkpoint: Checkpoint, step: Step, at_load: bool) -> np.ndarray:
+    """One tensor as the network holds it: the plan's transpose (none for Paddle layouts), the one the family's
+    Paddle loader makes as it reads the tensor (`at_load`: PaddleFormers' Linear weights) and the cast applied."""
     values = read_source(checkpoint, step)
-    if step.transpose:
+    if step.transpose != at_load:
         values = transpose_last(values)
     return cast_float(values, step.source.dtype, step.target.dtype)
 
 
+def _transposed_at_load(plan: Plan, layout: Layout, kinds: frozenset[str]) -> frozenset[str]:
+    """The plan's target tensors (named in the network's layout) whose kind the family's Paddle loader transposes
+    as it reads them (`[paddle] transpose_at_load`): the network holds them with their last two axes swapped."""
+    if not kinds:
+        return frozenset()
+    rules = ((step.target.name, plan.keymap.rule_for(layout.to_official(step.target.name))) for step in plan.steps)
+    return frozenset(name for name, rule in rules if rule is not None and rule.kind in kinds)
+
+
 def _write_params(files: dict[_ParamsFile, dict[str, str]], checkpoint: Checkpoint, plan: Plan,
-                  buffers: dict[str, np.ndarray]) -> None:
+                  buffers: dict[str, np.ndarray], transposed: frozenset[str]) -> None:
     """Fill the files (each with its variable name -> network name map) from the checkpoint, read front to
     back, each tensor once, and from the network's buffers (rotary tables, which no checkpoint holds)."""
     wanted: dict[str, list[tuple[_ParamsFile, str]]] = {}
@@ -346,7 +388,7 @@ def _write_params(files: dict[_ParamsFile, dict[str, str]], checkpoint: Checkpoi
             wanted.setdefault(network_name, []).append((params_file, var))
     for step in ordered_steps(plan, checkpoint):
         targets = wanted.pop(step.target.name, [])
-        values = _stored_values(checkpoint, step) if targets else None
+        values = _stored_values(checkpoint, step, step.target.name in transposed) if targets else None
         for params_file, var in targets:
             params_file.write(var, values)
     for network_name, targets in wanted.items():
@@ -383,17 +425,21 @@ def export_static(weights_dir: Path, out_dir: Path, *, ir: str = "pir", dtype: s
     started = time.monotonic()
     weights_dir, out_dir = Path(weights_dir), Path(out_dir)
     root = out_dir / CHECKPOINTS
-    with open_checkpoint(pdparams_entry(weights_dir), bf16=True) as checkpoint:  # Paddle reads uint16 as bf16
+    entry, bf16 = weights_entry(weights_dir)  # the file the family's Paddle loader reads (pdparams: uint16 is bf16)
+    with open_checkpoint(entry, bf16=bf16) as checkpoint:
         family, network = family_network(weights_dir, checkpoint.config)
         if max_seq_len > network.position_limit:
             raise UserError(f"max_seq_len {max_seq_len} passes the model's {network.limit_name} "
                             f"{network.position_limit}, past which the graphs do not compute as the model does")
-        plan = plan_conversion(checkpoint.tensors, checkpoint.config, target_layout="paddlemix", dtype=dtype)
+        # the network's parameters are named in the family's Paddle layout, some kinds transposed as they load
+        layout, at_load = paddle_layout(family)
+        plan = plan_conversion(checkpoint.tensors, checkpoint.config, target_layout=layout.name, dtype=dtype)
+        transposed = _transposed_at_load(plan, layout, at_load)
         ensure_free_space(out_dir, sum(step.target.nbytes for step in plan.steps), "the static graphs")
         root.mkdir(parents=True)
         try:
             with _IR_GUARDS[ir]():
-                graphs = _export(checkpoint, plan, family, network, root, ir, dtype, say)
+                graphs = _export(checkpoint, plan, transposed, family, network, root, ir, dtype, say)
             config = {**checkpoint.config, "infer_model_max_seq_len": max_seq_len, "infer_model_dtype": dtype,
                       "infer_model_paddle_commit": paddle.version.commit}
             write_json_atomic(root / "encode_text" / "config.json", config)
@@ -406,15 +452,16 @@ def export_static(weights_dir: Path, out_dir: Path, *, ir: str = "pir", dtype: s
             "graphs": graphs, "files": files, "seconds": round(time.monotonic() - started, 2)}
 
 
-def _export(checkpoint: Checkpoint, plan: Plan, family: str, network: PaddleFamily, root: Path, ir: str,
-            dtype: str, say: Status) -> dict[str, dict]:
+def _export(checkpoint: Checkpoint, plan: Plan, transposed: frozenset[str], family: str, network: PaddleFamily,
+            root: Path, ir: str, dtype: str, say: Status) -> dict[str, dict]:
     """Every graph's program and parameters under `root`; what each graph is, by role."""
     net = _lazy_network(network, dtype)
     state = net.to_static_state_dict()
     network_names = {tensor.name: name for name, tensor in state.items()}
     parameters = {name for name, _ in net.named_parameters()}
     buffers = {name: tensor.numpy() for name, tensor in state.items() if name not in parameters}
-    shapes = {step.target.name: (step.target.dtype, step.target.shape) for step in plan.steps}
+    shapes = {step.target.name: (step.target.dtype, swapped_shape(step.target.shape) if step.target.name in transposed
+                                 else step.target.shape) for step in plan.steps}
     shapes |= {name: (logical_dtype(values.dtype), values.shape) for name, values in buffers.items()}
     files: dict[_ParamsFile, dict[str, str]] = {}
     graphs = {}
@@ -442,7 +489,7 @@ def _export(checkpoint: Checkpoint, plan: Plan, family: str, network: PaddleFami
                         "outputs": list(graph.outputs)}
     say("writing the parameters")
     try:
-        _write_params(files, checkpoint, plan, buffers)
+        _write_params(files, checkpoint, plan, buffers, transposed)
     finally:
         for params_file in files:
             params_file.close()
@@ -478,7 +525,8 @@ class StaticPredictor:
         config = json.loads(config_path.read_text())
         self.family, self.network = family_network(checkpoints, config)
         self.max_seq_len = int(config["infer_model_max_seq_len"])
-        self._checkpoint = open_checkpoint(pdparams_entry(weights_dir), bf16=True)
+        entry, bf16 = weights_entry(weights_dir)
+        self._checkpoint = open_checkpoint(entry, bf16=bf16)
         try:
             self._embedding = _embedding_name(self._checkpoint, self.family, self.network)
             threads = threads or os.cpu_count() or 1
@@ -490,8 +538,9 @@ class StaticPredictor:
             raise
 
     def encode_images(self, pixel_values: np.ndarray, **vision_inputs: np.ndarray) -> np.ndarray:
-        """Image embeddings [image tokens, hidden], from the inputs `PaddleForward.encode_images` takes (a mask
-        the graph does not take, which no block reads, is left out)."""
+        """Image embeddings [image tokens, hidden] (a DeepStack family's: [1 + features, image tokens, hidden]),
+        from the inputs `PaddleForward.encode_images` takes (a mask the graph does not take, which no block reads,
+        is left out)."""
         taken = set(self._vision.get_input_names())
         inputs = {name: value for name, value in vision_inputs.items() if name in taken or name not in _MASKS}
         return _run(self._vision, VISION_OUTPUTS, pixel_values=pixel_values, **inputs)[0]
@@ -501,29 +550,44 @@ class StaticPredictor:
                  positions_after: Callable[[int], np.ndarray]) -> tuple[np.ndarray, list[int]]:
         """Greedy decoding: the prompt's logits [L, vocab] (the text graph over an empty cache) and `tokens`
         ids, each after the first from one decode step (the text graph over one token and the cache).
-        `image_embeds` fill the positions `image_mask` marks, in order; `positions_after(n)` gives the
-        positions of n tokens appended to the prompt, shaped like `position_ids`."""
+        `image_embeds` fill the positions `image_mask` marks, in order (DeepStack: `image_embeds[0]` does, and
+        `image_embeds[1 + j]`, scattered to the same positions, is added to decoder layer j's output);
+        `positions_after(n)` gives the positions of n tokens appended to the prompt, shaped like `position_ids`."""
         if tokens < 1:
             raise ValueError("tokens must be at least 1")
         if len(input_ids) + tokens - 1 > self.max_seq_len:
             raise UserError(f"{len(input_ids)} prompt tokens and {tokens} generated pass the graphs' max_seq_len "
                             f"{self.max_seq_len}")
         mask = np.asarray(image_mask, dtype=bool)
-        if mask.shape != input_ids.shape or image_embeds.shape != (int(mask.sum()), self.network.hidden):
-            raise ValueError(f"image_mask must be [{len(input_ids)}] and image_embeds [marked positions, "
-                             f"{self.network.hidden}], not {list(mask.shape)} and {list(image_embeds.shape)}")
+        network = self.network
+        if mask.shape != input_ids.shape or image_embeds.shape != network.image_embeds_shape(int(mask.sum())):
+            wanted = ", ".join("marked positions" if d == -1 else str(d) for d in network.image_embeds_shape(-1))
+            raise ValueError(f"image_mask must be [{len(input_ids)}] and image_embeds [{wanted}], "
+                             f"not {list(mask.shape)} and {list(image_embeds.shape)}")
         embeds = self._embed(input_ids)
-        embeds[mask] = image_embeds
-        empty = np.zeros(_cache_shape(self.network, 0), np.float32)
+        embeds[mask] = image_embeds[0] if image_embeds.ndim == 3 else image_embeds  # [1 + features, ...]: the first
+        empty = np.zeros(_cache_shape(network, 0), np.float32)
         logits, cache = _run(self._text, TEXT_OUTPUTS, inputs_embeds=embeds[None], position_ids=position_ids,
-                             past_key_values=empty)
+                             past_key_values=empty, **self._deepstack(image_embeds, mask))
         generated = [int(logits[-1].argmax())]
         for step in range(1, tokens):
             last = self._embed(np.array(generated[-1:]))[None]
             step_logits, cache = _run(self._text, TEXT_OUTPUTS, inputs_embeds=last,
-                                      position_ids=positions_after(step)[..., -1:], past_key_values=cache)
+                                      position_ids=positions_after(step)[..., -1:], past_key_values=cache,
+                                      **self._deepstack(None, np.zeros(1, bool)))
             generated.append(int(step_logits[-1].argmax()))
         return logits, generated
+
+    def _deepstack(self, image_embeds: np.ndarray | None, mask: np.ndarray) -> dict[str, np.ndarray]:
+        """The text graph's `deepstack_embeds` [features, L, hidden] for L tokens (none for a model without
+        DeepStack): feature j at the positions `mask` marks, in order, zeros elsewhere (all zeros while decoding)."""
+        features = self.network.deepstack
+        if not features:
+            return {}
+        rows = np.zeros((features, len(mask), self.network.hidden), np.float32)
+        if image_embeds is not None:
+            rows[:, mask] = image_embeds[1:]
+        return {"deepstack_embeds": rows}
 
     def close(self) -> None:
         """Close the weights' open shard."""

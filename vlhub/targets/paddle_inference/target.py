@@ -49,8 +49,10 @@ class PaddleInferenceTarget(TargetDefaults):
     """Weights in the names Paddle's inference loaders read, and static graphs."""
 
     name = NAME
-    # the names Paddle's inference loaders read: a family's own paddle-inference layout, else PaddleMIX's
-    output = Output(("paddle-inference", "paddlemix"), "pdparams")
+    # the names Paddle's inference loaders read: a family's own paddle-inference layout, else PaddleMIX's (pdparams),
+    # else PaddleFormers' (the Hugging Face directory PaddleFormers and FastDeploy load: safetensors); each in the
+    # format its layout declares
+    output = Output(("paddle-inference", "paddlemix", "paddleformers"))
     options = PaddleInferenceOptions
     is_layout = True
     summary = "weights in {weights}/, static graphs in checkpoints/; its README.md says how to run them"
@@ -59,6 +61,7 @@ class PaddleInferenceTarget(TargetDefaults):
     reads_plain_weights = True  # Paddle weights, checked as what Paddle's inference loaders read
 
     def settle(self, options: PaddleInferenceOptions, model: Model, *, smoke: bool) -> PaddleInferenceSpec:
+        model.family.route(NAME, model.config.get("model_type"))  # a family or model type without a route stops here
         ir = layout_ir(model.family, options.ir)
         max_seq_len = DEFAULT_MAX_SEQ_LEN if options.max_seq_len is None else options.max_seq_len
         check_max_seq_len(model.family, model.config, max_seq_len)
