@@ -141,7 +141,7 @@ FRESH = {
                                _FRESH_TOKENS, "bfloat16", "official", max_shard_size=1_000_000, seed=9),
 }
 # the targets a family has a route to (the others refuse it, tested elsewhere)
-FRESH_TARGETS = {"qwen3_vl": ("paddle", "safetensors", "torch", "tpu-mlir")}
+FRESH_TARGETS = {"qwen3_vl": ("paddle", "safetensors", "torch", "paddle-inference", "tpu-mlir")}
 
 
 @st.composite

@@ -37,10 +37,9 @@ REFUSALS = {
         r"--group-size \d+: it must divide every quantized Linear's input",
         r"--to tpu-mlir takes dense Qwen3-VL only",  # llm_convert has no qwen3_vl_moe
     ],
-    # no vendor route for Qwen3-VL: VastAI serves it through vllm_vacc; vlhub exports no Paddle Inference graphs
-    # of it yet
+    # no vamc route for Qwen3-VL (VastAI serves it through vllm_vacc); no static graph of a Qwen3-VL MoE's routing
     "vamc": [r"VastAI serves Qwen3-VL through vllm_vacc"],
-    "paddle-inference": [r"--to paddle-inference supports .*, not Qwen3-VL"],
+    "paddle-inference": [r"--to paddle-inference takes dense Qwen3-VL only"],
     "keys": [r"rewrites safetensors and pdparams checkpoints, not torch",
              r"would leave the keys in no qwen3_vl layout"],
 }
