@@ -27,7 +27,6 @@ from vlhub.sizes import max_pixels_for, plan_inputs
 from vlhub.targets.vamc.build import vamc_options
 from vlhub.targets.vamc.plan import MAX_VAMC_PATCHES, visual_output_split
 
-
 IMAGES = [(1280, 720), (1920, 1080), (448, 448), (200, 5000), (20, 20)]  # width x height
 # (resized HxW, grid t,h,w, patches, tokens) for Qwen2-VL and Qwen2.5-VL (14-pixel patches, 2x2 merge)
 QWEN2_INPUTS = [
