@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 
 REPO = Path(__file__).resolve().parent.parent  # the checkout the tests run from
 
+
 # --- running vlhub -------------------------------------------------------------------------------------------------
 
 
