@@ -66,6 +66,11 @@ CASES = {
 }
 
 
+MOE_CASES = [name for name in CASES if name.startswith("moe")]
+DEEPSTACK_CASES = [name for name, (_, _, kwargs) in CASES.items()
+                   if kwargs["vision_config"]["deepstack_visual_indexes"]]
+
+
 def relative_error(ours: np.ndarray, theirs: np.ndarray) -> float:
     return float(np.abs(ours - theirs).max() / np.abs(theirs).max())
 
@@ -164,11 +169,10 @@ def test_vision_tower_and_logits_with_an_image_match_transformers(case, size: tu
     assert (logits.argmax(-1) == theirs.argmax(-1)).all()
 
 
+@pytest.mark.parametrize("case", DEEPSTACK_CASES, indirect=True)
 def test_deepstack_features_count(case) -> None:
     """Without its DeepStack features the logits differ: the comparison above exercises them."""
     _, model, _, resident, _ = case
-    if not model.config.vision_config.deepstack_visual_indexes:
-        pytest.skip("no DeepStack mergers")
     smoke = image_case(model)
     assert smoke.vision is not None
     embeds = resident.encode_images(smoke.pixel_values, **smoke.vision.as_kwargs())
@@ -191,10 +195,9 @@ def test_streamed_matches_resident(case) -> None:
     np.testing.assert_allclose(actual, expected, rtol=0, atol=1e-5 * float(np.abs(expected).max()))
 
 
+@pytest.mark.parametrize("case", MOE_CASES, indirect=True)
 def test_streamed_moe_reads_only_routed_experts_one_at_a_time(case, monkeypatch: pytest.MonkeyPatch) -> None:
-    name, model, _, _, streamed = case
-    if not name.startswith("moe"):
-        pytest.skip("dense")
+    _, model, _, _, streamed = case
     reads: list[str] = []
     slices: list[tuple[str, list[int]]] = []
     original_read, original_slices = StreamedWeights.read, StreamedWeights.slices
@@ -215,10 +218,9 @@ def test_streamed_moe_reads_only_routed_experts_one_at_a_time(case, monkeypatch:
         assert 0 < len(read) <= min(text_config.num_experts, len(ids) * text_config.num_experts_per_tok)
 
 
+@pytest.mark.parametrize("case", MOE_CASES, indirect=True)
 def test_read_rows_reads_entries_of_a_stacked_tensor(case) -> None:
-    name, _, out, _, _ = case
-    if not name.startswith("moe"):
-        pytest.skip("dense")
+    _, _, out, _, _ = case
     with open_checkpoint(out) as checkpoint:
         stacked = PREFIX + "1.mlp.experts.gate_up_proj"
         whole = checkpoint.read(stacked)
@@ -302,12 +304,12 @@ def test_a_drawn_models_paddle_output_passes_the_smoke_test_and_so_does_a_plain_
         assert report.runtime == "paddle" and report.passed, report.as_dict()
 
 
-@pytest.mark.parametrize("breakage", list(BREAKAGES))
+@pytest.mark.parametrize(("case", "breakage"),
+                         [(name, breakage) for breakage, (cases, _) in BREAKAGES.items() for name in cases],
+                         indirect=["case"])
 def test_a_broken_paddle_conversion_fails_the_smoke_test(case, tmp_path: Path, breakage: str) -> None:
-    name, _, out, _, _ = case
-    cases, edit = BREAKAGES[breakage]
-    if name not in cases:
-        pytest.skip(f"not a breakage of {name}")
+    _, _, out, _, _ = case
+    _, edit = BREAKAGES[breakage]
     report = run_smoke(smoke_runner(rewrite(out, tmp_path / "broken", edit)), tokens=2)
     assert report.runtime == "paddle"
     assert not report.passed, f"{breakage} passed: {report.as_dict()}"
