@@ -6,6 +6,7 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
+import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -19,6 +20,10 @@ from vlhub.hub.tiny import ensure_tiny_model
 # controller's environment once something imports it), which would wrap tables and long paths.
 for _name in ("COLUMNS", "LINES"):
     os.environ.pop(_name, None)
+# A run started in the background (nohup, `&` in a script) inherits SIGINT ignored; the Ctrl-C tests need it delivered,
+# to this process and to the vlhub processes it starts (an ignored signal stays ignored across exec), as in a terminal.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session", autouse=True)
