@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -71,22 +72,22 @@ def _randomize(model: torch.nn.Module) -> None:
 
 
 @pytest.fixture(scope="module")
-def sources(vlhub_home: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def sources(vlhub_home: Path, module_tmp: Callable[[str], Path]) -> dict[str, Path]:
     """The built-in tiny Qwen3-VL, and checkpoints transformers saves from CONFIG and NO_DEEPSTACK (float32)."""
     made = {"builtin": ensure_tiny_model(get_model("tiny-qwen3-vl"))}
     for name, config in (("transformers", CONFIG), ("no-deepstack", NO_DEEPSTACK)):
         torch.manual_seed(0)
         model = transformers.Qwen3VLForConditionalGeneration(transformers.Qwen3VLConfig(**config, **TOKENS)).eval()
         _randomize(model)
-        made[name] = tmp_path_factory.mktemp(f"qwen3-vl-{name}") / "hf"
+        made[name] = module_tmp(f"qwen3-vl-{name}") / "hf"
         model.save_pretrained(made[name])
     return made
 
 
 @pytest.fixture(scope="module")
-def layouts(sources: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, object]]:
+def layouts(sources: dict[str, Path], module_tmp: Callable[[str], Path]) -> dict[str, tuple[Path, object]]:
     """Each source's layout as `vlhub convert SRC --to paddle-inference --out DIR` writes it, with the run."""
-    root = tmp_path_factory.mktemp("qwen3-vl-inference")
+    root = module_tmp("qwen3-vl-inference")
     made = {}
     for name, source in sources.items():
         out = root / name

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +42,7 @@ def convert(source: str | Path, out: Path, *args: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def saved_by_transformers(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def saved_by_transformers(module_tmp: Callable[[str], Path]) -> Path:
     """A Qwen3-VL checkpoint as transformers 5 saves it (`save_pretrained`: nested config with `rope_parameters`
     and `dtype`, the vision sub-config typed `qwen3_vl_vision`), bf16, untied, with dims chosen here: text 64 wide,
     4 heads of 32 over 2 KV heads, interleaved sections [6, 5, 5]; vision 64 wide in 4 heads of 16, 2 blocks, one
@@ -73,7 +74,7 @@ def saved_by_transformers(tmp_path_factory: pytest.TempPathFactory) -> Path:
                 param.copy_(noise)
             else:
                 param.copy_(noise / math.sqrt(param[0].numel()))
-    directory = tmp_path_factory.mktemp("qwen3-vl-saved")
+    directory = module_tmp("qwen3-vl-saved")
     model.to(torch.bfloat16).save_pretrained(directory)
     return directory
 
