@@ -1,5 +1,6 @@
 """What several test modules share (test modules never import each other): running the `vlhub` command, in this
-process or as a real one, checkpoints broken on purpose for the smoke tests to catch, a plan's target parts.
+process or as a real one, checkpoints broken on purpose for the smoke tests to catch, a plan's target parts, and the
+tiny Qwen3-VL configs and weights the Qwen3-VL tests draw with transformers.
 
 `run_vlhub` runs the command in this process through typer's `CliRunner`, against the same Typer app and the same
 error handling (`reports_errors`, click's usage errors) the console script runs; `run_vlhub_subprocess` starts the
@@ -13,6 +14,7 @@ import contextlib
 import importlib
 import importlib.util
 import json
+import math
 import os
 import shutil
 import struct
@@ -30,6 +32,8 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 if TYPE_CHECKING:
+    import torch
+
     from vlhub.plan import Plan
     from vlhub.targets.tpu_mlir.build import TpuOptions
     from vlhub.targets.vamc.plan import VamcPlan
@@ -229,6 +233,56 @@ BREAKAGES: dict[str, Callable[[Tensors], Tensors]] = {
     "vision merger zeroed": merger_zeroed,
     "lm_head replaced by the embedding": lm_head_is_embedding,
 }
+
+
+# --- tiny Qwen3-VL models for transformers ------------------------------------------------------------------------
+
+QWEN3_VOCAB = 400
+QWEN3_TOKENS = {"image_token_id": 390, "video_token_id": 391, "vision_start_token_id": 392,
+                "vision_end_token_id": 393}
+
+
+def qwen3_text(hidden: int, layers: int, heads: int, kv_heads: int, head_dim: int, section: list[int],
+               **extra: object) -> dict:
+    """A Qwen3-VL text_config: its own head_dim, interleaved M-RoPE sections, the MLP twice the hidden size."""
+    return dict(vocab_size=QWEN3_VOCAB, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                num_key_value_heads=kv_heads, head_dim=head_dim, intermediate_size=2 * hidden, rms_norm_eps=1e-6,
+                rope_parameters={"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": section,
+                                 "mrope_interleaved": True}, **extra)
+
+
+def qwen3_vision(width: int, depth: int, heads: int, out: int, deepstack: list[int], positions: int = 64) -> dict:
+    """A Qwen3-VL vision_config: 16-pixel patches merged 2x2, a positions-entry learned table, DeepStack blocks."""
+    return {"depth": depth, "hidden_size": width, "num_heads": heads, "intermediate_size": 2 * width,
+            "out_hidden_size": out, "num_position_embeddings": positions, "deepstack_visual_indexes": deepstack,
+            "patch_size": 16, "temporal_patch_size": 2, "spatial_merge_size": 2, "hidden_act": "gelu_pytorch_tanh"}
+
+
+def randomize(model: torch.nn.Module, seed: int) -> None:
+    """Weights far from transformers' 0.02-std init, so attention is not uniform, positions, norms and DeepStack
+    matter and routing is decided by clear margins: norms near 1, biases near 0, tables unit normal, every other
+    matrix (each expert's too) 1 / sqrt(fan-in)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=generator)
+            if name.endswith("bias"):
+                param.copy_(0.1 * noise)
+            elif param.ndim == 1:  # norm weights
+                param.copy_(1 + 0.2 * noise)
+            elif name.endswith(("embed_tokens.weight", "pos_embed.weight", "mlp.gate.weight")):
+                param.copy_(noise)
+            elif "experts" in name:  # [E, out, in] in memory
+                param.copy_(noise / math.sqrt(param.shape[-1]))
+            else:
+                param.copy_(noise / math.sqrt(param[0].numel()))
+
+
+def relative_error(ours: np.ndarray, theirs: np.ndarray) -> float:
+    """The largest absolute difference over the largest magnitude of the expected values."""
+    return float(np.abs(ours - theirs).max() / np.abs(theirs).max())
 
 
 # --- a plan's target parts -----------------------------------------------------------------------------------------

@@ -321,27 +321,34 @@ def _experts_as_on_the_hub(directory: Path) -> None:
         save_file(tensors, shard, metadata={"format": "pt"})
 
 
+def per_expert(tensors: dict) -> dict:
+    """A Qwen3-VL MoE's tensors (transformers' in-memory experts, [E, 2 x inter, hidden] and [E, hidden, inter])
+    with every expert's gate, up and down projections as tensors of their own, [out, in]
+    (`mlp.experts.{e}.gate_proj.weight`, ...)."""
+    split = {}
+    for name, tensor in tensors.items():
+        base, _, kind = name.rpartition(".")
+        if kind == "gate_up_proj":  # gate rows, then up rows
+            inter = tensor.shape[1] // 2
+            for expert in range(tensor.shape[0]):
+                split[f"{base}.{expert}.gate_proj.weight"] = tensor[expert, :inter].contiguous()
+                split[f"{base}.{expert}.up_proj.weight"] = tensor[expert, inter:].contiguous()
+        elif kind == "down_proj" and base.endswith(".experts"):
+            for expert in range(tensor.shape[0]):
+                split[f"{base}.{expert}.down_proj.weight"] = tensor[expert].contiguous()
+        else:
+            split[name] = tensor
+    return split
+
+
 def _experts_one_by_one(directory: Path) -> None:
-    """Rewrite each shard with every expert's gate, up and down projections as tensors of their own, [out, in]
-    (`mlp.experts.{e}.gate_proj.weight`, ...), the index following."""
+    """Rewrite each shard with its experts one by one (`per_expert`), the index following."""
     from safetensors.torch import load_file, save_file
 
     index_path = directory / "model.safetensors.index.json"
     index = json.loads(index_path.read_text()) if index_path.exists() else None
     for shard in sorted(directory.glob("*.safetensors")):
-        split = {}
-        for name, tensor in load_file(shard).items():
-            base, _, kind = name.rpartition(".")
-            if kind == "gate_up_proj":  # transformers' [E, 2 x inter, hidden]: gate rows, then up rows
-                inter = tensor.shape[1] // 2
-                for expert in range(tensor.shape[0]):
-                    split[f"{base}.{expert}.gate_proj.weight"] = tensor[expert, :inter].contiguous()
-                    split[f"{base}.{expert}.up_proj.weight"] = tensor[expert, inter:].contiguous()
-            elif kind == "down_proj" and base.endswith(".experts"):
-                for expert in range(tensor.shape[0]):
-                    split[f"{base}.{expert}.down_proj.weight"] = tensor[expert].contiguous()
-            else:
-                split[name] = tensor
+        split = per_expert(load_file(shard))
         save_file(split, shard, metadata={"format": "pt"})
         if index is not None:
             index["weight_map"].update(dict.fromkeys(split, shard.name))

@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from tests.conformance.factory import per_expert
 from tests.helpers import run_vlhub
 
 # hidden 96, experts of 40 (2 x 40 = 80): no expert matrix is square, so transformers' own loader can tell the
@@ -53,23 +54,6 @@ def _hub_form(tensors: dict) -> dict:
             for name, tensor in tensors.items()}
 
 
-def _per_expert(tensors: dict) -> dict:
-    out = {}
-    for name, tensor in tensors.items():
-        base, _, kind = name.rpartition(".")
-        if kind == "gate_up_proj":
-            inter = tensor.shape[1] // 2
-            for expert in range(tensor.shape[0]):
-                out[f"{base}.{expert}.gate_proj.weight"] = tensor[expert, :inter].contiguous()
-                out[f"{base}.{expert}.up_proj.weight"] = tensor[expert, inter:].contiguous()
-        elif kind == "down_proj" and base.endswith(".experts"):
-            for expert in range(tensor.shape[0]):
-                out[f"{base}.{expert}.down_proj.weight"] = tensor[expert].contiguous()
-        else:
-            out[name] = tensor
-    return out
-
-
 def _inspect(path: Path) -> dict:
     result = run_vlhub("inspect", str(path), "--json")
     assert result.returncode == 0, result.stderr
@@ -90,7 +74,7 @@ def test_every_expert_form_converts_to_the_hub_form(resaved: tuple[Path, dict], 
     directory, state = resaved
     source = {"re-save": lambda: directory,
               "hub": lambda: _rewrite_experts(directory, tmp_path / "hub", _hub_form),
-              "per-expert": lambda: _rewrite_experts(directory, tmp_path / "per-expert", _per_expert)}[form]()
+              "per-expert": lambda: _rewrite_experts(directory, tmp_path / "per-expert", per_expert)}[form]()
     layout = {"re-save": "transformers-5", "hub": "official", "per-expert": "per-expert"}[form]
     assert _inspect(source)["layout"] == layout
     out = tmp_path / "out"
@@ -109,7 +93,7 @@ def test_a_missing_expert_is_named_before_anything_is_written(resaved: tuple[Pat
     directory, _ = resaved
 
     def drop_one(tensors: dict) -> dict:
-        split = _per_expert(tensors)
+        split = per_expert(tensors)
         split.pop("model.language_model.layers.0.mlp.experts.3.up_proj.weight", None)
         return split
 
@@ -185,7 +169,7 @@ def test_a_streamed_reference_reads_one_expert_at_a_time(resaved: tuple[Path, di
     directory, _ = resaved
     source = {"re-save": lambda: directory,
               "hub": lambda: _rewrite_experts(directory, tmp_path / "hub", _hub_form),
-              "per-expert": lambda: _rewrite_experts(directory, tmp_path / "per-expert", _per_expert)}[form]()
+              "per-expert": lambda: _rewrite_experts(directory, tmp_path / "per-expert", per_expert)}[form]()
     with ModelWeights.open(source, resident=False) as streamed:
         for name in ("model.language_model.layers.1.mlp.experts.gate_up_proj",
                      "model.language_model.layers.0.mlp.experts.down_proj"):

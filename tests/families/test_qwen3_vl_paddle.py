@@ -7,7 +7,6 @@ built-in tiny models' `--to paddle` outputs, which passes, and fails for convers
 
 from __future__ import annotations
 
-import math
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,7 +18,7 @@ paddle = pytest.importorskip("paddle")
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from tests.helpers import rewrite
+from tests.helpers import QWEN3_TOKENS, QWEN3_VOCAB, qwen3_text, qwen3_vision, randomize, relative_error, rewrite
 from vlhub.convert.configs import official_config
 from vlhub.errors import CheckFailed
 from vlhub.formats.readers import open_checkpoint
@@ -28,41 +27,31 @@ from vlhub.smoke.paddle_forward import PaddleForward, StreamedWeights
 from vlhub.smoke.run import run_smoke
 from vlhub.targets import prepare_conversion, smoke_runner
 
-VOCAB = 400
-TOKENS = {"image_token_id": 390, "video_token_id": 391, "vision_start_token_id": 392, "vision_end_token_id": 393}
+VOCAB, TOKENS = QWEN3_VOCAB, QWEN3_TOKENS
 PREFIX = "model.language_model.layers."
 
 
-def text(hidden: int, layers: int, heads: int, kv_heads: int, head_dim: int, section: list[int], **extra) -> dict:
-    return dict(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                num_key_value_heads=kv_heads, head_dim=head_dim, intermediate_size=2 * hidden, rms_norm_eps=1e-6,
-                rope_parameters={"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": section,
-                                 "mrope_interleaved": True}, **extra)
 
 
-def vision(width: int, depth: int, heads: int, out: int, deepstack: list[int]) -> dict:
-    return {"depth": depth, "hidden_size": width, "num_heads": heads, "intermediate_size": 2 * width,
-            "out_hidden_size": out, "num_position_embeddings": 64, "deepstack_visual_indexes": deepstack,
-            "patch_size": 16, "temporal_patch_size": 2, "spatial_merge_size": 2, "hidden_act": "gelu_pytorch_tanh"}
 
 
 # dense and MoE, tied and untied; fewer kv heads than heads, head_dim other than hidden / heads, two, one and no
 # DeepStack mergers (one list out of block order), a square k_proj (64 x 64) that a transpose would not reshape
 CASES = {
     "dense": (transformers.Qwen3VLConfig, transformers.Qwen3VLForConditionalGeneration, {
-        "text_config": text(64, 3, 4, 2, 32, [8, 4, 4], tie_word_embeddings=False),
-        "vision_config": vision(32, 3, 2, 64, [2, 0]), "tie_word_embeddings": False}),
+        "text_config": qwen3_text(64, 3, 4, 2, 32, [8, 4, 4], tie_word_embeddings=False),
+        "vision_config": qwen3_vision(32, 3, 2, 64, [2, 0]), "tie_word_embeddings": False}),
     "dense-tied": (transformers.Qwen3VLConfig, transformers.Qwen3VLForConditionalGeneration, {
-        "text_config": text(48, 2, 3, 3, 16, [4, 2, 2], tie_word_embeddings=True),
-        "vision_config": vision(32, 2, 4, 48, []), "tie_word_embeddings": True}),
+        "text_config": qwen3_text(48, 2, 3, 3, 16, [4, 2, 2], tie_word_embeddings=True),
+        "vision_config": qwen3_vision(32, 2, 4, 48, []), "tie_word_embeddings": True}),
     "moe": (transformers.Qwen3VLMoeConfig, transformers.Qwen3VLMoeForConditionalGeneration, {
-        "text_config": text(64, 2, 4, 1, 16, [4, 2, 2], tie_word_embeddings=False, num_experts=8,
+        "text_config": qwen3_text(64, 2, 4, 1, 16, [4, 2, 2], tie_word_embeddings=False, num_experts=8,
                             num_experts_per_tok=2, moe_intermediate_size=24, decoder_sparse_step=1),
-        "vision_config": vision(32, 2, 2, 64, [1]), "tie_word_embeddings": False}),
+        "vision_config": qwen3_vision(32, 2, 2, 64, [1]), "tie_word_embeddings": False}),
     "moe-tied": (transformers.Qwen3VLMoeConfig, transformers.Qwen3VLMoeForConditionalGeneration, {
-        "text_config": text(32, 2, 2, 1, 24, [6, 3, 3], tie_word_embeddings=True, num_experts=6,
+        "text_config": qwen3_text(32, 2, 2, 1, 24, [6, 3, 3], tie_word_embeddings=True, num_experts=6,
                             num_experts_per_tok=3, moe_intermediate_size=16, decoder_sparse_step=1),
-        "vision_config": vision(32, 2, 2, 32, [0, 1]), "tie_word_embeddings": True}),
+        "vision_config": qwen3_vision(32, 2, 2, 32, [0, 1]), "tie_word_embeddings": True}),
 }
 
 
@@ -71,27 +60,8 @@ DEEPSTACK_CASES = [name for name, (_, _, kwargs) in CASES.items()
                    if kwargs["vision_config"]["deepstack_visual_indexes"]]
 
 
-def relative_error(ours: np.ndarray, theirs: np.ndarray) -> float:
-    return float(np.abs(ours - theirs).max() / np.abs(theirs).max())
 
 
-def randomize(model: torch.nn.Module, seed: int) -> None:
-    """Weights far from transformers' 0.02-std init: attention not uniform, norms and positions matter, routing
-    decided by clear margins."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            noise = torch.randn(param.shape, generator=generator)
-            if name.endswith("bias"):
-                param.copy_(0.1 * noise)
-            elif param.ndim == 1:
-                param.copy_(1 + 0.2 * noise)
-            elif name.endswith(("embed_tokens.weight", "pos_embed.weight", "mlp.gate.weight")):
-                param.copy_(noise)
-            elif "experts" in name:
-                param.copy_(noise / math.sqrt(param.shape[-1]))
-            else:
-                param.copy_(noise / math.sqrt(param[0].numel()))
 
 
 @pytest.fixture(scope="module", params=list(CASES))

@@ -7,7 +7,6 @@ outputs (main merger and DeepStack features), the rotary positions and greedy to
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,7 @@ import torch
 import transformers
 from PIL import Image
 
+from tests.helpers import QWEN3_TOKENS, QWEN3_VOCAB, qwen3_text, qwen3_vision, randomize, relative_error
 from vlhub.smoke.inputs import (
     ImageProcessing,
     SmokeInput,
@@ -29,21 +29,11 @@ from vlhub.smoke.inputs import (
 from vlhub.smoke.reference import ReferenceForward, gelu_tanh
 from vlhub.smoke.weights import ModelWeights
 
-VOCAB = 400
-TOKENS = {"image_token_id": 390, "video_token_id": 391, "vision_start_token_id": 392, "vision_end_token_id": 393}
+VOCAB, TOKENS = QWEN3_VOCAB, QWEN3_TOKENS
 
 
-def text(hidden: int, layers: int, heads: int, kv_heads: int, head_dim: int, section: list[int], **extra) -> dict:
-    return dict(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                num_key_value_heads=kv_heads, head_dim=head_dim, intermediate_size=2 * hidden, rms_norm_eps=1e-6,
-                rope_parameters={"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": section,
-                                 "mrope_interleaved": True}, **extra)
 
 
-def vision(width: int, depth: int, heads: int, out: int, deepstack: list[int], positions: int = 64) -> dict:
-    return {"depth": depth, "hidden_size": width, "num_heads": heads, "intermediate_size": 2 * width,
-            "out_hidden_size": out, "num_position_embeddings": positions, "deepstack_visual_indexes": deepstack,
-            "patch_size": 16, "temporal_patch_size": 2, "spatial_merge_size": 2, "hidden_act": "gelu_pytorch_tanh"}
 
 
 # name -> (config class, model class, config kwargs). Between them: tied and untied (once with text_config saying
@@ -53,46 +43,27 @@ def vision(width: int, depth: int, heads: int, out: int, deepstack: list[int], p
 # as transformers 5's.
 CASES = {
     "dense": (transformers.Qwen3VLConfig, transformers.Qwen3VLForConditionalGeneration, {
-        "text_config": text(64, 3, 4, 2, 24, [6, 3, 3], tie_word_embeddings=False),
-        "vision_config": vision(32, 3, 2, 64, [0, 2]), "tie_word_embeddings": False}),
+        "text_config": qwen3_text(64, 3, 4, 2, 24, [6, 3, 3], tie_word_embeddings=False),
+        "vision_config": qwen3_vision(32, 3, 2, 64, [0, 2]), "tie_word_embeddings": False}),
     "dense-tied": (transformers.Qwen3VLConfig, transformers.Qwen3VLForConditionalGeneration, {
-        "text_config": text(48, 2, 3, 3, 16, [4, 2, 2], tie_word_embeddings=True),
-        "vision_config": vision(32, 2, 4, 48, []), "tie_word_embeddings": True}),
+        "text_config": qwen3_text(48, 2, 3, 3, 16, [4, 2, 2], tie_word_embeddings=True),
+        "vision_config": qwen3_vision(32, 2, 4, 48, []), "tie_word_embeddings": True}),
     "moe": (transformers.Qwen3VLMoeConfig, transformers.Qwen3VLMoeForConditionalGeneration, {
-        "text_config": text(64, 3, 4, 1, 16, [4, 2, 2], tie_word_embeddings=True, num_experts=8,
+        "text_config": qwen3_text(64, 3, 4, 1, 16, [4, 2, 2], tie_word_embeddings=True, num_experts=8,
                          num_experts_per_tok=2, moe_intermediate_size=24, decoder_sparse_step=1),
-        "vision_config": vision(32, 3, 2, 64, [2, 1]), "tie_word_embeddings": False}),
+        "vision_config": qwen3_vision(32, 3, 2, 64, [2, 1]), "tie_word_embeddings": False}),
     "moe-tied": (transformers.Qwen3VLMoeConfig, transformers.Qwen3VLMoeForConditionalGeneration, {
-        "text_config": text(32, 2, 2, 1, 24, [6, 3, 3], tie_word_embeddings=True, num_experts=6,
+        "text_config": qwen3_text(32, 2, 2, 1, 24, [6, 3, 3], tie_word_embeddings=True, num_experts=6,
                          num_experts_per_tok=3, moe_intermediate_size=16, decoder_sparse_step=1),
-        "vision_config": vision(32, 2, 2, 32, [1]), "tie_word_embeddings": True}),
+        "vision_config": qwen3_vision(32, 2, 2, 32, [1]), "tie_word_embeddings": True}),
 }
 OFFICIAL_SPELLING = {"moe"}  # config.json written as the official files spell it (transformers 4.57)
 DEEPSTACK_CASES = [name for name, (_, _, kwargs) in CASES.items()
                    if kwargs["vision_config"]["deepstack_visual_indexes"]]
 
 
-def relative_error(ours: np.ndarray, theirs: np.ndarray) -> float:
-    return float(np.abs(ours - theirs).max() / np.abs(theirs).max())
 
 
-def randomize(model: torch.nn.Module, seed: int) -> None:
-    """Weights far from transformers' 0.02-std init, so attention is not uniform, positions and norms matter and
-    routing is decided by clear margins."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            noise = torch.randn(param.shape, generator=generator)
-            if name.endswith("bias"):
-                param.copy_(0.1 * noise)
-            elif param.ndim == 1:  # norm weights
-                param.copy_(1 + 0.2 * noise)
-            elif name.endswith(("embed_tokens.weight", "pos_embed.weight", "mlp.gate.weight")):
-                param.copy_(noise)
-            elif "experts" in name:  # [E, out, in] in memory
-                param.copy_(noise / math.sqrt(param.shape[-1]))
-            else:
-                param.copy_(noise / math.sqrt(param[0].numel()))
 
 
 def official_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -8,7 +8,6 @@ out of block order). The MoE is refused in one line; exports broken on purpose f
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,7 +18,7 @@ paddle = pytest.importorskip("paddle")
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from tests.helpers import one_line_error, run_vlhub
+from tests.helpers import one_line_error, randomize, run_vlhub
 from vlhub.catalog import get_model
 from vlhub.formats.readers import open_checkpoint
 from vlhub.hub.tiny import ensure_tiny_model
@@ -55,20 +54,6 @@ NO_DEEPSTACK = {
 }
 
 
-def _randomize(model: torch.nn.Module) -> None:
-    """Weights far from transformers' 0.02-std init, so attention, norms, positions and DeepStack all matter."""
-    generator = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            noise = torch.randn(param.shape, generator=generator)
-            if name.endswith("bias"):
-                param.copy_(0.1 * noise)
-            elif param.ndim == 1:
-                param.copy_(1 + 0.2 * noise)
-            elif name.endswith(("embed_tokens.weight", "pos_embed.weight")):
-                param.copy_(noise)
-            else:
-                param.copy_(noise / math.sqrt(param[0].numel()))
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +63,7 @@ def sources(vlhub_home: Path, module_tmp: Callable[[str], Path]) -> dict[str, Pa
     for name, config in (("transformers", CONFIG), ("no-deepstack", NO_DEEPSTACK)):
         torch.manual_seed(0)
         model = transformers.Qwen3VLForConditionalGeneration(transformers.Qwen3VLConfig(**config, **TOKENS)).eval()
-        _randomize(model)
+        randomize(model, seed=3)
         made[name] = module_tmp(f"qwen3-vl-{name}") / "hf"
         model.save_pretrained(made[name])
     return made

@@ -9,7 +9,6 @@ llm_convert, then the bmodel's first token on the bm1684x cmodel against the ref
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 from collections.abc import Callable
@@ -18,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.helpers import run_vlhub
+from tests.helpers import randomize, run_vlhub
 from vlhub.catalog import get_model
 from vlhub.convert.configs import official_config
 from vlhub.errors import UserError
@@ -62,18 +61,7 @@ def saved_by_transformers(module_tmp: Callable[[str], Path]) -> Path:
                                         vision_start_token_id=VOCAB - 22, vision_end_token_id=VOCAB - 21)
     torch.manual_seed(0)
     model = transformers.Qwen3VLForConditionalGeneration(config).eval()
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            noise = torch.randn(param.shape, generator=generator)
-            if name.endswith("bias"):
-                param.copy_(0.1 * noise)
-            elif param.ndim == 1:  # norm weights
-                param.copy_(1 + 0.2 * noise)
-            elif name.endswith(("embed_tokens.weight", "pos_embed.weight")):
-                param.copy_(noise)
-            else:
-                param.copy_(noise / math.sqrt(param[0].numel()))
+    randomize(model, seed=1)
     directory = module_tmp("qwen3-vl-saved")
     model.to(torch.bfloat16).save_pretrained(directory)
     return directory
