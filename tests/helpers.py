@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     import torch
 
     from vlhub.plan import Plan
+    from vlhub.smoke.inputs import SmokeInput
     from vlhub.targets.tpu_mlir.build import TpuOptions
     from vlhub.targets.vamc.plan import VamcPlan
 
@@ -283,6 +284,19 @@ def randomize(model: torch.nn.Module, seed: int) -> None:
 def relative_error(ours: np.ndarray, theirs: np.ndarray) -> float:
     """The largest absolute difference over the largest magnitude of the expected values."""
     return float(np.abs(ours - theirs).max() / np.abs(theirs).max())
+
+
+def hf_inputs(smoke: SmokeInput) -> dict[str, torch.Tensor]:
+    """transformers' keyword inputs for a smoke input: ids, patches, grids and the image token mask."""
+    import torch
+
+    assert smoke.vision is not None
+    return {
+        "input_ids": torch.from_numpy(smoke.input_ids)[None],
+        "pixel_values": torch.from_numpy(smoke.vision.pixel_values),
+        "image_grid_thw": torch.tensor(smoke.vision.grids),
+        "mm_token_type_ids": torch.from_numpy(smoke.image_mask.astype(np.int64))[None],
+    }
 
 
 # --- a plan's target parts -----------------------------------------------------------------------------------------

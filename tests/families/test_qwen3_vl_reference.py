@@ -15,10 +15,9 @@ import torch
 import transformers
 from PIL import Image
 
-from tests.helpers import QWEN3_TOKENS, QWEN3_VOCAB, qwen3_text, qwen3_vision, randomize, relative_error
+from tests.helpers import QWEN3_TOKENS, QWEN3_VOCAB, hf_inputs, qwen3_text, qwen3_vision, randomize, relative_error
 from vlhub.smoke.inputs import (
     ImageProcessing,
-    SmokeInput,
     normalize,
     preprocessor_config,
     smart_resize,
@@ -108,15 +107,6 @@ def pair(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
     yield request.param, model, ReferenceForward(weights), directory
     weights.close()
 
-
-def hf_inputs(smoke: SmokeInput) -> dict[str, torch.Tensor]:
-    assert smoke.vision is not None
-    return {
-        "input_ids": torch.from_numpy(smoke.input_ids)[None],
-        "pixel_values": torch.from_numpy(smoke.vision.pixel_values),
-        "image_grid_thw": torch.tensor(smoke.vision.grids),
-        "mm_token_type_ids": torch.from_numpy(smoke.image_mask.astype(np.int64))[None],
-    }
 
 
 def test_the_checkpoint_is_read_in_the_official_layout(pair) -> None:

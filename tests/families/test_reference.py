@@ -10,7 +10,8 @@ import pytest
 import torch
 import transformers
 
-from vlhub.smoke.inputs import SmokeInput, smoke_input
+from tests.helpers import hf_inputs, relative_error
+from vlhub.smoke.inputs import smoke_input
 from vlhub.smoke.reference import ReferenceForward
 from vlhub.smoke.weights import ModelWeights
 
@@ -19,9 +20,6 @@ MODELS = {
     "tiny-qwen2.5-vl": transformers.Qwen2_5_VLForConditionalGeneration,
 }
 
-
-def relative_error(ours: np.ndarray, theirs: np.ndarray) -> float:
-    return float(np.abs(ours - theirs).max() / np.abs(theirs).max())
 
 
 @pytest.fixture(scope="module", params=list(MODELS))
@@ -32,15 +30,6 @@ def hf_pair(request: pytest.FixtureRequest, tiny_qwen2_vl: Path, tiny_qwen2_5_vl
     yield model, ReferenceForward(weights)
     weights.close()
 
-
-def hf_inputs(smoke: SmokeInput) -> dict[str, torch.Tensor]:
-    assert smoke.vision is not None
-    return {
-        "input_ids": torch.from_numpy(smoke.input_ids)[None],
-        "pixel_values": torch.from_numpy(smoke.vision.pixel_values),
-        "image_grid_thw": torch.tensor(smoke.vision.grids),
-        "mm_token_type_ids": torch.from_numpy(smoke.image_mask.astype(np.int64))[None],
-    }
 
 
 @pytest.mark.parametrize("size", [(112, 168), (224, 308), (56, 476)])
