@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from vlhub.errors import UserError
-from vlhub.formats.writers import temporary_name
+from vlhub.owned import temporary_name
 from vlhub.units import format_size, parse_size
 
 

@@ -38,7 +38,8 @@ from vlhub.convert.ops import FLOAT_DTYPES, cast_float, transpose_2d
 from vlhub.errors import UserError
 from vlhub.formats.readers import Checkpoint, open_checkpoint
 from vlhub.formats.tensors import TensorMeta, dtype_info
-from vlhub.formats.writers import temporary_name, write_json_atomic
+from vlhub.formats.writers import write_json_atomic
+from vlhub.owned import temporary_name
 from vlhub.hub.sources import resolve_source
 from vlhub.keymaps import load_keymap
 from vlhub.keymaps.config import tie_word_embeddings

@@ -32,7 +32,8 @@ from vlhub.formats.io_utils import StoredBytes, copy_stored_bytes, read_json_fil
 from vlhub.formats.readers import MAX_INDEX_BYTES, Checkpoint, open_checkpoint
 from vlhub.formats.safetensors_io import SafetensorsFile, SafetensorsShardWriter
 from vlhub.formats.tensors import TensorMeta
-from vlhub.formats.writers import temporary_name, write_json_atomic
+from vlhub.formats.writers import write_json_atomic
+from vlhub.owned import temporary_name
 from vlhub.keymaps import KeyMap, Layout, load_keymap
 from vlhub.manifest import MANIFEST, FileEntry, Manifest
 

@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 
 from vlhub.hub.download import HashingWriter
-from vlhub.hub.locks import exclusive_lock
+from vlhub.owned import exclusive_lock
 
 
 def test_a_lock_held_by_a_dead_process_is_taken_at_once(tmp_path: Path) -> None:
     lock = tmp_path / "model.lock"
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from pathlib import Path; from vlhub.hub.locks import exclusive_lock\n"
+        "import sys, time; from pathlib import Path; from vlhub.owned import exclusive_lock\n"
         f"with exclusive_lock(Path({str(lock)!r})):\n    print('held', flush=True); time.sleep(600)")],
         stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"

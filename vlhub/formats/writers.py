@@ -16,6 +16,7 @@ import numpy as np
 from vlhub.formats.base import ShardWriter
 from vlhub.formats.registry import FORMATS, Format
 from vlhub.formats.tensors import TensorMeta
+from vlhub.owned import temporary_name
 
 
 def plan_shards(tensors: Sequence[TensorMeta], max_shard_size: int) -> list[list[TensorMeta]]:
@@ -96,11 +97,6 @@ def hash_file_into(path: Path, digest: Any, on_bytes: Callable[[int], None] | No
             if on_bytes:
                 on_bytes(len(chunk))
     return digest
-
-
-def temporary_name(path: Path) -> Path:
-    """Where `path` is written until it is complete: hidden, in the same directory, so rename is atomic."""
-    return path.with_name(f".{path.name}.vlhub-{os.getpid()}.tmp")
 
 
 class CheckpointWriter:

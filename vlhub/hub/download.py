@@ -27,8 +27,8 @@ from typing import Any, BinaryIO
 from vlhub.atomic import ensure_free_space
 from vlhub.catalog import find_model
 from vlhub.errors import CheckFailed, UserError, VlhubError
-from vlhub.formats.writers import hash_file_into, temporary_name
-from vlhub.hub.locks import lock_open_file
+from vlhub.formats.writers import hash_file_into
+from vlhub.owned import lock_open_file, temporary_name
 from vlhub.hub.records import DownloadRecord, RemoteFile, RepoRef, load_record, save_record
 from vlhub.units import format_size, now_iso
 

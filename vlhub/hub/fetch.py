@@ -10,7 +10,8 @@ from typing import Protocol
 
 from vlhub.errors import UserError
 from vlhub.hub.download import HuggingFaceDownload, resolve_repo
-from vlhub.hub.locks import exclusive_lock, lock_path
+from vlhub.hub.locks import lock_path
+from vlhub.owned import exclusive_lock
 from vlhub.hub.modelscope import ModelScopeDownload
 from vlhub.hub.records import RemoteFile, RepoRef
 

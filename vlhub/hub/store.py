@@ -21,7 +21,8 @@ from vlhub.catalog import find_model, models
 from vlhub.errors import UserError
 from vlhub.hub.download import hash_file
 from vlhub.hub.home import remove_empty_parents, safe_name, vlhub_home
-from vlhub.hub.locks import exclusive_lock, lock_path
+from vlhub.hub.locks import lock_path
+from vlhub.owned import exclusive_lock
 from vlhub.hub.records import DownloadRecord, RemoteFile, all_records, remove_record, save_record
 from vlhub.hub.sources import Source, hub_snapshot
 from vlhub.manifest import MANIFEST, Manifest, verdict_state

@@ -1,0 +1,232 @@
+"""What vlhub owns while it writes: locks on the paths it writes, temporaries named after their owner, and the
+sweep that removes what killed runs left.
+
+Locks are `flock(2)` locks on a small file beside the written path (`.NAME.vlhub.lock`). The kernel releases
+them when their process dies however it dies (SIGKILL, the OOM killer), so a lock never outlives its owner;
+the holder writes its pid and command into the file only so that the next writer can say whom it met, and
+removes the file when done (the next writer removes one a killed owner left).
+
+Temporaries are hidden, beside what they become, and name their owner: `.NAME.vlhub-PID.KIND`. A temporary
+is stale when its owner is dead and nobody holds the lock of NAME; `sweep` removes stale ones (and puts back
+a set-aside `.old` copy whose replacement never arrived), so every run that writes somewhere cleans up after
+the runs killed there before it.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import re
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+
+from vlhub.errors import UserError
+
+_TEMPORARY = re.compile(r"\.(?P<name>.+)\.vlhub-(?P<pid>\d+)\.(?P<kind>[a-z]+)")
+_LOCK = re.compile(r"\.(?P<name>.+)\.vlhub\.lock")
+_held: set[Path] = set()  # lock files this process holds: its own sweeps must not wait on them
+
+
+class Busy(UserError):
+    """Another process is writing the same path."""
+
+
+def temporary_name(path: Path, kind: str = "tmp") -> Path:
+    """Where `path` is written until it is complete: hidden, in the same directory (so a rename publishes it),
+    named after this process."""
+    return path.with_name(f".{path.name}.vlhub-{os.getpid()}.{kind}")
+
+
+def lock_file_of(path: Path) -> Path:
+    """The file whose lock stands for writing `path`."""
+    return path.with_name(f".{path.name}.vlhub.lock")
+
+
+def _holder_text() -> str:
+    command = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv and sys.argv[0] else "python"
+    return f"pid {os.getpid()}: {command[:200]}"
+
+
+def _holder(fd: int) -> str:
+    return os.pread(fd, 256, 0).decode(errors="replace").strip() or "another process"
+
+
+@contextmanager
+def exclusive_lock(
+    lock_file: Path, on_wait: Callable[[str], None] | None = None, *, wait: bool = True, what: str | None = None
+) -> Iterator[None]:
+    """Hold `lock_file` exclusively for the block. If another process holds it: with `wait`, call
+    `on_wait(holder)` and wait until it finishes or dies; without, raise `Busy` naming the holder and `what`."""
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            if not _try_lock(fd):
+                holder = _holder(fd)
+                if not wait:
+                    raise Busy(f"{what or lock_file} is being written by another vlhub ({holder}); wait for it "
+                               "to finish, or stop it")
+                if on_wait is not None:
+                    on_wait(holder)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            if _same_file(fd, lock_file):
+                break
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)  # the holder we met removed that file: lock the one at the path now
+    _held.add(lock_file)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{_holder_text()}\n".encode(), 0)
+        yield
+    finally:
+        _held.discard(lock_file)
+        with suppress(OSError):
+            os.unlink(lock_file)  # while still held: whoever opened it meanwhile sees it gone and retries
+        os.close(fd)
+
+
+def _try_lock(fd: int) -> bool:
+    """Take the lock if it is free, looking again a few times over 0.1 s: a sweep in another process tests
+    locks by taking them for an instant, and that must not look like a writer."""
+    for attempt in range(5):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            time.sleep(0.02 * (attempt < 4))
+    return False
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        here = os.stat(path)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(fd)
+    return (here.st_dev, here.st_ino) == (mine.st_dev, mine.st_ino)
+
+
+@contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """Hold the write lock of `path` for the block, failing at once if another process holds it, and remove
+    the temporaries killed writers of `path` left beside it."""
+    with exclusive_lock(lock_file_of(path), wait=False, what=str(path)):
+        sweep(path.parent, only=path.name)
+        yield
+
+
+def lock_open_file(fd: int) -> None:
+    """Wait for exclusive use of an open file (a partial download two revisions' downloads could share)."""
+    fcntl.flock(fd, fcntl.LOCK_EX)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (one we may not signal counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _lock_free(lock_file: Path) -> bool:
+    """Whether nobody holds `lock_file` (this process's own locks count as free: it is the owner)."""
+    if lock_file in _held:
+        return True
+    try:
+        fd = os.open(lock_file, os.O_RDONLY)
+    except FileNotFoundError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class Leftover:
+    """A temporary or lock file a killed run left."""
+
+    path: Path
+    bytes: int
+    owner: int | None  # the dead owner's pid (None for a lock file)
+    restored: Path | None = None  # where a set-aside copy was put back instead of removed
+
+
+def stale_leftovers(directory: Path, only: str | None = None) -> list[Leftover]:
+    """The stale temporaries and lock files in `directory` (those of `only`'s name if given), not removed."""
+    found: list[Leftover] = []
+    try:
+        names = os.listdir(directory)
+    except (FileNotFoundError, NotADirectoryError):
+        return found
+    for name in sorted(names):
+        path = directory / name
+        temporary, lock = _TEMPORARY.fullmatch(name), _LOCK.fullmatch(name)
+        if temporary and (only is None or temporary["name"] == only):
+            pid = int(temporary["pid"])
+            if pid != os.getpid() and not process_alive(pid) and _lock_free(lock_file_of(directory / temporary["name"])):
+                found.append(Leftover(path, _size(path), pid))
+        elif lock and (only is None or lock["name"] == only) and lock_file_of(directory / lock["name"]) not in _held:
+            if _lock_free(path):
+                found.append(Leftover(path, _size(path), None))
+    return found
+
+
+def sweep(directory: Path, only: str | None = None) -> list[Leftover]:
+    """Remove what `stale_leftovers` finds; a set-aside `.old` copy whose path is empty is put back instead."""
+    swept: list[Leftover] = []
+    for leftover in stale_leftovers(directory, only):
+        match = _TEMPORARY.fullmatch(leftover.path.name)
+        if match and match["kind"] == "old" and not os.path.lexists(directory / match["name"]):
+            os.rename(leftover.path, directory / match["name"])  # killed between moving it aside and the new one in
+            swept.append(Leftover(leftover.path, leftover.bytes, leftover.owner, directory / match["name"]))
+            continue
+        if match is None:  # a lock file: take it, so nobody holds it while it goes
+            with suppress(Busy), exclusive_lock(leftover.path, wait=False):
+                pass  # releasing removes it
+        else:
+            _remove(leftover.path)
+        swept.append(leftover)
+    return swept
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with suppress(FileNotFoundError):
+            path.unlink()
+
+
+def _size(path: Path) -> int:
+    """Bytes under `path` (a file, or a folder's files), counted without following symlinks."""
+    try:
+        if not path.is_dir() or path.is_symlink():
+            return path.lstat().st_size
+    except FileNotFoundError:
+        return 0
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            with suppress(OSError):
+                total += os.lstat(os.path.join(root, name)).st_size
+    return total
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Whether `error` is the filesystem running out of space (or of quota)."""
+    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
