@@ -1,18 +1,22 @@
-"""Publishing outputs all or nothing: staging directories swapped in, signals held over the swap,
-free disk checked before anything is written."""
+"""Publishing outputs all or nothing: staging directories exchanged with what they replace, multi-file commits
+behind a journal, signals held over the commit, free disk checked before anything is written."""
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 import shutil
 import signal
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import Any
 
 from vlhub.errors import UserError
-from vlhub.owned import temporary_name
+from vlhub.faults import commit_point
+from vlhub.owned import is_disk_full, temporary_name, write_journal, writing
 from vlhub.units import format_size, parse_size
 
 
@@ -41,21 +45,65 @@ def signals_deferred() -> Iterator[None]:
             signal.raise_signal(received[0])
 
 
+def exchange(first: Path, second: Path) -> bool:
+    """Swap two existing paths in one step (Linux `renameat2(RENAME_EXCHANGE)`): a reader sees one or the other,
+    never neither. False where the system or filesystem cannot; nothing has moved then."""
+    global _renameat2
+    if _renameat2 is None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            _renameat2 = libc.renameat2
+            _renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+        except (OSError, AttributeError):  # not Linux, or a libc before 2.28
+            _renameat2 = False
+    if _renameat2 is False:
+        return False
+    if _renameat2(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE) == 0:
+        return True
+    error = ctypes.get_errno()
+    if error in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):  # a filesystem without it
+        return False
+    raise OSError(error, os.strerror(error), str(second))
+
+
+_renameat2: Any = None
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+
+
 def swap_in(staging: Path, out: Path) -> None:
-    """Rename the finished `staging` directory to `out`, setting aside (then removing) what `out` held."""
-    old = temporary_name(out).with_suffix(".old")
-    try:
-        with signals_deferred():
-            if out.exists():
-                os.rename(out, old)
-            try:
-                os.rename(staging, out)
-            except OSError:
-                if old.exists():  # put the previous output back rather than lose both
-                    os.rename(old, out)
-                raise
-    finally:  # also when a Ctrl-C held back during the swap is raised at its end
-        shutil.rmtree(old, ignore_errors=True)
+    """Publish the finished `staging` directory as `out` in one step, then remove what `out` held.
+
+    Where the filesystem cannot exchange two paths, `out` is first set aside as `.NAME.vlhub-PID.old`: a run
+    killed between the two renames leaves `out` missing, and the next vlhub run that writes there (or
+    `vlhub cache rm --stale`) puts the old copy back (see vlhub.owned.sweep).
+    """
+    with signals_deferred():
+        if not os.path.lexists(out):
+            commit_point("publish a new directory")
+            os.rename(staging, out)
+            return
+        commit_point("exchange a directory with its replacement")
+        if exchange(staging, out):
+            retired = staging  # now holds the previous output, under this run's temporary name
+        else:
+            retired = temporary_name(out, "old")
+            commit_point("set the previous directory aside")
+            os.rename(out, retired)
+            commit_point("publish the replacement directory")
+            os.rename(staging, out)
+        _sync_directory(out.parent)
+    commit_point("remove the previous directory")
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+def _sync_directory(directory: Path) -> None:
+    """Make a rename in `directory` durable (a crash of the machine, not just of vlhub, keeps it)."""
+    with suppress(OSError):  # some filesystems cannot open or sync a directory; the rename stands anyway
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 @contextmanager
@@ -65,14 +113,70 @@ def staged_directory(out: Path, source: Path, *, overwrite: bool, needed: int, w
     refuse_output_holding(out, source)
     check_output_directory(out, overwrite)
     ensure_free_space(out.parent, needed, what)
-    staging = temporary_name(out)
-    staging.mkdir(parents=True)
-    try:
+    with replacing(out, overwrite=overwrite, needed=needed, what=what) as staging:
         yield staging
-        swap_in(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+
+
+@contextmanager
+def replacing(out: Path, *, overwrite: bool, needed: int, what: str) -> Iterator[Path]:
+    """Hold the write lock of the directory `out` (a second writer fails at once, naming this process) and
+    hand out an empty staging directory beside it, published as `out` in one step when the block ends.
+    On an error or a signal the staging directory is removed and `out` is as it was; a disk that fills
+    is reported with the path and the bytes still needed."""
+    with writing(out):
+        check_output_directory(out, overwrite)  # again under the lock: another writer may just have finished
+        staging = temporary_name(out)
+        staging.mkdir(parents=True)
+        try:
+            try:
+                yield staging
+            except OSError as error:
+                if is_disk_full(error):
+                    written = sum(f.stat().st_size for f in staging.rglob("*") if f.is_file() and not f.is_symlink())
+                    raise disk_full(out, needed - written, what) from error
+                raise
+            swap_in(staging, out)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+
+
+def disk_full(path: Path, still_needed: int, what: str) -> UserError:
+    """The one-line error for a disk that filled while writing `what` to `path`."""
+    free = shutil.disk_usage(next(p for p in (path, *path.parents) if p.exists())).free
+    return UserError(f"the disk filled while writing {what} to {path}: {format_size(max(still_needed, 0))} more "
+                     f"needed ({format_size(free)} free); free that much space, or choose another --out")
+
+
+def commit_files(moves: Sequence[tuple[Path, Path]]) -> None:
+    """Rename each finished temporary over its final path (all in one directory), all or none.
+
+    A journal naming every move is made durable first; a run killed between two renames leaves it behind,
+    and the next vlhub run that writes there (or `vlhub cache rm --stale`) completes the renames
+    (vlhub.owned.sweep), so the files never stay half old, half new.
+    """
+    if not moves:
+        return
+    directory = moves[0][1].parent
+    assert all(temp.parent == final.parent == directory for temp, final in moves), "one directory per commit"
+    for temp, _ in moves:
+        _sync_file(temp)
+    journal = write_journal(moves)
+    with signals_deferred():
+        for temp, final in moves:
+            commit_point(f"rename {final.name} into place")
+            os.replace(temp, final)
+        _sync_directory(directory)
+        commit_point("remove the commit journal")
+        journal.unlink()
+
+
+def _sync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def refuse_output_holding(out: Path, source: Path) -> None:

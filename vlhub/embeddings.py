@@ -25,24 +25,25 @@ import io
 import os
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from vlhub import __version__
-from vlhub.atomic import ensure_free_space, signals_deferred
+from vlhub.atomic import commit_files, disk_full, ensure_free_space
 from vlhub.catalog import find_model
 from vlhub.convert.layouts import UNKNOWN, detect_family, detect_layout, embedding_candidates, spellings
 from vlhub.convert.ops import FLOAT_DTYPES, cast_float, transpose_2d
 from vlhub.errors import UserError
 from vlhub.formats.readers import Checkpoint, open_checkpoint
 from vlhub.formats.tensors import TensorMeta, dtype_info
-from vlhub.formats.writers import write_json_atomic
-from vlhub.owned import temporary_name
+from vlhub.formats.writers import write_json
 from vlhub.hub.sources import resolve_source
 from vlhub.keymaps import load_keymap
 from vlhub.keymaps.config import tie_word_embeddings
+from vlhub.owned import is_disk_full, temporary_name, writing
 
 DTYPES = ("float16", "bfloat16", "float32")
 FORMATS = ("bin", "npy")
@@ -97,6 +98,7 @@ class EmbeddingDump:
     dtype: str
     format: str
     outputs: list[tuple[Table, Path]]
+    overwrite: bool = False
 
     @property
     def total_bytes(self) -> int:
@@ -105,32 +107,41 @@ class EmbeddingDump:
         return sum(table.shape[0] * table.shape[1] * itemsize for table, _ in self.outputs)
 
     def write(self, on_bytes: OnBytes | None = None, *, block_bytes: int = BLOCK_BYTES) -> list[DumpedFile]:
-        """Write every output under a temporary name, then rename each into place beside its sidecar.
+        """Write every table and sidecar under a temporary name, then rename them all into place in one commit.
 
-        On an error or an interruption the temporaries are removed, so nothing is left behind.
+        The outputs are locked against a second writer for the whole run; on an error, an interruption or a
+        kill, nothing is published half (see `commit_files`) and no temporary outlives the next run there.
         """
-        temporaries: list[Path] = []
-        digests: list[str] = []
-        try:
-            for table, path in self.outputs:
-                temporaries.append(temporary_name(path))
-                try:
-                    digests.append(write_table(self.checkpoint, table, temporaries[-1], self.dtype, self.format,
-                                               on_bytes=on_bytes, block_bytes=block_bytes))
-                except OSError as exc:
-                    raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
-            dumped = []
-            with signals_deferred():  # every table and sidecar is published, or none
-                for (table, path), temp, digest in zip(self.outputs, temporaries, digests):
+        with ExitStack() as held:
+            for _, path in self.outputs:
+                held.enter_context(writing(path))
+            if not self.overwrite:
+                _refuse_existing([path for _, path in self.outputs])  # again, now that nobody else writes them
+            moves: list[tuple[Path, Path]] = []
+            try:
+                dumped = []
+                for table, path in self.outputs:
+                    temp = temporary_name(path)
+                    moves.append((temp, path))
+                    try:
+                        digest = write_table(self.checkpoint, table, temp, self.dtype, self.format,
+                                             on_bytes=on_bytes, block_bytes=block_bytes)
+                    except OSError as exc:
+                        if not is_disk_full(exc):
+                            raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
+                        written = sum(temp.stat().st_size for temp, _ in moves if temp.exists())
+                        raise disk_full(path, self.total_bytes - written, "the tables") from None
                     info = self._sidecar(table, path, digest, temp.stat().st_size)
-                    os.replace(temp, path)
-                    dumped.append(DumpedFile(path, write_json_atomic(sidecar_path(path), info), info))
-            return dumped
-        finally:
-            for temp in temporaries:
-                with contextlib.suppress(OSError):  # a failed cleanup must not hide why the write failed
-                    temp.unlink(missing_ok=True)
-            self.checkpoint.close()
+                    sidecar = sidecar_path(path)
+                    moves.append((write_json(temporary_name(sidecar), info), sidecar))
+                    dumped.append(DumpedFile(path, sidecar, info))
+                commit_files(moves)
+                return dumped
+            finally:
+                for temp, _ in moves:
+                    with contextlib.suppress(OSError):  # a failed cleanup must not hide why the write failed
+                        temp.unlink(missing_ok=True)
+                self.checkpoint.close()
 
     def _sidecar(self, table: Table, path: Path, digest: str, size: int) -> dict:
         model = find_model(self.source)
@@ -198,7 +209,8 @@ def prepare_dump(
         _refuse_overwriting_the_source(checkpoint, paths)
         if not overwrite:
             _refuse_existing(paths)
-        dump = EmbeddingDump(source, source_path, checkpoint, family, layout, dtype, format, list(zip(tables, paths)))
+        dump = EmbeddingDump(source, source_path, checkpoint, family, layout, dtype, format, list(zip(tables, paths)),
+                             overwrite)
         ensure_free_space(paths[0].parent, dump.total_bytes, "the tables")
     except BaseException:
         checkpoint.close()

@@ -25,17 +25,18 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import BinaryIO
 
-from vlhub.atomic import ensure_free_space, refuse_output_holding, signals_deferred, swap_in
+from vlhub.atomic import ensure_free_space, refuse_output_holding, replacing
 from vlhub.convert.layouts import UNKNOWN, detect_family, detect_layout, explains, match_count
 from vlhub.errors import CorruptCheckpoint, UserError
+from vlhub.faults import commit_point
 from vlhub.formats.io_utils import StoredBytes, copy_stored_bytes, read_json_file
 from vlhub.formats.readers import MAX_INDEX_BYTES, Checkpoint, open_checkpoint
 from vlhub.formats.safetensors_io import SafetensorsFile, SafetensorsShardWriter
 from vlhub.formats.tensors import TensorMeta
 from vlhub.formats.writers import write_json_atomic
-from vlhub.owned import temporary_name
 from vlhub.keymaps import KeyMap, Layout, load_keymap
 from vlhub.manifest import MANIFEST, FileEntry, Manifest
+from vlhub.owned import is_owned_name, temporary_name, writing
 
 SUPPORTED_FORMATS = ("safetensors", "pdparams")
 
@@ -286,10 +287,14 @@ def rename_keys(
         if dry_run:
             return result
         with progress(checkpoint.total_bytes) if progress else nullcontext(_ignore_bytes) as on_bytes:
-            if out_path is None:  # not a dry run, so --in-place
+            if out_path is None and not whole_directory and Manifest.read(checkpoint.root) is None:
+                # one weight file among others the user keeps there: only that file is replaced
+                result.written = [_write_file(checkpoint, mapping, source, on_bytes, durable=True)]
+            elif out_path is None:  # not a dry run, so --in-place
                 result.written = _rewrite_in_place(checkpoint, mapping, layout, on_bytes)
             elif whole_directory:
-                result.written, result.copied = _write_directory(checkpoint, mapping, layout, out_path, on_bytes)
+                result.written, result.copied = _write_directory(checkpoint, mapping, layout, out_path, on_bytes,
+                                                                 overwrite=overwrite)
             else:
                 result.written = [_write_file(checkpoint, mapping, out_path, on_bytes)]
     return result
@@ -329,74 +334,86 @@ def _check_out(out: Path, source: Path, directory: bool, overwrite: bool) -> Non
 
 
 def _write_directory(
-    checkpoint: Checkpoint, mapping: dict[str, str], layout: str, out: Path, on_bytes: OnBytes
+    checkpoint: Checkpoint, mapping: dict[str, str], layout: str, out: Path, on_bytes: OnBytes, *, overwrite: bool
 ) -> tuple[list[Path], list[Path]]:
-    """Build the whole output in a staging directory beside `out`, then swap it in."""
-    staging = temporary_name(out)
-    staging.mkdir(parents=True)
-    try:
-        rewritten = list(checkpoint.shards)
-        for shard in checkpoint.shards:
-            (staging / shard).parent.mkdir(parents=True, exist_ok=True)
-            _write_shard(checkpoint, shard, mapping, staging / shard, on_bytes, durable=False)
-        if checkpoint.index_file is not None:
-            write_json_atomic(staging / checkpoint.index_file, _renamed_index(checkpoint, mapping))
-            rewritten.append(checkpoint.index_file)
+    """Build the whole output in a staging directory beside `out`, then publish it in one step."""
+    with replacing(out, overwrite=overwrite, needed=checkpoint.total_bytes, what="the renamed weights") as staging:
+        rewritten = _write_renamed(checkpoint, mapping, layout, staging, on_bytes, durable=False)
         carried = _carry_other_files(checkpoint.root, {checkpoint.root / name for name in rewritten}, staging)
-        manifest = _renamed_manifest(checkpoint.root, {name: staging / name for name in rewritten}, layout)
-        if manifest is not None:
-            manifest.write(staging)
-            rewritten.append(MANIFEST)
-        swap_in(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return [out / name for name in rewritten], [out / path.relative_to(staging) for path in carried]
 
 
-def _write_file(checkpoint: Checkpoint, mapping: dict[str, str], out: Path, on_bytes: OnBytes) -> Path:
+def _write_renamed(
+    checkpoint: Checkpoint, mapping: dict[str, str], layout: str, staging: Path, on_bytes: OnBytes, *, durable: bool
+) -> list[str]:
+    """Write the renamed shards, index and manifest into `staging`; the names written, relative to it."""
+    rewritten = list(checkpoint.shards)
+    for shard in checkpoint.shards:
+        (staging / shard).parent.mkdir(parents=True, exist_ok=True)
+        _write_shard(checkpoint, shard, mapping, staging / shard, on_bytes, durable=durable)
+    if checkpoint.index_file is not None:
+        write_json_atomic(staging / checkpoint.index_file, _renamed_index(checkpoint, mapping))
+        rewritten.append(checkpoint.index_file)
+    manifest = _renamed_manifest(checkpoint.root, {name: staging / name for name in rewritten}, layout)
+    if manifest is not None:
+        manifest.write(staging)
+        rewritten.append(MANIFEST)
+    return rewritten
+
+
+def _write_file(
+    checkpoint: Checkpoint, mapping: dict[str, str], out: Path, on_bytes: OnBytes, *, durable: bool = False
+) -> Path:
+    """Write the single-file checkpoint renamed to `out` (which may be the source itself) under a temporary
+    name, then rename it over `out`."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    temp = temporary_name(out)
-    try:
-        _write_shard(checkpoint, checkpoint.shards[0], mapping, temp, on_bytes, durable=False)
-        os.replace(temp, out)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
+    with writing(out):
+        temp = temporary_name(out)
+        try:
+            _write_shard(checkpoint, checkpoint.shards[0], mapping, temp, on_bytes, durable=durable)
+            commit_point("rename the renamed file into place")
+            os.replace(temp, out)
+        except BaseException:
+            temp.unlink(missing_ok=True)
+            raise
     return out
 
 
 def _rewrite_in_place(checkpoint: Checkpoint, mapping: dict[str, str], layout: str, on_bytes: OnBytes) -> list[Path]:
-    """Write every new shard (and the index, and the manifest) beside the originals, then rename them over, the
-    index and the manifest last.
+    """Replace the checkpoint's folder by a renamed copy in one step: the new shards, index and manifest are
+    written into a staging folder beside it, every other entry hard-linked in (no bytes copied), and the two
+    folders are exchanged. A reader, or a run killed at any instant, sees the old folder or the new one.
 
-    The new files are fsynced before the commit: after a crash the originals, the only copy of the
+    The new files are fsynced before the exchange: after a crash the originals, the only copy of the
     weights, must not be replaced by files whose data never reached the disk.
     """
-    moves: list[tuple[Path, Path]] = []
-    try:
-        for shard in checkpoint.shards:
-            final = checkpoint.root / shard
-            moves.append((temporary_name(final), final))
-            _write_shard(checkpoint, shard, mapping, moves[-1][0], on_bytes, durable=True)
-        if checkpoint.index_file is not None:
-            final = checkpoint.root / checkpoint.index_file
-            moves.append((write_json_atomic(temporary_name(final), _renamed_index(checkpoint, mapping)), final))
-        manifest = _renamed_manifest(
-            checkpoint.root, {final.relative_to(checkpoint.root).as_posix(): temp for temp, final in moves}, layout)
-        if manifest is not None:
-            final = checkpoint.root / MANIFEST
-            moves.append((write_json_atomic(temporary_name(final), manifest.to_json()), final))
-        # a rename within one directory does not fail once the new file exists, so the commit runs all or
-        # none; holding Ctrl-C and SIGTERM keeps the checkpoint from being left half old, half new
-        with signals_deferred():
-            for temp, final in moves:
-                os.replace(temp, final)
-    except BaseException:
-        for temp, _ in moves:
-            temp.unlink(missing_ok=True)
-        raise
-    return [final for _, final in moves]
+    root = checkpoint.root.resolve()  # a symlinked folder: replace the folder it leads to, keep the link
+    with replacing(root, overwrite=True, needed=checkpoint.total_bytes, what="the renamed weights") as staging:
+        os.chmod(staging, os.stat(root).st_mode & 0o7777)
+        rewritten = _write_renamed(checkpoint, mapping, layout, staging, on_bytes, durable=True)
+        _link_other_entries(root, set(rewritten), staging)
+    return [checkpoint.root / name for name in rewritten]
+
+
+def _link_other_entries(root: Path, rewritten: set[str], staging: Path, relative: Path = Path()) -> None:
+    """Give `staging` every entry of `root` that is not rewritten: files as hard links, symlinks as symlinks
+    (relative ones still lead where they did: `staging` is `root`'s sibling), folders recreated. vlhub's
+    own temporaries and locks there are dropped."""
+    for entry in os.scandir(root / relative):
+        name = (relative / entry.name).as_posix()
+        if is_owned_name(entry.name) or name in rewritten:
+            continue
+        target = staging / name
+        if entry.is_symlink():
+            os.symlink(os.readlink(entry.path), target)
+        elif entry.is_dir():
+            target.mkdir(exist_ok=True)  # it may hold a rewritten shard already
+            _link_other_entries(root, rewritten, staging, relative / entry.name)
+        else:
+            try:
+                os.link(entry.path, target)
+            except OSError:  # a filesystem without hard links: a copy
+                shutil.copy2(entry.path, target)
 
 
 def _renamed_index(checkpoint: Checkpoint, mapping: dict[str, str]) -> dict:

@@ -16,14 +16,15 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import os
 import re
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from vlhub.errors import UserError
@@ -41,6 +42,11 @@ def temporary_name(path: Path, kind: str = "tmp") -> Path:
     """Where `path` is written until it is complete: hidden, in the same directory (so a rename publishes it),
     named after this process."""
     return path.with_name(f".{path.name}.vlhub-{os.getpid()}.{kind}")
+
+
+def is_owned_name(name: str) -> bool:
+    """Whether `name` is one of vlhub's temporaries or lock files."""
+    return bool(_TEMPORARY.fullmatch(name) or _LOCK.fullmatch(name))
 
 
 def lock_file_of(path: Path) -> Path:
@@ -178,22 +184,29 @@ def stale_leftovers(directory: Path, only: str | None = None) -> list[Leftover]:
         temporary, lock = _TEMPORARY.fullmatch(name), _LOCK.fullmatch(name)
         if temporary and (only is None or temporary["name"] == only):
             pid = int(temporary["pid"])
-            if pid != os.getpid() and not process_alive(pid) and _lock_free(lock_file_of(directory / temporary["name"])):
+            owner_gone = pid != os.getpid() and not process_alive(pid)
+            if owner_gone and _lock_free(lock_file_of(directory / temporary["name"])):
                 found.append(Leftover(path, _size(path), pid))
-        elif lock and (only is None or lock["name"] == only) and lock_file_of(directory / lock["name"]) not in _held:
-            if _lock_free(path):
-                found.append(Leftover(path, _size(path), None))
+        elif lock and (only is None or lock["name"] == only) and path not in _held and _lock_free(path):
+            found.append(Leftover(path, _size(path), None))
     return found
 
 
 def sweep(directory: Path, only: str | None = None) -> list[Leftover]:
-    """Remove what `stale_leftovers` finds; a set-aside `.old` copy whose path is empty is put back instead."""
+    """Remove what `stale_leftovers` finds, after completing the multi-file commits killed runs left half done
+    (every journal in `directory`, whatever `only` says: its temporaries may carry other names); a set-aside
+    `.old` copy whose path is empty is put back instead of removed."""
     swept: list[Leftover] = []
+    for journal in stale_leftovers(directory):
+        match = _TEMPORARY.fullmatch(journal.path.name)
+        if match and match["kind"] == "journal":
+            _complete_commit(journal.path)
+            swept.append(replace(journal, restored=directory / match["name"]))
     for leftover in stale_leftovers(directory, only):
         match = _TEMPORARY.fullmatch(leftover.path.name)
         if match and match["kind"] == "old" and not os.path.lexists(directory / match["name"]):
             os.rename(leftover.path, directory / match["name"])  # killed between moving it aside and the new one in
-            swept.append(Leftover(leftover.path, leftover.bytes, leftover.owner, directory / match["name"]))
+            swept.append(replace(leftover, restored=directory / match["name"]))
             continue
         if match is None:  # a lock file: take it, so nobody holds it while it goes
             with suppress(Busy), exclusive_lock(leftover.path, wait=False):
@@ -202,6 +215,39 @@ def sweep(directory: Path, only: str | None = None) -> list[Leftover]:
             _remove(leftover.path)
         swept.append(leftover)
     return swept
+
+
+def write_journal(moves: Sequence[tuple[Path, Path]]) -> Path:
+    """Record, durably, that each temporary of `moves` (all finished, all in one directory) is to be renamed
+    over its final path: from here on the commit is completed even if this process dies."""
+    journal = temporary_name(moves[0][1], "journal")
+    staging = temporary_name(moves[0][1], "journalpart")
+    with open(staging, "w", encoding="utf-8") as stream:
+        json.dump({"moves": [[temp.name, final.name] for temp, final in moves]}, stream)
+        stream.flush()
+        os.fsync(stream.fileno())
+    os.replace(staging, journal)
+    return journal
+
+
+def _complete_commit(journal: Path) -> None:
+    """Finish the renames a killed run's journal lists (those not done yet), then remove the journal."""
+    try:
+        moves = json.loads(journal.read_text(encoding="utf-8"))["moves"]
+    except (OSError, ValueError, KeyError, TypeError):
+        journal.unlink(missing_ok=True)  # never made durable, so none of its renames ran
+        return
+    for temp_name, final_name in moves:
+        if not all(_plain_name(name) for name in (temp_name, final_name)):
+            continue  # names read from a file must stay in this directory
+        temp, final = journal.parent / temp_name, journal.parent / final_name
+        if temp.exists():
+            os.replace(temp, final)
+    journal.unlink(missing_ok=True)
+
+
+def _plain_name(name: object) -> bool:
+    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
 
 
 def _remove(path: Path) -> None:

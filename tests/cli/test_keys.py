@@ -24,6 +24,7 @@ import pytest
 
 import vlhub.keys
 from tests.helpers import REPO, one_line_error, run_vlhub
+from vlhub import atomic
 from vlhub.check import check_path
 from vlhub.errors import UserError
 from vlhub.formats.io_utils import StoredBytes
@@ -420,19 +421,18 @@ def test_in_place_interrupted_while_writing_leaves_the_original(
 
 def test_ctrl_c_during_the_commit_waits_for_it_to_finish(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     source = _make_checkpoint(tmp_path / "src", "safetensors", max_shard_size=3000)
-    real_replace = os.replace
+    real_exchange = atomic.exchange
 
-    def replace_after_ctrl_c(src: Path, dst: Path) -> None:
-        if not Path(dst).name.startswith("."):  # a commit rename, not one that completes a temporary
-            os.kill(os.getpid(), signal.SIGINT)  # held back until every rename is done
-        real_replace(src, dst)
+    def exchange_after_ctrl_c(first: Path, second: Path) -> bool:
+        os.kill(os.getpid(), signal.SIGINT)  # held back until the new folder is in
+        return real_exchange(first, second)
 
     # a thread that does not mask signals, as native pools started by imports do: the kernel may hand it the
     # SIGINT, so masking the main thread alone would not hold it back
     idle = threading.Event()
     bystander = threading.Thread(target=idle.wait)
     bystander.start()
-    monkeypatch.setattr(os, "replace", replace_after_ctrl_c)
+    monkeypatch.setattr(atomic, "exchange", exchange_after_ctrl_c)
     try:
         with pytest.raises(KeyboardInterrupt):
             _rename(source, in_place=True)

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from vlhub.faults import commit_point
 from vlhub.formats.base import ShardWriter
 from vlhub.formats.registry import FORMATS, Format
 from vlhub.formats.tensors import TensorMeta
@@ -186,6 +187,7 @@ class CheckpointWriter:
             self._open_next_shard()
             self._finish_shard()
         for temp, name, digest in zip(self._temporaries, self.shard_names, self._hashes):
+            commit_point(f"rename {name} into place")
             os.replace(temp, self.out_dir / name)
             self.written.append(self.out_dir / name)
             self.sha256[name] = digest
@@ -221,11 +223,18 @@ class CheckpointWriter:
             self.abort()
 
 
+def write_json(path: Path, data: object) -> Path:
+    """Write JSON indented, as Hugging Face writes its files."""
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    return path
+
+
 def write_json_atomic(path: Path, data: object) -> Path:
     """Write JSON (indented, as HF writes its files) under a temporary name, then rename it."""
     temp = temporary_name(path)
     try:
-        temp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+        write_json(temp, data)
+        commit_point(f"rename {path.name} into place")
         os.replace(temp, path)
     finally:
         temp.unlink(missing_ok=True)

@@ -29,6 +29,7 @@ from vlhub.convert.plan import KeyMapMismatch
 from vlhub.errors import CheckFailed, CorruptCheckpoint, UserError
 from vlhub.hub.sources import resolve_source
 from vlhub.manifest import MANIFEST, Manifest
+from vlhub.owned import writing
 from vlhub.smoke.inputs import SmokeInput, preprocessor_config, smoke_input, tokenizer_special_tokens
 from vlhub.smoke.reference import ReferenceForward
 from vlhub.smoke.verdict import (
@@ -298,7 +299,9 @@ def _until_first_difference(reference: list[int], predicted: list[int]) -> list[
 
 
 def record_verdict(artifact: Path, verdict: dict) -> None:
-    """Write a smoke verdict into the artifact's manifest (`smoke`), atomically."""
-    manifest = Manifest.load(Path(artifact))
-    manifest.smoke = verdict
-    manifest.write(Path(artifact))
+    """Write a smoke verdict into the artifact's manifest (`smoke`), atomically, under the artifact's write lock (a
+    `vlhub keys --in-place` of it must not be undone by a manifest read before it)."""
+    with writing(Path(artifact).absolute()):
+        manifest = Manifest.load(Path(artifact))
+        manifest.smoke = verdict
+        manifest.write(Path(artifact))
