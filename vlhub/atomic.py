@@ -188,6 +188,10 @@ def refuse_output_holding(out: Path, source: Path) -> None:
 
 def check_output_directory(out: Path, overwrite: bool) -> None:
     """Refuse an output directory that cannot be made there, or that holds something, unless `overwrite`."""
+    cwd, real_out = Path.cwd().resolve(), out.resolve()
+    if real_out == cwd or real_out in cwd.parents:
+        # the finished folder is renamed over `out`: this shell would be left in the old, removed one
+        raise UserError(f"{out} is or holds the working directory, and is replaced as a whole: cd elsewhere first")
     nearest = next(p for p in out.absolute().parents if p.exists())
     if not nearest.is_dir():
         raise UserError(f"{nearest} is a file, so {out} cannot be created; choose another --out")
