@@ -5,6 +5,7 @@ Examples:
     vlhub cache verify qwen2-vl-7b
     vlhub cache path tiny-qwen2-vl --target paddle-inference
     vlhub cache rm qwen2-vl-7b --target paddle --yes
+    vlhub cache rm --stale --yes
 """
 
 from __future__ import annotations
@@ -22,14 +23,15 @@ from vlhub.cli._errors import reports_errors
 from vlhub.cli._options import JsonOpt
 from vlhub.cli._output import byte_progress, print_json, stderr, stdout
 from vlhub.errors import CheckFailed, UserError
+from vlhub.hub.leftovers import PARTIAL, CacheLeftover, find_leftovers, remove_leftovers
 from vlhub.hub.store import (
     DOWNLOAD,
     CacheEntry,
+    entries_to_remove,
     find_entry,
     list_entries,
     mark_used,
     remove_entry,
-    select_entries,
     verify_bytes,
     verify_entry,
 )
@@ -45,6 +47,12 @@ cache_app = typer.Typer(
 
 ModelArg = Annotated[str, typer.Argument(metavar="MODEL", help="A catalog name or repo id.", show_default=False)]
 OptionalModelArg = Annotated[str | None, typer.Argument(metavar="[MODEL]", help="Only this model (default: all).", show_default=False)]
+RemovedModelArg = Annotated[str | None, typer.Argument(metavar="[MODEL]", help="A catalog name or repo id (with "
+                                                    "--stale: only its leftovers; default: all).", show_default=False)]
+YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Delete without asking.")]
+StaleOpt = Annotated[bool, typer.Option("--stale", help="Remove what killed runs left instead: temporaries of dead "
+                                                        "processes, lock files nobody holds, partial downloads "
+                                                        "nobody is writing (of MODEL only, if given).")]
 TargetOpt = Annotated[
     str | None,
     typer.Option("--target", help=f"An artifact's target ({', '.join(TARGETS)}; with the options it was made with, "
@@ -97,47 +105,118 @@ def path(model: ModelArg, target: TargetOpt = None) -> None:
 
 @cache_app.command("rm")
 @reports_errors
-def rm(model: ModelArg, target: TargetOpt = None,
-       yes: Annotated[bool, typer.Option("--yes", "-y", help="Delete without asking.")] = False) -> None:
-    """Remove a model's entries (all of them, or one --target's); asks first unless --yes."""
-    entries = select_entries(model, target)
-    if not entries:
-        raise UserError(f"nothing of {model}{f' for --target {target}' if target else ''} is in the cache "
-                        "(`vlhub cache ls` lists what is there)")
-    for e in entries:
-        stderr.print(f"  {e.kind:<24} {e.revision[:12]:<12} {format_size(e.size):>9}  {e.path}", markup=False,
-                     soft_wrap=True)
-    total = format_size(sum(e.size for e in entries))
-    if not yes:
-        if not sys.stdin.isatty():
-            raise UserError(f"not deleting {len(entries)} entries ({total}) without confirmation: pass --yes")
-        if not typer.confirm(f"delete these {len(entries)} entries ({total})?", err=True):
-            raise typer.Exit(1)
-    for e in entries:
-        remove_entry(e)
-    stdout.print(f"removed {len(entries)} entries ({total})")
+def rm(model: RemovedModelArg = None, target: TargetOpt = None, stale: StaleOpt = False, yes: YesOpt = False,
+       json: JsonOpt = False) -> None:
+    """Remove a model's entries (all of them, or one --target's), or with --stale what killed runs left; asks
+    first unless --yes. While a download, conversion or other `cache rm` of an entry runs, fails at once naming
+    it."""
+    if stale:
+        if target is not None:
+            raise UserError("--target chooses entries, --stale removes leftovers: pass one of them")
+        _remove_stale(model, yes, json)
+        return
+    if model is None:
+        raise UserError("name the MODEL whose entries to remove, or pass --stale")
+    with entries_to_remove(model, target) as entries:
+        if not entries:
+            raise UserError(f"nothing of {model}{f' for --target {target}' if target else ''} is in the cache "
+                            "(`vlhub cache ls` lists what is there)")
+        for e in entries:
+            stderr.print(f"  {e.kind:<24} {e.revision[:12]:<12} {format_size(e.size):>9}  {e.path}", markup=False,
+                         soft_wrap=True)
+        total = sum(e.size for e in entries)
+        _confirm(f"{len(entries)} entries", total, yes)
+        for e in entries:
+            remove_entry(e)
+    if json:
+        print_json({"removed": [e.to_json() for e in entries], "freed_bytes": total})
+    else:
+        stdout.print(f"removed {len(entries)} entries ({format_size(total)})")
+
+
+def _confirm(what: str, total: int, yes: bool) -> None:
+    """Ask before deleting, unless --yes; without a terminal to ask on, refuse."""
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        raise UserError(f"not deleting {what} ({format_size(total)}) without confirmation: pass --yes")
+    if not typer.confirm(f"delete these {what} ({format_size(total)})?", err=True):
+        raise typer.Exit(1)
+
+
+def _remove_stale(model: str | None, yes: bool, json: bool) -> None:
+    found = find_leftovers(model)
+    if found:
+        for leftover in found:
+            stderr.print(f"  {_describe(leftover)}", markup=False, soft_wrap=True)
+        _confirm(f"{len(found)} leftovers", sum(leftover.bytes for leftover in found), yes)
+    removed = remove_leftovers(found)
+    gone = [leftover for leftover in removed if leftover.restored is None]  # the others were put back in place
+    freed = sum(leftover.bytes for leftover in gone)
+    kept = sorted({leftover.path for leftover in found} - {leftover.path for leftover in removed})
+    if json:
+        print_json({"removed": [leftover.to_json() for leftover in removed], "freed_bytes": freed,
+                    "kept": [str(path) for path in kept]})
+        return
+    for leftover in removed:
+        if leftover.restored is not None:
+            stdout.print(f"restored {escape(str(leftover.restored))} from {escape(str(leftover.path))}")
+    for path in kept:
+        stdout.print(f"kept {escape(str(path))}: a vlhub run took it up since it was listed")
+    where = f" of {escape(model)}" if model else ""
+    if found:
+        stdout.print(f"removed {len(gone)} leftovers of killed runs{where}, {format_size(freed)} freed")
+    else:
+        stdout.print(f"no leftovers of killed runs{where} in the cache")
 
 
 @cache_app.command("verify")
 @reports_errors
 def verify(model: OptionalModelArg = None, json: JsonOpt = False) -> None:
     """Re-hash entries offline: downloads against the hashes the hub listed (or their blob names), artifacts
-    against their manifests. Exit 1 and the damaged files listed on any mismatch."""
-    entries = list_entries(model)
-    if not entries:
+    against their manifests. Exit 1 and the damaged files listed on any mismatch. Also lists what killed runs
+    left (removed by `cache rm --stale`), which is no damage."""
+    entries, results = list_entries(model), []
+    if entries:
+        with byte_progress("verifying", sum(verify_bytes(e) for e in entries)) as advance:
+            results = [verify_entry(e, on_bytes=advance) for e in entries]
+    leftovers = find_leftovers(model)  # after the records are written: writing one sweeps its folder
+    if not entries and not leftovers:
         raise UserError(f"nothing {f'of {model} ' if model else ''}is in the cache to verify")
-    with byte_progress("verifying", sum(verify_bytes(e) for e in entries)) as advance:
-        results = [verify_entry(e, on_bytes=advance) for e in entries]
     if json:
-        print_json([{**r.entry.to_json(), "files_checked": r.checked, "damaged": r.damaged, "skipped": r.skipped,
-                     "ok": r.ok} for r in results])
+        print_json([*({**r.entry.to_json(), "files_checked": r.checked, "damaged": r.damaged, "skipped": r.skipped,
+                       "ok": r.ok} for r in results),
+                    *({**leftover.to_json(), "ok": True} for leftover in leftovers)])
     else:
         for r in results:
             _show_result(r.entry, r.checked, r.damaged, r.skipped)
+        _show_leftovers(leftovers)
     damaged = [r for r in results if not r.ok]
     if damaged:
         raise CheckFailed(f"{sum(len(r.damaged) for r in damaged)} damaged files in {len(damaged)} entries; "
                           "`vlhub cache rm` them and download or convert again")
+
+
+def _describe(leftover: CacheLeftover) -> str:
+    """One leftover as `verify` and `rm --stale` list it."""
+    where, size = leftover.path, format_size(leftover.bytes)
+    if leftover.kind == PARTIAL:
+        return f"{where}: {size} of a download of {leftover.model}, resumable: `{leftover.resume}` continues it"
+    if leftover.owner is None:
+        return f"{where}: a lock file nobody holds"
+    return f"{where}: {size}, left by pid {leftover.owner}, which is no longer running"
+
+
+def _show_leftovers(leftovers: list[CacheLeftover]) -> None:
+    for leftover in leftovers:
+        label = "partial" if leftover.kind == PARTIAL else "stale  "
+        stdout.print(f"[yellow]{label}[/yellow]  {escape(_describe(leftover))}", soft_wrap=True)
+    if leftovers:
+        partials = " (a partial download too: continue it instead to keep its bytes)" if any(
+            leftover.kind == PARTIAL for leftover in leftovers) else ""
+        stdout.print(f"{len(leftovers)} leftovers of killed runs, "
+                     f"{format_size(sum(leftover.bytes for leftover in leftovers))}: `vlhub cache rm --stale` "
+                     f"removes them{partials}", soft_wrap=True)
 
 
 def _show_result(entry: CacheEntry, checked: int, damaged: list[str], skipped: str | None) -> None:

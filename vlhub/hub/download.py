@@ -21,15 +21,17 @@ import shutil
 import threading
 import time
 from collections.abc import Callable
+from contextlib import suppress
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
 
 from vlhub.atomic import ensure_free_space
 from vlhub.catalog import find_model
 from vlhub.errors import CheckFailed, UserError, VlhubError
+from vlhub.faults import commit_point
 from vlhub.formats.writers import hash_file_into
-from vlhub.owned import lock_open_file, temporary_name
 from vlhub.hub.records import DownloadRecord, RemoteFile, RepoRef, load_record, save_record
+from vlhub.owned import lock_open_file, sweep, temporary_name
 from vlhub.units import format_size, now_iso
 
 SOURCES = ("huggingface", "modelscope")
@@ -335,6 +337,8 @@ class HuggingFaceDownload:
         to_fetch = {f.etag: f for f in self.files if not self._have_blob(f)}  # equal files share one blob
         in_parallel(lambda file, cancel: self._download(file, received, cancel), list(to_fetch.values()))
         snapshot = self.storage / "snapshots" / self.commit
+        for folder in sorted({(snapshot / file.path).parent for file in self.files}):
+            sweep(folder)  # links a killed run was making
         for file in self.files:
             if file.etag not in to_fetch and not self.record.verified(file) and not self._verified_blob(file):
                 self._check_reused(file)
@@ -343,8 +347,10 @@ class HuggingFaceDownload:
         if self.ref.revision != self.commit:
             ref_file = self.storage / "refs" / self.ref.revision
             ref_file.parent.mkdir(parents=True, exist_ok=True)
+            sweep(ref_file.parent)
             temporary = temporary_name(ref_file)
             temporary.write_text(self.commit)
+            commit_point("point a ref at its commit")
             os.replace(temporary, ref_file)
         if not self.filtered:
             self.record.filtered = False
@@ -389,10 +395,9 @@ class HuggingFaceDownload:
 
         blob, partial = self._blob(file), self._partial(file)
         partial.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(partial, os.O_RDWR | os.O_CREAT, 0o600)
-        with os.fdopen(fd, "r+b") as handle:
-            lock_open_file(handle.fileno())
-            if self._have_blob(file):  # what we opened may be that process's partial, renamed to the blob
+        with _locked_partial(partial) as handle:
+            if self._have_blob(file):  # another download completed the blob meanwhile: no use for a partial
+                partial.unlink()
                 return None
             if handle.seek(0, os.SEEK_END) > file.size:
                 handle.truncate(0)
@@ -403,10 +408,28 @@ class HuggingFaceDownload:
             digest = writer.digest.hexdigest()
             if digest == file.etag:
                 os.chmod(partial, 0o644)
+                commit_point("publish a downloaded blob")
                 os.replace(partial, blob)
             else:
                 partial.unlink()
         return digest
+
+
+def _locked_partial(partial: Path) -> BinaryIO:
+    """The partial file, opened (created if missing) and locked for this process alone. The file may leave the path
+    while this waits for its lock (renamed to its blob by another download, removed by `vlhub cache rm --stale`):
+    then the one at the path now is opened instead."""
+    while True:
+        handle = os.fdopen(os.open(partial, os.O_RDWR | os.O_CREAT, 0o600), "r+b")
+        try:
+            lock_open_file(handle.fileno())
+            with suppress(FileNotFoundError):
+                if os.path.samestat(os.fstat(handle.fileno()), os.stat(partial)):
+                    return handle
+        except BaseException:
+            handle.close()
+            raise
+        handle.close()
 
 
 def hf_storage_folder(repo_id: str) -> Path:
@@ -430,6 +453,7 @@ def _link(pointer: Path, blob: Path) -> None:
         os.symlink(target, temporary)
     except OSError:  # no symlinks here (Windows without developer mode): a copy, as the client does
         shutil.copyfile(blob, temporary)
+    commit_point("link a snapshot file")
     os.replace(temporary, pointer)
 
 

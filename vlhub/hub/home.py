@@ -26,3 +26,9 @@ def remove_empty_parents(path: Path, levels: int) -> None:
         if parent == vlhub_home() or not parent.is_dir() or any(parent.iterdir()):
             return
         parent.rmdir()
+
+
+def repo_id_of(folder: str) -> str:
+    """The repo id a hub cache folder is named after: `models--Org--Name` (Hugging Face), `Org--Name` (ModelScope,
+    vlhub's download records)."""
+    return folder.removeprefix("models--").replace("--", "/", 1)

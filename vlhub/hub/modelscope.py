@@ -24,6 +24,11 @@ from vlhub.units import format_size, now_iso
 DEFAULT_ENDPOINT = "https://modelscope.cn"
 
 
+def modelscope_cache() -> Path:
+    """$MODELSCOPE_CACHE, default ~/.cache/modelscope: where the client keeps `models/<owner>--<name>/`."""
+    return Path(os.environ.get("MODELSCOPE_CACHE") or Path.home() / ".cache" / "modelscope")
+
+
 def _client() -> Any:
     try:
         import modelscope_hub
@@ -42,7 +47,7 @@ class ModelScopeDownload:
         self.ref = ref
         self.endpoint = (endpoint or os.environ.get("MODELSCOPE_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
         self.api = client.HubApi(endpoint=self.endpoint, token=os.environ.get("MODELSCOPE_API_TOKEN"))
-        self.cache_dir = Path(os.environ.get("MODELSCOPE_CACHE") or Path.home() / ".cache" / "modelscope")
+        self.cache_dir = modelscope_cache()
         self.commit = ref.revision
         self.downloaded_bytes = 0
         self.snapshot = (self.cache_dir / "models" / ref.repo_id.replace("/", "--") / "snapshots" / ref.revision)

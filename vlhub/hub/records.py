@@ -12,6 +12,7 @@ from pathlib import Path
 
 from vlhub.formats.writers import write_json_atomic
 from vlhub.hub.home import remove_empty_parents, vlhub_home
+from vlhub.owned import sweep
 
 
 @dataclass(frozen=True)
@@ -91,8 +92,10 @@ def load_record(source: str, repo_id: str, commit: str) -> DownloadRecord | None
 
 
 def save_record(record: DownloadRecord) -> None:
+    """Write the record in one rename (a commit point), removing first what killed runs left in its folder."""
     path = record_path(record.source, record.repo_id, record.commit)
     path.parent.mkdir(parents=True, exist_ok=True)
+    sweep(path.parent)
     write_json_atomic(path, asdict(record))
 
 

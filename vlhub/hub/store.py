@@ -12,20 +12,20 @@ from __future__ import annotations
 import os
 import re
 import shutil
-from collections.abc import Callable, Iterable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from vlhub.catalog import find_model, models
 from vlhub.errors import UserError
 from vlhub.hub.download import hash_file
-from vlhub.hub.home import remove_empty_parents, safe_name, vlhub_home
-from vlhub.hub.locks import lock_path
-from vlhub.owned import exclusive_lock
+from vlhub.hub.home import remove_empty_parents, repo_id_of, safe_name, vlhub_home
+from vlhub.hub.locks import lock_path, repo_lock_files
 from vlhub.hub.records import DownloadRecord, RemoteFile, all_records, remove_record, save_record
 from vlhub.hub.sources import Source, hub_snapshot
 from vlhub.manifest import MANIFEST, Manifest, verdict_state
+from vlhub.owned import exclusive_lock, lock_file_of
 from vlhub.units import now_iso
 
 DOWNLOAD, BUILT_IN = "download", "built-in"
@@ -95,17 +95,19 @@ def list_entries(model: str | None = None) -> list[CacheEntry]:
     """Every cache entry, or those of one model (catalog name or repo id)."""
     entries = [*_downloads(), *_built_in(), *_artifacts()]
     if model is not None:
-        entries = [e for e in entries if _names_model(e, model)]
+        entries = [e for e in entries if names_model(e.model, model)]
     return entries
 
 
-def _names_model(entry: CacheEntry, model: str) -> bool:
+def names_model(name: str, model: str) -> bool:
+    """Whether `name` (a catalog name or repo id, as the cache lists them) is the `model` a user typed."""
     spec = find_model(model)
     wanted = spec.name if spec else model.strip()
-    return entry.model.lower() == wanted.lower()
+    return name.lower() == wanted.lower()
 
 
-def _catalog_name(repo_id: str) -> str:
+def catalog_name(repo_id: str) -> str:
+    """How the cache names a repo's model: its catalog name, else the repo id."""
     spec = find_model(repo_id)
     return spec.name if spec else repo_id
 
@@ -130,7 +132,7 @@ def _downloads() -> list[CacheEntry]:
     # catalog models other tools put in the Hugging Face cache: listed, and verifiable by their blob names
     for repo, revision in _hf_cached_catalog_revisions():
         if (repo.repo_id, revision.commit_hash) not in recorded:
-            entries.append(CacheEntry(_catalog_name(repo.repo_id), revision.commit_hash, DOWNLOAD, "huggingface",
+            entries.append(CacheEntry(catalog_name(repo.repo_id), revision.commit_hash, DOWNLOAD, "huggingface",
                                       Path(revision.snapshot_path), revision.size_on_disk, repo.last_accessed,
                                       "unverified"))
     return entries
@@ -224,13 +226,39 @@ def select_entries(model: str, target: str | None = None) -> list[CacheEntry]:
     return [e for e in entries if e.kind == target or e.kind.split("+")[0] == target]
 
 
+@contextmanager
+def entries_to_remove(model: str, target: str | None = None) -> Iterator[list[CacheEntry]]:
+    """The entries `vlhub cache rm` removes (see `select_entries`), held for the block by the locks their writers
+    take: while a download or conversion of one runs, or another `cache rm` holds one, `Busy` names that process
+    at once. Entries another process removed before the locks were taken are left out."""
+    listed = select_entries(model, target)
+    with ExitStack() as locks:
+        for lock in sorted({lock for entry in listed for lock in _writer_locks(entry)}):
+            locks.enter_context(exclusive_lock(lock, wait=False, what=f"{model} in the cache"))
+        present = {e.path for e in select_entries(model, target)}
+        held = [e for e in listed if e.path in present]
+        yield held
+    for entry in listed:  # now that their lock files are gone too: an artifact's revision and model folders
+        if entry.kind != DOWNLOAD and not entry.path.exists():
+            remove_empty_parents(entry.path, 2)
+
+
+def _writer_locks(entry: CacheEntry) -> list[Path]:
+    """The locks a writer of `entry` holds: any download of its repo's, or the lock beside a generated folder."""
+    if entry.kind != DOWNLOAD:
+        return [lock_file_of(entry.path)]
+    record = entry.record  # None for another client's snapshot: …/models--Org--Name/snapshots/<commit>
+    repo_id = record.repo_id if record else repo_id_of(entry.path.parent.parent.name)
+    revision = record.revision if record else entry.revision
+    return [lock_path(entry.source, repo_id, revision), *repo_lock_files(entry.source, repo_id)]
+
+
 def remove_entry(entry: CacheEntry) -> None:
-    """Delete an entry's files: a download through the hub client's own cache bookkeeping."""
-    record = entry.record
-    with exclusive_lock(lock_path(record.source, record.repo_id, record.revision)) if record else nullcontext():
-        _remove_files(entry)
-        if record is not None:
-            remove_record(record)
+    """Delete an entry's files (a download through the hub client's own cache bookkeeping) and its record; inside
+    `entries_to_remove`."""
+    _remove_files(entry)
+    if entry.record is not None:
+        remove_record(entry.record)
 
 
 def _remove_files(entry: CacheEntry) -> None:
@@ -247,7 +275,6 @@ def _remove_files(entry: CacheEntry) -> None:
             shutil.rmtree(repo_folder, ignore_errors=True)  # left: partial files of an interrupted download
     else:
         shutil.rmtree(entry.path, ignore_errors=True)
-        remove_empty_parents(entry.path, 2)  # an artifact's revision and model folders
 
 
 @dataclass

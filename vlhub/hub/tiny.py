@@ -7,8 +7,10 @@ import shutil
 from pathlib import Path
 
 from vlhub.catalog import ModelSpec
+from vlhub.faults import commit_point
 from vlhub.hub.home import vlhub_home
 from vlhub.hub.synthetic import write_synthetic_checkpoint
+from vlhub.owned import sweep, temporary_name
 
 # bump when the generator or the tiny configs change what it writes, so stale tiny models are not reused
 # (2: Qwen2(.5)-VL ViT head_dim 80, as every released model has and TPU-MLIR's llm_convert requires; 3: fused expert
@@ -21,15 +23,18 @@ def tiny_model_dir(spec: ModelSpec) -> Path:
 
 
 def ensure_tiny_model(spec: ModelSpec) -> Path:
-    """The tiny model's directory, generating it first if needed (atomically: build, then rename)."""
+    """The tiny model's directory, generating it first if needed (atomically: build, then rename; what killed
+    builds left beside it is removed first)."""
     final = tiny_model_dir(spec)
     if (final / "config.json").is_file():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
-    staging = final.with_name(f".{spec.name}.{os.getpid()}.tmp")
+    sweep(final.parent)
+    staging = temporary_name(final)
     try:
         write_synthetic_checkpoint(staging, spec.family, spec.config, max_shard_size=spec.max_shard_size)
         try:
+            commit_point("publish a built-in model")
             os.rename(staging, final)
         except OSError:
             if not (final / "config.json").is_file():  # not a concurrent builder's finished copy
