@@ -145,13 +145,14 @@ def process_alive(pid: int) -> bool:
     return True
 
 
-def _lock_free(lock_file: Path) -> bool:
-    """Whether nobody holds `lock_file` (this process's own locks count as free: it is the owner)."""
+def lock_free(lock_file: Path) -> bool:
+    """Whether no process holds an flock on `lock_file` (this process's own locks count as free: it is the owner).
+    Tested by taking a shared lock for an instant, which `exclusive_lock` allows for."""
     if lock_file in _held:
         return True
     try:
         fd = os.open(lock_file, os.O_RDONLY)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return True
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
@@ -185,9 +186,9 @@ def stale_leftovers(directory: Path, only: str | None = None) -> list[Leftover]:
         if temporary and (only is None or temporary["name"] == only):
             pid = int(temporary["pid"])
             owner_gone = pid != os.getpid() and not process_alive(pid)
-            if owner_gone and _lock_free(lock_file_of(directory / temporary["name"])):
+            if owner_gone and lock_free(lock_file_of(directory / temporary["name"])):
                 found.append(Leftover(path, _size(path), pid))
-        elif lock and (only is None or lock["name"] == only) and path not in _held and _lock_free(path):
+        elif lock and (only is None or lock["name"] == only) and path not in _held and lock_free(path):
             found.append(Leftover(path, _size(path), None))
     return found
 

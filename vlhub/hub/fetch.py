@@ -11,9 +11,9 @@ from typing import Protocol
 from vlhub.errors import UserError
 from vlhub.hub.download import HuggingFaceDownload, resolve_repo
 from vlhub.hub.locks import lock_path
-from vlhub.owned import exclusive_lock
 from vlhub.hub.modelscope import ModelScopeDownload
 from vlhub.hub.records import RemoteFile, RepoRef
+from vlhub.owned import exclusive_lock
 
 
 class Download(Protocol):

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vlhub.hub.home import repo_id_of, vlhub_home
-from vlhub.hub.locks import held, lock_directory, repo_lock_files
+from vlhub.hub.locks import lock_directory, repo_lock_files
 from vlhub.hub.modelscope import modelscope_cache
 from vlhub.hub.store import catalog_name, names_model
-from vlhub.owned import Busy, Leftover, exclusive_lock, stale_leftovers, sweep
+from vlhub.owned import Busy, Leftover, exclusive_lock, lock_free, stale_leftovers, sweep
 
 TEMPORARY, LOCK, PARTIAL = "temporary", "lock", "partial"
 
@@ -91,7 +91,7 @@ def _in_vlhub_home() -> Iterator[CacheLeftover]:
                  catalog_name(repo_id_of(parts[2])) if parts[:1] == ("downloads",) and len(parts) > 2 else None)
         yield from (_garbage(leftover, model) for leftover in stale)
     for lock in sorted(lock_directory().glob("*.lock")):  # a download's or `cache rm`'s, whose holder was killed
-        if not held(lock):
+        if lock_free(lock):
             yield CacheLeftover(lock, _size(lock), LOCK, None)
 
 
@@ -135,7 +135,7 @@ def _partial_in_use(partial: Path) -> bool:
     else:
         source, repo_id = "modelscope", repo_id_of(partial.relative_to(ms_cache).parts[1])
         client_locks = sorted((ms_cache / ".lock").glob("*.lock"))
-    return held(partial) or any(held(lock) for lock in (*repo_lock_files(source, repo_id), *client_locks))
+    return not lock_free(partial) or not all(lock_free(lock) for lock in (*repo_lock_files(source, repo_id), *client_locks))
 
 
 def _remove_partial(partial: Path) -> bool:

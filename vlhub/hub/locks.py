@@ -3,8 +3,6 @@ lock behaves when its holder dies)."""
 
 from __future__ import annotations
 
-import fcntl
-import os
 from pathlib import Path
 
 from vlhub.hub.home import safe_name, vlhub_home
@@ -23,19 +21,3 @@ def lock_path(*parts: str) -> Path:
 def repo_lock_files(source: str, repo_id: str) -> list[Path]:
     """The lock files of a repo's revisions that exist now: held by a running download, or left by a killed one."""
     return sorted(lock_directory().glob(f"{safe_name(source)}--{safe_name(repo_id)}--*.lock"))
-
-
-def held(lock_file: Path) -> bool:
-    """Whether a live process holds an flock on `lock_file` (any client's: vlhub's, huggingface_hub's filelock).
-    Tested by taking a shared lock for an instant, which vlhub's writers allow for (vlhub.owned)."""
-    try:
-        fd = os.open(lock_file, os.O_RDONLY)
-    except (FileNotFoundError, NotADirectoryError):
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
