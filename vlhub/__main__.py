@@ -1,3 +1,3 @@
-from vlhub.cli.app import main
+from vlhub.cli.entry import main
 
 main()

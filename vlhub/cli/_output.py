@@ -32,11 +32,15 @@ def print_json(data: object) -> None:
 @contextmanager
 def byte_progress(description: str, total: int) -> Iterator[Callable[[int], None]]:
     """A progress bar on stderr counting bytes (with bytes/s); yields the function that advances it. `total` may
-    be an estimate: the bar ends at what was counted."""
+    be an estimate: the bar ends at what was counted. It stays once the block is done, and goes if it raises."""
     columns = (
         TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
     )
     with Progress(*columns, console=stderr, transient=False) as progress:
         task = progress.add_task(description, total=total)
-        yield lambda n: progress.advance(task, n)
+        try:
+            yield lambda n: progress.advance(task, n)
+        except BaseException:  # an error, a full disk, Ctrl-C: its one line must not follow a half-filled bar
+            progress.live.transient = True
+            raise
         progress.update(task, total=progress.tasks[0].completed)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import signal
 from typing import Annotated
 
 import typer
@@ -56,12 +55,7 @@ app.command()(check)
 app.add_typer(cache_app, name="cache")
 
 
-def _terminate(signum: int, frame: object) -> None:
-    # `kill`, `timeout` and container stops send SIGTERM: unwind like Ctrl-C so temporaries are removed
-    raise KeyboardInterrupt
-
-
 def main() -> None:
-    """Console-script entry point."""
-    signal.signal(signal.SIGTERM, _terminate)
+    """Run the app. The console script comes here through `vlhub.cli.entry.main`, which handles Ctrl-C and SIGTERM
+    from before this module's imports."""
     app()
