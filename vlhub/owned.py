@@ -55,7 +55,8 @@ def lock_file_of(path: Path) -> Path:
 
 
 def _holder_text() -> str:
-    command = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv and sys.argv[0] else "python"
+    program = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python"
+    command = " ".join(["vlhub" if program == "__main__.py" else program, *sys.argv[1:]])  # `python -m vlhub`
     return f"pid {os.getpid()}: {command[:200]}"
 
 

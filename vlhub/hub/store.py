@@ -25,7 +25,7 @@ from vlhub.hub.locks import lock_path, repo_lock_files
 from vlhub.hub.records import DownloadRecord, RemoteFile, all_records, remove_record, save_record
 from vlhub.hub.sources import Source, hub_snapshot
 from vlhub.manifest import MANIFEST, Manifest, verdict_state
-from vlhub.owned import exclusive_lock, lock_file_of
+from vlhub.owned import exclusive_lock, lock_file_of, writing
 from vlhub.units import now_iso
 
 DOWNLOAD, BUILT_IN = "download", "built-in"
@@ -295,13 +295,17 @@ def verify_bytes(entry: CacheEntry) -> int:
 
 
 def verify_entry(entry: CacheEntry, on_bytes: Callable[[int], None] | None = None) -> VerifyResult:
-    """Re-hash an entry offline and record the outcome (download record, or artifact manifest)."""
+    """Re-hash an entry offline and record the outcome (download record, or artifact manifest), holding the lock its
+    writers take: a download of it is waited for, a conversion writing it makes this fail at once."""
     if entry.kind == BUILT_IN:
         return VerifyResult(entry, skipped="built in: generated locally, nothing was downloaded")
     if entry.is_artifact:
-        return _verify_artifact(entry, on_bytes)
+        with writing(entry.path):
+            return _verify_artifact(entry, on_bytes)
     if entry.record is not None:
-        return _verify_recorded(entry, entry.record, on_bytes)
+        record = entry.record
+        with exclusive_lock(lock_path(record.source, record.repo_id, record.revision)):
+            return _verify_recorded(entry, record, on_bytes)
     return _verify_hf_blobs(entry, on_bytes)
 
 
