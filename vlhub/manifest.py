@@ -18,6 +18,7 @@ from typing import Any
 
 from vlhub import __version__
 from vlhub.errors import CorruptCheckpoint
+from vlhub.formats.paths import contained
 from vlhub.formats.writers import file_entry, write_json_atomic
 from vlhub.units import now_iso
 
@@ -85,7 +86,7 @@ class Manifest:
 
     def weights_dir(self, root: Path) -> Path:
         """The weight folder of the layout or checkpoint at `root`."""
-        return root / self.target.weights if self.target.weights else root
+        return listed_path(root, self.target.weights) if self.target.weights else root
 
     def to_json(self) -> dict[str, Any]:
         source = {f.name: getattr(self.source, f.name) for f in fields(self.source)}  # nulls too, as ever written
@@ -137,6 +138,12 @@ class Manifest:
     def write(self, directory: Path) -> Path:
         """Write it into `directory`, atomically."""
         return write_json_atomic(Path(directory) / MANIFEST, self.to_json())
+
+
+def listed_path(root: Path, name: str) -> Path:
+    """`root / name` for a path the manifest in `root` names (a file it lists, the weight or smoke folder, a file of
+    the target's details): a one-line CorruptCheckpoint when it leads outside `root` (see `contained`)."""
+    return contained(root, name, what="output folder", named_in=root / MANIFEST)
 
 
 def _table(value: object) -> dict[str, Any]:

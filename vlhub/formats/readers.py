@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import numpy as np
 
 from vlhub.errors import CorruptCheckpoint, UserError
 from vlhub.formats.base import TensorFile
 from vlhub.formats.io_utils import StoredBytes, read_exact_into, read_json_file
+from vlhub.formats.paths import contained
 from vlhub.formats.registry import DIRECTORY_PRECEDENCE, FORMATS, Format, format_of_file
 from vlhub.formats.tensors import TensorMeta, dtype_info
 from vlhub.keymaps.config import check_config
@@ -263,10 +264,7 @@ def _read_sharded(root: Path, index_name: str, fmt: Format) -> tuple[list[str], 
         raise CorruptCheckpoint(f"{index_path}: no valid weight_map (tensor name -> shard file)")
     shards = list(dict.fromkeys(weight_map.values()))
     for shard in shards:
-        pure = PurePosixPath(shard)
-        if pure.is_absolute() or ".." in pure.parts or "\\" in shard:
-            raise CorruptCheckpoint(f"{index_path}: shard name {shard!r} points outside the checkpoint")
-        if not (root / shard).is_file():
+        if not contained(root, shard, what="checkpoint", named_in=index_path).is_file():
             raise CorruptCheckpoint(f"{index_path} names shard {shard!r}, which is missing")
     tensors: dict[str, TensorMeta] = {}
     for shard in shards:

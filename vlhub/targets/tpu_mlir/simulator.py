@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from vlhub.errors import CheckFailed, UserError
-from vlhub.manifest import MANIFEST, Manifest, TargetRecord
+from vlhub.manifest import MANIFEST, Manifest, TargetRecord, listed_path
 from vlhub.smoke.inputs import DEVICE_MASKED, SmokeInput, VisionGeometry, VisionInputs, pad_rows, padded_mask
 from vlhub.smoke.reference import ReferenceForward, causal_mask
 from vlhub.smoke.verdict import TOLERANCES, Stage, compare_arrays
@@ -238,7 +238,7 @@ def simulate_first_token(layout: Path, python: str, smoke: SmokeInput, reference
     target = tpu_mlir_target(layout)
     if target is None:
         raise UserError(f"{layout} is not a vlhub convert --to tpu-mlir layout (its {MANIFEST} says otherwise)")
-    with ModelWeights.open(layout / (target.smoke_path or "model")) as weights:
+    with ModelWeights.open(listed_path(layout, target.smoke_path or "model")) as weights:
         inputs = simulator_inputs(smoke, weights.config, target.details["seq_length"], target.details["vision_patches"],
                                   dynamic=bool(target.details.get("dynamic")))
         seconds: dict[str, float] = {}

@@ -11,7 +11,7 @@ from vlhub.deploy.checks import Check, LayoutContext, Need
 from vlhub.deploy.target import OnBytes, TargetDefaults, flag
 from vlhub.errors import UserError
 from vlhub.family_registry import FAMILIES
-from vlhub.manifest import Manifest
+from vlhub.manifest import Manifest, listed_path
 from vlhub.sizes import Sizing
 from vlhub.targets.tpu_mlir import check
 from vlhub.targets.tpu_mlir.build import (
@@ -107,7 +107,8 @@ class TpuMlirTarget(TargetDefaults):
     def smoke_runner(self, layout: Path, manifest: Manifest | None, options: TpuSmokeOptions | None) -> TpuMlirRunner:
         assert manifest is not None  # the registry sends layouts whose manifest names this target
         toolchain = resolve_toolchain(options.tpu_mlir_python if options else None)
-        return TpuMlirRunner(layout / (manifest.target.smoke_path or "model"), layout, manifest.target, toolchain)
+        return TpuMlirRunner(listed_path(layout, manifest.target.smoke_path or "model"), layout, manifest.target,
+                             toolchain)
 
     def plan(self, sizing: Sizing) -> TpuPlan:
         return tpu_plan(sizing)

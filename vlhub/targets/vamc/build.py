@@ -36,7 +36,7 @@ from vlhub.embeddings import prepare_dump
 from vlhub.errors import UserError
 from vlhub.family_registry import FAMILIES, Family
 from vlhub.formats.writers import write_json_atomic
-from vlhub.manifest import MANIFEST, FileEntry, Manifest, TargetRecord
+from vlhub.manifest import MANIFEST, FileEntry, Manifest, TargetRecord, listed_path
 from vlhub.sizes import max_pixels_for, parse_size_pair, patch_multiple, plan_inputs, round_up
 from vlhub.smoke.inputs import MIN_PIXELS, SMOKE_IMAGE, SMOKE_PATCHES, VisionGeometry
 from vlhub.targets.vamc.plan import MAX_VAMC_PATCHES, NAME, OUTPUT_CHUNK, vamc_lengths, visual_output_split
@@ -425,10 +425,10 @@ def vamc_problems(layout: Path) -> list[str]:
     manifest = Manifest.load(layout)
     target = manifest.target
     assert target.weights is not None and target.family is not None
-    config = official_config(json.loads((layout / target.weights / "config.json").read_text()))
+    config = official_config(json.loads((manifest.weights_dir(layout) / "config.json").read_text()))
     try:
-        llm = yaml.safe_load((layout / target.details["llm"]["yaml"]).read_text())
-        visual = yaml.safe_load((layout / target.details["visual"]["yaml"]).read_text())
+        llm = yaml.safe_load(listed_path(layout, target.details["llm"]["yaml"]).read_text())
+        visual = yaml.safe_load(listed_path(layout, target.details["visual"]["yaml"]).read_text())
         preprocess = json.loads((layout / "preprocess_config.json").read_text())
         (prefill,), (longest,) = llm["frontend"]["shape"]["input_ids"]
         tp = llm["frontend"]["model_kwargs"]["tp"]

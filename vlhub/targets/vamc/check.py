@@ -23,6 +23,7 @@ from vlhub.deploy.checks import (
     which_check,
 )
 from vlhub.family_registry import FAMILIES
+from vlhub.manifest import listed_path
 from vlhub.sizes import InputPlan, max_pixels_for
 from vlhub.targets.vamc.build import NAME, Recipe, vamc_problems
 from vlhub.targets.vamc.plan import MAX_VAMC_PATCHES
@@ -35,8 +36,8 @@ def number_checks(ctx: LayoutContext) -> list[Check]:
     assert ctx.config is not None
     problems = vamc_problems(ctx.path)
     details = ctx.recorded.details
-    llm = yaml.safe_load((ctx.path / details["llm"]["yaml"]).read_text())
-    visual = yaml.safe_load((ctx.path / details["visual"]["yaml"]).read_text())
+    llm = yaml.safe_load(listed_path(ctx.path, details["llm"]["yaml"]).read_text())
+    visual = yaml.safe_load(listed_path(ctx.path, details["visual"]["yaml"]).read_text())
     (prefill,), (longest,) = llm["frontend"]["shape"]["input_ids"]
     n, tp = visual["frontend"]["shape"]["pixel_values"][0], llm["frontend"]["model_kwargs"]["tp"]
     convert = ctx.reconvert("(vlhub plan MODEL --target vamc sizes them)")

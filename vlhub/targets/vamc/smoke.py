@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from vlhub.family_registry import FAMILIES
-from vlhub.manifest import TargetRecord
+from vlhub.manifest import TargetRecord, listed_path
 from vlhub.smoke.inputs import SmokeInput, pad_rows, padded_mask, smoke_input
 from vlhub.smoke.reference import ReferenceForward, vision_rotary
 from vlhub.smoke.run import RuntimeMissing, Status
@@ -57,9 +57,9 @@ def vamc_smoke(layout: Path, target: TargetRecord, reference_path: Path, status:
         forward = ReferenceForward(reference)
         expected_rows = reference.rows("model.embed_tokens.weight", smoke.input_ids).astype(np.float16)
         expected_embeds = forward.encode_images(smoke)
-    report.stages.append(_embedding_rows(layout / target.details["embed_tokens"], smoke, expected_rows))
+    report.stages.append(_embedding_rows(listed_path(layout, target.details["embed_tokens"]), smoke, expected_rows))
     status("vacc vision network: export and onnxruntime")
-    with ModelWeights.open(layout / target.weights) as weights, \
+    with ModelWeights.open(listed_path(layout, target.weights)) as weights, \
             tempfile.TemporaryDirectory(dir=layout.parent) as scratch:
         produced = _vacc_vision(weights, Path(scratch), smoke, target.details["visual"]["patches"])
     report.stages.append(compare_arrays("vision embeddings (vacc ONNX)", expected_embeds, produced,

@@ -11,7 +11,7 @@ from vlhub.convert.conversion import Conversion, Model, Output
 from vlhub.deploy.checks import Check, LayoutContext, Need
 from vlhub.deploy.target import OnBytes, TargetDefaults, flag
 from vlhub.family_registry import FAMILIES
-from vlhub.manifest import Manifest
+from vlhub.manifest import Manifest, listed_path
 from vlhub.sizes import Sizing
 from vlhub.targets.vamc import check
 from vlhub.targets.vamc.build import (
@@ -78,7 +78,7 @@ class VamcTarget(TargetDefaults):
 
     def smoke_runner(self, layout: Path, manifest: Manifest | None, options: object) -> VamcRunner:
         assert manifest is not None  # the registry sends layouts whose manifest names this target
-        return VamcRunner(layout / (manifest.target.smoke_path or "."), layout, manifest.target)
+        return VamcRunner(listed_path(layout, manifest.target.smoke_path or "."), layout, manifest.target)
 
     def plan(self, sizing: Sizing) -> VamcPlan:
         return vamc_plan(sizing)
