@@ -356,3 +356,12 @@ def safetensors_with_header(path: Path, header: dict | bytes, data: bytes, lengt
 def header_entry(dtype: str, shape: list[int], begin: int, end: int, **extra: object) -> dict:
     """One tensor's entry in a safetensors header."""
     return {"dtype": dtype, "shape": shape, "data_offsets": [begin, end], **extra}
+
+
+def hard_link_or_copy(source: Path, destination: Path) -> None:
+    """Put `source` at `destination` without copying bytes where the filesystem allows: a symlink would lead out of
+    the checkpoint, which vlhub refuses (docs/safety.md)."""
+    try:
+        os.link(source, destination)
+    except OSError:
+        shutil.copy2(source, destination)

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from tests.helpers import plan_max_seq_len as max_seq_len
 from tests.helpers import plan_tpu as tpu
 from tests.helpers import plan_vamc as vamc
-from tests.helpers import run_vlhub, run_vlhub_subprocess
+from tests.helpers import hard_link_or_copy, run_vlhub, run_vlhub_subprocess
 from vlhub.cli import convert as convert_command
 from vlhub.cli.app import app
 from vlhub.plan import make_plan
@@ -22,7 +22,7 @@ from vlhub.plan import make_plan
 def test_a_target_the_model_cannot_take_is_noted_unless_named(tiny_qwen2_vl: Path, tmp_path: Path) -> None:
     """A Qwen2-VL whose vision heads are 40 wide has no TPU-MLIR route: plan says so and plans the others."""
     for entry in tiny_qwen2_vl.iterdir():
-        (tmp_path / entry.name).symlink_to(entry)
+        hard_link_or_copy(entry, tmp_path / entry.name)
     config = json.loads((tiny_qwen2_vl / "config.json").read_text())
     config["vision_config"]["num_heads"] = 4
     (tmp_path / "config.json").unlink()

@@ -31,6 +31,8 @@ from vlhub.smoke.paddle_forward import PaddleForward, StreamedWeights
 from vlhub.smoke.verdict import TOLERANCES, compare_arrays
 from vlhub.targets import prepare_conversion
 
+from tests.helpers import hard_link_or_copy
+
 SHARD_BYTES = 16 << 20  # several shards and an index even for the tiny models
 GRID = [1, 8, 12]  # 24 merged tokens; for Qwen2.5-VL two windows wide, the second one partial
 TEXT_IDS = [151644, 872, 198, 74785, 419, 2168, 13, 151645, 198, 151644, 77091, 198]
@@ -381,7 +383,7 @@ def _with_config(converted: Path, destination: Path, edit: Callable[[dict], None
     destination.mkdir()
     for entry in converted.iterdir():
         if entry.name != "config.json":
-            (destination / entry.name).symlink_to(entry)
+            hard_link_or_copy(entry, destination / entry.name)
     config = json.loads((converted / "config.json").read_text())
     edit(config)
     (destination / "config.json").write_text(json.dumps(config))

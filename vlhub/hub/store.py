@@ -18,13 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vlhub.catalog import find_model, models
-from vlhub.errors import UserError
+from vlhub.errors import CorruptCheckpoint, UserError
 from vlhub.hub.download import hash_file
 from vlhub.hub.home import remove_empty_parents, repo_id_of, safe_name, vlhub_home
 from vlhub.hub.locks import lock_path, repo_lock_files
 from vlhub.hub.records import DownloadRecord, RemoteFile, all_records, remove_record, save_record
 from vlhub.hub.sources import Source, hub_snapshot
-from vlhub.manifest import MANIFEST, Manifest, verdict_state
+from vlhub.manifest import MANIFEST, Manifest, listed_path, verdict_state
 from vlhub.owned import exclusive_lock, lock_file_of, writing
 from vlhub.units import now_iso
 
@@ -353,10 +353,13 @@ def _file_problem(path: Path, file: RemoteFile, on_bytes: Callable[[int], None] 
 
 
 def manifest_problems(directory: Path, manifest: Manifest, on_bytes: Callable[[int], None] | None = None) -> list[str]:
-    """"<file>: <what is wrong>" for each file the manifest lists that is missing or differs in size or sha256."""
+    """"<file>: <what is wrong>" for each file the manifest lists that is missing or differs in size or sha256. A
+    listed file leading outside `directory` is refused (CorruptCheckpoint) before any file is hashed."""
+    paths = {name: listed_path(directory, name) for name in sorted(manifest.files)}
     problems = []
-    for name, expected in sorted(manifest.files.items()):
-        problem = _file_problem(directory / name, RemoteFile(name, expected.size, expected.sha256, None), on_bytes)
+    for name, path in paths.items():
+        expected = manifest.files[name]
+        problem = _file_problem(path, RemoteFile(name, expected.size, expected.sha256, None), on_bytes)
         if problem:
             problems.append(f"{name}: {problem}")
     return problems
@@ -370,7 +373,10 @@ def _verify_artifact(entry: CacheEntry, on_bytes: Callable[[int], None] | None) 
         result.damaged.append(f"{MANIFEST}: unreadable")
         return result
     result.checked = len(manifest.files)
-    result.damaged = manifest_problems(entry.path, manifest, on_bytes)
+    try:
+        result.damaged = manifest_problems(entry.path, manifest, on_bytes)
+    except CorruptCheckpoint as exc:  # a listed file leads out of the entry: damaged, and nothing in it is hashed
+        result.damaged = [str(exc)]
     manifest.cache_verify = {"at": now_iso(), "ok": result.ok, "damaged": result.damaged}
     last_used = manifest_path.stat().st_mtime
     manifest.write(entry.path)
