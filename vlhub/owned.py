@@ -130,6 +130,18 @@ def writing(path: Path) -> Iterator[None]:
         yield
 
 
+@contextmanager
+def scratch_directory(beside: Path) -> Iterator[Path]:
+    """A working folder for the block, beside `beside` (on its filesystem, not in /tmp), named after this process
+    so that a killed run's is swept with `beside`'s temporaries; removed when the block ends."""
+    scratch = temporary_name(Path(os.path.abspath(beside)), "scratch")
+    scratch.mkdir(parents=True)
+    try:
+        yield scratch
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def lock_open_file(fd: int) -> None:
     """Wait for exclusive use of an open file (a partial download two revisions' downloads could share)."""
     fcntl.flock(fd, fcntl.LOCK_EX)

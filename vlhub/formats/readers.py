@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator
+from contextlib import suppress
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from vlhub.formats.paths import contained
 from vlhub.formats.registry import DIRECTORY_PRECEDENCE, FORMATS, Format, format_of_file
 from vlhub.formats.tensors import TensorMeta, dtype_info
 from vlhub.keymaps.config import check_config
+from vlhub.owned import sweep
 
 # Official config.json files are a few KB; an index names every tensor (about 100 bytes each), and the
 # reference safetensors library allows a header of 100 MB for the same list.
@@ -162,6 +164,7 @@ def open_checkpoint(path: Path | str, *, bf16: bool | None = None) -> Checkpoint
     if not path.exists():
         raise UserError(f"no such file or directory: {path}")
     root = path if path.is_dir() else path.parent
+    _clean_up_after_killed_runs(root)
     config = _read_config(root / "config.json")
     other_formats: list[str] = []
     if path.is_dir():
@@ -183,6 +186,13 @@ def open_checkpoint(path: Path | str, *, bf16: bool | None = None) -> Checkpoint
     if bf16:
         tensors = {n: replace(m, dtype="bfloat16") if m.dtype == "uint16" else m for n, m in tensors.items()}
     return Checkpoint(root, fmt, shards, index_file, config, tensors, other_formats)
+
+
+def _clean_up_after_killed_runs(root: Path) -> None:
+    """Every run that touches a checkpoint removes what killed vlhub runs left in and beside it (docs/safety.md)."""
+    with suppress(OSError):  # a folder this user may read but not write: the writers' next run cleans it
+        sweep(root.parent, only=root.name)
+        sweep(root)
 
 
 def config_dtype(config: dict | None) -> str | None:

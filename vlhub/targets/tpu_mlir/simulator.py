@@ -25,7 +25,6 @@ import math
 import os
 import shutil
 import subprocess
-import tempfile
 import time
 from collections import deque
 from collections.abc import Callable
@@ -36,6 +35,7 @@ import numpy as np
 
 from vlhub.errors import CheckFailed, UserError
 from vlhub.manifest import MANIFEST, Manifest, TargetRecord, listed_path
+from vlhub.owned import scratch_directory
 from vlhub.smoke.inputs import DEVICE_MASKED, SmokeInput, VisionGeometry, VisionInputs, pad_rows, padded_mask
 from vlhub.smoke.reference import ReferenceForward, causal_mask
 from vlhub.smoke.verdict import TOLERANCES, Stage, compare_arrays
@@ -247,7 +247,7 @@ def simulate_first_token(layout: Path, python: str, smoke: SmokeInput, reference
         if compiling:
             seconds["compile"] = time.monotonic() - started
         started = time.monotonic()
-        result = _run_runner(python, bmodel, inputs, target.details["chip"], status)
+        result = _run_runner(python, bmodel, inputs, target.details["chip"], status, scratch_beside=layout)
         seconds["cmodel"] = time.monotonic() - started
         seconds["of which lm_head"] = json.loads(str(result["seconds"])).get("lm_head", 0.0)
         host_logits = ReferenceForward(weights)._project(result["hidden"][None])[0]
@@ -260,10 +260,10 @@ def simulate_first_token(layout: Path, python: str, smoke: SmokeInput, reference
 
 
 def _run_runner(python: str, bmodel: Path, inputs: dict[str, np.ndarray], chip: str,
-                status: Status | None) -> dict[str, np.ndarray]:
+                status: Status | None, *, scratch_beside: Path) -> dict[str, np.ndarray]:
     """cmodel_runner.py under the toolchain's Python; its progress lines go to `status`."""
-    with tempfile.TemporaryDirectory(prefix="vlhub-cmodel-") as work:
-        given, answer = Path(work) / "inputs.npz", Path(work) / "result.npz"
+    with scratch_directory(scratch_beside) as work:
+        given, answer = work / "inputs.npz", work / "result.npz"
         np.savez(given, **inputs)
         command = [python, str(RUNNER), str(bmodel), str(given), str(answer), "--chip", chip]
         tail: deque[str] = deque(maxlen=4)

@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import numpy as np
 
 from vlhub.family_registry import FAMILIES
 from vlhub.manifest import TargetRecord, listed_path
+from vlhub.owned import scratch_directory
 from vlhub.smoke.inputs import SmokeInput, pad_rows, padded_mask, smoke_input
 from vlhub.smoke.reference import ReferenceForward, vision_rotary
 from vlhub.smoke.run import RuntimeMissing, Status
@@ -60,8 +60,8 @@ def vamc_smoke(layout: Path, target: TargetRecord, reference_path: Path, status:
     report.stages.append(_embedding_rows(listed_path(layout, target.details["embed_tokens"]), smoke, expected_rows))
     status("vacc vision network: export and onnxruntime")
     with ModelWeights.open(listed_path(layout, target.weights)) as weights, \
-            tempfile.TemporaryDirectory(dir=layout.parent) as scratch:
-        produced = _vacc_vision(weights, Path(scratch), smoke, target.details["visual"]["patches"])
+            scratch_directory(layout) as scratch:
+        produced = _vacc_vision(weights, scratch, smoke, target.details["visual"]["patches"])
     report.stages.append(compare_arrays("vision embeddings (vacc ONNX)", expected_embeds, produced,
                                         TOLERANCES[report.precision]))
     problems = vamc_problems(layout)
