@@ -132,8 +132,8 @@ def replacing(out: Path, *, overwrite: bool, needed: int, what: str) -> Iterator
                 yield staging
             except OSError as error:
                 if is_disk_full(error):
-                    written = sum(f.stat().st_size for f in staging.rglob("*") if f.is_file() and not f.is_symlink())
-                    raise disk_full(out, needed - written, what) from error
+                    shutil.rmtree(staging, ignore_errors=True)  # first: the free space reported counts it back
+                    raise disk_full(out, needed, what) from error
                 raise
             swap_in(staging, out)
         except BaseException:
@@ -141,11 +141,13 @@ def replacing(out: Path, *, overwrite: bool, needed: int, what: str) -> Iterator
             raise
 
 
-def disk_full(path: Path, still_needed: int, what: str) -> UserError:
-    """The one-line error for a disk that filled while writing `what` to `path`."""
+def disk_full(path: Path, needed: int, what: str) -> UserError:
+    """The one-line error for a disk that filled while writing `needed` bytes of `what` to `path` (what was written
+    is removed by then, so the free space now is what the next attempt starts from)."""
     free = shutil.disk_usage(next(p for p in (path, *path.parents) if p.exists())).free
-    return UserError(f"the disk filled while writing {what} to {path}: {format_size(max(still_needed, 0))} more "
-                     f"needed ({format_size(free)} free); free that much space, or choose another --out")
+    return UserError(f"the disk filled while writing {what} to {path}: they need {format_size(needed)} and "
+                     f"{format_size(free)} is free; free {format_size(max(needed - free, 0))} more, or write "
+                     "elsewhere")
 
 
 def commit_files(moves: Sequence[tuple[Path, Path]]) -> None:

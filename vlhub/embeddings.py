@@ -43,7 +43,7 @@ from vlhub.formats.writers import write_json
 from vlhub.hub.sources import resolve_source
 from vlhub.keymaps import load_keymap
 from vlhub.keymaps.config import tie_word_embeddings
-from vlhub.owned import is_disk_full, temporary_name, writing
+from vlhub.owned import is_disk_full, sweep, temporary_name, writing
 
 DTYPES = ("float16", "bfloat16", "float32")
 FORMATS = ("bin", "npy")
@@ -129,8 +129,9 @@ class EmbeddingDump:
                     except OSError as exc:
                         if not is_disk_full(exc):
                             raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
-                        written = sum(temp.stat().st_size for temp, _ in moves if temp.exists())
-                        raise disk_full(path, self.total_bytes - written, "the tables") from None
+                        for written, _ in moves:
+                            written.unlink(missing_ok=True)  # first: the free space reported counts it back
+                        raise disk_full(path, self.total_bytes, "the tables") from None
                     info = self._sidecar(table, path, digest, temp.stat().st_size)
                     sidecar = sidecar_path(path)
                     moves.append((write_json(temporary_name(sidecar), info), sidecar))
@@ -195,6 +196,7 @@ def prepare_dump(
         raise UserError("numpy has no bfloat16, so --format npy cannot hold it: use --format bin, "
                         "or --dtype float32 (exact for every bfloat16 value)")
     paths = output_paths(out, format, lm_head)
+    sweep(paths[0].parent)  # a killed dump's half-done commit is completed before its files are judged
     source_path = resolve_source(source)
     checkpoint = open_checkpoint(source_path)
     try:

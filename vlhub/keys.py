@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import BinaryIO
 
-from vlhub.atomic import ensure_free_space, refuse_output_holding, replacing
+from vlhub.atomic import disk_full, ensure_free_space, refuse_output_holding, replacing
 from vlhub.convert.layouts import UNKNOWN, detect_family, detect_layout, explains, match_count
 from vlhub.errors import CorruptCheckpoint, UserError
 from vlhub.faults import commit_point
@@ -36,7 +36,7 @@ from vlhub.formats.tensors import TensorMeta
 from vlhub.formats.writers import write_json_atomic
 from vlhub.keymaps import KeyMap, Layout, load_keymap
 from vlhub.manifest import MANIFEST, FileEntry, Manifest
-from vlhub.owned import is_owned_name, temporary_name, writing
+from vlhub.owned import is_disk_full, is_owned_name, temporary_name, writing
 
 SUPPORTED_FORMATS = ("safetensors", "pdparams")
 
@@ -264,7 +264,11 @@ def rename_keys(
     if out is None and not in_place and not dry_run:
         raise UserError("say where to write: --out PATH, or --in-place to replace SRC's weights (--dry-run only looks)")
     source = Path(source)
-    with open_checkpoint(source, bf16=False) as checkpoint:  # keep dtypes exactly as stored
+    # an in-place edit holds the write lock from before it reads: an edit by another process cannot land between
+    # reading the headers and replacing the files
+    edited = source if source.is_dir() or not source.name.endswith(".index.json") else source.parent
+    with writing(edited) if in_place and not dry_run else nullcontext(), \
+            open_checkpoint(source, bf16=False) as checkpoint:  # keep dtypes exactly as stored
         if checkpoint.format.name not in SUPPORTED_FORMATS:
             raise UserError(f"{source}: vlhub keys rewrites safetensors and pdparams checkpoints, "
                             f"not {checkpoint.format.name} ({checkpoint.shards[0]}); convert it first")
@@ -373,6 +377,11 @@ def _write_file(
             _write_shard(checkpoint, checkpoint.shards[0], mapping, temp, on_bytes, durable=durable)
             commit_point("rename the renamed file into place")
             os.replace(temp, out)
+        except OSError as error:
+            temp.unlink(missing_ok=True)
+            if is_disk_full(error):
+                raise disk_full(out, checkpoint.total_bytes, "the renamed weights") from None
+            raise
         except BaseException:
             temp.unlink(missing_ok=True)
             raise

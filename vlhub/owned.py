@@ -32,6 +32,7 @@ from vlhub.errors import UserError
 _TEMPORARY = re.compile(r"\.(?P<name>.+)\.vlhub-(?P<pid>\d+)\.(?P<kind>[a-z]+)")
 _LOCK = re.compile(r"\.(?P<name>.+)\.vlhub\.lock")
 _held: set[Path] = set()  # lock files this process holds: its own sweeps must not wait on them
+_reading: dict[Path, list[int]] = {}  # lock files this process holds shared: [fd, how many holds]
 
 
 class Busy(UserError):
@@ -50,8 +51,10 @@ def is_owned_name(name: str) -> bool:
 
 
 def lock_file_of(path: Path) -> Path:
-    """The file whose lock stands for writing `path`."""
-    return path.with_name(f".{path.name}.vlhub.lock")
+    """The file whose lock stands for using `path`: beside it, named after what it really is (a symlink and its
+    target share one lock)."""
+    real = Path(path).resolve()
+    return real.with_name(f".{real.name}.vlhub.lock")
 
 
 def _holder_text() -> str:
@@ -60,8 +63,48 @@ def _holder_text() -> str:
     return f"pid {os.getpid()}: {command[:200]}"
 
 
-def _holder(fd: int) -> str:
-    return os.pread(fd, 256, 0).decode(errors="replace").strip() or "another process"
+def _holder(fd: int) -> tuple[str, bool]:
+    """Who holds the lock on the file open as `fd`, and whether for writing: the kernel's list of locks names the
+    processes (Linux); the text a writer left in the file says what it runs."""
+    text = os.pread(fd, 256, 0).decode(errors="replace").strip()
+    holders = _lock_holders(fd)
+    if not holders:
+        return text or "another process", True
+    writing = any(exclusive for _, exclusive in holders)
+    pids = [pid for pid, _ in holders]
+    if text.startswith(f"pid {pids[0]}:"):
+        return text, writing
+    return ", ".join(f"pid {pid}: {_command_of(pid)}" for pid in pids[:3]), writing
+
+
+def _lock_holders(fd: int) -> list[tuple[int, bool]]:
+    """The pids holding an flock on the file open as `fd` and whether each holds it exclusively, from
+    /proc/locks (empty where there is none)."""
+    stat = os.fstat(fd)
+    device = f"{os.major(stat.st_dev):02x}:{os.minor(stat.st_dev):02x}:{stat.st_ino}"
+    try:
+        with open("/proc/locks", encoding="ascii", errors="replace") as locks:
+            lines = [line.split() for line in locks]
+    except OSError:
+        return []
+    mine = os.getpid()
+    return sorted({(int(fields[4]), fields[3] == "WRITE") for fields in lines
+                   if len(fields) > 5 and fields[1] == "FLOCK" and fields[5] == device
+                   and fields[4].isdigit() and int(fields[4]) != mine})
+
+
+def _command_of(pid: int) -> str:
+    """A process's command line as typed (`vlhub convert ...`), from /proc."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return "gone"
+    words = [word.decode(errors="replace") for word in argv if word]
+    while words and (Path(words[0]).name.startswith("python") or words[0] == "-m"):
+        words = words[1:]  # `python -m vlhub ...`, `python .../bin/vlhub ...`: the command is what follows
+    if words:
+        words[0] = "vlhub" if Path(words[0]).name in ("vlhub", "__main__.py") else Path(words[0]).name
+    return " ".join(words)[:200]
 
 
 @contextmanager
@@ -69,18 +112,25 @@ def exclusive_lock(
     lock_file: Path, on_wait: Callable[[str], None] | None = None, *, wait: bool = True, what: str | None = None
 ) -> Iterator[None]:
     """Hold `lock_file` exclusively for the block. If another process holds it: with `wait`, call
-    `on_wait(holder)` and wait until it finishes or dies; without, raise `Busy` naming the holder and `what`."""
+    `on_wait(holder)` and wait until it finishes or dies; without, raise `Busy` naming the holder and `what`.
+    A lock this process holds for reading (`hold_for_reading`) is turned into the exclusive one, and back."""
+    if lock_file in _held:  # this process holds it already (a command that locks early, and its parts again)
+        yield
+        return
+    if lock_file in _reading:
+        with _upgraded(lock_file, what):
+            yield
+        return
     lock_file.parent.mkdir(parents=True, exist_ok=True)
     while True:
         fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            if not _try_lock(fd):
+            if not _try_lock(fd, fcntl.LOCK_EX):
                 holder = _holder(fd)
                 if not wait:
-                    raise Busy(f"{what or lock_file} is being written by another vlhub ({holder}); wait for it "
-                               "to finish, or stop it")
+                    raise _busy(what or str(lock_file), *holder)
                 if on_wait is not None:
-                    on_wait(holder)
+                    on_wait(holder[0])
                 fcntl.flock(fd, fcntl.LOCK_EX)
             if _same_file(fd, lock_file):
                 break
@@ -100,16 +150,89 @@ def exclusive_lock(
         os.close(fd)
 
 
-def _try_lock(fd: int) -> bool:
-    """Take the lock if it is free, looking again a few times over 0.1 s: a sweep in another process tests
-    locks by taking them for an instant, and that must not look like a writer."""
-    for attempt in range(5):
+@contextmanager
+def _upgraded(lock_file: Path, what: str | None) -> Iterator[None]:
+    """Exclusive use of a lock file this process reads under: no other reader or writer may hold it."""
+    fd = _reading[lock_file][0]
+    if not _try_lock(fd, fcntl.LOCK_EX):
+        holder = _holder(fd)
+        with suppress(BlockingIOError):
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # a failed conversion may have let go: take it back
+        raise _busy(what or str(lock_file), *holder)
+    _held.add(lock_file)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{_holder_text()}\n".encode(), 0)
+        yield
+    finally:
+        _held.discard(lock_file)
+        os.ftruncate(fd, 0)
+        fcntl.flock(fd, fcntl.LOCK_SH)
+
+
+def _busy(what: str, holder: str, writing: bool) -> Busy:
+    return Busy(f"{what} is being {'written' if writing else 'read'} by another vlhub ({holder}); wait for it to "
+                "finish, or stop it")
+
+
+def _try_lock(fd: int, mode: int, attempts: int = 5) -> bool:
+    """Take the lock (`mode`: LOCK_EX or LOCK_SH) if it is free, looking again a few times over 0.1 s: a sweep in
+    another process tests locks by taking them for an instant, and that must not look like a writer."""
+    for attempt in range(attempts):
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
             return True
         except BlockingIOError:
-            time.sleep(0.02 * (attempt < 4))
+            if attempt < attempts - 1:
+                time.sleep(0.02)
     return False
+
+
+def hold_for_reading(path: Path) -> None:
+    """Hold a shared lock on `path` until `let_go(path)`, so that no vlhub rewrites, replaces or removes it under
+    the reader (those fail at once, naming this process); raises `Busy` while a writer holds it. Holds nest.
+    Where no lock file can be made (a folder this user cannot write), the read goes unprotected."""
+    lock_file = lock_file_of(path)
+    if lock_file in _held:
+        return  # this process writes it: nobody else can
+    if lock_file in _reading:
+        _reading[lock_file][1] += 1
+        return
+    while True:
+        try:
+            fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError:
+            return
+        try:
+            if _try_lock(fd, fcntl.LOCK_EX, attempts=1):
+                os.ftruncate(fd, 0)  # nobody holds it: what a killed writer noted there no longer applies
+            if not _try_lock(fd, fcntl.LOCK_SH):
+                raise _busy(str(path), *_holder(fd))
+            if _same_file(fd, lock_file):
+                break
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+    _reading[lock_file] = [fd, 1]
+
+
+def let_go(path: Path) -> None:
+    """End a `hold_for_reading` of `path`; the last holder removes the lock file, as writers do."""
+    lock_file = lock_file_of(path)
+    if lock_file not in _reading:
+        return
+    _reading[lock_file][1] -= 1
+    if _reading[lock_file][1]:
+        return
+    fd = _reading.pop(lock_file)[0]
+    try:
+        if _try_lock(fd, fcntl.LOCK_EX, attempts=1) and _same_file(fd, lock_file):
+            os.unlink(lock_file)  # no other reader: nobody needs the file
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _same_file(fd: int, path: Path) -> bool:
@@ -161,7 +284,7 @@ def process_alive(pid: int) -> bool:
 def lock_free(lock_file: Path) -> bool:
     """Whether no process holds an flock on `lock_file` (this process's own locks count as free: it is the owner).
     Tested by taking a shared lock for an instant, which `exclusive_lock` allows for."""
-    if lock_file in _held:
+    if lock_file in _held or lock_file in _reading:
         return True
     try:
         fd = os.open(lock_file, os.O_RDONLY)
@@ -229,6 +352,14 @@ def sweep(directory: Path, only: str | None = None) -> list[Leftover]:
             _remove(leftover.path)
         swept.append(leftover)
     return swept
+
+
+def put_back(path: Path) -> None:
+    """If `path` is missing because a killed run set it aside (`.NAME.vlhub-PID.old`) and never moved its
+    replacement in, put it back; a folder this user cannot write is left to its writers."""
+    if not os.path.lexists(path):
+        with suppress(OSError):
+            sweep(path.parent, only=path.name)
 
 
 def write_journal(moves: Sequence[tuple[Path, Path]]) -> Path:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
+import weakref
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import suppress
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -17,7 +18,7 @@ from vlhub.formats.paths import contained
 from vlhub.formats.registry import DIRECTORY_PRECEDENCE, FORMATS, Format, format_of_file
 from vlhub.formats.tensors import TensorMeta, dtype_info
 from vlhub.keymaps.config import check_config
-from vlhub.owned import sweep
+from vlhub.owned import hold_for_reading, let_go, put_back, sweep
 
 # Official config.json files are a few KB; an index names every tensor (about 100 bytes each), and the
 # reference safetensors library allows a header of 100 MB for the same list.
@@ -45,6 +46,7 @@ class Checkpoint:
     tensors: dict[str, TensorMeta]
     other_formats: list[str] = field(default_factory=list)
     _open: TensorFile | None = field(default=None, repr=False)
+    _release: Callable[[], object] | None = field(default=None, repr=False)  # ends the hold for reading
 
     @property
     def total_bytes(self) -> int:
@@ -52,7 +54,7 @@ class Checkpoint:
 
     def _file(self, shard: str) -> TensorFile:
         if self._open is None or self._open.path != self.root / shard:
-            self.close()
+            self._close_file()
             self._open = self.format.reader(self.root / shard)
         return self._open
 
@@ -142,6 +144,12 @@ class Checkpoint:
             yield self.tensors[name], self.read(name)
 
     def close(self) -> None:
+        """Close the open shard and end the hold for reading: other processes may now rewrite the checkpoint."""
+        self._close_file()
+        if self._release is not None:
+            self._release()
+
+    def _close_file(self) -> None:
         if self._open is not None:
             self._open.close()
             self._open = None
@@ -161,10 +169,33 @@ def open_checkpoint(path: Path | str, *, bf16: bool | None = None) -> Checkpoint
     are reported as bfloat16 when `bf16` is true, or when it is None and config.json says bfloat16.
     """
     path = Path(path)
+    put_back(path)
     if not path.exists():
         raise UserError(f"no such file or directory: {path}")
     root = path if path.is_dir() else path.parent
     _clean_up_after_killed_runs(root)
+    held = _hold(path if path.is_file() and not path.name.endswith(".index.json") else root)
+    try:
+        checkpoint = _open(path, root, bf16)
+    except BaseException:
+        if held is not None:
+            let_go(held)
+        raise
+    if held is not None:  # let go when the checkpoint is left (`with`), dropped, or the process ends
+        checkpoint._release = weakref.finalize(checkpoint, let_go, held)
+    return checkpoint
+
+
+def _hold(path: Path) -> Path | None:
+    """Hold the checkpoint for reading (docs/safety.md): nobody rewrites or removes it under this reader. A Hugging
+    Face cache snapshot is the cache's to guard (its lock per revision): no lock file goes into its folders."""
+    if path.parent.name == "snapshots" or path.parent.parent.name == "snapshots":
+        return None
+    hold_for_reading(path)
+    return path
+
+
+def _open(path: Path, root: Path, bf16: bool | None) -> Checkpoint:
     config = _read_config(root / "config.json")
     other_formats: list[str] = []
     if path.is_dir():

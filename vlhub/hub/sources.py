@@ -9,6 +9,7 @@ from vlhub.catalog import ModelSpec, find_model, unknown_model_message
 from vlhub.errors import UserError, VlhubError
 from vlhub.formats.readers import open_checkpoint
 from vlhub.hub.home import vlhub_home
+from vlhub.owned import put_back
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ def locate_source(text: str) -> Source:
     models are looked for in the Hugging Face cache, offline). UserError for anything else."""
     path = Path(text).expanduser()
     spec = find_model(text)
+    put_back(path)
     if path.exists():
         return Source(text, spec, path)
     if spec is not None:
