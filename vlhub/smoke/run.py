@@ -29,7 +29,7 @@ from vlhub.convert.plan import KeyMapMismatch
 from vlhub.errors import CheckFailed, CorruptCheckpoint, UserError
 from vlhub.hub.sources import resolve_source
 from vlhub.manifest import MANIFEST, Manifest
-from vlhub.owned import writing
+from vlhub.owned import exclusive_lock, lock_file_of
 from vlhub.smoke.inputs import SmokeInput, preprocessor_config, smoke_input, tokenizer_special_tokens
 from vlhub.smoke.reference import ReferenceForward
 from vlhub.smoke.verdict import (
@@ -301,7 +301,8 @@ def _until_first_difference(reference: list[int], predicted: list[int]) -> list[
 def record_verdict(artifact: Path, verdict: dict) -> None:
     """Write a smoke verdict into the artifact's manifest (`smoke`), atomically, under the artifact's write lock (a
     `vlhub keys --in-place` of it must not be undone by a manifest read before it)."""
-    with writing(Path(artifact).absolute()):
+    # waits for a writer of the artifact, or another smoke recording its verdict: this one must not be lost
+    with exclusive_lock(lock_file_of(Path(artifact)), what=str(artifact)):
         manifest = Manifest.load(Path(artifact))
         manifest.smoke = verdict
         manifest.write(Path(artifact))
