@@ -329,19 +329,19 @@ def test_keys_in_place_of_pdparams_killed_at_every_commit_point(pdparams_source:
     assert len(states) >= 4 and set(states.values()) == {"old", "new"}
 
 
-@pytest.mark.xfail(strict=True, reason="keys --in-place without RENAME_EXCHANGE, killed between moving the checkpoint "
-                                       "aside and moving the renamed copy in: the checkpoint is gone and nothing "
-                                       "puts it back (the rerun fails on the missing path before its sweep would)")
 def test_keys_in_place_killed_between_its_renames_without_exchange(source: Path, tmp_path: Path) -> None:
     """Where folders cannot be exchanged, the checkpoint is moved aside, then the renamed copy in: a kill between
-    the two leaves no checkpoint, its files hidden in `.ck.vlhub-PID.old`. vlhub.atomic.swap_in counts on the next
-    run that writes there to put it back; but the same `keys --in-place` again fails first, on the missing
-    checkpoint ("no such file or directory"), as every other command does, so the user's only copy stays hidden."""
+    the two leaves no checkpoint, its files hidden in `.ck.vlhub-PID.old`. The same `keys --in-place` again must put
+    it back before it judges the path missing (it failed on "no such file or directory" before 80e1ec5, leaving the
+    user's only copy hidden), then rename it."""
     scenario = _keys_in_place(source, KEYS_RENAME, KEYS_BACK, tmp_path, prelude=NO_EXCHANGE)
     case = scenario.case("case")
     scenario.kill_at(PUBLISH_AFTER, case)
+    assert not (case / "ck").exists()
     again = run_vlhub(*scenario.command(case))
-    assert scenario.state(case) in ("old", "new"), again.stderr
+    assert again.returncode == 0, again.stderr
+    assert scenario.state(case) == "new"
+    assert _leftovers(case) == []
 
 
 def test_keys_in_place_killed_before_removing_the_old_copy_then_run_again(source: Path, tmp_path: Path) -> None:
@@ -470,13 +470,11 @@ def test_dump_embeddings_killed_at_every_commit_point(source: Path, tmp_path: Pa
     assert list(states.values()) == ["old" if overwrite else "absent", "journal", "journal", "journal", "new"], states
 
 
-@pytest.mark.xfail(strict=True, reason="dump-embeddings killed between the renames of its commit: the same command "
-                                       "again refuses (embed_tokens.bin exists) before it completes the journal, "
-                                       "leaving a table without its sidecar and no lm_head")
 def test_dump_embeddings_killed_mid_commit_then_run_again(source: Path, tmp_path: Path) -> None:
     """A first dump killed after embed_tokens.bin was renamed into place, before its sidecar and lm_head: the same
-    command again says embed_tokens.bin exists (pass --overwrite), and leaves the journal unfinished, the half-made
-    dump as it is and the temporaries beside it. Only a run with --overwrite completes the journal."""
+    command again (no --overwrite) completes the journal first, whatever it then says about the files being there.
+    Before 80e1ec5 it refused (embed_tokens.bin exists) before completing it, leaving a table without its sidecar,
+    no lm_head, and the journal and temporaries beside them."""
     scenario = _dump(source, tmp_path, overwrite=False)
     case = scenario.case("case")
     scenario.kill_at("rename embed_tokens.json into place", case)
@@ -486,12 +484,10 @@ def test_dump_embeddings_killed_mid_commit_then_run_again(source: Path, tmp_path
     assert _leftovers(case) == []
 
 
-@pytest.mark.xfail(strict=True, reason="dump-embeddings killed while writing lm_head.bin: the sidecar temporary "
-                                       ".embed_tokens.json.vlhub-PID.tmp is never swept (the sweep looks only for "
-                                       "the tables' names), not even by a successful run again")
 def test_dump_embeddings_killed_while_writing_lm_head(source: Path, tmp_path: Path) -> None:
     """Killed once lm_head.bin's temporary exists, so after embed_tokens.json's was written and before the journal:
-    the run again succeeds, and the first sidecar's temporary stays."""
+    the run again removes every temporary, the sidecar's too (before 80e1ec5 the sweep looked only for the tables'
+    names, and `.embed_tokens.json.vlhub-PID.tmp` stayed for good)."""
     scenario = _dump(source, tmp_path, overwrite=False)
     scenario.points()
     case = scenario.case("case")
