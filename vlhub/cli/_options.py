@@ -1,4 +1,5 @@
-"""Options several commands share, declared once, and the targets' own flags, made from the registry."""
+"""Options several commands share, declared once, and the targets' own flags, made from the registry (imported by
+the commands that take them, not by every command that shares an option: it imports numpy and every target)."""
 
 from __future__ import annotations
 
@@ -6,13 +7,14 @@ import functools
 import inspect
 from collections.abc import Callable
 from dataclasses import Field, dataclass, fields
-from typing import Annotated, Any, TypeVar, get_args, get_type_hints
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar, get_args, get_type_hints
 
 import typer
 
-from vlhub.deploy.target import Target
 from vlhub.errors import UserError
-from vlhub.targets import TARGETS, options_of, takers
+
+if TYPE_CHECKING:
+    from vlhub.deploy.target import Target
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
 SourceArg = Annotated[
@@ -29,6 +31,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 def _declared(smoke: bool) -> dict[str, list[tuple[Target, Field, Any]]]:
     """Every flag the targets' options (smoke options, with `smoke`) declare: its declarations, by flag name."""
+    from vlhub.targets import TARGETS
+
     found: dict[str, list[tuple[Target, Field, Any]]] = {}
     for target in TARGETS.values():
         cls = target.smoke_options if smoke else target.options
@@ -103,6 +107,8 @@ def _typed(value: Any) -> Any:
 def target_options(target: Target, flags: dict[str, Any], *, smoke: bool = False) -> Any:
     """The target's options (smoke options, with `smoke`) from the typed flags, refusing a flag of other targets
     (`--x does not apply to --to T (it applies to --to U): drop --x`)."""
+    from vlhub.targets import options_of, takers
+
     cls = target.smoke_options if smoke else target.options
     accepted = {each.name for each in fields(cls)} if cls is not None else set()
     for name in flags:

@@ -1,4 +1,5 @@
-"""The `vlhub` application: wiring only; each command lives in its own module."""
+"""The `vlhub` application: wiring only; each command lives in its own module, imported when the command runs (or
+shows its own help), so `vlhub --help` and `vlhub --version` import none of them (vlhub.cli._lazy)."""
 
 from __future__ import annotations
 
@@ -7,16 +8,22 @@ from typing import Annotated
 import typer
 
 from vlhub import __version__
-from vlhub.cli.cache import cache_app
-from vlhub.cli.check import check
-from vlhub.cli.convert import convert
-from vlhub.cli.download import download
-from vlhub.cli.embeddings import dump_embeddings
-from vlhub.cli.inspect import inspect
-from vlhub.cli.keys import keys
-from vlhub.cli.models import models
-from vlhub.cli.plan import plan
-from vlhub.cli.smoke import smoke
+from vlhub.cli._lazy import add_lazy_commands
+
+# every command, in the order `vlhub --help` lists them: its name, and where its function is (or, for a group of
+# sub-commands, its Typer app). The summaries listed are the functions' docstrings and the app's help.
+COMMANDS = {
+    "models": "vlhub.cli.models:models",
+    "download": "vlhub.cli.download:download",
+    "inspect": "vlhub.cli.inspect:inspect",
+    "convert": "vlhub.cli.convert:convert",
+    "keys": "vlhub.cli.keys:keys",
+    "dump-embeddings": "vlhub.cli.embeddings:dump_embeddings",
+    "smoke": "vlhub.cli.smoke:smoke",
+    "plan": "vlhub.cli.plan:plan",
+    "check": "vlhub.cli.check:check",
+    "cache": "vlhub.cli.cache:cache_app",
+}
 
 app = typer.Typer(
     name="vlhub",
@@ -43,19 +50,10 @@ def _root(
     """Convert, check and deploy Qwen-VL family checkpoints."""
 
 
-app.command()(models)
-app.command()(download)
-app.command()(inspect)
-app.command()(convert)
-app.command()(keys)
-app.command(name="dump-embeddings")(dump_embeddings)
-app.command()(smoke)
-app.command()(plan)
-app.command()(check)
-app.add_typer(cache_app, name="cache")
+add_lazy_commands(app, COMMANDS)
 
 
 def main() -> None:
     """Run the app. The console script comes here through `vlhub.cli.entry.main`, which handles Ctrl-C and SIGTERM
-    from before this module's imports."""
+    from before this module's imports (and the command's, which `app()` makes)."""
     app()

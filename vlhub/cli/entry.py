@@ -1,7 +1,8 @@
 """The console script's entry point: Ctrl-C and SIGTERM handled from its first instant.
 
-Importing the app takes a while (typer, rich, numpy, every command module); this module imports nothing heavy, so
-it can take charge of the signals before that starts, and keeps it until the command's exit status is known.
+Importing the app (typer) and then the command's module (rich, numpy, the targets: imported when the command runs,
+vlhub.cli._lazy) takes a while; this module imports nothing heavy, so it can take charge of the signals before that
+starts, and keeps it until the command's exit status is known.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def main() -> None:
     """Run `vlhub`; an interruption at any instant is the line `interrupted` on stderr and exit 130."""
     try:
         signal.signal(signal.SIGTERM, _terminate)
-        from vlhub.cli.app import main as run_app  # the heavy imports, inside the guard
+        from vlhub.cli.app import main as run_app  # the imports, the app's and the command's, inside the guard
 
         run_app()
     except KeyboardInterrupt:
