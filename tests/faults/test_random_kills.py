@@ -1,5 +1,6 @@
 """SIGKILL at random instants while a command writes (issue 19): `keys --in-place` of a checkpoint and `convert
---overwrite` of an output, ten seeded instants each. After each kill the path holds the old state or the new one,
+--to safetensors --overwrite` of an output, ten seeded instants each (benchmarks/bench_faults.py does fifty of each
+command, Paddle's too). After each kill the path holds the old state or the new one,
 whole; the source is byte-identical; the run again succeeds and leaves no vlhub temporary or lock file.
 
 The checkpoint is a copy of tiny-qwen2.5-vl (42 MB in three safetensors shards and an index). An uninterrupted
@@ -154,12 +155,13 @@ def test_keys_in_place_killed_at_random_instants(source: Path, tmp_path: Path) -
 def test_convert_overwrite_killed_at_random_instants(source: Path, tmp_path: Path) -> None:
     """Over an older output (float16): the old output or the new one, whole, under --out after any kill."""
     old = tmp_path / "old"
-    assert run_vlhub("convert", str(source), "--to", "paddle", "--out", str(old), "--dtype", "float16",
+    assert run_vlhub("convert", str(source), "--to", "safetensors", "--out", str(old), "--dtype", "float16",
                      "--no-smoke").returncode == 0
     before = _digests(source)
 
     def command(case: Path) -> list[str]:
-        return ["convert", str(source), "--to", "paddle", "--out", str(case / "out"), "--no-smoke", "--overwrite"]
+        return ["convert", str(source), "--to", "safetensors", "--out", str(case / "out"), "--no-smoke",
+                "--overwrite"]
 
     statuses = _random_kills(tmp_path, lambda case: shutil.copytree(old, case / "out"), command,
                              lambda case: case / ".out.vlhub.lock", seed=19)
