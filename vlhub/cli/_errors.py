@@ -11,6 +11,7 @@ from typing import ParamSpec, TypeVar
 import typer
 
 from vlhub.cli._output import stderr
+from vlhub.cli.entry import unwind_on_signals
 from vlhub.errors import VlhubError
 
 P = ParamSpec("P")
@@ -32,6 +33,7 @@ def reports_errors(command: Callable[P, R]) -> Callable[P, R]:
 
     @functools.wraps(command)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        unwind_on_signals()
         try:
             return command(*args, **kwargs)
         except VlhubError as exc:

@@ -7,6 +7,7 @@ starts, and keeps it until the command's exit status is known.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from typing import NoReturn
@@ -15,6 +16,23 @@ from typing import NoReturn
 def _terminate(signum: int, frame: object) -> None:
     # `kill`, `timeout` and container stops send SIGTERM: unwind like Ctrl-C so temporaries are removed
     raise KeyboardInterrupt
+
+
+def _leave_at_once(signum: int, frame: object) -> None:
+    # before a command runs nothing is written, so there is nothing to unwind; and an exception raised here could
+    # land in a library's import that catches everything, and be lost
+    os.write(2, b"interrupted\n")
+    os._exit(130)
+
+
+def unwind_on_signals() -> None:
+    """Called as a command starts: from here on Ctrl-C and SIGTERM unwind (KeyboardInterrupt), so what the command
+    writes is cleaned up. Only where `main` took charge of the signals (not under a test runner); a SIGINT
+    ignored from the start (a background job) stays ignored."""
+    if signal.getsignal(signal.SIGTERM) is _leave_at_once:
+        signal.signal(signal.SIGTERM, _terminate)
+        if signal.getsignal(signal.SIGINT) is _leave_at_once:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _interrupted() -> NoReturn:
@@ -32,7 +50,9 @@ def _unreported_interrupt(exc: SystemExit) -> bool:
 def main() -> None:
     """Run `vlhub`; an interruption at any instant is the line `interrupted` on stderr and exit 130."""
     try:
-        signal.signal(signal.SIGTERM, _terminate)
+        signal.signal(signal.SIGTERM, _leave_at_once)
+        if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+            signal.signal(signal.SIGINT, _leave_at_once)
         from vlhub.cli.app import main as run_app  # the imports, the app's and the command's, inside the guard
 
         run_app()
