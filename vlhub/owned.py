@@ -227,6 +227,9 @@ def let_go(path: Path) -> None:
         return
     fd = _reading.pop(lock_file)[0]
     try:
+        # let go first, then look: of readers leaving together, the last to look finds the lock free and removes
+        # the file (converting shared to exclusive directly, each could see the other and both leave it)
+        fcntl.flock(fd, fcntl.LOCK_UN)
         if _try_lock(fd, fcntl.LOCK_EX, attempts=1) and _same_file(fd, lock_file):
             os.unlink(lock_file)  # no other reader: nobody needs the file
     except OSError:
