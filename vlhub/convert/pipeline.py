@@ -8,39 +8,23 @@ the budget (spares included) whatever the number of layers, and the stages canno
 Buffers are recycled: every layer has the same shapes, so the buffer one tensor was read into or
 written from serves the next tensor of that size. Fresh memory costs a page fault per page; on this
 project's machines that made a 7B conversion a third slower.
-
-A step whose buffers would exceed `TILE_BYTES` (`lm_head`, the MLP weights) is tiled: the reader produces its
-output in consecutive blocks of the output's C order, each at most a tile, and the writer streams them into
-the file (and its hash) in order. A transposed block [c0:c1] is source columns c0:c1 of every source row: they
-are copied out of a memory map of the file, a window of source rows at a time, so only the page cache holds
-the tensor whole. The peak therefore does not grow with the largest tensor. Steps joined from parts, and
-tensors a file does not store plainly in C order (pickled views), are still read whole.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import queue
 import threading
 from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from vlhub.convert.ops import cast_float, swapped_shape, transpose_2d, transpose_into, transpose_last
+from vlhub.convert.ops import cast_float, swapped_shape, transpose_2d, transpose_last
 from vlhub.convert.plan import Plan, Step
-from vlhub.formats.io_utils import Pieces, StoredBytes, output_array, read_exact_into
+from vlhub.formats.io_utils import StoredBytes, output_array
 from vlhub.formats.readers import Checkpoint
 from vlhub.formats.tensors import dtype_info
 from vlhub.formats.writers import CheckpointWriter
-
-# A step whose buffers would exceed this is tiled, in blocks of at most this (and windows of source rows
-# mapped at a time of at most this). CPU time (user + system) to transpose a [152064, 3584] bf16 lm_head from
-# the page cache, measured here: 2.2 s in 64 MB tiles, 1.65 s in 128 MB tiles, 3.1 s reading it whole (its
-# 2.2 GB of fresh pages fault in).
-TILE_BYTES = 64 << 20
-# every buffer of a conversion: a few untiled tensors or tiles in flight between the three stages
-MEMORY_BUDGET = 256 << 20
 
 
 def ordered_steps(plan: Plan, checkpoint: Checkpoint) -> list[Step]:
@@ -129,71 +113,21 @@ class BufferBudget:
         return spare
 
 
-def is_tiled(step: Step, stored: StoredBytes | None, tile_bytes: int) -> bool:
-    """Whether a step goes in tiles: it transforms plainly stored bytes into more than a tile of buffers."""
-    return stored is not None and not step.copies_bytes and not step.parts and buffer_cost(step) > tile_bytes
-
-
-def tiled_blocks(step: Step, stored: StoredBytes, budget: BufferBudget, tile_bytes: int) -> Iterator[np.ndarray]:
-    """A step's source, transposed if the step transposes, in consecutive blocks of the output's C order, each
-    reserved from `budget` with room for its cast: at most `tile_bytes`, or one output row if that is more."""
-    source = dtype_info(step.source.dtype).storage
-    per_item = source.itemsize
-    if step.source.dtype != step.target.dtype:
-        per_item += dtype_info(step.target.dtype).itemsize
-    with open(stored.path, "rb", buffering=0) as file:
-        if hasattr(os, "posix_fadvise"):  # the kernel reads the whole tensor ahead, in large requests
-            os.posix_fadvise(file.fileno(), stored.offset, stored.length, os.POSIX_FADV_WILLNEED)
-        if not step.transpose:  # a cast alone: output blocks are source blocks
-            count = max(1, tile_bytes // per_item)
-            for start in range(0, step.source.numel, count):
-                size = min(count, step.source.numel - start)
-                budget.reserve(size * per_item)
-                block = budget.array((size,), source)
-                read_exact_into(file, stored.offset + start * source.itemsize, block, stored.path)
-                yield block
-            return
-        *experts, rows, cols = step.source.shape
-        row_bytes = cols * source.itemsize
-        out_rows = max(1, tile_bytes // (rows * per_item))
-        window = max(1, tile_bytes // row_bytes)
-        for expert in range(math.prod(experts)):  # each expert's [rows, cols] matrix lies whole in the file
-            matrix = stored.offset + expert * rows * row_bytes
-            for first in range(0, cols, out_rows):
-                last = min(cols, first + out_rows)
-                budget.reserve((last - first) * rows * per_item)
-                block = budget.array((last - first, rows), source)
-                for top in range(0, rows, window):
-                    bottom = min(rows, top + window)
-                    mapped = np.memmap(file, source, "r", matrix + top * row_bytes, (bottom - top, cols))
-                    transpose_into(mapped[:, first:last], block[:, top:bottom])
-                    # unmapped here: a mapped page counts as resident while the map lasts
-                    del mapped
-                yield block
-
-
 def transform(step: Step, array: np.ndarray, budget: BufferBudget) -> np.ndarray:
     """Apply a step's transpose and cast, handing each consumed buffer back to the budget."""
     if step.transpose:
         transposed = transpose_last(array, budget.array(swapped_shape(array.shape), array.dtype))
         budget.release(array)
         array = transposed
-    return cast(step, array, budget)
-
-
-def cast(step: Step, array: np.ndarray, budget: BufferBudget) -> np.ndarray:
-    """Apply a step's cast (to a whole tensor or to one of its blocks), handing the consumed buffer back."""
-    if step.source.dtype == step.target.dtype:
-        return array
-    result = cast_float(array, step.source.dtype, step.target.dtype,
-                        budget.array(array.shape, dtype_info(step.target.dtype).storage))
-    budget.release(array)
-    return result
+    if step.source.dtype != step.target.dtype:
+        cast = cast_float(array, step.source.dtype, step.target.dtype,
+                          budget.array(step.target.shape, dtype_info(step.target.dtype).storage))
+        budget.release(array)
+        array = cast
+    return array
 
 
 _DONE = object()
-_TILED = object()  # a tiled step starts: its blocks follow, then _END
-_END = object()
 
 
 class _Stage:
@@ -211,8 +145,7 @@ class _Stage:
         self.thread.start()
 
 
-def run_plan(plan: Plan, checkpoint: Checkpoint, writer: CheckpointWriter, *, memory_budget: int = MEMORY_BUDGET,
-             tile_bytes: int = TILE_BYTES) -> None:
+def run_plan(plan: Plan, checkpoint: Checkpoint, writer: CheckpointWriter, *, memory_budget: int) -> None:
     """Write every step of `plan` through `writer` (whose tensor order must be `ordered_steps`)."""
     budget = BufferBudget(memory_budget)
     errors: list[BaseException] = []
@@ -225,47 +158,33 @@ def run_plan(plan: Plan, checkpoint: Checkpoint, writer: CheckpointWriter, *, me
             for step in ordered_steps(plan, checkpoint):
                 if stop.is_set():
                     return
-                stored = checkpoint.stored_bytes(step.source.name) if not step.parts else None
-                if stored is not None and step.copies_bytes:
+                stored = checkpoint.stored_bytes(step.source.name) if step.copies_bytes else None
+                if stored is not None:
                     read_queue.put((step, stored))
-                elif is_tiled(step, stored, tile_bytes):
-                    assert stored is not None
-                    read_queue.put((step, _TILED))
-                    for block in tiled_blocks(step, stored, budget, tile_bytes):
-                        if stop.is_set() or errors:
-                            return
-                        read_queue.put((step, block))
-                    read_queue.put((step, _END))
-                else:
-                    budget.reserve(buffer_cost(step))
-                    if stop.is_set():
-                        return
-                    source = dtype_info(step.source.dtype).storage
-                    read_queue.put((step, read_source(checkpoint, step, budget.array(step.source.shape, source))))
+                    continue
+                budget.reserve(buffer_cost(step))
+                if stop.is_set():
+                    return
+                source = dtype_info(step.source.dtype).storage
+                read_queue.put((step, read_source(checkpoint, step, budget.array(step.source.shape, source))))
         finally:
             read_queue.put(_DONE)
 
     def write_all() -> None:
-        items = _until_done(write_queue)
-        for name, data in items:
-            if data is _TILED:
-                data = Pieces(_pieces(items, budget))
+        for name, data in _until_done(write_queue):
             if not stop.is_set():
                 writer.write(name, data)
-            if isinstance(data, np.ndarray):  # the blocks of a skipped tiled step come here one by one
+            if not isinstance(data, StoredBytes):
                 budget.release(data)
 
     reader = _Stage("vlhub-reader", read_ahead, errors, budget)
     writing = _Stage("vlhub-writer", write_all, errors, budget)
-    tiled = False  # between a tiled step's _TILED and _END: its blocks come transposed already
     try:
         for step, data in _until_done(read_queue):
             if errors:
                 break
-            if data is _TILED or data is _END:
-                tiled = data is _TILED
-            elif isinstance(data, np.ndarray):
-                data = cast(step, data, budget) if tiled else transform(step, data, budget)
+            if not isinstance(data, StoredBytes):
+                data = transform(step, data, budget)
             write_queue.put((step.target.name, data))
     except BaseException:
         stop.set()  # the other stages drop their work instead of finishing a doomed output
@@ -283,16 +202,6 @@ def run_plan(plan: Plan, checkpoint: Checkpoint, writer: CheckpointWriter, *, me
         reader.thread.join()
     if errors:
         raise errors[0]
-
-
-def _pieces(items: Iterator, budget: BufferBudget) -> Iterator[np.ndarray]:
-    """The blocks of one tiled step as they arrive, each handed back to the budget once the writer is done with it;
-    they end early (and the writer finds the tensor short) if the run stops in the middle."""
-    for _, block in items:
-        if block is _END:
-            return
-        yield block
-        budget.release(block)
 
 
 def _until_done(items: queue.Queue) -> Iterator:
