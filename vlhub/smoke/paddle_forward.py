@@ -27,8 +27,9 @@ import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from vlhub.smoke.paddle_import import F, paddle  # isort: skip  (before any paddle import: vlhub/smoke/paddle_import.py)
 import numpy as np
+import paddle
+import paddle.nn.functional as F
 from paddle import nn
 
 from vlhub.convert.layouts import UNKNOWN, detect_layout

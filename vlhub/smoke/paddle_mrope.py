@@ -8,8 +8,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from vlhub.smoke.paddle_import import F, paddle  # isort: skip  (before any paddle import: vlhub/smoke/paddle_import.py)
 import numpy as np
+import paddle
+import paddle.nn.functional as F
 from paddle import nn
 from paddle.static import InputSpec
 

@@ -61,8 +61,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from vlhub.smoke.paddle_import import paddle  # isort: skip  (before any paddle import: vlhub/smoke/paddle_import.py)
 import numpy as np
+import paddle
 from paddle import nn
 from paddle.base.framework import Variable
 from paddle.base.layer_helper import LayerHelper
