@@ -365,3 +365,28 @@ def hard_link_or_copy(source: Path, destination: Path) -> None:
         os.link(source, destination)
     except OSError:
         shutil.copy2(source, destination)
+
+
+def transformers_qwen2_vl(directory: Path) -> Path:
+    """tiny-qwen2-vl's architecture with a 2048-token vocabulary, randomly initialised and saved by transformers
+    itself in bfloat16 (`save_pretrained`: safetensors shards and an index)."""
+    import torch
+    import transformers
+
+    from vlhub.catalog import get_model
+
+    config = {**get_model("tiny-qwen2-vl").config, "vocab_size": 2048}
+    config.pop("bos_token_id", None), config.pop("eos_token_id", None)  # ids of the full vocabulary
+    torch.manual_seed(0)
+    model = transformers.Qwen2VLForConditionalGeneration(transformers.Qwen2VLConfig(**config))
+    model.to(torch.bfloat16).save_pretrained(directory, max_shard_size="300KB")  # bf16, as the released weights
+    return directory
+
+
+def small_sharded_source(raw: Path, out: Path) -> Path:
+    """`transformers_qwen2_vl` at `raw`, as `vlhub convert --to safetensors` writes it at `out` (15 shards, an
+    index, config files and a vlhub manifest); `out` returned."""
+    made = run_vlhub("convert", str(transformers_qwen2_vl(raw)), "--to", "safetensors", "--out", str(out),
+                     "--max-shard-size", "300KB", "--no-smoke")
+    assert made.returncode == 0, made.stderr
+    return out

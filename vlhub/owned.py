@@ -138,13 +138,10 @@ def exclusive_lock(
             os.close(fd)
             raise
         os.close(fd)  # the holder we met removed that file: lock the one at the path now
-    _held.add(lock_file)
     try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{_holder_text()}\n".encode(), 0)
-        yield
+        with _holding(lock_file, fd):
+            yield
     finally:
-        _held.discard(lock_file)
         with suppress(OSError):
             os.unlink(lock_file)  # while still held: whoever opened it meanwhile sees it gone and retries
         os.close(fd)
@@ -159,6 +156,17 @@ def _upgraded(lock_file: Path, what: str | None) -> Iterator[None]:
         with suppress(BlockingIOError):
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # a failed conversion may have let go: take it back
         raise _busy(what or str(lock_file), *holder)
+    try:
+        with _holding(lock_file, fd):
+            yield
+    finally:
+        os.ftruncate(fd, 0)
+        fcntl.flock(fd, fcntl.LOCK_SH)
+
+
+@contextmanager
+def _holding(lock_file: Path, fd: int) -> Iterator[None]:
+    """The block runs as the exclusive holder of `lock_file` (locked as `fd`): its note says who holds it."""
     _held.add(lock_file)
     try:
         os.ftruncate(fd, 0)
@@ -166,8 +174,6 @@ def _upgraded(lock_file: Path, what: str | None) -> Iterator[None]:
         yield
     finally:
         _held.discard(lock_file)
-        os.ftruncate(fd, 0)
-        fcntl.flock(fd, fcntl.LOCK_SH)
 
 
 def _busy(what: str, holder: str, writing: bool) -> Busy:

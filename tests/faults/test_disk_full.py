@@ -13,7 +13,6 @@ the command goes on.
 from __future__ import annotations
 
 import builtins
-import copy
 import errno
 import hashlib
 import os
@@ -29,11 +28,9 @@ from typing import Any, Self
 
 import pytest
 
-from tests.helpers import one_line_error, run_vlhub
+from tests.helpers import one_line_error, run_vlhub, small_sharded_source
 from vlhub import embeddings
-from vlhub.catalog import get_model
 from vlhub.formats import writers
-from vlhub.hub.synthetic import write_synthetic_checkpoint
 from vlhub.units import parse_size
 
 FULL = OSError(errno.ENOSPC, "No space left on device")
@@ -74,14 +71,7 @@ def _bytes(size: str) -> int:
 def source(module_tmp: Callable[[str], Path]) -> Path:
     """tiny-qwen2-vl's architecture with a 2048-token vocabulary (4.2 MB) in 15 safetensors shards, with the
     manifest `vlhub convert` writes."""
-    spec = get_model("tiny-qwen2-vl")
-    config = copy.deepcopy(spec.config)
-    config["vocab_size"] = 2048
-    raw = write_synthetic_checkpoint(module_tmp("disk-full-raw") / "raw", spec.family, config)
-    out = module_tmp("disk-full-source") / "src"
-    made = run_vlhub("convert", str(raw), "--to", "safetensors", "--out", str(out), "--max-shard-size", "300KB",
-                     "--no-smoke")
-    assert made.returncode == 0, made.stderr
+    out = small_sharded_source(module_tmp("disk-full-raw") / "raw", module_tmp("disk-full-source") / "src")
     return out
 
 

@@ -17,7 +17,6 @@ manifest `vlhub convert` writes): the commit points do not depend on the size. E
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import os
@@ -33,10 +32,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.helpers import run_vlhub
-from vlhub.catalog import get_model
+from tests.helpers import run_vlhub, small_sharded_source, transformers_qwen2_vl
 from vlhub.formats.readers import open_checkpoint
-from vlhub.hub.synthetic import write_synthetic_checkpoint
 from vlhub.manifest import MANIFEST
 
 KEYS_RENAME = ["--rename", "visual.=model.visual.", "--rename", "model.=model.language_model."]  # to transformers 5
@@ -253,14 +250,7 @@ def _kill_everywhere(scenario: Scenario) -> dict[str, str]:
 def source(module_tmp: Callable[[str], Path]) -> Path:
     """tiny-qwen2-vl's architecture with a 2048-token vocabulary, as `vlhub convert` writes it: 15 safetensors
     shards, an index, config files and a vlhub manifest."""
-    spec = get_model("tiny-qwen2-vl")
-    config = copy.deepcopy(spec.config)
-    config["vocab_size"] = 2048
-    raw = write_synthetic_checkpoint(module_tmp("kill-raw") / "raw", spec.family, config)
-    out = module_tmp("kill-source") / "src"
-    converted = run_vlhub("convert", str(raw), "--to", "safetensors", "--out", str(out), "--max-shard-size", "300KB",
-                          "--no-smoke")
-    assert converted.returncode == 0, converted.stderr
+    out = small_sharded_source(module_tmp("kill-raw") / "raw", module_tmp("kill-source") / "src")
     assert len(list(out.glob("*.safetensors"))) > 10
     return out
 
@@ -320,6 +310,19 @@ def test_keys_in_place_killed_at_every_commit_point(source: Path, tmp_path: Path
     """The issue's first case: killed between its renames, `keys --in-place` left the shards new and the index old.
     The checkpoint folder is now exchanged with a renamed copy in one step: old up to that step, new after."""
     states = _kill_everywhere(_keys_in_place(source, KEYS_RENAME, KEYS_BACK, tmp_path))
+    assert [state for point, state in states.items() if point.endswith(EXCHANGE)] == ["old"]
+    assert [state for point, state in states.items() if point.endswith(REMOVE_OLD)] == ["new"]
+
+
+@pytest.fixture(scope="module")
+def transformers_source(module_tmp: Callable[[str], Path]) -> Path:
+    """The same model as transformers' `save_pretrained` leaves it: no vlhub manifest, transformers' own index."""
+    return transformers_qwen2_vl(module_tmp("kill-transformers") / "raw")
+
+
+def test_keys_in_place_of_a_checkpoint_transformers_saved_killed_at_every_commit_point(
+        transformers_source: Path, tmp_path: Path) -> None:
+    states = _kill_everywhere(_keys_in_place(transformers_source, KEYS_RENAME, KEYS_BACK, tmp_path))
     assert [state for point, state in states.items() if point.endswith(EXCHANGE)] == ["old"]
     assert [state for point, state in states.items() if point.endswith(REMOVE_OLD)] == ["new"]
 
