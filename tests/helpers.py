@@ -11,6 +11,7 @@ what an interpreter imports, peak memory, environment read at start-up such as P
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib
 import importlib.util
 import json
@@ -375,7 +376,7 @@ def transformers_qwen2_vl(directory: Path) -> Path:
 
     from vlhub.catalog import get_model
 
-    config = {**get_model("tiny-qwen2-vl").config, "vocab_size": 2048}
+    config = {**copy.deepcopy(get_model("tiny-qwen2-vl").config), "vocab_size": 2048}  # transformers edits nested dicts
     config.pop("bos_token_id", None), config.pop("eos_token_id", None)  # ids of the full vocabulary
     torch.manual_seed(0)
     model = transformers.Qwen2VLForConditionalGeneration(transformers.Qwen2VLConfig(**config))
