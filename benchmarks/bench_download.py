@@ -16,6 +16,7 @@ checks sizes: that difference is what the table shows.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import shlex
 import statistics
@@ -133,7 +134,7 @@ def main() -> None:
     total = sum((source / name).stat().st_size for name in hashes)
     largest = max((source / name for name in hashes), key=lambda p: p.stat().st_size)
 
-    with FakeHub() as hub:
+    with contextlib.closing(FakeHub()) as hub:
         hub.add_directory(repo_id, source)
         shard_url = f"{hub.url}/{repo_id}/resolve/main/{largest.name}"
         q = shlex.quote

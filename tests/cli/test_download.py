@@ -21,10 +21,11 @@ from tests.fake_hub import FakeHub
 from tests.fake_modelscope import FakeModelScope
 from tests.helpers import run_vlhub
 from vlhub.hub.tiny import GENERATOR_VERSION
+from vlhub.hub.transfer import BUFFER_BYTES
 from vlhub.units import format_size
 
 REPO = "Qwen/Qwen2-VL-2B-Instruct"  # served with tiny-qwen2-vl's files, so `qwen2-vl-2b` names it
-SHARD = "model-00002-of-00004.safetensors"  # 38.9 MB: the client writes in 10 MiB chunks
+SHARD = "model-00002-of-00004.safetensors"  # 38.9 MB: the client writes in 4 MiB buffers
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +103,7 @@ def test_a_dropped_connection_resumes_within_the_run(hub: FakeHub, env: dict[str
     result = download(env)
     assert result.returncode == 0, result.stderr
     ranges = [r.range for r in file_gets(hub, SHARD)]
-    assert ranges == [None, "bytes=20971520-"]  # the two whole 10 MiB chunks received are kept
+    assert ranges == [None, "bytes=25000000-"]  # every byte received is kept
     assert_same_files(Path(result.stdout.strip()), tiny_qwen2_vl)
 
 
@@ -424,7 +425,8 @@ def test_ctrl_c_stops_a_download_at_once_and_keeps_what_arrived(hub: FakeHub, en
     started = time.monotonic()
     _, stderr = proc.communicate(timeout=30)
     assert proc.returncode == 130 and "interrupted" in stderr and time.monotonic() - started < 5
-    assert shard_partial(env, tiny_qwen2_vl).stat().st_size == 20 << 20  # the two whole 10 MiB chunks that arrived
+    kept = 25_000_000 // BUFFER_BYTES * BUFFER_BYTES  # the whole buffers that arrived (the last one was filling)
+    assert shard_partial(env, tiny_qwen2_vl).stat().st_size == kept
     resumed = download(env)
-    assert resumed.returncode == 0 and file_gets(hub, SHARD)[-1].range == f"bytes={20 << 20}-"
+    assert resumed.returncode == 0 and file_gets(hub, SHARD)[-1].range == f"bytes={kept}-"
     assert_same_files(Path(resumed.stdout.strip()), tiny_qwen2_vl)

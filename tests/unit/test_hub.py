@@ -1,17 +1,21 @@
-"""The download machinery on its own: a lock its dead holder left, the hash following a restarted transfer, and a
-listing's hashes as untrusted names (downloads through the command: tests/cli/test_download.py)."""
+"""The download machinery on its own: a lock its dead holder left, the hash following a restarted transfer, what a
+dropped connection keeps, and a listing's hashes as untrusted names (downloads through the command:
+tests/cli/test_download.py)."""
 
 from __future__ import annotations
 
 import hashlib
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
-from vlhub.hub.download import HashingWriter
+from vlhub.hub.transfer import BUFFER_BYTES, append_hashed, receive
 from vlhub.owned import exclusive_lock
 
 
@@ -32,18 +36,51 @@ def test_a_lock_held_by_a_dead_process_is_taken_at_once(tmp_path: Path) -> None:
     assert not waits and time.monotonic() - started < 1
 
 
-def test_hashing_writer_follows_a_restart_from_zero(tmp_path: Path) -> None:
-    """When a server ignores Range, the client seeks back and truncates: the hash must restart with the file."""
+def test_a_server_that_ignores_range_restarts_the_file_and_its_hash(tmp_path: Path) -> None:
+    """Asked for the rest of a file, a server may send all of it (200): the partial file and the hash start over."""
+    content = b"fresh content" * 1000
+
+    class WholeFile(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(content)))
+            self.end_headers()
+            self.wfile.write(content)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), WholeFile)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
     path = tmp_path / "part"
     path.write_bytes(b"stale-prefix")
-    with open(path, "r+b") as handle:
-        writer = HashingWriter(handle, hashlib.sha256, None)
-        writer.write(b"more")
-        writer.seek(0)
-        writer.truncate()
-        writer.write(b"fresh content")
-    assert writer.digest.hexdigest() == hashlib.sha256(b"fresh content").hexdigest()
-    assert path.read_bytes() == b"fresh content"
+    try:
+        with open(path, "r+b") as handle:
+            stale = hashlib.sha256(b"stale-prefix")
+            digest = receive(f"http://127.0.0.1:{server.server_address[1]}/f", handle.fileno(), 12, len(content),
+                             hashlib.sha256, stale, None, threading.Event())
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert digest.hexdigest() == hashlib.sha256(content).hexdigest()
+    assert path.read_bytes() == content
+
+
+def test_what_arrived_before_a_dropped_connection_is_kept_and_a_write_error_wins(tmp_path: Path) -> None:
+    def dropped() -> Iterator[bytes]:
+        yield b"a" * (BUFFER_BYTES + 10)  # one whole buffer and a part of the next
+        raise ConnectionResetError("dropped")
+
+    digest = hashlib.sha256()
+    with open(tmp_path / "part", "wb") as handle, pytest.raises(ConnectionResetError):
+        append_hashed(dropped(), handle.fileno(), digest, None, threading.Event())
+    assert (tmp_path / "part").read_bytes() == b"a" * (BUFFER_BYTES + 10)
+    assert digest.hexdigest() == hashlib.sha256(b"a" * (BUFFER_BYTES + 10)).hexdigest()
+
+    with open(tmp_path / "part", "rb") as read_only, pytest.raises(OSError) as failed:  # as a full disk would
+        append_hashed(iter([b"b" * BUFFER_BYTES] * 3), read_only.fileno(), hashlib.sha256(), None,
+                      threading.Event())
+    assert failed.value.errno is not None
 
 
 def test_listed_hashes_are_untrusted_names_too() -> None:

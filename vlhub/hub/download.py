@@ -4,11 +4,13 @@ hub lists for it, one process at a time per model and revision, nothing written 
     with open_download("qwen2-vl-7b") as download:      # lists, checks names and free disk, under the lock
         path = download.fetch(on_bytes=advance)          # the snapshot directory
 
-Hugging Face: the listing and the transfer are huggingface_hub's (`HfApi`, `http_get`, so HF_ENDPOINT,
-HF_HOME and HF_TOKEN apply), but the partial file is ours: huggingface_hub >= 1.18 deletes its partial file
-on any failure, so it can only resume within a run. vlhub keeps `blobs/<hash>.incomplete`, resumes it with a
-Range request in the next run, hashes while writing, and only then renames it to `blobs/<hash>` and links
-`snapshots/<commit>/<path>` to it, which is the cache layout the client itself reads.
+Hugging Face: the listing is huggingface_hub's (`HfApi`), and so is the HTTP client the files come through
+(`get_session()`, so HF_ENDPOINT, HF_HOME and HF_TOKEN apply), but the transfer loop and the partial file are
+ours (`vlhub.hub.transfer`): huggingface_hub >= 1.18 deletes its partial file on any failure, so it can only resume
+within a run, and its `http_get` re-joins every byte into 10 MiB chunks on the thread that receives. vlhub keeps
+`blobs/<hash>.incomplete`, resumes it with a Range request in the next run, hashes on another thread while receiving,
+and only then renames it to `blobs/<hash>` and links `snapshots/<commit>/<path>` to it, which is the cache layout
+the client itself reads.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from vlhub.errors import CheckFailed, UserError, VlhubError
 from vlhub.faults import commit_point
 from vlhub.formats.writers import hash_file_into
 from vlhub.hub.records import DownloadRecord, RemoteFile, RepoRef, load_record, save_record
+from vlhub.hub.transfer import Cancelled, ShortBody, receive
 from vlhub.owned import lock_open_file, sweep, temporary_name
 from vlhub.units import format_size, now_iso
 
@@ -38,7 +41,6 @@ SOURCES = ("huggingface", "modelscope")
 # seconds to wait before each new attempt after a connection error, a 5xx or a 429 (then give up)
 RETRY_DELAYS = (1, 2, 4, 8)
 DOWNLOAD_WORKERS = 4  # files transferred at once
-_HASH_CHUNK = 16 << 20  # what HashingWriter re-reads at a time
 
 
 class DownloadFailed(VlhubError):
@@ -101,57 +103,9 @@ def refuse_unsafe_name(name: str, ref: RepoRef) -> None:
                         "refusing to download from this repo")
 
 
-class Cancelled(Exception):
-    """Raised in a download thread once another thread failed or the user interrupted."""
-
-
-class HashingWriter:
-    """The file object `http_get` writes into: hashes what it writes and reports the bytes.
-
-    On a resume the hash first takes in the bytes already on disk. `http_get` seeks back and truncates when a
-    server ignores the Range header; the hash then restarts from what stays on disk. Once `cancel` is set the
-    next write raises `Cancelled`, which stops the transfer and keeps what is on disk for a resume.
-    """
-
-    def __init__(self, file: BinaryIO, new_digest: Callable[[], Any], on_bytes: Callable[[int], None] | None,
-                 cancel: threading.Event | None = None) -> None:
-        self._file, self._new_digest, self._on_bytes = file, new_digest, on_bytes
-        self._cancel = cancel or threading.Event()
-        self._rehash(file.seek(0, os.SEEK_END))
-
-    def _rehash(self, upto: int) -> None:
-        self.digest = self._new_digest()
-        self._file.seek(0)
-        remaining = upto
-        while remaining > 0 and (chunk := self._file.read(min(_HASH_CHUNK, remaining))):
-            self.digest.update(chunk)
-            remaining -= len(chunk)
-        self._file.seek(upto)
-
-    def write(self, data: bytes) -> int:
-        if self._cancel.is_set():
-            raise Cancelled
-        self._file.write(data)
-        self.digest.update(data)
-        if self._on_bytes:
-            self._on_bytes(len(data))
-        return len(data)
-
-    def tell(self) -> int:
-        return self._file.tell()
-
-    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
-        return self._file.seek(offset, whence)
-
-    def truncate(self, size: int | None = None) -> int:
-        end = self._file.truncate(size)
-        self._rehash(end)
-        return end
-
-
 def in_parallel(action: Callable[[RemoteFile, threading.Event], None], files: list[RemoteFile]) -> None:
     """Run `action(file, cancel)` for each file on DOWNLOAD_WORKERS threads (several connections, as the hub
-    clients use). The first error sets `cancel`, so the other transfers stop at their next write, and is
+    clients use). The first error sets `cancel`, so the other transfers stop at their next piece, and is
     raised here. The threads are daemons: Ctrl-C returns at once, and what they wrote stays for a resume."""
     cancel = threading.Event()
     pending: queue.SimpleQueue[RemoteFile] = queue.SimpleQueue()
@@ -211,10 +165,9 @@ def retrying(action: Callable[[], Any], what: str, ref: RepoRef, endpoint: str) 
             return action()
         except Exception as exc:
             status = exc.response.status_code if isinstance(exc, HfHubHTTPError) and exc.response is not None else None
-            # a dropped or refused connection, a short body ("Consistency check failed": an OSError without
-            # errno, unlike the disk's), a rate limit, a server error
-            transient = (isinstance(exc, _transport_error()) or status in (408, 429) or (status or 0) >= 500
-                         or (isinstance(exc, OSError) and exc.errno is None and status is None))
+            # a dropped or refused connection, a short body, a rate limit, a server error
+            transient = (isinstance(exc, (_transport_error(), ShortBody)) or status in (408, 429)
+                         or (status or 0) >= 500)
             if not transient:
                 if isinstance(exc, GatedRepoError):
                     raise UserError(f"{ref} is gated: accept its terms on the hub and set HF_TOKEN") from exc
@@ -390,22 +343,19 @@ class HuggingFaceDownload:
         """Continue the partial file, hash it, and rename it to its blob if the hash is right (else delete it),
         all under an exclusive lock of the partial file: another revision's download may share this blob.
         Returns the hash, or None when another process completed the blob meanwhile."""
-        from huggingface_hub.file_download import http_get
-        from huggingface_hub.utils import build_hf_headers
-
         blob, partial = self._blob(file), self._partial(file)
         partial.parent.mkdir(parents=True, exist_ok=True)
         with _locked_partial(partial) as handle:
             if self._have_blob(file):  # another download completed the blob meanwhile: no use for a partial
                 partial.unlink()
                 return None
-            if handle.seek(0, os.SEEK_END) > file.size:
-                handle.truncate(0)
-            writer = HashingWriter(handle, file_digest(file), on_bytes, cancel)
-            http_get(url, writer, resume_size=writer.tell(), headers=build_hf_headers(),  # type: ignore[arg-type]
-                     expected_size=file.size, displayed_filename=file.path, tqdm_class=_silent_tqdm())
-            handle.flush()
-            digest = writer.digest.hexdigest()
+            fd = handle.fileno()
+            if os.fstat(fd).st_size > file.size:
+                os.ftruncate(fd, 0)
+            # the bytes an earlier attempt kept are hashed again (their hash was not kept), then continued
+            kept = hash_file_into(partial, file_digest(file)())
+            digest = receive(url, fd, os.fstat(fd).st_size, file.size, file_digest(file), kept, on_bytes,
+                             cancel).hexdigest()
             if digest == file.etag:
                 os.chmod(partial, 0o644)
                 commit_point("publish a downloaded blob")
@@ -456,15 +406,3 @@ def _link(pointer: Path, blob: Path) -> None:
     commit_point("link a snapshot file")
     os.replace(temporary, pointer)
 
-
-def _silent_tqdm() -> type:
-    from huggingface_hub.utils import tqdm
-
-    class SilentTqdm(tqdm):  # type: ignore[misc, valid-type]
-        """vlhub draws its own progress bar; the client's would interleave with it."""
-
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            kwargs["disable"] = True
-            super().__init__(*args, **kwargs)
-
-    return SilentTqdm
