@@ -21,7 +21,7 @@ from pathlib import Path
 from vlhub.atomic import staged_directory
 from vlhub.convert.configs import official_config, target_config
 from vlhub.convert.ops import FLOAT_DTYPES
-from vlhub.convert.pipeline import buffer_cost, ordered_steps, run_plan
+from vlhub.convert.pipeline import MEMORY_BUDGET, ordered_steps, run_plan
 from vlhub.convert.plan import Plan, checkpoint_family, plan_conversion
 from vlhub.errors import UserError
 from vlhub.family_registry import FAMILIES, Family
@@ -190,9 +190,8 @@ class Conversion:
         metadata = {"format": "pt"} if self.format == "safetensors" else None
         with CheckpointWriter(directory, self.format, [s.target for s in steps],
                               max_shard_size=max_shard_size, metadata=metadata, on_bytes=on_bytes) as writer:
-            # room for the largest tensor and its transposed copy; smaller ones pipeline within it
-            largest = max((buffer_cost(s) for s in steps), default=0)
-            run_plan(self.plan, self.checkpoint, writer, memory_budget=memory_budget or max(largest, 512 << 20))
+            # large tensors go in tiles, so one budget serves any model size
+            run_plan(self.plan, self.checkpoint, writer, memory_budget=memory_budget or MEMORY_BUDGET)
         files = dict(writer.sha256)
         for extra in self.extra_files:
             shutil.copy2(extra, directory / extra.name)

@@ -94,10 +94,16 @@ def transpose_2d(array: np.ndarray, out: np.ndarray | None = None) -> np.ndarray
     """A C-contiguous transpose of a 2-D array, copied tile by tile (into `out` if given)."""
     rows, cols = array.shape
     out = output_array((cols, rows), array.dtype, out)
+    transpose_into(array, out)
+    return out
+
+
+def transpose_into(array: np.ndarray, out: np.ndarray) -> None:
+    """`out[j, i] = array[i, j]`, tile by tile; either may be a strided view (a block of a larger matrix)."""
+    rows, cols = array.shape
     for i in range(0, rows, _TILE):
         for j in range(0, cols, _TILE):
             out[j : j + _TILE, i : i + _TILE] = array[i : i + _TILE, j : j + _TILE].T
-    return out
 
 
 def _to_float32(values: np.ndarray, dtype: str) -> np.ndarray:

@@ -72,7 +72,8 @@ class ShardWriter(Protocol):
     ) -> None: ...
 
     def write(self, meta: TensorMeta, array: TensorData) -> None:
-        """One tensor: an array, or `StoredBytes` copied from the source file in small pieces."""
+        """One tensor: an array, its `Pieces` in order, or `StoredBytes` copied from the source file in small
+        pieces."""
         ...
 
     def finish(self) -> None: ...

@@ -9,7 +9,7 @@ import math
 import os
 import re
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, NoReturn, Union
@@ -71,8 +71,16 @@ class StoredBytes:
     length: int
 
 
-# what a writer accepts for one tensor: an array, or bytes to copy from a source file
-TensorData = Union[np.ndarray, StoredBytes]
+@dataclass(frozen=True)
+class Pieces:
+    """A tensor too large to hold whole, as consecutive arrays in its storage dtype: their bytes, in order,
+    are the tensor's in C order (a conversion's tiles). Each piece may be reused once the next is asked for."""
+
+    arrays: Iterable[np.ndarray]
+
+
+# what a writer accepts for one tensor: an array, its pieces, or bytes to copy from a source file
+TensorData = Union[np.ndarray, Pieces, StoredBytes]
 
 
 def copy_stored_bytes(source: StoredBytes, stream: BinaryIO, on_bytes: Callable[[int], None] | None = None) -> None:
@@ -128,17 +136,34 @@ def _copy_through_buffer(file: BinaryIO, source: StoredBytes, stream: BinaryIO,
 
 
 def write_array(stream: BinaryIO, meta: TensorMeta, array: TensorData) -> None:
-    """Write a tensor's bytes (from an array's buffer, or copied from its file) after checking them."""
+    """Write a tensor's bytes (from an array's buffer, from its pieces in turn, or copied from its file) after
+    checking them."""
     if isinstance(array, StoredBytes):
         if array.length != meta.nbytes:
             raise ValueError(f"{meta.name}: {array.length} stored bytes, planned {meta.nbytes}")
         copy_stored_bytes(array, stream)
         return
     storage = dtype_info(meta.dtype).storage
+    if isinstance(array, Pieces):
+        written = 0
+        for piece in array.arrays:
+            if piece.dtype != storage or written + piece.nbytes > meta.nbytes:
+                raise ValueError(f"{meta.name}: a piece of {piece.dtype}{list(piece.shape)} after {written} bytes "
+                                 f"does not fit {meta.dtype}{list(meta.shape)}")
+            _write_bytes(stream, piece)
+            written += piece.nbytes
+        if written != meta.nbytes:
+            raise ValueError(f"{meta.name}: its pieces hold {written} bytes, planned {meta.nbytes}")
+        return
     if array.dtype != storage or tuple(array.shape) != meta.shape:
         raise ValueError(
             f"{meta.name}: got {array.dtype}{list(array.shape)}, planned {meta.dtype}{list(meta.shape)}"
         )
+    _write_bytes(stream, array)
+
+
+def _write_bytes(stream: BinaryIO, array: np.ndarray) -> None:
+    """An array's bytes in C order, straight from its buffer when it has one."""
     array = np.ascontiguousarray(array)
     if array.nbytes:
         stream.write(memoryview(array.reshape(-1)).cast("B"))

@@ -1,4 +1,4 @@
-"""Sharded, atomic checkpoint writing in any format, one tensor at a time."""
+"""Sharded, atomic checkpoint writing in any format, one tensor (or one piece of a tensor) at a time."""
 
 from __future__ import annotations
 
@@ -11,10 +11,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from vlhub.faults import commit_point
 from vlhub.formats.base import ShardWriter
+from vlhub.formats.io_utils import TensorData
 from vlhub.formats.registry import FORMATS, Format
 from vlhub.formats.tensors import TensorMeta
 from vlhub.owned import temporary_name
@@ -146,8 +145,9 @@ class CheckpointWriter:
     def weight_map(self) -> dict[str, str]:
         return {meta.name: name for shard, name in zip(self._shards, self.shard_names) for meta in shard}
 
-    def write(self, name: str, array: np.ndarray) -> None:
-        """Write the next tensor; names must come in the order the writer was given."""
+    def write(self, name: str, array: TensorData) -> None:
+        """Write the next tensor (an array, its pieces in order, or its bytes in a source file); names must come
+        in the order the writer was given."""
         if self._next >= len(self._order) or self._order[self._next].name != name:
             expected = self._order[self._next].name if self._next < len(self._order) else "nothing more"
             raise ValueError(f"tensor {name!r} written out of order; expected {expected}")

@@ -1,0 +1,180 @@
+"""Tiled conversion (vlhub/convert/pipeline.py): with tile budgets far below a tiny checkpoint's tensors, every
+transposed or cast tensor goes in tiles, and each output file is byte for byte the one written untiled, with the
+sha256 the writer computed on the way matching the file."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vlhub.catalog import get_model
+from vlhub.convert.ops import cast_float, transpose_last
+from vlhub.convert.pipeline import (
+    MEMORY_BUDGET,
+    BufferBudget,
+    cast,
+    is_tiled,
+    ordered_steps,
+    run_plan,
+    tiled_blocks,
+)
+from vlhub.convert.plan import Step, plan_conversion
+from vlhub.errors import UserError
+from vlhub.formats.io_utils import Pieces, write_array
+from vlhub.formats.readers import open_checkpoint
+from vlhub.formats.safetensors_io import SafetensorsFile
+from vlhub.formats.tensors import TensorMeta, bf16_bits_from_float32
+from vlhub.formats.writers import CheckpointWriter
+from vlhub.hub.synthetic import write_synthetic_checkpoint
+
+UNTILED = 1 << 40
+
+
+def _convert(source: Path, out: Path, *, layout: str, fmt: str, dtype: str | None, tile_bytes: int,
+             memory_budget: int = MEMORY_BUDGET) -> dict[str, bytes]:
+    """`source` converted to `layout` in `fmt` with `tile_bytes` tiles: each written file's bytes, checked against
+    the sha256 the writer computed while writing."""
+    with open_checkpoint(source) as checkpoint:
+        plan = plan_conversion(checkpoint.tensors, checkpoint.config, target_layout=layout, dtype=dtype)
+        steps = ordered_steps(plan, checkpoint)
+        with CheckpointWriter(out, fmt, [step.target for step in steps], max_shard_size=30_000_000) as writer:
+            run_plan(plan, checkpoint, writer, tile_bytes=tile_bytes, memory_budget=memory_budget)
+    files = {path.name: path.read_bytes() for path in sorted(out.iterdir())}
+    for name, digest in writer.sha256.items():
+        assert hashlib.sha256(files[name]).hexdigest() == digest, name
+    return files
+
+
+def _tiled_steps(source: Path, *, layout: str, dtype: str | None, tile_bytes: int) -> list[Step]:
+    with open_checkpoint(source) as checkpoint:
+        plan = plan_conversion(checkpoint.tensors, checkpoint.config, target_layout=layout, dtype=dtype)
+        return [step for step in plan.steps
+                if is_tiled(step, checkpoint.stored_bytes(step.source.name), tile_bytes)]
+
+
+@pytest.fixture(scope="module")
+def float32_qwen2_vl(module_tmp) -> Path:
+    spec = get_model("tiny-qwen2-vl")
+    return write_synthetic_checkpoint(module_tmp("float32") / "model", spec.family, spec.config, dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def resaved_moe(module_tmp) -> Path:
+    """The tiny Qwen3-VL MoE in transformers 5's re-save form: converting it to the official form transposes
+    every expert of its [experts, ., .] tensors."""
+    spec = get_model("tiny-qwen3-vl-moe")
+    return write_synthetic_checkpoint(module_tmp("moe") / "model", spec.family, spec.config,
+                                      layout=spec.family.keymap.layout("transformers-5"))
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "pdparams", "torch"])
+@pytest.mark.parametrize("dtype", [None, "float16", "float32"])
+def test_tiled_bf16_conversion_is_byte_identical(tiny_qwen2_vl: Path, tmp_path: Path, fmt: str,
+                                                  dtype: str | None) -> None:
+    """bf16 Qwen2-VL to PaddleMIX's layout (Linear weights transposed), kept in bf16 or cast; 1 MB tiles split
+    lm_head [151936, 128] into blocks of 3 output rows, each gathered from 37 mapped windows of source rows."""
+    tile = 1 << 20
+    tiled = _tiled_steps(tiny_qwen2_vl, layout="paddlemix", dtype=dtype, tile_bytes=tile)
+    assert "lm_head.weight" in {step.source.name for step in tiled}
+    if dtype is not None:  # the embedding is cast without a transpose: its blocks are rows of the source
+        assert any(not step.transpose for step in tiled)
+    whole = _convert(tiny_qwen2_vl, tmp_path / "whole", layout="paddlemix", fmt=fmt, dtype=dtype, tile_bytes=UNTILED)
+    assert _convert(tiny_qwen2_vl, tmp_path / "tiled", layout="paddlemix", fmt=fmt, dtype=dtype,
+                    tile_bytes=tile) == whole
+
+
+def test_a_reader_holding_its_whole_budget_does_not_stall_the_tiles(tiny_qwen2_vl: Path, tmp_path: Path) -> None:
+    """The reader's budget (1 byte: every untiled tensor goes alone, and the reader holds the budget for the tensor
+    after a tiled one while it waits) is not the tiles' budget, so the calling thread can still tile: the run ends
+    (with one shared budget it waited forever) and writes the same bytes."""
+    whole = _convert(tiny_qwen2_vl, tmp_path / "whole", layout="paddlemix", fmt="safetensors", dtype=None,
+                     tile_bytes=UNTILED)
+    result: list[dict[str, bytes]] = []
+    run = threading.Thread(target=lambda: result.append(_convert(
+        tiny_qwen2_vl, tmp_path / "tiled", layout="paddlemix", fmt="safetensors", dtype=None, tile_bytes=1 << 20,
+        memory_budget=1)), daemon=True)
+    run.start()
+    run.join(timeout=120)
+    assert not run.is_alive(), "the tiled conversion stalled"
+    assert result == [whole]
+
+
+@pytest.mark.parametrize("dtype", [None, "bfloat16"])
+def test_tiled_float32_conversion_is_byte_identical(float32_qwen2_vl: Path, tmp_path: Path, dtype: str | None) -> None:
+    """float32 weights, transposed as they are or cast down to bf16; 1 MB tiles are smaller than one output row of
+    lm_head (607 KB, and its bf16 cast: a block is then that one row) and than the vision merger's first weight."""
+    tile = 1 << 20
+    tiled = {step.source.name for step in _tiled_steps(float32_qwen2_vl, layout="paddlemix", dtype=dtype,
+                                                       tile_bytes=tile)}
+    assert {"lm_head.weight", "visual.merger.mlp.0.weight"} <= tiled
+    whole = _convert(float32_qwen2_vl, tmp_path / "whole", layout="paddlemix", fmt="pdparams", dtype=dtype,
+                     tile_bytes=UNTILED)
+    assert _convert(float32_qwen2_vl, tmp_path / "tiled", layout="paddlemix", fmt="pdparams", dtype=dtype,
+                    tile_bytes=tile) == whole
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "torch"])
+@pytest.mark.parametrize(("dtype", "tile"), [(None, 10_000), ("float16", 30_000), (None, 200_000)])
+def test_tiled_experts_are_byte_identical(resaved_moe: Path, tmp_path: Path, fmt: str, dtype: str | None,
+                                          tile: int) -> None:
+    """[experts, ., .] tensors transposed expert by expert: tiles smaller than one expert split each expert into
+    blocks, larger ones take whole experts."""
+    tiled = _tiled_steps(resaved_moe, layout="official", dtype=dtype, tile_bytes=tile)
+    assert any(len(step.source.shape) == 3 and step.transpose for step in tiled)
+    whole = _convert(resaved_moe, tmp_path / "whole", layout="official", fmt=fmt, dtype=dtype, tile_bytes=UNTILED)
+    assert _convert(resaved_moe, tmp_path / "tiled", layout="official", fmt=fmt, dtype=dtype, tile_bytes=tile) == whole
+
+
+@pytest.mark.parametrize(("tile", "count"), [(1, 15), (50, 15), (60, 9), (4096, 3)])
+def test_tiled_blocks_concatenate_to_the_transposed_cast_tensor(tmp_path: Path, tile: int, count: int) -> None:
+    """The blocks of a 3-D tensor whose rows do not divide evenly, down to one output row per block and one source
+    row per window, join into its transpose, and cast block by block into the whole tensor's cast."""
+    values = np.random.default_rng(0).standard_normal((3, 7, 5), dtype=np.float32)
+    bits = bf16_bits_from_float32(values)
+    path = tmp_path / "model.safetensors"
+    with CheckpointWriter(tmp_path, "safetensors", [TensorMeta("t", "bfloat16", (3, 7, 5))]) as writer:
+        writer.write("t", bits)
+    with SafetensorsFile(path) as file:
+        stored = file.stored_bytes("t")
+    step = Step(TensorMeta("t", "bfloat16", (3, 7, 5)), TensorMeta("t", "float16", (3, 5, 7)),
+                ("transpose", "cast:bfloat16->float16"))
+    budget = BufferBudget(1 << 20)
+    blocks = [cast(step, block, budget).copy() for block in tiled_blocks(step, stored, budget, tile)]
+    assert len(blocks) == count  # an expert's 5 output rows cost 28 bytes each (bf16 and its float16 cast)
+    joined = np.concatenate([block.reshape(-1) for block in blocks])
+    assert np.array_equal(joined, cast_float(transpose_last(bits), "bfloat16", "float16").reshape(-1))
+
+
+def test_pieces_that_do_not_make_the_tensor_are_refused() -> None:
+    meta = TensorMeta("t", "float32", (2, 3))
+    for pieces in ([np.zeros(4, np.float32)], [np.zeros(6, np.float32), np.zeros(1, np.float32)],
+                   [np.zeros(6, np.float16)]):
+        with pytest.raises(ValueError, match="t: "):
+            write_array(io.BytesIO(), meta, Pieces(pieces))
+    stream = io.BytesIO()
+    write_array(stream, meta, Pieces([np.arange(4, dtype=np.float32), np.arange(2, dtype=np.float32)]))
+    assert stream.getvalue() == np.array([0, 1, 2, 3, 0, 1], np.float32).tobytes()
+
+
+def test_an_error_in_a_tiled_tensor_stops_the_run_and_leaves_nothing(float32_qwen2_vl: Path, tmp_path: Path) -> None:
+    """A value float16 cannot hold, in lm_head's last tile: the run stops with the cast's error (no hang, the
+    writer's partial tensor dropped) and the writer removes its temporaries."""
+    source = tmp_path / "source"
+    source.mkdir()
+    for path in float32_qwen2_vl.iterdir():
+        (source / path.name).write_bytes(path.read_bytes())
+    with open_checkpoint(source) as checkpoint:
+        stored = checkpoint.stored_bytes("lm_head.weight")
+    assert stored is not None
+    with open(stored.path, "r+b") as file:
+        file.seek(stored.offset + stored.length - 4)
+        file.write(np.float32(1e6).tobytes())
+    with pytest.raises(UserError, match="float16's range"):
+        _convert(source, tmp_path / "out", layout="paddlemix", fmt="safetensors", dtype="float16",
+                 tile_bytes=1 << 20)
+    assert not any(path.name.endswith(".safetensors") for path in (tmp_path / "out").iterdir())
