@@ -7,6 +7,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.helpers import rewrite, run_vlhub, run_vlhub_subprocess, untransposed_square
@@ -15,8 +16,8 @@ from vlhub.formats.readers import open_checkpoint
 from vlhub.hub.sources import locate_source
 from vlhub.hub.store import conversion_output
 from vlhub.smoke.run import run_smoke
-from vlhub.targets.paddle_inference.target import PADDLE_INFERENCE, PaddleInferenceOptions
 from vlhub.targets import smoke_runner
+from vlhub.targets.paddle_inference.target import PADDLE_INFERENCE, PaddleInferenceOptions
 
 NAMES = {"tiny-qwen-vl": "qwen", "tiny-qwen2-vl": "model", "tiny-qwen2.5-vl": "model"}
 # the graph file each family's layout is written with by default: PaddleMIX's Qwen-VL static predictor
@@ -56,11 +57,17 @@ def test_layout_holds_weights_graphs_manifest_and_readme(layouts: dict[str, Path
     assert not list(out.glob("checkpoints/encode_text/*_decode*"))  # one graph serves prefill and decode
     suffix = SUFFIX[model]
     graphs = out / "checkpoints"
+    # a graph per decoder layer and per block of the output projection: one of each at these sizes
+    text = [f"encode_text/{prefix}_{part}" for part in [f"layer_{i}" for i in range(config["num_hidden_layers"])]
+            + ["head_0"]]
     for path in (weights / "generation_config.json", out / "README.md",
-                 graphs / f"encode_image/vision{suffix}", graphs / "encode_image/vision.pdiparams",
-                 graphs / f"encode_text/{prefix}{suffix}", graphs / f"encode_text/{prefix}.pdiparams"):
+                 *(graphs / f"{graph}{ending}" for graph in ["encode_image/vision", *text]
+                   for ending in (suffix, ".pdiparams"))):
         assert path.is_file(), path
+    assert not (graphs / f"encode_text/{prefix}_head_1{suffix}").exists()
     manifest = json.loads((out / "vlhub-manifest.json").read_text())
+    assert [graph["model"] for graph in manifest["graphs"]["layers"]] == [f"checkpoints/{t}{suffix}" for t in text[:-1]]
+    assert [graph["vocab"] for graph in manifest["graphs"]["head"]] == [[0, config["vocab_size"]]]
     assert manifest["target"]["name"] == "paddle-inference"
     for name, entry in manifest["files"].items():
         assert (out / name).stat().st_size == entry["size"], name
@@ -85,6 +92,32 @@ def test_layout_passes_its_smoke_test_through_paddle_inference(layouts: dict[str
     assert report.passed, report.as_dict()
     assert report.tokens_out == report.tokens_ref
     assert {s.name for s in report.stages} >= {"prefill logits", "generated tokens", "weights: prefill logits"}
+
+
+@pytest.mark.parametrize("model", list(NAMES))
+def test_the_readmes_runner_chains_the_graphs_as_vlhubs_predictor_does(layouts: dict[str, Path], model: str,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from vlhub.targets.paddle_inference.static import StaticPredictor, _cache_shape
+
+    out = layouts[model]
+    readme = (out / "README.md").read_text()
+    code = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(out)
+    runner: dict = {}
+    exec(code, runner)  # noqa: S102 - the README's own code, as a user would paste it
+    predictor = StaticPredictor(out / "checkpoints", out / f"{model}-inference")
+    try:
+        ids = np.arange(3, 11)
+        positions = np.arange(8) if model == "tiny-qwen-vl" else np.tile(np.arange(8), (3, 1))
+        empty = [np.zeros(_cache_shape(predictor.network, 0), np.float32)] * predictor.network.layers
+        hidden = predictor._embed(ids)
+        expected, expected_caches = predictor.step(hidden, positions, list(empty), {})
+        logits, caches = runner["step"](hidden, positions, list(empty))
+    finally:
+        predictor.close()
+    np.testing.assert_array_equal(logits, expected)
+    for cache, expected_cache in zip(caches, expected_caches, strict=True):
+        np.testing.assert_array_equal(cache, expected_cache)
 
 
 @pytest.mark.parametrize("model", list(NAMES))
@@ -125,7 +158,7 @@ def test_cli_convert_legacy_ir_and_bad_input(tmp_path: Path, tiny_qwen2_vl: Path
                        "--json")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["smoke"]["passed"] is True
-    assert (out / "checkpoints/encode_text/model.pdmodel").is_file()
+    assert (out / "checkpoints/encode_text/model_layer_0.pdmodel").is_file()
     refused = run_vlhub("convert", "tiny-qwen-vl", "--to", "paddle-inference", "--dtype", "bfloat16",
                         "--out", str(tmp_path / "bf16"))
     assert refused.returncode == 2 and "16256" in refused.stderr and "Traceback" not in refused.stderr

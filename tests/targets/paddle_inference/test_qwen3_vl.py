@@ -110,15 +110,18 @@ def test_the_weights_are_paddleformers_form_and_the_graphs_take_deepstack(layout
     assert head_dim != hidden // text["num_attention_heads"]
     assert graphs["vision"]["inputs"] == {"pixel_values": [-1, 3 * 2 * 16 * 16], "vision_position_ids": [-1, 2],
                                           "full_mask": [-1, -1], "interp_indices": [-1, 4], "interp_weights": [-1, 4]}
-    assert graphs["text"]["inputs"] == {
-        "inputs_embeds": [1, -1, hidden], "position_ids": [3, -1],
-        "past_key_values": [text["num_hidden_layers"], 2, text["num_key_value_heads"], -1, head_dim],
-        "deepstack_embeds": [features, -1, hidden]}
+    layer = {"hidden_states": [-1, hidden], "position_ids": [3, -1],
+             "past_key_values": [2, text["num_key_value_heads"], -1, head_dim]}
+    # decoder layer j < features adds DeepStack feature j to its output
+    assert [graph["inputs"] for graph in graphs["layers"]] == [
+        {**layer, "deepstack_embeds": [-1, hidden]} if j < features else layer
+        for j in range(text["num_hidden_layers"])]
 
 
 def test_a_model_without_deepstack_has_no_deepstack_input(layouts: dict) -> None:
     out, _ = layouts["no-deepstack"]
-    assert list(Manifest.read(out).graphs["text"]["inputs"]) == ["inputs_embeds", "position_ids", "past_key_values"]
+    assert all(list(graph["inputs"]) == ["hidden_states", "position_ids", "past_key_values"]
+               for graph in Manifest.read(out).graphs["layers"])
 
 
 def test_the_vision_graph_returns_the_main_embeddings_then_the_deepstack_features(layouts: dict) -> None:
@@ -144,7 +147,8 @@ def test_legacy_graphs_pass_too(sources: dict[str, Path], tmp_path: Path) -> Non
                        "--out", str(out), "--json")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["smoke"]["passed"] is True
-    assert (out / "checkpoints/encode_text/model.pdmodel").is_file()
+    assert (out / "checkpoints/encode_text/model_layer_0.pdmodel").is_file()
+    assert (out / "checkpoints/encode_text/model_head_0.pdmodel").is_file()
     assert (out / "checkpoints/encode_image/vision.pdmodel").is_file()
 
 

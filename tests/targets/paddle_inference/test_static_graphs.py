@@ -31,8 +31,8 @@ from vlhub.smoke.paddle_mrope import MRopeVLNet
 from vlhub.smoke.reference import ReferenceForward
 from vlhub.smoke.verdict import TOLERANCES, Stage, Tolerance, compare_arrays
 from vlhub.smoke.weights import ModelWeights
-from vlhub.targets.paddle_inference.static import TEXT_OUTPUTS, StaticPredictor, _cache_shape, _run, export_static
 from vlhub.targets import prepare_conversion
+from vlhub.targets.paddle_inference.static import StaticPredictor, _cache_shape, export_static
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen_vl")
 TOKENS = 4
@@ -72,12 +72,13 @@ def export(module_tmp: Callable[[str], Path], weights: dict[str, Path]) -> Calla
     root = module_tmp("static-graphs")
     made: dict[tuple[str, str, str], tuple[dict, Path]] = {}
 
-    def get(family: str, ir: str = "pir", dtype: str = "bfloat16") -> tuple[dict, Path]:
-        if (family, ir, dtype) not in made:
-            out = root / f"{family}-{ir}-{dtype}"
-            summary = export_static(weights[family], out, ir=ir, dtype=dtype, max_seq_len=MAX_SEQ_LEN)
-            made[family, ir, dtype] = summary, out / "checkpoints"
-        return made[family, ir, dtype]
+    def get(family: str, ir: str = "pir", dtype: str = "bfloat16", **options: int) -> tuple[dict, Path]:
+        key = (family, ir, dtype, *options.items())
+        if key not in made:
+            out = root / "-".join(map(str, (family, ir, dtype, *options.values())))
+            summary = export_static(weights[family], out, ir=ir, dtype=dtype, max_seq_len=MAX_SEQ_LEN, **options)
+            made[key] = summary, out / "checkpoints"
+        return made[key]
 
     return get
 
@@ -108,6 +109,7 @@ def expected(sources: dict[str, Path]) -> Callable[[str], tuple[SmokeInput, Outp
 
 
 def run_static(checkpoints: Path, weights_dir: Path, smoke: SmokeInput, *, fold_weights: bool = False) -> Outputs:
+    """The graphs' own greedy generation, every predictor kept (as a deployment with the memory runs them)."""
     predictor = StaticPredictor(checkpoints, weights_dir, fold_weights=fold_weights)
     try:
         vision = smoke.vision.as_kwargs() if smoke.vision is not None else {}
@@ -133,19 +135,25 @@ def test_graphs_agree_with_the_reference(family: str, ir: str, export: Callable,
     suffix = ".json" if ir == "pir" else ".pdmodel"
     names = {path.relative_to(checkpoints).as_posix() for path in checkpoints.rglob("*")}
     info = {".pdiparams.info"} if ir == "legacy" else set()
-    graph_files = {f"{graph}{ending}" for graph in ("encode_image/vision", f"encode_text/{prefix}")
-                   for ending in {suffix, ".pdiparams"} | info}
-    # one text graph for the prefill and the decode steps: no second copy of its parameters
-    assert names == graph_files | {"encode_image", "encode_text", "encode_text/config.json"}
-    assert set(summary["graphs"]) == {"vision", "text"}
-    text = summary["graphs"]["text"]
     config = _config(checkpoints)
-    assert list(text["inputs"]) == ["inputs_embeds", "position_ids", "past_key_values"]
-    assert text["inputs"]["inputs_embeds"] == [1, -1, config["hidden_size"]]
-    assert text["inputs"]["past_key_values"][:2] == [config["num_hidden_layers"], 2]
-    assert text["inputs"]["past_key_values"][3] == -1  # the cached tokens: none for the prefill
-    assert text["outputs"] == ["logits", "present_key_values"]
-    for graph in summary["graphs"].values():
+    layers = [f"encode_text/{prefix}_layer_{i}" for i in range(config["num_hidden_layers"])]
+    graph_files = {f"{graph}{ending}" for graph in ("encode_image/vision", *layers, f"encode_text/{prefix}_head_0")
+                   for ending in {suffix, ".pdiparams"} | info}
+    # a graph per decoder layer for the prefill and the decode steps (no second copy of its parameters), and the
+    # output projection (one block at this size)
+    assert names == graph_files | {"encode_image", "encode_text", "encode_text/config.json"}
+    assert set(summary["graphs"]) == {"vision", "layers", "head"}
+    assert len(summary["graphs"]["layers"]) == config["num_hidden_layers"]
+    for layer in summary["graphs"]["layers"]:
+        assert list(layer["inputs"]) == ["hidden_states", "position_ids", "past_key_values"]
+        assert layer["inputs"]["hidden_states"] == [-1, config["hidden_size"]]
+        assert layer["inputs"]["past_key_values"][0] == 2
+        assert layer["inputs"]["past_key_values"][2] == -1  # the cached tokens: none for the prefill
+        assert layer["outputs"] == ["layer_output", "present_key_values"]
+    [head] = summary["graphs"]["head"]
+    assert head["inputs"] == {"hidden_states": [-1, config["hidden_size"]]} and head["outputs"] == ["logits"]
+    assert head["vocab"] == [0, config["vocab_size"]]
+    for graph in [summary["graphs"]["vision"], *summary["graphs"]["layers"], head]:
         assert {graph["model"], graph["params"]} <= set(summary["files"])
     assert all((checkpoints.parent / name).stat().st_size == file["size"] for name, file in summary["files"].items())
     smoke, reference = expected(family)
@@ -185,24 +193,55 @@ def test_the_text_graph_continues_any_cache(ir: str, export: Callable, weights: 
     smoke, _ = expected("qwen2_vl")
     predictor = StaticPredictor(checkpoints, weights["qwen2_vl"])
     try:
-        embeds = predictor._embed(smoke.input_ids)[None]  # the image positions keep their token's row: any do
+        embeds = predictor._embed(smoke.input_ids)  # the image positions keep their token's row: any do
 
-        def run(start: int, end: int, cache: np.ndarray) -> list[np.ndarray]:
-            return _run(predictor._text, TEXT_OUTPUTS, inputs_embeds=embeds[:, start:end],
-                        position_ids=smoke.position_ids[..., start:end], past_key_values=cache)
+        def run(start: int, end: int, caches: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+            return predictor.step(embeds[start:end], smoke.position_ids[..., start:end], caches, {})
 
-        length, split = embeds.shape[1], 5
-        empty = np.zeros(_cache_shape(predictor.network, 0), np.float32)
-        whole, whole_cache = run(0, length, empty)
-        head, head_cache = run(0, split, empty)
-        tail, tail_cache = run(split, length, head_cache)
+        length, split = len(embeds), 5
+        empty = [np.zeros(_cache_shape(predictor.network, 0), np.float32)] * predictor.network.layers
+        whole, whole_caches = run(0, length, empty)
+        head, head_caches = run(0, split, empty)
+        tail, tail_caches = run(split, length, head_caches)
     finally:
         predictor.close()
-    assert head_cache.shape == tuple(_cache_shape(predictor.network, split))
-    assert whole_cache.shape == tail_cache.shape == tuple(_cache_shape(predictor.network, length))
+    assert [cache.shape for cache in head_caches] == [tuple(_cache_shape(predictor.network, split))] * len(empty)
+    assert [cache.shape for cache in tail_caches] == [tuple(_cache_shape(predictor.network, length))] * len(empty)
     scale = np.abs(whole).max()
     np.testing.assert_allclose(np.concatenate([head, tail]), whole, rtol=0, atol=1e-5 * scale)
-    np.testing.assert_allclose(tail_cache, whole_cache, rtol=0, atol=1e-5 * np.abs(whole_cache).max())
+    for tail_cache, whole_cache in zip(tail_caches, whole_caches, strict=True):
+        np.testing.assert_allclose(tail_cache, whole_cache, rtol=0, atol=1e-5 * np.abs(whole_cache).max())
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])  # an untied lm_head [hidden, vocab]; a tied table
+def test_the_output_projection_in_blocks_one_graph_at_a_time(family: str, export: Callable, weights: dict[str, Path],
+                                                             expected: Callable) -> None:
+    """The output projection split into head graphs of at most head_bytes each (the last one narrower) gives the
+    logits of one; run one graph at a time (each predictor created, run and released), teacher-forced on the
+    reference's tokens, the graphs give what resident greedy generation gives."""
+    config = json.loads((weights[family] / "config.json").read_text())
+    hidden, vocab = config["hidden_size"], config["vocab_size"]
+    width = vocab // 3 + 7  # three blocks of `width` entries and a narrower fourth
+    summary, checkpoints = export(family, head_bytes=width * hidden * 2)
+    ranges = [head["vocab"] for head in summary["graphs"]["head"]]
+    assert ranges == [[start, min(start + width, vocab)] for start in range(0, vocab, width)] and len(ranges) == 3
+    smoke, reference = expected(family)
+    whole = run_static(export(family)[1], weights[family], smoke)
+    blocks = run_static(checkpoints, weights[family], smoke)
+    np.testing.assert_array_equal(blocks.prompt_logits, whole.prompt_logits)
+    assert blocks.tokens == whole.tokens == reference.tokens
+    predictor = StaticPredictor(checkpoints, weights[family], resident=False)
+    try:
+        vision = smoke.vision.as_kwargs() if smoke.vision is not None else {}
+        embeds = predictor.encode_images(smoke.pixel_values, **vision)
+        logits, tokens = predictor.teacher_forced(smoke.input_ids, smoke.position_ids, embeds, smoke.image_mask,
+                                                  reference.tokens, smoke.positions_after)
+        assert predictor._resident is None  # nothing kept between graphs
+    finally:
+        predictor.close()
+    np.testing.assert_array_equal(embeds, blocks.image_embeds)
+    np.testing.assert_allclose(logits, whole.prompt_logits, rtol=0, atol=1e-6 * np.abs(whole.prompt_logits).max())
+    assert tokens == reference.tokens
 
 
 def _dtypes(params_file: Path) -> list[int]:
@@ -247,7 +286,7 @@ def test_parameters_are_written_as_paddle_writes_them(export: Callable, weights:
 def test_float16_parameters_pass_within_the_float16_tolerance(export: Callable, weights: dict[str, Path],
                                                               expected: Callable) -> None:
     _, checkpoints = export("qwen_vl", dtype="float16")
-    assert set(_dtypes(checkpoints / "encode_text" / "qwen.pdiparams")) == {framework_pb2.VarType.FP16,
+    assert set(_dtypes(checkpoints / "encode_text" / "qwen_layer_0.pdiparams")) == {framework_pb2.VarType.FP16,
                                                                              framework_pb2.VarType.FP32}
     smoke, reference = expected("qwen_vl")
     output = run_static(checkpoints, weights["qwen_vl"], smoke)

@@ -4,8 +4,9 @@
       <name>-inference/                  weights in the names and dtype Paddle's inference loaders read,
                                          config.json, generation config, tokenizer and processor files
       checkpoints/encode_image/vision.{json|pdmodel} + vision.pdiparams        static vision encoder
-      checkpoints/encode_text/<prefix>.{json|pdmodel} + <prefix>.pdiparams     language model: prefill
-                                         (empty cache in) and each decode step (one token and the cache in)
+      checkpoints/encode_text/<prefix>_layer_<i>.{json|pdmodel} + .pdiparams    decoder layer i: prefill (empty
+                                         cache in) and each decode step (one token and the layer's cache in)
+      checkpoints/encode_text/<prefix>_head_<j>.{json|pdmodel} + .pdiparams     final norm and block j of lm_head
       vlhub-manifest.json, README.md
 
 Everything is built in a staging directory beside DIR and renamed into place when complete. What differs by family
@@ -94,7 +95,8 @@ def build_paddle_inference(conversion: Conversion, spec: PaddleInferenceSpec, ou
         from vlhub.targets.paddle_inference.static import export_static
 
         graphs = export_static(staging / weights, staging, ir=spec.ir, dtype=spec.dtype, max_seq_len=spec.max_seq_len)
-        (staging / "README.md").write_text(_readme(name, spec))
+        (staging / "README.md").write_text(_readme(name, spec, len(graphs["graphs"]["layers"]),
+                                                   len(graphs["graphs"]["head"])))
         files = {f"{weights}/{file}": entry for file, entry in converted.files.items()}
         for file in (f"{weights}/{MANIFEST}", "README.md"):
             files[file] = FileEntry.of(staging / file)
@@ -107,7 +109,7 @@ def build_paddle_inference(conversion: Conversion, spec: PaddleInferenceSpec, ou
     return manifest
 
 
-def _readme(name: str, spec: PaddleInferenceSpec) -> str:
+def _readme(name: str, spec: PaddleInferenceSpec, layers: int, heads: int) -> str:
     suffix = IR_SUFFIX[spec.ir]
     facts = spec.family.route(NAME)
     prefix, weights, dtype, ir = facts["text_prefix"], f"{name}-inference", spec.dtype, spec.ir
@@ -123,23 +125,66 @@ def _readme(name: str, spec: PaddleInferenceSpec) -> str:
          "PaddleNLP scripts |"),
         (f"| `checkpoints/encode_image/vision{suffix}` + `vision.pdiparams` | static vision encoder "
          "(image in, image embeddings out) |"),
-        (f"| `checkpoints/encode_text/{prefix}{suffix}` + `{prefix}.pdiparams` + `config.json` | static language "
-         "model: `inputs_embeds` [1, L, H], `position_ids` and `past_key_values` [layers, 2, kv_heads, T, head_dim] "
-         "in; `logits` [L, vocab] and `present_key_values` (T + L) out. The prefill passes an empty cache (T = 0), "
-         "each decode step one token (L = 1); the host embeds tokens from the weights' embedding table |"),
+        (f"| `checkpoints/encode_text/{prefix}_layer_<i>{suffix}` + `.pdiparams` | static decoder layer i: "
+         "`hidden_states` [L, H], `position_ids` and `past_key_values` [2, kv_heads, T, head_dim] in; "
+         "`layer_output` [L, H] and `present_key_values` (T + L) out. The prefill passes an empty cache (T = 0), "
+         "each decode step one token (L = 1) and the layer's cache so far |"),
+        (f"| `checkpoints/encode_text/{prefix}_head_<j>{suffix}` + `.pdiparams` + `config.json` | the final norm and "
+         "block j of the output projection: the last layer's `layer_output` in, `logits` [L, entries] of its "
+         "vocabulary range out (the manifest gives each block's `vocab` range; config.json "
+         "`infer_model_head_blocks` their number) |"),
         ("| `vlhub-manifest.json` | source, options, graph inputs and outputs, every file's sha256, the smoke "
          "verdict |"),
         "",
         "## Run it",
         "",
-        ("vlhub's own predictor (CPU or GPU Paddle Inference; greedy decoding, checked against the numpy "
+        ("vlhub's own predictor (Paddle Inference on CPU; the graphs one at a time, checked against the numpy "
          "reference on the source):"),
         "",
         "```bash",
         "vlhub smoke .",
         "```",
         "",
-        "Graph inputs and outputs (names, shapes, dtypes) are listed under `graphs` in vlhub-manifest.json.",
+        ("The language model is one graph per decoder layer and a few for the output projection, so that a "
+         "predictor holds one part of the model: a process that creates, runs and releases each in turn needs "
+         "about one decoder layer's weights and its float32 casts, whatever the model's size. A deployment with "
+         "the memory keeps every predictor and chains them for each step: the host embeds the tokens (rows of the "
+         "weights' embedding table; the image embeddings at the image positions), each layer's graph takes the "
+         "previous one's `layer_output` and its own cache, and the head graphs' logits are joined in order:"),
+        "",
+        "```python",
+        "import numpy as np",
+        "from paddle import inference",
+        "",
+        "def predictor(prefix):  # one graph",
+        f"    config = inference.Config(prefix + \"{suffix}\", prefix + \".pdiparams\")",
+        "    config.disable_gpu()  # or config.enable_use_gpu(...)",
+        "    config.disable_onednn()  # under oneDNN, weights cast from bfloat16 gave NaN logits (paddle 3.3.1)",
+        "    return inference.create_predictor(config)",
+        "",
+        "def run(graph, **inputs):",
+        "    for name, value in inputs.items():",
+        "        handle = graph.get_input_handle(name)",
+        "        handle.reshape(value.shape)",
+        "        handle.copy_from_cpu(value)",
+        "    graph.run()",
+        "    return [graph.get_output_handle(name).copy_to_cpu() for name in graph.get_output_names()]",
+        "",
+        f"layers = [predictor(f\"checkpoints/encode_text/{prefix}_layer_{{i}}\") for i in range({layers})]",
+        f"heads = [predictor(f\"checkpoints/encode_text/{prefix}_head_{{j}}\") for j in range({heads})]",
+        "",
+        "def step(hidden, position_ids, caches):  # hidden [L, H] float32, position_ids int64, caches: one per layer",
+        "    for i, layer in enumerate(layers):",
+        "        hidden, caches[i] = run(layer, hidden_states=hidden, position_ids=position_ids,",
+        "                                past_key_values=caches[i])",
+        "    return np.concatenate([run(head, hidden_states=hidden)[0] for head in heads], axis=1), caches",
+        "```",
+        "",
+        ("The prefill starts from empty caches (`np.zeros([2, kv_heads, 0, head_dim], np.float32)` each); each "
+         "decode step passes the chosen token's embedding and its position. A layer graph that also takes "
+         "`deepstack_embeds` [L, H] (Qwen3-VL's first layers) is given its DeepStack feature at the image positions, "
+         "zeros elsewhere. Graph inputs and outputs (names, shapes, dtypes) are listed under `graphs` in "
+         "vlhub-manifest.json."),
         "",
         "## Graph format",
         "",

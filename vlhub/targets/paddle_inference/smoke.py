@@ -1,5 +1,6 @@
-"""The smoke test of a Paddle Inference layout: its static graphs' own greedy generation under paddle.inference, and
-the weight folder Paddle's loaders read, teacher-forced in Paddle, each against the reference."""
+"""The smoke test of a Paddle Inference layout: its static graphs under paddle.inference, one graph at a time (the
+prompt, then each reference token as a decode step over the KV cache: their own greedy tokens up to the first
+difference), and the weight folder Paddle's loaders read, teacher-forced in Paddle, each against the reference."""
 
 from __future__ import annotations
 
@@ -33,26 +34,28 @@ class StaticGraphRunner:
         report = source.report(self.artifact, weights=self.weights, runtime=RUNTIME)
         if not report.stages:  # the weights load
             compare_runs(source, report, tokens, say, lambda expected: [
-                ("", lambda: static_outputs(self.artifact, self.weights, source.smoke, len(expected.tokens), say)),
+                ("", lambda: static_outputs(self.artifact, self.weights, source.smoke, expected.tokens, say)),
                 ("weights: ", lambda: checkpoint_outputs(self.weights, "paddle", source.smoke, expected.tokens,
                                                          source.resident, say))])
         return report
 
 
-def static_outputs(layout: Path, weights: Path, smoke: SmokeInput, tokens: int, say: Status) -> Outputs:
-    """The static graphs' own greedy generation under paddle.inference."""
+def static_outputs(layout: Path, weights: Path, smoke: SmokeInput, reference_tokens: list[int],
+                   say: Status) -> Outputs:
+    """The static graphs' outputs under paddle.inference, each graph's predictor created, run and released in turn,
+    so memory holds one graph (a decoder layer or a block of the output projection) whatever the model's size."""
     try:
         from vlhub.targets.paddle_inference.static import CHECKPOINTS, StaticPredictor
     except ImportError as exc:
         raise RuntimeMissing(f"running Paddle Inference graphs needs paddlepaddle ({exc}); "
                              "install it with: pip install 'vlhub[paddle]'") from None
-    predictor = StaticPredictor(layout / CHECKPOINTS, weights)
+    predictor = StaticPredictor(layout / CHECKPOINTS, weights, resident=False)
     try:
         say("paddle inference: vision encoder")
         embeds = predictor.encode_images(smoke.pixel_values, **vision_kwargs(smoke))
-        say("paddle inference: prefill and greedy decoding")
-        prompt_logits, generated = predictor.generate(smoke.input_ids, smoke.position_ids, embeds, smoke.image_mask,
-                                                      tokens, smoke.positions_after)
+        say("paddle inference: decoder layers one graph at a time (prefill, then decode steps), then the head")
+        prompt_logits, generated = predictor.teacher_forced(smoke.input_ids, smoke.position_ids, embeds,
+                                                            smoke.image_mask, reference_tokens, smoke.positions_after)
     finally:
         predictor.close()
     return Outputs(embeds, prompt_logits, generated)
