@@ -378,7 +378,7 @@ def test_a_refused_file_is_a_one_line_error(hub: FakeHub, env: dict[str, str]) -
     result = download(env, "--json")
     assert result.returncode == 2 and result.stdout == ""
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "403" in errors[0] and SHARD in errors[0] and "Traceback" not in result.stderr
+    assert len(errors) == 1 and "403" in errors[0] and SHARD in errors[0] and "Traceback" not in result.stderr, result.stderr
 
 
 def test_a_subset_download_is_not_taken_for_the_model(hub: FakeHub, env: dict[str, str]) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from vlhub.hub.transfer import BUFFER_BYTES, append_hashed, receive
+from vlhub.hub.transfer import BUFFER_BYTES, CANCEL_EVERY, Cancelled, append_hashed, receive
 from vlhub.owned import exclusive_lock
 
 
@@ -81,6 +81,15 @@ def test_what_arrived_before_a_dropped_connection_is_kept_and_a_write_error_wins
         append_hashed(iter([b"b" * BUFFER_BYTES] * 3), read_only.fileno(), hashlib.sha256(), None,
                       threading.Event())
     assert failed.value.errno is not None
+
+
+def test_a_cancelled_transfer_stops_at_the_next_stride_and_keeps_what_it_wrote(tmp_path: Path) -> None:
+    cancel = threading.Event()
+    cancel.set()  # another transfer failed: this one stops after CANCEL_EVERY bytes, all of them on disk
+    with open(tmp_path / "part", "wb") as handle, pytest.raises(Cancelled):
+        append_hashed(iter([b"c" * BUFFER_BYTES] * (CANCEL_EVERY // BUFFER_BYTES + 3)), handle.fileno(),
+                      hashlib.sha256(), None, cancel)
+    assert (tmp_path / "part").stat().st_size == CANCEL_EVERY
 
 
 def test_listed_hashes_are_untrusted_names_too() -> None:
