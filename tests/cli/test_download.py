@@ -25,7 +25,7 @@ from vlhub.hub.transfer import BUFFER_BYTES
 from vlhub.units import format_size
 
 REPO = "Qwen/Qwen2-VL-2B-Instruct"  # served with tiny-qwen2-vl's files, so `qwen2-vl-2b` names it
-SHARD = "model-00002-of-00004.safetensors"  # 38.9 MB: the client writes in 4 MiB buffers
+SHARD = "model-00002-of-00004.safetensors"  # 38.9 MB: the client writes in 1 MiB buffers
 
 
 @pytest.fixture(scope="module")
