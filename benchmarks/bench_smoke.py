@@ -6,7 +6,8 @@ Both checkpoints are generated once (random bf16 weights in the official shapes;
 `vlhub convert --no-smoke`). Each round starts with a cold page cache and runs, in fresh processes,
 `vlhub smoke PADDLE --against SRC --streamed` (the numpy reference on the source, greedy decoding,
 then the Paddle forward on the conversion, one layer's weights at a time on each side) and, as the
-floor any smoke test must pay, `cat` of both checkpoints' weight files to /dev/null.
+floor any smoke test must pay, `cat` of both checkpoints' weight files to /dev/null; the table gives
+the median of the per-round ratios (the two share each round's disk and load).
 """
 
 from __future__ import annotations
@@ -48,17 +49,18 @@ def main() -> None:
     verdicts = [json.loads(run.stdout) for run in runs["smoke"]]
     print(f"Qwen2-VL-7B-shaped: {source} (safetensors, 16.6 GB) vs {converted} (pdparams); {args.rounds} cold "
           f"rounds; {args.tokens} greedy tokens\n")
-    print("| command | median time | peak RSS | all runs (s) | verdict |")
-    print("|---|---|---|---|---|")
+    print("| command | median time | median of per-round ratios to `cat` | peak RSS | all runs (s) | verdict |")
+    print("|---|---|---|---|---|---|")
     for label, name in (("`vlhub smoke --streamed` (reference + Paddle)", "smoke"),
                         ("`cat` of both checkpoints (read floor)", "cat")):
         seconds = [r.seconds for r in runs[name]]
+        ratio = statistics.median(r.seconds / floor.seconds for r, floor in zip(runs[name], runs["cat"]))
         peak = max(r.peak_rss_bytes for r in runs[name])
         verdict = ""
         if name == "smoke":
             verdict = ", ".join(f"{'passed' if v['passed'] else 'FAILED'} (rel. diff {v['stages'][1]['relative']:.1e})"
                                 for v in verdicts[:1])
-        print(f"| {label} | {statistics.median(seconds):.1f} s | {peak / 1e9:.2f} GB | "
+        print(f"| {label} | {statistics.median(seconds):.1f} s | {ratio:.2f}x | {peak / 1e9:.2f} GB | "
               f"{', '.join(f'{s:.1f}' for s in seconds)} | {verdict} |")
 
 

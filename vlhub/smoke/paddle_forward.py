@@ -41,6 +41,7 @@ from vlhub.formats.readers import MAX_CONFIG_BYTES, Checkpoint, open_checkpoint
 from vlhub.formats.registry import FORMATS
 from vlhub.formats.tensors import float32_values
 from vlhub.keymaps import Layout, load_keymap
+from vlhub.smoke.weights import MappedTensors
 
 MASKED = -1e30  # additive mask value: finite, so a fully masked row gives no NaN
 HEAD_BLOCK = 4096  # lm_head columns (or tied embedding rows) per block in streamed mode
@@ -331,10 +332,13 @@ class StreamedWeights:
     parameters (torch [out, in] Linear weights a PaddleFormers loader transposes as it reads them)."""
 
     def __init__(self, checkpoint: Checkpoint, names: dict[str, str] | None = None,
-                 transposed: frozenset[str] | set[str] = frozenset()) -> None:
+                 transposed: frozenset[str] | set[str] = frozenset(), *, read_ahead: bool = False) -> None:
+        """`read_ahead`: map the tensors and have each layer's read while the one before computes (`MappedTensors`)."""
         self.checkpoint = checkpoint
         self.names = names or {}
         self.transposed = frozenset(transposed)
+        self._mapped = MappedTensors(checkpoint, self.names) if read_ahead else None
+        self._buffer = np.empty(0, dtype=np.uint32)
 
     def stored(self, name: str) -> str:
         """The checkpoint's name for the network's tensor `name`."""
@@ -342,17 +346,33 @@ class StreamedWeights:
 
     def read(self, name: str) -> np.ndarray:
         stored = self.stored(name)
-        values = _float32(self.checkpoint.read(stored), self.checkpoint.tensors[stored].dtype)
+        values = self._mapped.read(name) if self._mapped is not None else self.checkpoint.read(stored)
+        values = _float32(values, self.checkpoint.tensors[stored].dtype)
         return transpose_last(values) if name in self.transposed else values
 
     def fill(self, layer: nn.Layer, prefix: str) -> nn.Layer:
-        """`layer` with every parameter set from the checkpoint tensor `prefix` + its name, and each of its
-        `OnDemand` parts told where to read its own tensors when it uses them."""
-        layer.set_state_dict({key: self.read(prefix + key) for key in layer.state_dict()})
+        """`layer` with every parameter set from the checkpoint tensor `prefix` + its name, one tensor at a time
+        (memory holds the layer and one tensor's decoded copy), and each of its `OnDemand` parts told where to
+        read its own tensors when it uses them."""
+        for key, parameter in layer.state_dict().items():
+            parameter.set_value(self._decoded(prefix + key))
         for name, part in layer.named_sublayers(include_self=True):
             if isinstance(part, OnDemand):
                 part.attach(self, f"{prefix}{name}." if name else prefix)
         return layer
+
+    def _decoded(self, name: str) -> np.ndarray:
+        """`read(name)`, bfloat16 decoded into one buffer that every call reuses (a 7B pass decodes 28 GB: in
+        fresh memory each time, faulting it in cost more than the decoding). Valid until the next call."""
+        stored = self.stored(name)
+        meta = self.checkpoint.tensors[stored]
+        if self._mapped is None or meta.dtype != "bfloat16" or name in self.transposed:
+            return self.read(name)
+        if self._buffer.size < meta.numel:
+            self._buffer = np.empty(meta.numel, dtype=np.uint32)
+        out = self._buffer[:meta.numel].reshape(meta.shape)
+        np.left_shift(self._mapped.read(name), 16, out=out, dtype=np.uint32, casting="unsafe")
+        return out.view(np.float32)
 
     def rows(self, name: str, ids: np.ndarray) -> paddle.Tensor:
         """Rows `ids` of a 2-D table, reading only those rows."""
@@ -378,6 +398,13 @@ class StreamedWeights:
              for block in blocks],
             axis=1,
         )
+
+
+    def close(self) -> None:
+        """Stop reading ahead; close the checkpoint."""
+        if self._mapped is not None:
+            self._mapped.close()
+        self.checkpoint.close()
 
 
 class OnDemand(nn.Layer):
@@ -522,7 +549,7 @@ class PaddleForward:
                 names, transposed = _stored_names(checkpoint, self.family, expected)
                 _check_fit(self.path, self.family, _stored_shapes(expected, names, transposed),
                            {n: m.shape for n, m in checkpoint.tensors.items()})
-                self._weights = StreamedWeights(checkpoint, names, transposed)
+                self._weights = StreamedWeights(checkpoint, names, transposed, read_ahead=True)
             else:
                 self._net = self.network.build()
                 self._net.eval()
@@ -561,7 +588,7 @@ class PaddleForward:
     def close(self) -> None:
         """Close the streamed checkpoint's open shard (resident weights need nothing)."""
         if self._weights is not None:
-            self._weights.checkpoint.close()
+            self._weights.close()
 
     def _text_inputs(self, input_ids: np.ndarray, position_ids: np.ndarray, image_embeds: np.ndarray,
                      image_mask: np.ndarray) -> tuple[paddle.Tensor, ...]:

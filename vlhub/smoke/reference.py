@@ -21,9 +21,6 @@ from vlhub.keymaps.config import text_config, tie_word_embeddings
 from vlhub.smoke.inputs import MASKED, SmokeInput, VisionInputs
 from vlhub.smoke.weights import ModelWeights
 
-# lm_head rows per block: 16384 x 3584 float32 is 235 MB, however large the vocabulary
-_HEAD_ROWS = 16384
-
 
 # ---------------------------------------------------------------------------------------------- ops
 
@@ -194,6 +191,12 @@ class ReferenceForward:
         bias = prefix + ".bias"
         return self.w(prefix + ".weight"), self.w(bias) if self.weights.has(bias) else None
 
+    def dense(self, x: np.ndarray, prefix: str, *, bias: bool = True) -> np.ndarray:
+        """The Linear `prefix` (`.weight`, and `.bias` where the checkpoint has one and `bias`) applied to x, its
+        weight decoded block by block as it is multiplied (`ModelWeights.linear`)."""
+        out = self.weights.linear(x, prefix + ".weight")
+        return out + self.w(prefix + ".bias") if bias and self.weights.has(prefix + ".bias") else out
+
     # -- what each family supplies
 
     def encode_images(self, smoke: SmokeInput) -> np.ndarray:
@@ -248,10 +251,7 @@ class ReferenceForward:
         return self._project(self.final_norm(x))
 
     def _project(self, x: np.ndarray) -> np.ndarray:
-        out = np.empty((len(x), self.text["vocab_size"]), dtype=np.float32)
-        for start, block in self.weights.row_blocks(self.lm_head(), _HEAD_ROWS):
-            out[:, start:start + len(block)] = x @ block.T
-        return out
+        return self.weights.linear(x, self.lm_head())
 
     # -- generation
 
@@ -293,8 +293,8 @@ class MRopeDecoderForward(ReferenceForward):
 
     def mlp(self, h: np.ndarray, layer: int, prefix: str) -> np.ndarray:
         """The feed-forward block of decoder layer `layer` (tensors under `prefix`) on normed `h`: SwiGLU."""
-        gate = silu(linear(h, self.w(prefix + "mlp.gate_proj.weight")))
-        return linear(gate * linear(h, self.w(prefix + "mlp.up_proj.weight")), self.w(prefix + "mlp.down_proj.weight"))
+        gate = silu(self.dense(h, prefix + "mlp.gate_proj", bias=False))
+        return self.dense(gate * self.dense(h, prefix + "mlp.up_proj", bias=False), prefix + "mlp.down_proj", bias=False)
 
     def text_rotary(self, position_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         t = self.text
@@ -312,12 +312,13 @@ class MRopeDecoderForward(ReferenceForward):
         p = f"{self.text_prefix}layers.{layer}."
         heads, kv_heads = t["num_attention_heads"], t["num_key_value_heads"]
         h = rms_norm(x, self.w(p + "input_layernorm.weight"), t["rms_norm_eps"])
-        q = linear(h, *self.wb(p + "self_attn.q_proj")).reshape(len(x), heads, -1)
-        k = linear(h, *self.wb(p + "self_attn.k_proj")).reshape(len(x), kv_heads, -1)
-        v = linear(h, *self.wb(p + "self_attn.v_proj")).reshape(len(x), kv_heads, -1)
+        q = self.dense(h, p + "self_attn.q_proj").reshape(len(x), heads, -1)
+        k = self.dense(h, p + "self_attn.k_proj").reshape(len(x), kv_heads, -1)
+        v = self.dense(h, p + "self_attn.v_proj").reshape(len(x), kv_heads, -1)
         q, k = self.qk_norm(q, k, p)
         keys, values = cache.extend(layer, apply_rotary(k, cos, sin), v)
-        x = x + linear(attention(apply_rotary(q, cos, sin), keys, values, mask), self.w(p + "self_attn.o_proj.weight"))
+        x = x + self.dense(attention(apply_rotary(q, cos, sin), keys, values, mask), p + "self_attn.o_proj",
+                           bias=False)
         h = rms_norm(x, self.w(p + "post_attention_layernorm.weight"), t["rms_norm_eps"])
         return x + self.mlp(h, layer, p)
 
@@ -347,7 +348,7 @@ class MRopeDecoderForward(ReferenceForward):
             mask = vision.window_mask if windowed and block not in full_blocks else vision.full_mask
             x = self.vision_block(x, f"visual.blocks.{block}.", heads, cos, sin, mask, norm=norm, mlp=mlp)
         h = norm(x, "visual.merger.ln_q").reshape(len(x) // unit, -1)
-        out = linear(gelu(linear(h, *self.wb("visual.merger.mlp.0"))), *self.wb("visual.merger.mlp.2"))
+        out = self.dense(gelu(self.dense(h, "visual.merger.mlp.0")), "visual.merger.mlp.2")
         return out[vision.reverse_index] if windowed else out
 
     def vision_block(self, x: np.ndarray, prefix: str, heads: int, cos: np.ndarray, sin: np.ndarray,
@@ -355,7 +356,7 @@ class MRopeDecoderForward(ReferenceForward):
                      mlp: Callable[[np.ndarray, str], np.ndarray]) -> np.ndarray:
         """One pre-norm block of a merged-patch tower (`norm1`, `attn.qkv` with q, k, v rows, `attn.proj`, `norm2`,
         `mlp.`): attention rotated by the 2-D (row, column) tables `cos`, `sin` within `mask`, then the MLP."""
-        qkv = linear(norm(x, prefix + "norm1"), *self.wb(prefix + "attn.qkv")).reshape(len(x), 3, heads, -1)
+        qkv = self.dense(norm(x, prefix + "norm1"), prefix + "attn.qkv").reshape(len(x), 3, heads, -1)
         q, k = apply_rotary(qkv[:, 0], cos, sin), apply_rotary(qkv[:, 1], cos, sin)
-        x = x + linear(attention(q, k, qkv[:, 2], mask), *self.wb(prefix + "attn.proj"))
+        x = x + self.dense(attention(q, k, qkv[:, 2], mask), prefix + "attn.proj")
         return x + mlp(norm(x, prefix + "norm2"), prefix + "mlp.")

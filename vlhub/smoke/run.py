@@ -41,7 +41,7 @@ from vlhub.smoke.verdict import (
     compare_tokens,
     precision_class,
 )
-from vlhub.smoke.weights import ModelWeights
+from vlhub.smoke.weights import ModelWeights, one_blas_thread
 
 if TYPE_CHECKING:  # paddle is imported only when a Paddle checkpoint is run
     from vlhub.smoke.paddle_forward import PaddleForward
@@ -148,7 +148,8 @@ class Reference:
     def outputs(self, tokens: int, say: Status) -> Outputs:
         """The reference's vision embeddings, prefill logits and `tokens` greedy tokens."""
         # broken weights overflow and produce NaN; the comparison reports that, numpy need not warn about it
-        with ModelWeights.open(self.path, resident=self.resident) as weights, np.errstate(all="ignore"):
+        with (ModelWeights.open(self.path, resident=self.resident) as weights, np.errstate(all="ignore"),
+              one_blas_thread()):
             forward = ReferenceForward(weights)
             say("reference: vision tower")
             embeds = forward.encode_images(self.smoke)
@@ -265,7 +266,7 @@ def checkpoint_outputs(path: Path, runtime: str, smoke: SmokeInput, reference_to
         finally:
             forward.close()
     else:
-        with ModelWeights.open(path, resident=resident) as weights:
+        with ModelWeights.open(path, resident=resident) as weights, one_blas_thread():
             reference = ReferenceForward(weights)
             say("artifact: vision tower")
             embeds = reference.encode_images(smoke)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from vlhub.smoke.inputs import SmokeInput
-from vlhub.smoke.reference import MRopeDecoderForward, linear, rms_norm, silu
+from vlhub.smoke.reference import MRopeDecoderForward, rms_norm, silu
 
 VISION_EPS = 1e-6
 
@@ -22,5 +22,5 @@ class Reference(MRopeDecoderForward):
         return rms_norm(x, self.w(prefix + ".weight"), VISION_EPS)
 
     def _mlp(self, h: np.ndarray, prefix: str) -> np.ndarray:
-        act = silu(linear(h, *self.wb(prefix + "gate_proj"))) * linear(h, *self.wb(prefix + "up_proj"))
-        return linear(act, *self.wb(prefix + "down_proj"))
+        act = silu(self.dense(h, prefix + "gate_proj")) * self.dense(h, prefix + "up_proj")
+        return self.dense(act, prefix + "down_proj")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from vlhub.smoke.inputs import SmokeInput
-from vlhub.smoke.reference import MRopeDecoderForward, layer_norm, linear, quick_gelu
+from vlhub.smoke.reference import MRopeDecoderForward, layer_norm, quick_gelu
 
 
 class Reference(MRopeDecoderForward):
@@ -19,4 +19,4 @@ class Reference(MRopeDecoderForward):
         return layer_norm(x, self.w(prefix + ".weight"), self.w(prefix + ".bias"))
 
     def _mlp(self, h: np.ndarray, prefix: str) -> np.ndarray:
-        return linear(quick_gelu(linear(h, *self.wb(prefix + "fc1"))), *self.wb(prefix + "fc2"))
+        return self.dense(quick_gelu(self.dense(h, prefix + "fc1")), prefix + "fc2")

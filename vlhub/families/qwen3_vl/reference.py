@@ -71,7 +71,7 @@ class Reference(MRopeDecoderForward):
         cos, sin = vision_rotary(vision.position_ids, width // heads)
 
         def mlp(h: np.ndarray, prefix: str) -> np.ndarray:
-            return linear(ACTIVATIONS[act](linear(h, *self.wb(prefix + "linear_fc1"))), *self.wb(prefix + "linear_fc2"))
+            return self.dense(ACTIVATIONS[act](self.dense(h, prefix + "linear_fc1")), prefix + "linear_fc2")
 
         deepstack = list(cfg.get("deepstack_visual_indexes") or [])
         features = []
@@ -93,7 +93,7 @@ class Reference(MRopeDecoderForward):
         group = x.shape[-1] * unit
         h = self._norm(x.reshape(-1, group), prefix + "norm") if after_grouping else \
             self._norm(x, prefix + "norm").reshape(-1, group)
-        return linear(gelu(linear(h, *self.wb(prefix + "linear_fc1"))), *self.wb(prefix + "linear_fc2"))
+        return self.dense(gelu(self.dense(h, prefix + "linear_fc1")), prefix + "linear_fc2")
 
     # -- text
 
@@ -147,7 +147,7 @@ class Reference(MRopeDecoderForward):
     def mlp(self, h: np.ndarray, layer: int, prefix: str) -> np.ndarray:
         if not self._sparse(layer):
             return super().mlp(h, layer, prefix)
-        probs = softmax(linear(h, self.w(prefix + "mlp.gate.weight")).astype(np.float32))  # [L, experts]
+        probs = softmax(self.dense(h, prefix + "mlp.gate", bias=False).astype(np.float32))  # [L, experts]
         top_k = self.text["num_experts_per_tok"]
         chosen = np.argsort(-probs, axis=-1, kind="stable")[:, :top_k]  # [L, k], highest first
         weights = np.take_along_axis(probs, chosen, axis=-1)

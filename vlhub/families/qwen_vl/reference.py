@@ -45,10 +45,10 @@ class Reference(ReferenceForward):
             p = f"{v}transformer.resblocks.{block}."
             h = layer_norm(x, self.w(p + "ln_1.weight"), self.w(p + "ln_1.bias"))
             # the fused projection is grouped per head: (heads, [q; k; v] of head_dim each)
-            qkv = linear(h, *self.wb(p + "attn.in_proj")).reshape(len(x), heads, 3, -1)
-            x = x + linear(attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], None), *self.wb(p + "attn.out_proj"))
+            qkv = self.dense(h, p + "attn.in_proj").reshape(len(x), heads, 3, -1)
+            x = x + self.dense(attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], None), p + "attn.out_proj")
             h = layer_norm(x, self.w(p + "ln_2.weight"), self.w(p + "ln_2.bias"))
-            x = x + linear(gelu(linear(h, *self.wb(p + "mlp.c_fc"))), *self.wb(p + "mlp.c_proj"))
+            x = x + self.dense(gelu(self.dense(h, p + "mlp.c_fc")), p + "mlp.c_proj")
         out = self._resampler(x)
         out = layer_norm(out, self.w(v + "ln_post.weight"), self.w(v + "ln_post.bias"))
         return out @ self.w(v + "proj")
@@ -58,7 +58,7 @@ class Reference(ReferenceForward):
         a = "transformer.visual.attn_pool."
         heads = self.config["visual"]["output_dim"] // POOL_HEAD_DIM
         if self.weights.has(a + "kv_proj.weight"):
-            x = linear(x, self.w(a + "kv_proj.weight"))
+            x = self.dense(x, a + "kv_proj", bias=False)
         kv = layer_norm(x, self.w(a + "ln_kv.weight"), self.w(a + "ln_kv.bias"))
         pos = self.w(a + "pos_embed")
         query = layer_norm(self.w(a + "query"), self.w(a + "ln_q.weight"), self.w(a + "ln_q.bias"))
@@ -67,7 +67,7 @@ class Reference(ReferenceForward):
         q = linear(query + pos, w_q, b_q).reshape(len(query), heads, -1)
         k = linear(kv + resize_grid(pos, len(kv)), w_k, b_k).reshape(len(kv), heads, -1)
         values = linear(kv, w_v, b_v).reshape(len(kv), heads, -1)
-        return linear(attention(q, k, values, None), *self.wb(a + "attn.out_proj"))
+        return self.dense(attention(q, k, values, None), a + "attn.out_proj")
 
     def check_length(self, total: int) -> None:
         limit = self.text.get("seq_length", 2048)
@@ -87,12 +87,12 @@ class Reference(ReferenceForward):
         p = f"transformer.h.{layer}."
         heads = t["num_attention_heads"]
         h = rms_norm(x, self.w(p + "ln_1.weight"), t["layer_norm_epsilon"])
-        q, k, v = (a.reshape(len(x), heads, -1) for a in np.split(linear(h, *self.wb(p + "attn.c_attn")), 3, axis=-1))
+        q, k, v = (a.reshape(len(x), heads, -1) for a in np.split(self.dense(h, p + "attn.c_attn"), 3, axis=-1))
         keys, values = cache.extend(layer, apply_rotary(k, cos, sin), v)
-        x = x + linear(attention(apply_rotary(q, cos, sin), keys, values, mask), self.w(p + "attn.c_proj.weight"))
+        x = x + self.dense(attention(apply_rotary(q, cos, sin), keys, values, mask), p + "attn.c_proj", bias=False)
         h = rms_norm(x, self.w(p + "ln_2.weight"), t["layer_norm_epsilon"])
-        act = linear(h, self.w(p + "mlp.w1.weight")) * silu(linear(h, self.w(p + "mlp.w2.weight")))
-        return x + linear(act, self.w(p + "mlp.c_proj.weight"))
+        act = self.dense(h, p + "mlp.w1", bias=False) * silu(self.dense(h, p + "mlp.w2", bias=False))
+        return x + self.dense(act, p + "mlp.c_proj", bias=False)
 
     def final_norm(self, x: np.ndarray) -> np.ndarray:
         return rms_norm(x, self.w("transformer.ln_f.weight"), self.text["layer_norm_epsilon"])

@@ -1,0 +1,67 @@
+"""The streamed weights of the smoke test's reference: products decoded block by block on the cores' threads, tensors
+mapped from the page cache with the next layer read ahead, and one BLAS thread while inside."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import vlhub.smoke.weights as weights_module
+from vlhub.formats.tensors import float32_from_bf16_bits
+from vlhub.smoke.weights import ModelWeights, _openblas_threads, one_blas_thread, products
+
+
+def _bf16_bits(values: np.ndarray) -> np.ndarray:
+    return (values.astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_products_equal_the_whole_product(monkeypatch: pytest.MonkeyPatch, dtype: str, tokens: int) -> None:
+    monkeypatch.setattr(weights_module, "_LINEAR_BLOCK_BYTES", 3 * 4 * 24)  # 3 rows a block: many blocks, a short one
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((31, 24)).astype(np.float32)
+    stored = _bf16_bits(weight) if dtype == "bfloat16" else weight.astype(dtype)
+    decoded = float32_from_bf16_bits(stored) if dtype == "bfloat16" else stored.astype(np.float32)
+    x = rng.standard_normal((tokens, 24)).astype(np.float32)
+    np.testing.assert_allclose(products(x, stored, dtype), x @ decoded.T, rtol=1e-5, atol=1e-5)
+
+
+def test_streamed_linear_equals_resident(monkeypatch: pytest.MonkeyPatch, tiny_qwen2_vl: Path) -> None:
+    """Every 2-D weight through `linear`, the lm_head as a table read in blocks of rows too."""
+    monkeypatch.setattr(weights_module, "_WHOLE_BYTES", 1 << 12)
+    monkeypatch.setattr(weights_module, "_TABLE_ROWS", 7)
+    with ModelWeights.open(tiny_qwen2_vl) as streamed, ModelWeights.open(tiny_qwen2_vl, resident=True) as resident:
+        names = [step.target.name for step in streamed.plan.steps if len(step.target.shape) == 2]
+        assert "lm_head.weight" in names or any("embed" in name for name in names)
+        for name in names:
+            x = np.random.default_rng(1).standard_normal((3, resident.get(name).shape[1])).astype(np.float32)
+            np.testing.assert_allclose(streamed.linear(x, name), resident.linear(x, name), rtol=1e-5, atol=1e-5)
+
+
+def test_mapped_tensors_read_the_next_layer_ahead(monkeypatch: pytest.MonkeyPatch, tiny_qwen2_vl: Path) -> None:
+    asked: list[int] = []
+    want = weights_module.MappedTensors._want
+    monkeypatch.setattr(weights_module.MappedTensors, "_want", lambda self, spans: (asked.append(len(spans)),
+                                                                                    want(self, spans)))
+    with ModelWeights.open(tiny_qwen2_vl) as weights:
+        layer = [step.target.name for step in weights.plan.steps if step.target.name.startswith("model.layers.0.")]
+        for name in layer:  # the tensors as the checkpoint reads them, read-only views of the page cache
+            stored = weights._read(name)
+            assert not stored.flags.writeable
+            np.testing.assert_array_equal(stored, weights.checkpoint.read(weights._steps[name].source.name))
+        weights._mapped._thread.submit(lambda: None).result()  # what was read ahead is done
+    # the first tensor of layer 0 had all of layer 1 read ahead, once
+    assert asked == [len(layer)]
+
+
+def test_one_blas_thread_puts_the_count_back() -> None:
+    _, count = _openblas_threads()
+    if count is None:
+        pytest.skip("numpy's BLAS here is not OpenBLAS")
+    before = count()
+    with one_blas_thread():
+        assert count() == 1
+    assert count() == before
