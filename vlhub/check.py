@@ -14,7 +14,6 @@ What differs by target (its numbers, toolchain, dtype rules, needs) is the targe
 
 from __future__ import annotations
 
-import math
 import shutil
 import time
 from collections import Counter
@@ -31,7 +30,7 @@ from vlhub.convert.configs import official_config
 from vlhub.convert.conversion import Model
 from vlhub.convert.layouts import detect_family, detect_layout
 from vlhub.convert.plan import KeyMapMismatch, plan_conversion
-from vlhub.deploy.checks import FAIL, PASS, STATUSES, WARN, Check, LayoutContext, Need
+from vlhub.deploy.checks import CONVERT_MEMORY, FAIL, PASS, STATUSES, WARN, Check, LayoutContext, Need, scaled
 from vlhub.deploy.target import Target
 from vlhub.errors import UserError, VlhubError
 from vlhub.formats.readers import Checkpoint, config_dtype, open_checkpoint
@@ -619,9 +618,7 @@ def model_needs(spec: ModelSpec, target: Target, *, downloaded: bool) -> list[Ne
         needs += [Need("download", "disk", size, str(constants.HF_HUB_CACHE), "the catalog's bf16 size"),
                   Need("download", "time", None, None, "depends on the network")]
     out = str(vlhub_home() / "artifacts")
-    largest = max(math.prod(shape) for _, shape in spec.family.official_tensors(spec.config))
     needs += [Need("convert", "disk", target.written_bytes(size, official_config(spec.config)), out,
                    "what vlhub convert checks before writing"),
-              Need("convert", "memory", 2 * 2 * largest, None,
-                   "the largest tensor and its transposed copy; README Performance: 2.28 GB for 7B")]
+              scaled("convert", "memory", CONVERT_MEMORY, 1.0)]
     return needs + target.build_needs(params, size) + target.next_needs(params, size, out)
