@@ -23,15 +23,14 @@ from transformers.vision_utils import (
     get_vision_window_index,
 )
 
+from tests.helpers import hard_link_or_copy
 from vlhub.errors import CheckFailed
 from vlhub.families.qwen_vl.paddle import QwenVLDims, Resampler, resize_grid
 from vlhub.formats.readers import open_checkpoint
 from vlhub.formats.tensors import float32_from_bf16_bits
-from vlhub.smoke.paddle_forward import PaddleForward, StreamedWeights
+from vlhub.smoke.paddle_forward import PaddleForward, StreamedWeights, built_in, weights_entry
 from vlhub.smoke.verdict import TOLERANCES, compare_arrays
 from vlhub.targets import prepare_conversion
-
-from tests.helpers import hard_link_or_copy
 
 SHARD_BYTES = 16 << 20  # several shards and an index even for the tiny models
 GRID = [1, 8, 12]  # 24 merged tokens; for Qwen2.5-VL two windows wide, the second one partial
@@ -335,6 +334,22 @@ def test_streamed_matches_resident(family: str, forward: Callable, hf_model: Cal
     np.testing.assert_allclose(streamed.encode_images(pixels, **vision_inputs), features, rtol=0, atol=1e-6)
     expected = resident.logits(ids, positions, features, image_mask)
     np.testing.assert_allclose(streamed.logits(ids, positions, features, image_mask), expected, rtol=0, atol=1e-5)
+
+
+def test_streamed_layers_hold_their_weights_as_stored(converted: dict[str, Path], forward: Callable) -> None:
+    """A streamed decoder layer is built in the dtype its weights are stored in (bfloat16: half of float32) and
+    filled with the stored bits as they are; its forward casts each weight to float32 where it uses it."""
+    network = forward("qwen2_vl", True).network
+    text = network.text_model()
+    entry, bf16 = weights_entry(converted["qwen2_vl"])
+    with open_checkpoint(entry, bf16=bf16) as checkpoint:
+        weights = StreamedWeights(checkpoint)
+        assert weights.stored_dtype("model.layers.0.") == "bfloat16"
+        assert weights.stored_dtype("no such prefix.") == "float32"
+        layer = weights.fill(built_in("bfloat16", lambda: text.stream_layer(network.dims)), "model.layers.0.")
+        for key, parameter in layer.state_dict().items():
+            assert parameter.dtype == paddle.bfloat16
+            np.testing.assert_array_equal(parameter.numpy().view(np.uint16), checkpoint.read(f"model.layers.0.{key}"))
 
 
 @pytest.fixture(scope="module")

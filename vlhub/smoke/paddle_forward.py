@@ -15,7 +15,9 @@ safetensors: each tensor read by name, transposed where the loader does); stream
 are built one block at a time and filled from vlhub's lazy reader, so memory holds one block's weights,
 never the model (a layer that is an `OnDemand` reads its tensors in parts as it uses them: one expert of
 a mixture at a time). Weights of any float dtype (bfloat16, float16, float32) are cast to float32 as they
-load. Everything computes in float32. The forwards take masks and index orders as tensors and branch only on
+load, except a streamed decoder layer's: its parameters take the half-precision dtype its weights are stored
+in (a 72B layer is 1.76 GB in bfloat16, 3.5 GB in float32), and each is cast to float32 where it is used, one
+at a time (exact). Everything computes in float32. The forwards take masks and index orders as tensors and branch only on
 configuration, so the resident networks can go through `paddle.jit.to_static`. Parameters may be
 created narrower than float32 (a static export keeps the checkpoint's dtype); they are cast to float32
 where they are used. Facts: docs/facts/paddle.md#qwen2-vl-names, #qwen-vl-paddlemix-names, #pdparams.
@@ -350,16 +352,32 @@ class StreamedWeights:
         values = _float32(values, self.checkpoint.tensors[stored].dtype)
         return transpose_last(values) if name in self.transposed else values
 
+    def stored_dtype(self, prefix: str) -> str:
+        """The half-precision dtype (bfloat16, float16) every tensor whose network name starts with `prefix` is
+        stored in, if they share one; float32 otherwise. A streamed layer built in it (`built_in`) is filled
+        with the stored values as they are."""
+        dtypes = {self.checkpoint.tensors[self.stored(name)].dtype
+                  for name in self.names or self.checkpoint.tensors if name.startswith(prefix)}
+        return dtypes.pop() if len(dtypes) == 1 and dtypes <= {"bfloat16", "float16"} else "float32"
+
     def fill(self, layer: nn.Layer, prefix: str) -> nn.Layer:
         """`layer` with every parameter set from the checkpoint tensor `prefix` + its name, one tensor at a time
-        (memory holds the layer and one tensor's decoded copy), and each of its `OnDemand` parts told where to
-        read its own tensors when it uses them."""
+        (memory holds the layer and one tensor's decoded copy; none for a parameter in the stored dtype), and
+        each of its `OnDemand` parts told where to read its own tensors when it uses them."""
         for key, parameter in layer.state_dict().items():
-            parameter.set_value(self._decoded(prefix + key))
+            name = prefix + key
+            parameter.set_value(self._decoded(name) if parameter.dtype == paddle.float32 else self._as_stored(name))
         for name, part in layer.named_sublayers(include_self=True):
             if isinstance(part, OnDemand):
                 part.attach(self, f"{prefix}{name}." if name else prefix)
         return layer
+
+    def _as_stored(self, name: str) -> np.ndarray:
+        """`name`'s stored values undecoded (bfloat16 as the uint16 bits Paddle's set_value takes), in the
+        network's orientation."""
+        stored = self.stored(name)
+        values = self._mapped.read(name) if self._mapped is not None else self.checkpoint.read(stored)
+        return transpose_last(values) if name in self.transposed else values
 
     def _decoded(self, name: str) -> np.ndarray:
         """`read(name)`, bfloat16 decoded into one buffer that every call reuses (a 7B pass decodes 28 GB: in
@@ -616,14 +634,27 @@ class PaddleForward:
         """The resident text model's forward with one layer's weights in memory at a time."""
         network, prefix = self.network, self.network.text_prefix
         text = self._weights.fill(network.text_model(), prefix)
-        layer = text.stream_layer(network.dims)
+        layer, dtype = None, None
         embedding = prefix + text.embedding_key
         h, cos, sin, causal = text.prepare(self._weights.rows(embedding, ids.numpy()), positions, embeds, mask)
         for i in range(network.layers):
-            h = text.after_layer(i, self._weights.fill(layer, f"{prefix}{text.layers_key}.{i}.")(h, cos, sin, causal),
-                                 embeds, mask)
+            at = f"{prefix}{text.layers_key}.{i}."
+            if self._weights.stored_dtype(at) != dtype:  # the first layer, or one stored in another dtype
+                layer, dtype = None, self._weights.stored_dtype(at)  # the previous layer freed before the next
+                layer = built_in(dtype, lambda: text.stream_layer(network.dims))
+            h = text.after_layer(i, self._weights.fill(layer, at)(h, cos, sin, causal), embeds, mask)
         return self._weights.head(text.final_norm(h), embedding if network.tied else "lm_head.weight",
                                   tied=network.tied)
+
+
+def built_in(dtype: str, make: Callable[[], nn.Layer]) -> nn.Layer:
+    """`make()`'s layer with its parameters created in `dtype` (never in float32 first)."""
+    before = paddle.get_default_dtype()
+    paddle.set_default_dtype(dtype)
+    try:
+        return make()
+    finally:
+        paddle.set_default_dtype(before)
 
 
 def float_tensor(values: np.ndarray) -> paddle.Tensor:
