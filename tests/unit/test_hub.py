@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from vlhub.hub.transfer import BUFFER_BYTES, CANCEL_EVERY, Cancelled, append_hashed, receive
+from vlhub.hub.transfer import BUFFER_BYTES, BUFFERS, CANCEL_EVERY, Cancelled, LongBody, append_hashed, receive
 from vlhub.owned import exclusive_lock
 
 
@@ -81,6 +81,54 @@ def test_what_arrived_before_a_dropped_connection_is_kept_and_a_write_error_wins
         append_hashed(iter([b"b" * BUFFER_BYTES] * 3), read_only.fileno(), hashlib.sha256(), None,
                       threading.Event())
     assert failed.value.errno is not None
+
+
+def test_a_body_longer_than_the_listing_is_refused_at_once(tmp_path: Path) -> None:
+    """More bytes than the hub lists is not a dropped connection: one error naming both sizes, not five retries."""
+    content = b"x" * 1500
+
+    class LongerFile(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(content)))
+            self.end_headers()
+            self.wfile.write(content)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), LongerFile)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with (open(tmp_path / "part", "wb") as handle,
+              pytest.raises(LongBody, match="1500 bytes where the hub lists 1000")):
+            receive(f"http://127.0.0.1:{server.server_address[1]}/f", handle.fileno(), 0, 1000, hashlib.sha256,
+                    hashlib.sha256(), None, threading.Event())
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_failing_hash_ends_the_transfer_with_its_error() -> None:
+    """The hashing thread's error reaches the caller, and every buffer comes back (no wait for a free one)."""
+
+    class BrokenDigest:
+        def update(self, data: object) -> None:
+            raise MemoryError("hash")
+
+    done: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            append_hashed(iter([b"d" * BUFFER_BYTES] * (4 * BUFFERS)), -1, BrokenDigest(), None, threading.Event())
+        except BaseException as exc:  # noqa: BLE001 - the test looks at it
+            done.append(exc)
+
+    transfer = threading.Thread(target=run, daemon=True)
+    transfer.start()
+    transfer.join(timeout=60)
+    assert not transfer.is_alive(), "the transfer waited forever for a buffer"
+    assert len(done) == 1 and isinstance(done[0], MemoryError)
 
 
 def test_a_cancelled_transfer_stops_at_the_next_stride_and_keeps_what_it_wrote(tmp_path: Path) -> None:

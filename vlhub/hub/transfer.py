@@ -17,6 +17,8 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from vlhub.errors import VlhubError
+
 BUFFER_BYTES = 1 << 20  # what the other two threads take at a time (measured here: faster than 2 and 4 MiB)
 BUFFERS = 8  # per transfer: at most 8 MiB received and not yet on disk
 # a cancelled transfer stops at the next multiple of this: a smaller file is read to its end, so its connection
@@ -30,6 +32,10 @@ class Cancelled(Exception):
 
 class ShortBody(Exception):
     """The connection ended before the file did (retried like a dropped connection)."""
+
+
+class LongBody(VlhubError):
+    """The server sent more bytes than the hub lists for the file: not retried, the listing and the file disagree."""
 
 
 def receive(url: str, fd: int, have: int, size: int, new_digest: Callable[[], Any], digest: Any,
@@ -54,7 +60,10 @@ def receive(url: str, fd: int, have: int, size: int, new_digest: Callable[[], An
         os.lseek(fd, have, os.SEEK_SET)
         # decoded: the hub may gzip a text file; chunk_size None hands on each piece as it arrives, uncopied
         have += append_hashed(response.iter_bytes(), fd, digest, on_bytes, cancel)
-    if have != size:
+    if have > size:
+        raise LongBody(f"{url} sent {have} bytes where the hub lists {size}: the repo changed while downloading or "
+                       "the server is not serving the file listed; run the command again later, or use another mirror")
+    if have < size:
         raise ShortBody(f"the connection ended after {have} of the file's {size} bytes")
     return digest
 
@@ -77,7 +86,15 @@ def append_hashed(chunks: Iterable[bytes], fd: int, digest: Any, on_bytes: Calla
     def hash_each() -> None:
         while (item := to_hash.get()) is not None:
             buffer, filled = item
-            digest.update(memoryview(buffer)[:filled])
+            if failed:  # after a failure, only hand the buffers back until the end
+                free.put(buffer)
+                continue
+            try:
+                digest.update(memoryview(buffer)[:filled])
+            except BaseException as exc:  # noqa: BLE001 - raised by the receiving thread
+                failed.append(exc)
+                free.put(buffer)
+                continue
             to_write.put(item)
         to_write.put(None)
 

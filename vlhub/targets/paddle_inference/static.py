@@ -546,46 +546,48 @@ def _export(checkpoint: Checkpoint, plan: Plan, transposed: frozenset[str], fami
     blocks: Blocks = {}
     summary: dict = {"vision": None, "layers": [], "head": []}
     say(f"tracing {len(graphs)} graphs")
-    for graph in graphs:
-        prefix = root / graph.directory / graph.name
-        prefix.parent.mkdir(exist_ok=True)
-        params = _save_program(graph, prefix, ir)
-        names = {param.name: network_names.get(param.name, "") for param in params}
-        block = dict([graph.block]) if graph.block else {}
-        for param in params:
-            expected = shapes.get(names[param.name])
-            if param.name in block:  # the block's part of the projection's network tensor
-                part = block[param.name]
-                names[param.name] = f"{network_names[part.name]}[{part.start}:{part.stop}]"
-                expected_dtype, whole = shapes.get(network_names[part.name], (None, ()))
-                expected = (expected_dtype, tuple(part.stop - part.start if axis == part.axis else extent
-                                                  for axis, extent in enumerate(whole)))
-            if expected != (param.dtype, param.shape):
-                raise CheckFailed(f"the {graph.name} graph's {param.name} ({names[param.name]}) is "
-                                  f"{param.dtype}{list(param.shape)}; the checkpoint has {expected}")
-        params_path = prefix.with_suffix(".pdiparams")
-        params_file = _ParamsFile(params_path, params)
-        files[params_file] = {name: names[name] for name in names if name not in block}
-        for var, part in block.items():
-            blocks.setdefault(network_names[part.name], []).append((params_file, var, part))
-        if ir == "legacy":  # what jit.save records beside a legacy program
-            info = {name: {"structured_name": structured, "stop_gradient": True} for name, structured in names.items()}
-            with open(prefix.with_suffix(".pdiparams.info"), "wb") as file:
-                pickle.dump(info, file, protocol=2)
-        where = f"{CHECKPOINTS}/{graph.directory}"
-        entry = {"model": f"{where}/{prefix.name}{'.pdmodel' if ir == 'legacy' else '.json'}",
-                 "params": f"{where}/{params_path.name}",
-                 "inputs": {spec.name: list(spec.shape) for spec in graph.inputs},  # -1: any size
-                 "outputs": list(graph.outputs)}
-        if graph.block:
-            entry["vocab"] = [graph.block[1].start, graph.block[1].stop]
-            summary["head"].append(entry)
-        elif graph.directory == "encode_image":
-            summary["vision"] = entry
-        else:
-            summary["layers"].append(entry)
-    say("writing the parameters")
+    # every parameters file opened so far is closed, also when a later graph fails or Ctrl-C comes while tracing
     try:
+        for graph in graphs:
+            prefix = root / graph.directory / graph.name
+            prefix.parent.mkdir(exist_ok=True)
+            params = _save_program(graph, prefix, ir)
+            names = {param.name: network_names.get(param.name, "") for param in params}
+            block = dict([graph.block]) if graph.block else {}
+            for param in params:
+                expected = shapes.get(names[param.name])
+                if param.name in block:  # the block's part of the projection's network tensor
+                    part = block[param.name]
+                    names[param.name] = f"{network_names[part.name]}[{part.start}:{part.stop}]"
+                    expected_dtype, whole = shapes.get(network_names[part.name], (None, ()))
+                    expected = (expected_dtype, tuple(part.stop - part.start if axis == part.axis else extent
+                                                      for axis, extent in enumerate(whole)))
+                if expected != (param.dtype, param.shape):
+                    raise CheckFailed(f"the {graph.name} graph's {param.name} ({names[param.name]}) is "
+                                      f"{param.dtype}{list(param.shape)}; the checkpoint has {expected}")
+            params_path = prefix.with_suffix(".pdiparams")
+            params_file = _ParamsFile(params_path, params)
+            files[params_file] = {name: names[name] for name in names if name not in block}
+            for var, part in block.items():
+                blocks.setdefault(network_names[part.name], []).append((params_file, var, part))
+            if ir == "legacy":  # what jit.save records beside a legacy program
+                info = {name: {"structured_name": structured, "stop_gradient": True}
+                        for name, structured in names.items()}
+                with open(prefix.with_suffix(".pdiparams.info"), "wb") as file:
+                    pickle.dump(info, file, protocol=2)
+            where = f"{CHECKPOINTS}/{graph.directory}"
+            entry = {"model": f"{where}/{prefix.name}{'.pdmodel' if ir == 'legacy' else '.json'}",
+                     "params": f"{where}/{params_path.name}",
+                     "inputs": {spec.name: list(spec.shape) for spec in graph.inputs},  # -1: any size
+                     "outputs": list(graph.outputs)}
+            if graph.block:
+                entry["vocab"] = [graph.block[1].start, graph.block[1].stop]
+                summary["head"].append(entry)
+            elif graph.directory == "encode_image":
+                summary["vision"] = entry
+            else:
+                summary["layers"].append(entry)
+        say("writing the parameters")
         _write_params(files, blocks, checkpoint, plan, buffers, transposed)
     finally:
         for params_file in files:
