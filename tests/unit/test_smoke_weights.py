@@ -57,6 +57,22 @@ def test_mapped_tensors_read_the_next_layer_ahead(monkeypatch: pytest.MonkeyPatc
     assert asked == [len(layer)]
 
 
+def test_the_experts_are_not_read_ahead(module_tmp) -> None:
+    """A mixture's experts are read one chosen expert at a time: reading a whole layer's ahead would read every
+    expert (4.8 GB a layer at 235B-A22B) for each token. Stacked ([experts, ., .]) and one entry per expert."""
+    from vlhub.catalog import get_model
+    from vlhub.hub.synthetic import write_synthetic_checkpoint
+
+    spec = get_model("tiny-qwen3-vl-moe")
+    for layout in ("official", "per-expert"):
+        path = write_synthetic_checkpoint(module_tmp(layout) / "model", spec.family, spec.config,
+                                          layout=spec.family.keymap.layout(layout))
+        with ModelWeights.open(path) as weights:
+            layer = weights._mapped._groups["model.language_model.layers.1."]
+            assert layer and not any("experts" in name for name in layer), layout
+            assert any("mlp.gate" in name for name in layer)  # the router is read ahead with the rest
+
+
 def test_one_blas_thread_puts_the_count_back() -> None:
     _, count = _openblas_threads()
     if count is None:

@@ -39,11 +39,12 @@ _LINEAR_BLOCK_BYTES = 2 << 20
 # a Linear weight larger than this (stored) is read a block of `_TABLE_ROWS` rows at a time: an lm_head
 _WHOLE_BYTES = 256 << 20
 _TABLE_ROWS = 16384
-_CORES = os.cpu_count() or 1
-# the threads `products` shares its blocks with (besides the caller's): made when first used
+_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+# the threads `products` shares its blocks with (besides the caller's): started when first used
 _POOL = ThreadPoolExecutor(max(1, _CORES - 1), thread_name_prefix="vlhub-products")
 # a numbered group of tensors: a decoder layer (`model.layers.3.`), a vision block (`visual.blocks.3.`)
 _GROUP = re.compile(r"^(.*?\.)(\d+)\.")
+_NUMBERED = re.compile(r"(^|\.)\d+\.")
 
 
 class MappedTensors:
@@ -61,7 +62,7 @@ class MappedTensors:
         self._groups: dict[str, list[str]] = {}
         for name in names:
             found = _GROUP.match(name)
-            if found:
+            if found and _read_whole(name[found.end():], checkpoint.tensors[names[name]]):
                 self._groups.setdefault(found.group(0), []).append(name)
         self._spans: dict[str, StoredBytes | None] = {}
         self._group: str | None = None
@@ -97,6 +98,12 @@ class MappedTensors:
         for span in spans:
             view = _mapping(span)
             int(view[::mmap.PAGESIZE].max())
+
+
+def _read_whole(rest: str, meta: TensorMeta) -> bool:
+    """Whether a group's tensor is used whole, so worth reading ahead: not a mixture's experts, which are read one
+    chosen expert at a time (stacked [experts, ., .], or one numbered entry each: `mlp.experts.17.`)."""
+    return len(meta.shape) < 3 and not _NUMBERED.search(rest)
 
 
 def _mapping(span: StoredBytes) -> np.ndarray:
