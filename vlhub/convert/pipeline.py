@@ -1,9 +1,10 @@
 """Run a conversion plan: read, transform and write tensor by tensor, with bounded memory.
 
 Three stages overlap on the two cores: a reader thread reads tensors ahead, the calling thread
-transposes and casts, a writer thread writes (and hashes). Every buffer comes from one `BufferBudget`:
+transposes and casts, a writer thread writes (and hashes). Every buffer comes from a `BufferBudget`:
 reserved before a tensor is read, for the tensor and the copies its ops make, so memory stays under
-the budget (spares included) whatever the number of layers, and the stages cannot starve each other.
+the budget (spares included) whatever the number of layers. The blocks of a tiled tensor (below) have a
+budget of their own, so the reader, holding its budget for the tensors after a tiled one, cannot stall them.
 
 Buffers are recycled: every layer has the same shapes, so the buffer one tensor was read into or
 written from serves the next tensor of that size. Fresh memory costs a page fault per page; on this
@@ -14,7 +15,7 @@ consecutive blocks of the output's C order, each at most a tile, and the writer 
 its hash) in order. A transposed block [c0:c1] is source columns c0:c1 of every source row: they are copied out of
 a memory map of the file, a window of source rows at a time, so only the page cache holds the tensor whole. The
 peak therefore does not grow with the largest tensor. The stages keep their roles: the reader reads the tiled
-tensor's bytes once, sequentially, so that they are in the page cache (a few tensors ahead at most), and the
+tensor's bytes once, sequentially, so that they are in the page cache (at most 1 GB of them ahead), and the
 calling thread builds the blocks from there while the reader reads the next tensors from disk. Steps joined from
 parts, and tensors a file does not store plainly in C order (pickled views), are still read whole.
 """
