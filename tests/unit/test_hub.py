@@ -4,6 +4,7 @@ tests/cli/test_download.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import subprocess
 import sys
@@ -36,9 +37,9 @@ def test_a_lock_held_by_a_dead_process_is_taken_at_once(tmp_path: Path) -> None:
     assert not waits and time.monotonic() - started < 1
 
 
-def test_a_server_that_ignores_range_restarts_the_file_and_its_hash(tmp_path: Path) -> None:
-    """Asked for the rest of a file, a server may send all of it (200): the partial file and the hash start over."""
-    content = b"fresh content" * 1000
+@contextlib.contextmanager
+def serving_whole(content: bytes) -> Iterator[str]:
+    """A local server answering every GET with all of `content` (200, ignoring Range); its URL."""
 
     class WholeFile(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
@@ -52,16 +53,21 @@ def test_a_server_that_ignores_range_restarts_the_file_and_its_hash(tmp_path: Pa
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), WholeFile)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    path = tmp_path / "part"
-    path.write_bytes(b"stale-prefix")
     try:
-        with open(path, "r+b") as handle:
-            stale = hashlib.sha256(b"stale-prefix")
-            digest = receive(f"http://127.0.0.1:{server.server_address[1]}/f", handle.fileno(), 12, len(content),
-                             hashlib.sha256, stale, None, threading.Event())
+        yield f"http://127.0.0.1:{server.server_address[1]}/f"
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_server_that_ignores_range_restarts_the_file_and_its_hash(tmp_path: Path) -> None:
+    """Asked for the rest of a file, a server may send all of it (200): the partial file and the hash start over."""
+    content = b"fresh content" * 1000
+    path = tmp_path / "part"
+    path.write_bytes(b"stale-prefix")
+    with serving_whole(content) as url, open(path, "r+b") as handle:
+        digest = receive(url, handle.fileno(), 12, len(content), hashlib.sha256, hashlib.sha256(b"stale-prefix"),
+                         None, threading.Event())
     assert digest.hexdigest() == hashlib.sha256(content).hexdigest()
     assert path.read_bytes() == content
 
@@ -85,28 +91,9 @@ def test_what_arrived_before_a_dropped_connection_is_kept_and_a_write_error_wins
 
 def test_a_body_longer_than_the_listing_is_refused_at_once(tmp_path: Path) -> None:
     """More bytes than the hub lists is not a dropped connection: one error naming both sizes, not five retries."""
-    content = b"x" * 1500
-
-    class LongerFile(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(content)))
-            self.end_headers()
-            self.wfile.write(content)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), LongerFile)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        with (open(tmp_path / "part", "wb") as handle,
-              pytest.raises(LongBody, match="1500 bytes where the hub lists 1000")):
-            receive(f"http://127.0.0.1:{server.server_address[1]}/f", handle.fileno(), 0, 1000, hashlib.sha256,
-                    hashlib.sha256(), None, threading.Event())
-    finally:
-        server.shutdown()
-        server.server_close()
+    with (serving_whole(b"x" * 1500) as url, open(tmp_path / "part", "wb") as handle,
+          pytest.raises(LongBody, match="1500 bytes where the hub lists 1000")):
+        receive(url, handle.fileno(), 0, 1000, hashlib.sha256, hashlib.sha256(), None, threading.Event())
 
 
 def test_a_failing_hash_ends_the_transfer_with_its_error() -> None:

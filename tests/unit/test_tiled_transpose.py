@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.helpers import transformers_qwen2_vl
 from vlhub.catalog import get_model
 from vlhub.convert.ops import cast_float, transpose_last
 from vlhub.convert.pipeline import (
@@ -61,6 +62,28 @@ def _tiled_steps(source: Path, *, layout: str, dtype: str | None, tile_bytes: in
 def float32_qwen2_vl(module_tmp) -> Path:
     spec = get_model("tiny-qwen2-vl")
     return write_synthetic_checkpoint(module_tmp("float32") / "model", spec.family, spec.config, dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def transformers_saved(module_tmp) -> Path:
+    """A Qwen2-VL that transformers itself saved (save_pretrained, bf16, its own names, shards and index)."""
+    return transformers_qwen2_vl(module_tmp("transformers") / "model")
+
+
+@pytest.mark.parametrize(("layout", "fmt", "dtype"), [("paddlemix", "pdparams", None),
+                                                      ("paddlemix", "safetensors", "float16"),
+                                                      ("official", "torch", "float32")])
+def test_a_checkpoint_transformers_saved_converts_tiled_byte_for_byte(transformers_saved: Path, tmp_path: Path,
+                                                                      layout: str, fmt: str,
+                                                                      dtype: str | None) -> None:
+    """Not only vlhub's own writer's checkpoints: transformers' file layout and names, with 64 KB tiles that split
+    its lm_head and MLP weights (transposed for PaddleMIX, or only cast), give the bytes the untiled run gives."""
+    tile = 64 << 10
+    assert {step.source.name for step in _tiled_steps(transformers_saved, layout=layout, dtype=dtype,
+                                                      tile_bytes=tile)} >= {"lm_head.weight"}
+    whole = _convert(transformers_saved, tmp_path / "whole", layout=layout, fmt=fmt, dtype=dtype, tile_bytes=UNTILED)
+    assert _convert(transformers_saved, tmp_path / "tiled", layout=layout, fmt=fmt, dtype=dtype,
+                    tile_bytes=tile) == whole
 
 
 @pytest.fixture(scope="module")

@@ -86,32 +86,6 @@ def buffer_cost(step: Step) -> int:
     return cost
 
 
-class _ByteWindow:
-    """A count of bytes in flight between two threads, at most `limit` (one item larger than that goes alone)."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self._held = 0
-        self._open = False
-        self._cond = threading.Condition()
-
-    def take(self, nbytes: int) -> None:
-        with self._cond:
-            self._cond.wait_for(lambda: self._open or not self._held or self._held + nbytes <= self.limit)
-            self._held += nbytes
-
-    def give(self, nbytes: int) -> None:
-        with self._cond:
-            self._held -= nbytes
-            self._cond.notify_all()
-
-    def open(self) -> None:
-        """Let every waiter through (the run is stopping)."""
-        with self._cond:
-            self._open = True
-            self._cond.notify_all()
-
-
 class BufferBudget:
     """Tensor buffers for one conversion: reserved, recycled by size, never more than `limit` bytes."""
 
@@ -147,6 +121,12 @@ class BufferBudget:
             if self._reserved + self._spare_bytes + flat.nbytes <= self.limit:
                 self._spares.setdefault(flat.nbytes, []).append(flat)
                 self._spare_bytes += flat.nbytes
+            self._cond.notify_all()
+
+    def unreserve(self, nbytes: int) -> None:
+        """Reserved bytes that were not buffers (a tensor read into the page cache ahead) are done with."""
+        with self._cond:
+            self._reserved -= nbytes
             self._cond.notify_all()
 
     def fail(self) -> None:
@@ -270,7 +250,7 @@ def run_plan(plan: Plan, checkpoint: Checkpoint, writer: CheckpointWriter, *, me
     stop = threading.Event()
     read_queue: queue.Queue = queue.Queue()
     write_queue: queue.Queue = queue.Queue()
-    tiled_ahead = _ByteWindow(_TILED_AHEAD_BYTES)
+    tiled_ahead = BufferBudget(_TILED_AHEAD_BYTES)  # page cache counted, no buffers
     scratch = np.empty(_CACHE_CHUNK, np.uint8)
 
     def read_ahead() -> None:
@@ -283,7 +263,7 @@ def run_plan(plan: Plan, checkpoint: Checkpoint, writer: CheckpointWriter, *, me
                     read_queue.put((step, stored))
                 elif is_tiled(step, stored, tile_bytes):
                     assert stored is not None
-                    tiled_ahead.take(stored.length)
+                    tiled_ahead.reserve(stored.length)
                     if stop.is_set():
                         return
                     read_into_page_cache(stored, scratch)
@@ -327,7 +307,7 @@ def run_plan(plan: Plan, checkpoint: Checkpoint, writer: CheckpointWriter, *, me
                         break
                     write_queue.put((step.target.name, cast(step, block, tiles)))
                 write_queue.put((step.target.name, _END))
-                tiled_ahead.give(data.stored.length)
+                tiled_ahead.unreserve(data.stored.length)
                 continue
             if isinstance(data, np.ndarray):
                 data = transform(step, data, budget)
@@ -344,7 +324,7 @@ def run_plan(plan: Plan, checkpoint: Checkpoint, writer: CheckpointWriter, *, me
         writing.thread.join()
         stop.set()
         fail()
-        tiled_ahead.open()  # a reader waiting to read ahead sees the stop
+        tiled_ahead.fail()  # a reader waiting to read ahead sees the stop
         _drain(read_queue)
         reader.thread.join()
     if errors:
