@@ -15,6 +15,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
+from vlhub.cli._lazy import HELP_SETTINGS
 from vlhub.cli.app import COMMANDS, app
 
 # what a start-up that runs no command must not import: the commands' modules and what they need (numpy, the
@@ -23,7 +24,8 @@ NOT_AT_START_UP = ("numpy", "vlhub.targets", "vlhub.convert", "vlhub.deploy", "v
 
 
 def _imported(args: list[str], tmp_path: Path) -> tuple[int, str, set[str]]:
-    """Run the console script's entry point with `args` in a fresh interpreter: its exit code, its stdout and the
+    """Run the console script's entry point with `args` in a fresh interpreter: its exit code, its output (stdout,
+    then stderr: with no arguments the help is a usage error, on stderr as `hf` and click print it) and the
     modules it had imported when it exited."""
     out = tmp_path / "modules.json"
     code = ("import atexit, json, sys\n"
@@ -32,7 +34,7 @@ def _imported(args: list[str], tmp_path: Path) -> tuple[int, str, set[str]]:
             "from vlhub.cli.entry import main\n"
             "main()\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
-    return result.returncode, result.stdout, set(json.loads(out.read_text()))
+    return result.returncode, result.stdout + result.stderr, set(json.loads(out.read_text()))
 
 
 def _heavy(modules: set[str], roots: tuple[str, ...]) -> list[str]:
@@ -67,23 +69,24 @@ def test_a_command_imports_its_module_when_it_shows_its_help(tmp_path: Path) -> 
 def _eager_app() -> typer.Typer:
     """The same app with every command registered the usual way (its module imported now)."""
     eager = typer.Typer(name=app.info.name, help=app.info.help, epilog=app.info.epilog, no_args_is_help=True,
-                        pretty_exceptions_enable=False, add_completion=False)
+                        pretty_exceptions_enable=False, add_completion=False, rich_markup_mode=None,
+                        context_settings=HELP_SETTINGS)
     assert app.registered_callback is not None
     eager.callback()(app.registered_callback.callback)
     for name, where in COMMANDS.items():
         module, _, attribute = where.partition(":")
         found = getattr(importlib.import_module(module), attribute)
         if isinstance(found, typer.Typer):
-            eager.add_typer(found, name=name)
+            eager.add_typer(found, name=name, context_settings=HELP_SETTINGS)
         else:
-            eager.command(name=name)(found)
+            eager.command(name=name, context_settings=HELP_SETTINGS)(found)
     return eager
 
 
 @pytest.mark.parametrize("args", [
     ["--help"], [], ["--version"], ["conver"], ["convert", "--help"], ["cache", "--help"], ["cache"],
     ["cache", "ls", "--help"], ["cache", "nope"], ["models", "--nope"], ["inspect"], ["dump-embeddings", "--help"],
-    ["convert", "tiny-qwen2-vl", "--to", "no-such-target"],
+    ["convert", "tiny-qwen2-vl", "--to", "no-such-target"], ["-h"], ["convert", "-h"], ["cache", "ls", "-h"],
 ], ids=" ".join)
 def test_the_lazy_app_shows_and_does_what_the_eager_one_does(args: list[str]) -> None:
     eager, lazy = (CliRunner().invoke(each, args, prog_name="vlhub") for each in (_eager_app(), app))

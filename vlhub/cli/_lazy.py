@@ -30,6 +30,9 @@ from typer.models import CommandInfo, TyperInfo
 
 _UNREAD = object()  # a summary not derived yet
 
+# `-h` as well as `--help`, as `hf` and most tools take it: on the app, each command and each group of sub-commands
+HELP_SETTINGS: dict[str, Any] = {"help_option_names": ["-h", "--help"]}
+
 
 @dataclass(frozen=True)
 class _Target:
@@ -50,7 +53,7 @@ def add_lazy_commands(app: typer.Typer, commands: dict[str, str]) -> None:
     for name, where in commands.items():
         module, _, attribute = where.partition(":")
         target = _Target(module, attribute, app.pretty_exceptions_short, app.suggest_commands)
-        app.command(name=name, cls=LazyCommand)(_stand_in(target))
+        app.command(name=name, cls=LazyCommand, context_settings=HELP_SETTINGS)(_stand_in(target))
 
 
 def _stand_in(target: _Target) -> Callable[..., Any]:
@@ -104,7 +107,8 @@ class LazyCommand(TyperCommand):
             found = target.load()
             if isinstance(found, typer.Typer):
                 self._real = typer.main.get_group_from_info(
-                    TyperInfo(found, name=self.name), pretty_exceptions_short=target.pretty_exceptions_short,
+                    TyperInfo(found, name=self.name, context_settings=HELP_SETTINGS),
+                    pretty_exceptions_short=target.pretty_exceptions_short,
                     rich_markup_mode=self.rich_markup_mode, suggest_commands=target.suggest_commands)
             else:
                 registered = self._registered()
@@ -114,7 +118,8 @@ class LazyCommand(TyperCommand):
                     return registered(**kwargs)
 
                 self._real = typer.main.get_command_from_info(
-                    CommandInfo(name=self.name, callback=call), pretty_exceptions_short=target.pretty_exceptions_short,
+                    CommandInfo(name=self.name, callback=call, context_settings=HELP_SETTINGS),
+                    pretty_exceptions_short=target.pretty_exceptions_short,
                     rich_markup_mode=self.rich_markup_mode)
         return self._real
 

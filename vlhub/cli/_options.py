@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import Field, dataclass, fields
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar, get_args, get_type_hints
 
@@ -27,6 +27,12 @@ SourceArg = Annotated[
 ]
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+def choices(names: Iterable[str]) -> str:
+    """The placeholder of an option that takes one of `names`, as click shows choices: `[paddle|safetensors|...]`.
+    The command refuses anything else in its own one line (click's refusal is four)."""
+    return f"[{'|'.join(names)}]"
 
 
 def _declared(smoke: bool) -> dict[str, list[tuple[Target, Field, Any]]]:

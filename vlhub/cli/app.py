@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from vlhub import __version__
-from vlhub.cli._lazy import add_lazy_commands
+from vlhub.cli._lazy import HELP_SETTINGS, add_lazy_commands
 
 # every command, in the order `vlhub --help` lists them: its name, and where its function is (or, for a group of
 # sub-commands, its Typer app). The summaries listed are the functions' docstrings and the app's help.
@@ -25,13 +25,28 @@ COMMANDS = {
     "cache": "vlhub.cli.cache:cache_app",
 }
 
+# the exit codes, as docs/commands.md lists them ("\b": click keeps the block's lines as they are)
+EPILOG = """\b
+Exit codes:
+  0    done
+  1    a check or smoke test failed
+  2    bad input: one line on stderr says what is wrong and what to do
+  3    the hub could not be reached (network)
+  130  interrupted (Ctrl-C, SIGTERM)
+
+VLHUB_DEBUG=1 shows the traceback behind an error line."""
+
 app = typer.Typer(
     name="vlhub",
     help="Convert, check and deploy Qwen-VL family checkpoints (Paddle Inference, TPU-MLIR, vamc).",
-    epilog="Errors print one line and exit 2 (bad input) or 1 (a check failed); VLHUB_DEBUG=1 shows tracebacks.",
+    epilog=EPILOG,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    # help as click and the `hf` CLI print it: `-h`, flags without a value placeholder, text wrapped to the
+    # terminal (typer's rich panels show every flag as `--json <bool>` and keep the docstrings' line breaks)
+    rich_markup_mode=None,
+    context_settings=HELP_SETTINGS,
 )
 
 

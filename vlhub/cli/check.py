@@ -19,7 +19,7 @@ from rich.table import Table
 from vlhub.catalog import find_model, unknown_model_message
 from vlhub.check import AUTO, FAIL, PASS, WARN, Report, check_model, check_path, check_targets
 from vlhub.cli._errors import reports_errors
-from vlhub.cli._options import JsonOpt
+from vlhub.cli._options import JsonOpt, choices
 from vlhub.cli._output import print_json, stdout
 from vlhub.errors import CheckFailed, UserError
 from vlhub.sizes import parse_size_pair
@@ -28,7 +28,8 @@ PathArg = Annotated[str, typer.Argument(
     metavar="PATH", show_default=False,
     help="A layout or checkpoint vlhub convert wrote, or a catalog model (with --target) before converting it.")]
 TargetOpt = Annotated[str, typer.Option(
-    "--target", help=f"{', '.join(check_targets())}: {AUTO} reads the manifest (or the weights' format).")]
+    "--target", metavar=choices(check_targets()), help=f"What PATH is ({AUTO}: its manifest says, or its weights' format); with a MODEL, the "
+                     "target to convert it to.")]
 ImageOpt = Annotated[list[str] | None, typer.Option(
     "--image", metavar="WxH", show_default=False,
     help="An image size you will send, e.g. 1280x720; repeat for more. Checked against the compiled sizes.")]
@@ -47,14 +48,16 @@ def check(
     strict: StrictOpt = False,
     smoke: SmokeOpt = False,
 ) -> None:
-    """Check a layout before deploying it: files against the manifest's sha256, stray weights, key layout, dtype,
+    """Check a layout (or a model) before deploying it.
+
+    A layout: files against the manifest's sha256, stray weights, key layout, dtype,
     shapes against config.json, tied embeddings, NaN/Inf (streamed), compiled sizes against --image, toolchain,
     disk and memory for the next step, smoke verdict. With a catalog MODEL and --target: what converting and
     compiling it need (disk, memory, time) and whether this machine has it.
 
     Exit 0 when nothing fails, 1 on a fail (or a warn with --strict), 2 on bad input. --json prints an object:
     mode (layout or model), path, model, target, family, verdict (pass, warn, fail), counts {pass, warn, fail},
-    checks \\[{group, name, status, detail, fix}], needs \\[{step, resource (disk, memory, time), amount (bytes or
+    checks [{group, name, status, detail, fix}], needs [{step, resource (disk, memory, time), amount (bytes or
     seconds, null when unknown), where, source}], has {disk_free {directory: bytes}, memory_available}."""
     images = [parse_size_pair(text) for text in image or []]
     local = Path(path).expanduser()

@@ -22,7 +22,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from vlhub.cli._errors import reports_errors
-from vlhub.cli._options import JsonOpt, SourceArg, TargetFlags, target_options, with_target_flags
+from vlhub.cli._options import JsonOpt, SourceArg, TargetFlags, choices, target_options, with_target_flags
 from vlhub.cli._output import byte_progress, print_json, stderr, stdout
 from vlhub.cli.download import download_for
 from vlhub.cli.smoke import failure_summary, show_report, smoke_status
@@ -37,7 +37,8 @@ from vlhub.smoke.verdict import SmokeReport
 from vlhub.targets import TARGETS, smoke_runner, target_named
 from vlhub.units import format_size
 
-ToOpt = Annotated[str, typer.Option("--to", help=f"Target format: {', '.join(TARGETS)}.", show_default=False)]
+ToOpt = Annotated[str, typer.Option("--to", metavar=choices(TARGETS), show_default=False,
+                                    help="The format or deployment layout to write.")]
 OutOpt = Annotated[Path | None, typer.Option("--out", help="Output directory (default: beside the source, named after --to).")]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the plan and write nothing.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty output directory.")]
@@ -59,8 +60,10 @@ def convert(
     *,
     flags: TargetFlags,
 ) -> None:
-    """Convert a checkpoint tensor by tensor: keys through the family's key map, Linear weights transposed
-    where the target stores them \\[in, out], dtypes cast only when asked. Nothing is left behind on error.
+    """Convert a checkpoint to a format or a deployment layout.
+
+    Tensor by tensor: keys through the family's key map, Linear weights transposed where the target stores
+    them [in, out], dtypes cast only when asked. Nothing is left behind on error.
     Then a smoke test runs the converted model against the source (see `vlhub smoke`): a failure exits 1
     and is recorded in the output's manifest. Without --out a catalog model (downloaded first if need be)
     is converted into the cache, $VLHUB_HOME/artifacts/, and the same command again answers from there."""

@@ -23,13 +23,13 @@ from vlhub.units import format_size
 OutOpt = Annotated[
     str | None,
     typer.Option("--out", help="Output file, or an existing directory to write embed_tokens.<format> into "
-                               "\\[default: ./embed_tokens.<format>]. The sidecar JSON and lm_head go beside it.",
+                               "(default: ./embed_tokens.<format>). The sidecar JSON and lm_head go beside it.",
                  show_default=False),
 ]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help=f"Output dtype: {', '.join(DTYPES)} (rounded to nearest even).")]
 FormatOpt = Annotated[
     str,
-    typer.Option("--format", help=f"{' or '.join(FORMATS)}. bin: raw little-endian row-major \\[vocab, hidden], no "
+    typer.Option("--format", help=f"{' or '.join(FORMATS)}. bin: raw little-endian row-major [vocab, hidden], no "
                                   "header (what the VastAI runtime reads); npy: a standard .npy file (not for "
                                   "bfloat16, which numpy lacks)."),
 ]
@@ -42,7 +42,7 @@ OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace existin
 LmHeadOpt = Annotated[
     bool,
     typer.Option("--lm-head", help="Also write the output projection as lm_head.<format> beside --out (the "
-                                   "embedding when the model ties them), \\[vocab, hidden] in every layout."),
+                                   "embedding when the model ties them), [vocab, hidden] in every layout."),
 ]
 
 
@@ -57,7 +57,9 @@ def dump_embeddings(
     overwrite: OverwriteOpt = False,
     json: JsonOpt = False,
 ) -> None:
-    """Write the token-embedding table (row i = token i) without loading the model: found through the key map
+    """Write the token-embedding table to a file.
+
+    Row i is token i, written without loading the model: found through the key map
     in any layout and format, streamed in row blocks, cast, written atomically beside a JSON sidecar (shape,
     dtype, source, tensor, layout, sha256); an existing output is kept unless --overwrite. --json prints a list
     with each sidecar's content and path."""

@@ -26,7 +26,9 @@ TensorsOpt = Annotated[bool, typer.Option("--tensors", help="Also list every ten
 
 @reports_errors
 def inspect(source: SourceArg, tensors: TensorsOpt = False, json: JsonOpt = False) -> None:
-    """Describe a checkpoint: family, key layout, format, shards, tensors, parameters, dtypes, size."""
+    """Describe a checkpoint, from its headers only.
+
+    Its family, key layout, format, shards, tensors, parameters, dtypes and size."""
     report = inspect_checkpoint(resolve_source(source), list_tensors=tensors)
     if json:
         print_json(report.to_json())

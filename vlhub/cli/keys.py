@@ -74,8 +74,9 @@ def keys(
     allow_unknown_layout: AllowUnknownOpt = False,
     json: JsonOpt = False,
 ) -> None:
-    """Rename tensor keys (e.g. transformer.llm.* -> qwen.* for Qwen-VL static inference) without decoding any
-    tensor. Needs --out or --in-place unless --dry-run. A vlhub manifest beside the weights is updated (sha256,
+    """Rename tensor keys, copying the tensors' bytes untouched.
+
+    E.g. transformer.llm.* -> qwen.* for Qwen-VL static inference; no tensor is decoded. Needs --out or --in-place unless --dry-run. A vlhub manifest beside the weights is updated (sha256,
     key layout). --json prints an object with source, destination, dry_run, renamed (a list of old/new pairs),
     unchanged (a count), family, layout (of the renamed keys), written and copied (paths)."""
     renames = [parse_rename(text) for text in rename or []]

@@ -18,7 +18,9 @@ from vlhub.units import format_count, format_size
 
 @reports_errors
 def models(json: JsonOpt = False) -> None:
-    """List every supported model: official checkpoints and the built-in tiny ones."""
+    """List the supported models, official and built-in tiny.
+
+    Official checkpoints (downloaded when a command needs them) and the built-in tiny ones (no download)."""
     specs = list(catalog_models().values())
     if json:
         print_json([spec.to_json() for spec in specs])

@@ -17,7 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from vlhub.cli._errors import reports_errors
-from vlhub.cli._options import JsonOpt
+from vlhub.cli._options import JsonOpt, choices
 from vlhub.cli._output import print_json, stdout
 from vlhub.errors import UserError
 from vlhub.plan import Plan, make_plan
@@ -48,8 +48,8 @@ PromptOpt = Annotated[int, typer.Option(
     "--prompt-tokens", metavar="N", help="Text tokens beside the visual ones in the prefill.")]
 AnswerOpt = Annotated[int, typer.Option("--answer-tokens", metavar="N", help="Tokens generated after the prefill.")]
 TargetOpt = Annotated[str | None, typer.Option(
-    "--target", show_default=False,
-    help=f"{', '.join(t.name for t in layouts())} (default: every one the model's family has a route to).")]
+    "--target", metavar=choices(t.name for t in layouts()), show_default=False,
+    help="One deployment layout (default: every one the model's family has a route to).")]
 
 
 @reports_errors
@@ -66,9 +66,11 @@ def plan(
     target: TargetOpt = None,
     json: JsonOpt = False,
 ) -> None:
-    """Count the patches and tokens each input becomes, and the compile sizes that hold them.
+    """Count images' tokens and the compile sizes they need.
 
-    Each image is resized as the model's processor does (smart_resize to multiples of 28 within \\[min_pixels,
+    The patches and tokens each input becomes, and the compile sizes that hold them.
+
+    Each image is resized as the model's processor does (smart_resize to multiples of 28 within [min_pixels,
     max_pixels]; a video's frames with the same bounds, two frames to a grid step; a family that resizes every
     image to one size: that size, a fixed number of tokens), then cut into 14-pixel patches; 2x2 patches make a
     token. The compile sizes hold the largest input, one input per request: visual N (patches, a multiple of 16),
@@ -79,7 +81,7 @@ def plan(
 
     --json prints an object: model, family, min_pixels, max_pixels, prompt_tokens, answer_tokens, fit_patches
     (the N inputs are checked against), inputs (input, kind, width, height, frames, resized {height, width},
-    grid \\[t, h, w], patches, tokens, fits, refit: null, or the input resized with the max_pixels that fits),
+    grid [t, h, w], patches, tokens, fits, refit: null, or the input resized with the max_pixels that fits),
     compile (visual_patches, prefill_length, max_length, position_limit) and targets (by name: the target's own
     sizes and command, null where vlhub cannot build it; a target this model cannot take: unavailable, the
     reason)."""

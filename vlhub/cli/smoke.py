@@ -22,21 +22,20 @@ from rich.table import Table
 
 from vlhub.catalog import find_model
 from vlhub.cli._errors import reports_errors
-from vlhub.cli._options import JsonOpt, TargetFlags, with_target_flags
+from vlhub.cli._options import JsonOpt, TargetFlags, choices, with_target_flags
 from vlhub.cli._output import print_json, stderr, stdout
 from vlhub.errors import CheckFailed, UserError
 from vlhub.hub.sources import resolve_source
 from vlhub.hub.store import cached_artifact
 from vlhub.smoke.run import DEFAULT_TOKENS, run_smoke
 from vlhub.smoke.verdict import TOLERANCES, SmokeReport
-from vlhub.targets import TARGETS, smoke_runner
+from vlhub.targets import TARGETS, smoke_runner, target_named
 
 PathArg = Annotated[str, typer.Argument(
     metavar="PATH", help="A converted checkpoint or layout directory, or a catalog model whose conversion is in the "
                          "cache (with --target when it has several).", show_default=False)]
 TargetOpt = Annotated[str | None, typer.Option(
-    "--target", help=f"With a model name: which cached conversion ({', '.join(TARGETS)}).",
-    show_default=False)]
+    "--target", metavar=choices(TARGETS), help="With a model name: which of its cached conversions.", show_default=False)]
 AgainstOpt = Annotated[
     str | None,
     typer.Option("--against", help="Reference checkpoint of the same architecture (default: the source in PATH's manifest)."),
@@ -60,7 +59,9 @@ def smoke(
     *,
     flags: TargetFlags,
 ) -> None:
-    """Run the converted model in its runtime (Paddle for Paddle weights, the numpy reference for the others;
+    """Prove a conversion computes what its source does.
+
+    Run the converted model in its runtime (Paddle for Paddle weights, the numpy reference for the others;
     a deployment layout as its target's smoke test says: its static graphs, its ONNX networks, its bmodel on a
     simulator) and the numpy reference on the source, on one synthetic image and prompt; compare vision
     embeddings, prefill logits and greedy tokens. Exit 0 when within tolerance, 1 when not."""
@@ -81,7 +82,7 @@ def _artifact(path: str, target: str | None) -> Path:
             raise UserError(f"--target picks a cached conversion of a model; {path} is a path already: drop --target")
         return local
     if find_model(path) is not None:
-        return cached_artifact(path, target)
+        return cached_artifact(path, target if target is None else target_named(target).name)
     raise UserError(f"no such file or directory: {path} (nor a model vlhub knows: `vlhub models` lists them)")
 
 
