@@ -61,6 +61,7 @@ class _File:
 class _Repo:
     commits: dict[str, dict[str, _File]]
     branches: dict[str, str]  # branch -> commit; the first one added is the default branch
+    token: str | None = None  # gated: every request needs `Authorization: Bearer <token>`
 
 
 @dataclass
@@ -116,6 +117,11 @@ class FakeHub:
         with self._lock:
             for files in self._repos[repo_id].commits.values():
                 files[path] = entry
+
+    def gate(self, repo_id: str, token: str) -> None:
+        """Make the repo gated, as the Hub answers for one: 401 without a token, 403 GatedRepo with another."""
+        with self._lock:
+            self._repos[repo_id].token = token
 
     def drop_connection(self, repo_id: str, path: str, after_bytes: int, times: int = 1) -> None:
         """Next `times` GETs of the file: full headers, `after_bytes` of body, then the socket is closed."""
@@ -219,10 +225,25 @@ class _Handler(BaseHTTPRequestHandler):
 
     do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = _dispatch
 
+    def _refused(self, repo_id: str, repo: _Repo) -> bool:
+        """Answer 401/403 for a gated repo without the right token (True), as the Hub does."""
+        if repo.token is None:
+            return False
+        given = self.headers.get("Authorization", "")
+        if not given:
+            self._error(401, f"Access to model {repo_id} is restricted. You must have access to it and be "
+                             "authenticated to access it. Please log in.", "GatedRepo")
+        elif given != f"Bearer {repo.token}":
+            self._error(403, f"Access to model {repo_id} is restricted and you are not in the authorized list.",
+                        "GatedRepo")
+        return given != f"Bearer {repo.token}"
+
     def _api(self, repo_id: str, rest: list[str], query: dict[str, list[str]]) -> None:
         repo = self.server.hub._repos.get(repo_id)
         if repo is None:
             return self._error(404, f"Repository not found: {repo_id}", "RepoNotFound")
+        if self._refused(repo_id, repo):
+            return None
         if not rest or (rest[0] == "revision" and len(rest) == 2):
             revision = rest[1] if rest else next(iter(repo.branches))
             if (commit := self._commit(repo, revision)) is None:
@@ -247,6 +268,8 @@ class _Handler(BaseHTTPRequestHandler):
         repo = hub._repos.get(repo_id)
         if repo is None:
             return self._error(404, f"Repository not found: {repo_id}", "RepoNotFound")
+        if self._refused(repo_id, repo):
+            return None
         if (commit := self._commit(repo, rest[1])) is None:
             return None
         path = "/".join(rest[2:])

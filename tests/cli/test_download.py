@@ -19,7 +19,7 @@ import pytest
 
 from tests.fake_hub import FakeHub
 from tests.fake_modelscope import FakeModelScope
-from tests.helpers import run_vlhub
+from tests.helpers import one_line_error, run_vlhub
 from vlhub.hub.tiny import GENERATOR_VERSION
 from vlhub.hub.transfer import BUFFER_BYTES
 from vlhub.units import format_size
@@ -102,6 +102,7 @@ def test_a_dropped_connection_resumes_within_the_run(hub: FakeHub, env: dict[str
     hub.drop_connection(REPO, SHARD, after_bytes=25_000_000)
     result = download(env)
     assert result.returncode == 0, result.stderr
+    assert f"retrying in 1 s (attempt 2/5): downloading {SHARD}" in result.stderr
     ranges = [r.range for r in file_gets(hub, SHARD)]
     assert ranges == [None, "bytes=25000000-"]  # every byte received is kept
     assert_same_files(Path(result.stdout.strip()), tiny_qwen2_vl)
@@ -151,11 +152,15 @@ def test_corrupted_bytes_are_detected_and_not_kept(hub: FakeHub, env: dict[str, 
     assert not (hf_repo_dir(env) / "refs" / "main").exists()  # the revision is not complete
 
 
-def test_server_errors_are_retried(hub: FakeHub, env: dict[str, str], tiny_qwen2_vl: Path) -> None:
+def test_server_errors_are_retried_with_a_countdown(hub: FakeHub, env: dict[str, str], tiny_qwen2_vl: Path) -> None:
     hub.fail(REPO, SHARD, status=503, times=2)
     result = download(env)
     assert result.returncode == 0, result.stderr
     assert [r.status for r in file_gets(hub, SHARD)] == [503, 503, 200]
+    countdown = [line for line in result.stderr.splitlines() if line.startswith("retrying")]
+    assert [line.split(":")[0] for line in countdown] == ["retrying in 1 s (attempt 2/5)",
+                                                         "retrying in 2 s (attempt 3/5)"], result.stderr
+    assert all("503" in line and SHARD in line for line in countdown)
     assert_same_files(Path(result.stdout.strip()), tiny_qwen2_vl)
 
 
@@ -264,7 +269,7 @@ def test_cache_rm_asks_then_removes_only_what_was_named(env: dict[str, str]) -> 
     assert not (Path(env["VLHUB_HOME"]) / "artifacts" / "qwen2-vl-2b").exists()
 
     assert run_vlhub("cache", "rm", "qwen2-vl-2b", "--yes", env=env).returncode == 0
-    assert json.loads(run_vlhub("cache", "ls", "qwen2-vl-2b", "--json", env=env).stdout) == []
+    assert run_vlhub("cache", "ls", "qwen2-vl-2b", "--json", env=env).returncode == 2  # nothing of it is there
     assert not hf_repo_dir(env).exists()
     gone = run_vlhub("cache", "path", "qwen2-vl-2b", env=env)
     assert gone.returncode == 2 and "no download of qwen2-vl-2b" in gone.stderr
@@ -387,7 +392,7 @@ def test_a_subset_download_is_not_taken_for_the_model(hub: FakeHub, env: dict[st
     listed = json.loads(run_vlhub("cache", "ls", "--json", env=env).stdout)
     assert listed[0]["verified"] == "verified (--include/--exclude subset)"
     offline = download({**env, "HF_HUB_OFFLINE": "1"})  # the whole model is asked for: not here
-    assert offline.returncode == 2 and "left out" in offline.stderr
+    assert offline.returncode == 2 and "only some files" in offline.stderr
     converted = run_vlhub("convert", "qwen2-vl-2b", "--to", "paddle", "--no-smoke", "--json", env=env)
     assert converted.returncode == 0, converted.stderr  # the rest was fetched first
     assert len(file_gets(hub, "config.json")) == 1  # what was there was not fetched again
@@ -430,3 +435,134 @@ def test_ctrl_c_stops_a_download_at_once_and_keeps_what_arrived(hub: FakeHub, en
     resumed = download(env)
     assert resumed.returncode == 0 and file_gets(hub, SHARD)[-1].range == f"bytes={kept}-"
     assert_same_files(Path(resumed.stdout.strip()), tiny_qwen2_vl)
+
+
+# --- `hf download`'s arguments and options, with the same meanings --------------------------------------------------
+
+
+def test_filenames_select_files_and_one_file_prints_its_own_path_as_hf_does(hub: FakeHub, env: dict[str, str],
+                                                                           tiny_qwen2_vl: Path) -> None:
+    one = run_vlhub("download", REPO, "config.json", env=env)
+    assert one.returncode == 0, one.stderr
+    path = Path(one.stdout.strip())
+    assert path.name == "config.json" and path.read_bytes() == (tiny_qwen2_vl / "config.json").read_bytes()
+    assert [p.name for p in path.parent.iterdir()] == ["config.json"]
+    # what `hf download REPO config.json` prints in its quiet mode: the same path
+    hf = subprocess.run(["hf", "download", REPO, "config.json", "--quiet"], capture_output=True, text=True,
+                        env={**os.environ, **env}, check=True)
+    assert hf.stdout.strip() == str(path)
+
+    two = run_vlhub("download", REPO, "config.json", "generation_config.json", "--include", "*.safetensors", env=env)
+    assert two.returncode == 0 and "ignoring --include" in two.stderr
+    snapshot = Path(two.stdout.strip())
+    assert snapshot == path.parent
+    assert sorted(p.name for p in snapshot.iterdir()) == ["config.json", "generation_config.json"]
+    missing = run_vlhub("download", REPO, "nope.json", env=env)
+    assert missing.returncode == 2 and "no file 'nope.json'" in missing.stderr
+
+
+def test_quiet_prints_only_the_path(env: dict[str, str]) -> None:
+    result = download(env, "-q")
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert Path(result.stdout.strip()).is_dir() and len(result.stdout.splitlines()) == 1
+
+
+def test_without_a_terminal_a_download_says_when_it_starts_and_ends(env: dict[str, str]) -> None:
+    result = download(env)
+    lines = result.stderr.splitlines()
+    assert lines[0].startswith(f"downloading {REPO}@main: 7 files, 81 MB to fetch"), result.stderr
+    assert lines[-1].startswith(f"{REPO}@main: 7 files, 81 MB, each checked") and "downloaded now" in lines[-1]
+    assert "━" not in result.stderr  # no bar drawn into a log
+
+
+def test_dry_run_lists_what_would_be_downloaded_with_sizes_and_writes_nothing(hub: FakeHub, env: dict[str, str],
+                                                                             tiny_qwen2_vl: Path) -> None:
+    result = download(env, "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert "would download 7 files of 7, 81 MB" in result.stdout
+    assert "model-00002-of-00004.safetensors" in result.stdout and "38.9 MB" in result.stdout
+    assert not Path(env["HF_HOME"]).exists() and not Path(env["VLHUB_HOME"]).exists()
+    assert not [r for r in hub.requests if "/resolve/" in r.path]
+
+    assert download(env, "--include", "*.json", "-q").returncode == 0
+    listed = json.loads(download(env, "--dry-run", "--json").stdout)
+    sizes = {p.name: p.stat().st_size for p in tiny_qwen2_vl.iterdir()}
+    assert {f["file"]: f["size_bytes"] for f in listed["files"]} == sizes
+    assert {f["file"] for f in listed["files"] if not f["will_download"]} == {n for n in sizes if n.endswith(".json")}
+    assert listed["total_bytes"] == sum(size for name, size in sizes.items() if not name.endswith(".json"))
+
+
+def test_local_dir_is_laid_out_as_hf_lays_it_out_and_convert_takes_it(hub: FakeHub, env: dict[str, str],
+                                                                      tiny_qwen2_vl: Path, tmp_path: Path) -> None:
+    local = tmp_path / "qwen2-vl-2b"
+    result = download(env, "--local-dir", str(local))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(local)
+    for name in (p.name for p in tiny_qwen2_vl.iterdir()):  # and .cache/huggingface/, as hf writes it
+        assert (local / name).read_bytes() == (tiny_qwen2_vl / name).read_bytes()
+    assert not (Path(env["HF_HOME"]) / "hub").exists()  # plain files, not the cache
+    # huggingface_hub itself takes every file as downloaded: `hf download --local-dir` fetches nothing again
+    hub.reset()
+    subprocess.run(["hf", "download", REPO, "--local-dir", str(local), "--quiet"], capture_output=True, text=True,
+                   env={**os.environ, **env}, check=True)
+    assert not [r for r in hub.requests if r.method == "GET" and "/resolve/" in r.path]
+    again = download(env, "--local-dir", str(local), "--json")
+    assert json.loads(again.stdout)["downloaded_bytes"] == 0
+
+    converted = run_vlhub("convert", str(local), "--to", "paddle", "--no-smoke", "--json", env=env)
+    assert converted.returncode == 0, converted.stderr
+    assert json.loads(converted.stdout)["out"] == str(tmp_path / "qwen2-vl-2b-paddle")
+    both = download(env, "--local-dir", str(local), "--cache-dir", str(tmp_path / "c"))
+    assert both.returncode == 2 and "pass one of them" in both.stderr
+
+
+def test_cache_dir_is_the_hub_cache_to_use(env: dict[str, str], tmp_path: Path) -> None:
+    cache = tmp_path / "elsewhere"
+    result = download(env, "--cache-dir", str(cache))
+    assert result.returncode == 0, result.stderr
+    snapshot = Path(result.stdout.strip())
+    assert snapshot.is_relative_to(cache / "models--Qwen--Qwen2-VL-2B-Instruct" / "snapshots")
+    code = (f"from huggingface_hub import snapshot_download; print(snapshot_download({REPO!r}, cache_dir={str(cache)!r}, "
+            "local_files_only=True))")
+    found = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
+                           env={**os.environ, **env})
+    assert found.stdout.strip() == str(snapshot)
+    listed = json.loads(run_vlhub("cache", "ls", "--json", env=env).stdout)
+    assert [(e["id"], e["path"], e["verified"]) for e in listed] == [(f"model/{REPO}", str(snapshot), "verified")]
+
+
+def test_a_gated_repo_needs_a_token_from_the_option_or_hf_token(hub: FakeHub, env: dict[str, str],
+                                                                tiny_qwen2_vl: Path) -> None:
+    gated = "org/gated-model"
+    hub.add_directory(gated, tiny_qwen2_vl)
+    hub.gate(gated, "hf_secret")
+    refused = run_vlhub("download", gated, env=env)
+    line = one_line_error(refused)
+    assert "gated/needs a token: pass --token or set HF_TOKEN" in line, line
+    wrong = one_line_error(run_vlhub("download", gated, "--token", "hf_wrong", env=env))
+    assert "no access" in wrong
+    assert not [r for r in hub.requests if "/resolve/" in r.path]
+
+    with_option = run_vlhub("download", gated, "--token", "hf_secret", "-q", env=env)
+    assert with_option.returncode == 0, with_option.stderr
+    assert_same_files(Path(with_option.stdout.strip()), tiny_qwen2_vl)
+    with_env = run_vlhub("download", gated, "--force-download", "-q", env={**env, "HF_TOKEN": "hf_secret"})
+    assert with_env.returncode == 0, with_env.stderr
+
+
+def test_force_download_fetches_every_file_again(hub: FakeHub, env: dict[str, str], tiny_qwen2_vl: Path) -> None:
+    assert download(env, "-q").returncode == 0
+    hub.reset()
+    assert json.loads(download(env, "--json").stdout)["downloaded_bytes"] == 0
+    forced = json.loads(download(env, "--force-download", "--json").stdout)
+    assert forced["downloaded_bytes"] == forced["total_bytes"]
+    assert len([r for r in hub.requests if r.method == "GET" and "/resolve/" in r.path]) == 7
+    assert_same_files(Path(forced["path"]), tiny_qwen2_vl)
+
+
+def test_max_workers_and_repo_type_mean_what_they_mean_in_hf(hub: FakeHub, env: dict[str, str]) -> None:
+    assert download(env, "--max-workers", "1", "-q").returncode == 0
+    assert "--max-workers 0: give 1 or more" in one_line_error(download(env, "--max-workers", "0"))
+    assert download(env, "--repo-type", "model", "-q").returncode == 0
+    line = one_line_error(download(env, "--repo-type", "dataset"))
+    assert "models only" in line

@@ -1,14 +1,21 @@
-"""`vlhub download`: a model into its hub client's cache, resumable and verified.
+"""`vlhub download`: `hf download`'s arguments and options with the same meanings, into the hub client's own cache
+(or --local-dir), resumable and verified; catalog names (qwen2-vl-7b) work as repo ids.
 
 Examples:
     vlhub download qwen2-vl-7b
+    vlhub download Qwen/Qwen2-VL-7B-Instruct config.json tokenizer.json
     vlhub download Qwen/Qwen2.5-VL-3B-Instruct --include "*.json" --include "*.safetensors"
+    vlhub download qwen2-vl-2b --local-dir ./qwen2-vl-2b && vlhub convert ./qwen2-vl-2b --to paddle
+    vlhub download qwen2-vl-7b --dry-run
     HF_ENDPOINT=https://hf-mirror.com vlhub download qwen2-vl-2b
     vlhub download qwen2-vl-2b --source modelscope --json
 """
 
 from __future__ import annotations
 
+import time
+from dataclasses import replace
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -19,67 +26,165 @@ from vlhub.catalog import ModelSpec
 from vlhub.cli._errors import reports_errors
 from vlhub.cli._options import JsonOpt
 from vlhub.cli._output import byte_progress, print_json, stderr, stdout
-from vlhub.hub.download import SOURCES
-from vlhub.hub.fetch import open_download
+from vlhub.errors import UserError
+from vlhub.hub.download import DOWNLOAD_WORKERS, EVERYTHING, SOURCES, DownloadOptions
+from vlhub.hub.fetch import Download, open_download
+from vlhub.hub.home import plural
+from vlhub.hub.records import RemoteFile
 from vlhub.units import format_size
 
-ModelArg = Annotated[str, typer.Argument(metavar="MODEL", help="A catalog name (qwen2-vl-7b) or a repo id (Qwen/Qwen2-VL-7B-Instruct).", show_default=False)]
+
+class RepoType(str, Enum):
+    """`hf download --repo-type`'s choices; vlhub converts models, so it downloads models only."""
+
+    model = "model"
+    dataset = "dataset"
+    space = "space"
+    kernel = "kernel"
+
+
+RepoIdArg = Annotated[str, typer.Argument(metavar="REPO_ID", show_default=False, help=(
+    "A repo id (Qwen/Qwen2-VL-7B-Instruct) or a catalog name (qwen2-vl-7b)."))]
+FilenamesArg = Annotated[list[str] | None, typer.Argument(metavar="[FILENAMES]...", show_default=False, help=(
+    "Only these files (e.g. config.json); a name ending in / is a folder. Replaces --include/--exclude."))]
+RepoTypeOpt = Annotated[RepoType, typer.Option("--repo-type", "--type", help="The type of repository: model only.")]
 SourceOpt = Annotated[str, typer.Option("--source", help=f"Where from: {' or '.join(SOURCES)}.")]
-RevisionOpt = Annotated[str | None, typer.Option("--revision", help="Branch, tag or commit (default: main; ModelScope: master).")]
-IncludeOpt = Annotated[list[str] | None, typer.Option("--include", help="Only files matching this glob (repeatable).")]
-ExcludeOpt = Annotated[list[str] | None, typer.Option("--exclude", help="Skip files matching this glob (repeatable).")]
-EndpointOpt = Annotated[
-    str | None,
-    typer.Option("--endpoint", help="Hub URL, e.g. a mirror (default: HF_ENDPOINT or MODELSCOPE_ENDPOINT, else the official hub)."),
-]
+RevisionOpt = Annotated[str | None, typer.Option(
+    "--revision", help="Branch, tag or commit (default: main; ModelScope: master).", show_default=False)]
+IncludeOpt = Annotated[list[str] | None, typer.Option(
+    "--include", help="Only files matching this glob (repeatable).", show_default=False)]
+ExcludeOpt = Annotated[list[str] | None, typer.Option(
+    "--exclude", help="Skip files matching this glob (repeatable).", show_default=False)]
+CacheDirOpt = Annotated[Path | None, typer.Option(
+    "--cache-dir", help="The hub cache to use instead of HF_HUB_CACHE (HF_HOME/hub).", show_default=False)]
+LocalDirOpt = Annotated[Path | None, typer.Option("--local-dir", show_default=False, help=(
+    "Plain files in this directory instead of the cache, as `hf download --local-dir` writes them "
+    "(`vlhub convert DIR` takes it)."))]
+ForceOpt = Annotated[bool, typer.Option("--force-download", help="Download every file again, even if it is there.")]
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="List what would be downloaded, with sizes; write nothing.")]
+TokenOpt = Annotated[str | None, typer.Option("--token", show_default=False, help=(
+    "A token for gated or private repos (default: HF_TOKEN, or `hf auth login`'s)."))]
+MaxWorkersOpt = Annotated[int, typer.Option("--max-workers", help="Files downloaded at once.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print only the path: no progress, no summary.")]
+EndpointOpt = Annotated[str | None, typer.Option("--endpoint", show_default=False, help=(
+    "Hub URL, e.g. a mirror (default: HF_ENDPOINT or MODELSCOPE_ENDPOINT, else the official hub)."))]
 
 
 @reports_errors
 def download(
-    model: ModelArg,
-    source: SourceOpt = "huggingface",
+    repo_id: RepoIdArg,
+    filenames: FilenamesArg = None,
+    repo_type: RepoTypeOpt = RepoType.model,
     revision: RevisionOpt = None,
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
+    cache_dir: CacheDirOpt = None,
+    local_dir: LocalDirOpt = None,
+    force_download: ForceOpt = False,
+    dry_run: DryRunOpt = False,
+    token: TokenOpt = None,
+    max_workers: MaxWorkersOpt = DOWNLOAD_WORKERS,
+    quiet: QuietOpt = False,
+    source: SourceOpt = "huggingface",
     endpoint: EndpointOpt = None,
     json: JsonOpt = False,
 ) -> None:
-    """Download a model into the hub client's own cache (HF_HOME, or MODELSCOPE_CACHE) and print its path.
+    """Download a model into the hub client's own cache (or --local-dir) and print its path (one file's path when
+    one file is named), as `hf download` does.
 
-    The total size is checked against free disk first; connection errors and 5xx are retried with backoff; an
-    interrupted file resumes where it stopped, also in the next run; every file is checked against the hash
-    the hub lists (a mismatch is deleted and named); one download per model and revision at a time."""
-    result = fetch_model(model, source=source, revision=revision, include=include, exclude=exclude,
-                         endpoint=endpoint)
+    The total size is checked against free disk first; a hub that cannot be reached fails at once (exit 3) with
+    what to do; 5xx and dropped connections are retried with backoff; an interrupted file resumes where it stopped,
+    also in the next run; every file is checked against the hash the hub lists (a mismatch is deleted and named);
+    one download per model and revision at a time. HF_HUB_OFFLINE=1: only the cache, no connection."""
+    if repo_type is not RepoType.model:
+        raise UserError(f"--repo-type {repo_type.value}: vlhub downloads models only (use `hf download` for a "
+                        f"{repo_type.value})")
+    names = tuple(filenames or ())
+    if names and (include or exclude):
+        stderr.print("ignoring --include/--exclude: FILENAMES name the files (as `hf download` does)", markup=False,
+                     soft_wrap=True)
+    options = DownloadOptions(
+        include=() if names else tuple(include or ()), exclude=() if names else tuple(exclude or ()), filenames=names,
+        token=token, force=force_download, max_workers=max_workers, cache_dir=cache_dir, local_dir=local_dir,
+        dry_run=dry_run)
+    if dry_run:
+        _dry_run(repo_id, source=source, revision=revision, options=options, endpoint=endpoint, as_json=json,
+                 quiet=quiet)
+        return
+    result = fetch_model(repo_id, source=source, revision=revision, options=options, endpoint=endpoint, quiet=quiet)
+    if len(names) == 1 and not names[0].endswith("/"):  # one file: its own path, as hf_hub_download returns it
+        result["path"] = str(Path(result["path"]) / names[0])
     if json:
         print_json(result)
     else:
-        stdout.print(escape(result["path"]))
+        stdout.print(escape(result["path"]), soft_wrap=True)
+
+
+def _say(text: str) -> None:
+    stderr.print(text, markup=False, soft_wrap=True)
 
 
 def fetch_model(model: str, *, source: str = "huggingface", revision: str | None = None,
-                include: list[str] | None = None, exclude: list[str] | None = None,
-                endpoint: str | None = None) -> dict:
-    """Download with a progress bar on stderr; the result as `vlhub download --json` prints it."""
+                options: DownloadOptions = EVERYTHING, endpoint: str | None = None,
+                quiet: bool = False) -> dict:
+    """Download with a progress bar on stderr (without a terminal, a line as it starts and one as it ends); the
+    result as `vlhub download --json` prints it."""
     def waiting(holder: str) -> None:
-        stderr.print(f"waiting for another download of {model} to finish ({holder})", markup=False, soft_wrap=True)
+        _say(f"waiting for another download of {model} to finish ({holder})")
 
-    with open_download(model, source=source, revision=revision, include=include, exclude=exclude,
-                       endpoint=endpoint, on_wait=waiting) as job:
+    options = replace(options, on_retry=_say)
+    started = time.monotonic()
+    with open_download(model, source=source, revision=revision, options=options, endpoint=endpoint,
+                       on_wait=waiting) as job:
         total = sum(f.size for f in job.files)
-        if job.missing_bytes:
+        if not job.missing_bytes or quiet:
+            path = job.fetch()
+        elif stderr.is_terminal:
             with byte_progress(f"downloading {job.ref.repo_id}", job.missing_bytes) as advance:
                 path = job.fetch(on_bytes=advance)
-        else:
+        else:  # a log, not a terminal: no bar to redraw, one line now and one when done
+            _say(f"downloading {job.ref}: {plural(len(job.files), 'file')}, {format_size(job.missing_bytes)} to "
+                 f"fetch of {format_size(total)}")
             path = job.fetch()
-    stderr.print(f"{job.ref}: {len(job.files)} files, {format_size(total)}, each checked against its listed hash "
-                 f"({format_size(job.downloaded_bytes)} downloaded now)", markup=False, soft_wrap=True)
+    if not quiet:
+        seconds = time.monotonic() - started
+        _say(f"{job.ref}: {plural(len(job.files), 'file')}, {format_size(total)}, each checked against its listed hash "
+             f"({format_size(job.downloaded_bytes)} downloaded now, {seconds:.1f} s)")
     return {"path": str(path), "model": job.ref.model, "repo": job.ref.repo_id, "source": job.ref.source,
             "revision": job.ref.revision, "commit": job.commit, "files": len(job.files), "total_bytes": total,
             "downloaded_bytes": job.downloaded_bytes, "verified": True}
 
 
+def _dry_run(model: str, *, source: str, revision: str | None, options: DownloadOptions, endpoint: str | None,
+             as_json: bool, quiet: bool) -> None:
+    """What `fetch_model` would download, as `hf download --dry-run` lists it; nothing is written."""
+    with open_download(model, source=source, revision=revision, options=options, endpoint=endpoint) as job:
+        planned = [(file, job.will_download(file)) for file in sorted(job.files, key=lambda f: f.path)]
+    fetched = [file for file, will in planned if will]
+    size = sum(file.size for file in fetched)
+    if as_json:
+        print_json({"dry_run": True, "repo": job.ref.repo_id, "commit": job.commit, "will_download": len(fetched),
+                    "files": [{"file": f.path, "size_bytes": f.size, "will_download": will} for f, will in planned],
+                    "total_bytes": size})
+        return
+    if quiet:
+        for file in fetched:
+            stdout.print(escape(file.path), soft_wrap=True)
+        return
+    _show_dry_run(job, planned, size)
+
+
+def _show_dry_run(job: Download, planned: list[tuple[RemoteFile, bool]], size: int) -> None:
+    fetched = sum(1 for _, will in planned if will)
+    stdout.print(f"{escape('[dry-run]')} {escape(str(job.ref))} ({job.commit[:12]}): would download "
+                 f"{plural(fetched, 'file')} of {len(planned)}, {format_size(size)}", soft_wrap=True)
+    width = max(len(file.path) for file, _ in planned)
+    for file, will in planned:
+        stdout.print(f"  {escape(file.path):<{width}}  {format_size(file.size) if will else '- (there)':>10}",
+                     soft_wrap=True)
+
+
 def download_for(spec: ModelSpec) -> Path:
     """A catalog model that is not on this machine yet, downloaded (what `vlhub convert MODEL` needs first)."""
-    stderr.print(f"{spec.name} is not in the cache: downloading {spec.hf_repo} first", markup=False, soft_wrap=True)
+    _say(f"{spec.name} is not in the cache: downloading {spec.hf_repo} first")
     return Path(fetch_model(spec.name)["path"])

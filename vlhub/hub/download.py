@@ -15,15 +15,19 @@ the client itself reads.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import queue
 import re
 import shutil
+import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
 from contextlib import suppress
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
 
@@ -32,19 +36,110 @@ from vlhub.catalog import find_model
 from vlhub.errors import CheckFailed, UserError, VlhubError
 from vlhub.faults import commit_point
 from vlhub.formats.writers import hash_file_into
+from vlhub.hub.home import plural
 from vlhub.hub.records import DownloadRecord, RemoteFile, RepoRef, load_record, save_record
 from vlhub.hub.transfer import Cancelled, ShortBody, receive
 from vlhub.owned import lock_open_file, sweep, temporary_name
 from vlhub.units import format_size, now_iso
 
 SOURCES = ("huggingface", "modelscope")
-# seconds to wait before each new attempt after a connection error, a 5xx or a 429 (then give up)
+# seconds to wait before each new attempt after a dropped connection, a 5xx or a 429 (then give up)
 RETRY_DELAYS = (1, 2, 4, 8)
-DOWNLOAD_WORKERS = 4  # files transferred at once
+DOWNLOAD_WORKERS = 4  # files transferred at once (`--max-workers`; measured here: 4 fill a 1 Gb/s link)
+PROBE_SECONDS = 5  # a hub that does not accept a connection within this is unreachable
+NETWORK_EXIT = 3  # the exit code of a hub that cannot be reached or keeps failing (docs/download-and-cache.md)
 
 
 class DownloadFailed(VlhubError):
-    """The hub could not be reached or kept failing after every retry (exit 2)."""
+    """The hub kept failing (5xx, dropped connections) after every retry: exit 3, the next run resumes."""
+
+    exit_code = NETWORK_EXIT
+
+
+class HubUnreachable(VlhubError):
+    """No connection to the hub could be made at all (DNS, refused, TLS, no route): exit 3 at once, not retried."""
+
+    exit_code = NETWORK_EXIT
+
+
+@dataclass(frozen=True)
+class DownloadOptions:
+    """`hf download`'s options, with the same meanings: which files (FILENAMES, or --include/--exclude), where to
+    (the hub cache, another cache directory, or plain files in a local directory), how (token, forced, workers),
+    and whether only to list what would be fetched."""
+
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    filenames: tuple[str, ...] = ()  # explicit files; a name ending in / is a folder
+    token: str | None = None
+    force: bool = False
+    max_workers: int = DOWNLOAD_WORKERS
+    cache_dir: Path | None = None
+    local_dir: Path | None = None
+    dry_run: bool = False
+    on_retry: Callable[[str], None] | None = None  # told "retrying in 4 s (attempt 2/5): ..." before each wait
+
+    @property
+    def patterns(self) -> tuple[list[str] | None, list[str] | None]:
+        """(allow, ignore) globs, as `hf download` makes them: FILENAMES replace --include/--exclude, a folder
+        `art/` becomes `art/**`."""
+        if self.filenames:
+            return [f"{name.rstrip('/')}/**" if name.endswith("/") else name for name in self.filenames], None
+        return list(self.include) or None, list(self.exclude) or None
+
+    @property
+    def filtered(self) -> bool:
+        return bool(self.filenames or self.include or self.exclude)
+
+
+EVERYTHING = DownloadOptions()  # the whole revision into the hub cache, as `hf download REPO_ID` fetches it
+
+
+def unreachable_reason(exc: BaseException | None) -> str | None:
+    """Why no connection could be made, when that is not worth retrying: the host name does not resolve, the
+    connection is refused, TLS fails, there is no route; None for anything else (a dropped connection, a 5xx)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, socket.gaierror):
+            return f"its host name does not resolve: {exc.strerror or exc}"
+        if isinstance(exc, ConnectionRefusedError):
+            return "the connection was refused"
+        if isinstance(exc, ssl.SSLError):
+            return f"TLS failed: {getattr(exc, 'verify_message', None) or exc.reason or exc}"
+        if isinstance(exc, OSError) and exc.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH):
+            return "there is no route to it"
+        if isinstance(exc, _connect_timeout()):
+            return "it did not answer the connection"
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def unreachable(endpoint: str, reason: str, ref: RepoRef) -> HubUnreachable:
+    """The one-line error for a hub that cannot be reached, with the ways around it."""
+    if ref.source == "huggingface":
+        remedies = ("set HF_ENDPOINT to a mirror (e.g. HF_ENDPOINT=https://hf-mirror.com), or fetch it from ModelScope "
+                    f"(`vlhub download {ref.model} --source modelscope`) and give the directory it prints, or give "
+                    "a local checkpoint directory, or set HF_HUB_OFFLINE=1 to use only what is in the cache")
+    else:
+        remedies = ("set MODELSCOPE_ENDPOINT (or --endpoint) to a reachable mirror, or download from the Hugging Face "
+                    "Hub (--source huggingface, HF_ENDPOINT for a mirror), or give a local checkpoint directory")
+    return HubUnreachable(f"the hub {endpoint} is unreachable ({reason}): {remedies}")
+
+
+def probe(endpoint: str, ref: RepoRef) -> None:
+    """Connect to the hub's host once, within PROBE_SECONDS: HubUnreachable at once when that fails, before a
+    client that retries every error by itself is handed the request (ModelScope's retries for 7 s)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(endpoint)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname or "", port), timeout=PROBE_SECONDS).close()
+    except OSError as exc:
+        reason = unreachable_reason(exc) or (f"no connection within {PROBE_SECONDS} s" if isinstance(exc, TimeoutError)
+                                             else one_line(exc))
+        raise unreachable(endpoint, reason, ref) from None
 
 
 def resolve_repo(model: str, source: str = "huggingface", revision: str | None = None) -> RepoRef:
@@ -75,13 +170,18 @@ def resolve_repo(model: str, source: str = "huggingface", revision: str | None =
     return RepoRef(source, repo_id, revision or default_revision, spec.name if spec else repo_id)
 
 
-def checked_files(files: list[RemoteFile], ref: RepoRef, include: list[str] | None,
-                  exclude: list[str] | None) -> list[RemoteFile]:
-    """The files --include/--exclude select; any whose name would land outside the model's folder stops the run."""
+def checked_files(files: list[RemoteFile], ref: RepoRef, options: DownloadOptions) -> list[RemoteFile]:
+    """The files FILENAMES or --include/--exclude select; any whose name would land outside the model's folder stops
+    the run, and so does a named file the repo does not have."""
     from huggingface_hub.utils import filter_repo_objects
 
-    chosen = list(filter_repo_objects(files, allow_patterns=include or None, ignore_patterns=exclude or None,
-                                      key=lambda f: f.path))
+    include, exclude = options.patterns
+    chosen = list(filter_repo_objects(files, allow_patterns=include, ignore_patterns=exclude, key=lambda f: f.path))
+    listed = {f.path for f in files}
+    absent = [name for name in options.filenames if not name.endswith("/") and name not in listed]
+    if absent:
+        raise UserError(f"{ref} has no file {absent[0]!r} ({len(files)} files listed; `vlhub download "
+                        f"{ref.repo_id} --dry-run` lists them)")
     for file in chosen:
         refuse_unsafe_name(file.path, ref)
         # hashes name files in the cache, so they are untrusted names too; and without one nothing can be checked
@@ -90,7 +190,8 @@ def checked_files(files: list[RemoteFile], ref: RepoRef, include: list[str] | No
             raise UserError(f"{ref} lists {file.path!r} with no valid hash (sha256 {file.sha256!r}, blob id "
                             f"{file.blob_id!r}); refusing to download from this repo")
     if not chosen:
-        raise UserError(f"no file of {ref} matches --include/--exclude ({len(files)} files listed)")
+        raise UserError(f"no file of {ref} matches {'FILENAMES' if options.filenames else '--include/--exclude'} "
+                        f"({len(files)} files listed)")
     return chosen
 
 
@@ -103,8 +204,9 @@ def refuse_unsafe_name(name: str, ref: RepoRef) -> None:
                         "refusing to download from this repo")
 
 
-def in_parallel(action: Callable[[RemoteFile, threading.Event], None], files: list[RemoteFile]) -> None:
-    """Run `action(file, cancel)` for each file on DOWNLOAD_WORKERS threads (several connections, as the hub
+def in_parallel(action: Callable[[RemoteFile, threading.Event], None], files: list[RemoteFile],
+                workers: int = DOWNLOAD_WORKERS) -> None:
+    """Run `action(file, cancel)` for each file on `workers` threads (several connections, as the hub
     clients use). The first error sets `cancel`, so the other transfers stop at their next piece, and is
     raised here. The threads are daemons: Ctrl-C returns at once, and what they wrote stays for a resume."""
     cancel = threading.Event()
@@ -125,13 +227,13 @@ def in_parallel(action: Callable[[RemoteFile, threading.Event], None], files: li
                 errors.append(exc)
                 cancel.set()
 
-    workers = [threading.Thread(target=work, name="download", daemon=True)
-               for _ in range(max(1, min(DOWNLOAD_WORKERS, len(files))))]
+    threads = [threading.Thread(target=work, name="download", daemon=True)
+               for _ in range(max(1, min(workers, len(files))))]
     try:
-        for worker in workers:
-            worker.start()
-        for worker in workers:
-            worker.join()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
     except BaseException:
         cancel.set()
         raise
@@ -156,38 +258,70 @@ def hash_file(path: Path, file: RemoteFile, on_bytes: Callable[[int], None] | No
     return hash_file_into(path, file_digest(file)(), on_bytes).hexdigest()
 
 
-def retrying(action: Callable[[], Any], what: str, ref: RepoRef, endpoint: str) -> Any:
-    """Run `action`, again after each back-off delay on a connection error, a 5xx or a 429."""
+def retrying(action: Callable[[], Any], what: str, ref: RepoRef, endpoint: str,
+             on_retry: Callable[[str], None] | None = None) -> Any:
+    """Run `action`, again after each back-off delay on a dropped connection, a 5xx or a 429 (each wait announced
+    to `on_retry`). A hub that cannot be connected to at all fails at once (HubUnreachable), a refusal (401, 403,
+    404) in one line (UserError)."""
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
-    for delay in (*RETRY_DELAYS, None):
+    attempts = len(RETRY_DELAYS) + 1
+    for attempt, delay in enumerate((*RETRY_DELAYS, None), start=1):
         try:
             return action()
         except Exception as exc:
+            reason = unreachable_reason(exc)
+            if reason is not None:
+                raise unreachable(endpoint, reason, ref) from exc
             status = exc.response.status_code if isinstance(exc, HfHubHTTPError) and exc.response is not None else None
-            # a dropped or refused connection, a short body, a rate limit, a server error
+            # a dropped connection, a short body, a rate limit, a server error
             transient = (isinstance(exc, (_transport_error(), ShortBody)) or status in (408, 429)
                          or (status or 0) >= 500)
             if not transient:
+                if status == 401:
+                    raise UserError(_token_refused(exc, ref, endpoint)) from exc
                 if isinstance(exc, GatedRepoError):
-                    raise UserError(f"{ref} is gated: accept its terms on the hub and set HF_TOKEN") from exc
+                    raise UserError(f"{ref.repo_id} is gated and this token has no access to it: accept its terms on "
+                                    f"{endpoint} with the account of --token / HF_TOKEN") from exc
                 if isinstance(exc, HfHubHTTPError) and not isinstance(exc, (RepositoryNotFoundError,
                                                                             RevisionNotFoundError)):
-                    raise DownloadFailed(f"{what} of {ref} from {endpoint} failed: {one_line(exc)}") from exc
+                    raise UserError(f"{what} of {ref} from {endpoint} failed: {one_line(exc)}") from exc
                 raise
             if delay is None:
-                raise DownloadFailed(f"{what} of {ref} from {endpoint} failed after {len(RETRY_DELAYS) + 1} "
-                                     f"attempts: {one_line(exc)}; run the same command again to resume") from exc
+                raise DownloadFailed(f"{what} of {ref} from {endpoint} failed after {attempts} attempts: "
+                                     f"{one_line(exc)}; run the same command again to resume") from exc
+            if on_retry is not None:
+                on_retry(f"retrying in {delay} s (attempt {attempt + 1}/{attempts}): {what}: {_short(exc)}")
             time.sleep(delay)
     raise AssertionError("unreachable")
 
 
+def _token_refused(exc: Exception, ref: RepoRef, endpoint: str) -> str:
+    """A 401: no token, or one the hub does not take."""
+    if "Invalid credentials" in str(exc) or "Invalid username or password" in str(exc):
+        return f"{endpoint} refused the token (invalid credentials): check --token / HF_TOKEN"
+    return f"{ref.repo_id} on {endpoint} is gated/needs a token: pass --token or set HF_TOKEN"
+
+
+def _short(exc: Exception) -> str:
+    """An error's first line: a retry notice stays one line (hub errors add the URL and advice on later lines)."""
+    return next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+
+
 def _transport_error() -> type[Exception]:
+    return _httpx().TransportError
+
+
+def _connect_timeout() -> type[Exception]:
+    return _httpx().ConnectTimeout
+
+
+def _httpx() -> Any:
     try:  # huggingface_hub 2.x
         import httpx2 as httpx
     except ImportError:  # 1.x
         import httpx  # type: ignore[no-redef]
-    return httpx.TransportError
+    return httpx
 
 
 def one_line(exc: BaseException) -> str:
@@ -195,90 +329,132 @@ def one_line(exc: BaseException) -> str:
 
 
 class HuggingFaceDownload:
-    """A Hugging Face repo revision fetched into the Hugging Face cache (HF_HOME / HF_HUB_CACHE)."""
+    """A Hugging Face repo revision fetched into the Hugging Face cache (HF_HOME / HF_HUB_CACHE, or --cache-dir),
+    or with --local-dir as plain files in a directory, laid out as `hf download --local-dir` lays them out
+    (`.cache/huggingface/download/` keeps each file's commit and hash, so either tool knows it is there)."""
 
-    def __init__(self, ref: RepoRef, include: list[str] | None, exclude: list[str] | None,
-                 endpoint: str | None) -> None:
+    def __init__(self, ref: RepoRef, options: DownloadOptions, endpoint: str | None) -> None:
         from huggingface_hub import constants
 
         self.ref = ref
+        self.options = options
         self.endpoint = (endpoint or constants.ENDPOINT).rstrip("/")
-        self.storage = hf_storage_folder(ref.repo_id)
+        self.storage = hf_storage_folder(ref.repo_id, options.cache_dir)
+        self.local_dir = options.local_dir
         self.downloaded_bytes = 0
-        self.filtered = bool(include or exclude)
+        self.filtered = options.filtered
         if constants.HF_HUB_OFFLINE:
-            self._prepare_offline(include, exclude)
+            self._prepare_offline()
         else:
-            self._prepare(include, exclude)
+            self._prepare()
 
-    def _prepare(self, include: list[str] | None, exclude: list[str] | None) -> None:
+    def _prepare(self) -> None:
         from huggingface_hub import HfApi
         from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
         from huggingface_hub.hf_api import RepoFile
 
-        api = HfApi(endpoint=self.endpoint)
+        api = HfApi(endpoint=self.endpoint, token=self.options.token)
         try:
             info = retrying(lambda: api.model_info(self.ref.repo_id, revision=self.ref.revision),
-                            "reading the revision", self.ref, self.endpoint)
+                            "reading the revision", self.ref, self.endpoint, self.options.on_retry)
             self.commit = info.sha
             listing = retrying(lambda: list(api.list_repo_tree(self.ref.repo_id, revision=self.commit,
                                                                  recursive=True)),
-                               "listing the files", self.ref, self.endpoint)
+                               "listing the files", self.ref, self.endpoint, self.options.on_retry)
         except RevisionNotFoundError:
             raise UserError(f"{self.ref.repo_id} has no revision {self.ref.revision!r} on {self.endpoint}") from None
         except RepositoryNotFoundError:
-            raise UserError(f"{self.endpoint} has no repo {self.ref.repo_id} (or it is private: set "
+            raise UserError(f"{self.endpoint} has no repo {self.ref.repo_id} (or it is private: pass --token or set "
                             "HF_TOKEN)") from None
         listed = [RemoteFile(e.path, e.size, e.lfs.sha256 if e.lfs else None, e.blob_id)
                   for e in listing if isinstance(e, RepoFile)]
-        self.files = checked_files(listed, self.ref, include, exclude)
+        self.files = checked_files(listed, self.ref, self.options)
         self.record = load_record(self.ref.source, self.ref.repo_id, self.commit) or DownloadRecord.new(
             self.ref, self.commit, self.storage / "snapshots" / self.commit, self.endpoint, self.filtered)
-        to_fetch = {f.etag: f for f in self.files if not self._have_blob(f)}  # equal files share one blob
-        self.missing_bytes = sum(f.size - self._partial_size(f) for f in to_fetch.values())
-        ensure_free_space(self.storage, self.missing_bytes,
+        if self.local_dir is not None:  # what the hub client itself would download there: a record of no use
+            self.record = DownloadRecord.new(self.ref, self.commit, self.local_dir, self.endpoint, self.filtered)
+        if self.options.dry_run:  # nothing written, not even a partial file's folder
+            self.missing_bytes = sum(f.size for f in self._to_fetch())
+            return
+        self.missing_bytes = sum(f.size - self._partial_size(f) for f in self._to_fetch())
+        where = "the directory" if self.local_dir else "the cache"
+        ensure_free_space(self.local_dir or self.storage, self.missing_bytes,
                           f"the {len(self.files)} files of {self.ref} ({format_size(self.total_bytes)}; what is "
-                          "not yet in the cache)")
+                          f"not yet in {where})")
 
-    def _prepare_offline(self, include: list[str] | None, exclude: list[str] | None) -> None:
+    def _prepare_offline(self) -> None:
+        """HF_HUB_OFFLINE: the revision as the cache has it (vlhub's record, else the snapshot another client
+        left, each file checked against the hash its blob is named by); no connection is opened."""
+        if self.local_dir is not None:
+            raise UserError("HF_HUB_OFFLINE is set: --local-dir downloads from the hub; without it the cache's copy "
+                            "is used (`vlhub download MODEL` prints where it is)")
         commit_file = self.storage / "refs" / self.ref.revision
         self.commit = commit_file.read_text().strip() if commit_file.is_file() else self.ref.revision
-        record = load_record(self.ref.source, self.ref.repo_id, self.commit)
-        if record is None or not (self.storage / "snapshots" / self.commit).is_dir():
-            raise UserError(f"HF_HUB_OFFLINE is set and {self.ref} was not downloaded by vlhub into "
-                            f"{self.storage.parent}; unset HF_HUB_OFFLINE to download it")
+        snapshot = self.storage / "snapshots" / self.commit
+        record = load_record(self.ref.source, self.ref.repo_id, self.commit) or _record_of_snapshot(
+            self.ref, self.commit, snapshot)
+        if record is None or not snapshot.is_dir():
+            raise UserError(f"HF_HUB_OFFLINE is set and {self.ref} is not in the cache ({self.storage.parent}): "
+                            f"run `vlhub download {self.ref.model}` where the hub is reachable and copy HF_HOME over, "
+                            "or unset HF_HUB_OFFLINE")
         self.record = record
-        self.files = checked_files(record.remote_files(), self.ref, include, exclude)
+        self.files = checked_files(record.remote_files(), self.ref, self.options)
         self.missing_bytes = 0
         missing = [f.path for f in self.files if not self._have_blob(f)]
         if record.filtered and not self.filtered:
-            missing.append("(the files its --include/--exclude left out)")
+            raise UserError(f"HF_HUB_OFFLINE is set and only some files of {self.ref} are in the cache (downloaded "
+                            f"with --include/--exclude): run `vlhub download {self.ref.model}` where the hub is "
+                            "reachable, or unset HF_HUB_OFFLINE")
         if missing:
-            raise UserError(f"HF_HUB_OFFLINE is set and {len(missing)} files of {self.ref} are not in the cache "
-                            f"(first: {missing[0]}); unset HF_HUB_OFFLINE to download them")
+            named = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+            raise UserError(f"HF_HUB_OFFLINE is set and {plural(len(missing), 'file')} of {self.ref} "
+                            f"{'is' if len(missing) == 1 else 'are'} not in the cache ({named}): run `vlhub download "
+                            f"{self.ref.model}` where the hub is reachable, or unset HF_HUB_OFFLINE")
 
     @property
     def total_bytes(self) -> int:
         return sum(f.size for f in self.files)
 
     def _blob(self, file: RemoteFile) -> Path:
+        if self.local_dir is not None:
+            return self.local_dir / file.path
         return self.storage / "blobs" / file.etag
 
     def _partial(self, file: RemoteFile) -> Path:
+        if self.local_dir is not None:
+            from huggingface_hub._local_folder import get_local_download_paths
+
+            return get_local_download_paths(self.local_dir, file.path).incomplete_path(file.etag)
         return self.storage / "blobs" / f"{file.etag}.incomplete"
 
     def _have_blob(self, file: RemoteFile) -> bool:
         blob = self._blob(file)
-        return blob.is_file() and blob.stat().st_size == file.size
+        if not (blob.is_file() and blob.stat().st_size == file.size):
+            return False
+        if self.local_dir is None:
+            return True
+        # a file of another revision or edited since it was written is downloaded again, as the client does
+        from huggingface_hub._local_folder import read_download_metadata
+
+        metadata = read_download_metadata(self.local_dir, file.path)
+        return metadata is not None and metadata.etag == file.etag
+
+    def _to_fetch(self) -> list[RemoteFile]:
+        """What `fetch` transfers: each missing file (all of them with --force-download), equal files once."""
+        return list({f.etag: f for f in self.files if self.options.force or not self._have_blob(f)}.values())
+
+    def will_download(self, file: RemoteFile) -> bool:
+        """Whether `fetch` transfers this file (for --dry-run)."""
+        return self.options.force or not self._have_blob(file)
 
     def _partial_size(self, file: RemoteFile) -> int:
         partial = self._partial(file)
         size = partial.stat().st_size if partial.is_file() else 0
-        return size if size <= file.size else 0  # longer than the file: not a prefix of it, started afresh
+        return size if size <= file.size and not self.options.force else 0  # else started afresh
 
     def fetch(self, on_bytes: Callable[[int], None] | None = None) -> Path:
-        """Download what is missing (DOWNLOAD_WORKERS files at a time), check every file against its listed
-        hash, link the snapshot."""
+        """Download what is missing (--max-workers files at a time), check every file against its listed hash,
+        link the snapshot (with --local-dir: note each file's commit and hash beside it)."""
         counted = threading.Lock()
 
         def received(n: int) -> None:
@@ -287,14 +463,19 @@ class HuggingFaceDownload:
             if on_bytes:
                 on_bytes(n)
 
-        to_fetch = {f.etag: f for f in self.files if not self._have_blob(f)}  # equal files share one blob
-        in_parallel(lambda file, cancel: self._download(file, received, cancel), list(to_fetch.values()))
+        to_fetch = self._to_fetch()
+        fetched = {f.etag for f in to_fetch}
+        if self.options.force:  # from the first byte: what an earlier run kept is not reused either
+            for file in to_fetch:
+                self._partial(file).unlink(missing_ok=True)
+        in_parallel(lambda file, cancel: self._download(file, received, cancel), to_fetch, self.options.max_workers)
+        if self.local_dir is not None:
+            return self._finish_local(fetched)
         snapshot = self.storage / "snapshots" / self.commit
         for folder in sorted({(snapshot / file.path).parent for file in self.files}):
             sweep(folder)  # links a killed run was making
         for file in self.files:
-            if file.etag not in to_fetch and not self.record.verified(file) and not self._verified_blob(file):
-                self._check_reused(file)
+            self._check_unless_known(file, fetched)
             self.record.add(file, verified_at=now_iso())
             _link(snapshot / file.path, self._blob(file))
         if self.ref.revision != self.commit:
@@ -309,6 +490,21 @@ class HuggingFaceDownload:
             self.record.filtered = False
         save_record(self.record)
         return snapshot
+
+    def _finish_local(self, fetched: set[str]) -> Path:
+        """--local-dir: each file checked, and its commit and hash noted as `hf download --local-dir` notes them."""
+        from huggingface_hub._local_folder import write_download_metadata
+
+        assert self.local_dir is not None
+        for file in self.files:
+            self._check_unless_known(file, fetched)
+            write_download_metadata(self.local_dir, file.path, self.commit, file.etag)
+        return self.local_dir
+
+    def _check_unless_known(self, file: RemoteFile, fetched: set[str]) -> None:
+        """A file this run did not fetch, unless vlhub hashed it before: hashed now (only its size was checked)."""
+        if file.etag not in fetched and not self.record.verified(file) and not self._verified_blob(file):
+            self._check_reused(file)
 
     def _verified_blob(self, file: RemoteFile) -> bool:
         """Whether a file with the same content was checked in this run (or is recorded as checked)."""
@@ -329,7 +525,7 @@ class HuggingFaceDownload:
         url = hf_hub_url(self.ref.repo_id, file.path, revision=self.commit, endpoint=self.endpoint)
         for last_try in (False, True):  # bytes that fail their hash are fetched once more, from zero
             digest = retrying(lambda: self._transfer(url, file, on_bytes, cancel), f"downloading {file.path}",
-                              self.ref, self.endpoint)
+                              self.ref, self.endpoint, self.options.on_retry)
             if digest in (None, file.etag):
                 return
             if last_try:
@@ -346,7 +542,7 @@ class HuggingFaceDownload:
         blob, partial = self._blob(file), self._partial(file)
         partial.parent.mkdir(parents=True, exist_ok=True)
         with _locked_partial(partial) as handle:
-            if self._have_blob(file):  # another download completed the blob meanwhile: no use for a partial
+            if not self.options.force and self._have_blob(file):  # another download completed it meanwhile
                 partial.unlink()
                 return None
             fd = handle.fileno()
@@ -355,9 +551,10 @@ class HuggingFaceDownload:
             # the bytes an earlier attempt kept are hashed again (their hash was not kept), then continued
             kept = hash_file_into(partial, file_digest(file)())
             digest = receive(url, fd, os.fstat(fd).st_size, file.size, file_digest(file), kept, on_bytes,
-                             cancel).hexdigest()
+                             cancel, self.options.token).hexdigest()
             if digest == file.etag:
                 os.chmod(partial, 0o644)
+                blob.parent.mkdir(parents=True, exist_ok=True)  # --local-dir: the file's own folder
                 commit_point("publish a downloaded blob")
                 os.replace(partial, blob)
             else:
@@ -382,12 +579,26 @@ def _locked_partial(partial: Path) -> BinaryIO:
         handle.close()
 
 
-def hf_storage_folder(repo_id: str) -> Path:
-    """`models--org--name` in the Hugging Face hub cache."""
+def hf_storage_folder(repo_id: str, cache_dir: Path | None = None) -> Path:
+    """`models--org--name` in the Hugging Face hub cache (HF_HUB_CACHE, or `cache_dir` as --cache-dir gives it)."""
     from huggingface_hub import constants
     from huggingface_hub.file_download import repo_folder_name
 
-    return Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model")
+    return Path(cache_dir or constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model")
+
+
+def _record_of_snapshot(ref: RepoRef, commit: str, snapshot: Path) -> DownloadRecord | None:
+    """A record of the snapshot another client left in the cache, each file's hash taken from its blob's name
+    (sha256, or git's sha1), none of them verified yet; None without one."""
+    if not snapshot.is_dir():
+        return None
+    record = DownloadRecord.new(ref, commit, snapshot, "", filtered=False)
+    for path in sorted(p for p in snapshot.rglob("*") if p.is_file()):
+        name = path.resolve().name
+        if re.fullmatch(r"[0-9a-f]{64}|[0-9a-f]{40}", name):
+            record.add(RemoteFile(path.relative_to(snapshot).as_posix(), path.stat().st_size,
+                                  name if len(name) == 64 else None, name if len(name) == 40 else None), verified_at="")
+    return record
 
 
 def _link(pointer: Path, blob: Path) -> None:

@@ -4,12 +4,12 @@ Hugging Face Hub, `vlhub.hub.modelscope` for ModelScope), so neither client modu
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Protocol
 
 from vlhub.errors import UserError
-from vlhub.hub.download import HuggingFaceDownload, resolve_repo
+from vlhub.hub.download import EVERYTHING, DownloadOptions, HuggingFaceDownload, resolve_repo
 from vlhub.hub.locks import lock_path
 from vlhub.hub.modelscope import ModelScopeDownload
 from vlhub.hub.records import RemoteFile, RepoRef
@@ -25,6 +25,8 @@ class Download(Protocol):
     missing_bytes: int  # what the listing says is still to fetch (for the progress bar and the disk check)
     downloaded_bytes: int  # what `fetch` received
 
+    def will_download(self, file: RemoteFile) -> bool: ...
+
     def fetch(self, on_bytes: Callable[[int], None] | None = None) -> Path: ...
 
 
@@ -34,19 +36,25 @@ def open_download(
     *,
     source: str = "huggingface",
     revision: str | None = None,
-    include: list[str] | None = None,
-    exclude: list[str] | None = None,
+    options: DownloadOptions = EVERYTHING,
     endpoint: str | None = None,
     on_wait: Callable[[str], None] | None = None,
 ) -> Iterator[Download]:
     """Lock the model's revision, list its files, refuse unsafe names and a too-full disk; yield the download.
-    Tokens come from the clients' own settings (HF_TOKEN or `hf auth login`; MODELSCOPE_API_TOKEN)."""
+    Tokens: --token, else the clients' own settings (HF_TOKEN or `hf auth login`; MODELSCOPE_API_TOKEN). A dry run
+    takes no lock and writes nothing."""
     ref = resolve_repo(model, source, revision)
     if endpoint is not None and not endpoint.startswith(("http://", "https://")):
         raise UserError(f"--endpoint {endpoint!r}: write the URL with its scheme, e.g. https://hf-mirror.com")
-    with exclusive_lock(lock_path(ref.source, ref.repo_id, ref.revision), on_wait=on_wait):
+    if options.local_dir is not None and options.cache_dir is not None:
+        raise UserError("--local-dir and --cache-dir both say where files go: pass one of them (as `hf download`)")
+    if options.max_workers < 1:
+        raise UserError(f"--max-workers {options.max_workers}: give 1 or more")
+    with ExitStack() as held:
+        if not options.dry_run:
+            held.enter_context(exclusive_lock(lock_path(ref.source, ref.repo_id, ref.revision), on_wait=on_wait))
         if source == "huggingface":
-            download: Download = HuggingFaceDownload(ref, include, exclude, endpoint)
+            download: Download = HuggingFaceDownload(ref, options, endpoint)
         else:
-            download = ModelScopeDownload(ref, include, exclude, endpoint)
+            download = ModelScopeDownload(ref, options, endpoint)
         yield download

@@ -17,7 +17,16 @@ from typing import Any
 
 from vlhub.atomic import ensure_free_space
 from vlhub.errors import CheckFailed, UserError
-from vlhub.hub.download import DownloadFailed, checked_files, hash_file, one_line
+from vlhub.hub.download import (
+    DownloadFailed,
+    DownloadOptions,
+    checked_files,
+    hash_file,
+    one_line,
+    probe,
+    unreachable,
+    unreachable_reason,
+)
 from vlhub.hub.records import DownloadRecord, RemoteFile, RepoRef, load_record, save_record
 from vlhub.units import format_size, now_iso
 
@@ -41,31 +50,36 @@ def _client() -> Any:
 class ModelScopeDownload:
     """A ModelScope repo revision fetched into the ModelScope cache."""
 
-    def __init__(self, ref: RepoRef, include: list[str] | None, exclude: list[str] | None,
-                 endpoint: str | None) -> None:
+    def __init__(self, ref: RepoRef, options: DownloadOptions, endpoint: str | None) -> None:
+        if options.local_dir is not None:
+            raise UserError("--local-dir is for --source huggingface; ModelScope's files go to its cache "
+                            "(MODELSCOPE_CACHE, or --cache-dir)")
         client = _client()
         self.ref = ref
+        self.options = options
         self.endpoint = (endpoint or os.environ.get("MODELSCOPE_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
-        self.api = client.HubApi(endpoint=self.endpoint, token=os.environ.get("MODELSCOPE_API_TOKEN"))
-        self.cache_dir = modelscope_cache()
+        self.api = client.HubApi(endpoint=self.endpoint, token=options.token or os.environ.get("MODELSCOPE_API_TOKEN"))
+        self.cache_dir = options.cache_dir or modelscope_cache()
         self.commit = ref.revision
         self.downloaded_bytes = 0
         self.snapshot = (self.cache_dir / "models" / ref.repo_id.replace("/", "--") / "snapshots" / ref.revision)
-        try:  # the client retries connection errors and 5xx itself
+        probe(self.endpoint, ref)  # the client retries even a name that does not resolve, for seconds
+        try:  # the client retries dropped connections and 5xx itself
             infos = self.api.list_repo_files(ref.repo_id, "model", revision=ref.revision, recursive=True)
         except client.errors.NotExistError:
             raise UserError(f"{self.endpoint} has no repo {ref.repo_id} at revision {ref.revision!r} (or it is "
-                            "private: set MODELSCOPE_API_TOKEN)") from None
+                            "private: pass --token or set MODELSCOPE_API_TOKEN)") from None
         except client.errors.HubError as exc:
-            raise DownloadFailed(f"listing {ref} on {self.endpoint} failed: {one_line(exc)}") from None
+            raise self._failed(f"listing {ref} on {self.endpoint} failed", exc) from None
         listed = [RemoteFile(i.path, i.size, (i.sha256 or "").lower() or None, None) for i in infos if not i.is_dir]
-        self.files = checked_files(listed, ref, include, exclude)
-        filtered = bool(include or exclude)
+        self.files = checked_files(listed, ref, options)
         self.record = load_record(ref.source, ref.repo_id, self.commit) or DownloadRecord.new(
-            ref, self.commit, self.snapshot, self.endpoint, filtered)
-        if not filtered:
+            ref, self.commit, self.snapshot, self.endpoint, options.filtered)
+        if not options.filtered:
             self.record.filtered = False
-        self.missing_bytes = sum(f.size - self._partial_size(f) for f in self.files if not self._present(f))
+        self.missing_bytes = sum(f.size - self._partial_size(f) for f in self.files if self.will_download(f))
+        if options.dry_run:
+            return
         ensure_free_space(self.cache_dir, self.missing_bytes,
                           f"the {len(self.files)} files of {ref} ({format_size(sum(f.size for f in self.files))}; "
                           "what is not yet in the cache)")
@@ -73,6 +87,18 @@ class ModelScopeDownload:
     def _present(self, file: RemoteFile) -> bool:
         path = self.snapshot / file.path
         return path.is_file() and path.stat().st_size == file.size
+
+    def will_download(self, file: RemoteFile) -> bool:
+        """Whether `fetch` transfers this file (for --dry-run; one changed upstream at the same size too)."""
+        return self.options.force or not self._present(file)
+
+    def _failed(self, what: str, exc: Exception) -> Exception:
+        """A client error as vlhub's: the hub unreachable (exit 3 with the remedies), or failing after the client's
+        retries (exit 3, resumable)."""
+        reason = unreachable_reason(exc)
+        if reason is not None:
+            return unreachable(self.endpoint, reason, self.ref)
+        return DownloadFailed(f"{what}: {one_line(exc)}; run the same command again to resume")
 
     def _partial_size(self, file: RemoteFile) -> int:
         partial = self.snapshot / f"{file.path}.incomplete"
@@ -84,7 +110,7 @@ class ModelScopeDownload:
         client = _client()
         missing = []
         for file in self.files:  # a file changed upstream at the same size fails its hash: fetch it again
-            if not self._present(file) or (not self.record.verified(file) and
+            if self.will_download(file) or (not self.record.verified(file) and
                                            hash_file(self.snapshot / file.path, file) != file.sha256):
                 missing.append(file)
 
@@ -98,7 +124,7 @@ class ModelScopeDownload:
                 self.snapshot = Path(self.api.download_repo(
                     self.ref.repo_id, "model", revision=self.ref.revision, cache_dir=self.cache_dir,
                     file_list=[{"Path": f.path, "Size": f.size, "Sha256": f.sha256} for f in missing],
-                    progress_callbacks=[_progress_callback(client, received)]))
+                    max_workers=self.options.max_workers, progress_callbacks=[_progress_callback(client, received)]))
             except client.errors.FileDownloadError as exc:
                 corrupt = sorted(name for name, error in exc.failed_files.items()
                                  if isinstance(error, client.errors.FileIntegrityError))
@@ -106,11 +132,9 @@ class ModelScopeDownload:
                     raise CheckFailed(f"{', '.join(corrupt)} of {self.ref} from {self.endpoint} do not match the "
                                       "sha256 the hub lists, after the client's retries; deleted, nothing of them is "
                                       "kept") from None
-                raise DownloadFailed(f"downloading {self.ref} from {self.endpoint} failed: {one_line(exc)}; run the "
-                                     "same command again to resume") from None
+                raise self._failed(f"downloading {self.ref} from {self.endpoint} failed", exc) from None
             except client.errors.HubError as exc:
-                raise DownloadFailed(f"downloading {self.ref} from {self.endpoint} failed: {one_line(exc)}; run the "
-                                     "same command again to resume") from None
+                raise self._failed(f"downloading {self.ref} from {self.endpoint} failed", exc) from None
         self.record.path = str(self.snapshot)  # the client may reuse an older SDK's folder for this repo
         for file in self.files:
             self.record.add(file, verified_at=now_iso())

@@ -39,16 +39,17 @@ class LongBody(VlhubError):
 
 
 def receive(url: str, fd: int, have: int, size: int, new_digest: Callable[[], Any], digest: Any,
-            on_bytes: Callable[[int], None] | None, cancel: threading.Event) -> Any:
+            on_bytes: Callable[[int], None] | None, cancel: threading.Event, token: str | None = None) -> Any:
     """Fetch bytes `have`.. of the `size`-byte file at `url` and append them to `fd`, which holds the first `have`
     bytes, already fed to `digest`. A server that ignores the Range header sends the whole file: the file and the
-    hash then start again (`new_digest`). Returns the digest of the whole file."""
+    hash then start again (`new_digest`). `token` (else the client's: HF_TOKEN, `hf auth login`) authorises a gated
+    repo. Returns the digest of the whole file."""
     from huggingface_hub import constants
     from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
     if have == size:  # all there (killed before the rename): a Range past the end would be refused
         return digest
-    headers = build_hf_headers()
+    headers = build_hf_headers(token=token)
     if have:
         headers["Range"] = f"bytes={have}-"
     with get_session().stream("GET", url, headers=headers, follow_redirects=True,

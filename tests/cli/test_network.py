@@ -1,0 +1,143 @@
+"""Network failures as a user without a network, or behind a dead mirror, meets them: a hub that cannot be reached
+(the name does not resolve, the port is closed, TLS fails) fails within seconds, exit 3, in one line with the ways
+around it; 5xx and dropped connections are retried with a countdown on stderr, then exit 3; with HF_HUB_OFFLINE=1
+a cached model converts without opening a connection, and one that is not cached fails naming what is missing."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.fake_hub import FakeHub
+from tests.helpers import one_line_error, run_vlhub
+
+REPO = "Qwen/Qwen2-VL-2B-Instruct"  # served with tiny-qwen2-vl's files, so `qwen2-vl-2b` names it
+SHARD = "model-00002-of-00004.safetensors"
+REMEDIES = ("HF_ENDPOINT", "--source modelscope", "local checkpoint directory", "HF_HUB_OFFLINE=1")
+
+
+@pytest.fixture(scope="module")
+def hub(tiny_qwen2_vl: Path) -> Iterator[FakeHub]:
+    with contextlib.closing(FakeHub()) as server:
+        server.add_directory(REPO, tiny_qwen2_vl)
+        yield server
+
+
+@pytest.fixture
+def env(hub: FakeHub, tmp_path: Path) -> dict[str, str]:
+    hub.reset()
+    return {"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf"), "VLHUB_HOME": str(tmp_path / "vlhub"),
+            "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_XET": "1"}
+
+
+def closed_port() -> int:
+    """A local port nothing listens on (bound, then released)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def unreachable_line(result: object, started: float, reason: str) -> str:
+    """The run failed within 5 s with exit 3 and one line naming the reason and every remedy."""
+    elapsed = time.monotonic() - started
+    assert elapsed < 5, f"took {elapsed:.1f} s"
+    line = one_line_error(result, 3)
+    assert "unreachable" in line and reason in line, line
+    assert all(remedy in line for remedy in REMEDIES), line
+    return line
+
+
+def test_an_unresolvable_endpoint_fails_the_headline_convert_within_seconds(env: dict[str, str]) -> None:
+    pytest.importorskip("paddle")  # --to paddle-inference needs Paddle before anything is fetched
+    started = time.monotonic()
+    result = run_vlhub("convert", "qwen2-vl-7b", "--to", "paddle-inference",
+                       env={**env, "HF_ENDPOINT": "http://nonexistent.invalid"})
+    # the line saying it downloads first is not an error; the error is one line
+    result.stderr = "\n".join(line for line in result.stderr.splitlines() if "downloading" not in line)
+    unreachable_line(result, started, "does not resolve")
+
+
+@pytest.mark.parametrize("command", [["download", "qwen2-vl-2b"], ["convert", "qwen2-vl-2b", "--to", "paddle"]])
+def test_a_closed_port_fails_within_seconds(env: dict[str, str], command: list[str]) -> None:
+    started = time.monotonic()
+    result = run_vlhub(*command, env={**env, "HF_ENDPOINT": f"http://127.0.0.1:{closed_port()}"})
+    result.stderr = "\n".join(line for line in result.stderr.splitlines() if "downloading" not in line)
+    unreachable_line(result, started, "refused")
+
+
+def test_a_tls_failure_fails_within_seconds(hub: FakeHub, env: dict[str, str]) -> None:
+    started = time.monotonic()
+    result = run_vlhub("download", "qwen2-vl-2b", env={**env, "HF_ENDPOINT": hub.url.replace("http:", "https:")})
+    unreachable_line(result, started, "TLS")
+
+
+def test_modelscope_unreachable_fails_within_seconds(env: dict[str, str], tmp_path: Path) -> None:
+    pytest.importorskip("modelscope_hub", reason="the modelscope extra is not installed")
+    started = time.monotonic()
+    result = run_vlhub("download", "qwen2-vl-2b", "--source", "modelscope",
+                       env={**env, "MODELSCOPE_ENDPOINT": "http://nonexistent.invalid",
+                            "MODELSCOPE_CACHE": str(tmp_path / "ms")})
+    assert time.monotonic() - started < 5
+    line = one_line_error(result, 3)
+    assert "unreachable" in line and "MODELSCOPE_ENDPOINT" in line and "--source huggingface" in line, line
+
+
+def test_server_errors_are_retried_with_a_countdown_then_exit_3(hub: FakeHub, env: dict[str, str],
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("vlhub.hub.download.RETRY_DELAYS", (0, 0, 0, 0))  # the five attempts, without the waits
+    hub.fail(REPO, SHARD, status=503, times=5)
+    result = run_vlhub("download", "qwen2-vl-2b", env=env)
+    assert result.returncode == 3, result.stderr
+    assert [f"(attempt {n}/5)" in result.stderr for n in range(2, 6)] == [True] * 4, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "503" in errors[0] and "run the same command again to resume" in errors[0]
+
+
+@pytest.fixture
+def cached(hub: FakeHub, env: dict[str, str]) -> dict[str, str]:
+    """qwen2-vl-2b downloaded, and the environment of a machine where no hub is reachable any more."""
+    assert run_vlhub("download", "qwen2-vl-2b", "-q", env=env).returncode == 0
+    return {**env, "HF_HUB_OFFLINE": "1", "HF_ENDPOINT": f"http://127.0.0.1:{closed_port()}"}
+
+
+def refuse_connections(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """Make any connection attempt of this process fail loudly, and note it."""
+    attempts: list[object] = []
+
+    def refused(*args: object, **kwargs: object) -> None:
+        attempts.append(args)
+        raise AssertionError(f"a connection was opened: {args}")
+
+    monkeypatch.setattr(socket.socket, "connect", refused)
+    monkeypatch.setattr(socket, "getaddrinfo", refused)
+    return attempts
+
+
+def test_offline_a_cached_model_downloads_converts_inspects_and_plans_without_a_connection(
+        cached: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    attempts = refuse_connections(monkeypatch)
+    download = run_vlhub("download", "qwen2-vl-2b", env=cached)
+    assert download.returncode == 0, download.stderr
+    converted = run_vlhub("convert", "qwen2-vl-2b", "--to", "paddle", "--no-smoke", env=cached)
+    assert converted.returncode == 0, converted.stderr
+    assert run_vlhub("inspect", "qwen2-vl-2b", env=cached).returncode == 0
+    planned = run_vlhub("plan", "qwen2-vl-2b", "--image", "640x480", env=cached)
+    assert planned.returncode == 0, planned.stderr
+    assert not attempts
+
+
+def test_offline_a_model_not_in_the_cache_fails_in_one_line_with_the_remedy(
+        cached: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    attempts = refuse_connections(monkeypatch)
+    line = one_line_error(run_vlhub("download", "qwen2-vl-7b", env=cached))
+    assert "HF_HUB_OFFLINE" in line and "not in the cache" in line and "vlhub download qwen2-vl-7b" in line, line
+    snapshot = next((Path(cached["HF_HOME"]) / "hub").glob("models--Qwen--Qwen2-VL-2B-Instruct/snapshots/*"))
+    (snapshot / SHARD).resolve().unlink()  # the blob: its content is gone from the cache
+    line = one_line_error(run_vlhub("download", "qwen2-vl-2b", env=cached))
+    assert SHARD in line and "1 file" in line and "unset HF_HUB_OFFLINE" in line, line
+    assert not attempts
