@@ -36,7 +36,7 @@ from vlhub.errors import UserError, VlhubError
 from vlhub.formats.readers import Checkpoint, config_dtype, open_checkpoint
 from vlhub.formats.registry import FORMATS, format_of_file
 from vlhub.hub.home import vlhub_home
-from vlhub.hub.store import manifest_problems
+from vlhub.hub.store import manifest_problems, note_verified
 from vlhub.keymaps import load_keymap
 from vlhub.keymaps.config import tie_word_embeddings
 from vlhub.manifest import MANIFEST, Manifest, unfinished_summary
@@ -212,6 +212,7 @@ def integrity_checks(ctx: LayoutContext) -> list[Check]:
                     f"{MANIFEST}: {len(files)} files, written by vlhub {ctx.manifest.vlhub_version} "
                     f"on {ctx.manifest.created}")]
     damaged = manifest_problems(ctx.path, ctx.manifest)
+    note_verified(ctx.path, ctx.manifest, damaged)  # `vlhub cache ls` shows it, as after `vlhub cache verify`
     total = sum(entry.size for entry in files.values())
     if damaged:
         checks.append(Check("integrity", "file hashes", FAIL,

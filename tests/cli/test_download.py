@@ -229,7 +229,7 @@ def test_cache_verify_catches_a_flipped_byte_in_a_blob(env: dict[str, str]) -> N
     result = run_vlhub("cache", "verify", "qwen2-vl-2b", env=env)
     assert result.returncode == 1 and SHARD in result.stdout and "sha256 differs" in result.stdout
     listed = json.loads(run_vlhub("cache", "ls", "--json", env=env).stdout)
-    assert [e["verified"] for e in listed if e["kind"] == "download"] == ["damaged (1 files)"]
+    assert [e["verified"] for e in listed if e["kind"] == "download"] == ["damaged (1 file)"]
 
 
 def test_convert_of_a_catalog_name_downloads_first_and_lands_in_the_cache(hub: FakeHub, env: dict[str, str]) -> None:

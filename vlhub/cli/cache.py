@@ -1,7 +1,11 @@
-"""`vlhub cache ls|rm|verify|path`: the managed cache of downloads, built-in models, conversions and layouts.
+"""`vlhub cache ls|rm|prune|verify|path`: the managed cache of downloads, built-in models, conversions and layouts.
+Downloads are named as `hf cache ls` names them (`model/Qwen/Qwen2-VL-7B-Instruct`); every command takes that id,
+a repo id or a catalog name.
 
 Examples:
     vlhub cache ls
+    vlhub cache ls model/Qwen/Qwen2-VL-7B-Instruct
+    vlhub cache prune --dry-run
     vlhub cache verify qwen2-vl-7b
     vlhub cache path tiny-qwen2-vl --target paddle-inference
     vlhub cache rm qwen2-vl-7b --target paddle --yes
@@ -10,8 +14,8 @@ Examples:
 
 from __future__ import annotations
 
-import datetime
 import sys
+import time
 from typing import Annotated
 
 import typer
@@ -23,15 +27,19 @@ from vlhub.cli._errors import reports_errors
 from vlhub.cli._options import JsonOpt
 from vlhub.cli._output import byte_progress, print_json, stderr, stdout
 from vlhub.errors import CheckFailed, UserError
+from vlhub.hub.home import plural
 from vlhub.hub.leftovers import PARTIAL, CacheLeftover, find_leftovers, remove_leftovers
 from vlhub.hub.store import (
     DOWNLOAD,
     CacheEntry,
     entries_to_remove,
     find_entry,
+    freed_by,
+    holding,
     list_entries,
     mark_used,
     remove_entry,
+    unreferenced,
     verify_bytes,
     verify_entry,
 )
@@ -45,11 +53,16 @@ cache_app = typer.Typer(
     no_args_is_help=True,
 )
 
-ModelArg = Annotated[str, typer.Argument(metavar="MODEL", help="A catalog name or repo id.", show_default=False)]
-OptionalModelArg = Annotated[str | None, typer.Argument(metavar="[MODEL]", help="Only this model (default: all).", show_default=False)]
-RemovedModelArg = Annotated[str | None, typer.Argument(metavar="[MODEL]", help="A catalog name or repo id (with "
-                                                    "--stale: only its leftovers; default: all).", show_default=False)]
+ModelArg = Annotated[str, typer.Argument(metavar="MODEL", help="A cache id (model/Org/Name), repo id or catalog name.",
+                                         show_default=False)]
+OptionalModelArg = Annotated[str | None, typer.Argument(metavar="[MODEL]", help="Only this model: a cache id "
+                                                        "(model/Org/Name), repo id or catalog name (default: all).",
+                                                        show_default=False)]
+RemovedModelArg = Annotated[str | None, typer.Argument(metavar="[MODEL]", help="A cache id (model/Org/Name), repo id "
+                                                       "or catalog name (with --stale: only its leftovers; default: "
+                                                       "all).", show_default=False)]
 YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Delete without asking.")]
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="List what would be removed; remove nothing.")]
 StaleOpt = Annotated[bool, typer.Option("--stale", help="Remove what killed runs left instead: temporaries of dead "
                                                         "processes, lock files nobody holds, partial downloads "
                                                         "nobody is writing (of MODEL only, if given).")]
@@ -60,29 +73,51 @@ TargetOpt = Annotated[
 ]
 
 
-def _when(timestamp: float | None) -> str:
+# (unit, seconds in one, the largest count shown before the next unit), as `hf cache ls` rounds them
+_AGO = (("second", 1, 59), ("minute", 60, 59), ("hour", 3600, 23), ("day", 86400, 6), ("week", 7 * 86400, 6),
+        ("month", 30 * 86400, 11), ("year", 365 * 86400, None))
+
+
+def time_ago(timestamp: float | None, now: float | None = None) -> str:
+    """`2 days ago`, as `hf cache ls` writes a time ("a few seconds ago" under 20 s); `-` for never."""
     if timestamp is None:
         return "-"
-    return datetime.datetime.fromtimestamp(timestamp).strftime("%Y-%m-%d %H:%M")
+    delta = (time.time() if now is None else now) - timestamp
+    if delta < 20:
+        return "a few seconds ago"
+    for unit, seconds, largest in _AGO:
+        count = round(delta / seconds)
+        if largest is None or count <= largest:
+            return f"{plural(count, unit)} ago"
+    raise AssertionError("unreachable")
+
+
+def _entries_of(model: str | None) -> list[CacheEntry]:
+    """The cache's entries, or those of `model`: none of a model named is an error (exit 2), not an empty list."""
+    entries = list_entries(model)
+    if model is not None and not entries:
+        raise UserError(f"nothing of {model} is in the cache (`vlhub cache ls` lists what is there)")
+    return entries
 
 
 @cache_app.command("ls")
 @reports_errors
 def ls(model: OptionalModelArg = None, json: JsonOpt = False) -> None:
-    """List downloads, built-in models and artifacts: model, revision, kind, size, last used, verified state."""
-    entries = list_entries(model)
+    """List downloads (named as `hf cache ls` names them), built-in models and artifacts: id, revision, kind, size,
+    last used, verified state, smoke verdict."""
+    entries = _entries_of(model)
     if json:
         print_json([e.to_json() for e in entries])
         return
     if not entries:
-        stdout.print("the cache is empty" + (f" for {escape(model)}" if model else ""))
+        stdout.print("the cache is empty")
         return
-    table = Table("model", "revision", "kind", "size", "last used", "verified", "smoke", box=None)
+    table = Table("id", "revision", "kind", "size", "last used", "verified", "smoke", box=None)
     for e in entries:
-        table.add_row(escape(e.model), escape(e.revision[:12]), escape(e.kind), format_size(e.size), _when(e.last_used),
-                      e.verified, e.smoke or "")
+        table.add_row(escape(e.id), escape(e.revision[:12]), escape(e.kind), format_size(e.size),
+                      time_ago(e.last_used), e.verified, e.smoke or "")
     stdout.print(table)
-    stdout.print(f"{len(entries)} entries, {format_size(sum(e.size for e in entries))}")
+    stdout.print(f"{plural(len(entries), 'entry', 'entries')}, {format_size(sum(e.size for e in entries))}")
 
 
 @cache_app.command("path")
@@ -125,13 +160,13 @@ def rm(model: RemovedModelArg = None, target: TargetOpt = None, stale: StaleOpt 
             stderr.print(f"  {e.kind:<24} {e.revision[:12]:<12} {format_size(e.size):>9}  {e.path}", markup=False,
                          soft_wrap=True)
         total = sum(e.size for e in entries)
-        _confirm(f"{len(entries)} entries", total, yes)
+        _confirm(plural(len(entries), "entry", "entries"), total, yes)
         for e in entries:
             remove_entry(e)
     if json:
         print_json({"removed": [e.to_json() for e in entries], "freed_bytes": total})
     else:
-        stdout.print(f"removed {len(entries)} entries ({format_size(total)})")
+        stdout.print(f"removed {plural(len(entries), 'entry', 'entries')} ({format_size(total)})")
 
 
 def _confirm(what: str, total: int, yes: bool) -> None:
@@ -140,7 +175,7 @@ def _confirm(what: str, total: int, yes: bool) -> None:
         return
     if not sys.stdin.isatty():
         raise UserError(f"not deleting {what} ({format_size(total)}) without confirmation: pass --yes")
-    if not typer.confirm(f"delete these {what} ({format_size(total)})?", err=True):
+    if not typer.confirm(f"delete {what} ({format_size(total)})?", err=True):
         raise typer.Exit(1)
 
 
@@ -149,7 +184,7 @@ def _remove_stale(model: str | None, yes: bool, json: bool) -> None:
     if found:
         for leftover in found:
             stderr.print(f"  {_describe(leftover)}", markup=False, soft_wrap=True)
-        _confirm(f"{len(found)} leftovers", sum(leftover.bytes for leftover in found), yes)
+        _confirm(plural(len(found), "leftover"), sum(leftover.bytes for leftover in found), yes)
     removed = remove_leftovers(found)
     gone = [leftover for leftover in removed if leftover.restored is None]  # the others were put back in place
     freed = sum(leftover.bytes for leftover in gone)
@@ -165,9 +200,47 @@ def _remove_stale(model: str | None, yes: bool, json: bool) -> None:
         stdout.print(f"kept {escape(str(path))}: a vlhub run took it up since it was listed")
     where = f" of {escape(model)}" if model else ""
     if found:
-        stdout.print(f"removed {len(gone)} leftovers of killed runs{where}, {format_size(freed)} freed")
+        stdout.print(f"removed {plural(len(gone), 'leftover')} of killed runs{where}, {format_size(freed)} freed")
     else:
         stdout.print(f"no leftovers of killed runs{where} in the cache")
+
+
+@cache_app.command("prune")
+@reports_errors
+def prune(dry_run: DryRunOpt = False, yes: YesOpt = False, json: JsonOpt = False) -> None:
+    """Remove what nothing uses, as `hf cache prune` does: downloaded revisions no branch or tag points at any more,
+    and what killed runs left (temporaries of processes that are gone, lock files nobody holds). Partial downloads
+    are kept (the next download of their model continues them; `cache rm --stale` removes them too). Asks first
+    unless --yes; while a download or conversion of an entry runs, fails at once naming it."""
+    revisions = unreferenced(list_entries())
+    leftovers = [leftover for leftover in find_leftovers() if leftover.kind != PARTIAL]
+    freed = freed_by(revisions) + sum(leftover.bytes for leftover in leftovers)
+    what = " and ".join(part for part in (plural(len(revisions), "revision") if revisions else "",
+                                          plural(len(leftovers), "leftover") + " of killed runs" if leftovers else "")
+                        if part)
+    if not what:
+        if json:
+            print_json({"dry_run": dry_run, "revisions": [], "leftovers": [], "freed_bytes": 0})
+        else:
+            stdout.print("nothing to prune: every revision is referenced and no killed run left anything")
+        return
+    for entry in revisions:
+        stderr.print(f"  {entry.id} {entry.revision[:12]}  {format_size(entry.size):>9}  unreferenced: no branch or "
+                     f"tag points at it", markup=False, soft_wrap=True)
+    for leftover in leftovers:
+        stderr.print(f"  {_describe(leftover)}", markup=False, soft_wrap=True)
+    if not dry_run:
+        _confirm(what, freed, yes)
+        with holding(revisions, "a revision in the cache") as held:
+            for entry in held:
+                if entry in unreferenced(held):  # no download pointed a branch at it meanwhile
+                    remove_entry(entry)
+        remove_leftovers(leftovers)
+    if json:
+        print_json({"dry_run": dry_run, "revisions": [e.to_json() for e in revisions],
+                    "leftovers": [leftover.to_json() for leftover in leftovers], "freed_bytes": freed})
+    else:
+        stdout.print(f"{'would remove' if dry_run else 'removed'} {what} ({format_size(freed)})")
 
 
 @cache_app.command("verify")
@@ -193,8 +266,9 @@ def verify(model: OptionalModelArg = None, json: JsonOpt = False) -> None:
         _show_leftovers(leftovers)
     damaged = [r for r in results if not r.ok]
     if damaged:
-        raise CheckFailed(f"{sum(len(r.damaged) for r in damaged)} damaged files in {len(damaged)} entries; "
-                          "`vlhub cache rm` them and download or convert again")
+        raise CheckFailed(f"{plural(sum(len(r.damaged) for r in damaged), 'damaged file')} in "
+                          f"{plural(len(damaged), 'entry', 'entries')}; `vlhub cache rm` them and download or convert "
+                          "again")
 
 
 def _describe(leftover: CacheLeftover) -> str:
@@ -214,18 +288,18 @@ def _show_leftovers(leftovers: list[CacheLeftover]) -> None:
     if leftovers:
         partials = " (a partial download too: continue it instead to keep its bytes)" if any(
             leftover.kind == PARTIAL for leftover in leftovers) else ""
-        stdout.print(f"{len(leftovers)} leftovers of killed runs, "
+        stdout.print(f"{plural(len(leftovers), 'leftover')} of killed runs, "
                      f"{format_size(sum(leftover.bytes for leftover in leftovers))}: `vlhub cache rm --stale` "
                      f"removes them{partials}", soft_wrap=True)
 
 
 def _show_result(entry: CacheEntry, checked: int, damaged: list[str], skipped: str | None) -> None:
-    name = f"{escape(entry.model)} {escape(entry.kind)} {escape(entry.revision[:12])}"
+    name = f"{escape(entry.id)} {escape(entry.kind)} {escape(entry.revision[:12])}"
     if skipped:
         stdout.print(f"[dim]skip[/dim]  {name}: {escape(skipped)}")
     elif damaged:
-        stdout.print(f"[red]FAIL[/red]  {name}: {len(damaged)} of {checked} files damaged")
+        stdout.print(f"[red]FAIL[/red]  {name}: {len(damaged)} of {plural(checked, 'file')} damaged")
         for problem in damaged:
             stdout.print(f"        {escape(problem)}")
     else:
-        stdout.print(f"[green]ok[/green]    {name}: {checked} files")
+        stdout.print(f"[green]ok[/green]    {name}: {plural(checked, 'file')}")

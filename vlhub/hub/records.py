@@ -6,13 +6,17 @@ caches."""
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
+from contextlib import suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from vlhub.formats.writers import write_json_atomic
 from vlhub.hub.home import remove_empty_parents, vlhub_home
+from vlhub.manifest import MANIFEST, Manifest
 from vlhub.owned import sweep
+from vlhub.units import now_iso
 
 
 @dataclass(frozen=True)
@@ -118,3 +122,18 @@ def _read(path: Path) -> DownloadRecord | None:
         return DownloadRecord(**json.loads(path.read_text()))
     except (OSError, ValueError, TypeError):  # a record from another version or half-edited: ignore it
         return None
+
+
+def note_verified(directory: Path, manifest: Manifest, damaged: list[str]) -> None:
+    """Record that every file `manifest` lists in `directory` was hashed, and what was `damaged`, when the directory
+    is an artifact in the cache (by `vlhub cache verify`, or by `vlhub check`, so `vlhub cache ls` shows what either
+    found). The manifest's time, the cache's "last used", is kept: checking is not using. Elsewhere (a copy on a
+    device, a read-only cache) nothing is written."""
+    if (vlhub_home() / "artifacts").resolve() not in directory.resolve().parents:
+        return
+    path = directory / MANIFEST
+    with suppress(OSError):
+        last_used = path.stat().st_mtime
+        manifest.cache_verify = {"at": now_iso(), "ok": not damaged, "damaged": damaged}
+        manifest.write(directory)
+        os.utime(path, (last_used, last_used))

@@ -20,9 +20,9 @@ from pathlib import Path
 from vlhub.catalog import find_model, models
 from vlhub.errors import CorruptCheckpoint, UserError
 from vlhub.hub.download import hash_file
-from vlhub.hub.home import remove_empty_parents, repo_id_of, safe_name, vlhub_home
+from vlhub.hub.home import plural, remove_empty_parents, repo_id_of, safe_name, vlhub_home
 from vlhub.hub.locks import lock_path, repo_lock_files
-from vlhub.hub.records import DownloadRecord, RemoteFile, all_records, remove_record, save_record
+from vlhub.hub.records import DownloadRecord, RemoteFile, all_records, note_verified, remove_record, save_record
 from vlhub.hub.sources import Source, hub_snapshot
 from vlhub.manifest import MANIFEST, Manifest, listed_path, verdict_state
 from vlhub.owned import exclusive_lock, lock_file_of, writing
@@ -45,14 +45,21 @@ class CacheEntry:
     verified: str  # verified, unverified, damaged, built in
     smoke: str | None = None  # artifacts: the recorded smoke verdict
     record: DownloadRecord | None = field(default=None, repr=False)
+    repo_id: str | None = None  # downloads: the hub's repo
 
     @property
     def is_artifact(self) -> bool:
         return self.kind not in (DOWNLOAD, BUILT_IN)
 
+    @property
+    def id(self) -> str:
+        """How `vlhub cache ls` names it: a download as `hf cache ls` does (`model/Qwen/Qwen2-VL-7B-Instruct`), a
+        built-in model or an artifact by its model's name."""
+        return f"model/{self.repo_id}" if self.repo_id else self.model
+
     def to_json(self) -> dict:
-        return {"model": self.model, "revision": self.revision, "kind": self.kind, "source": self.source,
-                "path": str(self.path), "size_bytes": self.size, "last_used": self.last_used,
+        return {"id": self.id, "model": self.model, "revision": self.revision, "kind": self.kind,
+                "source": self.source, "path": str(self.path), "size_bytes": self.size, "last_used": self.last_used,
                 "verified": self.verified, "smoke": self.smoke}
 
 
@@ -100,10 +107,20 @@ def list_entries(model: str | None = None) -> list[CacheEntry]:
 
 
 def names_model(name: str, model: str) -> bool:
-    """Whether `name` (a catalog name or repo id, as the cache lists them) is the `model` a user typed."""
-    spec = find_model(model)
-    wanted = spec.name if spec else model.strip()
+    """Whether `name` (a catalog name or repo id, as the cache lists them) is the `model` a user typed: either of
+    those, or the id `hf cache ls` and `vlhub cache ls` print (`model/Qwen/Qwen2-VL-7B-Instruct`)."""
+    typed = model_of_id(model)
+    spec = find_model(typed)
+    wanted = spec.name if spec else typed
     return name.lower() == wanted.lower()
+
+
+def model_of_id(text: str) -> str:
+    """A catalog name or repo id as typed, with the `model/` of a cache id removed; other repo types refused."""
+    kind, _, rest = text.strip().partition("/")
+    if kind in ("dataset", "datasets", "space", "spaces", "kernel", "kernels") and rest.count("/") == 1:
+        raise UserError(f"{text}: vlhub's cache holds models only (`hf cache ls` lists the rest)")
+    return rest if kind in ("model", "models") and rest.count("/") == 1 else text.strip()
 
 
 def catalog_name(repo_id: str) -> str:
@@ -119,7 +136,7 @@ def _downloads() -> list[CacheEntry]:
         files = [Path(record.path) / name for name in record.files]
         present = [f for f in files if f.exists()]
         if record.damaged:
-            verified = f"damaged ({len(record.damaged)} files)"
+            verified = f"damaged ({plural(len(record.damaged), 'file')})"
         elif len(present) < len(files):
             verified = f"incomplete ({len(files) - len(present)} missing)"
         else:
@@ -128,13 +145,13 @@ def _downloads() -> list[CacheEntry]:
                 verified += " (--include/--exclude subset)"
         last_used = max((f.stat().st_atime for f in present), default=None)
         entries.append(CacheEntry(record.model, record.commit, DOWNLOAD, record.source, Path(record.path),
-                                  record.total_bytes, last_used, verified, record=record))
+                                  record.total_bytes, last_used, verified, record=record, repo_id=record.repo_id))
     # catalog models other tools put in the Hugging Face cache: listed, and verifiable by their blob names
     for repo, revision in _hf_cached_catalog_revisions():
         if (repo.repo_id, revision.commit_hash) not in recorded:
             entries.append(CacheEntry(catalog_name(repo.repo_id), revision.commit_hash, DOWNLOAD, "huggingface",
                                       Path(revision.snapshot_path), revision.size_on_disk, repo.last_accessed,
-                                      "unverified"))
+                                      "unverified", repo_id=repo.repo_id))
     return entries
 
 
@@ -174,7 +191,8 @@ def _artifacts() -> list[CacheEntry]:
         path = manifest_path.parent
         manifest = Manifest.read(path)
         check = manifest.cache_verify if manifest else {"ok": False, "damaged": [MANIFEST]}
-        verified = "unverified" if not check else "verified" if check["ok"] else f"damaged ({len(check['damaged'])} files)"
+        verified = ("unverified" if not check else "verified" if check["ok"] else
+                    f"damaged ({plural(len(check['damaged']), 'file')})")
         smoke_state = verdict_state(manifest.smoke if manifest else None)
         model, revision = path.parent.parent.name, path.parent.name
         entries.append(CacheEntry(model, revision, path.name, "vlhub", path, _tree_size(path),
@@ -228,19 +246,57 @@ def select_entries(model: str, target: str | None = None) -> list[CacheEntry]:
 
 @contextmanager
 def entries_to_remove(model: str, target: str | None = None) -> Iterator[list[CacheEntry]]:
-    """The entries `vlhub cache rm` removes (see `select_entries`), held for the block by the locks their writers
-    take: while a download or conversion of one runs, or another `cache rm` holds one, `Busy` names that process
-    at once. Entries another process removed before the locks were taken are left out."""
-    listed = select_entries(model, target)
+    """The entries `vlhub cache rm` removes (see `select_entries`), held for the block (see `holding`)."""
+    with holding(select_entries(model, target), f"{model} in the cache") as held:
+        yield held
+
+
+@contextmanager
+def holding(listed: list[CacheEntry], what: str) -> Iterator[list[CacheEntry]]:
+    """`listed`, held for the block by the locks their writers take: while a download or conversion of one runs, or
+    another `cache rm` or `cache prune` holds one, `Busy` names that process at once. Entries another process
+    removed before the locks were taken are left out."""
     with ExitStack() as locks:
         for lock in sorted({lock for entry in listed for lock in _writer_locks(entry)}):
-            locks.enter_context(exclusive_lock(lock, wait=False, what=f"{model} in the cache"))
-        present = {e.path for e in select_entries(model, target)}
-        held = [e for e in listed if e.path in present]
-        yield held
+            locks.enter_context(exclusive_lock(lock, wait=False, what=what))
+        present = {e.path for e in list_entries()}
+        yield [e for e in listed if e.path in present]
     for entry in listed:  # now that their lock files are gone too: an artifact's revision and model folders
         if entry.kind != DOWNLOAD and not entry.path.exists():
             remove_empty_parents(entry.path, 2)
+
+
+def unreferenced(entries: list[CacheEntry]) -> list[CacheEntry]:
+    """The Hugging Face downloads among `entries` that no branch or tag of their repo points at (what `hf cache
+    prune` calls detached revisions: a commit downloaded by its hash, or a branch's former commit)."""
+    found = []
+    for entry in entries:
+        if entry.kind != DOWNLOAD or entry.source != "huggingface":
+            continue
+        refs = entry.path.parent.parent / "refs"  # models--Org--Name/refs/<branch or tag>
+        pointed = {f.read_text().strip() for f in refs.rglob("*") if f.is_file()} if refs.is_dir() else set()
+        if entry.revision not in pointed:
+            found.append(entry)
+    return found
+
+
+def freed_by(entries: list[CacheEntry]) -> int:
+    """The bytes removing `entries` frees: a download's blobs that another revision shares stay."""
+    from huggingface_hub import scan_cache_dir
+
+    freed = sum(e.size for e in entries if not (e.kind == DOWNLOAD and e.source == "huggingface"))
+    by_cache: dict[Path, list[str]] = {}
+    for e in entries:
+        if e.kind == DOWNLOAD and e.source == "huggingface":
+            by_cache.setdefault(_hf_cache_of(e), []).append(e.revision)
+    for cache, commits in by_cache.items():
+        freed += scan_cache_dir(cache).delete_revisions(*commits).expected_freed_size
+    return freed
+
+
+def _hf_cache_of(entry: CacheEntry) -> Path:
+    """The hub cache a download is in: …/<cache>/models--Org--Name/snapshots/<commit>."""
+    return entry.path.parents[2]
 
 
 def _writer_locks(entry: CacheEntry) -> list[Path]:
@@ -263,11 +319,11 @@ def remove_entry(entry: CacheEntry) -> None:
 
 def _remove_files(entry: CacheEntry) -> None:
     if entry.kind == DOWNLOAD and entry.source == "huggingface":
-        from huggingface_hub import constants, scan_cache_dir
+        from huggingface_hub import scan_cache_dir
         from huggingface_hub.utils import CacheNotFound
 
-        try:
-            scan_cache_dir(constants.HF_HUB_CACHE).delete_revisions(entry.revision).execute()
+        try:  # the cache it is in: HF_HUB_CACHE, or the --cache-dir it was downloaded into
+            scan_cache_dir(_hf_cache_of(entry)).delete_revisions(entry.revision).execute()
         except CacheNotFound:
             pass
         repo_folder = entry.path.parent.parent  # models--Org--Name, above snapshots/<commit>
@@ -367,7 +423,6 @@ def manifest_problems(directory: Path, manifest: Manifest, on_bytes: Callable[[i
 
 def _verify_artifact(entry: CacheEntry, on_bytes: Callable[[int], None] | None) -> VerifyResult:
     result = VerifyResult(entry)
-    manifest_path = entry.path / MANIFEST
     manifest = Manifest.read(entry.path)
     if manifest is None:
         result.damaged.append(f"{MANIFEST}: unreadable")
@@ -377,9 +432,6 @@ def _verify_artifact(entry: CacheEntry, on_bytes: Callable[[int], None] | None) 
         result.damaged = manifest_problems(entry.path, manifest, on_bytes)
     except CorruptCheckpoint as exc:  # a listed file leads out of the entry: damaged, and nothing in it is hashed
         result.damaged = [str(exc)]
-    manifest.cache_verify = {"at": now_iso(), "ok": result.ok, "damaged": result.damaged}
-    last_used = manifest_path.stat().st_mtime
-    manifest.write(entry.path)
-    os.utime(manifest_path, (last_used, last_used))  # checking it is not using it
+    note_verified(entry.path, manifest, result.damaged)
     return result
 
