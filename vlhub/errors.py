@@ -21,6 +21,11 @@ class UnsafePickle(CorruptCheckpoint):
     """A pickle that asks for something beyond rebuilding arrays; refused before anything runs."""
 
 
+class Note(UserWarning):
+    """Something a user should know that does not stop the command (an old spelling read, say): the CLI prints it
+    as one `note:` line on stderr."""
+
+
 class CheckFailed(VlhubError):
     """A check ran and found a problem (exit 1)."""
 

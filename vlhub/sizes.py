@@ -7,6 +7,12 @@ patches (a grid t x h x w) and merges each 2x2 group of patches into one languag
 resized the same way, two frames (temporal_patch_size) to a grid step. A family that resizes to a fixed
 size (`resize = "fixed"`: Qwen-VL) makes every image the config's image_size square, a fixed number of tokens.
 
+Sizes are written as users type them, WIDTHxHEIGHT, width first (1280x720 is a 720p landscape image); every
+command prints them so (input and resized alike). Vendor documents that write 720x1280 (VastModelZOO) put the
+height first: typed here, that is a 720-wide portrait image. A pixel count is an option named so (`--max-pixels N`
+of `plan` and `--to vamc`); llm_convert's `--max_pixels W,H` is its own spelling, which `--to tpu-mlir` writes
+into compile.sh from the WxH it is given.
+
 Compile sizes are for one input per request (one image per ViT call, as vastgenx and the TPU demos run it): the
 visual size N holds the largest input's patches, the prefill its tokens plus a prompt, the maximum context the
 prefill plus an answer. Each deployment target sizes its own options from these (`Sizing`). Sources:
@@ -16,10 +22,11 @@ transformers' Qwen2-VL image processor and the official preprocessor_config.json
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from vlhub.errors import UserError
+from vlhub.errors import Note, UserError
 from vlhub.family_registry import FAMILIES, Family, family_of_config
 from vlhub.keymaps.config import text_config
 from vlhub.smoke.inputs import MAX_RATIO, VisionGeometry, image_processing, smart_resize
@@ -28,6 +35,9 @@ from vlhub.smoke.inputs import MAX_RATIO, VisionGeometry, image_processing, smar
 ALIGN = 16
 DEFAULT_PROMPT_TOKENS = 128  # the chat template's turns and a question beside the visual tokens
 DEFAULT_ANSWER_TOKENS = 512
+# the largest side an image size may give: a JPEG's (and far beyond what a processor keeps); a pixel count, its square
+MAX_SIDE = 65535
+MAX_PIXEL_COUNT = MAX_SIDE * MAX_SIDE
 
 
 @dataclass(frozen=True)
@@ -45,6 +55,11 @@ class InputPlan:
     def patches(self) -> int:
         """ViT input rows: t * h * w."""
         return math.prod(self.grid)
+
+    @property
+    def resized_size(self) -> str:
+        """The resized size as vlhub writes sizes: WIDTHxHEIGHT."""
+        return f"{self.resized[1]}x{self.resized[0]}"
 
     @property
     def label(self) -> str:
@@ -96,19 +111,33 @@ def config_family(config: dict) -> Family:
     return family
 
 
-def parse_size_pair(text: str, option: str = "--image") -> tuple[int, int]:
-    """(width, height) from WIDTHxHEIGHT, e.g. 1280x720, both at least 1 pixel."""
+def parse_size_pair(text: str, option: str = "--image", *, comma_spelling: str | None = None) -> tuple[int, int]:
+    """(width, height) from WIDTHxHEIGHT, e.g. 1280x720, each side from 1 to MAX_SIDE pixels. With
+    `comma_spelling` (the tool that writes sizes W,H), W,H is read too, with a `Note` that vlhub writes WxH."""
+    comma = comma_spelling is not None and "," in text and "x" not in text.lower()
     try:
-        width, height = (int(part) for part in text.lower().split("x"))
+        width, height = (int(part) for part in text.lower().split("," if comma else "x"))
     except ValueError:
-        raise UserError(f"{option} {text!r}: write WIDTHxHEIGHT in pixels, e.g. 1280x720") from None
+        raise UserError(f"{option} {text!r}: write WIDTHxHEIGHT in pixels, width first, e.g. 1280x720") from None
     _check_size(width, height, option)
+    if comma:
+        warnings.warn(f"{option} {text}: {comma_spelling}'s spelling, read as width,height; vlhub writes sizes WxH: "
+                      f"{option} {width}x{height}", Note, stacklevel=2)
     return width, height
 
 
 def _check_size(width: int, height: int, option: str) -> None:
-    if width < 1 or height < 1:
-        raise UserError(f"{option} {width}x{height}: width and height must be at least 1 pixel")
+    if not (1 <= width <= MAX_SIDE and 1 <= height <= MAX_SIDE):
+        raise UserError(f"{option} {width}x{height}: width and height must be from 1 to {MAX_SIDE} pixels, "
+                        "e.g. 1280x720")
+
+
+def check_pixel_count(value: int, option: str = "--max-pixels") -> int:
+    """A pixel count a user gave: from 1 to MAX_PIXEL_COUNT (a MAX_SIDE square)."""
+    if not 1 <= value <= MAX_PIXEL_COUNT:
+        raise UserError(f"{option} {value}: a pixel count from 1 to {MAX_PIXEL_COUNT} ({MAX_SIDE}x{MAX_SIDE}), "
+                        "e.g. 921600 (1280x720)")
+    return value
 
 
 def _fixed_size(family: Family) -> bool:
@@ -136,8 +165,8 @@ def pixel_bounds(config: dict, min_pixels: int | None, max_pixels: int | None,
     geometry = VisionGeometry.from_config(config)
     smallest = (geometry.patch * geometry.merge) ** 2  # one merged token
     default = image_processing(config, preprocessor)
-    low = default.min_pixels if min_pixels is None else min_pixels
-    high = default.max_pixels if max_pixels is None else max_pixels
+    low = default.min_pixels if min_pixels is None else check_pixel_count(min_pixels, "--min-pixels")
+    high = default.max_pixels if max_pixels is None else check_pixel_count(max_pixels)
     if high < smallest:
         raise UserError(f"--max-pixels {high}: at least {smallest} (one {geometry.patch * geometry.merge}-pixel "
                         f"square), e.g. {default.max_pixels} (the processor's default)")

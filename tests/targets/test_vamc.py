@@ -172,7 +172,7 @@ def test_catalog_numbers(model: str, tp: int, split: list[int], stack: bool) -> 
     (["--prefill-len", "1500"], "the prefill 1500 is not a multiple of 16"),
     (["--max-len", "1408"], "--max-len 1408: the context must be longer than the prefill"),
     (["--max-pixels", "2000000"], "needs a visual N of 10208; vlhub builds N up to 8192"),
-    (["--max-pixels", "1280x720"], "give the largest image's pixel count"),
+    (["--max-pixels", "1280x720"], "the largest image's pixel count, e.g. --max-pixels 921600 (1280x720)"),
     (["--image", "1280x720", "--max-pixels", "921600"], "not both"),
     (["--image", "720p"], "--image '720p': write WIDTHxHEIGHT"),
     (["--dtype", "bfloat16"], "compile float16"),

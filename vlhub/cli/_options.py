@@ -58,8 +58,9 @@ def _parameter(name: str, declarations: list[tuple[Target, Field, Any]]) -> insp
     for target, each, _ in declarations:
         by_help.setdefault(each.metadata["help"], []).append(target.name)
     helps = [f"{', '.join(names)}: {text}" for text, names in by_help.items()]
+    metavars = dict.fromkeys(each.metadata["metavar"] for _, each, _ in declarations if each.metadata["metavar"])
     option = typer.Option("--" + name.replace("_", "-"), help=" ".join(helps), show_default=False,
-                          metavar=declarations[0][1].metadata["metavar"])
+                          metavar="|".join(metavars) or None)
     if hint is bool:
         return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=False,
                                  annotation=Annotated[bool, option])

@@ -32,7 +32,8 @@ TargetOpt = Annotated[str, typer.Option(
                      "target to convert it to.")]
 ImageOpt = Annotated[list[str] | None, typer.Option(
     "--image", metavar="WxH", show_default=False,
-    help="An image size you will send, e.g. 1280x720; repeat for more. Checked against the compiled sizes.")]
+    help="An image size you will send, width x height (1280x720 is 720p landscape); repeat for more. Checked "
+         "against the compiled sizes.")]
 StrictOpt = Annotated[bool, typer.Option("--strict", help="Exit 1 on warnings too.")]
 SmokeOpt = Annotated[bool, typer.Option("--smoke", help="Run the smoke test again instead of reading its verdict.")]
 

@@ -30,7 +30,8 @@ ModelArg = Annotated[str, typer.Argument(
          "local checkpoint directory (its config.json is read).")]
 ImageOpt = Annotated[list[str] | None, typer.Option(
     "--image", metavar="WxH", show_default=False,
-    help="An image's width x height in pixels, e.g. 1280x720; repeat for more images.")]
+    help="An image's width x height in pixels, width first: 1280x720 is 720p landscape (VastModelZOO writes it "
+         "720x1280, height first). Repeat for more images.")]
 VideoOpt = Annotated[str | None, typer.Option(
     "--video", metavar="WxH", show_default=False, help="A video's frame width x height; give --frames too.")]
 FramesOpt = Annotated[int | None, typer.Option(
@@ -103,15 +104,15 @@ def plan(
 
 def _inputs_table(result: Plan) -> Table:
     sizing = result.sizing
-    bounds = (f"resized to {_hw(sizing.inputs[0].resized)}" if result.min_pixels is None
+    bounds = (f"resized to {sizing.inputs[0].resized_size}" if result.min_pixels is None
               else f"resized within {result.min_pixels}..{result.max_pixels} pixels")
-    table = Table("input WxH", "resized HxW", "grid t x h x w", "patches", "tokens", f"fits N={sizing.fit_patches}",
+    table = Table("input WxH", "resized WxH", "grid t x h x w", "patches", "tokens", f"fits N={sizing.fit_patches}",
                   box=None, title=f"{escape(result.model)} ({result.family}): {bounds}", title_justify="left")
     for item, refit in zip(sizing.inputs, result.refits):
         fits = "yes" if refit is None else (
-            f"no: at max_pixels {refit.max_pixels} it becomes {_hw(refit.input.resized)}, {refit.input.patches} "
+            f"no: at max_pixels {refit.max_pixels} it becomes {refit.input.resized_size}, {refit.input.patches} "
             "patches")
-        table.add_row(item.label, _hw(item.resized), "x".join(map(str, item.grid)), str(item.patches),
+        table.add_row(item.label, item.resized_size, "x".join(map(str, item.grid)), str(item.patches),
                       str(item.tokens), fits)
     return table
 
@@ -134,6 +135,3 @@ def _sizes_table(result: Plan) -> Table:
         table.add_row(name, "not for this model", escape(why))
     return table
 
-
-def _hw(size: tuple[int, int]) -> str:
-    return f"{size[0]}x{size[1]}"

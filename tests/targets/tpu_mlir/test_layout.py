@@ -17,7 +17,7 @@ from vlhub.formats.readers import open_checkpoint
 from vlhub.inspect import inspect_checkpoint
 from vlhub.targets.tpu_mlir.build import TpuOptions, check_tpu_options, tpu_options
 
-SMALL = ["--seq-length", "128", "--max-pixels", "112,112"]
+SMALL = ["--seq-length", "128", "--max-pixels", "112x112"]
 
 
 def convert(source: str | Path, out: Path, *args: str) -> dict:
@@ -111,14 +111,14 @@ def test_a_transformers5_source_gets_official_key_names(tiny_qwen2_vl_transforme
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["--max-pixels", "100,100"], "multiples of 28"),
-    (["--max-pixels", "448,448", "--seq-length", "256"], "needs at least 320"),  # 256 vision tokens + 64
+    (["--max-pixels", "100x100"], "multiples of 28"),
+    (["--max-pixels", "448x448", "--seq-length", "256"], "needs at least 320"),  # 256 vision tokens + 64
     (["--seq-length", "100000"], "at most 32768"),
     (["--quantize", "int4"], "choose one of w4bf16"),
     (["--chip", "bm1690"], "choose bm1684x or bm1688"),
     (["--quantize", "w4bf16", "--group-size", "48"], "must divide every quantized Linear's input"),
-    (["--max-pixels", "wide"], "write the largest image as W,H"),
-    (["--onnx"], "fewer than the smoke test's 168x112 image (96); give at least 168,112"),
+    (["--max-pixels", "wide"], "write WIDTHxHEIGHT in pixels, width first"),
+    (["--onnx"], "fewer than the smoke test's 168x112 image (96); give at least 168x112"),
 ])
 def test_bad_options_are_refused_before_anything_is_written(args: list[str], message: str, tmp_path: Path) -> None:
     result = run_vlhub("convert", "tiny-qwen2-vl", "--to", "tpu-mlir", "--out", str(tmp_path / "out"), *SMALL, *args)
@@ -147,7 +147,7 @@ def test_qwen_vl_has_no_route_and_options_belong_to_their_target(tmp_path: Path)
 ])
 def test_vision_sizes_follow_smart_resize(model: str, pixels: tuple[int, int], patches: int) -> None:
     spec = get_model(model)
-    options = tpu_options(spec.family, spec.config, "bfloat16", max_pixels="{},{}".format(*pixels),
+    options = tpu_options(spec.family, spec.config, "bfloat16", max_pixels="{}x{}".format(*pixels),
                           seq_length=8192)
     assert options.vision_patches == patches and options.vision_tokens == patches // 4
     with pytest.raises(UserError, match=f"at least {patches // 4 + 64}"):
@@ -166,7 +166,7 @@ def test_vlhub_smoke_of_the_layout_runs_its_model_directory(tmp_path: Path) -> N
 def test_onnx_networks_are_exported_compiled_by_script_and_smoke_tested_in_onnxruntime(model: str,
                                                                                        tmp_path: Path) -> None:
     pytest.importorskip("onnxruntime")
-    report = convert(model, tmp_path / "out", "--onnx", "--quantize", "w4bf16", "--max-pixels", "168,112")
+    report = convert(model, tmp_path / "out", "--onnx", "--quantize", "w4bf16", "--max-pixels", "168x112")
     out = tmp_path / "out"
     assert report["smoke"]["runtime"] == "onnxruntime" and report["smoke"]["passed"] is True
     assert report["smoke"]["artifact"] == str(out)

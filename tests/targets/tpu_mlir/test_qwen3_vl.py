@@ -30,7 +30,7 @@ from vlhub.targets.tpu_mlir.build import TpuOptions, check_tpu_options, tpu_opti
 from vlhub.targets.tpu_mlir.simulator import TOOLCHAIN_ENV, simulator_inputs
 
 # the smoke image (112x168) is resized up to the processor's 65536-pixel floor: 224x320, 14x20 patches, 70 tokens
-SMALL = ["--seq-length", "256", "--max-pixels", "320,224"]
+SMALL = ["--seq-length", "256", "--max-pixels", "320x224"]
 VOCAB = 1024
 
 
@@ -157,10 +157,10 @@ def test_the_mixture_of_experts_model_type_is_refused_in_one_line(tmp_path: Path
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["--max-pixels", "300,224"], ("--max-pixels 300,224: W and H must be multiples of 32 (16-pixel patches merged "
-                                  "2x2), at least 64; e.g. 288,224")),
-    (["--max-pixels", "336,336"], "multiples of 32"),  # a Qwen2-VL budget (multiples of 28)
-    (["--max-pixels", "640,640", "--seq-length", "256"], ("a 640x640 image is 400 vision tokens, so the sequence "
+    (["--max-pixels", "300x224"], ("--max-pixels 300x224: W and H must be multiples of 32 (16-pixel patches merged "
+                                  "2x2), at least 64; e.g. 288x224")),
+    (["--max-pixels", "336x336"], "multiples of 32"),  # a Qwen2-VL budget (multiples of 28)
+    (["--max-pixels", "640x640", "--seq-length", "256"], ("a 640x640 image is 400 vision tokens, so the sequence "
                                                          "needs at least 464")),
     (["--onnx"], "--onnx exports the older flow's networks"),
 ])
@@ -172,7 +172,7 @@ def test_bad_options_are_refused_before_anything_is_written(args: list[str], mes
 
 def test_vision_heads_qwen3vlconverter_cannot_tile_are_refused_naming_the_fields() -> None:
     config = official_config(json.loads(json.dumps(get_model("tiny-qwen3-vl").config)))
-    options = tpu_options(get_model("tiny-qwen3-vl").family, config, "bfloat16", max_pixels="320,224",
+    options = tpu_options(get_model("tiny-qwen3-vl").family, config, "bfloat16", max_pixels="320x224",
                           seq_length=256)
     assert (options.patch, options.merge, options.factor) == (16, 2, 32)
     config["vision_config"].update(hidden_size=36, num_heads=2)  # head_dim 18: its rotary table is 18 / 4 wide
@@ -188,7 +188,7 @@ def test_the_plan_uses_qwen3_vl_arithmetic() -> None:
     tpu = plan.targets["tpu-mlir"].to_json()
     assert tpu["max_pixels"] == [1280, 704] and tpu["vision_patches"] == 3520 and tpu["vision_tokens"] == 880
     assert tpu["seq_length"] == plan.sizing.sizes.max_length
-    options = tpu_options(plan.sizing.family, plan.sizing.config, "bfloat16", max_pixels="1280,704",
+    options = tpu_options(plan.sizing.family, plan.sizing.config, "bfloat16", max_pixels="1280x704",
                           seq_length=tpu["seq_length"])
     assert options.vision_patches == 3520
 

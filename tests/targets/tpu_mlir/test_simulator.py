@@ -27,7 +27,7 @@ from vlhub.targets.tpu_mlir.simulator import (
     simulator_inputs,
 )
 
-SIMULATED = ["--seq-length", "128", "--max-pixels", "168,112", "--quantize", "bf16"]  # the smoke image: 96 patches
+SIMULATED = ["--seq-length", "128", "--max-pixels", "168x112", "--quantize", "bf16"]  # the smoke image: 96 patches
 
 
 def convert(model: str, out: Path) -> Path:

@@ -36,6 +36,7 @@ from vlhub.deploy.target import OnBytes
 from vlhub.errors import UserError
 from vlhub.family_registry import Family, family_of_config
 from vlhub.manifest import MANIFEST, FileEntry, Manifest, TargetRecord
+from vlhub.sizes import parse_size_pair
 from vlhub.smoke.inputs import SMOKE_IMAGE, SMOKE_PATCHES
 from vlhub.targets.tpu_mlir import NAME
 
@@ -121,15 +122,12 @@ def vision_fields(config: dict, facts: dict) -> dict:
 
 
 def parse_max_pixels(text: str | None, facts: dict) -> tuple[int, int]:
-    """`W,H` as llm_convert's --max_pixels takes it (default: llm_convert's own for the family)."""
+    """(width, height) of `--max-pixels WxH` (llm_convert's own W,H read too, with a note; default: llm_convert's
+    own for the family)."""
     if text is None:
         width, height = facts["max_pixels"]
         return width, height
-    try:
-        width, height = (int(part) for part in text.replace("x", ",").split(","))
-    except ValueError:
-        raise UserError(f"--max-pixels {text!r}: write the largest image as W,H, e.g. 672,896") from None
-    return width, height
+    return parse_size_pair(text, "--max-pixels", comma_spelling="llm_convert")
 
 
 def tpu_options(family: Family, config: dict, source_dtype: str, *, seq_length: int = DEFAULT_SEQ_LENGTH,
@@ -161,9 +159,9 @@ def check_tpu_options(config: dict, options: TpuOptions) -> None:
     width, height = options.max_pixels
     factor = options.factor
     if width % factor or height % factor or min(width, height) < 2 * factor:
-        raise UserError(f"--max-pixels {width},{height}: W and H must be multiples of {factor} ({options.patch}-pixel "
+        raise UserError(f"--max-pixels {width}x{height}: W and H must be multiples of {factor} ({options.patch}-pixel "
                         f"patches merged {options.merge}x{options.merge}), at least {2 * factor}; e.g. "
-                        f"{_nearest(width, factor)},{_nearest(height, factor)}")
+                        f"{_nearest(width, factor)}x{_nearest(height, factor)}")
     needed = options.vision_tokens + PROMPT_TOKENS
     limit = int(config.get("max_position_embeddings") or 32768)
     if not needed <= options.seq_length <= limit:
@@ -231,9 +229,9 @@ def check_smoke_image_fits(options: TpuOptions) -> None:
     """The ONNX smoke test feeds the exported ViT the smoke image: the pixel budget must hold it."""
     if options.vision_patches < SMOKE_PATCHES:
         height, width = SMOKE_IMAGE
-        raise UserError(f"--max-pixels {options.max_pixels[0]},{options.max_pixels[1]} exports a ViT for "
+        raise UserError(f"--max-pixels {options.max_pixels[0]}x{options.max_pixels[1]} exports a ViT for "
                         f"{options.vision_patches} patches, fewer than the smoke test's {width}x{height} image "
-                        f"({SMOKE_PATCHES}); give at least {width},{height}, or pass --no-smoke")
+                        f"({SMOKE_PATCHES}); give at least {width}x{height}, or pass --no-smoke")
 
 
 def check_onnx_installed() -> None:
@@ -286,6 +284,7 @@ def llm_convert_command(options: TpuOptions, facts: dict | None = None) -> list[
     command = ["-m", "./model", "-s", str(options.seq_length), "-q", options.quantize]
     if options.quantize.startswith("w"):
         command += ["-g", str(options.group_size)]
+    # llm_convert's --max_pixels is "width,height" (parse_max_pixels in its llm_convert.py)
     return command + ["-c", options.chip, "--max_pixels", "{},{}".format(*options.max_pixels),
                       *(facts or {}).get("llm_convert_flags", []), "-o", "./compiled"]
 
@@ -469,7 +468,8 @@ def _readme(conversion: Conversion, family: Family, options: TpuOptions, facts: 
         f"# {name} for Sophgo {options.chip.upper()} (TPU-MLIR)",
         "",
         (f"Written by vlhub {__version__}: `{options.quantize}` weights, sequence length {options.seq_length}, "
-         f"images up to {width}x{height} pixels ({options.vision_patches} patches, {options.vision_tokens} vision "
+         f"images resized up to {width}x{height} (width x height; {options.vision_patches} patches, "
+         f"{options.vision_tokens} vision "
          "tokens)."),
         "",
         "| path | what it is |",
@@ -502,8 +502,8 @@ def _readme(conversion: Conversion, family: Family, options: TpuOptions, facts: 
         "python3 pipeline.py -m compiled/<stem>_<timestamp>.bmodel -c compiled/config",
         "```",
         "",
-        ("The demo reads the image budget from the bmodel's vision network: give it images up to "
-         f"{width}x{height} pixels; prompts and answers share the {options.seq_length} positions with the "
+        ("The demo reads the image budget from the bmodel's vision network: give it images resized up to "
+         f"{width}x{height} (width x height; larger ones are resized down); prompts and answers share the {options.seq_length} positions with the "
          f"{options.vision_tokens} vision tokens."),
         *_position_grid_note(conversion.config, facts),
         "",

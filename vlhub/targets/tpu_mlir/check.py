@@ -69,7 +69,7 @@ def number_checks(ctx: LayoutContext) -> list[Check]:
     try:
         check_tpu_options(ctx.config, options)
         checks.append(Check("numbers", "compile options", PASS,
-                            f"--seq-length {options.seq_length}, --max-pixels {width},{height} "
+                            f"--seq-length {options.seq_length}, --max-pixels {width}x{height} "
                             f"({options.vision_patches} patches, {options.vision_tokens} vision tokens + "
                             f"{PROMPT_TOKENS} prompt), {options.quantize}, {options.chip}"))
     except UserError as exc:
@@ -86,12 +86,12 @@ def number_checks(ctx: LayoutContext) -> list[Check]:
 
     def shrunk(item: InputPlan) -> str:
         budget = plan_inputs(ctx.config or {}, [(item.width, item.height)], max_pixels=width * height)[0]
-        return f": the processor shrinks it to {budget.resized[1]}x{budget.resized[0]} ({budget.patches} patches)"
+        return f": the processor shrinks it to {budget.resized_size} ({budget.patches} patches)"
 
     def holding(item: InputPlan) -> str:
         assert ctx.config is not None
         fitted = tpu_mlir_options(family, ctx.config, [item], compile_sizes(ctx.config, [item]))
-        return f"--seq-length {fitted.seq_length} --max-pixels {fitted.max_pixels[0]},{fitted.max_pixels[1]}"
+        return f"--seq-length {fitted.seq_length} --max-pixels {fitted.max_pixels[0]}x{fitted.max_pixels[1]}"
 
     return checks + image_fits(ctx, (options.vision_patches, "the ViT's"), (options.seq_length, "--seq-length"),
                                lambda item: planned_fix(ctx, item, lambda: holding(item)), PROMPT_TOKENS, shrunk)

@@ -1,5 +1,5 @@
-"""TPU-MLIR's compile sizes for planned inputs: llm_convert's --max_pixels W,H and --seq-length, as `vlhub plan`
-prints them and `--to tpu-mlir` checks them."""
+"""TPU-MLIR's compile sizes for planned inputs: `--max-pixels WxH` (llm_convert's --max_pixels W,H, width first)
+and --seq-length, as `vlhub plan` prints them and `--to tpu-mlir` checks them."""
 
 from __future__ import annotations
 
@@ -22,17 +22,17 @@ class TpuPlan:
 
     def command_options(self) -> str:
         width, height = self.options.max_pixels
-        return f"--seq-length {self.options.seq_length} --max-pixels {width},{height}"
+        return f"--seq-length {self.options.seq_length} --max-pixels {width}x{height}"
 
     def summary(self) -> str:
         width, height = self.options.max_pixels
-        return (f"max pixels {width},{height} ({self.options.vision_patches} patches), seq length "
+        return (f"images resized up to {width}x{height} ({self.options.vision_patches} patches), seq length "
                 f"{self.options.seq_length}")
 
     def rows(self, sizing: Sizing, command: str | None) -> list[tuple[str, str, str]]:
         width, height = self.options.max_pixels
         return [(NAME, f"--max_pixels {width},{height} --seq_length {self.options.seq_length}",
-                 f"llm_convert: a ViT of {self.options.vision_patches} patches; {command}")]
+                 f"llm_convert's width,height: a ViT of {self.options.vision_patches} patches; {command}")]
 
     def to_json(self) -> dict:
         return {"max_pixels": list(self.options.max_pixels), "seq_length": self.options.seq_length,
@@ -40,8 +40,8 @@ class TpuPlan:
 
 
 def tpu_mlir_options(family: Family, config: dict, inputs: Sequence[InputPlan], sizes: CompileSizes) -> TpuOptions:
-    """llm_convert's --max_pixels W,H and --seq-length for `inputs` (planned into `sizes`), checked as `vlhub
-    convert --to tpu-mlir` checks them. W,H is the largest input's resized size; a video, or a side under two
+    """llm_convert's --max_pixels (width, height) and --seq-length for `inputs` (planned into `sizes`), checked as
+    `vlhub convert --to tpu-mlir` checks them: the largest input's resized size; a video, or a side under two
     merged tokens (56 pixels for Qwen2(.5)-VL, 64 for Qwen3-VL), gets a near-square budget of as many squares of
     one merged token (the config's patch side x merge size)."""
     largest = max(inputs, key=lambda item: item.patches)
@@ -54,7 +54,7 @@ def tpu_mlir_options(family: Family, config: dict, inputs: Sequence[InputPlan], 
         across = max(2, math.isqrt(squares - 1) + 1)
         width, height = across * factor, max(2, -(-squares // across)) * factor
     return tpu_options(family, config, config_dtype(config) or "bfloat16", seq_length=sizes.max_length,
-                       max_pixels=f"{width},{height}")
+                       max_pixels=f"{width}x{height}")
 
 
 def tpu_plan(sizing: Sizing) -> TpuPlan:

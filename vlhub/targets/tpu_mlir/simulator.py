@@ -131,11 +131,11 @@ def check_fits(smoke: SmokeInput, seq_length: int, patches: int, config: dict | 
     if vision is None:
         raise UserError("the simulator runs bmodels whose ViT takes patch rows; this input has no vision patches")
     if len(vision.pixel_values) > patches:
-        example = "168,112"  # tiny-qwen2-vl's smoke image
+        example = "168x112"  # tiny-qwen2-vl's smoke image
         if config is not None and len(vision.grids) == 1:
             _, rows, columns = vision.grids[0]
             patch = VisionGeometry.from_config(config).patch
-            example = f"{columns * patch},{rows * patch}"
+            example = f"{columns * patch}x{rows * patch}"
         raise UserError(f"the smoke image is {len(vision.pixel_values)} patches and this bmodel's ViT takes "
                         f"{patches}: convert with a --max-pixels that holds it, e.g. {example}")
     if len(smoke.input_ids) > seq_length:

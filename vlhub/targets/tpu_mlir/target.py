@@ -32,7 +32,7 @@ from vlhub.targets.tpu_mlir.smoke import TpuMlirRunner, TpuSmokeOptions
 
 
 def _default_pixels() -> str:
-    return ", ".join("{},{} for {}".format(*f.route(NAME)["max_pixels"], f.display_name)
+    return ", ".join("{}x{} for {}".format(*f.route(NAME)["max_pixels"], f.display_name)
                      for f in FAMILIES.values() if f.routes_to(NAME))
 
 
@@ -51,8 +51,9 @@ class TpuMlirOptions:
     """What `vlhub convert --to tpu-mlir` takes."""
 
     seq_length: int | None = flag(f"Positions for the prompt, image and answer (default {DEFAULT_SEQ_LENGTH}).")
-    max_pixels: str | None = flag(f"The largest image, W,H in multiples of the patch side x merge size "
-                                       f"({_pixel_multiples()}; default {_default_pixels()}).")
+    max_pixels: str | None = flag(f"The largest image, WxH (width first, e.g. 672x896; llm_convert's own W,H is "
+                                  f"read too), in multiples of the patch side x merge size ({_pixel_multiples()}; "
+                                  f"default {_default_pixels()}).", metavar="WxH")
     quantize: str | None = flag(f"{', '.join(QUANTIZE_DTYPE)} (default w4bf16, or w4f16 for a float16 model).")
     group_size: int | None = flag(f"Weights per quantization group for w4/w8 (default {DEFAULT_GROUP_SIZE}).")
     chip: str | None = flag("bm1684x (default) or bm1688.")

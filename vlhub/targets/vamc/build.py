@@ -37,7 +37,7 @@ from vlhub.errors import UserError
 from vlhub.family_registry import FAMILIES, Family
 from vlhub.formats.writers import write_json_atomic
 from vlhub.manifest import MANIFEST, FileEntry, Manifest, TargetRecord, listed_path
-from vlhub.sizes import max_pixels_for, parse_size_pair, patch_multiple, plan_inputs, round_up
+from vlhub.sizes import check_pixel_count, max_pixels_for, parse_size_pair, patch_multiple, plan_inputs, round_up
 from vlhub.smoke.inputs import MIN_PIXELS, SMOKE_IMAGE, SMOKE_PATCHES, VisionGeometry
 from vlhub.targets.vamc.plan import MAX_VAMC_PATCHES, NAME, OUTPUT_CHUNK, vamc_lengths, visual_output_split
 
@@ -344,6 +344,7 @@ def _readme(conversion: Conversion, family: Family, config: dict, weights: str, 
         (f"Written by vlhub {__version__}. Visual network: N = {options.visual_patches} patch rows (images up to "
          f"{options.max_pixels:,} pixels after smart_resize, {options.visual_tokens} visual tokens). LLM: prefill "
          f"{options.prefill_length}, context {options.max_length}, tensor parallel {options.tp}, fp16."),
+        *_planned_for(config, options),
         "",
         "| path | what it is |",
         "|---|---|",
@@ -394,15 +395,28 @@ def _readme(conversion: Conversion, family: Family, config: dict, weights: str, 
     ])
 
 
+def _planned_for(config: dict, options: VamcOptions) -> list[str]:
+    """The README's line on the --image sizes N was planned for, in `vlhub plan`'s words (sizes WxH, width first;
+    VastModelZOO's documents write the height first: its 720x1280 is vlhub's 1280x720)."""
+    if not options.images:
+        return []
+    planned = plan_inputs(config, images=list(options.images))
+    sizes = ", ".join(f"input {item.width}x{item.height}: resized {item.resized_size}, {item.patches} patches"
+                      for item in planned)
+    return ["", f"Planned for `--image` (width x height) {sizes}."]
+
+
 def _pixel_count(text: str) -> int:
     try:
         value = int(text.replace("_", "").replace(",", ""))
     except ValueError:
+        if "x" in text.lower():  # a size: its pixel count is what this option takes, or it is an --image
+            width, height = parse_size_pair(text, "--max-pixels")
+            raise UserError(f"--max-pixels {text}: for --to vamc the largest image's pixel count, e.g. "
+                            f"--max-pixels {width * height} ({width}x{height}), or --image {width}x{height}") from None
         raise UserError(f"--max-pixels {text!r}: give the largest image's pixel count for --to vamc, e.g. "
                         f"{DEFAULT_MAX_PIXELS}") from None
-    if value < 1:
-        raise UserError(f"--max-pixels {value} must be positive")
-    return value
+    return check_pixel_count(value)
 
 
 def _patch_values(config: dict) -> int:

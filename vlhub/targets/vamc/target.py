@@ -34,7 +34,8 @@ class VamcOptions:
 
     image: tuple[str, ...] = flag("An image size you will send (repeatable); the visual N is planned to hold the "
                                   "largest (instead of --max-pixels).", default=(), metavar="WxH")
-    max_pixels: str | None = flag(f"The largest image, a pixel count (default {DEFAULT_MAX_PIXELS}).")
+    max_pixels: str | None = flag(f"The largest image as a pixel count, e.g. 921600 for 1280x720 (default "
+                                  f"{DEFAULT_MAX_PIXELS}).", metavar="N")
     prefill_len: int | None = flag("The LLM's prefill length, a multiple of 16 (default: the image's tokens plus a "
                                    "prompt, as `vlhub plan` computes).")
     max_len: int | None = flag("The LLM's context (KV cache) length, a multiple of 16 (default: computed).")
