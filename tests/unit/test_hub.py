@@ -1,6 +1,7 @@
 """The download machinery on its own: a lock its dead holder left, the hash following a restarted transfer, what a
-dropped connection keeps, and a listing's hashes as untrusted names (downloads through the command:
-tests/cli/test_download.py)."""
+dropped connection keeps, a listing's hashes as untrusted names, FILENAMES as `hf download` reads them, and which
+network errors mean the hub cannot be reached (downloads through the command: tests/cli/test_download.py,
+tests/cli/test_network.py)."""
 
 from __future__ import annotations
 
@@ -129,10 +130,56 @@ def test_a_cancelled_transfer_stops_at_the_next_stride_and_keeps_what_it_wrote(t
 
 def test_listed_hashes_are_untrusted_names_too() -> None:
     from vlhub.errors import UserError
-    from vlhub.hub.download import checked_files, resolve_repo
+    from vlhub.hub.download import DownloadOptions, checked_files, resolve_repo
     from vlhub.hub.records import RemoteFile
 
     ref = resolve_repo("org/repo")
     for sha256, blob_id in (("../../../../victim.txt", None), (None, "../victim"), (None, None), ("A" * 64, None)):
         with pytest.raises(UserError, match="no valid hash"):
-            checked_files([RemoteFile("w.safetensors", 5, sha256, blob_id)], ref, None, None)
+            checked_files([RemoteFile("w.safetensors", 5, sha256, blob_id)], ref, DownloadOptions())
+
+
+def _connect_error(to: tuple[str, int], **kwargs: object) -> BaseException:
+    """The exception huggingface_hub's own HTTP client raises connecting to `to`."""
+    from huggingface_hub.utils import get_session
+
+    try:
+        get_session().get(f"{kwargs.get('scheme', 'http')}://{to[0]}:{to[1]}/api/models/a/b", timeout=5)
+    except Exception as exc:  # noqa: BLE001 - the point is which one
+        return exc
+    raise AssertionError("connected")
+
+
+def test_which_network_errors_mean_the_hub_cannot_be_reached() -> None:
+    """Judged on the exceptions the real client raises: a name that does not resolve, a closed port and a TLS
+    handshake with a plain-HTTP server are unreachable (not retried); a dropped connection is not."""
+    import socket
+
+    from vlhub.hub.download import unreachable_reason
+
+    assert "does not resolve" in unreachable_reason(_connect_error(("nonexistent.invalid", 80)))
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    assert unreachable_reason(_connect_error(("127.0.0.1", port))) == "the connection was refused"
+    with serving_whole(b"x" * 10) as url:
+        host, port_text = url.removeprefix("http://").split("/")[0].split(":")
+        assert "TLS" in unreachable_reason(_connect_error((host, int(port_text)), scheme="https"))
+    dropped = ConnectionResetError(104, "Connection reset by peer")
+    assert unreachable_reason(dropped) is None
+    assert unreachable_reason(RuntimeError("503 Server Error")) is None
+
+
+def test_filenames_are_read_as_hf_download_reads_them() -> None:
+    from vlhub.errors import UserError
+    from vlhub.hub.download import DownloadOptions, checked_files, resolve_repo
+    from vlhub.hub.records import RemoteFile
+
+    files = [RemoteFile(name, 1, None, "0" * 40) for name in ("config.json", "a.safetensors", "art/x.png", "art/y.png")]
+    ref = resolve_repo("org/repo")
+    chosen = checked_files(files, ref, DownloadOptions(filenames=("config.json", "art/")))
+    assert [f.path for f in chosen] == ["config.json", "art/x.png", "art/y.png"]
+    # FILENAMES replace --include/--exclude, as in `hf download`
+    assert DownloadOptions(include=("*.json",), filenames=("a.safetensors",)).patterns == (["a.safetensors"], None)
+    with pytest.raises(UserError, match="has no file 'nope.json'"):
+        checked_files(files, ref, DownloadOptions(filenames=("nope.json",)))
