@@ -43,7 +43,7 @@ from vlhub.manifest import MANIFEST, Manifest, unfinished_summary
 from vlhub.plan import make_plan, refuse_target
 from vlhub.smoke.run import available_memory, run_smoke
 from vlhub.targets import TARGETS, checkpoint_target, layouts, recorded_target, smoke_runner
-from vlhub.units import format_size
+from vlhub.units import format_size, plural
 
 AUTO = "auto"  # --target auto: the manifest's target, else the weights' format
 _SCAN_BLOCK = 64 << 20  # bytes of one tensor the NaN/Inf scan holds at a time
@@ -96,8 +96,9 @@ class Report:
 
 
 def check_path(path: Path, *, target: str = AUTO, images: Sequence[tuple[int, int]] = (),
-               smoke: bool = False) -> Report:
-    """Run every check that applies to the layout or converted checkpoint at `path`."""
+               smoke: bool = False, say: Callable[[str], None] | None = None) -> Report:
+    """Run every check that applies to the layout or converted checkpoint at `path`; `say` hears each group of
+    checks as it starts (hashing every file and scanning every weight take minutes on a large model)."""
     if not path.is_dir():
         raise UserError(f"{path} is a file: vlhub check takes the directory vlhub convert wrote")
     manifest = Manifest.read(path)
@@ -109,7 +110,9 @@ def check_path(path: Path, *, target: str = AUTO, images: Sequence[tuple[int, in
     try:
         _open_weights(ctx)
         report = Report("layout", chosen.name, path=str(path), family=ctx.family, model=ctx.model_name)
-        for group in LAYOUT_GROUPS:
+        for step, group in LAYOUT_GROUPS:
+            if say is not None:
+                say(step)
             report.checks += group(ctx)
         report.needs = _next_needs(ctx)
         report.has = _has(report.needs)
@@ -209,18 +212,19 @@ def integrity_checks(ctx: LayoutContext) -> list[Check]:
                 _stray_check(ctx)]
     files = ctx.manifest.files
     checks = [Check("integrity", "manifest", PASS,
-                    f"{MANIFEST}: {len(files)} files, written by vlhub {ctx.manifest.vlhub_version} "
+                    f"{MANIFEST}: {plural(len(files), 'file')}, written by vlhub {ctx.manifest.vlhub_version} "
                     f"on {ctx.manifest.created}")]
     damaged = manifest_problems(ctx.path, ctx.manifest)
     note_verified(ctx.path, ctx.manifest, damaged)  # `vlhub cache ls` shows it, as after `vlhub cache verify`
     total = sum(entry.size for entry in files.values())
     if damaged:
         checks.append(Check("integrity", "file hashes", FAIL,
-                            f"{len(damaged)} of {len(files)} files differ from the manifest: {'; '.join(damaged)}",
+                            f"{len(damaged)} of {plural(len(files), 'file')} differ{'s' if len(damaged) == 1 else ''} "
+                            f"from the manifest: {'; '.join(damaged)}",
                             convert))
     else:
         checks.append(Check("integrity", "file hashes", PASS,
-                            f"{len(files)} files ({format_size(total)}): sizes and sha256 as recorded"))
+                            f"{plural(len(files), 'file')} ({format_size(total)}): sizes and sha256 as recorded"))
     checks.append(_stray_check(ctx))
     return checks
 
@@ -323,7 +327,8 @@ def _dtype_check(ctx: LayoutContext) -> Check:
     convert = ctx.reconvert()
     if stored.get("uint16"):
         return Check("weights", "dtype", FAIL,
-                     f"{stored['uint16']} tensors are stored as uint16 (how Paddle stores bfloat16) but config.json "
+                     f"{plural(stored['uint16'], 'tensor')} {'is' if stored['uint16'] == 1 else 'are'} stored as "
+                     "uint16 (how Paddle stores bfloat16) but config.json "
                      f"says {declared}: a loader reads the bf16 bits as numbers (1.0 becomes 16256.0)",
                      "if they are bfloat16, say dtype bfloat16 in config.json; else " + convert)
     if declared is None:
@@ -345,13 +350,15 @@ def _shape_check(ctx: LayoutContext) -> Check:
     dims = ", ".join(f"{key} {ctx.config.get(key)}" for key in ("hidden_size", "num_hidden_layers", "vocab_size")
                      if key in ctx.config)
     if wrong:
-        return Check("weights", "shapes", FAIL, f"{len(wrong)} tensors disagree with config.json ({dims}): "
+        return Check("weights", "shapes", FAIL, f"{plural(len(wrong), 'tensor')} disagree"
+                     f"{'s' if len(wrong) == 1 else ''} with config.json ({dims}): "
                      f"{'; '.join(wrong[:4])}{' ...' if len(wrong) > 4 else ''}",
                      "put the model's own config.json beside the weights, or convert again")
     if "unreadable" in ctx.plan_problems:
         return Check("weights", "shapes", WARN, "not compared: the keys are in no layout vlhub knows")
     assert ctx.checkpoint is not None
-    return Check("weights", "shapes", PASS, f"{len(ctx.checkpoint.tensors)} tensors as config.json says ({dims})")
+    return Check("weights", "shapes", PASS,
+                 f"{plural(len(ctx.checkpoint.tensors), 'tensor')} as config.json says ({dims})")
 
 
 def _tied_check(ctx: LayoutContext) -> Check:
@@ -388,7 +395,8 @@ def nan_check(checkpoint: Checkpoint) -> Check:
     seconds = time.monotonic() - started
     if found:
         listed = "; ".join(f"{name}: {count}" for name, count in list(found.items())[:4])
-        return Check("weights", "NaN/Inf", FAIL, f"{sum(found.values())} NaN or Inf values in {len(found)} tensors "
+        return Check("weights", "NaN/Inf", FAIL,
+                     f"{sum(found.values())} NaN or Inf values in {plural(len(found), 'tensor')} "
                      f"({listed}{' ...' if len(found) > 4 else ''})",
                      "the source or the conversion is broken: check the source with vlhub check, then convert again")
     return Check("weights", "NaN/Inf", PASS, f"none in {format_size(scanned)} of weights (scanned in {seconds:.1f} s)")
@@ -537,8 +545,11 @@ def _run_smoke(path: Path) -> Check:
                  f"{report.seconds:.1f} s)")
 
 
-LAYOUT_GROUPS: tuple[Callable[[LayoutContext], list[Check]], ...] = (
-    integrity_checks, weight_checks, number_checks, layout_toolchain_checks, layout_resource_checks, smoke_checks)
+# each group of checks, with what it does in a few words (what `check_path` tells its `say` as the group starts)
+LAYOUT_GROUPS: tuple[tuple[str, Callable[[LayoutContext], list[Check]]], ...] = (
+    ("hashing the files", integrity_checks), ("reading the weights (NaN/Inf scan)", weight_checks),
+    ("the numbers", number_checks), ("the toolchain", layout_toolchain_checks),
+    ("disk and memory", layout_resource_checks), ("the smoke test", smoke_checks))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

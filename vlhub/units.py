@@ -1,4 +1,5 @@
-"""Byte sizes as people write them ("5GB", "500MiB") and as vlhub prints them; timestamps as it records them."""
+"""Byte sizes as people write them ("5GB", "500MiB") and as vlhub prints them, counts with their nouns ("1 entry",
+"2 entries"); timestamps as it records them."""
 
 from __future__ import annotations
 
@@ -31,6 +32,15 @@ def format_size(n: int | float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.3g} {unit}"
         n /= 1000
     raise AssertionError("unreachable")
+
+
+def plural(count: int, noun: str, many: str | None = None) -> str:
+    """`1 entry`, `2 entries`, `0 files`: the count and its noun agreeing (`many`: an irregular plural)."""
+    if count == 1:
+        return f"{count} {noun}"
+    if many is None:
+        many = noun[:-1] + "ies" if noun.endswith("y") and noun[-2:-1] not in "aeiou" else noun + "s"
+    return f"{count} {many}"
 
 
 def format_count(n: int) -> str:

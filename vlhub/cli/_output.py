@@ -1,10 +1,17 @@
-"""One place that decides where output goes: results on stdout, progress and messages on stderr."""
+"""One place that decides where output goes: results on stdout, progress and messages on stderr.
+
+A step that may take more than a second shows progress on a terminal (a bar counting bytes, or a spinner with the
+time elapsed and the step it is at); without a terminal (a log, CI, a pipe) it prints a line as it starts, one
+per step, and one when it ends. Neither shows before the step starts working: a bar appears with its first bytes,
+so a command that refuses its input first shows none.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -13,10 +20,14 @@ from rich.progress import (
     BarColumn,
     DownloadColumn,
     Progress,
+    SpinnerColumn,
     TextColumn,
+    TimeElapsedColumn,
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
+
+from vlhub.units import format_size
 
 # piped output is read by scripts and grep: never cut table cells to fit an imaginary 80 columns
 _PIPE_WIDTH = None if sys.stdout.isatty() or "COLUMNS" in os.environ else 200
@@ -29,18 +40,94 @@ def print_json(data: object) -> None:
     print(json.dumps(data, indent=2))
 
 
+def _line(text: str) -> None:
+    """One progress line on stderr, as it is (a log reader greps it: never wrapped)."""
+    stderr.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
+def _seconds(started: float) -> str:
+    return f"{time.monotonic() - started:.1f} s"
+
+
+class ByteCounter:
+    """What `byte_progress` hands out: call it with the bytes done; `say` names the step they are for (a stage
+    of a layout's build that follows the weights, say)."""
+
+    def __init__(self, description: str, total: int) -> None:
+        self.description, self.total, self.counted = description, total, 0
+        self.started = time.monotonic()
+        self._progress: Progress | None = None  # on a terminal, once started
+        self._task = None
+        self._shown = False
+
+    def _show(self) -> None:
+        """Start showing: the bar on a terminal, the first line without one."""
+        if self._shown:
+            return
+        self._shown = True
+        if stderr.is_terminal:
+            columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                       TimeRemainingColumn())
+            self._progress = Progress(*columns, console=stderr, transient=False)
+            self._progress.start()
+            self._task = self._progress.add_task(self.description, total=self.total, completed=self.counted)
+        else:
+            _line(f"{self.description}: {format_size(self.total)}")
+
+    def __call__(self, n: int) -> None:
+        self.counted += n
+        if n:
+            self._show()
+        if self._progress is not None:
+            self._progress.advance(self._task, n)  # type: ignore[arg-type]
+
+    def say(self, message: str) -> None:
+        self._show()
+        if self._progress is not None:
+            self._progress.update(self._task, description=f"{self.description}: {message}")  # type: ignore[arg-type]
+        else:
+            _line(f"{self.description}: {message}")
+
+    def finish(self) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, total=self.counted)  # type: ignore[arg-type]
+            self._progress.stop()
+        elif self._shown:
+            _line(f"{self.description}: done, {format_size(self.counted)} in {_seconds(self.started)}")
+
+    def abandon(self) -> None:
+        """An error, a full disk, Ctrl-C: its one line must not follow a half-filled bar."""
+        if self._progress is not None:
+            self._progress.live.transient = True
+            self._progress.stop()
+
+
 @contextmanager
-def byte_progress(description: str, total: int) -> Iterator[Callable[[int], None]]:
-    """A progress bar on stderr counting bytes (with bytes/s); yields the function that advances it. `total` may
-    be an estimate: the bar ends at what was counted. It stays once the block is done, and goes if it raises."""
-    columns = (
-        TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=stderr, transient=False) as progress:
-        task = progress.add_task(description, total=total)
-        try:
-            yield lambda n: progress.advance(task, n)
-        except BaseException:  # an error, a full disk, Ctrl-C: its one line must not follow a half-filled bar
-            progress.live.transient = True
-            raise
-        progress.update(task, total=progress.tasks[0].completed)
+def byte_progress(description: str, total: int) -> Iterator[ByteCounter]:
+    """Progress on stderr counting bytes (a bar with bytes/s on a terminal; a line as the first bytes come and
+    one at the end without one); yields the `ByteCounter` to call with bytes done. `total` may be an estimate:
+    the bar ends at what was counted. A bar stays once the block is done, and goes if it raises."""
+    counter = ByteCounter(description, total)
+    try:
+        yield counter
+    except BaseException:
+        counter.abandon()
+        raise
+    counter.finish()
+
+
+@contextmanager
+def stage(description: str) -> Iterator[Callable[[str], None]]:
+    """A step with no byte count, on stderr: on a terminal a spinner with the time elapsed and the latest step it
+    reports; without one a line as it starts, one per step and one when it ends. Yields the function to report a
+    step with."""
+    started = time.monotonic()
+    if not stderr.is_terminal:
+        _line(f"{description}: started")
+        yield lambda message: _line(f"{description}: {message}")
+        _line(f"{description}: done in {_seconds(started)}")
+        return
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+    with Progress(*columns, console=stderr, transient=True) as progress:
+        task = progress.add_task(description, total=None)
+        yield lambda message: progress.update(task, description=f"{description}: {message}")

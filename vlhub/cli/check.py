@@ -20,16 +20,18 @@ from vlhub.catalog import find_model, unknown_model_message
 from vlhub.check import AUTO, FAIL, PASS, WARN, Report, check_model, check_path, check_targets
 from vlhub.cli._errors import reports_errors
 from vlhub.cli._options import JsonOpt, choices
-from vlhub.cli._output import print_json, stdout
+from vlhub.cli._output import print_json, stage, stdout
 from vlhub.errors import CheckFailed, UserError
 from vlhub.sizes import parse_size_pair
+from vlhub.units import plural
 
 PathArg = Annotated[str, typer.Argument(
     metavar="PATH", show_default=False,
     help="A layout or checkpoint vlhub convert wrote, or a catalog model (with --target) before converting it.")]
 TargetOpt = Annotated[str, typer.Option(
-    "--target", metavar=choices(check_targets()), help=f"What PATH is ({AUTO}: its manifest says, or its weights' format); with a MODEL, the "
-                     "target to convert it to.")]
+    "--target", metavar=choices(check_targets()),
+    help=f"What PATH is ({AUTO}: its manifest says, or its weights' format); with a MODEL, the target to "
+         "convert it to.")]
 ImageOpt = Annotated[list[str] | None, typer.Option(
     "--image", metavar="WxH", show_default=False,
     help="An image size you will send, width x height (1280x720 is 720p landscape); repeat for more. Checked "
@@ -63,7 +65,8 @@ def check(
     images = [parse_size_pair(text) for text in image or []]
     local = Path(path).expanduser()
     if local.exists():
-        report = check_path(local, target=target, images=images, smoke=smoke)
+        with stage(f"checking {local}") as say:
+            report = check_path(local, target=target, images=images, smoke=smoke, say=say)
     elif find_model(path) is not None:
         if smoke:
             raise UserError("--smoke runs a converted layout's smoke test: convert the model first")
@@ -79,7 +82,7 @@ def check(
     failed = report.failed(strict)
     if failed:
         verb = "did not pass" if strict else "failed"
-        raise CheckFailed(f"{len(failed)} check{'s' if len(failed) > 1 else ''} {verb}: "
+        raise CheckFailed(f"{plural(len(failed), 'check')} {verb}: "
                           + ", ".join(check.name for check in failed))
 
 

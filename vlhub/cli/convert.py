@@ -21,6 +21,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from vlhub.atomic import check_output_directory, refuse_output_holding
 from vlhub.cli._errors import reports_errors
 from vlhub.cli._options import JsonOpt, SourceArg, TargetFlags, choices, target_options, with_target_flags
 from vlhub.cli._output import byte_progress, print_json, stderr, stdout
@@ -35,7 +36,7 @@ from vlhub.manifest import ERRORED, INTERRUPTED, NOT_RUN, RUNNING, SKIPPED, Mani
 from vlhub.smoke.run import DEFAULT_TOKENS, RuntimeMissing, checkpoint_smoke_input, record_verdict, run_smoke
 from vlhub.smoke.verdict import SmokeReport
 from vlhub.targets import TARGETS, smoke_runner, target_named
-from vlhub.units import format_size
+from vlhub.units import format_size, plural
 
 ToOpt = Annotated[str, typer.Option("--to", metavar=choices(TARGETS), show_default=False,
                                     help="The format or deployment layout to write.")]
@@ -98,9 +99,12 @@ def convert(
                                       smoke_flags=flags.smoke):
                     return
                 overwrite = out.exists()  # an interrupted or damaged copy in the cache: make it again
+        # refused before the progress starts (the build checks again, under its lock)
+        refuse_output_holding(out, conversion.source.local())
+        check_output_directory(out, overwrite)
         label, total = target.progress(conversion, spec)
         with byte_progress(label, total) as advance:
-            manifest = target.build(conversion, spec, out, overwrite=overwrite, on_bytes=advance)
+            manifest = target.build(conversion, spec, out, overwrite=overwrite, on_bytes=advance, say=advance.say)
     report = _smoke(out, located, tokens, flags.smoke) if smoke else _skip_smoke(out)
     if json:
         print_json({**_output_json(out, target, conversion, manifest), "smoke": report.as_dict() if report else None,
@@ -109,7 +113,7 @@ def convert(
         stdout.print(f"{escape(str(out))}  ({escape(target.summary.format(weights=manifest.target.weights))})")
     else:
         ops = ", ".join(f"{op} x{n}" for op, n in conversion.plan.op_counts.items()) or "copy only"
-        stdout.print(f"{escape(str(out))}  ({len(conversion.plan.steps)} tensors, "
+        stdout.print(f"{escape(str(out))}  ({plural(len(conversion.plan.steps), 'tensor')}, "
                      f"{format_size(conversion.plan.total_bytes)}; {ops})")
     _conclude(out, report, json)
 
@@ -199,4 +203,5 @@ def _show_plan(conversion: Conversion, as_json: bool) -> None:
         table.add_row(escape(source), escape(target) if target != source else "=", shape, ops, format_size(nbytes))
     stdout.print(table)
     ops = ", ".join(f"{op} x{n}" for op, n in plan.op_counts.items()) or "copy only"
-    stdout.print(f"{len(plan.steps)} tensors, {format_size(plan.total_bytes)}; {ops}; nothing written (--dry-run)")
+    stdout.print(f"{plural(len(plan.steps), 'tensor')}, {format_size(plan.total_bytes)}; {ops}; "
+                 "nothing written (--dry-run)")

@@ -26,6 +26,7 @@ from vlhub.convert.layouts import UNKNOWN
 from vlhub.errors import UserError
 from vlhub.hub.sources import resolve_source
 from vlhub.keys import RenameResult, parse_rename, rename_keys
+from vlhub.units import plural
 
 RenameOpt = Annotated[
     list[str] | None,
@@ -76,7 +77,8 @@ def keys(
 ) -> None:
     """Rename tensor keys, copying the tensors' bytes untouched.
 
-    E.g. transformer.llm.* -> qwen.* for Qwen-VL static inference; no tensor is decoded. Needs --out or --in-place unless --dry-run. A vlhub manifest beside the weights is updated (sha256,
+    E.g. transformer.llm.* -> qwen.* for Qwen-VL static inference; no tensor is decoded. Needs --out or
+    --in-place unless --dry-run. A vlhub manifest beside the weights is updated (sha256,
     key layout). --json prints an object with source, destination, dry_run, renamed (a list of old/new pairs),
     unchanged (a count), family, layout (of the renamed keys), written and copied (paths)."""
     renames = [parse_rename(text) for text in rename or []]
@@ -91,8 +93,9 @@ def keys(
     elif dry_run:
         _print_renames(result)
     else:
-        stdout.print(f"renamed {len(result.renamed)} keys ({result.unchanged} unchanged){_layout_note(result)}: "
-                     f"{escape(str(result.destination))}  ({len(result.written)} file(s) rewritten, "
+        stdout.print(f"renamed {plural(len(result.renamed), 'key')} ({result.unchanged} unchanged)"
+                     f"{_layout_note(result)}: "
+                     f"{escape(str(result.destination))}  ({plural(len(result.written), 'file')} rewritten, "
                      f"{len(result.copied)} carried over)")
 
 
@@ -110,5 +113,5 @@ def _print_renames(result: RenameResult) -> None:
     for old, new in result.renamed:
         table.add_row(escape(old), "->", escape(new))
     stdout.print(table)
-    stdout.print(f"{len(result.renamed)} keys renamed, {result.unchanged} unchanged{_layout_note(result)}; "
+    stdout.print(f"{plural(len(result.renamed), 'key')} renamed, {result.unchanged} unchanged{_layout_note(result)}; "
                  "nothing written (--dry-run)")

@@ -11,8 +11,8 @@ Examples:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Annotated
 
@@ -23,13 +23,15 @@ from rich.table import Table
 from vlhub.catalog import find_model
 from vlhub.cli._errors import reports_errors
 from vlhub.cli._options import JsonOpt, TargetFlags, choices, with_target_flags
-from vlhub.cli._output import print_json, stderr, stdout
+from vlhub.cli._output import print_json, stdout
+from vlhub.cli._output import stage as progress_stage
 from vlhub.errors import CheckFailed, UserError
 from vlhub.hub.sources import resolve_source
 from vlhub.hub.store import cached_artifact
 from vlhub.smoke.run import DEFAULT_TOKENS, run_smoke
 from vlhub.smoke.verdict import TOLERANCES, SmokeReport
 from vlhub.targets import TARGETS, smoke_runner, target_named
+from vlhub.units import plural
 
 PathArg = Annotated[str, typer.Argument(
     metavar="PATH", help="A converted checkpoint or layout directory, or a catalog model whose conversion is in the "
@@ -86,11 +88,10 @@ def _artifact(path: str, target: str | None) -> Path:
     raise UserError(f"no such file or directory: {path} (nor a model vlhub knows: `vlhub models` lists them)")
 
 
-@contextmanager
-def smoke_status() -> Iterator[Callable[[str], None]]:
-    """A status line on stderr (with elapsed time) that the smoke test updates stage by stage."""
-    with stderr.status("smoke test") as status:
-        yield lambda message: status.update(f"smoke test: {message}")
+def smoke_status() -> AbstractContextManager[Callable[[str], None]]:
+    """The smoke test's progress on stderr, stage by stage: a spinner with the time elapsed on a terminal, a line
+    per stage without one (`_output.stage`)."""
+    return progress_stage("smoke test")
 
 
 def failure_summary(report: SmokeReport) -> str:
@@ -120,7 +121,7 @@ def show_report(report: SmokeReport, as_json: bool) -> None:
         stdout.print(f"not run here: {escape(stage.name)}: {escape(stage.detail)}")
     verdict = "PASSED" if report.passed else "FAILED"
     if report.skipped:
-        verdict += f" ({len(report.stages)} stages ran, {len(report.skipped)} not run here)"
+        verdict += f" ({plural(len(report.stages), 'stage')} ran, {len(report.skipped)} not run here)"
     stdout.print(f"precision {report.precision}: relative diff <= {tolerance.relative:g}, cosine >= "
                  f"{tolerance.cosine}; {report.seconds:.1f} s; {verdict}")
 

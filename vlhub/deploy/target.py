@@ -23,6 +23,7 @@ if TYPE_CHECKING:  # smoke.run is the smoke test's machinery, above this protoco
     from vlhub.smoke.run import SmokeRunner
 
 OnBytes = Callable[[int], None] | None
+Say = Callable[[str], None] | None  # reports the step a build is at, once its bytes are counted (a graph export)
 
 
 def flag(help: str, default: Any = None, metavar: str | None = None) -> Any:
@@ -91,8 +92,9 @@ class Target(Protocol):
     def progress(self, conversion: Conversion, spec: Any) -> tuple[str, int]:
         """The progress bar's label and the bytes `build` reports."""
 
-    def build(self, conversion: Conversion, spec: Any, out: Path, *, overwrite: bool, on_bytes: OnBytes) -> Manifest:
-        """Write the output into `out`, atomically; its manifest."""
+    def build(self, conversion: Conversion, spec: Any, out: Path, *, overwrite: bool, on_bytes: OnBytes,
+              say: Say = None) -> Manifest:
+        """Write the output into `out`, atomically; its manifest. `say` hears of steps `on_bytes` does not count."""
 
     def smoke_runner(self, layout: Path, manifest: Manifest | None, options: Any) -> SmokeRunner:
         """What runs the smoke test of the output at `layout` (its manifest, this target's smoke options)."""

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from vlhub.convert.conversion import Conversion, Model, Output
 from vlhub.deploy.checks import Check, Need, paddle_check
-from vlhub.deploy.target import OnBytes, TargetDefaults, flag
+from vlhub.deploy.target import OnBytes, Say, TargetDefaults, flag
 from vlhub.manifest import Manifest
 from vlhub.smoke.run import CheckpointRunner
 from vlhub.units import parse_size
@@ -58,7 +58,7 @@ class CheckpointTarget(TargetDefaults):
         return f"converting to {self.name}", conversion.plan.total_bytes
 
     def build(self, conversion: Conversion, spec: CheckpointSpec, out: Path, *, overwrite: bool,
-              on_bytes: OnBytes) -> Manifest:
+              on_bytes: OnBytes, say: Say = None) -> Manifest:
         return conversion.write(out, overwrite=overwrite, max_shard_size=spec.max_shard_size,
                                 on_bytes=on_bytes).manifest
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from vlhub import __version__
 from vlhub.atomic import staged_directory
 from vlhub.convert.conversion import Conversion
-from vlhub.deploy.target import OnBytes
+from vlhub.deploy.target import OnBytes, Say
 from vlhub.errors import UserError
 from vlhub.family_registry import Family
 from vlhub.manifest import MANIFEST, FileEntry, Manifest, TargetRecord
@@ -84,8 +84,9 @@ def inference_dtype(family: Family, requested: str | None, source_dtype: str) ->
 
 
 def build_paddle_inference(conversion: Conversion, spec: PaddleInferenceSpec, out: Path, *, overwrite: bool = False,
-                           on_bytes: OnBytes = None) -> Manifest:
-    """Write the conversion's weights for Paddle Inference and export its static graphs into `out`, atomically."""
+                           on_bytes: OnBytes = None, say: Say = None) -> Manifest:
+    """Write the conversion's weights for Paddle Inference and export its static graphs into `out`, atomically
+    (`say` hears the export's steps)."""
     name = conversion.source.name
     weights = f"{name}-inference"
     # the weights, then the graphs' parameters (as large again); a margin for config and tokenizer files
@@ -94,7 +95,8 @@ def build_paddle_inference(conversion: Conversion, spec: PaddleInferenceSpec, ou
         converted = conversion.write_into(staging / weights, on_bytes=on_bytes, published_as=out / weights)
         from vlhub.targets.paddle_inference.static import export_static
 
-        graphs = export_static(staging / weights, staging, ir=spec.ir, dtype=spec.dtype, max_seq_len=spec.max_seq_len)
+        graphs = export_static(staging / weights, staging, ir=spec.ir, dtype=spec.dtype, max_seq_len=spec.max_seq_len,
+                               on_step=say)
         (staging / "README.md").write_text(_readme(name, spec, len(graphs["graphs"]["layers"]),
                                                    len(graphs["graphs"]["head"])))
         files = {f"{weights}/{file}": entry for file, entry in converted.files.items()}

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from vlhub.convert.conversion import Conversion, Model, Output
 from vlhub.deploy.checks import Check, LayoutContext, Need, paddle_check
-from vlhub.deploy.target import OnBytes, TargetDefaults, flag
+from vlhub.deploy.target import OnBytes, Say, TargetDefaults, flag
 from vlhub.family_registry import FAMILIES
 from vlhub.manifest import Manifest
 from vlhub.sizes import Sizing
@@ -75,11 +75,11 @@ class PaddleInferenceTarget(TargetDefaults):
         return 2 * weights  # the weights, then the graphs' parameters
 
     def progress(self, conversion: Conversion, spec: PaddleInferenceSpec) -> tuple[str, int]:
-        return "converting the weights for paddle inference", conversion.plan.total_bytes
+        return "writing the paddle inference layout", conversion.plan.total_bytes
 
     def build(self, conversion: Conversion, spec: PaddleInferenceSpec, out: Path, *, overwrite: bool,
-              on_bytes: OnBytes) -> Manifest:
-        return build_paddle_inference(conversion, spec, out, overwrite=overwrite, on_bytes=on_bytes)
+              on_bytes: OnBytes, say: Say = None) -> Manifest:
+        return build_paddle_inference(conversion, spec, out, overwrite=overwrite, on_bytes=on_bytes, say=say)
 
     def smoke_runner(self, layout: Path, manifest: Manifest | None, options: object) -> StaticGraphRunner:
         assert manifest is not None  # the registry sends layouts whose manifest names this target

@@ -503,8 +503,8 @@ def _readme(conversion: Conversion, family: Family, options: TpuOptions, facts: 
         "```",
         "",
         ("The demo reads the image budget from the bmodel's vision network: give it images resized up to "
-         f"{width}x{height} (width x height; larger ones are resized down); prompts and answers share the {options.seq_length} positions with the "
-         f"{options.vision_tokens} vision tokens."),
+         f"{width}x{height} (width x height; larger ones are resized down); prompts and answers share the "
+         f"{options.seq_length} positions with the {options.vision_tokens} vision tokens."),
         *_position_grid_note(conversion.config, facts),
         "",
     ])

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from vlhub.convert.conversion import Conversion, Model, Output
 from vlhub.deploy.checks import Check, LayoutContext, Need
-from vlhub.deploy.target import OnBytes, TargetDefaults, flag
+from vlhub.deploy.target import OnBytes, Say, TargetDefaults, flag
 from vlhub.errors import UserError
 from vlhub.family_registry import FAMILIES
 from vlhub.manifest import Manifest, listed_path
@@ -102,7 +102,7 @@ class TpuMlirTarget(TargetDefaults):
         return "writing the model directory for llm_convert", total
 
     def build(self, conversion: Conversion, spec: TpuSpec, out: Path, *, overwrite: bool,
-              on_bytes: OnBytes) -> Manifest:
+              on_bytes: OnBytes, say: Say = None) -> Manifest:
         return build_tpu_mlir(conversion, spec, out, overwrite=overwrite, on_bytes=on_bytes)
 
     def smoke_runner(self, layout: Path, manifest: Manifest | None, options: TpuSmokeOptions | None) -> TpuMlirRunner:

@@ -9,7 +9,7 @@ from pathlib import Path
 from vlhub.convert.configs import official_config
 from vlhub.convert.conversion import Conversion, Model, Output
 from vlhub.deploy.checks import Check, LayoutContext, Need
-from vlhub.deploy.target import OnBytes, TargetDefaults, flag
+from vlhub.deploy.target import OnBytes, Say, TargetDefaults, flag
 from vlhub.family_registry import FAMILIES
 from vlhub.manifest import Manifest, listed_path
 from vlhub.sizes import Sizing
@@ -74,7 +74,7 @@ class VamcTarget(TargetDefaults):
         return "writing the vamc layout", written_bytes(conversion.plan.total_bytes, official_config(conversion.config))
 
     def build(self, conversion: Conversion, spec: VamcSpec, out: Path, *, overwrite: bool,
-              on_bytes: OnBytes) -> Manifest:
+              on_bytes: OnBytes, say: Say = None) -> Manifest:
         return build_vamc(conversion, spec, out, overwrite=overwrite, on_bytes=on_bytes)
 
     def smoke_runner(self, layout: Path, manifest: Manifest | None, options: object) -> VamcRunner:

@@ -1,0 +1,70 @@
+"""Long steps show progress (issue 21): a bar or a spinner on a terminal, a line as each starts and ends without
+one (a log, CI); nothing before the input is validated; counts with their nouns agreeing."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import one_line_error, run_vlhub
+from vlhub.units import plural
+
+# rich takes stderr for a terminal (a bar, a spinner) with these, as under `script`
+TERMINAL = {"TTY_COMPATIBLE": "1", "TTY_INTERACTIVE": "1"}
+
+
+def _lines(stderr: str, prefix: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith(prefix)]
+
+
+def test_a_conversion_without_a_terminal_says_when_each_step_starts_and_ends(tiny_qwen2_vl: Path,
+                                                                             tmp_path: Path) -> None:
+    """The weights, then the smoke test (silent for 77 s before on a Qwen-VL), each a line as it starts, a line
+    per stage, and a line when it is done."""
+    result = run_vlhub("convert", "tiny-qwen2-vl", "--to", "paddle", "--out", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    weights = [line for line in result.stderr.splitlines() if line.startswith("converting")]
+    assert len(weights) == 2 and weights[0].endswith(": 81 MB"), result.stderr
+    assert re.fullmatch(r"converting .*: done, 8\d(\.\d)? MB in \d+\.\d s", weights[1]), weights
+    smoke = _lines(result.stderr, "smoke test:")
+    assert smoke[0] == "smoke test: started" and re.fullmatch(r"smoke test: done in \d+\.\d s", smoke[-1])
+    assert "smoke test: reference: vision tower" in smoke  # a line per stage between
+    assert "━" not in result.stderr  # no bar drawn into a log
+
+
+@pytest.mark.parametrize("env", [{}, TERMINAL], ids=["piped", "terminal"])
+def test_a_refusal_shows_no_progress_first(env: dict[str, str], tiny_qwen2_vl: Path, tmp_path: Path) -> None:
+    """An output that is not empty is refused before any progress: no bar flashes 0.0/81.0 MB first."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    result = run_vlhub("convert", "tiny-qwen2-vl", "--to", "paddle", "--out", str(out), env=env)
+    assert "not empty; pass --overwrite" in one_line_error(result)
+    assert "MB" not in result.stderr and "\x1b" not in result.stderr
+
+
+def test_a_terminal_shows_a_bar(tiny_qwen2_vl: Path, tmp_path: Path) -> None:
+    result = run_vlhub("convert", "tiny-qwen2-vl", "--to", "paddle", "--out", str(tmp_path / "out"), "--no-smoke",
+                       env=TERMINAL)
+    assert result.returncode == 0, result.stderr
+    assert "━" in result.stderr and "/81.0 MB" in result.stderr
+    assert "converting" in result.stderr and ": done," not in result.stderr  # the bar, not the log's lines
+
+
+def test_check_says_which_group_of_checks_it_is_at(tiny_qwen2_vl: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert run_vlhub("convert", "tiny-qwen2-vl", "--to", "paddle", "--out", str(out), "--no-smoke").returncode == 0
+    result = run_vlhub("check", str(out))
+    steps = _lines(result.stderr, f"checking {out}:")
+    assert steps[0].endswith(": started") and re.search(r": done in \d+\.\d s$", steps[-1]), result.stderr
+    assert f"checking {out}: hashing the files" in steps
+
+
+@pytest.mark.parametrize(("count", "noun", "many", "said"), [
+    (1, "entry", None, "1 entry"), (2, "entry", None, "2 entries"), (0, "file", None, "0 files"),
+    (1, "file", None, "1 file"), (2, "day", None, "2 days"), (2, "patch", "patches", "2 patches"),
+])
+def test_plural(count: int, noun: str, many: str | None, said: str) -> None:
+    assert plural(count, noun, many) == said
