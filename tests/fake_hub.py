@@ -395,6 +395,14 @@ def _tree(files: dict[str, _File], commit: str, path: str, recursive: bool) -> l
     return sorted(entries, key=lambda e: str(e["path"]))
 
 
+def user_env(hub: FakeHub, root: Path) -> dict[str, str]:
+    """A user's environment for a test: caches of its own under `root` (HF_HOME, VLHUB_HOME), `hub` as HF_ENDPOINT,
+    no telemetry, no Xet (the fake hub serves plain HTTP)."""
+    hub.reset()
+    return {"HF_ENDPOINT": hub.url, "HF_HOME": str(root / "hf"), "VLHUB_HOME": str(root / "vlhub"),
+            "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_XET": "1"}
+
+
 def main(argv: list[str] | None = None) -> None:
     """Serve directories as Hub repos until Ctrl-C."""
     parser = argparse.ArgumentParser(prog="python3 -m tests.fake_hub", description="Serve DIRs as fake Hub repos.")

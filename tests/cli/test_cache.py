@@ -4,13 +4,11 @@ the verified state `vlhub check` leaves shown by `cache ls`."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,20 +19,6 @@ from vlhub.cli.cache import time_ago
 
 REPO = "Qwen/Qwen2-VL-2B-Instruct"  # served with tiny-qwen2-vl's files, so `qwen2-vl-2b` names it
 CACHE_ID = f"model/{REPO}"  # as `hf cache ls` prints it
-
-
-@pytest.fixture(scope="module")
-def hub(tiny_qwen2_vl: Path) -> Iterator[FakeHub]:
-    with contextlib.closing(FakeHub()) as server:
-        server.add_directory(REPO, tiny_qwen2_vl)
-        yield server
-
-
-@pytest.fixture
-def env(hub: FakeHub, tmp_path: Path) -> dict[str, str]:
-    hub.reset()
-    return {"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf"), "VLHUB_HOME": str(tmp_path / "vlhub"),
-            "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_XET": "1"}
 
 
 def hf_cache_ids(env: dict[str, str]) -> list[str]:

@@ -28,21 +28,6 @@ REPO = "Qwen/Qwen2-VL-2B-Instruct"  # served with tiny-qwen2-vl's files, so `qwe
 SHARD = "model-00002-of-00004.safetensors"  # 38.9 MB: the client writes in 1 MiB buffers
 
 
-@pytest.fixture(scope="module")
-def hub(tiny_qwen2_vl: Path) -> Iterator[FakeHub]:
-    with contextlib.closing(FakeHub()) as server:
-        server.add_directory(REPO, tiny_qwen2_vl)
-        yield server
-
-
-@pytest.fixture
-def env(hub: FakeHub, tmp_path: Path) -> dict[str, str]:
-    """A user's environment: a fresh HF_HOME and VLHUB_HOME, the local server as HF_ENDPOINT."""
-    hub.reset()
-    return {"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf"), "VLHUB_HOME": str(tmp_path / "vlhub"),
-            "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_XET": "1"}
-
-
 def hf_repo_dir(env: dict[str, str]) -> Path:
     return Path(env["HF_HOME"]) / "hub" / "models--Qwen--Qwen2-VL-2B-Instruct"
 

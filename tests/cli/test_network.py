@@ -5,10 +5,8 @@ a cached model converts without opening a connection, and one that is not cached
 
 from __future__ import annotations
 
-import contextlib
 import socket
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,20 +17,6 @@ from tests.helpers import one_line_error, run_vlhub
 REPO = "Qwen/Qwen2-VL-2B-Instruct"  # served with tiny-qwen2-vl's files, so `qwen2-vl-2b` names it
 SHARD = "model-00002-of-00004.safetensors"
 REMEDIES = ("HF_ENDPOINT", "--source modelscope", "local checkpoint directory", "HF_HUB_OFFLINE=1")
-
-
-@pytest.fixture(scope="module")
-def hub(tiny_qwen2_vl: Path) -> Iterator[FakeHub]:
-    with contextlib.closing(FakeHub()) as server:
-        server.add_directory(REPO, tiny_qwen2_vl)
-        yield server
-
-
-@pytest.fixture
-def env(hub: FakeHub, tmp_path: Path) -> dict[str, str]:
-    hub.reset()
-    return {"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf"), "VLHUB_HOME": str(tmp_path / "vlhub"),
-            "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_XET": "1"}
 
 
 def closed_port() -> int:
