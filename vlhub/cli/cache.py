@@ -55,10 +55,10 @@ cache_app = typer.Typer(
 
 ModelArg = Annotated[str, typer.Argument(metavar="MODEL", help="A cache id (model/Org/Name), repo id or catalog name.",
                                          show_default=False)]
-OptionalModelArg = Annotated[str | None, typer.Argument(metavar="[MODEL]", help="Only this model: a cache id "
+OptionalModelArg = Annotated[str | None, typer.Argument(metavar="MODEL", help="Only this model: a cache id "
                                                         "(model/Org/Name), repo id or catalog name (default: all).",
                                                         show_default=False)]
-RemovedModelArg = Annotated[str | None, typer.Argument(metavar="[MODEL]", help="A cache id (model/Org/Name), repo id "
+RemovedModelArg = Annotated[str | None, typer.Argument(metavar="MODEL", help="A cache id (model/Org/Name), repo id "
                                                        "or catalog name (with --stale: only its leftovers; default: "
                                                        "all).", show_default=False)]
 YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Delete without asking.")]
@@ -103,8 +103,10 @@ def _entries_of(model: str | None) -> list[CacheEntry]:
 @cache_app.command("ls")
 @reports_errors
 def ls(model: OptionalModelArg = None, json: JsonOpt = False) -> None:
-    """List downloads (named as `hf cache ls` names them), built-in models and artifacts: id, revision, kind, size,
-    last used, verified state, smoke verdict."""
+    """List what is in the cache.
+
+    Downloads (named as `hf cache ls` names them), built-in models and artifacts: id, revision, kind, size, last
+    used, verified state, smoke verdict."""
     entries = _entries_of(model)
     if json:
         print_json([e.to_json() for e in entries])
@@ -123,8 +125,10 @@ def ls(model: OptionalModelArg = None, json: JsonOpt = False) -> None:
 @cache_app.command("path")
 @reports_errors
 def path(model: ModelArg, target: TargetOpt = None) -> None:
-    """Print an entry's path, for scripts: the model's download (or built-in model), or its artifact for --target
-    (the most recently used when several revisions or option sets are cached)."""
+    """Print an entry's path, for scripts.
+
+    The model's download (or built-in model), or its artifact for --target (the most recently used when several
+    revisions or option sets are cached)."""
     spec = find_model(model)
     if spec is not None and spec.tiny and target in (None, DOWNLOAD):
         print(ensure_tiny_model(spec))  # built in: always available, generated on first use
@@ -142,9 +146,10 @@ def path(model: ModelArg, target: TargetOpt = None) -> None:
 @reports_errors
 def rm(model: RemovedModelArg = None, target: TargetOpt = None, stale: StaleOpt = False, yes: YesOpt = False,
        json: JsonOpt = False) -> None:
-    """Remove a model's entries (all of them, or one --target's), or with --stale what killed runs left; asks
-    first unless --yes. While a download, conversion or other `cache rm` of an entry runs, fails at once naming
-    it."""
+    """Remove a model's entries, or with --stale what killed runs left.
+
+    All of the model's entries, or one --target's. Asks first unless --yes. While a download, conversion or other
+    `cache rm` of an entry runs, fails at once naming it."""
     if stale:
         if target is not None:
             raise UserError("--target chooses entries, --stale removes leftovers: pass one of them")
@@ -208,8 +213,9 @@ def _remove_stale(model: str | None, yes: bool, json: bool) -> None:
 @cache_app.command("prune")
 @reports_errors
 def prune(dry_run: DryRunOpt = False, yes: YesOpt = False, json: JsonOpt = False) -> None:
-    """Remove what nothing uses, as `hf cache prune` does: downloaded revisions no branch or tag points at any more,
-    and what killed runs left (temporaries of processes that are gone, lock files nobody holds). Partial downloads
+    """Remove what nothing uses, as `hf cache prune` does.
+
+    Downloaded revisions no branch or tag points at any more, and what killed runs left (temporaries of processes that are gone, lock files nobody holds). Partial downloads
     are kept (the next download of their model continues them; `cache rm --stale` removes them too). Asks first
     unless --yes; while a download or conversion of an entry runs, fails at once naming it."""
     revisions = unreferenced(list_entries())
@@ -246,7 +252,9 @@ def prune(dry_run: DryRunOpt = False, yes: YesOpt = False, json: JsonOpt = False
 @cache_app.command("verify")
 @reports_errors
 def verify(model: OptionalModelArg = None, json: JsonOpt = False) -> None:
-    """Re-hash entries offline: downloads against the hashes the hub listed (or their blob names), artifacts
+    """Re-hash entries offline.
+
+    Downloads against the hashes the hub listed (or their blob names), artifacts
     against their manifests. Exit 1 and the damaged files listed on any mismatch. Also lists what killed runs
     left (removed by `cache rm --stale`), which is no damage."""
     entries, results = list_entries(model), []

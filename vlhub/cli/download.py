@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
-from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -24,7 +23,7 @@ from rich.markup import escape
 
 from vlhub.catalog import ModelSpec
 from vlhub.cli._errors import reports_errors
-from vlhub.cli._options import JsonOpt
+from vlhub.cli._options import JsonOpt, choices
 from vlhub.cli._output import byte_progress, print_json, stderr, stdout
 from vlhub.errors import UserError
 from vlhub.hub.download import DOWNLOAD_WORKERS, EVERYTHING, SOURCES, DownloadOptions
@@ -33,22 +32,16 @@ from vlhub.hub.home import plural
 from vlhub.hub.records import RemoteFile
 from vlhub.units import format_size
 
-
-class RepoType(str, Enum):
-    """`hf download --repo-type`'s choices; vlhub converts models, so it downloads models only."""
-
-    model = "model"
-    dataset = "dataset"
-    space = "space"
-    kernel = "kernel"
+REPO_TYPES = ("model", "dataset", "space", "kernel")  # `hf download --repo-type`'s; vlhub converts models only
 
 
 RepoIdArg = Annotated[str, typer.Argument(metavar="REPO_ID", show_default=False, help=(
     "A repo id (Qwen/Qwen2-VL-7B-Instruct) or a catalog name (qwen2-vl-7b)."))]
-FilenamesArg = Annotated[list[str] | None, typer.Argument(metavar="[FILENAMES]...", show_default=False, help=(
+FilenamesArg = Annotated[list[str] | None, typer.Argument(metavar="FILENAMES", show_default=False, help=(
     "Only these files (e.g. config.json); a name ending in / is a folder. Replaces --include/--exclude."))]
-RepoTypeOpt = Annotated[RepoType, typer.Option("--repo-type", "--type", help="The type of repository: model only.")]
-SourceOpt = Annotated[str, typer.Option("--source", help=f"Where from: {' or '.join(SOURCES)}.")]
+RepoTypeOpt = Annotated[str, typer.Option("--repo-type", "--type", metavar=choices(REPO_TYPES),
+                                          help="The type of repository: vlhub downloads models only.")]
+SourceOpt = Annotated[str, typer.Option("--source", metavar=choices(SOURCES), help="The hub to download from.")]
 RevisionOpt = Annotated[str | None, typer.Option(
     "--revision", help="Branch, tag or commit (default: main; ModelScope: master).", show_default=False)]
 IncludeOpt = Annotated[list[str] | None, typer.Option(
@@ -74,7 +67,7 @@ EndpointOpt = Annotated[str | None, typer.Option("--endpoint", show_default=Fals
 def download(
     repo_id: RepoIdArg,
     filenames: FilenamesArg = None,
-    repo_type: RepoTypeOpt = RepoType.model,
+    repo_type: RepoTypeOpt = "model",
     revision: RevisionOpt = None,
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
@@ -89,16 +82,16 @@ def download(
     endpoint: EndpointOpt = None,
     json: JsonOpt = False,
 ) -> None:
-    """Download a model into the hub client's own cache (or --local-dir) and print its path (one file's path when
-    one file is named), as `hf download` does.
+    """Download a model as `hf download` does and print its path.
 
-    The total size is checked against free disk first; a hub that cannot be reached fails at once (exit 3) with
+    Into the hub client's own cache (or --local-dir); the path printed is the snapshot's, or the one file's when
+    one file is named. The total size is checked against free disk first; a hub that cannot be reached fails at once (exit 3) with
     what to do; 5xx and dropped connections are retried with backoff; an interrupted file resumes where it stopped,
     also in the next run; every file is checked against the hash the hub lists (a mismatch is deleted and named);
     one download per model and revision at a time. HF_HUB_OFFLINE=1: only the cache, no connection."""
-    if repo_type is not RepoType.model:
-        raise UserError(f"--repo-type {repo_type.value}: vlhub downloads models only (use `hf download` for a "
-                        f"{repo_type.value})")
+    if repo_type != "model":
+        what = f"a {repo_type}" if repo_type in REPO_TYPES else f"one of {', '.join(REPO_TYPES)}"
+        raise UserError(f"--repo-type {repo_type}: vlhub downloads models only (`hf download` takes {what})")
     names = tuple(filenames or ())
     if names and (include or exclude):
         stderr.print("ignoring --include/--exclude: FILENAMES name the files (as `hf download` does)", markup=False,
