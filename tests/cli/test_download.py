@@ -551,3 +551,14 @@ def test_max_workers_and_repo_type_mean_what_they_mean_in_hf(hub: FakeHub, env: 
     assert download(env, "--repo-type", "model", "-q").returncode == 0
     line = one_line_error(download(env, "--repo-type", "dataset"))
     assert "models only" in line
+    assert "choose one of model, dataset" in one_line_error(download(env, "--repo-type", "datasets"))
+
+
+def test_hf_uris_name_the_repo_revision_and_file_as_in_hf(hub: FakeHub, env: dict[str, str]) -> None:
+    commit = json.loads(download(env, "--include", "*.json", "--json").stdout)["commit"]
+    one = run_vlhub("download", f"hf://models/{REPO}@{commit}/config.json", "-q", env=env)
+    assert one.returncode == 0, one.stderr
+    assert Path(one.stdout.strip()) == hf_repo_dir(env) / "snapshots" / commit / "config.json"
+    assert "models only" in one_line_error(run_vlhub("download", "hf://datasets/org/data", env=env))
+    assert "drop --repo-type and --revision" in one_line_error(
+        run_vlhub("download", f"hf://{REPO}", "--revision", "main", env=env))

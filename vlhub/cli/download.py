@@ -89,9 +89,13 @@ def download(
     what to do; 5xx and dropped connections are retried with backoff; an interrupted file resumes where it stopped,
     also in the next run; every file is checked against the hash the hub lists (a mismatch is deleted and named);
     one download per model and revision at a time. HF_HUB_OFFLINE=1: only the cache, no connection."""
+    if repo_id.startswith("hf://"):
+        repo_id, repo_type, revision, filenames = _from_uri(repo_id, repo_type, revision, filenames)
+    if repo_type not in REPO_TYPES:
+        raise UserError(f"--repo-type {repo_type!r}: choose one of {', '.join(REPO_TYPES)} (vlhub: model)")
     if repo_type != "model":
-        what = f"a {repo_type}" if repo_type in REPO_TYPES else f"one of {', '.join(REPO_TYPES)}"
-        raise UserError(f"--repo-type {repo_type}: vlhub downloads models only (`hf download` takes {what})")
+        raise UserError(f"{repo_id} is a {repo_type} repo: vlhub downloads models only (`hf download` fetches the "
+                        "others)")
     names = tuple(filenames or ())
     if names and (include or exclude):
         stderr.print("ignoring --include/--exclude: FILENAMES name the files (as `hf download` does)", markup=False,
@@ -111,6 +115,27 @@ def download(
         print_json(result)
     else:
         stdout.print(escape(result["path"]), soft_wrap=True)
+
+
+def _from_uri(uri: str, repo_type: str, revision: str | None,
+              filenames: list[str] | None) -> tuple[str, str, str | None, list[str] | None]:
+    """`hf://[models/]Org/Name[@rev][/path]` as `hf download` reads it: the repo, its type, the revision and a file
+    or folder (a trailing / kept); the URI says them, so --repo-type, --revision and FILENAMES may not."""
+    from huggingface_hub.errors import HfUriError
+    from huggingface_hub.utils import parse_hf_uri
+
+    try:
+        parsed = parse_hf_uri(uri)
+    except HfUriError as exc:
+        raise UserError(f"{uri}: {exc}") from None
+    if repo_type != "model" or revision is not None:
+        raise UserError(f"{uri} names the repo type and revision: drop --repo-type and --revision")
+    path = parsed.path_in_repo + ("/" if parsed.path_in_repo and uri.endswith("/") else "")
+    if path and filenames:
+        raise UserError(f"{uri} names a file already: drop FILENAMES")
+    if parsed.is_bucket:
+        raise UserError(f"{uri} is a bucket: vlhub downloads models only")
+    return parsed.id, parsed.type, parsed.revision, [path] if path else filenames
 
 
 def _say(text: str) -> None:
