@@ -16,8 +16,11 @@ OFFICIAL = ["qwen-vl-7b", "qwen-vl-chat-7b", "qwen2-vl-2b", "qwen2-vl-7b", "qwen
             "qwen2.5-vl-3b", "qwen2.5-vl-7b", "qwen2.5-vl-32b", "qwen2.5-vl-72b",
             *(f"qwen3-vl-{size}{edition}" for size in ("2b", "4b", "8b", "32b", "30b-a3b", "235b-a22b")
               for edition in ("", "-thinking")),
-            "qwen3-vl-30b-a3b-fp8", "qwen3-vl-30b-a3b-thinking-fp8", "qwen3-vl-235b-a22b-thinking-fp8"]
-TINY = ["tiny-qwen-vl", "tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-qwen3-vl", "tiny-qwen3-vl-moe"]
+            "qwen3-vl-30b-a3b-fp8", "qwen3-vl-30b-a3b-thinking-fp8", "qwen3-vl-235b-a22b-thinking-fp8",
+            *(f"qwen3.5-{size}" for size in ("0.8b", "2b", "4b", "9b", "27b", "35b-a3b", "122b-a10b", "397b-a17b")),
+            *(f"qwen3.5-{size}-fp8" for size in ("27b", "35b-a3b", "122b-a10b", "397b-a17b"))]
+TINY = ["tiny-qwen-vl", "tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-qwen3-vl", "tiny-qwen3-vl-moe", "tiny-qwen3.5",
+        "tiny-qwen3.5-moe"]
 
 
 def test_catalog_lists_the_official_models_then_the_tiny_ones() -> None:

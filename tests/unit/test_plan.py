@@ -64,6 +64,8 @@ MODELS = {
     "tiny-qwen2.5-vl": ("qwen2_5_vl", [128], 128000),
     # Qwen3-VL: no vamc route (VastAI serves it through vllm_vacc), max_position_embeddings 262144
     **{name: ("qwen3_vl", None, 262144) for name in models() if name.startswith(("qwen3-vl", "tiny-qwen3-vl"))},
+    # Qwen3.5: Qwen3-VL's processor, no vamc route, max_position_embeddings 262144
+    **{name: ("qwen3_5", None, 262144) for name in models() if name.startswith(("qwen3.5", "tiny-qwen3.5"))},
 }
 # Qwen3-VL: 16-pixel patches, factor 32, its published bounds 65536..16777216 (preprocessor_config.json
 # size.shortest_edge / longest_edge, docs/facts/qwen3.md#processor)
@@ -100,7 +102,7 @@ def test_catalog_model(name: str) -> None:
         assert (plan.min_pixels, plan.max_pixels) == (None, None)
         assert vamc(plan) is None and tpu(plan) is None and max_seq_len(plan) == 896
         return
-    if family == "qwen3_vl":
+    if family in ("qwen3_vl", "qwen3_5"):
         assert got == QWEN3_INPUTS and sizes == QWEN3_SIZES
         assert (plan.min_pixels, plan.max_pixels) == (65536, 16777216) and vamc(plan) is None
         # llm_convert: the largest input's own size, W,H = 1920,1088 (its multiples of 32)

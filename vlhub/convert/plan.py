@@ -129,11 +129,12 @@ def plan_conversion(
 
 def _joined_parts(layout: Layout, want: ExpectedTensor, parts: dict[tuple[int, int], TensorMeta],
                   problems: dict[str, list[str]]) -> tuple[TensorMeta, ...]:
-    """The parts of one fused official tensor [entries, rows, columns], in order, each [columns / parts, rows]
+    """The parts of one fused official tensor as the layout holds it joined, [entries, rows, columns] (the official
+    shape, its last two axes swapped where the layout transposes its kind), in order, each [columns / parts, rows]
     (an [out, in] matrix whose transpose is its slice of the entry); what is missing, mis-shaped or of mixed
     dtypes goes into `problems`."""
     count = layout.part_count(want.name)
-    entries, rows, columns = want.shape
+    entries, rows, columns = _stored_shape(layout, want)
     ordered = []
     for index in range(entries):
         for number in range(count):
@@ -148,6 +149,10 @@ def _joined_parts(layout: Layout, want: ExpectedTensor, parts: dict[tuple[int, i
     if len({meta.dtype for meta in ordered}) > 1:
         problems["mis-shaped"].append(f"the parts of {want.name} have different dtypes")
     return tuple(ordered)
+
+
+def _stored_shape(layout: Layout, want: ExpectedTensor) -> tuple[int, ...]:
+    return swapped_shape(want.shape) if layout.transposes(want.kind) else want.shape
 
 
 def _match(keymap: KeyMap, source: Layout, target: Layout, tensors: dict[str, TensorMeta], config: dict,
@@ -167,7 +172,7 @@ def _match(keymap: KeyMap, source: Layout, target: Layout, tensors: dict[str, Te
             continue
         official = source.to_official(name)
         if source.from_official(official) != name or official not in expected:
-            condition = keymap.drop.get(official)
+            condition = keymap.drop_condition(official)
             if condition and evaluate(condition, dims):
                 dropped.append(name)
             elif allow_unmatched:
@@ -180,7 +185,7 @@ def _match(keymap: KeyMap, source: Layout, target: Layout, tensors: dict[str, Te
             continue
         claimed[official] = name
         want = expected[official]
-        stored = swapped_shape(want.shape) if source.transposes(want.kind) else want.shape
+        stored = _stored_shape(source, want)
         if meta.shape != stored:
             problems["mis-shaped"].append(f"{name} is {list(meta.shape)}, config.json says {list(stored)}")
         if meta.dtype not in FLOAT_DTYPES:  # every tensor these families hold is floating point
@@ -199,7 +204,7 @@ def _match(keymap: KeyMap, source: Layout, target: Layout, tensors: dict[str, Te
     steps = []
     for official, want in expected.items():
         parts = joined.get(official, ())
-        meta = (TensorMeta(official, parts[0].dtype, want.shape, parts[0].shard) if parts
+        meta = (TensorMeta(official, parts[0].dtype, _stored_shape(source, want), parts[0].shard) if parts
                 else tensors[claimed[official]])
         transpose = source.transposes(want.kind) != target.transposes(want.kind)
         target_meta = TensorMeta(

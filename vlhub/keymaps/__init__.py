@@ -21,7 +21,7 @@ from functools import cache
 from importlib import resources
 
 from vlhub.errors import UserError
-from vlhub.keymaps.expr import evaluate
+from vlhub.keymaps.expr import evaluate, names_in
 
 __all__ = ["DIM_BOUNDS", "FAMILY_FILES", "DimBound", "ExpectedTensor", "KeyMap", "Layout", "PartOf", "TensorRule",
            "evaluate", "keymap_of_config", "load_keymap"]
@@ -53,6 +53,7 @@ MAX_PATCH = 1024  # patch side, temporal patch and merge size: 14, 2 and 2 in re
 MAX_POSITIONS = 1 << 24  # max_position_embeddings (and Qwen-VL's seq_length): 32768 to 262144 in released models
 MAX_EXPERTS = 4096  # routed experts per layer: 128 (Qwen3-VL MoE) to 512 (Qwen3.5-397B) in released models
 MAX_POSITION_TABLE = 1 << 16  # a ViT's learned position table: 2304 rows (48 x 48) in Qwen3-VL
+MAX_CONV_KERNEL = 64  # a linear-attention layer's short convolution: 4 in Qwen3.5
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,11 @@ DIM_BOUNDS: dict[str, DimBound] = {
     # (mlp_only_layers, decoder_sparse_step above 1) would need per-layer tensor rules
     "dense_layers": DimBound(0, least=0),
     "sparse_step": DimBound(1),
+    # linear-attention (Gated DeltaNet) layers: key and value heads, their widths, the short convolution's kernel
+    **dict.fromkeys(("lin_k_heads", "lin_v_heads"), DimBound(MAX_HEADS)),
+    **dict.fromkeys(("lin_k_dim", "lin_v_dim"), DimBound(MAX_WIDTH)),
+    "conv_kernel": DimBound(MAX_CONV_KERNEL),
+    "shared_inter": DimBound(MAX_FFN),
 }
 
 
@@ -230,6 +236,9 @@ class KeyMap:
         given = {}
         for name, spec in self.dims.items():
             key, found = _config_lookup(config, spec)
+            if found is not None and "indices_of" in spec:
+                given[name] = self._indices(config, key, found, spec)
+                continue
             if found is not None and spec.get("length"):
                 if not isinstance(found, list):
                     raise UserError(f"config.json {key} is {reprlib.repr(found)}; a {self.id} checkpoint needs a list")
@@ -265,6 +274,23 @@ class KeyMap:
         key, found = _config_lookup(config, self.dims[name])
         return bool(self._checked(name, key, found) if found is not None else self.dims[name].get("default", False))
 
+    def _indices(self, config: dict, key: str, found: object, spec: dict) -> tuple[int, ...]:
+        """A dim read from a list of one word per layer (`indices_of`): the positions holding that word. The list
+        must have one entry of `values` for each of the `length_of` dim's count."""
+        _, count = _config_lookup(config, self.dims[spec["length_of"]])
+        values = spec["values"]
+        if not isinstance(found, list) or len(found) != count or any(entry not in values for entry in found):
+            raise UserError(f"config.json {key} is {reprlib.repr(found)}; a {self.id} checkpoint needs a list of "
+                            f"{count} entries, each one of {', '.join(map(repr, values))}")
+        return tuple(i for i, entry in enumerate(found) if entry == spec["indices_of"])
+
+    def drop_condition(self, official: str) -> str | None:
+        """The condition under which an official name is dropped (`[drop]`: a name, or a prefix ending in `.*`)."""
+        if official in self.drop:
+            return self.drop[official]
+        return next((condition for pattern, condition in self.drop.items()
+                     if pattern.endswith(".*") and official.startswith(pattern[:-1])), None)
+
     def _checked(self, name: str, key: str, value: object) -> object:
         spec = self.dims[name]
         bound = None if _is_flag(spec) else DIM_BOUNDS[name]
@@ -288,7 +314,9 @@ class KeyMap:
     def expected(self, config: dict) -> list[ExpectedTensor]:
         """Every tensor the official checkpoint holds for this config, in official order (layer by layer)."""
         dims = self.resolve_dims(config)
-        rules = [rule for rule in self.tensors if not rule.when or evaluate(rule.when, dims)]
+        # a condition naming a rule's placeholder (`layer in full_layers`) is decided index by index below
+        per_index = {rule for rule in self.tensors if rule.when and set(rule.placeholders) & names_in(rule.when)}
+        rules = [rule for rule in self.tensors if not rule.when or rule in per_index or evaluate(rule.when, dims)]
         out = []
         # consecutive rules over the same placeholders form one block, expanded index by index
         for placeholders, block in itertools.groupby(rules, key=lambda rule: tuple(rule.placeholders)):
@@ -297,6 +325,8 @@ class KeyMap:
             for indices in itertools.product(*ranges):
                 bound = dict(zip(placeholders, map(str, indices)))
                 for rule in block_rules:
+                    if rule in per_index and not evaluate(rule.when, {**dims, **dict(zip(placeholders, indices))}):
+                        continue
                     name = _PLACEHOLDER.sub(lambda m: bound[m.group(1)], rule.template)
                     shape = tuple(int(evaluate(expr, dims)) for expr in rule.shape)  # type: ignore[call-overload]
                     out.append(ExpectedTensor(name, rule.kind, shape))
@@ -376,7 +406,8 @@ def load_keymap(family: str) -> KeyMap:
     for fragment in data.get("include", []):
         texts.append((resources.files(__package__) / "fragments" / f"{fragment}.toml").read_text())
         data = _merge(data, tomllib.loads(texts[-1]))
-    unbounded = [name for name, spec in data.get("dims", {}).items() if not _is_flag(spec) and name not in DIM_BOUNDS]
+    unbounded = [name for name, spec in data.get("dims", {}).items()
+                 if not _is_flag(spec) and "indices_of" not in spec and name not in DIM_BOUNDS]
     if unbounded:
         raise ValueError(f"{family} key map: dims {unbounded} have no bound in DIM_BOUNDS")
     rules = tuple(

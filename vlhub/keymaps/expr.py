@@ -1,5 +1,6 @@
 """A tiny, safe evaluator for the arithmetic in key maps: `hidden // heads`, `int(width * mlp_ratio)`,
-`not tied`. Names, numbers, + - * / //, comparisons, and/or/not and int(); nothing else parses."""
+`not tied`, `layer in full_layers`. Names, numbers, + - * / //, comparisons (in, not in too), and/or/not and int();
+nothing else parses."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from functools import cache
 _BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
            ast.Div: operator.truediv, ast.FloorDiv: operator.floordiv}
 _COMPARE = {ast.Eq: operator.eq, ast.NotEq: operator.ne, ast.Lt: operator.lt, ast.LtE: operator.le,
-            ast.Gt: operator.gt, ast.GtE: operator.ge}
+            ast.Gt: operator.gt, ast.GtE: operator.ge,
+            ast.In: lambda a, b: a in b, ast.NotIn: lambda a, b: a not in b}
 
 
 @cache
@@ -22,6 +24,11 @@ def _parse(text: str) -> ast.expr:
 def evaluate(text: str, names: Mapping[str, object]) -> object:
     """The value of `text` with `names` bound; a ValueError names anything not allowed or unknown."""
     return _eval(_parse(text), names, text)
+
+
+def names_in(text: str) -> frozenset[str]:
+    """The names an expression reads."""
+    return frozenset(node.id for node in ast.walk(_parse(text)) if isinstance(node, ast.Name))
 
 
 def _eval(node: ast.expr, names: Mapping[str, object], text: str) -> object:

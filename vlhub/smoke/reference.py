@@ -148,10 +148,12 @@ def resize_grid(table: np.ndarray, tokens: int) -> np.ndarray:
 
 @dataclass
 class KVCache:
-    """Keys and values of every decoder layer for the tokens seen so far."""
+    """Keys and values of every decoder layer for the tokens seen so far (and, by layer, the recurrent state of a
+    layer that keeps one instead: a linear-attention layer's)."""
 
     keys: list[np.ndarray] = field(default_factory=list)
     values: list[np.ndarray] = field(default_factory=list)
+    states: dict[int, tuple[np.ndarray, ...]] = field(default_factory=dict)
 
     @property
     def length(self) -> int:

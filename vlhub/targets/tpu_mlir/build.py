@@ -106,6 +106,10 @@ class TpuSpec:
                 "group": options.group_size if options.quantize.startswith("w") else None}
 
 
+# the config.json fields that are the inputs of the Linear weights llm_convert quantizes, unless a family says
+QUANTIZED_INPUTS = ("hidden_size", "intermediate_size")
+
+
 def tpu_facts(family: Family, config: dict | None = None) -> dict:
     """The family's `[targets.tpu-mlir]` facts for a config's model type: the table, with the model type's own
     `model_types.<model_type>` sub-table over it. UserError with the reason when the family has no route, or the
@@ -169,7 +173,8 @@ def check_tpu_options(config: dict, options: TpuOptions) -> None:
                         f"vision tokens, so the sequence needs at least {needed} (with {PROMPT_TOKENS} for the "
                         f"prompt and answer), and at most {limit} (max_position_embeddings)")
     if options.quantize.startswith("w"):
-        inputs = {"hidden_size": config["hidden_size"], "intermediate_size": config["intermediate_size"]}
+        # the widths the quantized Linear weights take in, as the family lists them (those its config has)
+        inputs = {key: config[key] for key in facts.get("quantized_inputs", QUANTIZED_INPUTS) if key in config}
         if options.group_size < 1 or any(size % options.group_size for size in inputs.values()):
             raise UserError(f"--group-size {options.group_size}: it must divide every quantized Linear's input "
                             f"({', '.join(f'{k} {v}' for k, v in inputs.items())}); 64 or 128 usually do")
@@ -292,10 +297,12 @@ def llm_convert_command(options: TpuOptions, facts: dict | None = None) -> list[
 def compile_script(options: TpuOptions, facts: dict | None = None) -> str:
     """compile.sh: the toolchain checks, each failing with what to do, then the llm_convert command."""
     arguments = " ".join(shlex.quote(a) for a in llm_convert_command(options, facts))
+    forced = (facts or {}).get("dynamic_forced")
+    dynamic = f"# Dynamic networks whatever the flags: {forced}.\n" if forced else ""
     return f"""#!/usr/bin/env bash
 # Compile ./model for {options.chip} with TPU-MLIR's llm_convert (written by vlhub {__version__}).
 # The bmodel lands in ./compiled/, with ./compiled/config/ (tokenizer and processor files) beside it.
-{_toolchain_checks(parallel=True)}PATH="$BIN:$PATH" "$PYTHON" "$LLM_CONVERT" {arguments}
+{dynamic}{_toolchain_checks(parallel=True)}PATH="$BIN:$PATH" "$PYTHON" "$LLM_CONVERT" {arguments}
 """
 
 

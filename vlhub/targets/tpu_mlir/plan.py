@@ -19,6 +19,7 @@ class TpuPlan:
     """The llm_convert options that hold the planned inputs."""
 
     options: TpuOptions
+    dynamic: str | None = None  # why the family's converter always compiles dynamic networks (`dynamic_forced`)
 
     def command_options(self) -> str:
         width, height = self.options.max_pixels
@@ -31,12 +32,14 @@ class TpuPlan:
 
     def rows(self, sizing: Sizing, command: str | None) -> list[tuple[str, str, str]]:
         width, height = self.options.max_pixels
+        dynamic = f"; dynamic networks: {self.dynamic}" if self.dynamic else ""
         return [(NAME, f"--max_pixels {width},{height} --seq_length {self.options.seq_length}",
-                 f"llm_convert's width,height: a ViT of {self.options.vision_patches} patches; {command}")]
+                 f"llm_convert's width,height: a ViT of {self.options.vision_patches} patches{dynamic}; {command}")]
 
     def to_json(self) -> dict:
         return {"max_pixels": list(self.options.max_pixels), "seq_length": self.options.seq_length,
-                "vision_patches": self.options.vision_patches, "vision_tokens": self.options.vision_tokens}
+                "vision_patches": self.options.vision_patches, "vision_tokens": self.options.vision_tokens,
+                **({"dynamic": self.dynamic} if self.dynamic else {})}
 
 
 def tpu_mlir_options(family: Family, config: dict, inputs: Sequence[InputPlan], sizes: CompileSizes) -> TpuOptions:
@@ -59,4 +62,5 @@ def tpu_mlir_options(family: Family, config: dict, inputs: Sequence[InputPlan], 
 
 def tpu_plan(sizing: Sizing) -> TpuPlan:
     """The options that hold the planned inputs."""
-    return TpuPlan(tpu_mlir_options(sizing.family, sizing.config, sizing.inputs, sizing.sizes))
+    dynamic = tpu_facts(sizing.family, sizing.config).get("dynamic_forced")
+    return TpuPlan(tpu_mlir_options(sizing.family, sizing.config, sizing.inputs, sizing.sizes), dynamic)
