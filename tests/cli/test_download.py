@@ -8,6 +8,7 @@ import contextlib
 import hashlib
 import json
 import os
+import pty
 import signal
 import subprocess
 import sys
@@ -455,7 +456,8 @@ def test_quiet_prints_only_the_path(env: dict[str, str]) -> None:
 def test_without_a_terminal_a_download_says_when_it_starts_and_ends(env: dict[str, str]) -> None:
     result = download(env)
     lines = result.stderr.splitlines()
-    assert lines[0].startswith(f"downloading {REPO}@main: 7 files, 81 MB to fetch"), result.stderr
+    assert lines[0] == f"downloading {REPO}@main (7 files): 81 MB", result.stderr
+    assert lines[1].startswith(f"downloading {REPO}@main (7 files): done, 81 MB in "), result.stderr
     assert lines[-1].startswith(f"{REPO}@main: 7 files, 81 MB, each checked") and "downloaded now" in lines[-1]
     assert "━" not in result.stderr  # no bar drawn into a log
 
@@ -562,3 +564,33 @@ def test_hf_uris_name_the_repo_revision_and_file_as_in_hf(hub: FakeHub, env: dic
     assert "models only" in one_line_error(run_vlhub("download", "hf://datasets/org/data", env=env))
     assert "drop --repo-type and --revision" in one_line_error(
         run_vlhub("download", f"hf://{REPO}", "--revision", "main", env=env))
+
+
+def on_a_terminal(env: dict[str, str], *args: str) -> tuple[int, str]:
+    """`vlhub ARGS` with stderr on a terminal (a pty): its exit code and what the terminal showed."""
+    terminal, child_side = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "vlhub", *args], stdout=subprocess.PIPE, stderr=child_side,
+                            env={**os.environ, **env, "COLUMNS": "120"})
+    os.close(child_side)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(terminal, 4096)
+        except OSError:  # the child closed its side
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(terminal)
+    return proc.wait(timeout=60), shown.decode(errors="replace")
+
+
+def test_on_a_terminal_the_bar_shows_once_the_inputs_are_checked_and_never_before_a_refusal(
+        hub: FakeHub, env: dict[str, str]) -> None:
+    code, shown = on_a_terminal(env, "download", "qwen2-vl-2b")
+    assert code == 0 and "downloading Qwen/Qwen2-VL-2B-Instruct" in shown and "━" in shown, shown
+    assert "done, 81 MB" not in shown  # the lines for logs are not printed beside the bar
+    for refused in (["download", "qwen2-vl-2b", "--revision", "v9", "--force-download"],
+                    ["download", "org/nothing-here"], ["download", "qwen2-vl-2b", "--max-workers", "0"]):
+        code, shown = on_a_terminal(env, *refused)
+        assert code == 2 and "━" not in shown and "error:" in shown, (refused, shown)

@@ -27,7 +27,6 @@ from vlhub.cli._errors import reports_errors
 from vlhub.cli._options import JsonOpt
 from vlhub.cli._output import byte_progress, print_json, stderr, stdout
 from vlhub.errors import CheckFailed, UserError
-from vlhub.hub.home import plural
 from vlhub.hub.leftovers import PARTIAL, CacheLeftover, find_leftovers, remove_leftovers
 from vlhub.hub.store import (
     DOWNLOAD,
@@ -45,7 +44,7 @@ from vlhub.hub.store import (
 )
 from vlhub.hub.tiny import ensure_tiny_model
 from vlhub.targets import TARGETS
-from vlhub.units import format_size
+from vlhub.units import format_size, plural
 
 cache_app = typer.Typer(
     help="The managed cache: downloads (in the hub clients' caches), built-in models, and the conversions and "
@@ -119,7 +118,7 @@ def ls(model: OptionalModelArg = None, json: JsonOpt = False) -> None:
         table.add_row(escape(e.id), escape(e.revision[:12]), escape(e.kind), format_size(e.size),
                       time_ago(e.last_used), e.verified, e.smoke or "")
     stdout.print(table)
-    stdout.print(f"{plural(len(entries), 'entry', 'entries')}, {format_size(sum(e.size for e in entries))}")
+    stdout.print(f"{plural(len(entries), 'entry')}, {format_size(sum(e.size for e in entries))}")
 
 
 @cache_app.command("path")
@@ -165,13 +164,13 @@ def rm(model: RemovedModelArg = None, target: TargetOpt = None, stale: StaleOpt 
             stderr.print(f"  {e.kind:<24} {e.revision[:12]:<12} {format_size(e.size):>9}  {e.path}", markup=False,
                          soft_wrap=True)
         total = sum(e.size for e in entries)
-        _confirm(plural(len(entries), "entry", "entries"), total, yes)
+        _confirm(plural(len(entries), "entry"), total, yes)
         for e in entries:
             remove_entry(e)
     if json:
         print_json({"removed": [e.to_json() for e in entries], "freed_bytes": total})
     else:
-        stdout.print(f"removed {plural(len(entries), 'entry', 'entries')} ({format_size(total)})")
+        stdout.print(f"removed {plural(len(entries), 'entry')} ({format_size(total)})")
 
 
 def _confirm(what: str, total: int, yes: bool) -> None:
@@ -275,7 +274,7 @@ def verify(model: OptionalModelArg = None, json: JsonOpt = False) -> None:
     damaged = [r for r in results if not r.ok]
     if damaged:
         raise CheckFailed(f"{plural(sum(len(r.damaged) for r in damaged), 'damaged file')} in "
-                          f"{plural(len(damaged), 'entry', 'entries')}; `vlhub cache rm` them and download or convert "
+                          f"{plural(len(damaged), 'entry')}; `vlhub cache rm` them and download or convert "
                           "again")
 
 

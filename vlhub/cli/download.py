@@ -28,9 +28,8 @@ from vlhub.cli._output import byte_progress, print_json, stderr, stdout
 from vlhub.errors import UserError
 from vlhub.hub.download import DOWNLOAD_WORKERS, EVERYTHING, SOURCES, DownloadOptions
 from vlhub.hub.fetch import Download, open_download
-from vlhub.hub.home import plural
 from vlhub.hub.records import RemoteFile
-from vlhub.units import format_size
+from vlhub.units import format_size, plural
 
 REPO_TYPES = ("model", "dataset", "space", "kernel")  # `hf download --repo-type`'s; vlhub converts models only
 
@@ -145,8 +144,8 @@ def _say(text: str) -> None:
 def fetch_model(model: str, *, source: str = "huggingface", revision: str | None = None,
                 options: DownloadOptions = EVERYTHING, endpoint: str | None = None,
                 quiet: bool = False) -> dict:
-    """Download with a progress bar on stderr (without a terminal, a line as it starts and one as it ends); the
-    result as `vlhub download --json` prints it."""
+    """Download with its progress on stderr (`byte_progress`), unless `quiet`; the result as `vlhub download
+    --json` prints it."""
     def waiting(holder: str) -> None:
         _say(f"waiting for another download of {model} to finish ({holder})")
 
@@ -157,13 +156,10 @@ def fetch_model(model: str, *, source: str = "huggingface", revision: str | None
         total = sum(f.size for f in job.files)
         if not job.missing_bytes or quiet:
             path = job.fetch()
-        elif stderr.is_terminal:
-            with byte_progress(f"downloading {job.ref.repo_id}", job.missing_bytes) as advance:
+        else:  # a bar on a terminal, else a line as the first bytes come and one at the end
+            with byte_progress(f"downloading {job.ref} ({plural(len(job.files), 'file')})",
+                               job.missing_bytes) as advance:
                 path = job.fetch(on_bytes=advance)
-        else:  # a log, not a terminal: no bar to redraw, one line now and one when done
-            _say(f"downloading {job.ref}: {plural(len(job.files), 'file')}, {format_size(job.missing_bytes)} to "
-                 f"fetch of {format_size(total)}")
-            path = job.fetch()
     if not quiet:
         seconds = time.monotonic() - started
         _say(f"{job.ref}: {plural(len(job.files), 'file')}, {format_size(total)}, each checked against its listed hash "

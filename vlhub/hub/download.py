@@ -36,11 +36,10 @@ from vlhub.catalog import find_model
 from vlhub.errors import CheckFailed, UserError, VlhubError
 from vlhub.faults import commit_point
 from vlhub.formats.writers import hash_file_into
-from vlhub.hub.home import plural
 from vlhub.hub.records import DownloadRecord, RemoteFile, RepoRef, load_record, save_record
 from vlhub.hub.transfer import Cancelled, ShortBody, receive
 from vlhub.owned import lock_open_file, sweep, temporary_name
-from vlhub.units import format_size, now_iso
+from vlhub.units import format_size, now_iso, plural
 
 SOURCES = ("huggingface", "modelscope")
 # seconds to wait before each new attempt after a dropped connection, a 5xx or a 429 (then give up)
@@ -458,10 +457,10 @@ class HuggingFaceDownload:
         counted = threading.Lock()
 
         def received(n: int) -> None:
-            with counted:
+            with counted:  # the transfers' threads report one at a time (a progress bar is not thread-safe)
                 self.downloaded_bytes += n
-            if on_bytes:
-                on_bytes(n)
+                if on_bytes:
+                    on_bytes(n)
 
         to_fetch = self._to_fetch()
         fetched = {f.etag for f in to_fetch}

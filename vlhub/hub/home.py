@@ -32,8 +32,3 @@ def repo_id_of(folder: str) -> str:
     """The repo id a hub cache folder is named after: `models--Org--Name` (Hugging Face), `Org--Name` (ModelScope,
     vlhub's download records)."""
     return folder.removeprefix("models--").replace("--", "/", 1)
-
-
-def plural(count: int, noun: str, nouns: str | None = None) -> str:
-    """`1 file`, `2 files`, `1 entry`, `3 entries` (`nouns` for an irregular plural)."""
-    return f"{count} {noun if count == 1 else nouns or noun + 's'}"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -114,10 +115,13 @@ class ModelScopeDownload:
                                            hash_file(self.snapshot / file.path, file) != file.sha256):
                 missing.append(file)
 
+        counted = threading.Lock()
+
         def received(n: int) -> None:
-            self.downloaded_bytes += n
-            if on_bytes:
-                on_bytes(n)
+            with counted:  # the client's threads report one at a time (a progress bar is not thread-safe)
+                self.downloaded_bytes += n
+                if on_bytes:
+                    on_bytes(n)
 
         if missing:
             try:

@@ -20,13 +20,13 @@ from pathlib import Path
 from vlhub.catalog import find_model, models
 from vlhub.errors import CorruptCheckpoint, UserError
 from vlhub.hub.download import hash_file
-from vlhub.hub.home import plural, remove_empty_parents, repo_id_of, safe_name, vlhub_home
+from vlhub.hub.home import remove_empty_parents, repo_id_of, safe_name, vlhub_home
 from vlhub.hub.locks import lock_path, repo_lock_files
 from vlhub.hub.records import DownloadRecord, RemoteFile, all_records, note_verified, remove_record, save_record
 from vlhub.hub.sources import Source, hub_snapshot
 from vlhub.manifest import MANIFEST, Manifest, listed_path, verdict_state
 from vlhub.owned import exclusive_lock, lock_file_of, writing
-from vlhub.units import now_iso
+from vlhub.units import now_iso, plural
 
 DOWNLOAD, BUILT_IN = "download", "built-in"
 
