@@ -44,7 +44,7 @@ from vlhub.units import format_size, now_iso, plural
 SOURCES = ("huggingface", "modelscope")
 # seconds to wait before each new attempt after a dropped connection, a 5xx or a 429 (then give up)
 RETRY_DELAYS = (1, 2, 4, 8)
-DOWNLOAD_WORKERS = 4  # files transferred at once (`--max-workers`; measured here: 4 fill a 1 Gb/s link)
+DOWNLOAD_WORKERS = 4  # files transferred at once (`--max-workers`; hf download's default is 8)
 PROBE_SECONDS = 5  # a hub that does not accept a connection within this is unreachable
 NETWORK_EXIT = 3  # the exit code of a hub that cannot be reached or keeps failing (docs/download-and-cache.md)
 
@@ -130,9 +130,12 @@ def probe(endpoint: str, ref: RepoRef) -> None:
     """Connect to the hub's host once, within PROBE_SECONDS: HubUnreachable at once when that fails, before a
     client that retries every error by itself is handed the request (ModelScope's retries for 7 s)."""
     from urllib.parse import urlsplit
+    from urllib.request import getproxies, proxy_bypass
 
     parts = urlsplit(endpoint)
     port = parts.port or (443 if parts.scheme == "https" else 80)
+    if parts.scheme in getproxies() and not proxy_bypass(parts.hostname or ""):
+        return  # through a proxy (HTTPS_PROXY): a direct connection proves nothing; the client's errors tell
     try:
         socket.create_connection((parts.hostname or "", port), timeout=PROBE_SECONDS).close()
     except OSError as exc:
