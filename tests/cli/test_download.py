@@ -503,6 +503,13 @@ def test_local_dir_is_laid_out_as_hf_lays_it_out_and_convert_takes_it(hub: FakeH
     assert both.returncode == 2 and "pass one of them" in both.stderr
 
 
+def test_local_dir_gets_equal_files_at_each_of_their_paths(hub: FakeHub, env: dict[str, str], tmp_path: Path) -> None:
+    hub.add_repo("org/twins", {"config.json": b"{}", "a/w.safetensors": b"x" * 1000, "b/w.safetensors": b"x" * 1000})
+    result = run_vlhub("download", "org/twins", "--local-dir", str(tmp_path / "twins"), "-q", env=env)
+    assert result.returncode == 0, result.stderr
+    assert [(tmp_path / "twins" / side / "w.safetensors").read_bytes() for side in "ab"] == [b"x" * 1000] * 2
+
+
 def test_cache_dir_is_the_hub_cache_to_use(env: dict[str, str], tmp_path: Path) -> None:
     cache = tmp_path / "elsewhere"
     result = download(env, "--cache-dir", str(cache))

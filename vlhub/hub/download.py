@@ -442,8 +442,10 @@ class HuggingFaceDownload:
         return metadata is not None and metadata.etag == file.etag
 
     def _to_fetch(self) -> list[RemoteFile]:
-        """What `fetch` transfers: each missing file (all of them with --force-download), equal files once."""
-        return list({f.etag: f for f in self.files if self.options.force or not self._have_blob(f)}.values())
+        """What `fetch` transfers: each missing file (all of them with --force-download); in the cache equal files
+        once (they share a blob), in --local-dir each at its own path."""
+        missing = [f for f in self.files if self.options.force or not self._have_blob(f)]
+        return list({f.path if self.local_dir else f.etag: f for f in missing}.values())
 
     def will_download(self, file: RemoteFile) -> bool:
         """Whether `fetch` transfers this file (for --dry-run)."""
