@@ -20,6 +20,10 @@ from vlhub.formats.writers import CheckpointWriter, write_json_atomic
 from vlhub.keymaps import Layout
 
 
+# the key-map kind of a norm weight stored as its scale minus one (Qwen3.5's `1 + w` RMSNorms)
+ZERO_CENTRED_NORM = "zero_centred_norm"
+
+
 def synthetic_values(name: str, shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
     """float32 values for one tensor, scaled so a forward pass stays well conditioned.
 
@@ -74,6 +78,8 @@ def write_synthetic_checkpoint(
                           on_bytes=on_bytes) as writer:
         for official in expected:
             values = synthetic_values(official.name, official.shape, seed)
+            if official.kind == ZERO_CENTRED_NORM:  # scales by 1 + w: stored near 0, so the scale is near 1
+                values -= 1
             writer.write(names[official.name],
                          cast_float32(np.ascontiguousarray(values.swapaxes(-1, -2)) if stored[official.name]
                                       else values, dtype))
