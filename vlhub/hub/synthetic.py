@@ -19,7 +19,6 @@ from vlhub.formats.tensors import TensorMeta, bf16_bits_from_float32, dtype_info
 from vlhub.formats.writers import CheckpointWriter, write_json_atomic
 from vlhub.keymaps import Layout
 
-
 # the key-map kind of a norm weight stored as its scale minus one (Qwen3.5's `1 + w` RMSNorms)
 ZERO_CENTRED_NORM = "zero_centred_norm"
 
