@@ -80,6 +80,10 @@ def test_every_moe_form_converts_to_the_official_one(saved, form: str, tmp_path:
     assert tuple(experts.shape) == (6, 48, 64)  # [experts, gate | up, hidden], as transformers holds them
     assert not any(".experts.0." in name for name in written)
     loaded = transformers.AutoModelForImageTextToText.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    # the rotary settings in the official spelling (rope_parameters), read back as transformers wrote them
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["text_config"]["rope_parameters"] == \
+        model.config.text_config.rope_parameters == loaded.config.text_config.rope_parameters
+    assert loaded.config.text_config.layer_types == model.config.text_config.layer_types
     for name, tensor in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], tensor), name
 

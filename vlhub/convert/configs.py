@@ -36,13 +36,19 @@ def official_config(config: dict) -> dict:
     return flat
 
 
-def nested_official_config(config: dict, dtype: str) -> dict:
+def nested_official_config(config: dict, dtype: str, *, rope_parameters: bool = False) -> dict:
     """A nested config.json as the official files of its family spell it (transformers 4.57's `rope_scaling` and
-    `rope_theta`, `num_experts`, the vision sub-config's model type), declaring `dtype`: what vendor converters
-    read, whichever transformers re-saved it."""
+    `rope_theta`, or with `rope_parameters` transformers 5's `rope_parameters` holding `rope_theta`; `num_experts`,
+    the vision sub-config's model type), declaring `dtype`: what vendor converters read, whichever transformers
+    re-saved it."""
     out = {k: v for k, v in config.items() if k not in ("torch_dtype", "dtype")}
     text = dict(out.get("text_config") or {})
-    rope = text.pop("rope_parameters", None)
+    if rope_parameters:
+        scaling = text.pop("rope_scaling", None)
+        if isinstance(scaling, dict) and "rope_parameters" not in text:
+            theta = text.pop("rope_theta", None)
+            text["rope_parameters"] = {**scaling, **({"rope_theta": theta} if theta is not None else {})}
+    rope = None if rope_parameters else text.pop("rope_parameters", None)
     if isinstance(rope, dict) and "rope_scaling" not in text:
         text["rope_theta"] = rope.get("rope_theta", text.get("rope_theta"))
         text["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
@@ -63,7 +69,8 @@ def target_config(config: dict, *, dtype: str, for_paddle: bool) -> dict:
     """The config.json to write beside converted weights of `dtype`."""
     family = family_of_config(config)
     if family is not None and family.config_facts.get("nested"):
-        return nested_official_config(config, dtype)
+        return nested_official_config(config, dtype,
+                                      rope_parameters=family.config_facts.get("rope") == "rope_parameters")
     out = official_config(config)
     out.pop("dtype", None)
     out.pop("torch_dtype", None)

@@ -155,6 +155,10 @@ def check_tpu_options(config: dict, options: TpuOptions) -> None:
     family = family_of_config(config)
     facts = tpu_facts(family, config) if family is not None else {}
     _check_vit_heads(vision_fields(config, facts), facts.get("vit_head_dim") or {})
+    for first, second, why in facts.get("equal_fields", []):  # widths the family's converter needs equal
+        if config.get(first) != config.get(second):
+            raise UserError(f"config.json {first} {config.get(first)} and {second} {config.get(second)}: TPU-MLIR's "
+                            f"llm_convert compiles only models where they are equal ({why})")
     if options.chip not in CHIPS:
         raise UserError(f"--chip {options.chip!r}: choose {' or '.join(CHIPS)}")
     if options.quantize not in QUANTIZE_DTYPE:
