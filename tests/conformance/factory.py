@@ -2,11 +2,13 @@
 
 vlhub's own tiny models share its assumptions (the official vocabulary, the official special-token ids,
 its own config writer). These do not: the config classes are transformers' (`Qwen2VLConfig`,
-`Qwen2_5_VLConfig`, `Qwen3VLConfig`, `Qwen3VLMoeConfig`), the weights come from `save_pretrained`, and the drawn
+`Qwen2_5_VLConfig`, `Qwen3VLConfig`, `Qwen3VLMoeConfig`, `Qwen3_5Config`, `Qwen3_5MoeConfig`), the weights come from
+`save_pretrained`, and the drawn
 values go where a real checkpoint may put them: small or official vocabularies with the special tokens anywhere in
 them, widths and head counts that are not powers of two, GQA, tied or untied embeddings, Qwen2.5-VL windows and
-full-attention blocks, Qwen3-VL head widths apart from the hidden size, DeepStack mergers, routed experts, three
-dtypes, one to many shards, and the on-disk forms users hold:
+full-attention blocks, Qwen3-VL head widths apart from the hidden size, DeepStack mergers, routed experts, Qwen3.5's
+linear-attention layers anywhere in the stack (layer_types drawn), three dtypes, one to many shards, and the on-disk
+forms users hold:
 
     official     `save_pretrained` as transformers 5 does it: official key names, nested config.json (a Qwen3-VL
                  MoE's experts as transformers holds them, [E, 2 x moe_inter, hidden]: its re-save form)
@@ -15,7 +17,10 @@ dtypes, one to many shards, and the on-disk forms users hold:
     torch-bin    the same tensors as `pytorch_model-*.bin` shards written by `torch.save`
     hub-experts  a Qwen3-VL MoE as the Hub's files hold it: experts [E, hidden, 2 x moe_inter] and
                  [E, moe_inter, hidden]
-    per-expert   a Qwen3-VL MoE with each expert's gate, up and down projections on their own, [out, in]
+    per-expert   a Qwen3-VL MoE with each expert's gate, up and down projections on their own, [out, in] (a
+                 Qwen3.5 MoE's `official` form: transformers 5 saves its experts so)
+    fused-experts  a Qwen3.5 MoE as its official files hold it: experts fused, [E, 2 x moe_inter, hidden] and
+                 [E, hidden, moe_inter], in one file
 """
 
 from __future__ import annotations
@@ -27,28 +32,42 @@ from pathlib import Path
 from hypothesis import strategies as st
 
 # the families drawn; "qwen3_vl" draws dense and mixture-of-experts models
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5")
 DISK_FORMS = {"qwen2_vl": ("official", "memory-names", "flat-config", "torch-bin"),
               "qwen2_5_vl": ("official", "memory-names", "flat-config", "torch-bin"),
               # official Qwen3-VL configs are nested and its in-memory names are the official ones
-              "qwen3_vl": ("official", "torch-bin", "hub-experts", "per-expert")}
-MOE_FORMS = ("hub-experts", "per-expert")  # drawn for a mixture-of-experts model only
+              "qwen3_vl": ("official", "torch-bin", "hub-experts", "per-expert"),
+              "qwen3_5": ("official", "torch-bin", "fused-experts")}
+MOE_FORMS = ("hub-experts", "per-expert", "fused-experts")  # drawn for a mixture-of-experts model only
 DTYPES = ("bfloat16", "float16", "float32")
 # the released vocabularies, and sizes a small research model or a resized fine-tune has
-OFFICIAL_VOCAB = {"qwen2_vl": 151936, "qwen2_5_vl": 151936, "qwen3_vl": 151936}
+OFFICIAL_VOCAB = {"qwen2_vl": 151936, "qwen2_5_vl": 151936, "qwen3_vl": 151936, "qwen3_5": 248320}
 # the processor's geometry is the same in every release of a family: patches merged 2x2, two frames a patch;
 # Qwen2(.5)-VL 14-pixel patches, Qwen3-VL 16
-PATCH = {"qwen2_vl": 14, "qwen2_5_vl": 14, "qwen3_vl": 16}
+PATCH = {"qwen2_vl": 14, "qwen2_5_vl": 14, "qwen3_vl": 16, "qwen3_5": 16}
 MERGE, TEMPORAL = 2, 2
 
 
 @dataclass(frozen=True)
 class MoeDims:
-    """Qwen3-VL MoE: routed experts in every layer."""
+    """Qwen3-VL and Qwen3.5 MoE: routed experts in every layer (Qwen3.5's beside a shared expert)."""
 
     experts: int
     per_token: int
     inter: int
+    shared: int = 0
+
+
+@dataclass(frozen=True)
+class LinearAttentionDims:
+    """Qwen3.5's Gated DeltaNet layers, and which layers are full attention instead."""
+
+    key_heads: int
+    value_heads: int
+    key_dim: int
+    value_dim: int
+    kernel: int
+    layer_types: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -62,8 +81,9 @@ class TextDims:
     tied: bool
     mrope_section: tuple[int, int, int]
     rope_theta: float
-    width: int | None = None  # Qwen3-VL: a hidden size of its own (else heads x head_dim)
+    width: int | None = None  # Qwen3-VL, Qwen3.5: a hidden size of its own (else heads x head_dim)
     moe: MoeDims | None = None
+    linear: LinearAttentionDims | None = None  # Qwen3.5 only
 
     @property
     def hidden(self) -> int:
@@ -80,7 +100,7 @@ class VisionDims:
     window_size: int  # Qwen2.5-VL only
     fullatt_blocks: tuple[int, ...]  # Qwen2.5-VL only
     position_side: int = 48  # Qwen3-VL only: the learned position table is side x side
-    deepstack: tuple[int, ...] = ()  # Qwen3-VL only: the blocks whose output feeds a DeepStack merger
+    deepstack: tuple[int, ...] = ()  # Qwen3-VL only: the blocks whose output feeds a DeepStack merger (none in Qwen3.5)
 
     @property
     def width(self) -> int:
@@ -140,17 +160,27 @@ FRESH = {
                                VisionDims(2, 2, 32, 128, 2, 112, (), position_side=6, deepstack=(0, 1)),
                                _FRESH_TOKENS, "bfloat16", "official", max_shard_size=1_000_000, seed=9),
 }
+# a dense Qwen3.5 of 4 layers (full attention in the last), heads (2 x 64) wider than its hidden size (128) and a
+# quarter of each rotated, linear attention of 2 key heads over 4 value heads of 32; widths llm_convert takes
+FRESH["qwen3_5"] = CheckpointSpec(
+    "qwen3_5", TextDims(vocab=3001, heads=2, kv_heads=1, head_dim=64, intermediate=320, layers=4, tied=False,
+                        mrope_section=(3, 3, 2), rope_theta=10000000.0, width=128,
+                        linear=LinearAttentionDims(2, 4, 32, 32, 4, ("linear_attention",) * 3 + ("full_attention",))),
+    VisionDims(2, 2, 32, 128, 2, 112, (), position_side=6), _FRESH_TOKENS, "bfloat16", "official",
+    max_shard_size=1_000_000, seed=10)
 # the targets a family has a route to (the others refuse it, tested elsewhere)
-FRESH_TARGETS = {"qwen3_vl": ("paddle", "safetensors", "torch", "paddle-inference", "tpu-mlir")}
+FRESH_TARGETS = {"qwen3_vl": ("paddle", "safetensors", "torch", "paddle-inference", "tpu-mlir"),
+                 "qwen3_5": ("paddle", "safetensors", "torch", "tpu-mlir")}
 
 
 @st.composite
 def text_dims(draw: st.DrawFn, family: str, *, vocab: int | None = None) -> TextDims:
     heads = draw(st.sampled_from([1, 2, 3, 4, 5, 6]))
     kv_heads = draw(st.sampled_from([d for d in range(1, heads + 1) if heads % d == 0]))
-    head_dim = draw(st.sampled_from([8, 12, 16, 20, 24, 32]))
-    half = head_dim // 2
-    if family == "qwen3_vl":
+    # Qwen3.5 rotates a quarter of each head: its interleaved sections cover head_dim / 8 slots
+    head_dim = draw(st.sampled_from([8, 12, 16, 20, 24, 32] if family != "qwen3_5" else [24, 32, 48, 64]))
+    half = head_dim // 2 if family != "qwen3_5" else head_dim // 8
+    if family in ("qwen3_vl", "qwen3_5"):
         # interleaved M-RoPE: height and width take every third slot of the rotary half, up to 3 x their part
         second = draw(st.integers(1, half // 3))
         third = draw(st.integers(1, half // 3))
@@ -164,7 +194,20 @@ def text_dims(draw: st.DrawFn, family: str, *, vocab: int | None = None) -> Text
         st.integers(1000, 5000), st.sampled_from([OFFICIAL_VOCAB[family], 152064])))
     moe = None
     width = None
-    if family == "qwen3_vl":
+    linear = None
+    if family == "qwen3_5":
+        key_heads = draw(st.sampled_from([1, 2]))
+        key_dim = draw(st.sampled_from([8, 16, 32]))
+        layers = draw(st.integers(1, 5))
+        # transformers' default (every fourth layer full attention) or any mix of the two kinds
+        kinds = draw(st.one_of(st.just(tuple("full_attention" if (i + 1) % 4 == 0 else "linear_attention"
+                                              for i in range(layers))),
+                               st.lists(st.sampled_from(["linear_attention", "full_attention"]), min_size=layers,
+                                        max_size=layers).map(tuple)))
+        # key and value heads of one width, as every release has (llm_convert needs it), most of the time
+        linear = LinearAttentionDims(key_heads, key_heads * draw(st.integers(1, 3)), key_dim,
+                                     draw(st.sampled_from([key_dim, key_dim, 24])), draw(st.integers(2, 4)), kinds)
+    if family in ("qwen3_vl", "qwen3_5"):
         # its own hidden size, apart from heads x head_dim; often a multiple of 64, as llm_convert's default
         # quantization groups need (else --to tpu-mlir refuses it)
         width = draw(st.one_of(st.sampled_from([64, 128, 192]), st.integers(8, 96).map(lambda n: 2 * n)))
@@ -173,12 +216,14 @@ def text_dims(draw: st.DrawFn, family: str, *, vocab: int | None = None) -> Text
             # never an expert matrix as wide as it is tall (moe_inter or 2 x moe_inter equal to the hidden size):
             # transformers' loader then cannot tell the Hub's form from its own and leaves it untransposed
             inter = draw(st.integers(8, 64).filter(lambda n: width not in (n, 2 * n)))
-            moe = MoeDims(experts, draw(st.integers(1, experts)), inter)
+            moe = MoeDims(experts, draw(st.integers(1, experts)), inter,
+                          draw(st.integers(8, 64)) if family == "qwen3_5" else 0)
     return TextDims(
         vocab=drawn_vocab, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
-        intermediate=draw(st.integers(17, 160)), layers=draw(st.integers(1, 4)), tied=draw(st.booleans()),
+        intermediate=draw(st.integers(17, 160)),
+        layers=len(linear.layer_types) if linear is not None else draw(st.integers(1, 4)), tied=draw(st.booleans()),
         mrope_section=section, rope_theta=draw(st.sampled_from([10000.0, 1000000.0, 5000000.0])),
-        width=width, moe=moe,
+        width=width, moe=moe, linear=linear,
     )
 
 
@@ -186,7 +231,8 @@ def text_dims(draw: st.DrawFn, family: str, *, vocab: int | None = None) -> Text
 def vision_dims(draw: st.DrawFn, family: str) -> VisionDims:
     heads = draw(st.sampled_from([1, 2, 3]))
     # Qwen2(.5)-VL releases have 80, Qwen3-VL 72 and 64; the 2-D vision rotary needs a multiple of 4
-    head_dim = draw(st.sampled_from([80, 80, 16, 20, 32, 40] if family != "qwen3_vl" else [64, 72, 16, 20, 32]))
+    head_dim = draw(st.sampled_from([80, 80, 16, 20, 32, 40] if family not in ("qwen3_vl", "qwen3_5")
+                                    else [64, 72, 16, 20, 32]))
     depth = draw(st.integers(1, 3))
     mlp_ratio = draw(st.sampled_from([1, 2, 3, 4]))
     width = heads * head_dim
@@ -195,14 +241,15 @@ def vision_dims(draw: st.DrawFn, family: str) -> VisionDims:
     mlp = width * mlp_ratio if family == "qwen2_vl" else draw(st.integers(16, 3 * width))
     # Qwen3-VL: a position table of 2 x 2 to 48 x 48 (every release), DeepStack after any blocks, in any order
     side = draw(st.sampled_from([2, 5, 8, 48]))
-    deepstack = draw(st.lists(st.integers(0, depth - 1), unique=True, max_size=depth))
+    deepstack = draw(st.lists(st.integers(0, depth - 1), unique=True, max_size=depth)) if family == "qwen3_vl" else []
     return VisionDims(depth, heads, head_dim, mlp, mlp_ratio, window, tuple(fullatt), side, tuple(deepstack))
 
 
 @st.composite
-def special_tokens(draw: st.DrawFn, vocab: int) -> SpecialTokens:
+def special_tokens(draw: st.DrawFn, vocab: int, family: str = "qwen2_vl") -> SpecialTokens:
     """Six distinct ids anywhere in the vocabulary (the official ones when they fit, some of the time)."""
-    official = (151655, 151656, 151652, 151653, 151643, 151645)
+    official = ((248056, 248057, 248053, 248054, 248043, 248044) if family == "qwen3_5"
+                else (151655, 151656, 151652, 151653, 151643, 151645))
     if vocab > max(official) and draw(st.booleans()):
         return SpecialTokens(*official)
     ids = draw(st.lists(st.integers(0, vocab - 1), min_size=6, max_size=6, unique=True))
@@ -217,7 +264,7 @@ def checkpoint_specs(draw: st.DrawFn, family: str | None = None, *, disk_form: s
     text = draw(text_dims(family, vocab=vocab))
     forms = [form for form in DISK_FORMS[family] if form not in MOE_FORMS or text.moe is not None]
     return CheckpointSpec(
-        family=family, text=text, vision=draw(vision_dims(family)), tokens=draw(special_tokens(text.vocab)),
+        family=family, text=text, vision=draw(vision_dims(family)), tokens=draw(special_tokens(text.vocab, family)),
         dtype=draw(st.sampled_from(DTYPES)), disk_form=disk_form or draw(st.sampled_from(forms)),
         max_shard_size=draw(st.sampled_from([40_000, 400_000, 50_000_000])), seed=draw(st.integers(0, 2**16)),
         with_tokenizer=draw(st.booleans()),
@@ -226,7 +273,14 @@ def checkpoint_specs(draw: st.DrawFn, family: str | None = None, *, disk_form: s
 
 def transformers_config(spec: CheckpointSpec):  # -> transformers.PretrainedConfig
     """The drawn checkpoint's config as transformers' own config class."""
-    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig, Qwen3VLConfig, Qwen3VLMoeConfig
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2VLConfig,
+        Qwen3_5Config,
+        Qwen3_5MoeConfig,
+        Qwen3VLConfig,
+        Qwen3VLMoeConfig,
+    )
 
     t, v, tokens = spec.text, spec.vision, spec.tokens
     text = dict(
@@ -251,6 +305,21 @@ def transformers_config(spec: CheckpointSpec):  # -> transformers.PretrainedConf
             return Qwen3VLConfig(text_config=text, vision_config=vision, **ids)
         text.update(num_experts=t.moe.experts, num_experts_per_tok=t.moe.per_token, moe_intermediate_size=t.moe.inter)
         return Qwen3VLMoeConfig(text_config=text, vision_config=vision, **ids)
+    if spec.family == "qwen3_5":
+        linear = t.linear
+        assert linear is not None
+        text.update(head_dim=t.head_dim, linear_num_key_heads=linear.key_heads,
+                    linear_num_value_heads=linear.value_heads, linear_key_head_dim=linear.key_dim,
+                    linear_value_head_dim=linear.value_dim, linear_conv_kernel_dim=linear.kernel,
+                    layer_types=list(linear.layer_types))
+        text["rope_parameters"].update(mrope_interleaved=True, partial_rotary_factor=0.25)
+        vision = dict(common, hidden_size=v.width, intermediate_size=v.mlp, out_hidden_size=t.hidden,
+                      num_position_embeddings=v.position_side ** 2)
+        if t.moe is None:
+            return Qwen3_5Config(text_config=text, vision_config=vision, **ids)
+        text.update(num_experts=t.moe.experts, num_experts_per_tok=t.moe.per_token, moe_intermediate_size=t.moe.inter,
+                    shared_expert_intermediate_size=t.moe.shared)
+        return Qwen3_5MoeConfig(text_config=text, vision_config=vision, **ids)
     vision = dict(common, hidden_size=v.width, intermediate_size=v.mlp, out_hidden_size=t.hidden,
                   window_size=v.window_size, fullatt_block_indexes=list(v.fullatt_blocks))
     return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
@@ -263,6 +332,9 @@ def model_class(spec: CheckpointSpec) -> type:
     if spec.family == "qwen3_vl":
         return (transformers.Qwen3VLMoeForConditionalGeneration if spec.text.moe
                 else transformers.Qwen3VLForConditionalGeneration)
+    if spec.family == "qwen3_5":
+        return (transformers.Qwen3_5MoeForConditionalGeneration if spec.text.moe
+                else transformers.Qwen3_5ForConditionalGeneration)
     return (transformers.Qwen2VLForConditionalGeneration if spec.family == "qwen2_vl"
             else transformers.Qwen2_5_VLForConditionalGeneration)
 
@@ -289,6 +361,8 @@ def save_checkpoint(spec: CheckpointSpec, directory: Path):  # -> transformers.P
         _experts_as_on_the_hub(directory)
     elif spec.disk_form == "per-expert":
         _experts_one_by_one(directory)
+    elif spec.disk_form == "fused-experts":
+        _experts_fused(directory, model)
     if spec.with_tokenizer:
         save_tokenizer(spec, directory)
     return model
@@ -356,6 +430,18 @@ def _experts_one_by_one(directory: Path) -> None:
         index["weight_map"] = {name: file for name, file in index["weight_map"].items()
                                if not name.endswith((".experts.gate_up_proj", ".experts.down_proj"))}
         index_path.write_text(json.dumps(index, indent=2))
+
+
+def _experts_fused(directory: Path, model) -> None:
+    """Rewrite the checkpoint as one file of the model's own tensors (a Qwen3.5 MoE's experts fused, as its
+    official files hold them), in the saved dtypes."""
+    from safetensors.torch import save_file
+
+    for shard in directory.glob("model*.safetensors*"):
+        shard.unlink()
+    save_file({name: tensor.contiguous() for name, tensor in model.state_dict().items()
+               if not (name == "lm_head.weight" and model.config.tie_word_embeddings)},
+              directory / "model.safetensors", metadata={"format": "pt"})
 
 
 def _to_torch_bin(directory: Path) -> None:

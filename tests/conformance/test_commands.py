@@ -36,12 +36,15 @@ REFUSALS = {
         # llm_convert's default quantization groups must divide each Linear's input width
         r"--group-size \d+: it must divide every quantized Linear's input",
         r"--to tpu-mlir takes dense Qwen3-VL only",  # llm_convert has no qwen3_vl_moe
+        # Qwen3_5Converter's chunked linear attention needs key and value heads of one width
+        r"linear_key_head_dim \d+ and linear_value_head_dim \d+: TPU-MLIR's llm_convert compiles only",
     ],
     # no vamc route for Qwen3-VL (VastAI serves it through vllm_vacc); no static graph of a Qwen3-VL MoE's routing
-    "vamc": [r"VastAI serves Qwen3-VL through vllm_vacc"],
-    "paddle-inference": [r"--to paddle-inference takes dense Qwen3-VL only"],
+    "vamc": [r"VastAI serves Qwen3-VL through vllm_vacc", r"VastAI has no route for Qwen3.5"],
+    "paddle-inference": [r"--to paddle-inference takes dense Qwen3-VL only",
+                         r"--to paddle-inference has no static graph of Qwen3.5's linear-attention layers"],
     "keys": [r"rewrites safetensors and pdparams checkpoints, not torch",
-             r"would leave the keys in no qwen3_vl layout"],
+             r"would leave the keys in no qwen3_(vl|5) layout"],
 }
 
 
@@ -158,7 +161,7 @@ def check_keys(spec: CheckpointSpec, source: Path, out: Path, expected: dict) ->
     """Renaming the official names to transformers' in-memory ones (or back) gives a checkpoint transformers
     loads with every tensor equal (Qwen3-VL's in-memory names are the official ones: renaming one of its
     prefixes leaves the keys in no layout of it, which keys refuses)."""
-    if spec.family == "qwen3_vl":
+    if spec.family in ("qwen3_vl", "qwen3_5"):
         return vlhub("keys", str(source), "--rename", "model.language_model.=model.", "--out", str(out))
     if spec.disk_form == "memory-names":
         renames = ["model.visual.=visual.", "model.language_model.=model."]
