@@ -36,7 +36,7 @@ def vamc(module_tmp: Callable[[str], Path]) -> Path:
 
 @pytest.fixture(scope="module")
 def tpu(module_tmp: Callable[[str], Path]) -> Path:
-    return convert(module_tmp, TINY, "tpu-mlir", "--seq-length", "128", "--max-pixels", "112,112",
+    return convert(module_tmp, TINY, "tpu-mlir", "--seq-length", "128", "--max-pixels", "112x112",
                    "--quantize", "bf16")
 
 
@@ -245,7 +245,7 @@ def test_nan_in_a_tensor(tpu: Path, tmp_path: Path) -> None:
     refresh(broken, "model/model.safetensors")
     report = check_path(broken)
     assert status(report, "NaN/Inf") == FAIL
-    assert "2 NaN or Inf values in 1 tensors (model.norm.weight: 2)" in detail(report, "NaN/Inf")
+    assert "2 NaN or Inf values in 1 tensor (model.norm.weight: 2)" in detail(report, "NaN/Inf")
     assert status(report, "file hashes") == PASS
 
 
@@ -270,7 +270,7 @@ def test_too_short_prefill_and_images(vamc: Path, tpu: Path, paddle_inference: P
     report = check_path(tpu, images=[(1280, 720)])
     assert status(report, "image 1280x720") == FAIL
     assert "4784 patches, more than the ViT's 64: the processor shrinks it" in detail(report, "image 1280x720")
-    assert "--seq-length 1840 --max-pixels 1288,728" in fix(report, "image 1280x720")
+    assert "--seq-length 1840 --max-pixels 1288x728" in fix(report, "image 1280x720")
 
     report = check_path(paddle_inference, images=[(1920, 1080)])
     assert status(report, "image 1920x1080") == FAIL
@@ -419,4 +419,4 @@ def test_model_before_conversion() -> None:
     assert [c for c in tiny.checks if c.group in ("route", "source", "numbers", "resources") and c.status != PASS] == []
     assert status(check_model("tiny-qwen-vl", target="tpu-mlir"), "route") == FAIL  # Qwen-VL has no TPU-MLIR route
     planned = check_model("qwen2-vl-7b", target="tpu-mlir", images=[(1280, 720)])
-    assert "--seq-length 1840 --max-pixels 1288,728" in fix(planned, "sizes for --image")
+    assert "--seq-length 1840 --max-pixels 1288x728" in fix(planned, "sizes for --image")

@@ -460,7 +460,7 @@ def test_cli_writes_and_reports_json(tmp_path: Path) -> None:
     assert len(report["written"]) == 4 and len(report["copied"]) == 3
     text = run_vlhub("keys", str(source), "--rename", "lm_head=output", "--out", str(tmp_path / "out2"),
                      "--allow-unknown-layout")
-    assert text.stdout.startswith("renamed 1 keys (6 unchanged), in no qwen_vl layout")
+    assert text.stdout.startswith("renamed 1 key (6 unchanged), in no qwen_vl layout")
 
 
 @pytest.mark.parametrize(

@@ -80,7 +80,7 @@ def test_cli_reports_json_and_exit_codes(conversions: dict, tmp_path: Path) -> N
     broken = rewrite(good, tmp_path / "broken", layers_swapped)
     failed = run_vlhub("smoke", str(broken), "--against", "tiny-qwen2-vl")
     assert failed.returncode == 1
-    assert "FAIL" in failed.stdout and failed.stderr.startswith("error: smoke test failed")
+    assert "FAIL" in failed.stdout and failed.stderr.splitlines()[-1].startswith("error: smoke test failed")
     assert "Traceback" not in failed.stderr
 
 

@@ -116,18 +116,46 @@ def byte_progress(description: str, total: int) -> Iterator[ByteCounter]:
     counter.finish()
 
 
+class _Steps:
+    """What `stage` hands out: call it with the step the stage is at."""
+
+    def __init__(self, description: str) -> None:
+        self.description = description
+        self.started: float | None = None  # shown since (the first step)
+        self._progress: Progress | None = None  # on a terminal, once shown
+        self._task = None
+
+    def __call__(self, message: str) -> None:
+        if self.started is None:
+            self.started = time.monotonic()
+            if stderr.is_terminal:
+                columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+                self._progress = Progress(*columns, console=stderr, transient=True)
+                self._progress.start()
+                self._task = self._progress.add_task(self.description, total=None)
+            else:
+                _line(f"{self.description}: started")
+        if self._progress is not None:
+            self._progress.update(self._task, description=f"{self.description}: {message}")  # type: ignore[arg-type]
+        else:
+            _line(f"{self.description}: {message}")
+
+    def end(self, finished: bool) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+        elif self.started is not None and finished:
+            _line(f"{self.description}: done in {_seconds(self.started)}")
+
+
 @contextmanager
 def stage(description: str) -> Iterator[Callable[[str], None]]:
-    """A step with no byte count, on stderr: on a terminal a spinner with the time elapsed and the latest step it
-    reports; without one a line as it starts, one per step and one when it ends. Yields the function to report a
-    step with."""
-    started = time.monotonic()
-    if not stderr.is_terminal:
-        _line(f"{description}: started")
-        yield lambda message: _line(f"{description}: {message}")
-        _line(f"{description}: done in {_seconds(started)}")
-        return
-    columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
-    with Progress(*columns, console=stderr, transient=True) as progress:
-        task = progress.add_task(description, total=None)
-        yield lambda message: progress.update(task, description=f"{description}: {message}")
+    """A step with no byte count, on stderr, shown from the first step it reports (a refusal before shows
+    nothing): on a terminal a spinner with the time elapsed and the latest step; without one a line as it starts,
+    one per step and one when it ends. Yields the function to report a step with."""
+    steps = _Steps(description)
+    try:
+        yield steps
+    except BaseException:
+        steps.end(finished=False)
+        raise
+    steps.end(finished=True)
