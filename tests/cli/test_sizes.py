@@ -71,3 +71,12 @@ def test_llm_convert_s_own_spelling_is_read_with_a_one_line_note(tiny_qwen2_vl: 
 ], ids=lambda value: " ".join(value) if isinstance(value, list) else None)
 def test_sizes_out_of_bounds_are_one_line_exit_2(args: list[str], says: str, tiny_qwen2_vl: Path) -> None:
     assert says in one_line_error(run_vlhub(*args))
+
+
+def test_the_vamc_readme_names_its_images_as_plan_does(tiny_qwen2_vl: Path, tmp_path: Path) -> None:
+    out = tmp_path / "vamc"
+    result = run_vlhub("convert", "tiny-qwen2-vl", "--to", "vamc", "--image", "1280x720", "--no-smoke", "--out",
+                       str(out))
+    assert result.returncode == 0, result.stderr
+    assert "input 1280x720: resized 1288x728, 4784 patches" in (out / "README.md").read_text()
+    assert "image 1280x720  1288x728" in run_vlhub("plan", "tiny-qwen2-vl", "--image", "1280x720").stdout

@@ -21,6 +21,7 @@ from vlhub.sizes import (
     round_up,
 )
 from vlhub.smoke.inputs import SMOKE_PATCHES, VisionGeometry
+from vlhub.units import plural
 
 NAME = "vamc"
 OUTPUT_CHUNK = 640  # vamc splits the visual output into columns of at most 640 (vlm/qwen2_vl/README.md Tips)
@@ -53,7 +54,7 @@ class VamcPlan:
 
     def rows(self, sizing: Sizing, command: str | None) -> list[tuple[str, str, str]]:
         misses = sum(item.patches > sizing.fit_patches for item in sizing.inputs)
-        given = (f"given; {misses} of {len(sizing.inputs)} inputs exceed it, {sizing.sizes.visual_patches} holds "
+        given = (f"given; {misses} of {plural(len(sizing.inputs), 'input')} exceed{'s' if misses == 1 else ''} it, {sizing.sizes.visual_patches} holds "
                  "them all" if misses else "given; every input fits it") if self.given else "the visual yaml's N"
         runs = [(width, len(list(run))) for width, run in groupby(self.output_split)]
         return [
