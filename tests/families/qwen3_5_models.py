@@ -13,7 +13,7 @@ from tests.helpers import QWEN3_TOKENS, QWEN3_VOCAB, qwen3_vision, randomize
 
 
 def qwen3_5_text(hidden: int, layers: int, heads: int, kv_heads: int, head_dim: int, section: list[int],
-                 linear: tuple[int, int, int], **extra: object) -> dict:
+                 linear: tuple[int, int, int], partial: float = 0.25, **extra: object) -> dict:
     """A Qwen3.5 text_config: layer_types by transformers' default (every 4th full attention), a quarter of each
     head rotated by interleaved M-RoPE sections, linear attention of (key heads, value heads, head width)."""
     k_heads, v_heads, width = linear
@@ -22,7 +22,7 @@ def qwen3_5_text(hidden: int, layers: int, heads: int, kv_heads: int, head_dim: 
                    linear_num_key_heads=k_heads, linear_num_value_heads=v_heads, linear_key_head_dim=width,
                    linear_value_head_dim=width, linear_conv_kernel_dim=4,
                    rope_parameters={"rope_type": "default", "rope_theta": 10000000.0, "mrope_section": section,
-                                    "mrope_interleaved": True, "partial_rotary_factor": 0.25}), **extra}
+                                    "mrope_interleaved": True, "partial_rotary_factor": partial}), **extra}
 
 
 def qwen3_5_vision(width: int, depth: int, heads: int, out: int) -> dict:
@@ -33,13 +33,14 @@ def qwen3_5_vision(width: int, depth: int, heads: int, out: int) -> dict:
 
 MOE = dict(num_experts=6, num_experts_per_tok=2, moe_intermediate_size=24, shared_expert_intermediate_size=40)
 # name -> (config class, model class, config kwargs). Between them: tied and untied, two full-attention layers, as
-# many linear key heads as value heads and fewer, linear heads wider than the attention heads, a 3-tap convolution
+# many linear key heads as value heads and fewer, linear heads wider than the attention heads, a 3-tap convolution,
+# half of each head rotated instead of a quarter
 CASES = {
     "dense": (transformers.Qwen3_5Config, transformers.Qwen3_5ForConditionalGeneration, {
         "text_config": qwen3_5_text(64, 5, 4, 2, 32, [2, 1, 1], (2, 4, 16)),
         "vision_config": qwen3_5_vision(32, 2, 2, 64), "tie_word_embeddings": False}),
     "dense-tied": (transformers.Qwen3_5Config, transformers.Qwen3_5ForConditionalGeneration, {
-        "text_config": qwen3_5_text(48, 8, 2, 1, 48, [2, 2, 2], (3, 3, 24), linear_conv_kernel_dim=3),
+        "text_config": qwen3_5_text(48, 8, 2, 1, 48, [4, 4, 4], (3, 3, 24), partial=0.5, linear_conv_kernel_dim=3),
         "vision_config": qwen3_5_vision(32, 1, 4, 48), "tie_word_embeddings": True}),
     "moe": (transformers.Qwen3_5MoeConfig, transformers.Qwen3_5MoeForConditionalGeneration, {
         "text_config": qwen3_5_text(64, 4, 4, 2, 32, [2, 1, 1], (2, 4, 16), **MOE),

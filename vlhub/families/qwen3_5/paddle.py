@@ -29,6 +29,7 @@ from paddle import nn
 
 from vlhub.convert.configs import official_config
 from vlhub.errors import UserError
+from vlhub.families.qwen3_5.reference import DEFAULT_MROPE_SECTION, DEFAULT_ROPE_THETA, rope_settings, rotary_width
 from vlhub.keymaps import keymap_of_config
 from vlhub.smoke.paddle_forward import (
     Cache,
@@ -53,10 +54,6 @@ from vlhub.smoke.paddle_forward import (
 from vlhub.smoke.paddle_mrope import VISION_EPS, MRope, VisionAttention, VisionRotary
 
 VISION = "model.visual."
-# transformers' defaults for what a config.json may leave out (as reference.py)
-DEFAULT_MROPE_SECTION = (11, 11, 10)
-DEFAULT_ROPE_THETA = 10000.0
-DEFAULT_PARTIAL_ROTARY = 0.25
 L2_EPS = 1e-6
 ACTIVATIONS: dict[str, Callable[[paddle.Tensor], paddle.Tensor]] = {
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate=True), "gelu_new": lambda x: F.gelu(x, approximate=True),
@@ -112,9 +109,8 @@ class Qwen3_5Dims:
         d = keymap.resolve_dims(config)
         flat = official_config(config)
         vision = flat.get("vision_config") or {}
-        rope = next((value for key in ("rope_parameters", "rope_scaling") if isinstance(value := flat.get(key), dict)),
-                    {})
-        rotary_dim = int(d["head_dim"] * float(rope.get("partial_rotary_factor", DEFAULT_PARTIAL_ROTARY)))
+        rope = rope_settings(config)
+        rotary_dim = rotary_width(d["head_dim"], rope)
         section = tuple(int(n) for n in rope.get("mrope_section", DEFAULT_MROPE_SECTION))
         if len(section) != 3 or sum(section) * 2 != rotary_dim:
             raise UserError(f"mrope_section {list(section)} does not cover the rotated {rotary_dim} of head_dim "
@@ -130,7 +126,7 @@ class Qwen3_5Dims:
             moe_inner=d["moe_inter"], shared_inner=d["shared_inter"], k_heads=d["lin_k_heads"],
             v_heads=d["lin_v_heads"], k_dim=d["lin_k_dim"], v_dim=d["lin_v_dim"], conv_kernel=d["conv_kernel"],
             eps=float(flat.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(rope.get("rope_theta", flat.get("rope_theta", DEFAULT_ROPE_THETA))),
+            rope_theta=float(rope.get("rope_theta", DEFAULT_ROPE_THETA)),
             mrope_section=section, rotary_dim=rotary_dim,  # type: ignore[arg-type]
             v_width=d["v_width"], v_heads_vision=d["v_heads"], v_inner=d["v_inter"], v_depth=d["v_depth"],
             v_out=d["v_out"], v_positions=d["v_positions"], in_chans=d["v_in_chans"], patch=d["v_patch"],

@@ -72,6 +72,27 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
     return x / np.sqrt((x * x).sum(axis=-1, keepdims=True) + L2_EPS)
 
 
+def rope_settings(config: dict) -> dict:
+    """The rotary settings of a config.json as written, flat or nested: transformers 5's
+    `text_config.rope_parameters` (`rope_theta` inside) or 4.57's `rope_scaling` beside `rope_theta`. (The flat
+    view vlhub reads other fields from keeps only the sections, not the partial rotary factor.)"""
+    text = {**config, **(config.get("text_config") or {})}
+    theta = {"rope_theta": text["rope_theta"]} if "rope_theta" in text else {}
+    found = next((value for key in ("rope_parameters", "rope_scaling") if isinstance(value := text.get(key), dict)), {})
+    return {**theta, **found}
+
+
+def rotary_width(head_dim: int, rope: dict) -> int:
+    """How many of a head's dims the rotary turns (`partial_rotary_factor` of them, a quarter by default); a factor
+    outside (0, 1] or an odd width is refused in one line."""
+    factor = rope.get("partial_rotary_factor", DEFAULT_PARTIAL_ROTARY)
+    width = int(head_dim * factor) if isinstance(factor, (int, float)) and 0 < factor <= 1 else 0
+    if width < 2 or width % 2:
+        raise UserError(f"config.json rope_parameters.partial_rotary_factor is {reprlib.repr(factor)}: a Qwen3.5 "
+                        f"checkpoint needs a number in (0, 1] that turns an even number of the {head_dim} head dims")
+    return width
+
+
 def causal_conv(x: np.ndarray, weight: np.ndarray, past: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """A depthwise causal convolution: x [L, C] after the `past` K - 1 inputs [K - 1, C], weight [C, 1, K]. The
     outputs [L, C] and the new state (the last K - 1 inputs)."""
@@ -144,24 +165,20 @@ class Reference(MRopeDecoderForward):
         # transformers ties by the top-level tie_word_embeddings (absent: not tied)
         return self.embedding if self._dims["tied"] else "lm_head.weight"
 
+    @cached_property
     def _rope(self) -> dict:
-        """The rotary settings, from transformers 5's `rope_parameters` or the older `rope_scaling` + `rope_theta`."""
-        for key in ("rope_parameters", "rope_scaling"):
-            value = self.text.get(key)
-            if isinstance(value, dict):
-                return value
-        return {}
+        return rope_settings(self.weights.checkpoint.config or self.config)
 
     @cached_property
     def _rotary_dim(self) -> int:
-        return int(self.head_dim() * float(self._rope().get("partial_rotary_factor", DEFAULT_PARTIAL_ROTARY)))
+        return rotary_width(self.head_dim(), self._rope)
 
     def text_rotary(self, position_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Interleaved M-RoPE over the rotated part of the head (`Qwen3_5TextRotaryEmbedding`): of its d_rot/2
         frequency slots, slot s turns by the height position if s % 3 == 1 and s < 3 * sections[1], by the width
         position if s % 3 == 2 and s < 3 * sections[2], else by the time position. Tables [L, d_rot]."""
-        rope = self._rope()
-        theta = float(rope.get("rope_theta", self.text.get("rope_theta", DEFAULT_ROPE_THETA)))
+        rope = self._rope
+        theta = float(rope.get("rope_theta", DEFAULT_ROPE_THETA))
         sections = rope.get("mrope_section", DEFAULT_MROPE_SECTION)
         inv_freq = inverse_frequencies(self._rotary_dim, theta)
         positions = np.broadcast_to(position_ids, (3, position_ids.shape[-1]))
