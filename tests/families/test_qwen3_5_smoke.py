@@ -1,4 +1,5 @@
-"""Qwen3.5's smoke test and plan: the built-in tiny models convert and pass their default smoke test, and conversions
+"""Qwen3.5's smoke test and plan: the built-in tiny models convert and pass their default smoke test (--to paddle and
+tpu-mlir: test_qwen3_5_paddle.py, tests/targets/tpu_mlir/test_qwen3_5.py), and conversions
 broken in ways only this family can be broken fail it: a linear-attention layer's decay constants swapped (A_log
 and dt_bias are both one number per value head), a `1 + w` norm stored as the scale it applies (w + 1, what a loader
 that adds the 1 at load would leave behind) and the linear-attention output norm, which is a plain `w`, stored
@@ -34,8 +35,7 @@ def output_norm_stored_zero_centred(tensors: Tensors) -> Tensors:
     return tensors
 
 
-@pytest.mark.parametrize("name", ["tiny-qwen3.5", "tiny-qwen3.5-moe"])
-@pytest.mark.parametrize("target", ["safetensors", "torch"])
+@pytest.mark.parametrize(("name", "target"), [("tiny-qwen3.5", "safetensors"), ("tiny-qwen3.5-moe", "torch")])
 def test_the_tiny_models_convert_and_pass_their_smoke_test(name: str, target: str, tmp_path: Path) -> None:
     result = run_vlhub("convert", name, "--to", target, "--out", str(tmp_path / "out"), "--json")
     assert result.returncode == 0, result.stderr
