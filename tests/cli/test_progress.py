@@ -4,9 +4,11 @@ one (a log, CI); nothing before the input is validated; counts with their nouns 
 from __future__ import annotations
 
 import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 
 from tests.helpers import one_line_error, run_vlhub
 from vlhub.units import plural
@@ -68,3 +70,19 @@ def test_check_says_which_group_of_checks_it_is_at(tiny_qwen2_vl: Path, tmp_path
 ])
 def test_plural(count: int, noun: str, many: str | None, said: str) -> None:
     assert plural(count, noun, many) == said
+
+
+@pytest.mark.parametrize("env", [{}, TERMINAL], ids=["piped", "terminal"])
+def test_threads_may_count_bytes_at_once(env: dict[str, str], monkeypatch: pytest.MonkeyPatch,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """A download's files report their bytes from several threads: one bar (or one first line), an exact count."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    from vlhub.cli import _output
+
+    monkeypatch.setattr(_output, "stderr", Console(stderr=True, highlight=False))
+    with _output.byte_progress("downloading", 8 * 1000) as counter, ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda _: [counter(1) for _ in range(1000)], range(8)))
+    assert counter.counted == 8000
+    err = capsys.readouterr().err
+    assert err.count("downloading: 8 KB") == (0 if env else 1)

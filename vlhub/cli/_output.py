@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -51,7 +52,7 @@ def _seconds(started: float) -> str:
 
 class ByteCounter:
     """What `byte_progress` hands out: call it with the bytes done; `say` names the step they are for (a stage
-    of a layout's build that follows the weights, say)."""
+    of a layout's build that follows the weights, say). Threads may call it at once (a download's files)."""
 
     def __init__(self, description: str, total: int) -> None:
         self.description, self.total, self.counted = description, total, 0
@@ -59,6 +60,7 @@ class ByteCounter:
         self._progress: Progress | None = None  # on a terminal, once started
         self._task = None
         self._shown = False
+        self._lock = threading.Lock()  # the first bytes of two threads start one bar, and the count is exact
 
     def _show(self) -> None:
         """Start showing: the bar on a terminal, the first line without one."""
@@ -75,18 +77,20 @@ class ByteCounter:
             _line(f"{self.description}: {format_size(self.total)}")
 
     def __call__(self, n: int) -> None:
-        self.counted += n
-        if n:
-            self._show()
-        if self._progress is not None:
-            self._progress.advance(self._task, n)  # type: ignore[arg-type]
+        with self._lock:
+            self.counted += n
+            if n:
+                self._show()
+            if self._progress is not None:
+                self._progress.advance(self._task, n)  # type: ignore[arg-type]
 
     def say(self, message: str) -> None:
-        self._show()
-        if self._progress is not None:
-            self._progress.update(self._task, description=f"{self.description}: {message}")  # type: ignore[arg-type]
-        else:
-            _line(f"{self.description}: {message}")
+        with self._lock:
+            self._show()
+            if self._progress is not None:
+                self._progress.update(self._task, description=f"{self.description}: {message}")  # type: ignore[arg-type]
+            else:
+                _line(f"{self.description}: {message}")
 
     def finish(self) -> None:
         if self._progress is not None:
