@@ -4,8 +4,10 @@ sha256 the writer computed on the way matching the file."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
+import os
 import threading
 from pathlib import Path
 
@@ -17,16 +19,17 @@ from vlhub.catalog import get_model
 from vlhub.convert.ops import cast_float, transpose_last
 from vlhub.convert.pipeline import (
     MEMORY_BUDGET,
-    BufferBudget,
-    cast,
+    TileBuffers,
+    cast_block,
     is_tiled,
     ordered_steps,
+    read_into_page_cache,
     run_plan,
     tiled_blocks,
 )
 from vlhub.convert.plan import Step, plan_conversion
-from vlhub.errors import UserError
-from vlhub.formats.io_utils import Pieces, write_array
+from vlhub.errors import CorruptCheckpoint, UserError
+from vlhub.formats.io_utils import Pieces, StoredBytes, write_array
 from vlhub.formats.readers import open_checkpoint
 from vlhub.formats.safetensors_io import SafetensorsFile
 from vlhub.formats.tensors import TensorMeta, bf16_bits_from_float32
@@ -166,8 +169,11 @@ def test_tiled_blocks_concatenate_to_the_transposed_cast_tensor(tmp_path: Path, 
         stored = file.stored_bytes("t")
     step = Step(TensorMeta("t", "bfloat16", (3, 7, 5)), TensorMeta("t", "float16", (3, 5, 7)),
                 ("transpose", "cast:bfloat16->float16"))
-    budget = BufferBudget(1 << 20)
-    blocks = [cast(step, block, budget).copy() for block in tiled_blocks(step, stored, budget, tile)]
+    tiles = TileBuffers(1, tile)  # one buffer, reused for every block whatever its size
+    blocks = []
+    for block in tiled_blocks(step, stored, tiles, tile):
+        blocks.append(cast_block(step, block).data.copy())
+        tiles.give_back(block.buffer)
     assert len(blocks) == count  # an expert's 5 output rows cost 28 bytes each (bf16 and its float16 cast)
     joined = np.concatenate([block.reshape(-1) for block in blocks])
     assert np.array_equal(joined, cast_float(transpose_last(bits), "bfloat16", "float16").reshape(-1))
@@ -201,3 +207,19 @@ def test_an_error_in_a_tiled_tensor_stops_the_run_and_leaves_nothing(float32_qwe
         _convert(source, tmp_path / "out", layout="paddlemix", fmt="safetensors", dtype="float16",
                  tile_bytes=1 << 20)
     assert not any(path.name.endswith(".safetensors") for path in (tmp_path / "out").iterdir())
+
+
+@pytest.mark.parametrize("splice", [True, False])
+def test_bringing_a_tensor_into_the_page_cache_refuses_a_truncated_file(tmp_path: Path, monkeypatch,
+                                                                        splice: bool) -> None:
+    """Spliced to /dev/null, or read where the kernel cannot splice a file to a device: a file shorter than the
+    tensor it should hold is named in one line, not taken as read."""
+    if not splice:
+        def no_splice(*args: object) -> int:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        monkeypatch.setattr(os, "sendfile", no_splice)
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(bytes(1000))
+    read_into_page_cache(StoredBytes(path, 100, 900))
+    with pytest.raises(CorruptCheckpoint, match="file ends 100 bytes early"):
+        read_into_page_cache(StoredBytes(path, 200, 900))
