@@ -601,3 +601,22 @@ def test_on_a_terminal_the_bar_shows_once_the_inputs_are_checked_and_never_befor
                     ["download", "org/nothing-here"], ["download", "qwen2-vl-2b", "--max-workers", "0"]):
         code, shown = on_a_terminal(env, *refused)
         assert code == 2 and "━" not in shown and "error:" in shown, (refused, shown)
+
+
+def test_relative_cache_and_local_dirs_print_absolute_paths_and_the_cache_finds_them_from_elsewhere(
+        hub: FakeHub, env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # hf download resolves --cache-dir and --local-dir (and prints /abs/...); a relative path kept in the record made
+    # `cache ls` say "incomplete (N missing)" and `cache verify` fail every file, run from any other directory
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    cached = download(env, "--cache-dir", "c", "-q")
+    local = download(env, "--local-dir", "ld", "config.json", "-q")
+    assert cached.returncode == local.returncode == 0, cached.stderr + local.stderr
+    snapshot = tmp_path / "work" / "c" / "models--Qwen--Qwen2-VL-2B-Instruct" / "snapshots"
+    assert Path(cached.stdout.strip()).parent == snapshot
+    assert local.stdout.strip() == str(tmp_path / "work" / "ld" / "config.json")
+    monkeypatch.chdir(tmp_path)
+    listed = json.loads(run_vlhub("cache", "ls", "--json", env=env).stdout)
+    assert [(e["path"], e["verified"]) for e in listed] == [(cached.stdout.strip(), "verified")]
+    verified = run_vlhub("cache", "verify", env=env)
+    assert verified.returncode == 0, verified.stdout + verified.stderr

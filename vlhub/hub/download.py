@@ -588,7 +588,8 @@ def hf_storage_folder(repo_id: str, cache_dir: Path | None = None) -> Path:
     from huggingface_hub import constants
     from huggingface_hub.file_download import repo_folder_name
 
-    return Path(cache_dir or constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model")
+    cache = Path(cache_dir or constants.HF_HUB_CACHE).expanduser().resolve()  # a relative HF_HOME too, as hf does
+    return cache / repo_folder_name(repo_id=repo_id, repo_type="model")
 
 
 def _record_of_snapshot(ref: RepoRef, commit: str, snapshot: Path) -> DownloadRecord | None:

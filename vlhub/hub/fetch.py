@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Protocol
 
@@ -50,6 +51,8 @@ def open_download(
         raise UserError("--local-dir and --cache-dir both say where files go: pass one of them (as `hf download`)")
     if options.max_workers < 1:
         raise UserError(f"--max-workers {options.max_workers}: give 1 or more")
+    # absolute, as hf download makes them: the path printed and the one the record keeps hold from any directory
+    options = replace(options, cache_dir=_absolute(options.cache_dir), local_dir=_absolute(options.local_dir))
     with ExitStack() as held:
         if not options.dry_run:
             held.enter_context(exclusive_lock(lock_path(ref.source, ref.repo_id, ref.revision), on_wait=on_wait))
@@ -58,3 +61,7 @@ def open_download(
         else:
             download = ModelScopeDownload(ref, options, endpoint)
         yield download
+
+
+def _absolute(path: Path | None) -> Path | None:
+    return None if path is None else path.expanduser().resolve()
