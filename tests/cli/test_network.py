@@ -5,8 +5,11 @@ a cached model converts without opening a connection, and one that is not cached
 
 from __future__ import annotations
 
+import contextlib
 import socket
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -80,6 +83,41 @@ def test_server_errors_are_retried_with_a_countdown_then_exit_3(hub: FakeHub, en
     assert [f"(attempt {n}/5)" in result.stderr for n in range(2, 6)] == [True] * 4, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "503" in errors[0] and "run the same command again to resume" in errors[0]
+
+
+@pytest.fixture
+def silent_hub() -> Iterator[str]:
+    """A hub that accepts connections and never answers (an overloaded mirror, a proxy that swallows requests):
+    each connection is held 4 s, then closed."""
+    server = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def hold() -> None:
+        server.settimeout(0.1)
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                connection, _ = server.accept()
+                threading.Timer(4, connection.close).start()
+
+    thread = threading.Thread(target=hold, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    stop.set()
+    thread.join()
+    server.close()
+
+
+def test_a_hub_that_never_answers_is_retried_with_a_countdown_not_waited_for_forever(
+        silent_hub: str, env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    # no timeout on the first request (huggingface_hub's API calls have none): the run waited silently for as long
+    # as the server held the connection, and the retries after it did not say the server had timed out
+    monkeypatch.setattr("vlhub.hub.download.RETRY_DELAYS", (0, 0, 0, 0))
+    started = time.monotonic()
+    result = run_vlhub("download", "qwen2-vl-2b", env={**env, "HF_ENDPOINT": silent_hub, "HF_HUB_ETAG_TIMEOUT": "1"})
+    assert time.monotonic() - started < 8
+    assert result.returncode == 3, result.stderr
+    notices = [line for line in result.stderr.splitlines() if line.startswith("retrying in")]
+    assert len(notices) == 4 and all("timed out" in line for line in notices), result.stderr
 
 
 @pytest.fixture

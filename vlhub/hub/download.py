@@ -351,13 +351,14 @@ class HuggingFaceDownload:
             self._prepare()
 
     def _prepare(self) -> None:
-        from huggingface_hub import HfApi
+        from huggingface_hub import HfApi, constants
         from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
         from huggingface_hub.hf_api import RepoFile
 
         api = HfApi(endpoint=self.endpoint, token=self.options.token)
-        try:
-            info = retrying(lambda: api.model_info(self.ref.repo_id, revision=self.ref.revision),
+        try:  # the client sets no timeout of its own here: a hub that accepts and never answers would hang the run
+            info = retrying(lambda: api.model_info(self.ref.repo_id, revision=self.ref.revision,
+                                                   timeout=constants.HF_HUB_ETAG_TIMEOUT),
                             "reading the revision", self.ref, self.endpoint, self.options.on_retry)
             self.commit = info.sha
             listing = retrying(lambda: list(api.list_repo_tree(self.ref.repo_id, revision=self.commit,
