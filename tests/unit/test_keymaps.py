@@ -100,3 +100,24 @@ def test_a_malformed_dim_is_a_clean_error(value) -> None:
         del config["num_attention_heads"]
     with pytest.raises(UserError, match="num_attention_heads"):
         load_keymap("qwen2_vl").expected(config)
+
+
+def test_a_condition_on_a_placeholder_is_decided_layer_by_layer() -> None:
+    """`layer in full_layers`: which tensors a layer has may depend on its index (Qwen3.5's layer_types), read from
+    a list of one word per layer (`indices_of`)."""
+    keymap = load_keymap("qwen3_5")
+    config = json.loads(json.dumps(models()["tiny-qwen3.5"].config))
+    config["text_config"]["layer_types"] = ["full_attention", "linear_attention", "linear_attention", "full_attention"]
+    names = [t.name for t in keymap.expected(config)]
+    for layer, kind in enumerate(config["text_config"]["layer_types"]):
+        prefix = f"model.language_model.layers.{layer}."
+        assert (prefix + "self_attn.q_proj.weight" in names) == (kind == "full_attention")
+        assert (prefix + "linear_attn.A_log" in names) == (kind == "linear_attention")
+    assert evaluate("layer not in full_layers", {"layer": 2, "full_layers": (0, 3)})
+
+
+def test_a_drop_entry_ending_in_a_star_drops_every_name_under_it() -> None:
+    keymap = load_keymap("qwen3_5")
+    assert keymap.drop_condition("mtp.layers.0.mlp.experts.gate_up_proj") == "True"
+    assert keymap.drop_condition("lm_head.weight") == "tied"
+    assert keymap.drop_condition("model.mtp.fc.weight") is None
