@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.fake_hub import FakeHub
-from tests.helpers import one_line_error, run_vlhub
+from tests.helpers import one_line_error, run_vlhub, run_vlhub_subprocess
 
 REPO = "Qwen/Qwen2-VL-2B-Instruct"  # served with tiny-qwen2-vl's files, so `qwen2-vl-2b` names it
 SHARD = "model-00002-of-00004.safetensors"
@@ -61,6 +61,18 @@ def test_a_tls_failure_fails_within_seconds(hub: FakeHub, env: dict[str, str]) -
     started = time.monotonic()
     result = run_vlhub("download", "qwen2-vl-2b", env={**env, "HF_ENDPOINT": hub.url.replace("http:", "https:")})
     unreachable_line(result, started, "TLS")
+
+
+def test_a_dead_proxy_is_named_not_blamed_on_the_hub(hub: FakeHub, env: dict[str, str]) -> None:
+    # the hub itself is up; the proxy the environment names refuses: the line said "the hub ... is unreachable (the
+    # connection was refused)" and sent the user to mirrors, never to HTTP_PROXY
+    proxy = f"http://127.0.0.1:{closed_port()}"
+    started = time.monotonic()
+    result = run_vlhub_subprocess("download", "qwen2-vl-2b", timeout=60,
+                                  env={**env, "HTTP_PROXY": proxy, "NO_PROXY": "", "no_proxy": ""})
+    assert time.monotonic() - started < 5
+    line = one_line_error(result, 3)
+    assert f"the proxy {proxy} (HTTP_PROXY)" in line and "refused" in line and "NO_PROXY" in line, line
 
 
 def test_modelscope_unreachable_fails_within_seconds(env: dict[str, str], tmp_path: Path) -> None:

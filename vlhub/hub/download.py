@@ -114,8 +114,26 @@ def unreachable_reason(exc: BaseException | None) -> str | None:
     return None
 
 
+def proxy_for(endpoint: str) -> tuple[str, str] | None:
+    """(the proxy's URL, the variable naming it) when the environment sends connections to `endpoint` through a
+    proxy (HTTPS_PROXY / HTTP_PROXY, not bypassed by NO_PROXY), as the hub clients do; None for a direct one."""
+    from urllib.parse import urlsplit
+    from urllib.request import getproxies, proxy_bypass
+
+    parts = urlsplit(endpoint)
+    proxy = getproxies().get(parts.scheme)
+    if proxy is None or proxy_bypass(parts.hostname or ""):
+        return None
+    return proxy, f"{parts.scheme.upper()}_PROXY"
+
+
 def unreachable(endpoint: str, reason: str, ref: RepoRef) -> HubUnreachable:
     """The one-line error for a hub that cannot be reached, with the ways around it."""
+    proxy = proxy_for(endpoint)
+    if proxy is not None:  # the proxy is what failed, or at least what vlhub could not get past
+        url, variable = proxy
+        return HubUnreachable(f"the hub {endpoint} is unreachable through the proxy {url} ({variable}) ({reason}): "
+                              f"check {variable}, or add the hub's host to NO_PROXY to connect directly")
     if ref.source == "huggingface":
         remedies = ("set HF_ENDPOINT to a mirror (e.g. HF_ENDPOINT=https://hf-mirror.com), or fetch it from ModelScope "
                     f"(`vlhub download {ref.model} --source modelscope`) and give the directory it prints, or give "
@@ -130,11 +148,10 @@ def probe(endpoint: str, ref: RepoRef) -> None:
     """Connect to the hub's host once, within PROBE_SECONDS: HubUnreachable at once when that fails, before a
     client that retries every error by itself is handed the request (ModelScope's retries for 7 s)."""
     from urllib.parse import urlsplit
-    from urllib.request import getproxies, proxy_bypass
 
     parts = urlsplit(endpoint)
     port = parts.port or (443 if parts.scheme == "https" else 80)
-    if parts.scheme in getproxies() and not proxy_bypass(parts.hostname or ""):
+    if proxy_for(endpoint) is not None:
         return  # through a proxy (HTTPS_PROXY): a direct connection proves nothing; the client's errors tell
     try:
         socket.create_connection((parts.hostname or "", port), timeout=PROBE_SECONDS).close()
