@@ -620,3 +620,11 @@ def test_relative_cache_and_local_dirs_print_absolute_paths_and_the_cache_finds_
     assert [(e["path"], e["verified"]) for e in listed] == [(cached.stdout.strip(), "verified")]
     verified = run_vlhub("cache", "verify", env=env)
     assert verified.returncode == 0, verified.stdout + verified.stderr
+
+
+def test_a_folder_with_include_or_exclude_is_refused_as_hf_refuses_it(hub: FakeHub, env: dict[str, str]) -> None:
+    # hf download refuses `art/ --include ...` (it only ignores --include beside file names); vlhub ignored it
+    for option in ("--include", "--exclude"):
+        line = one_line_error(download(env, "art/", option, "*.json"))
+        assert "art/" in line and '--include "art/*"' in line, line
+    assert not hub.requests

@@ -96,6 +96,10 @@ def download(
         raise UserError(f"{repo_id} is a {repo_type} repo: vlhub downloads models only (`hf download` fetches the "
                         "others)")
     names = tuple(filenames or ())
+    folder = next((name for name in names if name.endswith("/")), None)
+    if folder is not None and (include or exclude):  # hf download refuses it too: which would select is unclear
+        raise UserError(f"{folder} is a folder: --include/--exclude do not combine with it; pass "
+                        f'--include "{folder}*" (with --exclude if needed) instead')
     if names and (include or exclude):
         stderr.print("ignoring --include/--exclude: FILENAMES name the files (as `hf download` does)", markup=False,
                      soft_wrap=True)
