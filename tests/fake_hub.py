@@ -138,7 +138,8 @@ class FakeHub:
         self._add_fault(repo_id, path, _Fault("corrupt", times, offset))
 
     def fail(self, repo_id: str, path: str, status: int = 503, times: int = 2) -> None:
-        """Next `times` GETs of the file answer `status` with a small JSON body."""
+        """Next `times` GETs of the file (path "": of the repo's API, its info and listing) answer `status` with a
+        small JSON body."""
         self._add_fault(repo_id, path, _Fault("fail", times, status))
 
     def throttle(self, bytes_per_second: int | None) -> None:
@@ -244,6 +245,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._error(404, f"Repository not found: {repo_id}", "RepoNotFound")
         if self._refused(repo_id, repo):
             return None
+        if (failure := self.server.hub._take_fault(repo_id, "", "fail")) is not None:
+            return self._error(failure.value, f"Injected failure ({failure.value})")
         if not rest or (rest[0] == "revision" and len(rest) == 2):
             revision = rest[1] if rest else next(iter(repo.branches))
             if (commit := self._commit(repo, revision)) is None:

@@ -97,6 +97,19 @@ def test_server_errors_are_retried_with_a_countdown_then_exit_3(hub: FakeHub, en
     assert len(errors) == 1 and "503" in errors[0] and "run the same command again to resume" in errors[0]
 
 
+@pytest.mark.parametrize("dry_run", [[], ["--dry-run"]])
+def test_a_failing_listing_is_retried_with_a_countdown_in_a_dry_run_too(hub: FakeHub, env: dict[str, str],
+                                                                        dry_run: list[str],
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    # --dry-run's listing was retried with no notice: up to 15 s of silence
+    monkeypatch.setattr("vlhub.hub.download.RETRY_DELAYS", (0, 0, 0, 0))
+    hub.fail(REPO, "", status=503, times=2)
+    result = run_vlhub("download", "qwen2-vl-2b", *dry_run, "-q", env=env)
+    assert result.returncode == 0, result.stderr
+    assert [line.split(":")[0] for line in result.stderr.splitlines()] == [
+        "retrying in 0 s (attempt 2/5)", "retrying in 0 s (attempt 3/5)"], result.stderr
+
+
 @pytest.fixture
 def silent_hub() -> Iterator[str]:
     """A hub that accepts connections and never answers (an overloaded mirror, a proxy that swallows requests):

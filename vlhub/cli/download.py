@@ -106,7 +106,7 @@ def download(
     options = DownloadOptions(
         include=() if names else tuple(include or ()), exclude=() if names else tuple(exclude or ()), filenames=names,
         token=token, force=force_download, max_workers=max_workers, cache_dir=cache_dir, local_dir=local_dir,
-        dry_run=dry_run)
+        dry_run=dry_run, on_retry=_say)
     if dry_run:
         _dry_run(repo_id, source=source, revision=revision, options=options, endpoint=endpoint, as_json=json,
                  quiet=quiet)
