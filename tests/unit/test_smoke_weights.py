@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import vlhub.smoke.weights as weights_module
+from vlhub.errors import CorruptCheckpoint
 from vlhub.formats.tensors import float32_from_bf16_bits
 from vlhub.smoke.weights import ModelWeights, _openblas_threads, one_blas_thread, products
 
@@ -81,3 +82,17 @@ def test_one_blas_thread_puts_the_count_back() -> None:
     with one_blas_thread():
         assert count() == 1
     assert count() == before
+
+
+def test_a_weight_file_shorter_than_its_header_says_is_named_in_one_line(tmp_path: Path, tiny_qwen2_vl: Path) -> None:
+    """Truncated after its header was read (another program, a copy that stopped): the mapped read says which file
+    and how many bytes are missing, as every other read does, instead of mmap's bare ValueError."""
+    for path in tiny_qwen2_vl.iterdir():
+        (tmp_path / path.name).write_bytes(path.read_bytes())
+    with ModelWeights.open(tmp_path) as weights:
+        last = max(weights.plan.steps, key=lambda step: weights.checkpoint.stored_bytes(step.source.name).offset)
+        span = weights.checkpoint.stored_bytes(last.source.name)
+        with open(span.path, "r+b") as file:
+            file.truncate(span.offset + span.length // 2)
+        with pytest.raises(CorruptCheckpoint, match=f"file ends {span.length - span.length // 2} bytes early"):
+            weights._read(last.target.name)

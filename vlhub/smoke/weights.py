@@ -28,6 +28,7 @@ from vlhub.convert.configs import official_config
 from vlhub.convert.ops import transpose_2d, transpose_last
 from vlhub.convert.pipeline import read_source
 from vlhub.convert.plan import Step, plan_conversion
+from vlhub.errors import CorruptCheckpoint
 from vlhub.formats.io_utils import StoredBytes
 from vlhub.formats.readers import Checkpoint, open_checkpoint
 from vlhub.formats.tensors import TensorMeta, dtype_info, float32_values
@@ -110,6 +111,9 @@ def _mapping(span: StoredBytes) -> np.ndarray:
     """The bytes of `span`, mapped read-only (unmapped when the array goes)."""
     start = span.offset - span.offset % mmap.ALLOCATIONGRANULARITY
     with open(span.path, "rb") as file:
+        missing = span.offset + span.length - os.fstat(file.fileno()).st_size
+        if missing > 0:  # mmap would refuse it with a bare ValueError
+            raise CorruptCheckpoint(f"{span.path}: file ends {missing} bytes early: it is truncated")
         region = mmap.mmap(file.fileno(), span.offset + span.length - start, offset=start, access=mmap.ACCESS_READ)
     return np.frombuffer(region, np.uint8, span.length, span.offset - start)
 
