@@ -14,7 +14,7 @@ Examples:
 from __future__ import annotations
 
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated
 
@@ -28,7 +28,7 @@ from vlhub.cli._output import byte_progress, print_json, stderr, stdout
 from vlhub.errors import UserError
 from vlhub.hub.download import DOWNLOAD_WORKERS, EVERYTHING, SOURCES, DownloadOptions
 from vlhub.hub.fetch import Download, open_download
-from vlhub.hub.records import RemoteFile
+from vlhub.hub.records import RemoteFile, RepoRef
 from vlhub.units import format_size, plural
 
 REPO_TYPES = ("model", "dataset", "space", "kernel")  # `hf download --repo-type`'s; vlhub converts models only
@@ -113,11 +113,11 @@ def download(
         return
     result = fetch_model(repo_id, source=source, revision=revision, options=options, endpoint=endpoint, quiet=quiet)
     if len(names) == 1 and not names[0].endswith("/"):  # one file: its own path, as hf_hub_download returns it
-        result["path"] = str(Path(result["path"]) / names[0])
+        result = replace(result, path=result.path / names[0])
     if json:
-        print_json(result)
+        print_json(result.to_json())
     else:
-        stdout.print(escape(result["path"]), soft_wrap=True)
+        stdout.print(escape(str(result.path)), soft_wrap=True)
 
 
 def _from_uri(uri: str, repo_type: str, revision: str | None,
@@ -145,11 +145,29 @@ def _say(text: str) -> None:
     stderr.print(text, markup=False, soft_wrap=True)
 
 
+@dataclass(frozen=True)
+class Fetched:
+    """A finished download: where it is, what it is, how much of it came now."""
+
+    path: Path  # the snapshot (or --local-dir) directory, or the one file named
+    ref: RepoRef
+    commit: str
+    files: int
+    total_bytes: int
+    downloaded_bytes: int
+
+    def to_json(self) -> dict:
+        """As `vlhub download --json` prints it."""
+        return {"path": str(self.path), "model": self.ref.model, "repo": self.ref.repo_id, "source": self.ref.source,
+                "revision": self.ref.revision, "commit": self.commit, "files": self.files,
+                "total_bytes": self.total_bytes, "downloaded_bytes": self.downloaded_bytes, "verified": True}
+
+
 def fetch_model(model: str, *, source: str = "huggingface", revision: str | None = None,
                 options: DownloadOptions = EVERYTHING, endpoint: str | None = None,
-                quiet: bool = False) -> dict:
-    """Download with its progress on stderr (`byte_progress`), unless `quiet`; the result as `vlhub download
-    --json` prints it."""
+                quiet: bool = False) -> Fetched:
+    """Download with its progress on stderr (`byte_progress`), unless `quiet`; every file checked against its listed
+    hash."""
     def waiting(holder: str) -> None:
         _say(f"waiting for another download of {model} to finish ({holder})")
 
@@ -168,9 +186,7 @@ def fetch_model(model: str, *, source: str = "huggingface", revision: str | None
         seconds = time.monotonic() - started
         _say(f"{job.ref}: {plural(len(job.files), 'file')}, {format_size(total)}, each checked against its listed hash "
              f"({format_size(job.downloaded_bytes)} downloaded now, {seconds:.1f} s)")
-    return {"path": str(path), "model": job.ref.model, "repo": job.ref.repo_id, "source": job.ref.source,
-            "revision": job.ref.revision, "commit": job.commit, "files": len(job.files), "total_bytes": total,
-            "downloaded_bytes": job.downloaded_bytes, "verified": True}
+    return Fetched(Path(path), job.ref, job.commit, len(job.files), total, job.downloaded_bytes)
 
 
 def _dry_run(model: str, *, source: str, revision: str | None, options: DownloadOptions, endpoint: str | None,
@@ -205,4 +221,4 @@ def _show_dry_run(job: Download, planned: list[tuple[RemoteFile, bool]], size: i
 def download_for(spec: ModelSpec) -> Path:
     """A catalog model that is not on this machine yet, downloaded (what `vlhub convert MODEL` needs first)."""
     _say(f"{spec.name} is not in the cache: downloading {spec.hf_repo} first")
-    return Path(fetch_model(spec.name)["path"])
+    return fetch_model(spec.name).path
