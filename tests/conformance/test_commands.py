@@ -38,6 +38,8 @@ REFUSALS = {
         r"--to tpu-mlir takes dense Qwen3-VL only",  # llm_convert has no qwen3_vl_moe
         # Qwen3_5Converter's chunked linear attention needs key and value heads of one width
         r"linear_key_head_dim \d+ and linear_value_head_dim \d+: TPU-MLIR's llm_convert compiles only",
+        # LLM-TPU's Qwen3.5 runtime runs every fourth layer as full attention (drawn layer_types may differ)
+        r"layer_types puts full attention at layers .*; LLM-TPU's runtime",
     ],
     # no vamc route for Qwen3-VL (VastAI serves it through vllm_vacc); no static graph of a Qwen3-VL MoE's routing
     "vamc": [r"VastAI serves Qwen3-VL through vllm_vacc", r"VastAI has no route for Qwen3.5"],

@@ -2,7 +2,8 @@
 qwen3_5_moe): model/ as it reads it (the nested config.json in the official spelling, `rope_parameters` with the
 partial rotary factor, official names, no multi-token-prediction head), compile.sh with --dynamic and the reason it
 is forced, the networks, the smoke test passing; the refusals (--onnx, key and value heads of different widths, a
---group-size that does not divide the experts' width)."""
+--group-size that does not divide the experts' width, full-attention layers where LLM-TPU's runtime does not run
+them)."""
 
 from __future__ import annotations
 
@@ -59,3 +60,23 @@ def test_what_llm_convert_cannot_take_is_refused_in_one_line(edit: dict, args: l
     result = run_vlhub("convert", str(source), "--to", "tpu-mlir", "--out", str(tmp_path / "out"), *SMALL, *args)
     assert re.search(message, one_line_error(result))
     assert not (tmp_path / "out").exists()
+
+
+def test_full_attention_where_llm_tpu_does_not_run_it_is_refused_in_one_line(tmp_path: Path) -> None:
+    """LLM-TPU's runtime runs layer i as full attention exactly when (i + 1) % 4 == 0: a checkpoint transformers
+    saved with full attention first is refused before anything is written."""
+    import transformers
+
+    from tests.families.qwen3_5_models import qwen3_5_text, qwen3_5_vision
+    from tests.helpers import QWEN3_TOKENS
+
+    text = qwen3_5_text(64, 4, 4, 2, 32, [2, 1, 1], (2, 4, 16),
+                        layer_types=["full_attention"] + ["linear_attention"] * 3)
+    config = transformers.Qwen3_5Config(text_config=text, vision_config=qwen3_5_vision(32, 1, 2, 64), **QWEN3_TOKENS)
+    transformers.Qwen3_5ForConditionalGeneration(config).save_pretrained(tmp_path / "source")
+    result = run_vlhub("convert", str(tmp_path / "source"), "--to", "tpu-mlir", "--out", str(tmp_path / "out"), *SMALL)
+    line = one_line_error(result)
+    assert re.search(r"layer_types puts full attention at layers \[0\]; LLM-TPU's runtime \(models/Qwen3_5/", line)
+    assert not (tmp_path / "out").exists()
+    assert run_vlhub("convert", str(tmp_path / "source"), "--to", "safetensors", "--out", str(tmp_path / "sf"),
+                     "--no-smoke").returncode == 0  # the other targets take it

@@ -122,7 +122,8 @@ class Qwen3_5Dims:
         return cls(
             hidden=d["hidden"], vocab=d["vocab"], heads=d["heads"], kv_heads=d["kv_heads"], head_dim=d["head_dim"],
             layers=d["layers"], full_layers=d["full_layers"], inner=d["inter"], tied=bool(d["tied"]),
-            positions=d["positions"], moe=bool(d["moe"]), experts=d["experts"], experts_per_token=d["experts_per_token"],
+            positions=d["positions"], moe=bool(d["moe"]), experts=d["experts"],
+            experts_per_token=d["experts_per_token"],
             moe_inner=d["moe_inter"], shared_inner=d["shared_inter"], k_heads=d["lin_k_heads"],
             v_heads=d["lin_v_heads"], k_dim=d["lin_k_dim"], v_dim=d["lin_v_dim"], conv_kernel=d["conv_kernel"],
             eps=float(flat.get("rms_norm_eps", 1e-6)),
@@ -285,11 +286,12 @@ class GatedDeltaNet(nn.Layer):
         repeat = self.v_heads // self.k_heads
         q = paddle.repeat_interleave(_l2_normalize(mixed[:, :key_width].reshape([length, self.k_heads, self.k_dim])),
                                      repeat, axis=1) * (self.k_dim ** -0.5)
-        k = paddle.repeat_interleave(
-            _l2_normalize(mixed[:, key_width:2 * key_width].reshape([length, self.k_heads, self.k_dim])), repeat, axis=1)
+        key = mixed[:, key_width:2 * key_width].reshape([length, self.k_heads, self.k_dim])
+        k = paddle.repeat_interleave(_l2_normalize(key), repeat, axis=1)
         v = mixed[:, 2 * key_width:].reshape([length, self.v_heads, self.v_dim])
         beta = F.sigmoid(self.in_proj_b(x))
-        decay = paddle.exp(-paddle.exp(as_float32(self.A_log)) * F.softplus(self.in_proj_a(x) + as_float32(self.dt_bias)))
+        step = F.softplus(self.in_proj_a(x) + as_float32(self.dt_bias))
+        decay = paddle.exp(-paddle.exp(as_float32(self.A_log)) * step)
         state = paddle.zeros([self.v_heads, self.k_dim, self.v_dim], "float32")
         outputs = []
         for t in range(length):  # S <- S exp(g); S += k (beta (v - S^T k))^T; o = S^T q

@@ -230,7 +230,8 @@ class Reference(MRopeDecoderForward):
         """A Gated DeltaNet layer over new tokens `h`, continuing from (and updating) its state in `cache`: the last
         K - 1 convolution inputs and the recurrent state [value heads, dk, dv]."""
         d = self._dims
-        nk, nv, dk, dv = (int(d[key]) for key in ("lin_k_heads", "lin_v_heads", "lin_k_dim", "lin_v_dim"))  # type: ignore
+        nk, nv, dk, dv = (int(d[key])  # type: ignore[call-overload]
+                          for key in ("lin_k_heads", "lin_v_heads", "lin_k_dim", "lin_v_dim"))
         conv_weight = self.w(p + "conv1d.weight")
         past_inputs, state = cache.states.get(layer) or (
             np.zeros((conv_weight.shape[-1] - 1, conv_weight.shape[0]), np.float32), np.zeros((nv, dk, dv), np.float32))

@@ -215,6 +215,7 @@ def build_tpu_mlir(conversion: Conversion, spec: TpuSpec, out: Path, *, overwrit
     ONNX networks, exported one network at a time from model/, and compile_onnx.sh."""
     options = spec.options
     facts = spec.facts if spec.facts is not None else tpu_facts(spec.family, official_config(conversion.config))
+    _check_layer_kinds(conversion, facts)
     with staged_directory(out, conversion.source.local(), overwrite=overwrite, needed=conversion.plan.total_bytes,
                           what="the model directory") as staging:
         weights = conversion.write_into(staging / "model", on_bytes=on_bytes,
@@ -232,6 +233,21 @@ def build_tpu_mlir(conversion: Conversion, spec: TpuSpec, out: Path, *, overwrit
         manifest = _manifest(conversion, staging, spec, facts, weights, exported)
         manifest.write(staging)
     return manifest
+
+
+def _check_layer_kinds(conversion: Conversion, facts: dict) -> None:
+    """A hybrid model's full-attention layers where the family's runtime runs them (`full_attention_every`: layer i
+    exactly when (i + 1) % every == 0), read from the config as written (the flat one has no layer_types)."""
+    every = facts.get("full_attention_every")
+    if every is None:
+        return
+    dims = conversion.plan.keymap.resolve_dims(conversion.config)
+    full = dims["full_layers"]
+    if full != tuple(i for i in range(int(dims["layers"])) if (i + 1) % every == 0):  # type: ignore[call-overload]
+        raise UserError(f"config.json layer_types puts full attention at layers {list(full)}; LLM-TPU's runtime "
+                        f"({facts['demo']}) runs layer i as full attention exactly when (i + 1) % {every} == 0, as "
+                        "every release has it, so it would run this model's layers as the wrong kind; no --to "
+                        "tpu-mlir for it")
 
 
 def check_smoke_image_fits(options: TpuOptions) -> None:
