@@ -290,6 +290,27 @@ def test_modelscope_download_is_listed_checked_and_verifiable(ms_env: dict[str, 
     assert verify.returncode == 1 and SHARD in verify.stdout
 
 
+def test_modelscope_with_hf_hub_offline_opens_no_connection(modelscope: FakeModelScope, ms_env: dict[str, str],
+                                                           tiny_qwen2_vl: Path) -> None:
+    # HF_HUB_OFFLINE is vlhub's offline switch for every hub (docs/download-and-cache.md#offline): --source
+    # modelscope connected anyway, and without a network failed after the probe as if the hub were down
+    offline = {**ms_env, "HF_HUB_OFFLINE": "1"}
+    modelscope.requests.clear()
+    line = one_line_error(run_vlhub("download", "qwen2-vl-2b", "--source", "modelscope", env=offline))
+    assert "HF_HUB_OFFLINE" in line and "not in the cache" in line and "--source modelscope" in line, line
+    assert modelscope.requests == []
+    online = run_vlhub("download", "qwen2-vl-2b", "--source", "modelscope", "-q", env=ms_env)
+    assert online.returncode == 0, online.stderr
+    modelscope.requests.clear()
+    again = run_vlhub("download", "qwen2-vl-2b", "--source", "modelscope", "-q", env=offline)
+    assert (again.returncode, again.stdout) == (0, online.stdout), again.stderr
+    assert modelscope.requests == []
+    (Path(online.stdout.strip()) / SHARD).unlink()
+    line = one_line_error(run_vlhub("download", "qwen2-vl-2b", "--source", "modelscope", env=offline))
+    assert SHARD in line and "1 file" in line, line
+    assert modelscope.requests == []
+
+
 def test_modelscope_corrupted_bytes_and_unsafe_names_are_refused(modelscope: FakeModelScope,
                                                                   ms_env: dict[str, str]) -> None:
     modelscope.add_repo("org/corrupt", {"config.json": b"{}", "model.safetensors": os.urandom(100_000)})

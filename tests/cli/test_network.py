@@ -178,6 +178,15 @@ def test_offline_a_cached_model_downloads_converts_inspects_and_plans_without_a_
     assert not attempts
 
 
+def test_offline_force_download_is_refused_in_one_line(cached: dict[str, str],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    # it tried the hub anyway and failed with "cannot use: Cannot reach ...: offline mode is enabled"
+    attempts = refuse_connections(monkeypatch)
+    line = one_line_error(run_vlhub("download", "qwen2-vl-2b", "--force-download", env=cached))
+    assert "HF_HUB_OFFLINE" in line and "--force-download" in line, line
+    assert not attempts
+
+
 def test_offline_a_model_not_in_the_cache_fails_in_one_line_with_the_remedy(
         cached: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
     attempts = refuse_connections(monkeypatch)

@@ -214,6 +214,41 @@ def checked_files(files: list[RemoteFile], ref: RepoRef, options: DownloadOption
     return chosen
 
 
+def cached_record(record: DownloadRecord | None, ref: RepoRef, options: DownloadOptions,
+                  cache: Path) -> DownloadRecord:
+    """HF_HUB_OFFLINE: the record of the revision in `cache`, if there is one to answer from; else one line saying
+    what to do (and --force-download, which needs the hub, refused)."""
+    if options.force:
+        raise UserError("HF_HUB_OFFLINE is set: --force-download downloads every file from the hub again; unset "
+                        "HF_HUB_OFFLINE, or drop --force-download to use the cache's copy")
+    if record is None:
+        raise UserError(f"HF_HUB_OFFLINE is set and {ref} is not in the cache ({cache}): run `{_download_command(ref)}` "
+                        "where the hub is reachable and copy the cache over, or unset HF_HUB_OFFLINE")
+    return record
+
+
+def offline_files(record: DownloadRecord, ref: RepoRef, options: DownloadOptions,
+                  present: Callable[[RemoteFile], bool]) -> list[RemoteFile]:
+    """HF_HUB_OFFLINE: the files FILENAMES or --include/--exclude select from what `record` lists, every one of them
+    `present`; else one line naming what is missing."""
+    files = checked_files(record.remote_files(), ref, options)
+    if record.filtered and not options.filtered:
+        raise UserError(f"HF_HUB_OFFLINE is set and only some files of {ref} are in the cache (downloaded "
+                        f"with --include/--exclude): run `{_download_command(ref)}` where the hub is reachable, or "
+                        "unset HF_HUB_OFFLINE")
+    missing = [f.path for f in files if not present(f)]
+    if missing:
+        named = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise UserError(f"HF_HUB_OFFLINE is set and {plural(len(missing), 'file')} of {ref} "
+                        f"{'is' if len(missing) == 1 else 'are'} not in the cache ({named}): run "
+                        f"`{_download_command(ref)}` where the hub is reachable, or unset HF_HUB_OFFLINE")
+    return files
+
+
+def _download_command(ref: RepoRef) -> str:
+    return f"vlhub download {ref.model}" + (" --source modelscope" if ref.source == "modelscope" else "")
+
+
 def refuse_unsafe_name(name: str, ref: RepoRef) -> None:
     """Remote names are untrusted: an absolute path, `..`, a backslash or a NUL could escape the model's folder."""
     parts = PurePosixPath(name).parts
@@ -413,23 +448,10 @@ class HuggingFaceDownload:
         snapshot = self.storage / "snapshots" / self.commit
         record = load_record(self.ref.source, self.ref.repo_id, self.commit) or _record_of_snapshot(
             self.ref, self.commit, snapshot)
-        if record is None or not snapshot.is_dir():
-            raise UserError(f"HF_HUB_OFFLINE is set and {self.ref} is not in the cache ({self.storage.parent}): "
-                            f"run `vlhub download {self.ref.model}` where the hub is reachable and copy HF_HOME over, "
-                            "or unset HF_HUB_OFFLINE")
-        self.record = record
-        self.files = checked_files(record.remote_files(), self.ref, self.options)
+        self.record = cached_record(record if snapshot.is_dir() else None, self.ref, self.options,
+                                    self.storage.parent)
+        self.files = offline_files(self.record, self.ref, self.options, self._have_blob)
         self.missing_bytes = 0
-        missing = [f.path for f in self.files if not self._have_blob(f)]
-        if record.filtered and not self.filtered:
-            raise UserError(f"HF_HUB_OFFLINE is set and only some files of {self.ref} are in the cache (downloaded "
-                            f"with --include/--exclude): run `vlhub download {self.ref.model}` where the hub is "
-                            "reachable, or unset HF_HUB_OFFLINE")
-        if missing:
-            named = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
-            raise UserError(f"HF_HUB_OFFLINE is set and {plural(len(missing), 'file')} of {self.ref} "
-                            f"{'is' if len(missing) == 1 else 'are'} not in the cache ({named}): run `vlhub download "
-                            f"{self.ref.model}` where the hub is reachable, or unset HF_HUB_OFFLINE")
 
     @property
     def total_bytes(self) -> int:

@@ -21,8 +21,10 @@ from vlhub.errors import CheckFailed, UserError
 from vlhub.hub.download import (
     DownloadFailed,
     DownloadOptions,
+    cached_record,
     checked_files,
     hash_file,
+    offline_files,
     one_line,
     probe,
     unreachable,
@@ -64,6 +66,15 @@ class ModelScopeDownload:
         self.commit = ref.revision
         self.downloaded_bytes = 0
         self.snapshot = (self.cache_dir / "models" / ref.repo_id.replace("/", "--") / "snapshots" / ref.revision)
+        from huggingface_hub import constants
+
+        if constants.HF_HUB_OFFLINE:  # vlhub's offline switch for either hub: the cache's copy, no connection
+            self.record = cached_record(load_record(ref.source, ref.repo_id, self.commit), ref, options,
+                                        self.cache_dir)
+            self.snapshot = Path(self.record.path)  # the client may have used an older SDK's folder
+            self.files = offline_files(self.record, ref, options, self._present)
+            self.missing_bytes = 0
+            return
         probe(self.endpoint, ref)  # the client retries even a name that does not resolve, for seconds
         try:  # the client retries dropped connections and 5xx itself
             infos = self.api.list_repo_files(ref.repo_id, "model", revision=ref.revision, recursive=True)
