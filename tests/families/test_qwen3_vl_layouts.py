@@ -147,7 +147,7 @@ def test_a_moe_with_dense_layers_among_sparse_ones_is_refused(resaved: tuple[Pat
     (source / "config.json").write_text(json.dumps(config))
     result = run_vlhub("inspect", str(source))
     assert result.returncode == 2, result.stderr
-    assert "mlp_only_layers has 1 entries" in result.stderr and "every layer is sparse" in result.stderr
+    assert "mlp_only_layers has 1 entry;" in result.stderr and "every layer is sparse" in result.stderr
 
 
 def test_the_largest_release_plans_without_data() -> None:

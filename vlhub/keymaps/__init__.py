@@ -22,6 +22,7 @@ from importlib import resources
 
 from vlhub.errors import UserError
 from vlhub.keymaps.expr import evaluate, names_in
+from vlhub.units import plural
 
 __all__ = ["DIM_BOUNDS", "FAMILY_FILES", "DimBound", "ExpectedTensor", "KeyMap", "Layout", "PartOf", "TensorRule",
            "evaluate", "keymap_of_config", "load_keymap"]
@@ -281,7 +282,7 @@ class KeyMap:
         values = spec["values"]
         if not isinstance(found, list) or len(found) != count or any(entry not in values for entry in found):
             raise UserError(f"config.json {key} is {reprlib.repr(found)}; a {self.id} checkpoint needs a list of "
-                            f"{count} entries, each one of {', '.join(map(repr, values))}")
+                            f"{plural(count, 'entry')}, each one of {', '.join(map(repr, values))}")
         return tuple(i for i, entry in enumerate(found) if entry == spec["indices_of"])
 
     def drop_condition(self, official: str) -> str | None:
@@ -298,8 +299,8 @@ class KeyMap:
             return value
         wanted = "true or false" if bound is None else bound.describe()
         if spec.get("length"):
-            wanted = f"at most {bound.most} entries" if bound is not None and bound.least == 0 else wanted
-            raise UserError(f"config.json {key} has {value} entries; a {self.id} checkpoint needs {wanted}"
+            wanted = f"at most {plural(bound.most, 'entry')}" if bound is not None and bound.least == 0 else wanted
+            raise UserError(f"config.json {key} has {plural(value, 'entry')}; a {self.id} checkpoint needs {wanted}"
                             + (f" ({spec['why']})" if "why" in spec else ""))
         raise UserError(f"config.json {key} is {reprlib.repr(value)}; a {self.id} checkpoint needs {wanted}"
                         + (f" ({spec['why']})" if "why" in spec else ""))
