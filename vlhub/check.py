@@ -311,7 +311,8 @@ def _layout_check(ctx: LayoutContext) -> Check:
     problems += ctx.plan_problems.get("unreadable", [])
     for kind in ("unmatched", "ambiguous"):
         if ctx.plan_problems.get(kind):
-            problems.append(f"{len(ctx.plan_problems[kind])} {kind} keys ({', '.join(ctx.plan_problems[kind][:3])})")
+            names = ctx.plan_problems[kind]
+            problems.append(f"{plural(len(names), kind + ' key')} ({', '.join(names[:3])})")
     if problems:
         return Check("weights", "key layout", FAIL, "; ".join(problems), ctx.reconvert())
     return Check("weights", "key layout", PASS, f"{ctx.family}, {wanted} keys in {fmt}: what {ctx.target} loads")

@@ -239,6 +239,17 @@ def test_shapes_tied_and_key_layout(tpu: Path, tmp_path: Path) -> None:
     assert "transformers-5 layout, tpu-mlir's loader reads official" in detail(report, "key layout")
 
 
+def test_one_unknown_key_is_counted_in_the_singular(tpu: Path, tmp_path: Path) -> None:
+    layout = copy(tpu, tmp_path)
+    result = run_vlhub("keys", str(layout / "model"), "--rename", "lm_head.weight=extra.weight", "--in-place",
+                       "--allow-unknown-layout")
+    assert result.returncode == 0, result.stderr
+    refresh(layout, "model/model.safetensors")
+    report = check_path(layout)
+    assert status(report, "key layout") == FAIL
+    assert "1 unmatched key (extra.weight)" in detail(report, "key layout")
+
+
 def test_nan_in_a_tensor(tpu: Path, tmp_path: Path) -> None:
     broken = copy(tpu, tmp_path)
     write_at(broken / "model", "model.norm.weight", b"\xc0\x7f\x80\x7f")  # bf16 NaN, then +Inf
