@@ -30,6 +30,7 @@ from vlhub.errors import Note, UserError
 from vlhub.family_registry import FAMILIES, Family, family_of_config
 from vlhub.keymaps.config import text_config
 from vlhub.smoke.inputs import MAX_RATIO, VisionGeometry, image_processing, smart_resize
+from vlhub.units import plural
 
 # compile shapes are multiples of 16 (vamc's rule, VastModelZOO llm/README.md; every target's sizes are held to it)
 ALIGN = 16
@@ -64,7 +65,7 @@ class InputPlan:
     @property
     def label(self) -> str:
         kind = "image" if self.frames is None else "video"
-        return f"{kind} {self.width}x{self.height}" + ("" if self.frames is None else f", {self.frames} frames")
+        return f"{kind} {self.width}x{self.height}" + ("" if self.frames is None else f", {plural(self.frames, 'frame')}")
 
     def to_json(self) -> dict:
         return {"input": self.label, "kind": "image" if self.frames is None else "video", "width": self.width,

@@ -78,5 +78,14 @@ def test_the_vamc_readme_names_its_images_as_plan_does(tiny_qwen2_vl: Path, tmp_
     result = run_vlhub("convert", "tiny-qwen2-vl", "--to", "vamc", "--image", "1280x720", "--no-smoke", "--out",
                        str(out))
     assert result.returncode == 0, result.stderr
-    assert "input 1280x720: resized 1288x728, 4784 patches" in (out / "README.md").read_text()
+    readme = (out / "README.md").read_text()
+    assert "input 1280x720: resized 1288x728, 4784 patches" in readme
+    assert "comes back in 1 column chunk (128)" in readme  # the tiny model's 128 columns: one chunk
     assert "image 1280x720  1288x728" in run_vlhub("plan", "tiny-qwen2-vl", "--image", "1280x720").stdout
+
+
+def test_a_one_frame_video_is_one_frame() -> None:
+    result = run_vlhub("plan", "tiny-qwen2-vl", "--video", "1280x720", "--frames", "1")
+    assert result.returncode == 0, result.stderr
+    assert "video 1280x720, 1 frame " in result.stdout
+    assert "video 1280x720, 2 frames" in run_vlhub("plan", "tiny-qwen2-vl", "--video", "1280x720", "--frames", "2").stdout

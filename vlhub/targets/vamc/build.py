@@ -40,6 +40,7 @@ from vlhub.manifest import MANIFEST, FileEntry, Manifest, TargetRecord, listed_p
 from vlhub.sizes import check_pixel_count, max_pixels_for, parse_size_pair, patch_multiple, plan_inputs, round_up
 from vlhub.smoke.inputs import MIN_PIXELS, SMOKE_IMAGE, SMOKE_PATCHES, VisionGeometry
 from vlhub.targets.vamc.plan import MAX_VAMC_PATCHES, NAME, OUTPUT_CHUNK, vamc_lengths, visual_output_split
+from vlhub.units import plural
 
 DEFAULT_MAX_PIXELS = 14 * 14 * 4 * 1280  # the VastModelZOO README's default: 5120 patches, 1280 tokens
 PREFERRED_TP = 4  # VastModelZOO's builds: one die per shard, four dies
@@ -376,7 +377,7 @@ def _readme(conversion: Conversion, family: Family, config: dict, weights: str, 
         f"# vamc compile build_in/build/{recipe.name}_llm.yaml     ->  vamc_results/{names['llm']}",
         "```",
         "",
-        (f"The visual output [tokens, {config['hidden_size']}] comes back in {len(split)} column chunks "
+        (f"The visual output [tokens, {config['hidden_size']}] comes back in {plural(len(split), 'column chunk')} "
          f"({' + '.join(map(str, split))}), concatenated on the host. The runtime pads pixel_values to N rows; "
          "the block-diagonal attention_mask hides the padding. Where embed_tokens.bin goes is not documented "
          "publicly; compile.sh puts it beside the compiled LLM."),
