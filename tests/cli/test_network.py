@@ -6,6 +6,7 @@ a cached model converts without opening a connection, and one that is not cached
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import threading
 import time
@@ -175,6 +176,29 @@ def test_offline_a_cached_model_downloads_converts_inspects_and_plans_without_a_
     assert run_vlhub("inspect", "qwen2-vl-2b", env=cached).returncode == 0
     planned = run_vlhub("plan", "qwen2-vl-2b", "--image", "640x480", env=cached)
     assert planned.returncode == 0, planned.stderr
+    assert not attempts
+
+
+def test_offline_a_local_dir_is_answered_from_its_own_metadata_as_hf_answers_it(
+        hub: FakeHub, env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # `vlhub download M --local-dir D && vlhub convert D` copied to a machine without network: hf download returns
+    # D there; vlhub refused --local-dir under HF_HUB_OFFLINE outright
+    local = tmp_path / "qwen2-vl-2b"
+    assert run_vlhub("download", "qwen2-vl-2b", "--local-dir", str(local), "-q", env=env).returncode == 0
+    offline = {**env, "HF_HUB_OFFLINE": "1", "HF_ENDPOINT": f"http://127.0.0.1:{closed_port()}"}
+    attempts = refuse_connections(monkeypatch)
+    again = run_vlhub("download", "qwen2-vl-2b", "--local-dir", str(local), "-q", env=offline)
+    assert (again.returncode, again.stdout.strip()) == (0, str(local)), again.stderr
+    one = run_vlhub("download", "qwen2-vl-2b", "config.json", "--local-dir", str(local), "-q", env=offline)
+    assert (one.returncode, one.stdout.strip()) == (0, str(local / "config.json")), one.stderr
+    other_commit = run_vlhub("download", "qwen2-vl-2b", "--local-dir", str(local), "--revision", "0" * 40, env=offline)
+    assert "not in" in one_line_error(other_commit)
+    (local / SHARD).write_bytes(b"edited")  # no longer the file the metadata notes (written after it)
+    os.utime(local / SHARD, (time.time() + 10, time.time() + 10))
+    line = one_line_error(run_vlhub("download", "qwen2-vl-2b", "--local-dir", str(local), env=offline))
+    assert "HF_HUB_OFFLINE" in line and SHARD in line, line
+    line = one_line_error(run_vlhub("download", "qwen2-vl-2b", "--local-dir", str(tmp_path / "empty"), env=offline))
+    assert "HF_HUB_OFFLINE" in line and "not in" in line, line
     assert not attempts
 
 

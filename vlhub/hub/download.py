@@ -440,9 +440,13 @@ class HuggingFaceDownload:
     def _prepare_offline(self) -> None:
         """HF_HUB_OFFLINE: the revision as the cache has it (vlhub's record, else the snapshot another client
         left, each file checked against the hash its blob is named by); no connection is opened."""
-        if self.local_dir is not None:
-            raise UserError("HF_HUB_OFFLINE is set: --local-dir downloads from the hub; without it the cache's copy "
-                            "is used (`vlhub download MODEL` prints where it is)")
+        if self.local_dir is not None:  # what the directory's metadata notes, as hf download answers offline
+            self.record = cached_record(_record_of_local_dir(self.ref, self.local_dir), self.ref, self.options,
+                                        self.local_dir)
+            self.commit = self.record.commit
+            self.files = offline_files(self.record, self.ref, self.options, self._have_blob)
+            self.missing_bytes = 0
+            return
         commit_file = self.storage / "refs" / self.ref.revision
         self.commit = commit_file.read_text().strip() if commit_file.is_file() else self.ref.revision
         snapshot = self.storage / "snapshots" / self.commit
@@ -643,6 +647,42 @@ def _record_of_snapshot(ref: RepoRef, commit: str, snapshot: Path) -> DownloadRe
         if re.fullmatch(r"[0-9a-f]{64}|[0-9a-f]{40}", name):
             record.add(RemoteFile(path.relative_to(snapshot).as_posix(), path.stat().st_size,
                                   name if len(name) == 64 else None, name if len(name) == 40 else None), verified_at="")
+    return record
+
+
+def _record_of_local_dir(ref: RepoRef, local_dir: Path) -> DownloadRecord | None:
+    """A record of the files `hf download --local-dir` (or vlhub) noted in `local_dir`, each with the hash its
+    metadata gives, none verified yet: those of the revision's commit when it is a commit, else of the one commit
+    noted; None when nothing is noted or several commits are."""
+    from huggingface_hub._local_folder import read_download_metadata
+
+    notes = local_dir / ".cache" / "huggingface" / "download"
+    noted, changed = {}, []
+    for metadata_file in sorted(notes.rglob("*.metadata")):
+        name = metadata_file.relative_to(notes).as_posix().removesuffix(".metadata")
+        metadata = read_download_metadata(local_dir, name)  # None when the file changed (or went) since
+        if metadata is None:
+            changed.append(name)
+        else:
+            noted[name] = metadata
+    if changed:
+        raise UserError(f"HF_HUB_OFFLINE is set and {plural(len(changed), 'file')} of {ref} in {local_dir} changed "
+                        f"or went since {'it was' if len(changed) == 1 else 'they were'} downloaded "
+                        f"({', '.join(changed[:3])}{' ...' if len(changed) > 3 else ''}): run `{_download_command(ref)} "
+                        f"--local-dir {local_dir}` where the hub is reachable, or unset HF_HUB_OFFLINE")
+    commits = {m.commit_hash for m in noted.values()}
+    if re.fullmatch(r"[0-9a-f]{40}", ref.revision):
+        commit = ref.revision if ref.revision in commits else None
+    else:  # a branch or tag: which commit it names is not noted, only which commit the files came from
+        commit = next(iter(commits)) if len(commits) == 1 else None
+    if commit is None:
+        return None
+    record = DownloadRecord.new(ref, commit, local_dir, "", filtered=False)
+    for name, metadata in noted.items():
+        if metadata.commit_hash == commit and re.fullmatch(r"[0-9a-f]{64}|[0-9a-f]{40}", metadata.etag):
+            sha256 = metadata.etag if len(metadata.etag) == 64 else None
+            record.add(RemoteFile(name, (local_dir / name).stat().st_size, sha256, None if sha256 else metadata.etag),
+                       verified_at="")
     return record
 
 
