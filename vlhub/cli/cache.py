@@ -216,7 +216,7 @@ def prune(dry_run: DryRunOpt = False, yes: YesOpt = False, json: JsonOpt = False
 
     Downloaded revisions no branch or tag points at any more, and what killed runs left (temporaries of processes that are gone, lock files nobody holds). Partial downloads
     are kept (the next download of their model continues them; `cache rm --stale` removes them too). Asks first
-    unless --yes; while a download or conversion of an entry runs, fails at once naming it."""
+    unless --yes; while a download of a revision's repo runs, fails at once naming it."""
     revisions = unreferenced(list_entries())
     leftovers = [leftover for leftover in find_leftovers() if leftover.kind != PARTIAL]
     freed = freed_by(revisions) + sum(leftover.bytes for leftover in leftovers)
