@@ -91,6 +91,17 @@ def test_choices_are_listed(help_of: Callable[..., str]) -> None:
     assert f"--target [{'|'.join(t.name for t in layouts())}]" in help_of(["plan", "-h"])
 
 
+def test_options_with_a_few_values_list_them(help_of: Callable[..., str]) -> None:
+    """An option that takes one of a few words shows them, not `<str>`; one several targets take shows every
+    word any of them takes, once."""
+    convert = help_of(["convert", "-h"])
+    for option in ("--dtype [bfloat16|float16|float32|float64]", "--ir [pir|legacy]", "--chip [bm1684x|bm1688]",
+                   "--quantize [w4bf16|w8bf16|bf16|w4f16|w8f16|f16]"):
+        assert option in convert, convert
+    embeddings = help_of(["dump-embeddings", "-h"])
+    assert "--dtype [float16|bfloat16|float32]" in embeddings and "--format [bin|npy]" in embeddings, embeddings
+
+
 @pytest.mark.parametrize("args", [["convert", "tiny-qwen2-vl", "--to", "padle"],
                                   ["plan", "tiny-qwen2-vl", "--image", "64x64", "--target", "padle"],
                                   ["check", ".", "--target", "padle"],

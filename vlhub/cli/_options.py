@@ -50,6 +50,15 @@ def _declared(smoke: bool) -> dict[str, list[tuple[Target, Field, Any]]]:
     return found
 
 
+def _metavar(declared: list[str | None]) -> str | None:
+    """One placeholder for what the targets' declarations say: choices (`[a|b]`) merged into one list of every
+    word any target takes, once (--dtype: `[bfloat16|float16|float32]`); other placeholders joined (`N|WxH`)."""
+    given = list(dict.fromkeys(each for each in declared if each))
+    if given and all(each.startswith("[") and each.endswith("]") for each in given):
+        return choices(dict.fromkeys(word for each in given for word in each[1:-1].split("|")))
+    return "|".join(given) or None
+
+
 def _parameter(name: str, declarations: list[tuple[Target, Field, Any]]) -> inspect.Parameter:
     """The typer parameter of one flag: its help, per target when several take it with different meanings."""
     hint = declarations[0][2]
@@ -58,9 +67,8 @@ def _parameter(name: str, declarations: list[tuple[Target, Field, Any]]) -> insp
     for target, each, _ in declarations:
         by_help.setdefault(each.metadata["help"], []).append(target.name)
     helps = [f"{', '.join(names)}: {text}" for text, names in by_help.items()]
-    metavars = dict.fromkeys(each.metadata["metavar"] for _, each, _ in declarations if each.metadata["metavar"])
     option = typer.Option("--" + name.replace("_", "-"), help=" ".join(helps), show_default=False,
-                          metavar="|".join(metavars) or None)
+                          metavar=_metavar([each.metadata["metavar"] for _, each, _ in declarations]))
     if hint is bool:
         return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=False,
                                  annotation=Annotated[bool, option])

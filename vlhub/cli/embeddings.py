@@ -15,7 +15,7 @@ import typer
 from rich.markup import escape
 
 from vlhub.cli._errors import reports_errors
-from vlhub.cli._options import JsonOpt, SourceArg
+from vlhub.cli._options import JsonOpt, SourceArg, choices
 from vlhub.cli._output import byte_progress, print_json, stdout
 from vlhub.embeddings import DTYPES, FORMATS, prepare_dump
 from vlhub.units import format_size
@@ -26,10 +26,11 @@ OutOpt = Annotated[
                                "(default: ./embed_tokens.<format>). The sidecar JSON and lm_head go beside it.",
                  show_default=False),
 ]
-DtypeOpt = Annotated[str, typer.Option("--dtype", help=f"Output dtype: {', '.join(DTYPES)} (rounded to nearest even).")]
+DtypeOpt = Annotated[str, typer.Option("--dtype", metavar=choices(DTYPES),
+                                       help=f"Output dtype: {', '.join(DTYPES)} (rounded to nearest even).")]
 FormatOpt = Annotated[
     str,
-    typer.Option("--format", help=f"{' or '.join(FORMATS)}. bin: raw little-endian row-major [vocab, hidden], no "
+    typer.Option("--format", metavar=choices(FORMATS), help=f"{' or '.join(FORMATS)}. bin: raw little-endian row-major [vocab, hidden], no "
                                   "header (what the VastAI runtime reads); npy: a standard .npy file (not for "
                                   "bfloat16, which numpy lacks)."),
 ]

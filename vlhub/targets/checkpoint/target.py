@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vlhub.convert.conversion import Conversion, Model, Output
+from vlhub.convert.ops import FLOAT_DTYPES
 from vlhub.deploy.checks import Check, Need, paddle_check
 from vlhub.deploy.target import OnBytes, Say, TargetDefaults, flag
 from vlhub.manifest import Manifest
@@ -20,8 +21,8 @@ from vlhub.units import parse_size
 class CheckpointOptions:
     """What `vlhub convert --to <checkpoint format>` takes."""
 
-    dtype: str | None = flag("Cast floating tensors: bfloat16, float16 or float32 (default: keep each tensor's "
-                             "dtype).")
+    dtype: str | None = flag(f"Cast floating tensors: {', '.join(FLOAT_DTYPES[:-1])} or {FLOAT_DTYPES[-1]} "
+                             "(default: keep each tensor's dtype).", metavar=f"[{'|'.join(FLOAT_DTYPES)}]")
     max_shard_size: str | None = flag("Largest shard, e.g. 5GB or 2GiB (default: 5GB safetensors, 10GB pdparams "
                                       "and torch).")
     allow_unmatched: bool = flag("Pass tensors the key map does not know through unchanged.", default=False)

@@ -15,6 +15,7 @@ from vlhub.sizes import Sizing
 from vlhub.targets.paddle_inference import check
 from vlhub.targets.paddle_inference.build import (
     DEFAULT_MAX_SEQ_LEN,
+    IR_SUFFIX,
     NAME,
     PaddleInferenceSpec,
     build_paddle_inference,
@@ -38,9 +39,10 @@ class PaddleInferenceOptions:
     """What `vlhub convert --to paddle-inference` takes."""
 
     dtype: str | None = flag("The weights' and graphs' dtype: float16, bfloat16 or float32 (default: "
-                             f"{_defaults('dtype', otherwise='else the source')}).")
+                             f"{_defaults('dtype', otherwise='else the source')}).",
+                             metavar="[float16|bfloat16|float32]")
     ir: str | None = flag("Graphs: pir (.json, Paddle 3's) or legacy (.pdmodel, which PaddleMIX's static predictor "
-                          f"opens); default {_defaults('ir')}.")
+                          f"opens); default {_defaults('ir')}.", metavar=f"[{'|'.join(IR_SUFFIX)}]")
     max_seq_len: int | None = flag(f"The longest prompt plus generation the layout is for (default "
                                    f"{DEFAULT_MAX_SEQ_LEN}).")
 

@@ -15,6 +15,7 @@ from vlhub.manifest import Manifest, listed_path
 from vlhub.sizes import Sizing
 from vlhub.targets.tpu_mlir import check
 from vlhub.targets.tpu_mlir.build import (
+    CHIPS,
     DEFAULT_GROUP_SIZE,
     DEFAULT_SEQ_LENGTH,
     NAME,
@@ -54,9 +55,10 @@ class TpuMlirOptions:
     max_pixels: str | None = flag(f"The largest image, WxH (width first, e.g. 672x896; llm_convert's own W,H is "
                                   f"read too), in multiples of the patch side x merge size ({_pixel_multiples()}; "
                                   f"default {_default_pixels()}).", metavar="WxH")
-    quantize: str | None = flag(f"{', '.join(QUANTIZE_DTYPE)} (default w4bf16, or w4f16 for a float16 model).")
+    quantize: str | None = flag(f"{', '.join(QUANTIZE_DTYPE)} (default w4bf16, or w4f16 for a float16 model).",
+                                metavar=f"[{'|'.join(QUANTIZE_DTYPE)}]")
     group_size: int | None = flag(f"Weights per quantization group for w4/w8 (default {DEFAULT_GROUP_SIZE}).")
-    chip: str | None = flag("bm1684x (default) or bm1688.")
+    chip: str | None = flag(f"{' (default) or '.join(CHIPS)}.", metavar=f"[{'|'.join(CHIPS)}]")
     onnx: bool = flag("Also export the older flow's ONNX networks (sophon-demo), one layer at a time, with "
                       "compile_onnx.sh; the smoke test then runs them in onnxruntime.", default=False)
 

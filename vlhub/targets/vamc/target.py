@@ -40,7 +40,7 @@ class VamcOptions:
                                    "prompt, as `vlhub plan` computes).")
     max_len: int | None = flag("The LLM's context (KV cache) length, a multiple of 16 (default: computed).")
     tp: int | None = flag("Tensor parallelism, dies per LLM; divides the KV heads (default 4 where it does).")
-    dtype: str | None = flag("float16, the only dtype the recipes compile.")
+    dtype: str | None = flag("float16, the only dtype the recipes compile.", metavar="[float16]")
 
 
 class VamcTarget(TargetDefaults):
