@@ -68,7 +68,7 @@ def test_help_is_wrapped_to_the_terminal(path: list[str], columns: int, help_of:
     """No line passes the width; the description's paragraphs are filled (each line but a paragraph's last
     takes words until the next would not fit: the docstrings' own line breaks are not kept)."""
     text = help_of([*path, "-h"], columns)
-    width = min(columns, 80) - 2  # click's help is at most 80 columns wide
+    width = min(columns, 120) - 2  # as wide as the terminal, up to 120 columns as `hf` prints it
     assert max(len(line) for line in text.splitlines()) <= width, text
     description = text.split("\n\n", 1)[1].split("\n\nArguments:")[0].split("\n\nOptions:")[0]
     for paragraph in description.split("\n\n"):
@@ -81,6 +81,11 @@ def test_the_commands_list_has_one_line_each(help_of: Callable[..., str]) -> Non
     listing = help_of(["-h"]).split("Commands:\n")[1].split("\n\n")[0].splitlines()
     group = typer.main.get_command(app)
     assert [line.split()[0] for line in listing] == list(group.commands)  # type: ignore[attr-defined]
+
+
+def test_a_wide_terminal_shows_whole_summaries(help_of: Callable[..., str]) -> None:
+    """At 120 columns, as `hf -h` prints it, a summary of up to 90 characters is not cut (click stops at 80)."""
+    assert "download         Download a model as `hf download` does and print its path.\n" in help_of(["-h"], 120)
 
 
 def test_choices_are_listed(help_of: Callable[..., str]) -> None:

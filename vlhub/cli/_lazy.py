@@ -30,8 +30,9 @@ from typer.models import CommandInfo, TyperInfo
 
 _UNREAD = object()  # a summary not derived yet
 
-# `-h` as well as `--help`, as `hf` and most tools take it: on the app, each command and each group of sub-commands
-HELP_SETTINGS: dict[str, Any] = {"help_option_names": ["-h", "--help"]}
+# `-h` as well as `--help`, as `hf` and most tools take it, and help as wide as the terminal up to 120 columns, as
+# `hf` prints it (click's own limit is 80): on the app, each command and each group of sub-commands
+HELP_SETTINGS: dict[str, Any] = {"help_option_names": ["-h", "--help"], "max_content_width": 120}
 
 
 @dataclass(frozen=True)
