@@ -257,6 +257,7 @@ def checkpoint_outputs(path: Path, runtime: str, smoke: SmokeInput, reference_to
     positions = np.concatenate([smoke.position_ids, smoke.positions_after(len(follow))], axis=-1)
     mask = np.concatenate([smoke.image_mask, np.zeros(len(follow), dtype=bool)])
     if runtime == "paddle":
+        say("paddle: loading the network")  # importing Paddle and building the network: seconds of its own
         forward = _paddle_forward(path, resident)
         try:
             say("paddle: vision tower")
