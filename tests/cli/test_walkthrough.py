@@ -71,7 +71,8 @@ def mirror(module_tmp: Callable[[str], Path]) -> Iterator[FakeHub]:
 def test_the_walkthrough_runs_as_the_page_shows(mirror: FakeHub, tmp_path: Path) -> None:
     home, cwd = tmp_path / "home", tmp_path / "work"
     cwd.mkdir()
-    env = {**os.environ, "HF_HOME": str(home / "hf"), "VLHUB_HOME": str(home / "vlhub"), "HF_HUB_DISABLE_TELEMETRY": "1"}
+    env = {**os.environ, "HF_HOME": str(home / "hf"), "VLHUB_HOME": str(home / "vlhub"),
+           "HF_HUB_DISABLE_TELEMETRY": "1"}
 
     def here(text: str) -> str:
         return text.replace(PAGE_MIRROR, mirror.url).replace(PAGE_HOME, str(home)).replace(PAGE_CWD, str(cwd))
@@ -97,5 +98,5 @@ def test_the_walkthrough_runs_as_the_page_shows(mirror: FakeHub, tmp_path: Path)
             assert sorted(result.stdout.splitlines()) == sorted(shown), step.command  # `sort` follows the locale
             continue
         for line in (shown[0], shown[-1]):
-            assert comparable(line) in printed, f"{step.command}: does not print {line!r}\n{result.stdout}{result.stderr}"
+            assert comparable(line) in printed, f"{step.command}: no {line!r} in\n{result.stdout}{result.stderr}"
     assert ran >= 10
