@@ -76,6 +76,36 @@ def test_a_dead_proxy_is_named_not_blamed_on_the_hub(hub: FakeHub, env: dict[str
     assert f"the proxy {proxy} (HTTP_PROXY)" in line and "refused" in line and "NO_PROXY" in line, line
 
 
+@pytest.fixture
+def refusing_proxy() -> Iterator[str]:
+    """A proxy that answers every request, CONNECT included, with 407 Proxy Authentication Required."""
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def answer() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                connection, _ = server.accept()
+                with connection:
+                    connection.recv(65536)
+                    connection.sendall(b"HTTP/1.1 407 Proxy Authentication Required\r\nContent-Length: 0\r\n"
+                                       b"Connection: close\r\n\r\n")
+
+    threading.Thread(target=answer, daemon=True).start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    server.close()
+
+
+def test_a_proxy_that_refuses_to_connect_fails_within_seconds(refusing_proxy: str, env: dict[str, str]) -> None:
+    # the CONNECT refused (407, 403) was retried as a dropped connection: five attempts, 16 s
+    started = time.monotonic()
+    result = run_vlhub_subprocess("download", "qwen2-vl-2b", timeout=60,
+                                  env={**env, "HF_ENDPOINT": "https://127.0.0.1:9", "HTTPS_PROXY": refusing_proxy,
+                                       "NO_PROXY": "", "no_proxy": ""})
+    assert time.monotonic() - started < 5
+    line = one_line_error(result, 3)
+    assert f"through the proxy {refusing_proxy} (HTTPS_PROXY)" in line and "407" in line, line
+
+
 def test_modelscope_unreachable_fails_within_seconds(env: dict[str, str], tmp_path: Path) -> None:
     pytest.importorskip("modelscope_hub", reason="the modelscope extra is not installed")
     started = time.monotonic()

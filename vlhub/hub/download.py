@@ -110,6 +110,8 @@ def unreachable_reason(exc: BaseException | None) -> str | None:
             return "there is no route to it"
         if isinstance(exc, _connect_timeout()):
             return "it did not answer the connection"
+        if isinstance(exc, _httpx().ProxyError):  # the proxy answered CONNECT with a refusal (407, 403): not transient
+            return f"the proxy refused: {one_line(exc)}"
         exc = exc.__cause__ or exc.__context__
     return None
 
