@@ -25,9 +25,10 @@ def test_models_json_lists_every_model_with_its_fields() -> None:
     for row in rows:
         assert {"name", "family", "hf_repo", "modelscope_repo", "params", "size_bytes",
                 "tie_word_embeddings", "refused"} <= set(row)
-    # listed and refused: the FP8 releases
-    assert {r["name"] for r in rows if r["refused"]} == {"qwen3-vl-30b-a3b-fp8", "qwen3-vl-30b-a3b-thinking-fp8",
-                                                         "qwen3-vl-235b-a22b-thinking-fp8"}
+    # listed and refused: the FP8 releases, and only they
+    refused = {r["name"] for r in rows if r["refused"]}
+    assert refused == {r["name"] for r in rows if (r["hf_repo"] or "").lower().endswith("-fp8")}
+    assert {"qwen3-vl-30b-a3b-fp8", "qwen3-vl-235b-a22b-thinking-fp8", "qwen3.5-27b-fp8"} <= refused
 
 
 def test_models_table() -> None:
