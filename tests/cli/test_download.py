@@ -649,3 +649,16 @@ def test_a_folder_with_include_or_exclude_is_refused_as_hf_refuses_it(hub: FakeH
         line = one_line_error(download(env, "art/", option, "*.json"))
         assert "art/" in line and '--include "art/*"' in line, line
     assert not hub.requests
+
+
+def test_files_another_client_left_are_hashed_with_progress_not_in_silence(hub: FakeHub, env: dict[str, str]) -> None:
+    # a snapshot hf download made: vlhub hashes every file before it takes it (minutes for a 7B model), and said
+    # nothing until the summary
+    subprocess.run(["hf", "download", REPO, "--quiet"], capture_output=True, env={**os.environ, **env}, check=True)
+    hub.reset()
+    result = download(env)
+    assert result.returncode == 0, result.stderr
+    assert not file_gets(hub, SHARD)  # nothing fetched again
+    lines = result.stderr.splitlines()
+    assert lines[0].startswith(f"checking {REPO}@main (7 files already there): "), result.stderr
+    assert lines[1].startswith(f"checking {REPO}@main (7 files already there): done, "), result.stderr

@@ -176,11 +176,14 @@ def fetch_model(model: str, *, source: str = "huggingface", revision: str | None
     with open_download(model, source=source, revision=revision, options=options, endpoint=endpoint,
                        on_wait=waiting) as job:
         total = sum(f.size for f in job.files)
-        if not job.missing_bytes or quiet:
+        unchecked = job.unchecked
+        work = job.missing_bytes + sum(f.size for f in unchecked)  # bytes received, and bytes there to hash
+        if not work or quiet:
             path = job.fetch()
         else:  # a bar on a terminal, else a line as the first bytes come and one at the end
-            with byte_progress(f"downloading {job.ref} ({plural(len(job.files), 'file')})",
-                               job.missing_bytes) as advance:
+            what = (f"downloading {job.ref} ({plural(len(job.files), 'file')})" if job.missing_bytes else
+                    f"checking {job.ref} ({plural(len(unchecked), 'file')} already there)")
+            with byte_progress(what, work) as advance:
                 path = job.fetch(on_bytes=advance)
     if not quiet:
         seconds = time.monotonic() - started

@@ -497,6 +497,14 @@ class HuggingFaceDownload:
         """Whether `fetch` transfers this file (for --dry-run)."""
         return self.options.force or not self._have_blob(file)
 
+    @property
+    def unchecked(self) -> list[RemoteFile]:
+        """The files `fetch` hashes without transferring them: there already (another client's, an earlier run's
+        whose record is gone), never checked by vlhub; equal contents once."""
+        fetched = {f.etag for f in self._to_fetch()}
+        return list({f.etag: f for f in self.files if f.etag not in fetched and not self.record.verified(f)
+                     and not self._verified_blob(f)}.values())
+
     def _partial_size(self, file: RemoteFile) -> int:
         partial = self._partial(file)
         size = partial.stat().st_size if partial.is_file() else 0
@@ -520,12 +528,12 @@ class HuggingFaceDownload:
                 self._partial(file).unlink(missing_ok=True)
         in_parallel(lambda file, cancel: self._download(file, received, cancel), to_fetch, self.options.max_workers)
         if self.local_dir is not None:
-            return self._finish_local(fetched)
+            return self._finish_local(fetched, on_bytes)
         snapshot = self.storage / "snapshots" / self.commit
         for folder in sorted({(snapshot / file.path).parent for file in self.files}):
             sweep(folder)  # links a killed run was making
         for file in self.files:
-            self._check_unless_known(file, fetched)
+            self._check_unless_known(file, fetched, on_bytes)
             self.record.add(file, verified_at=now_iso())
             _link(snapshot / file.path, self._blob(file))
         if self.ref.revision != self.commit:
@@ -541,30 +549,30 @@ class HuggingFaceDownload:
         save_record(self.record)
         return snapshot
 
-    def _finish_local(self, fetched: set[str]) -> Path:
+    def _finish_local(self, fetched: set[str], on_bytes: Callable[[int], None] | None) -> Path:
         """--local-dir: each file checked, and its commit and hash noted as `hf download --local-dir` notes them."""
         from huggingface_hub._local_folder import write_download_metadata
 
         assert self.local_dir is not None
         for file in self.files:
-            self._check_unless_known(file, fetched)
+            self._check_unless_known(file, fetched, on_bytes)
             write_download_metadata(self.local_dir, file.path, self.commit, file.etag)
         return self.local_dir
 
-    def _check_unless_known(self, file: RemoteFile, fetched: set[str]) -> None:
+    def _check_unless_known(self, file: RemoteFile, fetched: set[str], on_bytes: Callable[[int], None] | None) -> None:
         """A file this run did not fetch, unless vlhub hashed it before: hashed now (only its size was checked)."""
         if file.etag not in fetched and not self.record.verified(file) and not self._verified_blob(file):
-            self._check_reused(file)
+            self._check_reused(file, on_bytes)
 
     def _verified_blob(self, file: RemoteFile) -> bool:
         """Whether a file with the same content was checked in this run (or is recorded as checked)."""
         return any(e["verified_at"] and (e["sha256"] or e["blob_id"]) == file.etag
                    for e in self.record.files.values())
 
-    def _check_reused(self, file: RemoteFile) -> None:
+    def _check_reused(self, file: RemoteFile, on_bytes: Callable[[int], None] | None) -> None:
         """A blob another client (or an earlier run) left: only its size was ever checked."""
         blob = self._blob(file)
-        if hash_file(blob, file) != file.etag:
+        if hash_file(blob, file, on_bytes) != file.etag:
             blob.unlink()
             raise CheckFailed(f"{file.path} in the cache ({blob}) does not match the hash {self.endpoint} lists; "
                               "deleted it: run the same command again to download it afresh")

@@ -28,6 +28,9 @@ class Download(Protocol):
 
     def will_download(self, file: RemoteFile) -> bool: ...
 
+    @property
+    def unchecked(self) -> list[RemoteFile]: ...  # there already, hashed by `fetch` before it is taken
+
     def fetch(self, on_bytes: Callable[[int], None] | None = None) -> Path: ...
 
 

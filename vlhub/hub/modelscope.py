@@ -117,13 +117,19 @@ class ModelScopeDownload:
         size = partial.stat().st_size if partial.is_file() else 0
         return size if size <= file.size else 0
 
+    @property
+    def unchecked(self) -> list[RemoteFile]:
+        """The files `fetch` hashes before deciding whether to transfer them: there, never checked by vlhub."""
+        return [f for f in self.files if not self.will_download(f) and not self.record.verified(f)]
+
     def fetch(self, on_bytes: Callable[[int], None] | None = None) -> Path:
         """Check what is already there, download the rest (the client checks each Sha256), record it."""
         client = _client()
+        unchecked = {f.path for f in self.unchecked}
         missing = []
         for file in self.files:  # a file changed upstream at the same size fails its hash: fetch it again
-            if self.will_download(file) or (not self.record.verified(file) and
-                                           hash_file(self.snapshot / file.path, file) != file.sha256):
+            if self.will_download(file) or (file.path in unchecked and
+                                           hash_file(self.snapshot / file.path, file, on_bytes) != file.sha256):
                 missing.append(file)
 
         counted = threading.Lock()
