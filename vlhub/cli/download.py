@@ -181,8 +181,10 @@ def fetch_model(model: str, *, source: str = "huggingface", revision: str | None
         if not work or quiet:
             path = job.fetch()
         else:  # a bar on a terminal, else a line as the first bytes come and one at the end
+            contents = {u.etag for u in unchecked}  # files of equal content are hashed once, counted each
+            there = sum(1 for f in job.files if f.etag in contents)
             what = (f"downloading {job.ref} ({plural(len(job.files), 'file')})" if job.missing_bytes else
-                    f"checking {job.ref} ({plural(len(unchecked), 'file')} already there)")
+                    f"checking {job.ref} ({plural(there, 'file')} already there)")
             with byte_progress(what, work) as advance:
                 path = job.fetch(on_bytes=advance)
     if not quiet:
