@@ -2,7 +2,8 @@
 configs the family's own tests do not draw (linear-attention key and value heads of different widths and counts,
 full attention first or everywhere, odd image sizes), the key map's strictness per target, and, marked
 `xfail(strict=True)`, the bugs the review found: the text `hidden_act` ignored by the reference, configs that
-crash with a traceback instead of one line, and `--to tpu-mlir` not saying it dropped the `mtp.*` head."""
+crash with a traceback instead of one line, `--to tpu-mlir` not saying it dropped the `mtp.*` head, and
+`--to tpu-mlir` taking M-RoPE sections that do not cover the rotated dims."""
 
 from __future__ import annotations
 
@@ -158,3 +159,18 @@ def test_tpu_mlir_says_it_dropped_the_multi_token_prediction_head(tmp_path: Path
     assert result.returncode == 0, result.stderr
     said = (result.stdout + result.stderr).replace(str(tmp_path), "")  # the path holds this test's name
     assert "drop" in said or '"drop": 3' in (out / "vlhub-manifest.json").read_text()
+
+
+@pytest.mark.xfail(strict=True, reason="llm_convert's Qwen3_5Converter rotates sum(mrope_section) * 2 dims "
+                   "(apply_rotary_pos: mrope_dim), transformers head_dim * partial_rotary_factor; --to tpu-mlir "
+                   "writes a model/ where they differ and its smoke test (the reference) passes, where --to paddle "
+                   "refuses it ('mrope_section [2, 1, 1] does not cover the rotated 16')")
+def test_tpu_mlir_refuses_sections_that_do_not_cover_the_rotated_dims(tmp_path: Path) -> None:
+    source = shutil.copytree(resolve_source("tiny-qwen3.5"), tmp_path / "source")
+    config = json.loads((source / "config.json").read_text())
+    config["text_config"]["rope_parameters"]["partial_rotary_factor"] = 0.5  # 16 of 32 dims; sections cover 8
+    (source / "config.json").write_text(json.dumps(config))
+    line = one_line_error(run_vlhub("convert", str(source), "--to", "tpu-mlir", "--out", str(tmp_path / "out"),
+                                    "--no-smoke"))
+    assert "mrope_section" in line
+    assert not (tmp_path / "out").exists()
