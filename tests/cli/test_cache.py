@@ -120,3 +120,15 @@ def test_cache_ls_shows_verified_once_check_hashed_every_file_of_a_cached_conver
     next(out.glob("*.pdparams")).write_bytes(b"not what was written")
     assert run_vlhub("check", str(out), env=env).returncode == 1
     assert state()[0] == "damaged (1 file)"
+
+
+def test_prune_forgets_a_revision_another_client_removed_without_its_warnings(env: dict[str, str]) -> None:
+    # `hf cache rm` left vlhub's record: prune listed it as "unreferenced" and huggingface_hub's "Revision(s) not
+    # found - cannot delete them" came out once for the size and once for each removal
+    assert run_vlhub("download", "qwen2-vl-2b", "-q", env=env).returncode == 0
+    subprocess.run(["hf", "cache", "rm", CACHE_ID, "-y"], capture_output=True, check=True, env={**os.environ, **env})
+    pruned = run_vlhub("cache", "prune", "--yes", env=env)
+    assert pruned.returncode == 0, pruned.stderr
+    assert "not found" not in pruned.stderr and "files are gone" in pruned.stderr, pruned.stderr
+    assert pruned.stdout.strip() == "removed 1 revision (0 B)"
+    assert json.loads(run_vlhub("cache", "ls", "--json", env=env).stdout) == []

@@ -230,8 +230,10 @@ def prune(dry_run: DryRunOpt = False, yes: YesOpt = False, json: JsonOpt = False
             stdout.print("nothing to prune: every revision is referenced and no killed run left anything")
         return
     for entry in revisions:
-        stderr.print(f"  {entry.id} {entry.revision[:12]}  {format_size(entry.size):>9}  unreferenced: no branch or "
-                     f"tag points at it", markup=False, soft_wrap=True)
+        why = ("unreferenced: no branch or tag points at it" if entry.path.is_dir() else
+               "its files are gone (another client removed them): vlhub's record of it goes")
+        stderr.print(f"  {entry.id} {entry.revision[:12]}  {format_size(entry.size):>9}  {why}", markup=False,
+                     soft_wrap=True)
     for leftover in leftovers:
         stderr.print(f"  {_describe(leftover)}", markup=False, soft_wrap=True)
     if not dry_run:

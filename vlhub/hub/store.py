@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vlhub.catalog import find_model, models
 from vlhub.errors import CorruptCheckpoint, UserError
@@ -27,6 +28,9 @@ from vlhub.hub.sources import Source, hub_snapshot
 from vlhub.manifest import MANIFEST, Manifest, listed_path, verdict_state
 from vlhub.owned import exclusive_lock, lock_file_of, writing
 from vlhub.units import now_iso, plural
+
+if TYPE_CHECKING:
+    from huggingface_hub import DeleteCacheStrategy
 
 DOWNLOAD, BUILT_IN = "download", "built-in"
 
@@ -282,16 +286,30 @@ def unreferenced(entries: list[CacheEntry]) -> list[CacheEntry]:
 
 def freed_by(entries: list[CacheEntry]) -> int:
     """The bytes removing `entries` frees: a download's blobs that another revision shares stay."""
-    from huggingface_hub import scan_cache_dir
-
     freed = sum(e.size for e in entries if not (e.kind == DOWNLOAD and e.source == "huggingface"))
     by_cache: dict[Path, list[str]] = {}
     for e in entries:
         if e.kind == DOWNLOAD and e.source == "huggingface":
             by_cache.setdefault(_hf_cache_of(e), []).append(e.revision)
     for cache, commits in by_cache.items():
-        freed += scan_cache_dir(cache).delete_revisions(*commits).expected_freed_size
+        strategy = _deletion(cache, commits)
+        freed += strategy.expected_freed_size if strategy else 0
     return freed
+
+
+def _deletion(cache: Path, commits: list[str]) -> DeleteCacheStrategy | None:
+    """huggingface_hub's plan to delete those of `commits` still in the hub cache `cache` (one another client
+    removed is left out: the client would log a warning for it); None when none is."""
+    from huggingface_hub import scan_cache_dir
+    from huggingface_hub.utils import CacheNotFound
+
+    try:
+        info = scan_cache_dir(cache)
+    except CacheNotFound:
+        return None
+    present = {revision.commit_hash for repo in info.repos for revision in repo.revisions}
+    there = [commit for commit in commits if commit in present]
+    return info.delete_revisions(*there) if there else None
 
 
 def _hf_cache_of(entry: CacheEntry) -> Path:
@@ -319,13 +337,10 @@ def remove_entry(entry: CacheEntry) -> None:
 
 def _remove_files(entry: CacheEntry) -> None:
     if entry.kind == DOWNLOAD and entry.source == "huggingface":
-        from huggingface_hub import scan_cache_dir
-        from huggingface_hub.utils import CacheNotFound
-
-        try:  # the cache it is in: HF_HUB_CACHE, or the --cache-dir it was downloaded into
-            scan_cache_dir(_hf_cache_of(entry)).delete_revisions(entry.revision).execute()
-        except CacheNotFound:
-            pass
+        # the cache it is in: HF_HUB_CACHE, or the --cache-dir it was downloaded into
+        strategy = _deletion(_hf_cache_of(entry), [entry.revision])
+        if strategy is not None:
+            strategy.execute()
         repo_folder = entry.path.parent.parent  # models--Org--Name, above snapshots/<commit>
         if repo_folder.is_dir() and not any((repo_folder / "snapshots").glob("*")):
             shutil.rmtree(repo_folder, ignore_errors=True)  # left: partial files of an interrupted download
