@@ -117,6 +117,19 @@ def test_modelscope_unreachable_fails_within_seconds(env: dict[str, str], tmp_pa
     assert "unreachable" in line and "MODELSCOPE_ENDPOINT" in line and "--source huggingface" in line, line
 
 
+def test_modelscope_behind_a_dead_proxy_fails_within_seconds(env: dict[str, str], tmp_path: Path) -> None:
+    # the probe skipped the proxied connection, and the ModelScope client retried through the dead proxy for 9 s
+    pytest.importorskip("modelscope_hub", reason="the modelscope extra is not installed")
+    proxy = f"http://127.0.0.1:{closed_port()}"
+    started = time.monotonic()
+    result = run_vlhub_subprocess("download", "qwen2-vl-2b", "--source", "modelscope", timeout=60,
+                                  env={**env, "MODELSCOPE_ENDPOINT": "http://modelscope.invalid", "HTTP_PROXY": proxy,
+                                       "NO_PROXY": "", "no_proxy": "", "MODELSCOPE_CACHE": str(tmp_path / "ms")})
+    assert time.monotonic() - started < 5
+    line = one_line_error(result, 3)
+    assert f"through the proxy {proxy} (HTTP_PROXY)" in line and "refused" in line, line
+
+
 def test_server_errors_are_retried_with_a_countdown_then_exit_3(hub: FakeHub, env: dict[str, str],
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("vlhub.hub.download.RETRY_DELAYS", (0, 0, 0, 0))  # the five attempts, without the waits

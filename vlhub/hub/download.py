@@ -147,14 +147,14 @@ def unreachable(endpoint: str, reason: str, ref: RepoRef) -> HubUnreachable:
 
 
 def probe(endpoint: str, ref: RepoRef) -> None:
-    """Connect to the hub's host once, within PROBE_SECONDS: HubUnreachable at once when that fails, before a
-    client that retries every error by itself is handed the request (ModelScope's retries for 7 s)."""
+    """Connect to the hub's host once (or to the proxy the environment sends it through), within PROBE_SECONDS:
+    HubUnreachable at once when that fails, before a client that retries every error by itself is handed the
+    request (ModelScope's retries for 7 s)."""
     from urllib.parse import urlsplit
 
-    parts = urlsplit(endpoint)
+    proxy = proxy_for(endpoint)
+    parts = urlsplit(proxy[0] if proxy else endpoint)  # through a proxy, only the proxy is connected to directly
     port = parts.port or (443 if parts.scheme == "https" else 80)
-    if proxy_for(endpoint) is not None:
-        return  # through a proxy (HTTPS_PROXY): a direct connection proves nothing; the client's errors tell
     try:
         socket.create_connection((parts.hostname or "", port), timeout=PROBE_SECONDS).close()
     except OSError as exc:
