@@ -478,6 +478,22 @@ def patch_grid_input(config: dict, tokens: PromptTokens, tokenizer: dict[str, in
     return SmokeInput(config["model_type"], ids, ids == image_token, positions, delta, vision, vision.pixel_values)
 
 
+POSITION_TABLE = 2304  # num_position_embeddings when config.json leaves it out: a 48x48 table
+
+
+def position_table_input(config: dict, tokens: PromptTokens, tokenizer: dict[str, int], image_size: tuple[int, int],
+                         processing: ImageProcessing) -> SmokeInput:
+    """`patch_grid_input` for a vision tower that adds a learned square position table resampled to the grid
+    (`vision_config.num_position_embeddings` rows): besides the patches, the four taps per patch that resample it
+    (`bilinear_taps`), computed here from the grid so a runtime can take them as inputs."""
+    smoke = patch_grid_input(config, tokens, tokenizer, image_size, processing=processing)
+    assert smoke.vision is not None
+    side = math.isqrt((config.get("vision_config") or {}).get("num_position_embeddings", POSITION_TABLE))
+    smoke.vision.interp_indices, smoke.vision.interp_weights = bilinear_taps(
+        smoke.vision.grids, side, VisionGeometry.from_config(config).merge)
+    return smoke
+
+
 def _vision_token(config: dict, key: str, tokenizer: dict[str, int]) -> object:
     """The id config.json gives `key` (top level or in text_config), else the tokenizer's for its token."""
     for holder in (config, config.get("text_config") or {}):

@@ -1,5 +1,5 @@
 """The reference forward in numpy, computing in float32: the ops, the generation loop every family shares, and
-the building blocks several families assemble (a multimodal-rotary decoder, a merged-patch vision tower). Each
+the building blocks several families assemble (a multimodal-rotary decoder, merged-patch vision towers). Each
 family's own forward is `vlhub/families/<family>/reference.py`; `ReferenceForward(weights)` gives it.
 
 Framework-neutral on purpose: a smoke test compares a converted model in its runtime with this, so
@@ -11,11 +11,13 @@ follows transformers' (or the published remote code's) modeling file and is test
 from __future__ import annotations
 
 import math
+import reprlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from vlhub.errors import UserError
 from vlhub.family_registry import FAMILIES
 from vlhub.keymaps.config import text_config, tie_word_embeddings
 from vlhub.smoke.inputs import MASKED, SmokeInput, VisionInputs
@@ -66,6 +68,11 @@ def gelu(x: np.ndarray) -> np.ndarray:
     return np.float32(0.5) * x * (1 + erf(x * np.float32(1 / math.sqrt(2))))
 
 
+# a vision MLP's activation by config.json `hidden_act` (transformers' ACT2FN names)
+VISION_ACTIVATIONS = {"gelu_pytorch_tanh": gelu_tanh, "gelu_new": gelu_tanh, "gelu": gelu, "quick_gelu": quick_gelu,
+                      "silu": silu}
+
+
 def softmax(scores: np.ndarray) -> np.ndarray:
     scores = scores - scores.max(axis=-1, keepdims=True)
     np.exp(scores, out=scores)
@@ -112,6 +119,22 @@ def vision_rotary(position_ids: np.ndarray, head_dim: int) -> tuple[np.ndarray, 
     frequencies each for row and column, the halves repeated."""
     angles = position_ids[..., None] * inverse_frequencies(head_dim // 2, 10000.0)  # [N, 2, head_dim/4]
     return rotary_tables(angles.reshape(len(angles), -1))
+
+
+def interleaved_mrope(position_ids: np.ndarray, dim: int, theta: float,
+                      sections: tuple[int, ...] | list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin [L, dim] of interleaved multimodal rotary positions [3, L] (or [L], text only): of the dim/2
+    frequency slots, slot s turns by the height position if s % 3 == 1 and s < 3 * sections[1], by the width
+    position if s % 3 == 2 and s < 3 * sections[2], else by the time position; the slots repeat for the second
+    half."""
+    inv_freq = inverse_frequencies(dim, theta)
+    positions = np.broadcast_to(position_ids, (3, position_ids.shape[-1]))
+    angles = positions[..., None].astype(np.float32) * inv_freq  # [3, L, dim/2]
+    slot = np.arange(len(inv_freq))
+    axis = np.zeros(len(inv_freq), dtype=np.int64)
+    axis[(slot % 3 == 1) & (slot < 3 * sections[1])] = 1
+    axis[(slot % 3 == 2) & (slot < 3 * sections[2])] = 2
+    return rotary_tables(angles[axis, :, slot].T)
 
 
 def inverse_frequencies(dim: int, base: float) -> np.ndarray:
@@ -324,6 +347,27 @@ class MRopeDecoderForward(ReferenceForward):
         h = rms_norm(x, self.w(p + "post_attention_layernorm.weight"), t["rms_norm_eps"])
         return x + self.mlp(h, layer, p)
 
+    def routed_experts(self, h: np.ndarray, prefix: str, top_k: int, *, transposed: bool) -> np.ndarray:
+        """A mixture's routed experts on normed `h` (tensors under `prefix`, e.g. `...layers.N.mlp.`): router
+        softmax (float32) over the experts (`gate`), top-k, renormalised; the SwiGLU of each expert some token is
+        routed to, from the fused tensors `experts.gate_up_proj` (gate the first Ie outputs, then up) and
+        `experts.down_proj`, each expert's [in, out] or, `transposed`, [out, in]; only the experts some token is
+        routed to are computed, each read on its own."""
+        probs = softmax(self.dense(h, prefix + "gate", bias=False).astype(np.float32))  # [L, experts]
+        chosen = np.argsort(-probs, axis=-1, kind="stable")[:, :top_k]  # [L, k], highest first
+        weights = np.take_along_axis(probs, chosen, axis=-1)
+        weights /= weights.sum(axis=-1, keepdims=True)
+        out = np.zeros_like(h)
+        for expert in np.unique(chosen):
+            tokens, rank = np.nonzero(chosen == expert)
+            gate_up = self.weights.entry(prefix + "experts.gate_up_proj", int(expert))
+            fused = h[tokens] @ (gate_up.T if transposed else gate_up)  # [tokens, 2Ie]
+            inner = fused.shape[1] // 2
+            act = silu(fused[:, :inner]) * fused[:, inner:]
+            down = self.weights.entry(prefix + "experts.down_proj", int(expert))
+            out[tokens] += (act @ (down.T if transposed else down)) * weights[tokens, rank, None]
+        return out
+
     def final_norm(self, x: np.ndarray) -> np.ndarray:
         return rms_norm(x, self.w(self.text_prefix + "norm.weight"), self.text["rms_norm_eps"])
 
@@ -362,3 +406,59 @@ class MRopeDecoderForward(ReferenceForward):
         q, k = apply_rotary(qkv[:, 0], cos, sin), apply_rotary(qkv[:, 1], cos, sin)
         x = x + self.dense(attention(q, k, qkv[:, 2], mask), prefix + "attn.proj")
         return x + mlp(norm(x, prefix + "norm2"), prefix + "mlp.")
+
+
+class TableVisionForward(MRopeDecoderForward):
+    """A model under `model.visual.*` (a vision tower of merged patches with a learned position table, and
+    DeepStack mergers where `deepstack`) and `model.language_model.*` (a decoder the family's hooks shape)."""
+
+    text_prefix = "model.language_model."
+    embedding = "model.language_model.embed_tokens.weight"
+    vision_prefix = "model.visual."
+    deepstack = False  # whether the tower has DeepStack mergers (`deepstack_visual_indexes`)
+
+    def encode_images(self, smoke: SmokeInput) -> np.ndarray:
+        """The vision tower of merged 16-pixel patches with a learned position table (`model.visual.*`): the
+        Conv3d projection (a matmul, with its bias) plus the table resampled to the grid (the input's four taps per
+        patch); LayerNorm blocks attending within each frame, rotated by the 2-D (row, column) rotary, with an MLP
+        `linear_fc2(act(linear_fc1))` (`hidden_act`); the merger (LayerNorm over each patch, then 2x2 groups, fc1,
+        exact GELU, fc2). Without `deepstack`: [image tokens, out]. With it, after
+        each block in `deepstack_visual_indexes` a merger of its own (LayerNorm after the grouping) gives a feature,
+        stacked after the main merger's output: [1 + features, image tokens, out]."""
+        vision, prefix, deepstack = smoke.vision, self.vision_prefix, self.deepstack
+        assert vision is not None and vision.interp_indices is not None and vision.interp_weights is not None
+        cfg = self.config["vision_config"]
+        width, heads = cfg["hidden_size"], cfg["num_heads"]
+        act = cfg.get("hidden_act", "gelu_pytorch_tanh")
+        if not isinstance(act, str) or act not in VISION_ACTIVATIONS:
+            raise UserError(f"config.json vision_config.hidden_act is {reprlib.repr(act)}; the reference knows "
+                            f"{', '.join(VISION_ACTIVATIONS)}")
+        weight, bias = self.wb(prefix + "patch_embed.proj")
+        x = linear(vision.pixel_values, weight.reshape(width, -1), bias)
+        table = self.w(prefix + "pos_embed.weight")
+        x = x + np.einsum("nk,nkc->nc", vision.interp_weights, table[vision.interp_indices])
+        # theta 10000: transformers' vision rope default, which no released config.json changes
+        cos, sin = vision_rotary(vision.position_ids, width // heads)
+        unit = cfg.get("spatial_merge_size", 2) ** 2
+
+        def norm(h: np.ndarray, name: str) -> np.ndarray:
+            return layer_norm(h, self.w(name + ".weight"), self.w(name + ".bias"))
+
+        def mlp(h: np.ndarray, name: str) -> np.ndarray:
+            return self.dense(VISION_ACTIVATIONS[act](self.dense(h, name + "linear_fc1")), name + "linear_fc2")
+
+        def merger(h: np.ndarray, name: str, *, after_grouping: bool) -> np.ndarray:
+            group = h.shape[-1] * unit
+            h = norm(h.reshape(-1, group), name + "norm") if after_grouping else \
+                norm(h, name + "norm").reshape(-1, group)
+            return self.dense(gelu(self.dense(h, name + "linear_fc1")), name + "linear_fc2")
+
+        listed = list(cfg.get("deepstack_visual_indexes") or []) if deepstack else []
+        features = []
+        for block in range(cfg["depth"]):
+            x = self.vision_block(x, f"{prefix}blocks.{block}.", heads, cos, sin, vision.full_mask, norm=norm, mlp=mlp)
+            if block in listed:  # in block order, each by its first place in the list, as transformers does
+                features.append(merger(x, f"{prefix}deepstack_merger_list.{listed.index(block)}.",
+                                       after_grouping=True))
+        main = merger(x, prefix + "merger.", after_grouping=False)
+        return np.stack([main, *features]) if deepstack else main

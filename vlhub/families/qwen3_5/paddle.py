@@ -5,9 +5,10 @@ convolution [C, 1, K], A_log, dt_bias, embeddings, patch and position tables) as
 
 Vision (`model.visual`): Qwen3-VL's tower without DeepStack (16-pixel patches, the learned position table resampled
 through the input's four taps per patch, LayerNorm blocks attending within each frame under the 2-D rotary, the
-merger). Text (`model.language_model`): each decoder layer as `text_config.layer_types` says, a Gated DeltaNet
-(`linear_attn`: causal depthwise convolution, L2-normalised q and k, the gated delta rule token by token, a plain
-RMSNorm times silu(z)) or gated full attention (`self_attn`: [q_h | gate_h] per head, `1 + w` q/k norms, partial
+merger), shared with it (`vlhub/smoke/paddle_table_vision.py`, as the routed experts: `paddle_experts.py`).
+Text (`model.language_model`): each decoder layer as `text_config.layer_types` says, a Gated DeltaNet (`linear_attn`:
+causal depthwise convolution, L2-normalised q and k, the gated delta rule token by token, a plain RMSNorm times
+silu(z)) or gated full attention (`self_attn`: [q_h | gate_h] per head, `1 + w` q/k norms, partial
 interleaved M-RoPE, output times sigmoid(gate)); `1 + w` RMSNorms around them; a SwiGLU MLP or (MoE) routed experts
 of which only the routed ones are computed, plus the shared expert scaled by sigmoid(shared_expert_gate).
 
@@ -19,192 +20,63 @@ reference (`reference.py`) and so to transformers.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
 import paddle
 import paddle.nn.functional as F
 from paddle import nn
 
-from vlhub.convert.configs import official_config
 from vlhub.errors import UserError
 from vlhub.families.qwen3_5.reference import DEFAULT_MROPE_SECTION, DEFAULT_ROPE_THETA, rope_settings, rotary_width
-from vlhub.keymaps import keymap_of_config
+from vlhub.smoke.paddle_experts import RoutedExperts
 from vlhub.smoke.paddle_forward import (
     Cache,
     GatedMLP,
-    LayerNorm,
     OnDemand,
-    PaddleFamily,
     PreNormLayer,
     RMSNorm,
-    StreamedWeights,
     TextModel,
     as_float32,
     attention,
     built_in,
-    causal_mask,
-    float_tensor,
-    int_tensor,
     linear,
-    merge_image_embeds,
     rotate,
 )
-from vlhub.smoke.paddle_mrope import VISION_EPS, MRope, VisionAttention, VisionRotary
+from vlhub.smoke.paddle_mrope import MRope
+from vlhub.smoke.paddle_table_vision import ModelDims, TableVisionNetwork, config_dims
 
-VISION = "model.visual."
 L2_EPS = 1e-6
-ACTIVATIONS: dict[str, Callable[[paddle.Tensor], paddle.Tensor]] = {
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate=True), "gelu_new": lambda x: F.gelu(x, approximate=True),
-    "gelu": F.gelu, "quick_gelu": lambda x: x * F.sigmoid(1.702 * x), "silu": F.silu,
-}
 
 
 @dataclass(frozen=True)
-class Qwen3_5Dims:
-    """What the network needs from config.json: the key map's dims (as the conversion reads them) and the fields
-    that shape no tensor."""
+class Qwen3_5Dims(ModelDims):
+    """What the network needs from config.json: the fields `ModelDims` reads, which layers are full attention, the
+    shared expert's and the linear attention's sizes, and the rotary's."""
 
-    hidden: int
-    vocab: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    layers: int
     full_layers: tuple[int, ...]
-    inner: int
-    tied: bool
-    positions: int
-    moe: bool
-    experts: int
-    experts_per_token: int
-    moe_inner: int
     shared_inner: int
     k_heads: int
     v_heads: int
     k_dim: int
     v_dim: int
     conv_kernel: int
-    eps: float
-    rope_theta: float
-    mrope_section: tuple[int, int, int]
     rotary_dim: int
-    v_width: int
-    v_heads_vision: int
-    v_inner: int
-    v_depth: int
-    v_out: int
-    v_positions: int
-    in_chans: int
-    patch: int
-    temporal_patch: int
-    merge: int
-    v_act: str
 
     @classmethod
     def from_config(cls, config: dict) -> Qwen3_5Dims:
-        keymap = keymap_of_config(config)
-        assert keymap is not None  # family_network found the family by this config
-        d = keymap.resolve_dims(config)
-        flat = official_config(config)
-        vision = flat.get("vision_config") or {}
+        d, flat = config_dims(config)
         rope = rope_settings(config)
         rotary_dim = rotary_width(d["head_dim"], rope)
         section = tuple(int(n) for n in rope.get("mrope_section", DEFAULT_MROPE_SECTION))
         if len(section) != 3 or sum(section) * 2 != rotary_dim:
             raise UserError(f"mrope_section {list(section)} does not cover the rotated {rotary_dim} of head_dim "
                             f"{d['head_dim']} / 2")
-        act = vision.get("hidden_act", "gelu_pytorch_tanh")
-        if not isinstance(act, str) or act not in ACTIVATIONS:
-            raise UserError(f"config.json vision_config.hidden_act is {act!r}; the network knows "
-                            f"{', '.join(ACTIVATIONS)}")
-        return cls(
-            hidden=d["hidden"], vocab=d["vocab"], heads=d["heads"], kv_heads=d["kv_heads"], head_dim=d["head_dim"],
-            layers=d["layers"], full_layers=d["full_layers"], inner=d["inter"], tied=bool(d["tied"]),
-            positions=d["positions"], moe=bool(d["moe"]), experts=d["experts"],
-            experts_per_token=d["experts_per_token"],
-            moe_inner=d["moe_inter"], shared_inner=d["shared_inter"], k_heads=d["lin_k_heads"],
+        return cls.from_dims(
+            d, flat, deepstack=False,
+            full_layers=d["full_layers"], shared_inner=d["shared_inter"], k_heads=d["lin_k_heads"],
             v_heads=d["lin_v_heads"], k_dim=d["lin_k_dim"], v_dim=d["lin_v_dim"], conv_kernel=d["conv_kernel"],
-            eps=float(flat.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(rope.get("rope_theta", DEFAULT_ROPE_THETA)),
-            mrope_section=section, rotary_dim=rotary_dim,  # type: ignore[arg-type]
-            v_width=d["v_width"], v_heads_vision=d["v_heads"], v_inner=d["v_inter"], v_depth=d["v_depth"],
-            v_out=d["v_out"], v_positions=d["v_positions"], in_chans=d["v_in_chans"], patch=d["v_patch"],
-            temporal_patch=d["v_temporal"], merge=d["v_merge"], v_act=act,
-        )  # type: ignore[arg-type]
-
-
-# ---------------------------------------------------------------------------------------------------
-# Vision
-
-
-class PatchEmbed(nn.Layer):
-    """The Conv3d over (C, T, P, P) patches with its bias, computed as the matmul it is (its kernel is its stride)."""
-
-    def __init__(self, dims: Qwen3_5Dims) -> None:
-        super().__init__()
-        kernel = [dims.temporal_patch, dims.patch, dims.patch]
-        self.proj = nn.Conv3D(dims.in_chans, dims.v_width, kernel, stride=kernel)
-
-    def forward(self, pixel_values: paddle.Tensor) -> paddle.Tensor:
-        weight = as_float32(self.proj.weight)
-        return paddle.matmul(pixel_values, weight.reshape([weight.shape[0], -1]), transpose_y=True) + \
-            as_float32(self.proj.bias)
-
-
-class VisionBlock(nn.Layer):
-    """LayerNorm, attention within `mask`, LayerNorm, `linear_fc2(act(linear_fc1))`; each added back."""
-
-    def __init__(self, dims: Qwen3_5Dims) -> None:
-        super().__init__()
-        self.norm1, self.norm2 = LayerNorm(dims.v_width, VISION_EPS), LayerNorm(dims.v_width, VISION_EPS)
-        self.attn = VisionAttention(dims.v_width, dims.v_heads_vision)
-        self.mlp = nn.Layer()
-        self.mlp.linear_fc1 = linear(dims.v_width, dims.v_inner)
-        self.mlp.linear_fc2 = linear(dims.v_inner, dims.v_width)
-        self.act = ACTIVATIONS[dims.v_act]
-
-    def forward(self, x: paddle.Tensor, cos: paddle.Tensor, sin: paddle.Tensor, mask: paddle.Tensor) -> paddle.Tensor:
-        x = x + self.attn(self.norm1(x), cos, sin, mask)
-        return x + self.mlp.linear_fc2(self.act(self.mlp.linear_fc1(self.norm2(x))))
-
-
-class VisionTower(nn.Layer):
-    """`model.visual`: patch embedding and position table, `depth` blocks (0 when streamed: they are run one at a
-    time), and the merger (LayerNorm per patch, 2x2 groups, fc1, exact GELU, fc2)."""
-
-    def __init__(self, dims: Qwen3_5Dims, depth: int) -> None:
-        super().__init__()
-        self.merged = dims.v_width * dims.merge**2
-        self.patch_embed = PatchEmbed(dims)
-        self.pos_embed = nn.Embedding(dims.v_positions, dims.v_width)
-        self.rotary = VisionRotary(dims.v_width // dims.v_heads_vision)
-        self.blocks = nn.LayerList([VisionBlock(dims) for _ in range(depth)])
-        self.merger = nn.Layer()
-        self.merger.norm = LayerNorm(dims.v_width, VISION_EPS)
-        self.merger.linear_fc1 = linear(self.merged, self.merged)
-        self.merger.linear_fc2 = linear(self.merged, dims.v_out)
-
-    def embed(self, pixel_values: paddle.Tensor, positions: paddle.Tensor, interp_indices: paddle.Tensor,
-              interp_weights: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor, paddle.Tensor]:
-        """Patch vectors with their resampled position embeddings, and the rotary cos/sin."""
-        table = as_float32(self.pos_embed.weight)
-        taps = paddle.gather(table, interp_indices.reshape([-1])).reshape([-1, 4, table.shape[-1]])
-        x = self.patch_embed(pixel_values) + (taps * interp_weights.unsqueeze(-1)).sum(1)
-        cos, sin = self.rotary(positions)
-        return x, cos, sin
-
-    def merge(self, x: paddle.Tensor) -> paddle.Tensor:
-        h = self.merger.norm(x).reshape([-1, self.merged])
-        return self.merger.linear_fc2(F.gelu(self.merger.linear_fc1(h)))
-
-    def forward(self, pixel_values: paddle.Tensor, vision_position_ids: paddle.Tensor, full_mask: paddle.Tensor,
-                interp_indices: paddle.Tensor, interp_weights: paddle.Tensor) -> paddle.Tensor:
-        x, cos, sin = self.embed(pixel_values, vision_position_ids, interp_indices, interp_weights)
-        for block in self.blocks:
-            x = block(x, cos, sin, full_mask)
-        return self.merge(x)
+            rope_theta=float(rope.get("rope_theta", DEFAULT_ROPE_THETA)), mrope_section=section, rotary_dim=rotary_dim,
+        )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -304,53 +176,18 @@ class GatedDeltaNet(nn.Layer):
         return self.out_proj(out.reshape([length, self.v_heads * self.v_dim])), None
 
 
-class FusedExperts(nn.Layer):
-    """`mlp.experts`: gate_up_proj [E, gate | up, H] and down_proj [E, H, Ie], as stored."""
-
-    def __init__(self, dims: Qwen3_5Dims) -> None:
-        super().__init__()
-        self.gate_up_proj = self.create_parameter([dims.experts, 2 * dims.moe_inner, dims.hidden])
-        self.down_proj = self.create_parameter([dims.experts, dims.hidden, dims.moe_inner])
-
-    def expert(self, index: int) -> tuple[paddle.Tensor, paddle.Tensor]:
-        """Expert `index`'s [2Ie, H] and [H, Ie]."""
-        return as_float32(self.gate_up_proj[index]), as_float32(self.down_proj[index])
-
-
-class ExpertsOnDemand(OnDemand):
-    """`mlp.experts` of a streamed layer: each expert's slices of the stacked tensors read when it is routed to."""
-
-    def expert(self, index: int) -> tuple[paddle.Tensor, paddle.Tensor]:
-        ids = np.array([index])
-        return self.slices("gate_up_proj", ids)[0], self.slices("down_proj", ids)[0]
-
-
-class SparseMoeBlock(nn.Layer):
-    """`mlp` of an MoE layer: router softmax over the experts, top-k, renormalised; the SwiGLU of each expert some
-    token is routed to, on those tokens; plus the shared expert times sigmoid(shared_expert_gate)."""
+class SparseMoeBlock(RoutedExperts):
+    """`mlp` of an MoE layer: the routed experts (stored [E, gate | up, H] and [E, H, Ie]) plus the shared expert
+    times sigmoid(shared_expert_gate)."""
 
     def __init__(self, dims: Qwen3_5Dims, *, on_demand: bool = False) -> None:
-        super().__init__()
-        self.top_k, self.inner = dims.experts_per_token, dims.moe_inner
-        self.gate = linear(dims.hidden, dims.experts, bias=False)
-        self.experts = ExpertsOnDemand() if on_demand else FusedExperts(dims)
+        super().__init__(dims.hidden, dims.experts, dims.experts_per_token, dims.moe_inner, transposed=True,
+                         on_demand=on_demand)
         self.shared_expert = GatedMLP(dims.hidden, dims.shared_inner, bias=False)
         self.shared_expert_gate = linear(dims.hidden, 1, bias=False)
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-        weights, chosen = paddle.topk(F.softmax(self.gate(x), axis=-1), self.top_k, axis=-1)
-        weights = (weights / weights.sum(axis=-1, keepdim=True)).numpy()
-        chosen = chosen.numpy()
-        out = paddle.zeros_like(x)
-        for expert in np.unique(chosen):  # only the experts some token is routed to, one at a time
-            tokens, rank = np.nonzero(chosen == expert)
-            rows = paddle.to_tensor(tokens)
-            gate_up, down = self.experts.expert(int(expert))
-            fused = paddle.matmul(paddle.gather(x, rows), gate_up, transpose_y=True)
-            hidden = F.silu(fused[:, :self.inner]) * fused[:, self.inner:]
-            scale = paddle.to_tensor(weights[tokens, rank][:, None])
-            out = paddle.index_add(out, rows, 0, paddle.matmul(hidden, down, transpose_y=True) * scale)
-        return out + F.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return super().forward(x) + F.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
 
 
 def _mlp(dims: Qwen3_5Dims, *, on_demand: bool = False) -> nn.Layer:
@@ -426,89 +263,10 @@ class TextModelQwen3_5(TextModel):
     def stream_layer(self, dims: object) -> nn.Layer:
         return StreamedDecoderLayer(dims)  # type: ignore[arg-type]
 
-    def prepare(self, h: paddle.Tensor, position_ids: paddle.Tensor, image_embeds: paddle.Tensor,
-                image_mask: paddle.Tensor) -> tuple[paddle.Tensor, ...]:
-        cos, sin = self.rotary(position_ids)
-        return merge_image_embeds(h, image_embeds, image_mask), cos, sin, causal_mask(h)
-
-
-class Qwen3_5Net(nn.Layer):
-    """The whole model with PaddleFormers' (Hugging Face's) children `model` (`visual`, `language_model`) and,
-    untied, `lm_head`."""
-
-    def __init__(self, dims: Qwen3_5Dims) -> None:
-        super().__init__()
-        self.tied = dims.tied
-        self.model = nn.Layer()
-        self.model.visual = VisionTower(dims, dims.v_depth)
-        self.model.language_model = TextModelQwen3_5(dims, dims.layers, embedding=True)
-        if not dims.tied:
-            self.lm_head = linear(dims.hidden, dims.vocab, bias=False)
-
-    def forward(self, input_ids: paddle.Tensor, position_ids: paddle.Tensor, image_embeds: paddle.Tensor,
-                image_mask: paddle.Tensor) -> paddle.Tensor:
-        text = self.model.language_model
-        h = text(input_ids, position_ids, image_embeds, image_mask)
-        if self.tied:
-            return paddle.matmul(h, as_float32(text.embed_tokens.weight), transpose_y=True)
-        return self.lm_head(h)
-
 
 # ---------------------------------------------------------------------------------------------------
 # The family
 
 
-_VISION_INPUTS = ("vision_position_ids", "full_mask", "interp_indices", "interp_weights")
-
-
-class Network(PaddleFamily):
-    text_prefix = "model.language_model."
-    positions_rows = 3
-
-    def __init__(self, config: dict) -> None:
-        self.dims = dims = Qwen3_5Dims.from_config(config)
-        self.hidden, self.vocab, self.layers = dims.hidden, dims.vocab, dims.layers
-        self.heads, self.kv_heads, self.tied, self.position_limit = dims.heads, dims.kv_heads, dims.tied, dims.positions
-
-    def build(self) -> nn.Layer:
-        return Qwen3_5Net(self.dims)
-
-    def vision(self, net: nn.Layer) -> nn.Layer:
-        return net.model.visual
-
-    @property
-    def head_dim(self) -> int:
-        return self.dims.head_dim
-
-    def vision_tensors(self, pixel_values: np.ndarray, vision_inputs: dict[str, np.ndarray]) -> list[paddle.Tensor]:
-        dims = self.dims
-        if set(vision_inputs) != set(_VISION_INPUTS):
-            raise ValueError(f"the vision tower takes {', '.join(_VISION_INPUTS)}; given {', '.join(vision_inputs)}")
-        patches, width = len(pixel_values), dims.in_chans * dims.temporal_patch * dims.patch**2
-        if pixel_values.shape != (patches, width) or patches % dims.merge**2:
-            raise ValueError(f"pixel_values is {list(pixel_values.shape)}; expected [N, {width}], N a multiple of "
-                             f"{dims.merge**2}")
-        positions, full_mask, indices, weights = (vision_inputs[name] for name in _VISION_INPUTS)
-        if (positions.shape, full_mask.shape, indices.shape, weights.shape) != \
-                ((patches, 2), (patches, patches), (patches, 4), (patches, 4)):
-            raise ValueError(f"vision_position_ids must be [{patches}, 2], full_mask [{patches}, {patches}], "
-                             f"interp_indices and interp_weights [{patches}, 4]")
-        if indices.size and (indices.min() < 0 or indices.max() >= dims.v_positions):
-            raise ValueError(f"interp_indices must lie in [0, {dims.v_positions})")
-        return [float_tensor(pixel_values), int_tensor(positions), float_tensor(full_mask), int_tensor(indices),
-                float_tensor(weights)]
-
-    def stream_vision(self, weights: StreamedWeights, tensors: list[paddle.Tensor]) -> paddle.Tensor:
-        pixel_values, positions, full_mask, indices, interp = tensors
-        tower = weights.fill(VisionTower(self.dims, 0), VISION)
-        block = VisionBlock(self.dims)
-        x, cos, sin = tower.embed(pixel_values, positions, indices, interp)
-        for i in range(self.dims.v_depth):
-            x = weights.fill(block, f"{VISION}blocks.{i}.")(x, cos, sin, full_mask)
-        return tower.merge(x)
-
-    def text_model(self, net: nn.Layer | None = None) -> TextModel:
-        return net.model.language_model if net is not None else TextModelQwen3_5(self.dims, 0, embedding=False)
-
-    def head(self, net: nn.Layer) -> paddle.Tensor:
-        return net.model.language_model.embed_tokens.weight if self.tied else net.lm_head.weight
+class Network(TableVisionNetwork):
+    dims_class, text_class = Qwen3_5Dims, TextModelQwen3_5

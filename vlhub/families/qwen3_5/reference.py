@@ -4,7 +4,8 @@ docs/facts/qwen3.md, "Text, Qwen3.5").
 Vision (`model.visual.*`): Qwen3-VL's tower without DeepStack: 16-pixel patches projected by the Conv3d (a matmul,
 with its bias), plus the learned position table resampled to the grid (the input's four taps per patch); LayerNorm
 blocks attending within each frame, rotated by the 2-D (row, column) rotary, with an MLP `linear_fc2(act(linear_fc1))`;
-the merger (LayerNorm over each patch, then 2x2 groups, fc1, exact GELU, fc2).
+the merger (LayerNorm over each patch, then 2x2 groups, fc1, exact GELU, fc2): `vlhub/smoke/reference.py`'s
+`TableVisionForward`, shared with Qwen3-VL (as are `interleaved_mrope` and `routed_experts`).
 
 Text (`model.language_model.*`): decoder layers of two kinds, as `text_config.layer_types` lists them. Every norm but
 the linear-attention output's scales by `1 + w` (`Qwen3_5RMSNorm`, weights stored zero-centred).
@@ -29,35 +30,22 @@ from functools import cached_property
 import numpy as np
 
 from vlhub.errors import UserError
-from vlhub.smoke.inputs import SmokeInput
 from vlhub.smoke.reference import (
     KVCache,
-    MRopeDecoderForward,
+    TableVisionForward,
     apply_rotary,
     attention,
-    gelu,
-    gelu_tanh,
-    inverse_frequencies,
-    layer_norm,
-    linear,
-    quick_gelu,
+    interleaved_mrope,
     rms_norm,
-    rotary_tables,
     silu,
-    softmax,
-    vision_rotary,
 )
 
-VISION = "model.visual."
 # transformers' defaults for what a config.json may leave out (`configuration_qwen3_5.py`: rope_parameters falls back
 # to theta 10000 and a quarter of the head rotated; `Qwen3_5TextRotaryEmbedding`'s sections)
 DEFAULT_MROPE_SECTION = (11, 11, 10)
 DEFAULT_ROPE_THETA = 10000.0
 DEFAULT_PARTIAL_ROTARY = 0.25
 L2_EPS = np.float32(1e-6)  # transformers' l2norm of q and k (FLA's)
-# the vision MLP's activation by config.json `hidden_act` (transformers' ACT2FN names)
-ACTIVATIONS = {"gelu_pytorch_tanh": gelu_tanh, "gelu_new": gelu_tanh, "gelu": gelu, "quick_gelu": quick_gelu,
-               "silu": silu}
 
 
 def softplus(x: np.ndarray) -> np.ndarray:
@@ -118,38 +106,8 @@ def gated_delta_rule(q: np.ndarray, k: np.ndarray, v: np.ndarray, g: np.ndarray,
     return out, state
 
 
-class Reference(MRopeDecoderForward):
-    text_prefix = "model.language_model."
-    embedding = "model.language_model.embed_tokens.weight"
-
-    # -- vision
-
-    def encode_images(self, smoke: SmokeInput) -> np.ndarray:
-        vision = smoke.vision
-        assert vision is not None and vision.interp_indices is not None and vision.interp_weights is not None
-        cfg = self.config["vision_config"]
-        width, heads = cfg["hidden_size"], cfg["num_heads"]
-        act = cfg.get("hidden_act", "gelu_pytorch_tanh")
-        if not isinstance(act, str) or act not in ACTIVATIONS:
-            raise UserError(f"config.json vision_config.hidden_act is {reprlib.repr(act)}; the reference knows "
-                            f"{', '.join(ACTIVATIONS)}")
-        weight, bias = self.wb(VISION + "patch_embed.proj")
-        x = linear(vision.pixel_values, weight.reshape(width, -1), bias)
-        table = self.w(VISION + "pos_embed.weight")
-        x = x + np.einsum("nk,nkc->nc", vision.interp_weights, table[vision.interp_indices])
-        cos, sin = vision_rotary(vision.position_ids, width // heads)  # theta 10000, as in every release
-
-        def norm(h: np.ndarray, prefix: str) -> np.ndarray:
-            return layer_norm(h, self.w(prefix + ".weight"), self.w(prefix + ".bias"))
-
-        def mlp(h: np.ndarray, prefix: str) -> np.ndarray:
-            return self.dense(ACTIVATIONS[act](self.dense(h, prefix + "linear_fc1")), prefix + "linear_fc2")
-
-        for block in range(cfg["depth"]):
-            x = self.vision_block(x, f"{VISION}blocks.{block}.", heads, cos, sin, vision.full_mask, norm=norm, mlp=mlp)
-        unit = cfg.get("spatial_merge_size", 2) ** 2
-        h = norm(x, VISION + "merger.norm").reshape(-1, x.shape[-1] * unit)
-        return self.dense(gelu(self.dense(h, VISION + "merger.linear_fc1")), VISION + "merger.linear_fc2")
+class Reference(TableVisionForward):
+    deepstack = False
 
     # -- text
 
@@ -178,16 +136,8 @@ class Reference(MRopeDecoderForward):
         frequency slots, slot s turns by the height position if s % 3 == 1 and s < 3 * sections[1], by the width
         position if s % 3 == 2 and s < 3 * sections[2], else by the time position. Tables [L, d_rot]."""
         rope = self._rope
-        theta = float(rope.get("rope_theta", DEFAULT_ROPE_THETA))
-        sections = rope.get("mrope_section", DEFAULT_MROPE_SECTION)
-        inv_freq = inverse_frequencies(self._rotary_dim, theta)
-        positions = np.broadcast_to(position_ids, (3, position_ids.shape[-1]))
-        angles = positions[..., None].astype(np.float32) * inv_freq  # [3, L, d_rot/2]
-        slot = np.arange(len(inv_freq))
-        axis = np.zeros(len(inv_freq), dtype=np.int64)
-        axis[(slot % 3 == 1) & (slot < 3 * sections[1])] = 1
-        axis[(slot % 3 == 2) & (slot < 3 * sections[2])] = 2
-        return rotary_tables(angles[axis, :, slot].T)
+        return interleaved_mrope(position_ids, self._rotary_dim, float(rope.get("rope_theta", DEFAULT_ROPE_THETA)),
+                                 rope.get("mrope_section", DEFAULT_MROPE_SECTION))
 
     def norm(self, x: np.ndarray, name: str) -> np.ndarray:
         """A zero-centred RMSNorm: x / rms(x) * (1 + w)."""
@@ -256,18 +206,8 @@ class Reference(MRopeDecoderForward):
         m = prefix + "mlp."
         if not self._dims["moe"]:
             return self._swiglu(h, m)
-        probs = softmax(self.dense(h, m + "gate", bias=False).astype(np.float32))  # [L, experts]
-        chosen = np.argsort(-probs, axis=-1, kind="stable")[:, :int(self._dims["experts_per_token"])]  # type: ignore
-        weights = np.take_along_axis(probs, chosen, axis=-1)
-        weights /= weights.sum(axis=-1, keepdims=True)  # Qwen3_5MoeTopKRouter always renormalises
-        out = np.zeros_like(h)
-        for expert in np.unique(chosen):  # only the experts some token is routed to, each read on its own
-            tokens, rank = np.nonzero(chosen == expert)
-            fused = h[tokens] @ self.weights.entry(m + "experts.gate_up_proj", int(expert)).T  # [tokens, 2Ie]
-            inner = fused.shape[1] // 2
-            act = silu(fused[:, :inner]) * fused[:, inner:]
-            out[tokens] += (act @ self.weights.entry(m + "experts.down_proj", int(expert)).T) \
-                * weights[tokens, rank, None]
+        # Qwen3_5MoeTopKRouter always renormalises; the experts stored [E, gate | up, H] and [E, H, Ie]
+        out = self.routed_experts(h, m, int(self._dims["experts_per_token"]), transposed=True)  # type: ignore
         shared = self._swiglu(h, m + "shared_expert.")
         return out + sigmoid(self.dense(h, m + "shared_expert_gate", bias=False)) * shared
 

@@ -8,26 +8,9 @@ taps that resample the learned 48x48 position table to the grid (docs/facts/qwen
 
 from __future__ import annotations
 
-import math
-
-from vlhub.smoke.inputs import (
-    ImageProcessing,
-    PromptTokens,
-    SmokeInput,
-    VisionGeometry,
-    bilinear_taps,
-    patch_grid_input,
-)
-
-POSITION_TABLE = 2304  # num_position_embeddings when config.json leaves it out: a 48x48 table
+from vlhub.smoke.inputs import ImageProcessing, PromptTokens, SmokeInput, position_table_input
 
 
 def smoke_input(config: dict, tokens: PromptTokens, tokenizer: dict[str, int], image_size: tuple[int, int],
                 processing: ImageProcessing) -> SmokeInput:
-    smoke = patch_grid_input(config, tokens, tokenizer, image_size, processing=processing)
-    assert smoke.vision is not None
-    vision_config = config.get("vision_config") or {}
-    side = math.isqrt(vision_config.get("num_position_embeddings", POSITION_TABLE))
-    smoke.vision.interp_indices, smoke.vision.interp_weights = bilinear_taps(
-        smoke.vision.grids, side, VisionGeometry.from_config(config).merge)
-    return smoke
+    return position_table_input(config, tokens, tokenizer, image_size, processing)
