@@ -183,3 +183,28 @@ def test_filenames_are_read_as_hf_download_reads_them() -> None:
     assert DownloadOptions(include=("*.json",), filenames=("a.safetensors",)).patterns == (["a.safetensors"], None)
     with pytest.raises(UserError, match="has no file 'nope.json'"):
         checked_files(files, ref, DownloadOptions(filenames=("nope.json",)))
+
+
+def test_a_download_record_reads_back_typed_and_keeps_its_json_form(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    from vlhub.hub.records import RecordedFile, RemoteFile, load_record, record_path, save_record
+
+    monkeypatch.setenv("VLHUB_HOME", str(tmp_path))
+    written = {"source": "huggingface", "repo_id": "Org/Name", "model": "Org/Name", "revision": "main",
+               "commit": "c" * 40, "path": "/x/snapshots/" + "c" * 40, "endpoint": "https://huggingface.co",
+               "files": {"config.json": {"size": 2, "sha256": None, "blob_id": "b" * 40, "verified_at": "2026-12-07"},
+                         "w.safetensors": {"size": 9, "sha256": "a" * 64, "blob_id": None, "verified_at": ""}},
+               "damaged": [], "filtered": False}
+    path = record_path("huggingface", "Org/Name", "c" * 40)
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(written))  # as records were written before RecordedFile
+    record = load_record("huggingface", "Org/Name", "c" * 40)
+    assert record is not None and record.files["config.json"] == RecordedFile(2, None, "b" * 40, "2026-12-07")
+    assert record.verified(RemoteFile("config.json", 2, None, "b" * 40))
+    assert not record.verified(RemoteFile("w.safetensors", 9, "a" * 64, None)) and record.total_bytes == 11
+    save_record(record)
+    assert json.loads(path.read_text()) == written
+    path.write_text(json.dumps({**written, "files": {"config.json": ["not", "an", "entry"]}}))
+    assert load_record("huggingface", "Org/Name", "c" * 40) is None  # a record from elsewhere is ignored

@@ -566,8 +566,7 @@ class HuggingFaceDownload:
 
     def _verified_blob(self, file: RemoteFile) -> bool:
         """Whether a file with the same content was checked in this run (or is recorded as checked)."""
-        return any(e["verified_at"] and (e["sha256"] or e["blob_id"]) == file.etag
-                   for e in self.record.files.values())
+        return any(e.verified_at and e.etag == file.etag for e in self.record.files.values())
 
     def _check_reused(self, file: RemoteFile, on_bytes: Callable[[int], None] | None) -> None:
         """A blob another client (or an earlier run) left: only its size was ever checked."""

@@ -48,6 +48,20 @@ class RepoRef:
 
 
 @dataclass
+class RecordedFile:
+    """One file of a downloaded revision: what the hub listed for it, and when vlhub last found it right."""
+
+    size: int
+    sha256: str | None
+    blob_id: str | None
+    verified_at: str  # an ISO time; "" never verified (or found damaged since)
+
+    @property
+    def etag(self) -> str:
+        return self.sha256 or self.blob_id or ""
+
+
+@dataclass
 class DownloadRecord:
     """One downloaded revision: where it is and what each file must hash to."""
 
@@ -58,7 +72,7 @@ class DownloadRecord:
     commit: str
     path: str  # the snapshot directory
     endpoint: str
-    files: dict[str, dict] = field(default_factory=dict)  # path -> size, sha256, blob_id, verified_at
+    files: dict[str, RecordedFile] = field(default_factory=dict)  # by path in the repo
     damaged: list[str] = field(default_factory=list)  # files the last `vlhub cache verify` found wrong
     filtered: bool = False  # only what --include/--exclude selected is here, not the whole revision
 
@@ -67,23 +81,22 @@ class DownloadRecord:
         return cls(ref.source, ref.repo_id, ref.model, ref.revision, commit, str(path), endpoint, filtered=filtered)
 
     def add(self, file: RemoteFile, verified_at: str) -> None:
-        self.files[file.path] = {"size": file.size, "sha256": file.sha256, "blob_id": file.blob_id,
-                                 "verified_at": verified_at}
+        self.files[file.path] = RecordedFile(file.size, file.sha256, file.blob_id, verified_at)
         if file.path in self.damaged:
             self.damaged.remove(file.path)
 
     def verified(self, file: RemoteFile) -> bool:
         """Whether vlhub already hashed this very file (same listed hash and size) and found it right."""
         entry = self.files.get(file.path)
-        return bool(entry and entry["verified_at"] and file.path not in self.damaged
-                    and (entry["size"], entry["sha256"], entry["blob_id"]) == (file.size, file.sha256, file.blob_id))
+        return bool(entry and entry.verified_at and file.path not in self.damaged
+                    and (entry.size, entry.sha256, entry.blob_id) == (file.size, file.sha256, file.blob_id))
 
     def remote_files(self) -> list[RemoteFile]:
-        return [RemoteFile(path, e["size"], e["sha256"], e["blob_id"]) for path, e in sorted(self.files.items())]
+        return [RemoteFile(path, e.size, e.sha256, e.blob_id) for path, e in sorted(self.files.items())]
 
     @property
     def total_bytes(self) -> int:
-        return sum(e["size"] for e in self.files.values())
+        return sum(e.size for e in self.files.values())
 
 
 def record_path(source: str, repo_id: str, commit: str) -> Path:
@@ -119,8 +132,10 @@ def remove_record(record: DownloadRecord) -> None:
 
 def _read(path: Path) -> DownloadRecord | None:
     try:
-        return DownloadRecord(**json.loads(path.read_text()))
-    except (OSError, ValueError, TypeError):  # a record from another version or half-edited: ignore it
+        fields = json.loads(path.read_text())
+        fields["files"] = {name: RecordedFile(**entry) for name, entry in fields["files"].items()}
+        return DownloadRecord(**fields)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):  # a record from another version or half-edited: ignore it
         return None
 
 

@@ -144,7 +144,7 @@ def _downloads() -> list[CacheEntry]:
         elif len(present) < len(files):
             verified = f"incomplete ({len(files) - len(present)} missing)"
         else:
-            verified = "verified" if all(e["verified_at"] for e in record.files.values()) else "unverified"
+            verified = "verified" if all(e.verified_at for e in record.files.values()) else "unverified"
             if record.filtered:
                 verified += " (--include/--exclude subset)"
         last_used = max((f.stat().st_atime for f in present), default=None)
