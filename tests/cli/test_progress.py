@@ -49,6 +49,23 @@ def test_a_refusal_shows_no_progress_first(env: dict[str, str], tiny_qwen2_vl: P
     assert "MB" not in result.stderr and "\x1b" not in result.stderr
 
 
+@pytest.mark.parametrize(("args", "says"), [
+    (["convert", "tiny-qwen2-vl", "--to", "padle", "--out", "{out}"], "choose one of paddle"),
+    (["convert", "tiny-qwen2-vl", "--to", "vamc", "--image", "0x5", "--out", "{out}"], "--image 0x5"),
+    (["convert", "tiny-qwen2-vl", "--to", "tpu-mlir", "--max-pixels", "1280*720", "--out", "{out}"],
+     "write WIDTHxHEIGHT"),
+    (["convert", "no-such-model", "--to", "paddle", "--out", "{out}"], "unknown model 'no-such-model'"),
+    (["dump-embeddings", "tiny-qwen2-vl", "--dtype", "int8", "--out", "{out}"], "--dtype 'int8'"),
+    (["check", "tiny-qwen2-vl", "--target", "vamc", "--image", "99999x1"], "--image 99999x1"),
+], ids=lambda value: " ".join(value[:4]) if isinstance(value, list) else None)
+def test_bad_input_on_a_terminal_is_its_line_alone(args: list[str], says: str, tiny_qwen2_vl: Path,
+                                                  tmp_path: Path) -> None:
+    """Each refusal comes before any bar or spinner is drawn."""
+    result = run_vlhub(*(arg.format(out=tmp_path / "out") for arg in args), env=TERMINAL)
+    assert says in one_line_error(result)
+    assert "\x1b" not in result.stderr and "MB" not in result.stderr
+
+
 def test_a_terminal_shows_a_bar(tiny_qwen2_vl: Path, tmp_path: Path) -> None:
     result = run_vlhub("convert", "tiny-qwen2-vl", "--to", "paddle", "--out", str(tmp_path / "out"), "--no-smoke",
                        env=TERMINAL)
