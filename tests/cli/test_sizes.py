@@ -88,4 +88,5 @@ def test_a_one_frame_video_is_one_frame() -> None:
     result = run_vlhub("plan", "tiny-qwen2-vl", "--video", "1280x720", "--frames", "1")
     assert result.returncode == 0, result.stderr
     assert "video 1280x720, 1 frame " in result.stdout
-    assert "video 1280x720, 2 frames" in run_vlhub("plan", "tiny-qwen2-vl", "--video", "1280x720", "--frames", "2").stdout
+    two = run_vlhub("plan", "tiny-qwen2-vl", "--video", "1280x720", "--frames", "2")
+    assert "video 1280x720, 2 frames" in two.stdout

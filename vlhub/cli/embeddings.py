@@ -30,9 +30,9 @@ DtypeOpt = Annotated[str, typer.Option("--dtype", metavar=choices(DTYPES),
                                        help=f"Output dtype: {', '.join(DTYPES)} (rounded to nearest even).")]
 FormatOpt = Annotated[
     str,
-    typer.Option("--format", metavar=choices(FORMATS), help=f"{' or '.join(FORMATS)}. bin: raw little-endian row-major [vocab, hidden], no "
-                                  "header (what the VastAI runtime reads); npy: a standard .npy file (not for "
-                                  "bfloat16, which numpy lacks)."),
+    typer.Option("--format", metavar=choices(FORMATS),
+                 help=f"{' or '.join(FORMATS)}. bin: raw little-endian row-major [vocab, hidden], no header (what the "
+                      "VastAI runtime reads); npy: a standard .npy file (not for bfloat16, which numpy lacks)."),
 ]
 TensorOpt = Annotated[
     str | None,
