@@ -65,7 +65,8 @@ class InputPlan:
     @property
     def label(self) -> str:
         kind = "image" if self.frames is None else "video"
-        return f"{kind} {self.width}x{self.height}" + ("" if self.frames is None else f", {plural(self.frames, 'frame')}")
+        frames = "" if self.frames is None else f", {plural(self.frames, 'frame')}"
+        return f"{kind} {self.width}x{self.height}{frames}"
 
     def to_json(self) -> dict:
         return {"input": self.label, "kind": "image" if self.frames is None else "video", "width": self.width,

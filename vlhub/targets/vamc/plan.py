@@ -54,8 +54,14 @@ class VamcPlan:
 
     def rows(self, sizing: Sizing, command: str | None) -> list[tuple[str, str, str]]:
         misses = sum(item.patches > sizing.fit_patches for item in sizing.inputs)
-        given = (f"given; {misses} of {plural(len(sizing.inputs), 'input')} exceed{'s' if misses == 1 else ''} it, {sizing.sizes.visual_patches} holds "
-                 "them all" if misses else "given; every input fits it") if self.given else "the visual yaml's N"
+        if not self.given:
+            given = "the visual yaml's N"
+        elif misses:
+            verb = "exceeds" if misses == 1 else "exceed"
+            given = (f"given; {misses} of {plural(len(sizing.inputs), 'input')} {verb} it, "
+                     f"{sizing.sizes.visual_patches} holds them all")
+        else:
+            given = "given; every input fits it"
         runs = [(width, len(list(run))) for width, run in groupby(self.output_split)]
         return [
             ("vamc N", str(self.visual_patches), given),
