@@ -223,3 +223,62 @@ def test_bringing_a_tensor_into_the_page_cache_refuses_a_truncated_file(tmp_path
     read_into_page_cache(StoredBytes(path, 100, 900))
     with pytest.raises(CorruptCheckpoint, match="file ends 100 bytes early"):
         read_into_page_cache(StoredBytes(path, 200, 900))
+
+
+@pytest.mark.parametrize(("model", "dtype"), [("tiny-qwen3-vl-moe", None), ("tiny-qwen3-vl-moe", "float32"),
+                                              ("tiny-qwen3.5-moe", None), ("tiny-qwen3.5-moe", "float16")])
+def test_experts_stored_one_entry_each_are_joined_one_expert_at_a_time(module_tmp, tmp_path: Path, monkeypatch,
+                                                                       model: str, dtype: str | None) -> None:
+    """Each expert's projections on their own (transformers 5's save of Qwen3.5, a re-save of Qwen3-VL), joined
+    into the official [experts, ., .] tensors: the same tensors as the fused checkpoint gives (Qwen3-VL's join
+    puts each part's transpose in its columns, Qwen3.5's stacks the parts as stored), while no reservation ever
+    holds more than one expert (none reads the joined tensor whole), so memory does not grow with the experts."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from tests.conformance.factory import per_expert
+    from vlhub.convert import pipeline
+
+    spec = get_model(model)
+    fused = write_synthetic_checkpoint(module_tmp(f"{model}-fused") / "model", spec.family, spec.config)
+    split = tmp_path / "split"
+    split.mkdir()
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in fused.glob("*.safetensors"):
+        tensors.update(load_file(shard))
+    if model.startswith("tiny-qwen3-vl"):  # its files keep experts [E, in, out]; per_expert takes [E, out, in]
+        tensors = {name: t.transpose(1, 2).contiguous() if ".experts." in name else t for name, t in tensors.items()}
+    save_file(per_expert(tensors), split / "model.safetensors", metadata={"format": "pt"})
+    for path in fused.glob("*.json"):
+        if not path.name.endswith(".index.json"):
+            (split / path.name).write_bytes(path.read_bytes())
+    with open_checkpoint(split) as checkpoint:
+        plan = plan_conversion(checkpoint.tensors, checkpoint.config, target_layout="official", dtype=dtype)
+        joined = [step for step in plan.steps if step.parts]
+    assert joined
+    entries: list[int] = []
+    read_entry, read_whole = pipeline.read_joined_entry, pipeline.read_source
+    monkeypatch.setattr(pipeline, "read_joined_entry", lambda checkpoint, step, entry, out, **kw: (
+        entries.append(out.nbytes), read_entry(checkpoint, step, entry, out, **kw)))
+    monkeypatch.setattr(pipeline, "read_source", lambda checkpoint, step, out=None: (
+        pytest.fail(f"{step.source.name} read whole") if step.parts else read_whole(checkpoint, step, out)))
+    ours = _convert(split, tmp_path / "joined", layout="official", fmt="safetensors", dtype=dtype,
+                    tile_bytes=UNTILED)
+    assert len(entries) == sum(step.source.shape[0] for step in joined)
+    assert max(entries) == max(step.source.nbytes // step.source.shape[0] for step in joined)
+    monkeypatch.undo()
+    expected = _convert(fused, tmp_path / "fused", layout="official", fmt="safetensors", dtype=dtype,
+                        tile_bytes=UNTILED)
+    ours_loaded, expected_loaded = _tensors(tmp_path / "joined"), _tensors(tmp_path / "fused")
+    assert ours and expected and ours_loaded.keys() == expected_loaded.keys()
+    for name, tensor in expected_loaded.items():
+        assert torch.equal(ours_loaded[name], tensor), name
+
+
+def _tensors(directory: Path) -> dict:
+    from safetensors.torch import load_file
+
+    tensors: dict = {}
+    for shard in directory.glob("*.safetensors"):
+        tensors.update(load_file(shard))
+    return tensors

@@ -16,8 +16,13 @@ its hash) in order. A transposed block [c0:c1] is source columns c0:c1 of every 
 a memory map of the file, a window of source rows at a time, so only the page cache holds the tensor whole. The
 peak therefore does not grow with the largest tensor. The stages keep their roles: the reader brings the tiled
 tensor's bytes into the page cache once, sequentially (at most 1 GB of them ahead), and the calling thread builds
-the blocks from there while the reader reads the next tensors from disk. Steps joined from parts, and tensors a
-file does not store plainly in C order (pickled views), are still read whole.
+the blocks from there while the reader reads the next tensors from disk. Tensors a file does not store plainly in
+C order (pickled views) are still read whole.
+
+A step joined from parts (a mixture's experts stored one entry each, joined into the official [experts, ., .]
+tensor) is made one expert at a time: the reader joins an expert's parts into its slice of the output, already
+in the output's orientation, and the writer streams the slices in order; memory holds a few experts, not the
+tensor (at 397B-A17B one joined tensor is 8.6 GB).
 
 On this project's machines the kernel's copies are most of a conversion's CPU (`perf record` of a 7B conversion:
 the reader's copies 19%, the writer's 17%), and the conversion runs as fast as its CPU allows: so the reader
@@ -78,13 +83,27 @@ def read_source(checkpoint: Checkpoint, step: Step, out: np.ndarray | None = Non
     if not step.parts:
         return checkpoint.read(step.source.name, out)
     out = output_array(step.source.shape, dtype_info(step.source.dtype).storage, out)
-    entries, _, columns = step.source.shape
-    count = len(step.parts) // entries
-    width = columns // count
-    for number, part in enumerate(step.parts):
-        entry, column = divmod(number, count)
-        out[entry, :, column * width:(column + 1) * width] = transpose_2d(checkpoint.read(part.name))
+    for entry in range(step.source.shape[0]):
+        read_joined_entry(checkpoint, step, entry, out[entry], transpose=False)
     return out
+
+
+def joined_entry_shape(step: Step) -> tuple[int, ...]:
+    """The shape of one entry (expert) of a joined step's output, before its cast."""
+    _, rows, columns = step.source.shape
+    return (columns, rows) if step.transpose else (rows, columns)
+
+
+def read_joined_entry(checkpoint: Checkpoint, step: Step, entry: int, out: np.ndarray, *, transpose: bool) -> None:
+    """Join entry `entry` of a step from its parts into `out`: the fused [rows, columns] slice, or with `transpose`
+    its transpose, which is the parts stacked as stored (read straight into place, nothing transposed)."""
+    count = len(step.parts) // step.source.shape[0]
+    width = step.source.shape[2] // count
+    for column, part in enumerate(step.parts[entry * count:(entry + 1) * count]):
+        if transpose:
+            checkpoint.read(part.name, out[column * width:(column + 1) * width])
+        else:
+            out[:, column * width:(column + 1) * width] = transpose_2d(checkpoint.read(part.name))
 
 
 def buffer_cost(step: Step) -> int:
@@ -292,8 +311,7 @@ def cast(step: Step, array: np.ndarray, budget: BufferBudget) -> np.ndarray:
 
 
 _DONE = object()
-_TILED = object()  # to the writer: a tiled step starts, its blocks follow, then _END
-_END = object()
+_END = object()  # to the writer: the last block of a step has come
 
 
 @dataclass(frozen=True)
@@ -301,6 +319,21 @@ class _InPageCache:
     """From the reader: a tiled step's bytes, now in the page cache."""
 
     stored: StoredBytes
+
+
+@dataclass(frozen=True)
+class _JoinedEntry:
+    """From the reader: entry `index` of a joined step, joined in the output's orientation (in `budget`)."""
+
+    index: int
+    data: np.ndarray
+
+
+@dataclass(frozen=True)
+class _Stream:
+    """To the writer: a step's output follows in blocks, then _END; `give_back` hands each block's memory back."""
+
+    give_back: Callable[[Block], None]
 
 
 class _Stage:
@@ -335,7 +368,10 @@ def run_plan(plan: Plan, checkpoint: Checkpoint, writer: CheckpointWriter, *, me
                 if stop.is_set():
                     return
                 stored = checkpoint.stored_bytes(step.source.name) if not step.parts else None
-                if stored is not None and step.copies_bytes:
+                if step.parts:
+                    if not read_joined(step):
+                        return
+                elif stored is not None and step.copies_bytes:
                     read_queue.put((step, stored))
                 elif is_tiled(step, stored, tile_bytes):
                     assert stored is not None
@@ -353,11 +389,26 @@ def run_plan(plan: Plan, checkpoint: Checkpoint, writer: CheckpointWriter, *, me
         finally:
             read_queue.put(_DONE)
 
+    def read_joined(step: Step) -> bool:
+        """Join a step's entries one at a time onto the read queue; False if the run stopped."""
+        shape = joined_entry_shape(step)
+        source = dtype_info(step.source.dtype).storage
+        cost = math.prod(shape) * (source.itemsize + (dtype_info(step.target.dtype).itemsize
+                                                       if step.source.dtype != step.target.dtype else 0))
+        for entry in range(step.source.shape[0]):
+            budget.reserve(cost)
+            if stop.is_set():
+                return False
+            data = budget.array(shape, source)
+            read_joined_entry(checkpoint, step, entry, data, transpose=step.transpose)
+            read_queue.put((step, _JoinedEntry(entry, data)))
+        return True
+
     def write_all() -> None:
         items = _until_done(write_queue)
         for name, data in items:
-            if data is _TILED:
-                data = Pieces(_pieces(items, tiles))
+            if isinstance(data, _Stream):
+                data = Pieces(_pieces(items, data.give_back))
             if not stop.is_set():
                 writer.write(name, data)
             if isinstance(data, Pieces):
@@ -376,8 +427,16 @@ def run_plan(plan: Plan, checkpoint: Checkpoint, writer: CheckpointWriter, *, me
         for step, data in _until_done(read_queue):
             if errors:
                 break
+            if isinstance(data, _JoinedEntry):
+                if data.index == 0:
+                    write_queue.put((step.target.name, _Stream(lambda block: budget.release(block.data))))
+                entry = cast(step, data.data, budget)
+                write_queue.put((step.target.name, Block(entry, entry)))
+                if data.index == step.source.shape[0] - 1:
+                    write_queue.put((step.target.name, _END))
+                continue
             if isinstance(data, _InPageCache):
-                write_queue.put((step.target.name, _TILED))
+                write_queue.put((step.target.name, _Stream(lambda block: tiles.give_back(block.buffer))))
                 for block in tiled_blocks(step, data.stored, tiles, tile_bytes):
                     if errors:
                         break
@@ -407,14 +466,14 @@ def run_plan(plan: Plan, checkpoint: Checkpoint, writer: CheckpointWriter, *, me
         raise errors[0]
 
 
-def _pieces(items: Iterator, tiles: TileBuffers) -> Iterator[np.ndarray]:
-    """The blocks of one tiled step as they arrive, each buffer handed back once the writer is done with it; they
-    end early (and the writer finds the tensor short) if the run stops in the middle."""
+def _pieces(items: Iterator, give_back: Callable[[Block], None]) -> Iterator[np.ndarray]:
+    """The blocks of one step as they arrive, each handed back once the writer is done with it; they end early
+    (and the writer finds the tensor short) if the run stops in the middle."""
     for _, block in items:
         if block is _END:
             return
         yield block.data
-        tiles.give_back(block.buffer)
+        give_back(block)
 
 
 def _until_done(items: queue.Queue) -> Iterator:
