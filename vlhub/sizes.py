@@ -22,6 +22,7 @@ transformers' Qwen2-VL image processor and the official preprocessor_config.json
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -140,6 +141,23 @@ def check_pixel_count(value: int, option: str = "--max-pixels") -> int:
         raise UserError(f"{option} {value}: a pixel count from 1 to {MAX_PIXEL_COUNT} ({MAX_SIDE}x{MAX_SIDE}), "
                         "e.g. 921600 (1280x720)")
     return value
+
+
+def parse_pixel_count(text: str, option: str, what: str, example: int, *, or_image: bool = False) -> int:
+    """A pixel count typed for `option` (921600, or with thousands separators: 921,600 and 921_600), checked by
+    `check_pixel_count`. A size typed instead (1280x720, or llm_convert's 1280,720) is answered in one line with its
+    pixel count (`what` names the count: "the processor's max_pixels, the largest image's"), and with
+    `or_image` with the --image that gives that size."""
+    digits = text.strip().replace("_", "")
+    if re.fullmatch(r"\d{1,3}(,\d{3})+", digits):
+        digits = digits.replace(",", "")
+    if digits.isdigit():
+        return check_pixel_count(int(digits), option)
+    if re.fullmatch(r"\s*\d+\s*[x,]\s*\d+\s*", text.lower()):
+        width, height = parse_size_pair(text.lower().replace(",", "x"), option)
+        raise UserError(f"{option} {text}: {what} pixel count, e.g. {option} {width * height} ({width}x{height})"
+                        + (f", or --image {width}x{height}" if or_image else ""))
+    raise UserError(f"{option} {text!r}: {what} pixel count, e.g. {option} {example}")
 
 
 def _fixed_size(family: Family) -> bool:

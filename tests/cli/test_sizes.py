@@ -63,6 +63,17 @@ def test_llm_convert_s_own_spelling_is_read_with_a_one_line_note(tiny_qwen2_vl: 
     (["convert", "tiny-qwen2-vl", "--to", "vamc", "--image", "1280x99999", "--dry-run"], "from 1 to"),
     (["convert", "tiny-qwen2-vl", "--to", "vamc", "--max-pixels", "1280x720", "--dry-run"],
      "the largest image's pixel count, e.g. --max-pixels 921600 (1280x720), or --image 1280x720"),
+    # a size typed where a pixel count is asked for: its count in one line (plan's was click's four-line usage
+    # error), and llm_convert's W,H is a size too, not 1,280,720 pixels (vamc took it as that count)
+    (["plan", "qwen2-vl-7b", "--image", "1280x720", "--max-pixels", "1280x720"],
+     "--max-pixels 1280x720: the processor's max_pixels, the largest image's pixel count, e.g. --max-pixels 921600 "
+     "(1280x720)"),
+    (["plan", "qwen2-vl-7b", "--image", "1280x720", "--min-pixels", "56X56"],
+     "--min-pixels 56X56: the processor's min_pixels, the smallest image's pixel count, e.g. --min-pixels 3136 "
+     "(56x56)"),
+    (["plan", "qwen2-vl-7b", "--image", "1280x720", "--max-pixels", "lots"], "--max-pixels 'lots': the processor's"),
+    (["convert", "tiny-qwen2-vl", "--to", "vamc", "--max-pixels", "1280,720", "--dry-run"],
+     "--max-pixels 1280,720: for --to vamc the largest image's pixel count, e.g. --max-pixels 921600 (1280x720)"),
     (["convert", "tiny-qwen2-vl", "--to", "vamc", "--max-pixels", str(MAX_PIXEL_COUNT + 1), "--dry-run"],
      "a pixel count from 1"),
     (["convert", "tiny-qwen2-vl", "--to", "tpu-mlir", "--max-pixels", "168x0", "--dry-run"], "from 1 to"),
@@ -71,6 +82,14 @@ def test_llm_convert_s_own_spelling_is_read_with_a_one_line_note(tiny_qwen2_vl: 
 ], ids=lambda value: " ".join(value) if isinstance(value, list) else None)
 def test_sizes_out_of_bounds_are_one_line_exit_2(args: list[str], says: str, tiny_qwen2_vl: Path) -> None:
     assert says in one_line_error(run_vlhub(*args))
+
+
+def test_a_pixel_count_may_be_written_with_separators() -> None:
+    """921_600 and 921,600 (thousands) are 921600, as vamc has read them; plan reads them the same way."""
+    plain = run_vlhub("plan", "qwen2-vl-7b", "--image", "1280x720", "--max-pixels", "921600", "--json")
+    for written in ("921,600", "921_600"):
+        result = run_vlhub("plan", "qwen2-vl-7b", "--image", "1280x720", "--max-pixels", written, "--json")
+        assert result.returncode == 0 and result.stdout == plain.stdout, result.stderr
 
 
 def test_the_vamc_readme_names_its_images_as_plan_does(tiny_qwen2_vl: Path, tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ from vlhub.cli._options import JsonOpt, choices
 from vlhub.cli._output import print_json, stdout
 from vlhub.errors import UserError
 from vlhub.plan import Plan, make_plan
-from vlhub.sizes import DEFAULT_ANSWER_TOKENS, DEFAULT_PROMPT_TOKENS, parse_size_pair
+from vlhub.sizes import DEFAULT_ANSWER_TOKENS, DEFAULT_PROMPT_TOKENS, parse_pixel_count, parse_size_pair
 from vlhub.targets import layouts
 
 ModelArg = Annotated[str, typer.Argument(
@@ -36,10 +36,10 @@ VideoOpt = Annotated[str | None, typer.Option(
     "--video", metavar="WxH", show_default=False, help="A video's frame width x height; give --frames too.")]
 FramesOpt = Annotated[int | None, typer.Option(
     "--frames", metavar="F", show_default=False, help="The --video's frame count (2 frames per grid step).")]
-MaxPixelsOpt = Annotated[int | None, typer.Option(
+MaxPixelsOpt = Annotated[str | None, typer.Option(
     "--max-pixels", metavar="N", show_default=False,
     help="The processor's max_pixels (default 12845056 = 16384 x 28 x 28, the official preprocessor's).")]
-MinPixelsOpt = Annotated[int | None, typer.Option(
+MinPixelsOpt = Annotated[str | None, typer.Option(
     "--min-pixels", metavar="N", show_default=False, help="The processor's min_pixels (default 3136 = 56 x 56).")]
 PatchesOpt = Annotated[int | None, typer.Option(
     "--patches", metavar="N", show_default=False,
@@ -92,7 +92,9 @@ def plan(
         raise UserError(f"--video {video} needs --frames F, the number of frames (e.g. 16)")
     clip = None if video is None else (*parse_size_pair(video, "--video"), frames)
     result = make_plan(model, images=[parse_size_pair(text) for text in image or []], video=clip,
-                       min_pixels=min_pixels, max_pixels=max_pixels, patches=patches, prompt_tokens=prompt_tokens,
+                       min_pixels=_count(min_pixels, "--min-pixels", "the smallest", 3136),
+                       max_pixels=_count(max_pixels, "--max-pixels", "the largest", 921600), patches=patches,
+                       prompt_tokens=prompt_tokens,
                        answer_tokens=answer_tokens, target=target)
     if json:
         print_json(result.to_json())
@@ -100,6 +102,14 @@ def plan(
     stdout.print(_inputs_table(result))
     stdout.print()
     stdout.print(_sizes_table(result))
+
+
+def _count(text: str | None, option: str, which: str, example: int) -> int | None:
+    """The processor's min_pixels or max_pixels as typed: a pixel count (a size typed instead is answered with
+    its count in one line)."""
+    bound = option.removeprefix("--").replace("-", "_")
+    return None if text is None else parse_pixel_count(text, option, f"the processor's {bound}, {which} image's",
+                                                        example)
 
 
 def _inputs_table(result: Plan) -> Table:

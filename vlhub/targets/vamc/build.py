@@ -37,7 +37,14 @@ from vlhub.errors import UserError
 from vlhub.family_registry import FAMILIES, Family
 from vlhub.formats.writers import write_json_atomic
 from vlhub.manifest import MANIFEST, FileEntry, Manifest, TargetRecord, listed_path
-from vlhub.sizes import check_pixel_count, max_pixels_for, parse_size_pair, patch_multiple, plan_inputs, round_up
+from vlhub.sizes import (
+    max_pixels_for,
+    parse_pixel_count,
+    parse_size_pair,
+    patch_multiple,
+    plan_inputs,
+    round_up,
+)
 from vlhub.smoke.inputs import MIN_PIXELS, SMOKE_IMAGE, SMOKE_PATCHES, VisionGeometry
 from vlhub.targets.vamc.plan import MAX_VAMC_PATCHES, NAME, OUTPUT_CHUNK, vamc_lengths, visual_output_split
 from vlhub.units import plural
@@ -105,7 +112,8 @@ def vamc_options(family: Family, config: dict, *, image: tuple[str, ...] = (), m
         needed = max(item.patches for item in plan_inputs(config, images=list(sizes)))
         why = f"the largest --image ({needed} patches)"
     else:
-        budget = _pixel_count(max_pixels) if max_pixels else DEFAULT_MAX_PIXELS
+        budget = (parse_pixel_count(max_pixels, "--max-pixels", "for --to vamc the largest image's", DEFAULT_MAX_PIXELS,
+                                    or_image=True) if max_pixels else DEFAULT_MAX_PIXELS)
         if budget < min_pixels:
             raise UserError(f"--max-pixels {budget}: below the processor's min_pixels {min_pixels}")
         needed = max_pixels_patches(config, budget)
@@ -406,18 +414,6 @@ def _planned_for(config: dict, options: VamcOptions) -> list[str]:
                       for item in planned)
     return ["", f"Planned for `--image` (width x height) {sizes}."]
 
-
-def _pixel_count(text: str) -> int:
-    try:
-        value = int(text.replace("_", "").replace(",", ""))
-    except ValueError:
-        if "x" in text.lower():  # a size: its pixel count is what this option takes, or it is an --image
-            width, height = parse_size_pair(text, "--max-pixels")
-            raise UserError(f"--max-pixels {text}: for --to vamc the largest image's pixel count, e.g. "
-                            f"--max-pixels {width * height} ({width}x{height}), or --image {width}x{height}") from None
-        raise UserError(f"--max-pixels {text!r}: give the largest image's pixel count for --to vamc, e.g. "
-                        f"{DEFAULT_MAX_PIXELS}") from None
-    return check_pixel_count(value)
 
 
 def _patch_values(config: dict) -> int:
