@@ -44,7 +44,7 @@ OutOpt = Annotated[Path | None, typer.Option("--out", help="Output directory (de
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the plan and write nothing.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty output directory.")]
 NoSmokeOpt = Annotated[bool, typer.Option("--no-smoke", help="Skip the smoke test that runs the converted model.")]
-TokensOpt = Annotated[int, typer.Option("--tokens", min=1, help="Tokens the smoke test generates.")]
+TokensOpt = Annotated[int, typer.Option("--tokens", min=1, metavar="N", help="Tokens the smoke test generates.")]
 
 
 @reports_errors

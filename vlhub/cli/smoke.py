@@ -42,7 +42,7 @@ AgainstOpt = Annotated[
     str | None,
     typer.Option("--against", help="Reference checkpoint of the same architecture (default: the source in PATH's manifest)."),
 ]
-TokensOpt = Annotated[int, typer.Option("--tokens", min=1, help="Tokens to generate greedily.")]
+TokensOpt = Annotated[int, typer.Option("--tokens", min=1, metavar="N", help="Tokens to generate greedily.")]
 StreamedOpt = Annotated[
     bool | None,
     typer.Option("--streamed/--resident", help="Load one layer at a time, or the whole model (default: by size and free memory).",
