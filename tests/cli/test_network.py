@@ -37,6 +37,8 @@ def unreachable_line(result: object, started: float, reason: str) -> str:
     line = one_line_error(result, 3)
     assert "unreachable" in line and reason in line, line
     assert all(remedy in line for remedy in REMEDIES), line
+    # HF_ENDPOINT is already a mirror here: the line named it, and still said to set HF_ENDPOINT to a mirror
+    assert "(HF_ENDPOINT) is unreachable" in line and "set HF_ENDPOINT to a mirror" not in line, line
     return line
 
 
@@ -56,6 +58,14 @@ def test_a_closed_port_fails_within_seconds(env: dict[str, str], command: list[s
     result = run_vlhub(*command, env={**env, "HF_ENDPOINT": f"http://127.0.0.1:{closed_port()}"})
     result.stderr = "\n".join(line for line in result.stderr.splitlines() if "downloading" not in line)
     unreachable_line(result, started, "refused")
+
+
+def test_an_unreachable_endpoint_option_is_named_as_the_one_to_check(env: dict[str, str]) -> None:
+    endpoint = f"http://127.0.0.1:{closed_port()}"
+    line = one_line_error(run_vlhub("download", "qwen2-vl-2b", "--endpoint", endpoint, env=env), 3)
+    assert f"the configured endpoint {endpoint} (--endpoint) is unreachable" in line, line
+    assert "check --endpoint" in line and "set HF_ENDPOINT to a mirror" not in line, line
+    assert all(remedy in line for remedy in REMEDIES[1:]), line
 
 
 def test_a_tls_failure_fails_within_seconds(hub: FakeHub, env: dict[str, str]) -> None:

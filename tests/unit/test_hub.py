@@ -170,6 +170,27 @@ def test_which_network_errors_mean_the_hub_cannot_be_reached() -> None:
     assert unreachable_reason(RuntimeError("503 Server Error")) is None
 
 
+def test_the_unreachable_line_sends_to_a_mirror_only_when_none_is_configured(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vlhub.hub.download import unreachable
+    from vlhub.hub.records import RepoRef
+
+    for variable in ("HF_ENDPOINT", "MODELSCOPE_ENDPOINT", "HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
+        monkeypatch.delenv(variable, raising=False)
+    hf = RepoRef("huggingface", "Qwen/Qwen2-VL-2B-Instruct", "main", "qwen2-vl-2b")
+    default = str(unreachable("https://huggingface.co", "it did not answer", hf))
+    assert "the hub https://huggingface.co is unreachable" in default and "set HF_ENDPOINT to a mirror" in default
+    monkeypatch.setenv("HF_ENDPOINT", "https://hf-mirror.com/")
+    mirror = str(unreachable("https://hf-mirror.com", "it did not answer", hf))
+    assert mirror.startswith("the configured endpoint https://hf-mirror.com (HF_ENDPOINT) is unreachable"), mirror
+    assert "set HF_ENDPOINT to a mirror" not in mirror
+    assert all(other in mirror for other in ("--source modelscope", "local checkpoint directory", "HF_HUB_OFFLINE=1"))
+    ms = RepoRef("modelscope", "Qwen/Qwen2-VL-2B-Instruct", "master", "qwen2-vl-2b")
+    monkeypatch.setenv("MODELSCOPE_ENDPOINT", "http://ms.invalid")
+    line = str(unreachable("http://ms.invalid", "it did not answer", ms))
+    assert "(MODELSCOPE_ENDPOINT) is unreachable" in line and "to a reachable mirror" not in line, line
+    assert "--source huggingface" in line
+
+
 def test_filenames_are_read_as_hf_download_reads_them() -> None:
     from vlhub.errors import UserError
     from vlhub.hub.download import DownloadOptions, checked_files, resolve_repo

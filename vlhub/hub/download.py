@@ -36,6 +36,7 @@ from vlhub.catalog import find_model
 from vlhub.errors import CheckFailed, UserError, VlhubError
 from vlhub.faults import commit_point
 from vlhub.formats.writers import hash_file_into
+from vlhub.hub.home import is_repo_id
 from vlhub.hub.records import DownloadRecord, RemoteFile, RepoRef, load_record, save_record
 from vlhub.hub.transfer import Cancelled, ShortBody, receive
 from vlhub.owned import lock_open_file, sweep, temporary_name
@@ -46,6 +47,7 @@ SOURCES = ("huggingface", "modelscope")
 RETRY_DELAYS = (1, 2, 4, 8)
 DOWNLOAD_WORKERS = 4  # files transferred at once (`--max-workers`; hf download's default is 8)
 PROBE_SECONDS = 5  # a hub that does not accept a connection within this is unreachable
+HF_DEFAULT_ENDPOINT = "https://huggingface.co"  # huggingface_hub's, without HF_ENDPOINT
 NETWORK_EXIT = 3  # the exit code of a hub that cannot be reached or keeps failing (docs/download-and-cache.md)
 
 
@@ -136,14 +138,36 @@ def unreachable(endpoint: str, reason: str, ref: RepoRef) -> HubUnreachable:
         url, variable = proxy
         return HubUnreachable(f"the hub {endpoint} is unreachable through the proxy {url} ({variable}) ({reason}): "
                               f"check {variable}, or add the hub's host to NO_PROXY to connect directly")
-    if ref.source == "huggingface":
-        remedies = ("set HF_ENDPOINT to a mirror (e.g. HF_ENDPOINT=https://hf-mirror.com), or fetch it from ModelScope "
-                    f"(`vlhub download {ref.model} --source modelscope`) and give the directory it prints, or give "
-                    "a local checkpoint directory, or set HF_HUB_OFFLINE=1 to use only what is in the cache")
+    setting = _endpoint_setting(endpoint, ref.source)
+    if setting is not None:  # a mirror the user chose is down: not "set a mirror" again, but check that one
+        default = HF_DEFAULT_ENDPOINT if ref.source == "huggingface" else "ModelScope's own"
+        other = ("give another mirror or drop it" if setting == "--endpoint"
+                 else "set it to another mirror or unset it")
+        headline = (f"the configured endpoint {endpoint} ({setting}) is unreachable ({reason}): check {setting}, "
+                    f"{other} to use {default}")
     else:
-        remedies = ("set MODELSCOPE_ENDPOINT (or --endpoint) to a reachable mirror, or download from the Hugging Face "
-                    "Hub (--source huggingface, HF_ENDPOINT for a mirror), or give a local checkpoint directory")
-    return HubUnreachable(f"the hub {endpoint} is unreachable ({reason}): {remedies}")
+        headline = f"the hub {endpoint} is unreachable ({reason}): set " + (
+            "HF_ENDPOINT to a mirror (e.g. HF_ENDPOINT=https://hf-mirror.com)" if ref.source == "huggingface"
+            else "MODELSCOPE_ENDPOINT (or --endpoint) to a reachable mirror")
+    if ref.source == "huggingface":
+        remedies = (f"fetch it from ModelScope (`vlhub download {ref.model} --source modelscope`) and give the "
+                    "directory it prints, or give a local checkpoint directory, or set HF_HUB_OFFLINE=1 to use only "
+                    "what is in the cache")
+    else:
+        remedies = ("download from the Hugging Face Hub (--source huggingface, HF_ENDPOINT for a mirror), or give a "
+                    "local checkpoint directory")
+    return HubUnreachable(f"{headline}, or {remedies}")
+
+
+def _endpoint_setting(endpoint: str, source: str) -> str | None:
+    """What chose the endpoint that failed: its environment variable, --endpoint, or None for the hub's default."""
+    if source == "huggingface" and endpoint == HF_DEFAULT_ENDPOINT:
+        return None
+    variable = "HF_ENDPOINT" if source == "huggingface" else "MODELSCOPE_ENDPOINT"
+    if os.environ.get(variable, "").rstrip("/") == endpoint:
+        return variable
+    # ModelScope's default is its client's: an endpoint not from the environment may be either, so it is not named
+    return "--endpoint" if source == "huggingface" else None
 
 
 def probe(endpoint: str, ref: RepoRef) -> None:
@@ -174,16 +198,8 @@ def resolve_repo(model: str, source: str = "huggingface", revision: str | None =
     if spec is not None:
         repo_id = spec.usable().hf_repo if source == "huggingface" else spec.modelscope_repo
     else:
-        from huggingface_hub.errors import HFValidationError
-        from huggingface_hub.utils import validate_repo_id
-
         repo_id = model.strip()
-        try:
-            validate_repo_id(repo_id)
-            valid = repo_id.count("/") == 1
-        except HFValidationError:
-            valid = False
-        if not valid:
+        if not is_repo_id(repo_id):
             raise UserError(f"{model!r} is neither a catalog model nor a repo id like Qwen/Qwen2-VL-7B-Instruct "
                             "(`vlhub models` lists the catalog)")
     assert repo_id is not None

@@ -32,3 +32,15 @@ def repo_id_of(folder: str) -> str:
     """The repo id a hub cache folder is named after: `models--Org--Name` (Hugging Face), `Org--Name` (ModelScope,
     vlhub's download records)."""
     return folder.removeprefix("models--").replace("--", "/", 1)
+
+
+def is_repo_id(text: str) -> bool:
+    """Whether `text` reads as a Hugging Face repo id, `Org/Name`."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        return False
+    return text.count("/") == 1
