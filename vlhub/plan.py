@@ -11,12 +11,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vlhub.catalog import find_model, unknown_model_message
+from vlhub.catalog import find_model
 from vlhub.convert.configs import official_config
 from vlhub.deploy.target import Target, TargetPlan
 from vlhub.errors import UserError
 from vlhub.family_registry import Family
 from vlhub.formats.readers import open_checkpoint
+from vlhub.hub.sources import resolve_source
 from vlhub.sizes import (
     DEFAULT_ANSWER_TOKENS,
     DEFAULT_PROMPT_TOKENS,
@@ -95,20 +96,17 @@ class Plan:
 
 def model_config(model: str) -> tuple[dict, dict]:
     """The flat official config of MODEL and its preprocessor_config.json: a local checkpoint's, else the
-    catalog's config (its family's published preprocessor applies; nothing is downloaded)."""
-    path = Path(model).expanduser()
-    if path.exists():
-        with open_checkpoint(path) as checkpoint:  # headers only
-            config, root = checkpoint.config, checkpoint.root
-        if not config:
-            raise UserError(f"{path}: no config.json beside the weights; the plan reads the vision settings from it")
-        return official_config(config), preprocessor_config(root)
+    catalog's config (its family's published preprocessor applies; nothing is downloaded), else that of a repo
+    downloaded here."""
     spec = find_model(model)
-    if spec is not None:
+    if spec is not None and not Path(model).expanduser().exists():  # an existing path wins, as in `locate_source`
         return official_config(spec.config), {}
-    if model.startswith((".", "/", "~")) or model.count("/") > 1:
-        raise UserError(f"no such file or directory: {model}")
-    raise UserError(unknown_model_message(model))
+    path = resolve_source(model)  # a path, or a repo downloaded here
+    with open_checkpoint(path) as checkpoint:  # headers only
+        config, root = checkpoint.config, checkpoint.root
+    if not config:
+        raise UserError(f"{path}: no config.json beside the weights; the plan reads the vision settings from it")
+    return official_config(config), preprocessor_config(root)
 
 
 def refuse_target(family: Family, target: str, model_type: str | None) -> Target:

@@ -224,12 +224,19 @@ class Conversion:
 
     def _manifest(self, files: dict[str, FileEntry]) -> Manifest:
         model = self.source.model
-        source = SourceRecord(str(self.source.path), model.name if model else None, model.hf_repo if model else None,
-                              self.source.revision, self.source_format, self.plan.source_layout)
+        source = SourceRecord(_absolute(self._local()), model.name if model else None,
+                              model.hf_repo if model else None, self.source.revision, self.source_format,
+                              self.plan.source_layout)
         target = TargetRecord(name=self.output.name, format=self.format, layout=self.plan.target_layout,
                               dtype=self.plan.dtype or "unchanged")
         return Manifest(source, target, files, keymap={"id": self.plan.keymap.id, "digest": self.plan.keymap.digest},
                         ops=self.plan.op_counts, tensors=len(self.plan.steps), total_bytes=self.plan.total_bytes)
+
+
+def _absolute(path: Path) -> str:
+    """The source's path as the manifest records it: absolute and resolved, so `vlhub smoke` finds it from any
+    directory; a file keeps its own name (a hub snapshot's file is a link to a blob named by its hash)."""
+    return str(path.resolve() if path.is_dir() else path.parent.resolve() / path.name)
 
 
 def _carried_files(root: Path) -> list[Path]:

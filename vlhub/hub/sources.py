@@ -8,7 +8,8 @@ from pathlib import Path
 from vlhub.catalog import ModelSpec, find_model, unknown_model_message
 from vlhub.errors import UserError, VlhubError
 from vlhub.formats.readers import open_checkpoint
-from vlhub.hub.home import vlhub_home
+from vlhub.hub.home import is_repo_id, vlhub_home
+from vlhub.hub.records import all_records
 from vlhub.owned import put_back
 
 
@@ -48,15 +49,24 @@ class Source:
 
 
 def locate_source(text: str) -> Source:
-    """SRC as a `Source`: a path that exists, else a catalog model (tiny models are generated on first use; other
-    models are looked for in the Hugging Face cache, offline). UserError for anything else."""
+    """SRC as a `Source`: a path that exists (first, as `hf` and transformers take it: a directory named like a
+    catalog model is that directory), else a catalog model (tiny models are generated on first use; other models
+    are looked for in the Hugging Face cache, offline), else a repo id downloaded here (see `downloaded_repo`).
+    UserError for anything else."""
     path = Path(text).expanduser()
-    spec = find_model(text)
     put_back(path)
     if path.exists():
-        return Source(text, spec, path)
+        return Source(text, None, path)
+    spec = find_model(text)
     if spec is not None:
         return Source(text, spec.usable(), _local_copy(spec))
+    if is_repo_id(text):
+        snapshot = downloaded_repo(text)
+        if snapshot is None:
+            raise UserError(f"{text} is not a local path (no such file or directory), a catalog model or a repo "
+                            f"downloaded here: `vlhub download {text}` fetches the repo first (`vlhub models` lists "
+                            "the catalog)")
+        return Source(text, None, snapshot)
     if path.suffix or text.startswith((".", "/", "~")) or text.count("/") > 1:
         raise UserError(f"no such file or directory: {text}")
     raise UserError(unknown_model_message(text))
@@ -76,17 +86,42 @@ def _local_copy(spec: ModelSpec) -> Path | None:
 
 
 def cached_snapshot(spec: ModelSpec) -> Path | None:
-    """The catalog model's snapshot in the Hugging Face cache, if one is there with a whole checkpoint (every
-    shard its index names: a download limited by --include may hold only some files). No network."""
+    """The catalog model's snapshot in the Hugging Face cache (see `_hf_cached`). No network."""
+    return _hf_cached(spec.hf_repo) if spec.hf_repo else None
+
+
+def downloaded_repo(repo_id: str) -> Path | None:
+    """A repo outside the catalog, downloaded here: its snapshot of `main` in the Hugging Face cache, as `hf` and
+    transformers find it, else the snapshot of vlhub's latest download of it (another revision, ModelScope), with a
+    whole checkpoint. No network."""
+    found = _hf_cached(repo_id)
+    if found is not None:
+        return found
+    wanted = repo_id.lower()
+    recorded = sorted((r for r in all_records() if r.repo_id.lower() == wanted),
+                      key=lambda r: max((f.verified_at for f in r.files.values()), default=""), reverse=True)
+    return next((Path(r.path) for r in recorded if _whole_checkpoint(Path(r.path))), None)
+
+
+def _hf_cached(repo_id: str) -> Path | None:
+    """The repo's snapshot in the Hugging Face cache, if one is there with a whole checkpoint (every shard its index
+    names: a download limited by --include may hold only some files)."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
-        path = Path(snapshot_download(spec.hf_repo, local_files_only=True))
-        open_checkpoint(path).close()
-    except (LocalEntryNotFoundError, VlhubError):
+        path = Path(snapshot_download(repo_id, local_files_only=True))
+    except LocalEntryNotFoundError:
         return None
-    return path
+    return path if _whole_checkpoint(path) else None
+
+
+def _whole_checkpoint(path: Path) -> bool:
+    try:
+        open_checkpoint(path).close()
+    except VlhubError:
+        return False
+    return True
 
 
 def hub_snapshot(path: Path) -> tuple[str, str] | None:
