@@ -105,3 +105,22 @@ def test_threads_may_count_bytes_at_once(env: dict[str, str], monkeypatch: pytes
     assert counter.counted == 8000
     err = capsys.readouterr().err
     assert err.count("downloading: 8 KB") == (0 if env else 1)
+
+
+@pytest.mark.parametrize("env", [{}, TERMINAL], ids=["piped", "terminal"])
+def test_bytes_after_an_error_start_no_bar(env: dict[str, str], monkeypatch: pytest.MonkeyPatch,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """Ctrl-C while a download connects: the threads still running may report their first bytes after the
+    block has ended; they must not start a bar (never stopped: the terminal's cursor left hidden) or a start line
+    after the error line."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    from vlhub.cli import _output
+
+    monkeypatch.setattr(_output, "stderr", Console(stderr=True, highlight=False))
+    with pytest.raises(KeyboardInterrupt), _output.byte_progress("downloading", 1000) as counter:
+        raise KeyboardInterrupt
+    counter(10)  # a transfer thread's piece that was under way
+    counter.say("hashing")
+    assert counter.counted == 10
+    assert capsys.readouterr().err == ""

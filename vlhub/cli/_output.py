@@ -60,11 +60,12 @@ class ByteCounter:
         self._progress: Progress | None = None  # on a terminal, once started
         self._task = None
         self._shown = False
+        self._ended = False  # finished or abandoned: threads still running (a download's, after Ctrl-C) only count
         self._lock = threading.Lock()  # the first bytes of two threads start one bar, and the count is exact
 
     def _show(self) -> None:
         """Start showing: the bar on a terminal, the first line without one."""
-        if self._shown:
+        if self._shown or self._ended:
             return
         self._shown = True
         if stderr.is_terminal:
@@ -86,6 +87,8 @@ class ByteCounter:
 
     def say(self, message: str) -> None:
         with self._lock:
+            if self._ended:
+                return
             self._show()
             if self._progress is not None:
                 self._progress.update(self._task, description=f"{self.description}: {message}")  # type: ignore[arg-type]
@@ -93,6 +96,8 @@ class ByteCounter:
                 _line(f"{self.description}: {message}")
 
     def finish(self) -> None:
+        with self._lock:
+            self._ended = True
         if self._progress is not None:
             self._progress.update(self._task, total=self.counted)  # type: ignore[arg-type]
             self._progress.stop()
@@ -100,7 +105,10 @@ class ByteCounter:
             _line(f"{self.description}: done, {format_size(self.counted)} in {_seconds(self.started)}")
 
     def abandon(self) -> None:
-        """An error, a full disk, Ctrl-C: its one line must not follow a half-filled bar."""
+        """An error, a full disk, Ctrl-C: its one line must not follow a half-filled bar, nor come before one that
+        a thread still running starts."""
+        with self._lock:
+            self._ended = True
         if self._progress is not None:
             self._progress.live.transient = True
             self._progress.stop()
