@@ -117,17 +117,33 @@ def test_a_tensor_the_key_map_does_not_know_stops_every_target_before_writing(na
 # -- bugs found by the review
 
 
-@pytest.mark.xfail(strict=True, reason="reference.py hard-codes SiLU for the Gated DeltaNet convolution and the "
-                   "SwiGLU MLP (reference.py:239, :275 at 8aa5a57..HEAD); transformers applies text_config.hidden_act to both "
-                   "(modeling_qwen3_5.py:568, :909): with gelu_pytorch_tanh the reference is 106% off and the smoke "
-                   "test still passes, as both sides run the same wrong forward")
-def test_the_text_activation_is_read_or_refused(tmp_path: Path) -> None:
-    model = saved(tmp_path, hidden_act="gelu_pytorch_tanh", layer_types=FOUR)
+# the reference once hard-coded SiLU for the Gated DeltaNet convolution and the MLP; transformers applies
+# text_config.hidden_act to both (modeling_qwen3_5.py:568, :909)
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_the_text_activation_is_read_or_refused(moe: bool, tmp_path: Path) -> None:
+    model = saved(tmp_path, moe=moe, hidden_act="gelu_pytorch_tanh", layer_types=FOUR)
     try:
         error = text_error(model, tmp_path)
     except UserError:
         return  # refused in one line: acceptable
     assert error < 1e-4
+
+
+def test_paddle_reads_the_text_activation(tmp_path: Path) -> None:
+    saved(tmp_path / "source", hidden_act="gelu_pytorch_tanh", layer_types=FOUR)
+    result = run_vlhub("convert", str(tmp_path / "source"), "--to", "paddle", "--out", str(tmp_path / "out"), "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["smoke"]["passed"]
+
+
+def test_an_activation_the_forwards_do_not_know_is_refused_before_writing(tmp_path: Path) -> None:
+    source = shutil.copytree(resolve_source("tiny-qwen3.5"), tmp_path / "source")
+    config = json.loads((source / "config.json").read_text())
+    config["text_config"]["hidden_act"] = "relu2"
+    (source / "config.json").write_text(json.dumps(config))
+    line = one_line_error(run_vlhub("convert", str(source), "--to", "safetensors", "--out", str(tmp_path / "out")))
+    assert "hidden_act" in line and "relu2" in line
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.xfail(strict=True, reason="a config transformers accepts or that is malformed crashes the smoke "

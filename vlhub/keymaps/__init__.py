@@ -106,6 +106,8 @@ DIM_BOUNDS: dict[str, DimBound] = {
     **dict.fromkeys(("lin_k_dim", "lin_v_dim"), DimBound(MAX_WIDTH)),
     "conv_kernel": DimBound(MAX_CONV_KERNEL),
     "shared_inter": DimBound(MAX_FFN),
+    # an RMSNorm's epsilon (1e-6 in released models)
+    "eps": DimBound(1, whole=False),
 }
 
 
@@ -246,6 +248,12 @@ class KeyMap:
                 found = len(found)
             if found is not None and "equals" in spec:
                 found = found == spec["equals"]
+            if found is not None and "one_of" in spec:  # a word, not a number: one of the names the forwards know
+                if found not in spec["one_of"]:
+                    raise UserError(f"config.json {key} is {reprlib.repr(found)}; a {self.id} checkpoint needs one of "
+                                    f"{', '.join(spec['one_of'])}")
+                given[name] = found
+                continue
             if found is not None:
                 given[name] = self._checked(name, key, found)
         self._check_divides(given)
@@ -408,7 +416,7 @@ def load_keymap(family: str) -> KeyMap:
         texts.append((resources.files(__package__) / "fragments" / f"{fragment}.toml").read_text())
         data = _merge(data, tomllib.loads(texts[-1]))
     unbounded = [name for name, spec in data.get("dims", {}).items()
-                 if not _is_flag(spec) and "indices_of" not in spec and name not in DIM_BOUNDS]
+                 if not _is_flag(spec) and not {"indices_of", "one_of"} & spec.keys() and name not in DIM_BOUNDS]
     if unbounded:
         raise ValueError(f"{family} key map: dims {unbounded} have no bound in DIM_BOUNDS")
     rules = tuple(

@@ -5,6 +5,8 @@ at a time."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import paddle
 import paddle.nn.functional as F
@@ -42,12 +44,13 @@ class ExpertsOnDemand(OnDemand):
 class RoutedExperts(nn.Layer):
     """`mlp` of an MoE layer: router softmax (float32) over the experts, top-k, renormalised; the SwiGLU of each
     expert some token is routed to, on those tokens, weighted and summed. The routing picks experts by value, so
-    it runs in dygraph only; streamed (`on_demand`), one expert's slices are read at a time."""
+    it runs in dygraph only; streamed (`on_demand`), one expert's slices are read at a time. `act` gates the
+    experts (SiLU by default)."""
 
     def __init__(self, hidden: int, experts: int, top_k: int, inner: int, *, transposed: bool,
-                 on_demand: bool = False) -> None:
+                 on_demand: bool = False, act: Callable[[paddle.Tensor], paddle.Tensor] = F.silu) -> None:
         super().__init__()
-        self.top_k, self.inner, self.transposed = top_k, inner, transposed
+        self.top_k, self.inner, self.transposed, self.act = top_k, inner, transposed, act
         self.gate = linear(hidden, experts, bias=False)
         self.experts = ExpertsOnDemand() if on_demand else FusedExperts(experts, hidden, inner, transposed=transposed)
 
@@ -62,7 +65,7 @@ class RoutedExperts(nn.Layer):
             rows = paddle.to_tensor(tokens)
             gate_up, down = self.experts.expert(int(expert))
             fused = paddle.matmul(paddle.gather(x, rows), gate_up, transpose_y=self.transposed)
-            hidden = F.silu(fused[:, :self.inner]) * fused[:, self.inner:]
+            hidden = self.act(fused[:, :self.inner]) * fused[:, self.inner:]
             scale = paddle.to_tensor(weights[tokens, rank][:, None])
             out = paddle.index_add(out, rows, 0, paddle.matmul(hidden, down, transpose_y=self.transposed) * scale)
         return out

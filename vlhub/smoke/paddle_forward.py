@@ -134,16 +134,18 @@ def inverse_frequencies(dim: int, base: float) -> paddle.Tensor:
 
 
 class GatedMLP(nn.Layer):
-    """down(silu(gate(x)) * up(x)): SwiGLU, with or without biases."""
+    """down(act(gate(x)) * up(x)): SwiGLU (`act` SiLU by default), with or without biases."""
 
-    def __init__(self, width: int, inner: int, *, bias: bool) -> None:
+    def __init__(self, width: int, inner: int, *, bias: bool,
+                 act: Callable[[paddle.Tensor], paddle.Tensor] = F.silu) -> None:
         super().__init__()
+        self.act = act
         self.gate_proj = linear(width, inner, bias=bias)
         self.up_proj = linear(width, inner, bias=bias)
         self.down_proj = linear(inner, width, bias=bias)
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
 

@@ -288,7 +288,7 @@ class ModelDims:
             hidden=d["hidden"], vocab=d["vocab"], heads=d["heads"], kv_heads=d["kv_heads"], head_dim=d["head_dim"],
             layers=d["layers"], inner=d["inter"], tied=bool(d["tied"]), positions=d["positions"], moe=bool(d["moe"]),
             experts=d["experts"], experts_per_token=d["experts_per_token"], moe_inner=d["moe_inter"],
-            eps=float(flat.get("rms_norm_eps", 1e-6)),
+            eps=float(d["eps"]),  # bounded by the key map, its default transformers
             vision=TableVisionDims.from_dims(d, flat.get("vision_config") or {}, deepstack=deepstack),
             **family_fields,  # type: ignore[arg-type]
         )

@@ -347,11 +347,13 @@ class MRopeDecoderForward(ReferenceForward):
         h = rms_norm(x, self.w(p + "post_attention_layernorm.weight"), t["rms_norm_eps"])
         return x + self.mlp(h, layer, p)
 
-    def routed_experts(self, h: np.ndarray, prefix: str, top_k: int, *, transposed: bool) -> np.ndarray:
+    def routed_experts(self, h: np.ndarray, prefix: str, top_k: int, *, transposed: bool,
+                       act: Callable[[np.ndarray], np.ndarray] = silu) -> np.ndarray:
         """A mixture's routed experts on normed `h` (tensors under `prefix`, e.g. `...layers.N.mlp.`): router
         softmax (float32) over the experts (`gate`), top-k, renormalised; the SwiGLU of each expert some token is
         routed to, from the fused tensors `experts.gate_up_proj` (gate the first Ie outputs, then up) and
-        `experts.down_proj`, each expert's [in, out] or, `transposed`, [out, in]; only the experts some token is
+        `experts.down_proj`, each expert's [in, out] or, `transposed`, [out, in], `act` (SiLU by default) on the
+        gate; only the experts some token is
         routed to are computed, each read on its own."""
         probs = softmax(self.dense(h, prefix + "gate", bias=False).astype(np.float32))  # [L, experts]
         chosen = np.argsort(-probs, axis=-1, kind="stable")[:, :top_k]  # [L, k], highest first
@@ -363,9 +365,9 @@ class MRopeDecoderForward(ReferenceForward):
             gate_up = self.weights.entry(prefix + "experts.gate_up_proj", int(expert))
             fused = h[tokens] @ (gate_up.T if transposed else gate_up)  # [tokens, 2Ie]
             inner = fused.shape[1] // 2
-            act = silu(fused[:, :inner]) * fused[:, inner:]
+            hidden = act(fused[:, :inner]) * fused[:, inner:]
             down = self.weights.entry(prefix + "experts.down_proj", int(expert))
-            out[tokens] += (act @ (down.T if transposed else down)) * weights[tokens, rank, None]
+            out[tokens] += (hidden @ (down.T if transposed else down)) * weights[tokens, rank, None]
         return out
 
     def final_norm(self, x: np.ndarray) -> np.ndarray:

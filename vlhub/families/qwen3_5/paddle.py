@@ -43,7 +43,7 @@ from vlhub.smoke.paddle_forward import (
     rotate,
 )
 from vlhub.smoke.paddle_mrope import MRope
-from vlhub.smoke.paddle_table_vision import ModelDims, TableVisionNetwork, config_dims
+from vlhub.smoke.paddle_table_vision import ACTIVATIONS, ModelDims, TableVisionNetwork, config_dims
 
 L2_EPS = 1e-6
 
@@ -61,6 +61,7 @@ class Qwen3_5Dims(ModelDims):
     v_dim: int
     conv_kernel: int
     rotary_dim: int
+    act: str  # text_config.hidden_act: after the convolution and in the MLPs (the key map admits ACTIVATIONS' names)
 
     @classmethod
     def from_config(cls, config: dict) -> Qwen3_5Dims:
@@ -76,6 +77,7 @@ class Qwen3_5Dims(ModelDims):
             full_layers=d["full_layers"], shared_inner=d["shared_inter"], k_heads=d["lin_k_heads"],
             v_heads=d["lin_v_heads"], k_dim=d["lin_k_dim"], v_dim=d["lin_v_dim"], conv_kernel=d["conv_kernel"],
             rope_theta=float(rope.get("rope_theta", DEFAULT_ROPE_THETA)), mrope_section=section, rotary_dim=rotary_dim,
+            act=d["act"],
         )
 
 
@@ -133,6 +135,7 @@ class GatedDeltaNet(nn.Layer):
     def __init__(self, dims: Qwen3_5Dims) -> None:
         super().__init__()
         self.k_heads, self.v_heads, self.k_dim, self.v_dim = dims.k_heads, dims.v_heads, dims.k_dim, dims.v_dim
+        self.act = ACTIVATIONS[dims.act]
         channels = 2 * dims.k_heads * dims.k_dim + dims.v_heads * dims.v_dim
         self.in_proj_qkv = linear(dims.hidden, channels, bias=False)
         self.in_proj_z = linear(dims.hidden, dims.v_heads * dims.v_dim, bias=False)
@@ -145,11 +148,11 @@ class GatedDeltaNet(nn.Layer):
         self.out_proj = linear(dims.v_heads * dims.v_dim, dims.hidden, bias=False)
 
     def _convolved(self, x: paddle.Tensor) -> paddle.Tensor:
-        """The causal depthwise convolution, then SiLU: tap j multiplies the input K - 1 - j steps back."""
+        """The causal depthwise convolution, then `hidden_act`: tap j multiplies the input K - 1 - j steps back."""
         weight = as_float32(self.conv1d.weight)[:, 0, :]  # [C, K]
         kernel, length = weight.shape[1], x.shape[0]
         padded = paddle.concat([paddle.zeros([kernel - 1, x.shape[1]], "float32"), x])
-        return F.silu(sum(padded[j:j + length] * weight[:, j] for j in range(kernel)))
+        return self.act(sum(padded[j:j + length] * weight[:, j] for j in range(kernel)))
 
     def forward(self, x: paddle.Tensor, cos: paddle.Tensor, sin: paddle.Tensor, mask: paddle.Tensor | None,
                 past: Cache | None = None) -> tuple[paddle.Tensor, None]:
@@ -182,8 +185,8 @@ class SparseMoeBlock(RoutedExperts):
 
     def __init__(self, dims: Qwen3_5Dims, *, on_demand: bool = False) -> None:
         super().__init__(dims.hidden, dims.experts, dims.experts_per_token, dims.moe_inner, transposed=True,
-                         on_demand=on_demand)
-        self.shared_expert = GatedMLP(dims.hidden, dims.shared_inner, bias=False)
+                         on_demand=on_demand, act=ACTIVATIONS[dims.act])
+        self.shared_expert = GatedMLP(dims.hidden, dims.shared_inner, bias=False, act=ACTIVATIONS[dims.act])
         self.shared_expert_gate = linear(dims.hidden, 1, bias=False)
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
@@ -191,7 +194,9 @@ class SparseMoeBlock(RoutedExperts):
 
 
 def _mlp(dims: Qwen3_5Dims, *, on_demand: bool = False) -> nn.Layer:
-    return SparseMoeBlock(dims, on_demand=on_demand) if dims.moe else GatedMLP(dims.hidden, dims.inner, bias=False)
+    if dims.moe:
+        return SparseMoeBlock(dims, on_demand=on_demand)
+    return GatedMLP(dims.hidden, dims.inner, bias=False, act=ACTIVATIONS[dims.act])
 
 
 class DecoderLayer(PreNormLayer):

@@ -13,24 +13,26 @@ the linear-attention output's scales by `1 + w` (`Qwen3_5RMSNorm`, weights store
   RMSNorm on q and k; the rotary turns only the first `head_dim * partial_rotary_factor` dims, by interleaved
   multimodal positions; `o_proj(attention * sigmoid(gate))`.
 - Linear attention (`linear_attn`, Gated DeltaNet): q | k | v projected together through a causal depthwise
-  convolution (kernel K: the state is the last K - 1 inputs) and SiLU; q and k L2-normalised (q also by 1/sqrt(dk)),
+  convolution (kernel K: the state is the last K - 1 inputs) and `hidden_act` (SiLU in the releases); q and k L2-normalised (q also by 1/sqrt(dk)),
   repeated to the value heads; beta = sigmoid(b), decay g = -exp(A_log) * softplus(a + dt_bias); per token and value
   head the state S [dk, dv] decays by exp(g), takes beta * (v - S^T k) along k, and gives S^T q
   (`torch_recurrent_gated_delta_rule`, which transformers' chunked form equals); then a plain `w` RMSNorm per value
   head times silu(z), and out_proj.
-MLP: SwiGLU; in the MoE every layer routes: softmax (float32) over the experts, top-k, renormalised, SwiGLU experts
+MLP: `down(act(gate) * up)`, act `hidden_act`; in the MoE every layer routes: softmax (float32) over the experts, top-k, renormalised, SwiGLU experts
 from the fused tensors ([E, gate | up, H], [E, H, Ie]), plus a shared expert scaled by sigmoid(shared_expert_gate).
 """
 
 from __future__ import annotations
 
 import reprlib
+from collections.abc import Callable
 from functools import cached_property
 
 import numpy as np
 
 from vlhub.errors import UserError
 from vlhub.smoke.reference import (
+    VISION_ACTIVATIONS,
     KVCache,
     TableVisionForward,
     apply_rotary,
@@ -139,9 +141,19 @@ class Reference(TableVisionForward):
         return interleaved_mrope(position_ids, self._rotary_dim, float(rope.get("rope_theta", DEFAULT_ROPE_THETA)),
                                  rope.get("mrope_section", DEFAULT_MROPE_SECTION))
 
+    @cached_property
+    def _eps(self) -> float:
+        return float(self._dims["eps"])  # type: ignore[arg-type]
+
+    @cached_property
+    def _act(self) -> Callable[[np.ndarray], np.ndarray]:
+        """`text_config.hidden_act` (the key map admits only the names the table has): transformers applies it
+        after the linear-attention convolution and in the MLP."""
+        return VISION_ACTIVATIONS[str(self._dims["act"])]
+
     def norm(self, x: np.ndarray, name: str) -> np.ndarray:
         """A zero-centred RMSNorm: x / rms(x) * (1 + w)."""
-        return rms_norm(x, 1 + self.w(name), self.text["rms_norm_eps"])
+        return rms_norm(x, 1 + self.w(name), self._eps)
 
     def final_norm(self, x: np.ndarray) -> np.ndarray:
         return self.norm(x, self.text_prefix + "norm.weight")
@@ -186,7 +198,7 @@ class Reference(TableVisionForward):
         past_inputs, state = cache.states.get(layer) or (
             np.zeros((conv_weight.shape[-1] - 1, conv_weight.shape[0]), np.float32), np.zeros((nv, dk, dv), np.float32))
         mixed, past_inputs = causal_conv(self.dense(h, p + "in_proj_qkv", bias=False), conv_weight, past_inputs)
-        mixed = silu(mixed)
+        mixed = self._act(mixed)
         q = mixed[:, :nk * dk].reshape(len(h), nk, dk)
         k = mixed[:, nk * dk:2 * nk * dk].reshape(len(h), nk, dk)
         v = mixed[:, 2 * nk * dk:].reshape(len(h), nv, dv)
@@ -197,7 +209,7 @@ class Reference(TableVisionForward):
         out, state = gated_delta_rule(q, k, v, g, beta, state)
         cache.states[layer] = (past_inputs, state)
         z = self.dense(h, p + "in_proj_z", bias=False).reshape(len(h), nv, dv)
-        out = rms_norm(out, self.w(p + "norm.weight"), self.text["rms_norm_eps"]) * silu(z)
+        out = rms_norm(out, self.w(p + "norm.weight"), self._eps) * silu(z)  # silu here whatever hidden_act
         return self.dense(out.reshape(len(h), nv * dv), p + "out_proj", bias=False)
 
     # -- MoE
@@ -207,10 +219,11 @@ class Reference(TableVisionForward):
         if not self._dims["moe"]:
             return self._swiglu(h, m)
         # Qwen3_5MoeTopKRouter always renormalises; the experts stored [E, gate | up, H] and [E, H, Ie]
-        out = self.routed_experts(h, m, int(self._dims["experts_per_token"]), transposed=True)  # type: ignore
+        out = self.routed_experts(h, m, int(self._dims["experts_per_token"]),  # type: ignore[call-overload]
+                                  transposed=True, act=self._act)
         shared = self._swiglu(h, m + "shared_expert.")
         return out + sigmoid(self.dense(h, m + "shared_expert_gate", bias=False)) * shared
 
     def _swiglu(self, h: np.ndarray, prefix: str) -> np.ndarray:
-        gate = silu(self.dense(h, prefix + "gate_proj", bias=False))
+        gate = self._act(self.dense(h, prefix + "gate_proj", bias=False))
         return self.dense(gate * self.dense(h, prefix + "up_proj", bias=False), prefix + "down_proj", bias=False)
