@@ -146,14 +146,14 @@ def test_an_activation_the_forwards_do_not_know_is_refused_before_writing(tmp_pa
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="a config transformers accepts or that is malformed crashes the smoke "
-                   "test's reference with a traceback and exit 1 instead of one line and exit 2 (or transformers' "
-                   "default rms_norm_eps 1e-6): KeyError at reference.py:194, IndexError at reference.py:188")
+# these once crashed the smoke test's reference with a traceback (KeyError, ValueError in rms_norm, IndexError)
 @pytest.mark.parametrize("edit", [
     lambda text: text.pop("rms_norm_eps"),  # transformers: 1e-6 (configuration_qwen3_5.py:90)
     lambda text: text.update(rms_norm_eps="x"),
     lambda text: text["rope_parameters"].update(mrope_section=[1]),
-], ids=["eps-missing", "eps-string", "mrope-section-short"])
+    lambda text: text["rope_parameters"].update(mrope_section=[8, "4", 4]),
+    lambda text: text["rope_parameters"].update(partial_rotary_factor=2),
+], ids=["eps-missing", "eps-string", "mrope-section-short", "mrope-section-string", "rotary-factor-above-one"])
 def test_a_config_the_reference_cannot_read_is_one_line_or_defaulted(edit, tmp_path: Path) -> None:
     source = shutil.copytree(resolve_source("tiny-qwen3.5"), tmp_path / "source")
     config = json.loads((source / "config.json").read_text())
@@ -162,6 +162,16 @@ def test_a_config_the_reference_cannot_read_is_one_line_or_defaulted(edit, tmp_p
     result = run_vlhub("convert", str(source), "--to", "safetensors", "--out", str(tmp_path / "out"))
     assert "Traceback" not in result.stderr
     assert result.returncode in (0, 2), result.stderr
+
+
+def test_an_epsilon_that_is_not_a_number_is_refused_before_writing_in_qwen3_vl_too(tmp_path: Path) -> None:
+    source = shutil.copytree(resolve_source("tiny-qwen3-vl"), tmp_path / "source")
+    config = json.loads((source / "config.json").read_text())
+    config["text_config"]["rms_norm_eps"] = "x"
+    (source / "config.json").write_text(json.dumps(config))
+    line = one_line_error(run_vlhub("convert", str(source), "--to", "safetensors", "--out", str(tmp_path / "out")))
+    assert "rms_norm_eps" in line
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.xfail(strict=True, reason="--to tpu-mlir drops mtp.* without a word: safetensors and paddle print "
@@ -177,10 +187,8 @@ def test_tpu_mlir_says_it_dropped_the_multi_token_prediction_head(tmp_path: Path
     assert "drop" in said or '"drop": 3' in (out / "vlhub-manifest.json").read_text()
 
 
-@pytest.mark.xfail(strict=True, reason="llm_convert's Qwen3_5Converter rotates sum(mrope_section) * 2 dims "
-                   "(apply_rotary_pos: mrope_dim), transformers head_dim * partial_rotary_factor; --to tpu-mlir "
-                   "writes a model/ where they differ and its smoke test (the reference) passes, where --to paddle "
-                   "refuses it ('mrope_section [2, 1, 1] does not cover the rotated 16')")
+# llm_convert's Qwen3_5Converter rotates sum(mrope_section) * 2 dims (apply_rotary_pos: mrope_dim), transformers
+# head_dim * partial_rotary_factor; --to tpu-mlir once wrote a model/ where they differ
 def test_tpu_mlir_refuses_sections_that_do_not_cover_the_rotated_dims(tmp_path: Path) -> None:
     source = shutil.copytree(resolve_source("tiny-qwen3.5"), tmp_path / "source")
     config = json.loads((source / "config.json").read_text())

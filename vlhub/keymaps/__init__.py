@@ -108,6 +108,9 @@ DIM_BOUNDS: dict[str, DimBound] = {
     "shared_inter": DimBound(MAX_FFN),
     # an RMSNorm's epsilon (1e-6 in released models)
     "eps": DimBound(1, whole=False),
+    # the rotary: the share of a head it turns, and the multimodal sections' frequency slots (each up to a head)
+    "rotary_fraction": DimBound(1, whole=False),
+    "mrope_section": DimBound(MAX_WIDTH, least=0),
 }
 
 
@@ -242,6 +245,9 @@ class KeyMap:
             if found is not None and "indices_of" in spec:
                 given[name] = self._indices(config, key, found, spec)
                 continue
+            if found is not None and "entries" in spec:
+                given[name] = self._entries(name, key, found, spec["entries"])
+                continue
             if found is not None and spec.get("length"):
                 if not isinstance(found, list):
                     raise UserError(f"config.json {key} is {reprlib.repr(found)}; a {self.id} checkpoint needs a list")
@@ -292,6 +298,14 @@ class KeyMap:
             raise UserError(f"config.json {key} is {reprlib.repr(found)}; a {self.id} checkpoint needs a list of "
                             f"{plural(count, 'entry')}, each one of {', '.join(map(repr, values))}")
         return tuple(i for i, entry in enumerate(found) if entry == spec["indices_of"])
+
+    def _entries(self, name: str, key: str, found: object, count: int) -> tuple[int, ...]:
+        """A dim read from a list of `count` numbers (`entries`), each within the dim's bound."""
+        bound = DIM_BOUNDS[name]
+        if not isinstance(found, list) or len(found) != count or not all(map(bound.accepts, found)):
+            raise UserError(f"config.json {key} is {reprlib.repr(found)}; a {self.id} checkpoint needs a list of "
+                            f"{count} numbers, each {bound.describe()}")
+        return tuple(found)
 
     def drop_condition(self, official: str) -> str | None:
         """The condition under which an official name is dropped (`[drop]`: a name, or a prefix ending in `.*`)."""
@@ -376,14 +390,17 @@ def _config_lookup(config: dict, spec: dict) -> tuple[str, object]:
 
 
 def _config_value(config: dict, key: str) -> object:
-    """config[key], looking inside nested sections for dotted keys and in `text_config` for text keys."""
+    """config[key], looking inside nested sections for dotted keys and in `text_config` for text keys (a dotted
+    key's section too: `rope_parameters.mrope_section`)."""
     section, _, leaf = key.rpartition(".")
+    text = config.get("text_config")
     if section:
         holder = config.get(section)
+        if not isinstance(holder, dict) and isinstance(text, dict):
+            holder = text.get(section)
         return holder.get(leaf) if isinstance(holder, dict) else None
     if key in config:
         return config[key]
-    text = config.get("text_config")
     return text.get(key) if isinstance(text, dict) else None
 
 
