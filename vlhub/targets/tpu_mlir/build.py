@@ -216,6 +216,7 @@ def build_tpu_mlir(conversion: Conversion, spec: TpuSpec, out: Path, *, overwrit
     options = spec.options
     facts = spec.facts if spec.facts is not None else tpu_facts(spec.family, official_config(conversion.config))
     _check_layer_kinds(conversion, facts)
+    _check_rotary_sections(conversion, facts)
     with staged_directory(out, conversion.source.local(), overwrite=overwrite, needed=conversion.plan.total_bytes,
                           what="the model directory") as staging:
         weights = conversion.write_into(staging / "model", on_bytes=on_bytes,
@@ -248,6 +249,21 @@ def _check_layer_kinds(conversion: Conversion, facts: dict) -> None:
                         f"({facts['demo']}) runs layer i as full attention exactly when (i + 1) % {every} == 0, as "
                         "every release has it, so it would run this model's layers as the wrong kind; no --to "
                         "tpu-mlir for it")
+
+
+def _check_rotary_sections(conversion: Conversion, facts: dict) -> None:
+    """The multimodal rotary's sections against the head dims transformers rotates (`sections_cover`: the key map's
+    dim naming them): llm_convert's converter rotates 2 * sum(mrope_section) dims of each head."""
+    cover = facts.get("sections_cover")
+    if cover is None:
+        return
+    dims = conversion.plan.keymap.resolve_dims(conversion.config)
+    sections, rotated = list(dims["mrope_section"]), int(dims[cover])  # type: ignore[call-overload]
+    if 2 * sum(sections) != rotated:
+        raise UserError(f"config.json mrope_section {sections} does not cover the rotated {rotated} of head_dim "
+                        f"{dims['head_dim']}: TPU-MLIR's llm_convert rotates 2 * sum(mrope_section) = "
+                        f"{2 * sum(sections)} dims of each head, transformers {rotated}, so the compiled model would "
+                        "answer differently; no --to tpu-mlir for it")
 
 
 def check_smoke_image_fits(options: TpuOptions) -> None:
