@@ -233,6 +233,8 @@ class KeyMap:
     model_types: dict[str, str] = field(default_factory=dict)
     # (divisor, dividend) dim pairs the architecture splits evenly, e.g. the heads of a width
     divides: tuple[tuple[str, str], ...] = ()
+    # `[drop]` patterns every conversion names when it drops tensors they match, with what they are and why
+    drop_why: dict[str, str] = field(default_factory=dict)
     digest: str = field(default="")
 
     def check_config(self, config: dict) -> dict[str, object]:
@@ -313,6 +315,17 @@ class KeyMap:
             return self.drop[official]
         return next((condition for pattern, condition in self.drop.items()
                      if pattern.endswith(".*") and official.startswith(pattern[:-1])), None)
+
+    def drop_notes(self, dropped: list[str]) -> list[str]:
+        """What a conversion says of the tensors it dropped (official names) that a `[drop_why]` pattern matches:
+        `dropped 3 mtp.* tensors (the multi-token-prediction head: ...)`."""
+        notes = []
+        for pattern, why in self.drop_why.items():
+            count = sum(name == pattern or (pattern.endswith(".*") and name.startswith(pattern[:-1]))
+                        for name in dropped)
+            if count:
+                notes.append(f"dropped {plural(count, pattern + ' tensor')} ({why})")
+        return notes
 
     def _checked(self, name: str, key: str, value: object) -> object:
         spec = self.dims[name]
@@ -459,6 +472,6 @@ def load_keymap(family: str) -> KeyMap:
         divides=tuple(tuple(pair) for pair in data.get("divides", [])),  # type: ignore[misc]
         checkpoint_format=data["checkpoint_format"], orientation_probe=data["orientation_probe"],
         dims=data.get("dims", {}), derived=data.get("derived", {}), counts=data.get("counts", {}),
-        tensors=rules, drop=data.get("drop", {}), layouts=layouts,
+        tensors=rules, drop=data.get("drop", {}), drop_why=data.get("drop_why", {}), layouts=layouts,
         digest=hashlib.sha256("\n".join(texts).encode()).hexdigest()[:16],
     )

@@ -5,6 +5,7 @@ the numpy reference."""
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from vlhub.convert.conversion import Conversion, Model, Output
 from vlhub.convert.ops import FLOAT_DTYPES
 from vlhub.deploy.checks import Check, Need, paddle_check
 from vlhub.deploy.target import OnBytes, Say, TargetDefaults, flag
+from vlhub.errors import Note
 from vlhub.manifest import Manifest
 from vlhub.smoke.run import CheckpointRunner
 from vlhub.units import parse_size
@@ -60,6 +62,8 @@ class CheckpointTarget(TargetDefaults):
 
     def build(self, conversion: Conversion, spec: CheckpointSpec, out: Path, *, overwrite: bool,
               on_bytes: OnBytes, say: Say = None) -> Manifest:
+        for note in conversion.plan.keymap.drop_notes(conversion.plan.dropped):  # the names and why, on stderr
+            warnings.warn(note, Note, stacklevel=1)
         return conversion.write(out, overwrite=overwrite, max_shard_size=spec.max_shard_size,
                                 on_bytes=on_bytes).manifest
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import shlex
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +34,7 @@ from vlhub.atomic import staged_directory
 from vlhub.convert.configs import official_config
 from vlhub.convert.conversion import Conversion
 from vlhub.deploy.target import OnBytes
-from vlhub.errors import UserError
+from vlhub.errors import Note, UserError
 from vlhub.family_registry import Family, family_of_config
 from vlhub.manifest import MANIFEST, FileEntry, Manifest, TargetRecord
 from vlhub.sizes import parse_size_pair
@@ -217,6 +218,8 @@ def build_tpu_mlir(conversion: Conversion, spec: TpuSpec, out: Path, *, overwrit
     facts = spec.facts if spec.facts is not None else tpu_facts(spec.family, official_config(conversion.config))
     _check_layer_kinds(conversion, facts)
     _check_rotary_sections(conversion, facts)
+    for note in conversion.plan.keymap.drop_notes(conversion.plan.dropped):
+        warnings.warn(note, Note, stacklevel=1)
     with staged_directory(out, conversion.source.local(), overwrite=overwrite, needed=conversion.plan.total_bytes,
                           what="the model directory") as staging:
         weights = conversion.write_into(staging / "model", on_bytes=on_bytes,
@@ -451,6 +454,9 @@ def _manifest(conversion: Conversion, staging: Path, spec: TpuSpec, facts: dict,
         "onnx": {"networks": exported["networks"], "bmodel": f"compiled_onnx/{_bmodel_name(conversion, options)}"}
         if exported else None,
     }
+    dropped = conversion.plan.keymap.drop_notes(conversion.plan.dropped)
+    if dropped:  # what model/ leaves out of the checkpoint, and why (also said on stderr)
+        details["dropped"] = dropped
     target = TargetRecord(name=NAME, family=spec.family.name, weights="model", smoke_path="model",
                           dtype=QUANTIZE_DTYPE[options.quantize], details=details)
     return Manifest(weights.source, target, files)
