@@ -198,3 +198,18 @@ def test_tpu_mlir_refuses_sections_that_do_not_cover_the_rotated_dims(tmp_path: 
                                     "--no-smoke"))
     assert "mrope_section" in line
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("model", ["tiny-qwen3.5", "tiny-qwen3.5-moe"])
+@pytest.mark.parametrize("target", ["paddle", "tpu-mlir"])
+def test_the_built_in_models_carry_the_multi_token_prediction_head_and_every_target_drops_it(
+        model: str, target: str, tmp_path: Path) -> None:
+    with ModelWeights.open(resolve_source(model)) as weights:
+        assert any(name.startswith("mtp.") for name in weights.checkpoint.tensors)  # as the releases have
+    result = run_vlhub("convert", model, "--to", target, "--out", str(tmp_path / "out"), "--json")
+    assert result.returncode == 0, result.stderr
+    assert "note: dropped 6 mtp.* tensors (the multi-token-prediction head: no target uses it)" in result.stderr
+    said = json.loads(result.stdout)
+    assert said["smoke"]["passed"]
+    assert (said["target"]["dropped"] if target == "tpu-mlir" else said["ops"]["drop"]) in (
+        ["dropped 6 mtp.* tensors (the multi-token-prediction head: no target uses it)"], 6)

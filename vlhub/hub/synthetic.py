@@ -62,11 +62,11 @@ def write_synthetic_checkpoint(
     layout: Layout | None = None,
 ) -> Path:
     """Write config.json, generation_config.json (and preprocessor_config.json where the family gives one) and
-    random weights for every official tensor, in the official layout or in `layout` (one of the family's: its
+    random weights for every official tensor (and the key map's `[release_extras]`, which conversions drop), in the official layout or in `layout` (one of the family's: its
     names, its kinds stored transposed; the values are the official ones either way)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     fmt = format or family.checkpoint_format
-    expected = family.keymap.expected(config)
+    expected = family.keymap.expected(config) + family.keymap.extras(config)
     stored = {t.name: layout is not None and layout.transposes(t.kind) for t in expected}
     names = {t.name: layout.from_official(t.name) if layout is not None else t.name for t in expected}
     tensors = [TensorMeta(names[t.name], dtype,

@@ -14,8 +14,8 @@ from vlhub.owned import sweep, temporary_name
 
 # bump when the generator or the tiny configs change what it writes, so stale tiny models are not reused
 # (2: Qwen2(.5)-VL ViT head_dim 80, as every released model has and TPU-MLIR's llm_convert requires; 3: fused expert
-# tensors scaled by each expert's fan-in)
-GENERATOR_VERSION = 3
+# tensors scaled by each expert's fan-in; 4: the key maps' [release_extras], Qwen3.5's multi-token-prediction head)
+GENERATOR_VERSION = 4
 
 
 def tiny_model_dir(spec: ModelSpec) -> Path:

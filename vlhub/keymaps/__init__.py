@@ -235,6 +235,9 @@ class KeyMap:
     divides: tuple[tuple[str, str], ...] = ()
     # `[drop]` patterns every conversion names when it drops tensors they match, with what they are and why
     drop_why: dict[str, str] = field(default_factory=dict)
+    # tensors the releases carry that every conversion drops (`[release_extras]`, literal names): the built-in tiny
+    # models hold them too, so their conversions drop them as a release's do
+    release_extras: tuple[TensorRule, ...] = ()
     digest: str = field(default="")
 
     def check_config(self, config: dict) -> dict[str, object]:
@@ -368,6 +371,13 @@ class KeyMap:
                     out.append(ExpectedTensor(name, rule.kind, shape))
         return out
 
+    def extras(self, config: dict) -> list[ExpectedTensor]:
+        """The `[release_extras]` tensors for this config, their shapes from its dims."""
+        dims = self.resolve_dims(config)
+        return [ExpectedTensor(rule.template, rule.kind,
+                               tuple(int(evaluate(expr, dims)) for expr in rule.shape))  # type: ignore[call-overload]
+                for rule in self.release_extras]
+
     def rule_for(self, official_name: str) -> TensorRule | None:
         """The rule an official name matches, if any."""
         for rule in self.tensors:
@@ -449,10 +459,10 @@ def load_keymap(family: str) -> KeyMap:
                  if not _is_flag(spec) and not {"indices_of", "one_of"} & spec.keys() and name not in DIM_BOUNDS]
     if unbounded:
         raise ValueError(f"{family} key map: dims {unbounded} have no bound in DIM_BOUNDS")
-    rules = tuple(
+    rules, extras = (tuple(
         TensorRule(template, spec["kind"], tuple(s.strip() for s in spec["shape"].split(",")), spec.get("when"))
-        for template, spec in data["tensors"].items()
-    )
+        for template, spec in data.get(section, {}).items()
+    ) for section in ("tensors", "release_extras"))
     layouts = {
         name: Layout(
             name=name,
@@ -467,11 +477,15 @@ def load_keymap(family: str) -> KeyMap:
     }
     model_types = {data["model_type"]: data["architecture"]}
     model_types.update({name: spec["architecture"] for name, spec in data.get("variants", {}).items()})
-    return KeyMap(
+    keymap = KeyMap(
         id=data["id"], model_type=data["model_type"], architecture=data["architecture"], model_types=model_types,
         divides=tuple(tuple(pair) for pair in data.get("divides", [])),  # type: ignore[misc]
         checkpoint_format=data["checkpoint_format"], orientation_probe=data["orientation_probe"],
         dims=data.get("dims", {}), derived=data.get("derived", {}), counts=data.get("counts", {}),
         tensors=rules, drop=data.get("drop", {}), drop_why=data.get("drop_why", {}), layouts=layouts,
-        digest=hashlib.sha256("\n".join(texts).encode()).hexdigest()[:16],
+        release_extras=extras, digest=hashlib.sha256("\n".join(texts).encode()).hexdigest()[:16],
     )
+    undropped = [rule.template for rule in extras if keymap.drop_condition(rule.template) != "True"]
+    if undropped:
+        raise ValueError(f"{family} key map: release_extras {undropped} are not always dropped ([drop])")
+    return keymap
