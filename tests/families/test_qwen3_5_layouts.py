@@ -108,7 +108,6 @@ def test_the_multi_token_prediction_head_is_dropped_and_said_so(saved, tmp_path:
 @pytest.mark.parametrize(("edit", "message"), [
     (lambda text: text.update(layer_types=text["layer_types"][:-1]), "layer_types is .*a list of 4 entries"),
     (lambda text: text["layer_types"].__setitem__(0, "sliding_attention"), "each one of 'full_attention'"),
-    (lambda text: text.pop("layer_types"), "no 'layer_types'"),
     (lambda text: text.update(linear_num_key_heads=3), ("linear_num_value_heads 4 is not a multiple of "
                                                         "linear_num_key_heads 3")),
     (lambda text: text.update(linear_conv_kernel_dim=100), "linear_conv_kernel_dim is 100"),

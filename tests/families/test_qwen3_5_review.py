@@ -21,6 +21,7 @@ from tests.families.qwen3_5_models import MOE, in_float64, logits64, qwen3_5_tex
 from tests.helpers import QWEN3_TOKENS, hf_inputs, one_line_error, relative_error, run_vlhub
 from vlhub.errors import UserError
 from vlhub.hub.sources import resolve_source
+from vlhub.keymaps import load_keymap
 from vlhub.smoke.inputs import smoke_input
 from vlhub.smoke.reference import ReferenceForward
 from vlhub.smoke.weights import ModelWeights
@@ -213,3 +214,23 @@ def test_the_built_in_models_carry_the_multi_token_prediction_head_and_every_tar
     assert said["smoke"]["passed"]
     assert (said["target"]["dropped"] if target == "tpu-mlir" else said["ops"]["drop"]) in (
         ["dropped 6 mtp.* tensors (the multi-token-prediction head: no target uses it)"], 6)
+
+
+@pytest.mark.parametrize("interval", [None, 2, 1])
+def test_a_config_without_layer_types_has_the_layers_transformers_builds(interval: int | None,
+                                                                          tmp_path: Path) -> None:
+    source = shutil.copytree(resolve_source("tiny-qwen3.5"), tmp_path / "source")
+    config = json.loads((source / "config.json").read_text())
+    text = config["text_config"]
+    text.pop("layer_types")
+    if interval is not None:
+        text["full_attention_interval"] = interval
+    (source / "config.json").write_text(json.dumps(config))
+    built = transformers.Qwen3_5TextConfig(num_hidden_layers=text["num_hidden_layers"],
+                                           **({} if interval is None else {"full_attention_interval": interval}))
+    full = load_keymap("qwen3_5").resolve_dims(config)["full_layers"]
+    assert full == tuple(i for i, kind in enumerate(built.layer_types) if kind == "full_attention")
+    if interval is None:  # the tensors are the default layers': the conversion and its smoke pass
+        result = run_vlhub("convert", str(source), "--to", "paddle", "--out", str(tmp_path / "out"), "--json")
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["smoke"]["passed"]

@@ -105,6 +105,7 @@ DIM_BOUNDS: dict[str, DimBound] = {
     **dict.fromkeys(("lin_k_heads", "lin_v_heads"), DimBound(MAX_HEADS)),
     **dict.fromkeys(("lin_k_dim", "lin_v_dim"), DimBound(MAX_WIDTH)),
     "conv_kernel": DimBound(MAX_CONV_KERNEL),
+    "full_interval": DimBound(MAX_LAYERS),
     "shared_inter": DimBound(MAX_FFN),
     # an RMSNorm's epsilon (1e-6 in released models)
     "eps": DimBound(1, whole=False),
@@ -274,13 +275,17 @@ class KeyMap:
         """Every dim and derived value for one config.json (flat official or transformers-5 nested)."""
         values = self.check_config(config)
         # defaults that name another dim are filled once every dim read from the config is known
-        for name, spec in sorted(self.dims.items(), key=lambda item: "default_from" in item[1]):
+        for name, spec in sorted(self.dims.items(), key=lambda item: bool({"default_from", "default_every"} &
+                                                                              item[1].keys())):
             if name in values:
                 continue
             if "default" in spec:
                 values[name] = spec["default"]
             elif "default_from" in spec:
                 values[name] = values[spec["default_from"]]
+            elif "default_every" in spec:  # an `indices_of` list left out: every n-th of its `length_of` count
+                every, count = values[spec["default_every"]], values[spec["length_of"]]
+                values[name] = tuple(i for i in range(count) if (i + 1) % every == 0)  # type: ignore[operator]
             else:
                 raise UserError(f"config.json has no {' or '.join(map(repr, _keys(spec)))}, which a {self.id} "
                                 "checkpoint needs")
