@@ -80,3 +80,20 @@ def test_full_attention_where_llm_tpu_does_not_run_it_is_refused_in_one_line(tmp
     assert not (tmp_path / "out").exists()
     assert run_vlhub("convert", str(tmp_path / "source"), "--to", "safetensors", "--out", str(tmp_path / "sf"),
                      "--no-smoke").returncode == 0  # the other targets take it
+
+
+def test_the_smoke_title_holds_model_to_the_source_and_the_toolchain_text_names_the_docs(tmp_path: Path) -> None:
+    """The smoke table named model/ '(reference)', as if it were the side it is held to; the README, compile.sh and
+    check sent users to a README section that is docs/targets/tpu-mlir.md's."""
+    out = tmp_path / "out"
+    result = run_vlhub("convert", "tiny-qwen3.5", "--to", "tpu-mlir", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    title = " ".join(result.stdout.split())  # the title may wrap
+    assert re.search(r"smoke: \S+/model \(numpy\) vs \S+tiny-qwen3\.5", title), title
+    assert "(reference)" not in title
+    where = "docs/targets/tpu-mlir.md in vlhub's source, section 'The TPU-MLIR toolchain'"
+    for name in ("README.md", "compile.sh"):
+        text = " ".join((out / name).read_text().split())
+        assert where in text and "vlhub's README" not in text, name
+    docs = Path(__file__).parents[3] / "docs" / "targets" / "tpu-mlir.md"
+    assert "\n## The TPU-MLIR toolchain" in docs.read_text()

@@ -47,10 +47,12 @@ QUANTIZE_DTYPE = {"w4bf16": "bfloat16", "w8bf16": "bfloat16", "bf16": "bfloat16"
 CHIPS = ("bm1684x", "bm1688")
 DEFAULT_SEQ_LENGTH = 2048
 DEFAULT_GROUP_SIZE = 64
-# the toolchain as vlhub's README sets it up: torch pinned and first, since an unpinned install on Python 3.10
+# where the toolchain's setup is written down, as a user with the source or the installed package finds it
+TOOLCHAIN_DOC = "docs/targets/tpu-mlir.md in vlhub's source, section 'The TPU-MLIR toolchain'"
+# the toolchain as that section sets it up: torch pinned and first, since an unpinned install on Python 3.10
 # pulls PyPI's CUDA build and its libraries; the wheel imports psutil and flatbuffers without declaring them
-TORCH_FIRST = ("torch==2.13.0 first (on Python 3.10 PyPI has only its CUDA build, several GB: vlhub's README, "
-               "'The TPU-MLIR toolchain', installs it with --no-deps and CPU stubs)")
+TORCH_FIRST = (f"torch==2.13.0 first (on Python 3.10 PyPI has only its CUDA build, several GB: {TOOLCHAIN_DOC}, "
+               "installs it with --no-deps and CPU stubs)")
 TOOLCHAIN_INSTALL = "pip install tpu-mlir==1.30.2 psutil flatbuffers"
 # room beside the image in the sequence: the chat template's system and user turns, a question, an answer
 PROMPT_TOKENS = 64
@@ -531,8 +533,8 @@ def _readme(conversion: Conversion, family: Family, options: TpuOptions, facts: 
         "## Compile",
         "",
         ("Needs Python 3.10 with `torch==2.13.0` (installed first: on Python 3.10 PyPI has only its CUDA build), "
-         "`tpu-mlir==1.30.2`, `psutil` and `flatbuffers`, and GNU `parallel`; vlhub's README, 'The TPU-MLIR "
-         "toolchain', sets this up step by step, on a machine that is not Ubuntu 22.04 too."),
+         f"`tpu-mlir==1.30.2`, `psutil` and `flatbuffers`, and GNU `parallel`; {TOOLCHAIN_DOC} sets this up step "
+         "by step, on a machine that is not Ubuntu 22.04 too."),
         "",
         "```bash",
         "VLHUB_TPU_MLIR_PYTHON=/path/to/python3.10 ./compile.sh",

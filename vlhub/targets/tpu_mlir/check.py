@@ -26,6 +26,7 @@ from vlhub.targets.tpu_mlir import NAME
 from vlhub.targets.tpu_mlir.build import (
     PROMPT_TOKENS,
     QUANTIZE_DTYPE,
+    TOOLCHAIN_DOC,
     TORCH_FIRST,
     TpuOptions,
     check_tpu_options,
@@ -107,7 +108,7 @@ def _python_check() -> Check:
     name = f"Python {TOOLCHAIN_VERSION} + tpu-mlir"
     given = os.environ.get(TOOLCHAIN_ENV)
     fix = (f"install Python {TOOLCHAIN_VERSION} with tpu-mlir==1.30.2, torch and psutil and set {TOOLCHAIN_ENV} to "
-           "it (README: the TPU-MLIR toolchain)")
+           f"it ({TOOLCHAIN_DOC})")
     if not given and shutil.which("python3.10") is None:
         return Check("toolchain", name, FAIL, f"{TOOLCHAIN_ENV} is not set and python3.10 is not on PATH "
                      "(compile.sh uses one of them)", fix)

@@ -14,8 +14,8 @@ near-tie explanation: bf16 logits cannot order two choices closer than their rou
 The toolchain's Python 3.10 runs cmodel_runner.py (numpy and tpu_mlir only) on the inputs built here, padded
 to the networks' fixed shapes (or, for networks llm_convert compiled --dynamic, at the real rows). One token takes
 minutes: lm_head over a 151936-word vocabulary dominates. Sources: TPU-MLIR python/llm/ (llm_convert's networks),
-LLM-TPU models/Qwen2_VL and models/Qwen3_VL python_demo (how they are fed); the toolchain's setup: vlhub's README,
-'The TPU-MLIR toolchain'.
+LLM-TPU models/Qwen2_VL and models/Qwen3_VL python_demo (how they are fed); the toolchain's setup:
+docs/targets/tpu-mlir.md in vlhub's source, section 'The TPU-MLIR toolchain'.
 """
 
 from __future__ import annotations

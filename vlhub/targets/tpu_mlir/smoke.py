@@ -39,8 +39,10 @@ class TpuMlirRunner:
     def run(self, reference: Path, tokens: int, streamed: bool | None, say: Status) -> SmokeReport:
         source = Reference.probe(reference, streamed)
         onnx = (self.layout / ONNX_NETWORKS).is_dir()  # exported with --onnx: its networks are what runs
+        # model/'s weights run in vlhub's numpy forward: named so, as "reference" would read as if model/ were the
+        # side it is held to (the source checkpoint)
         report = (source.report(self.layout, weights=self.artifact, runtime="onnxruntime") if onnx
-                  else source.report(self.artifact))
+                  else source.report(self.artifact, runtime="numpy"))
         if report.stages:  # the weights do not load
             return report
         if self.toolchain:  # before the reference runs
