@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -102,6 +103,15 @@ def with_extra_tensors(tmp_path: Path, extra: dict[str, tuple[int, ...]]) -> Pat
     return source
 
 
+def with_text_config(tmp_path: Path, edit: Callable[[dict], object], model: str = "tiny-qwen3.5") -> Path:
+    """A copy of a built-in model whose config.json's text_config `edit` changed."""
+    source = shutil.copytree(resolve_source(model), tmp_path / "source")
+    config = json.loads((source / "config.json").read_text())
+    edit(config["text_config"])
+    (source / "config.json").write_text(json.dumps(config))
+    return source
+
+
 @pytest.mark.parametrize("target", ["safetensors", "paddle", "tpu-mlir"])
 @pytest.mark.parametrize("name", ["model.language_model.layers.0.linear_attn.foo.weight",
                                   "model.language_model.layers.0.self_attn.q_proj.weight",  # a linear layer
@@ -138,10 +148,7 @@ def test_paddle_reads_the_text_activation(tmp_path: Path) -> None:
 
 
 def test_an_activation_the_forwards_do_not_know_is_refused_before_writing(tmp_path: Path) -> None:
-    source = shutil.copytree(resolve_source("tiny-qwen3.5"), tmp_path / "source")
-    config = json.loads((source / "config.json").read_text())
-    config["text_config"]["hidden_act"] = "relu2"
-    (source / "config.json").write_text(json.dumps(config))
+    source = with_text_config(tmp_path, lambda text: text.update(hidden_act="relu2"))
     line = one_line_error(run_vlhub("convert", str(source), "--to", "safetensors", "--out", str(tmp_path / "out")))
     assert "hidden_act" in line and "relu2" in line
     assert not (tmp_path / "out").exists()
@@ -156,20 +163,14 @@ def test_an_activation_the_forwards_do_not_know_is_refused_before_writing(tmp_pa
     lambda text: text["rope_parameters"].update(partial_rotary_factor=2),
 ], ids=["eps-missing", "eps-string", "mrope-section-short", "mrope-section-string", "rotary-factor-above-one"])
 def test_a_config_the_reference_cannot_read_is_one_line_or_defaulted(edit, tmp_path: Path) -> None:
-    source = shutil.copytree(resolve_source("tiny-qwen3.5"), tmp_path / "source")
-    config = json.loads((source / "config.json").read_text())
-    edit(config["text_config"])
-    (source / "config.json").write_text(json.dumps(config))
+    source = with_text_config(tmp_path, edit)
     result = run_vlhub("convert", str(source), "--to", "safetensors", "--out", str(tmp_path / "out"))
     assert "Traceback" not in result.stderr
     assert result.returncode in (0, 2), result.stderr
 
 
 def test_an_epsilon_that_is_not_a_number_is_refused_before_writing_in_qwen3_vl_too(tmp_path: Path) -> None:
-    source = shutil.copytree(resolve_source("tiny-qwen3-vl"), tmp_path / "source")
-    config = json.loads((source / "config.json").read_text())
-    config["text_config"]["rms_norm_eps"] = "x"
-    (source / "config.json").write_text(json.dumps(config))
+    source = with_text_config(tmp_path, lambda text: text.update(rms_norm_eps="x"), "tiny-qwen3-vl")
     line = one_line_error(run_vlhub("convert", str(source), "--to", "safetensors", "--out", str(tmp_path / "out")))
     assert "rms_norm_eps" in line
     assert not (tmp_path / "out").exists()
@@ -191,10 +192,8 @@ def test_tpu_mlir_says_it_dropped_the_multi_token_prediction_head(target: str, t
 # llm_convert's Qwen3_5Converter rotates sum(mrope_section) * 2 dims (apply_rotary_pos: mrope_dim), transformers
 # head_dim * partial_rotary_factor; --to tpu-mlir once wrote a model/ where they differ
 def test_tpu_mlir_refuses_sections_that_do_not_cover_the_rotated_dims(tmp_path: Path) -> None:
-    source = shutil.copytree(resolve_source("tiny-qwen3.5"), tmp_path / "source")
-    config = json.loads((source / "config.json").read_text())
-    config["text_config"]["rope_parameters"]["partial_rotary_factor"] = 0.5  # 16 of 32 dims; sections cover 8
-    (source / "config.json").write_text(json.dumps(config))
+    # 16 of 32 dims; sections cover 8
+    source = with_text_config(tmp_path, lambda text: text["rope_parameters"].update(partial_rotary_factor=0.5))
     line = one_line_error(run_vlhub("convert", str(source), "--to", "tpu-mlir", "--out", str(tmp_path / "out"),
                                     "--no-smoke"))
     assert "mrope_section" in line
