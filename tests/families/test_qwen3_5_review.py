@@ -179,14 +179,16 @@ def test_an_epsilon_that_is_not_a_number_is_refused_before_writing_in_qwen3_vl_t
 # --to tpu-mlir once dropped mtp.* without a word (the issue: "dropped with a note"); every target names them
 @pytest.mark.parametrize("target", ["tpu-mlir", "safetensors", "paddle"])
 def test_tpu_mlir_says_it_dropped_the_multi_token_prediction_head(target: str, tmp_path: Path) -> None:
-    source = with_extra_tensors(tmp_path, {"mtp.fc.weight": (64, 128), "mtp.norm.weight": (64,),
-                                           "mtp.layers.0.input_layernorm.weight": (64,)})
+    # beside the 6 the built-in model carries
+    source = with_extra_tensors(tmp_path, {"mtp.layers.0.self_attn.q_proj.weight": (64, 64),
+                                           "mtp.layers.0.mlp.gate_proj.weight": (128, 64),
+                                           "mtp.layers.0.mlp.up_proj.weight": (128, 64)})
     out = tmp_path / "out"
     result = run_vlhub("convert", str(source), "--to", target, "--out", str(out), "--no-smoke")
     assert result.returncode == 0, result.stderr
-    assert "note: dropped 3 mtp.* tensors (the multi-token-prediction head" in result.stderr
+    assert "note: dropped 9 mtp.* tensors (the multi-token-prediction head" in result.stderr
     manifest = (out / "vlhub-manifest.json").read_text()
-    assert '"drop": 3' in manifest or "dropped 3 mtp.* tensors" in manifest
+    assert '"drop": 9' in manifest or "dropped 9 mtp.* tensors" in manifest
 
 
 # llm_convert's Qwen3_5Converter rotates sum(mrope_section) * 2 dims (apply_rotary_pos: mrope_dim), transformers

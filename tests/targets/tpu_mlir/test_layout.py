@@ -76,7 +76,7 @@ exit 0
 @pytest.mark.parametrize(("tpu_mlir", "torch"), [(1, 1), (0, 1)])
 def test_compile_script_install_hints_pin_the_cpu_torch(tpu_mlir: int, torch: int, tmp_path: Path) -> None:
     """An unpinned `pip install torch` on Python 3.10 pulls the CUDA build and its libraries: the hints give
-    torch==2.13.0 first, as vlhub's README sets the toolchain up."""
+    torch==2.13.0 first, as docs/targets/tpu-mlir.md sets the toolchain up (and say where)."""
     convert("tiny-qwen2-vl", tmp_path / "out", "--no-smoke")
     python = tmp_path / "python3.10"
     python.write_text(FAKE_PYTHON.format(tpu_mlir, torch))
@@ -86,7 +86,7 @@ def test_compile_script_install_hints_pin_the_cpu_torch(tpu_mlir: int, torch: in
     assert result.returncode == 2, result.stderr
     hint = result.stderr.strip()
     assert ("tpu-mlir is not importable" if tpu_mlir else "TPU-MLIR also needs torch") in hint
-    assert "torch==2.13.0" in hint and "README" in hint
+    assert "torch==2.13.0" in hint and "docs/targets/tpu-mlir.md in vlhub's source" in hint
     assert hint.index("torch==2.13.0") < hint.index("-m pip install")
     assert not re.search(r"pip install[^;:(]*\btorch\b(?!==)", hint)  # never an unpinned torch to install
 
