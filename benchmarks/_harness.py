@@ -78,11 +78,12 @@ CP_BASELINE = "`cp -r` (baseline)"
 def against_cp(source: Path, command: Callable[[Path], str], name: str, *, rounds: int, scratch: Path) -> None:
     """Run `command(out)` and `cp -r source out` in interleaved cold rounds (each followed by sync, so a
     write counts once it is on disk) and print a markdown table with the median of per-round ratios:
-    this disk is noisy, and two runs made back to back share its mood."""
+    this disk is noisy, and two runs made back to back share its mood. The order alternates from round to round
+    (the first command of a benchmark was measured slower here whichever it was)."""
     commands = {name: command, CP_BASELINE: lambda out: f"cp -r '{source}' '{out}'"}
     results: dict[str, list[Run]] = {label: [] for label in commands}
-    for _ in range(rounds):
-        for label, make in commands.items():
+    for round_number in range(rounds):
+        for label, make in sorted(commands.items(), key=lambda item: (item[0] == name) == (round_number % 2 == 0)):
             with tempfile.TemporaryDirectory(dir=scratch) as directory:
                 results[label].append(measure(["sh", "-c", f"{make(Path(directory) / 'out')} && sync"]))
             subprocess.run(["sync"], check=True)
