@@ -85,11 +85,18 @@ def run_vlhub_subprocess(*args: str, env: Mapping[str, str] | None = None,
                           env={**os.environ, **(env or {})}, timeout=timeout)
 
 
-def one_line_error(result: Ran | subprocess.CompletedProcess[str], code: int = 2) -> str:
-    """The one `error: ...` line a refused command prints, nothing on stdout; returns the line."""
+def one_line_error(result: Ran | subprocess.CompletedProcess[str], code: int = 2, *,
+                   after_progress: bool = False) -> str:
+    """The one `error: ...` line a refused command prints, nothing on stdout; returns the line. With
+    `after_progress`, for a failure met while a stage runs (a disk that fills, a file named outside the folder):
+    the stage's start and step lines may come first, and the error is the last line."""
     assert result.returncode == code, result.stderr
     assert result.stdout == ""
     lines = result.stderr.strip().splitlines()
+    if after_progress:
+        assert "Traceback" not in result.stderr, result.stderr
+        lines = lines[-1:]
+        assert sum(line.startswith("error: ") for line in result.stderr.splitlines()) == 1, result.stderr
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     return lines[0]
 

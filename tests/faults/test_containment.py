@@ -176,6 +176,6 @@ def test_vlhub_check_refuses_a_layout_naming_files_outside_it(tmp_path: Path,
     outside.mkdir()
     named = escape(layout, outside)
 
-    line = one_line_error(run_vlhub("check", str(layout)))
+    line = one_line_error(run_vlhub("check", str(layout)), after_progress=True)
 
     assert f"{layout / MANIFEST} names {named!r}, which leads outside the output folder {layout}" in line

@@ -163,7 +163,7 @@ def test_convert(source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, 
     result = run_vlhub("convert", str(source), "--to", to, "--out", str(out), "--no-smoke",
                        *(["--overwrite"] if overwrite else []))
 
-    needed, _ = _needed(one_line_error(result), out, "the converted weights")
+    needed, _ = _needed(one_line_error(result, after_progress=True), out, "the converted weights")
     assert abs(needed - total) < total // 20, (needed, total)
     assert (_digests(out) if out.exists() else None) == older
     assert _digests(source) == before
@@ -180,7 +180,7 @@ def test_keys_of_a_folder(source: Path, tmp_path: Path, monkeypatch: pytest.Monk
 
     result = run_vlhub("keys", str(checkpoint), *RENAME, *(["--in-place"] if in_place else ["--out", str(out)]))
 
-    needed, _ = _needed(one_line_error(result), out, "the renamed weights")
+    needed, _ = _needed(one_line_error(result, after_progress=True), out, "the renamed weights")
     assert abs(needed - total) < total // 20, (needed, total)
     assert _digests(checkpoint) == before
     assert _leftovers(tmp_path) == [] and _leftovers(source.parent) == []
@@ -203,7 +203,7 @@ def test_keys_of_a_single_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, 
 
     assert "Traceback" not in result.stderr
     assert _digests(single) == before and _leftovers(tmp_path) == [] and sorted(os.listdir(tmp_path)) == ["single"]
-    needed, _ = _needed(one_line_error(result), out, "the renamed weights")
+    needed, _ = _needed(one_line_error(result, after_progress=True), out, "the renamed weights")
     assert abs(needed - total) < total // 20, (needed, total)
 
 
@@ -222,7 +222,7 @@ def test_dump_embeddings(source: Path, tmp_path: Path, monkeypatch: pytest.Monke
     result = run_vlhub("dump-embeddings", str(source), "--out", str(out), "--lm-head",
                        *(["--overwrite"] if overwrite else []))
 
-    needed, _ = _needed(one_line_error(result), tmp_path / "lm_head.bin", "the tables")
+    needed, _ = _needed(one_line_error(result, after_progress=True), tmp_path / "lm_head.bin", "the tables")
     assert abs(needed - 2 * table) < table // 20, (needed, table)
     assert _digests(tmp_path) == older
     assert _digests(source) == before
@@ -283,7 +283,7 @@ def test_convert_on_a_disk_that_fills(source: Path, small_disk: Path) -> None:
     result = _fills_while_writing(["convert", str(source), "--to", "safetensors", "--out", str(small_disk / "out"),
                                    "--no-smoke"], small_disk / "out", small_disk)
     assert "Traceback" not in result.stderr
-    needed, more = _needed(one_line_error(result), small_disk / "out", "the converted weights")
+    needed, more = _needed(one_line_error(result, after_progress=True), small_disk / "out", "the converted weights")
     assert abs(needed - _size(source)) < _size(source) // 20 and 0 < more <= needed, (needed, more)
     assert os.listdir(small_disk) == ["filler"]
     assert _digests(source) == before
@@ -294,7 +294,7 @@ def test_keys_in_place_on_a_disk_that_fills(source: Path, small_disk: Path) -> N
     before = _digests(checkpoint)
     result = _fills_while_writing(["keys", str(checkpoint), *RENAME, "--in-place"], checkpoint, small_disk)
     assert "Traceback" not in result.stderr
-    needed, more = _needed(one_line_error(result), checkpoint, "the renamed weights")
+    needed, more = _needed(one_line_error(result, after_progress=True), checkpoint, "the renamed weights")
     assert abs(needed - _size(checkpoint)) < _size(checkpoint) // 20 and 0 < more <= needed, (needed, more)
     assert sorted(os.listdir(small_disk)) == ["ck", "filler"]
     assert _digests(checkpoint) == before
