@@ -76,17 +76,20 @@ def transformers_saved(module_tmp) -> Path:
 @pytest.mark.parametrize(("layout", "fmt", "dtype"), [("paddlemix", "pdparams", None),
                                                       ("paddlemix", "safetensors", "float16"),
                                                       ("official", "torch", "float32")])
+@pytest.mark.parametrize("memory_budget", [MEMORY_BUDGET, 1], ids=["sources-in-memory", "sources-in-page-cache"])
 def test_a_checkpoint_transformers_saved_converts_tiled_byte_for_byte(transformers_saved: Path, tmp_path: Path,
-                                                                      layout: str, fmt: str,
-                                                                      dtype: str | None) -> None:
+                                                                      layout: str, fmt: str, dtype: str | None,
+                                                                      memory_budget: int) -> None:
     """Not only vlhub's own writer's checkpoints: transformers' file layout and names, with 64 KB tiles that split
-    its lm_head and MLP weights (transposed for PaddleMIX, or only cast), give the bytes the untiled run gives."""
+    its lm_head and MLP weights (transposed for PaddleMIX, or only cast), give the bytes the untiled run gives,
+    whether a transposed tensor's source is read into memory (it fits in half the budget) or gathered from the
+    page cache (a 1-byte budget: nothing fits)."""
     tile = 64 << 10
     assert {step.source.name for step in _tiled_steps(transformers_saved, layout=layout, dtype=dtype,
                                                       tile_bytes=tile)} >= {"lm_head.weight"}
     whole = _convert(transformers_saved, tmp_path / "whole", layout=layout, fmt=fmt, dtype=dtype, tile_bytes=UNTILED)
     assert _convert(transformers_saved, tmp_path / "tiled", layout=layout, fmt=fmt, dtype=dtype,
-                    tile_bytes=tile) == whole
+                    tile_bytes=tile, memory_budget=memory_budget) == whole
 
 
 @pytest.fixture(scope="module")
@@ -157,9 +160,12 @@ def test_tiled_experts_are_byte_identical(resaved_moe: Path, tmp_path: Path, fmt
 
 
 @pytest.mark.parametrize(("tile", "count"), [(1, 15), (50, 15), (60, 9), (4096, 3)])
-def test_tiled_blocks_concatenate_to_the_transposed_cast_tensor(tmp_path: Path, tile: int, count: int) -> None:
+@pytest.mark.parametrize("in_memory", [False, True])
+def test_tiled_blocks_concatenate_to_the_transposed_cast_tensor(tmp_path: Path, tile: int, count: int,
+                                                                in_memory: bool) -> None:
     """The blocks of a 3-D tensor whose rows do not divide evenly, down to one output row per block and one source
-    row per window, join into its transpose, and cast block by block into the whole tensor's cast."""
+    row per window, join into its transpose, and cast block by block into the whole tensor's cast: gathered from
+    mapped windows of the file, or from the source read into memory."""
     values = np.random.default_rng(0).standard_normal((3, 7, 5), dtype=np.float32)
     bits = bf16_bits_from_float32(values)
     path = tmp_path / "model.safetensors"
@@ -171,7 +177,8 @@ def test_tiled_blocks_concatenate_to_the_transposed_cast_tensor(tmp_path: Path, 
                 ("transpose", "cast:bfloat16->float16"))
     tiles = TileBuffers(1, tile)  # one buffer, reused for every block whatever its size
     blocks = []
-    for block in tiled_blocks(step, stored, tiles, tile):
+    source = bits if in_memory else None
+    for block in tiled_blocks(step, stored, tiles, tile, source):
         blocks.append(cast_block(step, block).data.copy())
         tiles.give_back(block.buffer)
     assert len(blocks) == count  # an expert's 5 output rows cost 28 bytes each (bf16 and its float16 cast)

@@ -32,6 +32,7 @@ few buffers reused for every tiled tensor (fresh ones cost their pages zeroed: a
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import math
 import os
@@ -45,24 +46,32 @@ import numpy as np
 from vlhub.convert.ops import cast_float, swapped_shape, transpose_2d, transpose_into, transpose_last
 from vlhub.convert.plan import Plan, Step
 from vlhub.errors import CorruptCheckpoint
+from vlhub.formats import direct_io
 from vlhub.formats.io_utils import Pieces, StoredBytes, output_array, read_exact_into
 from vlhub.formats.readers import Checkpoint
 from vlhub.formats.tensors import dtype_info
 from vlhub.formats.writers import CheckpointWriter
 
-# A step whose buffers would exceed this is tiled, in blocks of at most this (and windows of source rows
-# mapped at a time of at most this). CPU time (user + system) to transpose a [152064, 3584] bf16 lm_head from
-# the page cache, measured here: 2.2 s in 64 MB tiles, 1.65 s in 128 MB tiles, 3.1 s reading it whole (its
-# 2.2 GB of fresh pages fault in).
+# A step whose buffers would exceed this is tiled, in blocks of at most this. CPU time (user + system) to
+# transpose a [152064, 3584] bf16 lm_head from the page cache, measured here: 2.2 s in 64 MB tiles, 1.65 s in
+# 128 MB tiles, 3.1 s reading it whole (its 2.2 GB of fresh pages fault in): each block maps the whole tensor.
 TILE_BYTES = 64 << 20
-# the buffers of untiled tensors read ahead (each costs at most a tile, or it would be tiled)
-MEMORY_BUDGET = 192 << 20
+# a transposed block made from a source in memory needs no large tile: no mapping is repeated per block
+_MEMORY_TILE_BYTES = 16 << 20
+# windows of source rows mapped at a time (at most a tile): the mapped pages count as resident while mapped
+_WINDOW_BYTES = 16 << 20
+# The buffers read ahead: untiled tensors (each costs at most a tile, or it would be tiled), and the sources of
+# tiled transposes read into memory, each at most half of this, so one can be read while another is tiled
+# (a 7B's MLP weights, 136 MB; a 72B's, 484 MB, go through the page cache).
+MEMORY_BUDGET = 280 << 20
 # blocks of a tiled tensor in flight between the calling thread and the writer; buffers of their own, so a
 # reader that has reserved its budget for the tensors after a tiled one cannot stall the tiling
 _TILES_IN_FLIGHT = 2
 # bytes of tiled tensors the reader may have read into the page cache before the calling thread has tiled them:
 # page cache, not this process's memory, so the reader can keep the disk busy through a long transpose
 _TILED_AHEAD_BYTES = 1 << 30
+# glibc's mallopt parameter for the size from which allocations are mapped on their own
+_M_MMAP_THRESHOLD = -3
 # bytes spliced to /dev/null (or read, where the kernel cannot splice) at a time, to bring a tiled tensor into the
 # page cache
 _CACHE_CHUNK = 64 << 20
@@ -190,8 +199,9 @@ class Block:
 
 
 class TileBuffers:
-    """The buffers the blocks of tiled tensors are made in: at most `count`, each of `nbytes` (more if one
-    output row needs more), reused for every block of every tiled tensor whatever its size."""
+    """The buffers the blocks of tiled tensors are made in: at most `count`, each of `nbytes` or grown to the
+    largest block asked for (a block gathered from a mapped source, or one output row that needs more), reused
+    for every block of every tiled tensor whatever its size."""
 
     def __init__(self, count: int, nbytes: int) -> None:
         self._free: list[np.ndarray] = []
@@ -222,39 +232,47 @@ class TileBuffers:
             self._cond.notify_all()
 
 
-def tiled_blocks(step: Step, stored: StoredBytes, tiles: TileBuffers, tile_bytes: int) -> Iterator[Block]:
+def tiled_blocks(step: Step, stored: StoredBytes, tiles: TileBuffers, tile_bytes: int,
+                 source: np.ndarray | None = None) -> Iterator[Block]:
     """A step's source, transposed if the step transposes, in consecutive blocks of the output's C order, each in
-    a buffer from `tiles` with room for its cast: at most `tile_bytes`, or one output row if that is more."""
-    source = dtype_info(step.source.dtype).storage
-    per_item = source.itemsize
+    a buffer from `tiles` with room for its cast: at most `tile_bytes`, or one output row if that is more.
+
+    A cast alone reads each block from the file as it goes. A transpose takes `source` when it was read into
+    memory; otherwise it gathers each block from mapped windows of the file (in the page cache)."""
+    storage = dtype_info(step.source.dtype).storage
+    per_item = storage.itemsize
     if step.source.dtype != step.target.dtype:
         per_item += dtype_info(step.target.dtype).itemsize
 
     def block(shape: tuple[int, ...]) -> Block:
         count = math.prod(shape)
         buffer = tiles.take(count * per_item + _ALIGN)
-        return Block(buffer[: count * source.itemsize].view(source).reshape(shape), buffer)
+        return Block(buffer[: count * storage.itemsize].view(storage).reshape(shape), buffer)
 
+    if not step.transpose:  # a cast alone: output blocks are source blocks
+        count = max(1, tile_bytes // per_item)
+        for start in range(0, step.source.numel, count):
+            made = block((min(count, step.source.numel - start),))
+            direct_io.read_into(stored.path, stored.offset + start * storage.itemsize, made.data)
+            yield made
+        return
+    *experts, rows, cols = step.source.shape
+    row_bytes = cols * storage.itemsize
+    out_rows = max(1, tile_bytes // (rows * per_item))
+    window = max(1, min(tile_bytes, _WINDOW_BYTES) // row_bytes)
     with open(stored.path, "rb", buffering=0) as file:
-        if not step.transpose:  # a cast alone: output blocks are source blocks
-            count = max(1, tile_bytes // per_item)
-            for start in range(0, step.source.numel, count):
-                made = block((min(count, step.source.numel - start),))
-                read_exact_into(file, stored.offset + start * source.itemsize, made.data, stored.path)
-                yield made
-            return
-        *experts, rows, cols = step.source.shape
-        row_bytes = cols * source.itemsize
-        out_rows = max(1, tile_bytes // (rows * per_item))
-        window = max(1, tile_bytes // row_bytes)
         for expert in range(math.prod(experts)):  # each expert's [rows, cols] matrix lies whole in the file
             matrix = stored.offset + expert * rows * row_bytes
             for first in range(0, cols, out_rows):
                 last = min(cols, first + out_rows)
                 made = block((last - first, rows))
+                if source is not None:
+                    transpose_into(source.reshape(-1, rows, cols)[expert, :, first:last], made.data)
+                    yield made
+                    continue
                 for top in range(0, rows, window):
                     bottom = min(rows, top + window)
-                    mapped = np.memmap(file, source, "r", matrix + top * row_bytes, (bottom - top, cols))
+                    mapped = np.memmap(file, storage, "r", matrix + top * row_bytes, (bottom - top, cols))
                     transpose_into(mapped[:, first:last], made.data[:, top:bottom])
                     # unmapped here: a mapped page counts as resident while the map lasts
                     del mapped
@@ -315,10 +333,12 @@ _END = object()  # to the writer: the last block of a step has come
 
 
 @dataclass(frozen=True)
-class _InPageCache:
-    """From the reader: a tiled step's bytes, now in the page cache."""
+class _Tiled:
+    """From the reader: a tiled step, its source read into memory (`source`, in `budget`), or for a transpose
+    that does not fit there, into the page cache."""
 
     stored: StoredBytes
+    source: np.ndarray | None
 
 
 @dataclass(frozen=True)
@@ -351,11 +371,26 @@ class _Stage:
         self.thread.start()
 
 
+def _return_freed_buffers_to_the_kernel() -> None:
+    """Have glibc map every allocation of 1 MiB or more on its own, so a freed buffer leaves the process.
+
+    By default glibc raises that threshold (up to 32 MiB) once a mapped buffer is freed; from then on the buffers
+    of up to 32 MiB that the stages' threads free stay in its per-thread heaps, and a 7B conversion's peak rose
+    from 518 MB to 595-705 MB. Elsewhere than glibc this does nothing."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+
+
 def run_plan(plan: Plan, checkpoint: Checkpoint, writer: CheckpointWriter, *, memory_budget: int = MEMORY_BUDGET,
              tile_bytes: int = TILE_BYTES) -> None:
     """Write every step of `plan` through `writer` (whose tensor order must be `ordered_steps`)."""
+    _return_freed_buffers_to_the_kernel()
     budget = BufferBudget(memory_budget)
-    tiles = TileBuffers(_TILES_IN_FLIGHT, tile_bytes + _ALIGN)
+    memory_tile_bytes = min(tile_bytes, _MEMORY_TILE_BYTES)
+    tiles = TileBuffers(_TILES_IN_FLIGHT, memory_tile_bytes + _ALIGN)  # grown for a block of a mapped source
     errors: list[BaseException] = []
     stop = threading.Event()
     read_queue: queue.Queue = queue.Queue()
@@ -375,19 +410,42 @@ def run_plan(plan: Plan, checkpoint: Checkpoint, writer: CheckpointWriter, *, me
                     read_queue.put((step, stored))
                 elif is_tiled(step, stored, tile_bytes):
                     assert stored is not None
-                    tiled_ahead.reserve(stored.length)
-                    if stop.is_set():
+                    if not read_tiled(step, stored):
                         return
-                    read_into_page_cache(stored)
-                    read_queue.put((step, _InPageCache(stored)))
                 else:
                     budget.reserve(buffer_cost(step))
                     if stop.is_set():
                         return
-                    source = dtype_info(step.source.dtype).storage
-                    read_queue.put((step, read_source(checkpoint, step, budget.array(step.source.shape, source))))
+                    array = budget.array(step.source.shape, dtype_info(step.source.dtype).storage)
+                    if stored is not None:  # plain bytes: read around the page cache (`direct_io`)
+                        direct_io.read_into(stored.path, stored.offset, array)
+                    else:
+                        read_source(checkpoint, step, array)
+                    read_queue.put((step, array))
         finally:
             read_queue.put(_DONE)
+
+    def read_tiled(step: Step, stored: StoredBytes) -> bool:
+        """Put a tiled step on the read queue: its source read into memory (around the page cache) if it fits
+        beside another, else read into the page cache to be gathered from there; a cast alone reads its own
+        blocks. False if the run stopped."""
+        if not step.transpose:
+            read_queue.put((step, _Tiled(stored, None)))
+            return True
+        if stored.length <= budget.limit // 2:
+            budget.reserve(stored.length)
+            if stop.is_set():
+                return False
+            source = budget.array(step.source.shape, dtype_info(step.source.dtype).storage)
+            direct_io.read_into(stored.path, stored.offset, source)
+            read_queue.put((step, _Tiled(stored, source)))
+            return True
+        tiled_ahead.reserve(stored.length)
+        if stop.is_set():
+            return False
+        read_into_page_cache(stored)
+        read_queue.put((step, _Tiled(stored, None)))
+        return True
 
     def read_joined(step: Step) -> bool:
         """Join a step's entries one at a time onto the read queue; False if the run stopped."""
@@ -435,14 +493,19 @@ def run_plan(plan: Plan, checkpoint: Checkpoint, writer: CheckpointWriter, *, me
                 if data.index == step.source.shape[0] - 1:
                     write_queue.put((step.target.name, _END))
                 continue
-            if isinstance(data, _InPageCache):
+            if isinstance(data, _Tiled):
                 write_queue.put((step.target.name, _Stream(lambda block: tiles.give_back(block.buffer))))
-                for block in tiled_blocks(step, data.stored, tiles, tile_bytes):
+                mapped = step.transpose and data.source is None
+                block_bytes = tile_bytes if mapped else memory_tile_bytes
+                for block in tiled_blocks(step, data.stored, tiles, block_bytes, data.source):
                     if errors:
                         break
                     write_queue.put((step.target.name, cast_block(step, block)))
                 write_queue.put((step.target.name, _END))
-                tiled_ahead.unreserve(data.stored.length)
+                if data.source is not None:
+                    budget.release(data.source)
+                elif step.transpose:
+                    tiled_ahead.unreserve(data.stored.length)
                 continue
             if isinstance(data, np.ndarray):
                 data = transform(step, data, budget)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -13,6 +14,7 @@ from typing import Any
 
 from vlhub.faults import commit_point
 from vlhub.formats.base import ShardWriter
+from vlhub.formats.direct_io import DirectWriteFile
 from vlhub.formats.io_utils import TensorData
 from vlhub.formats.registry import FORMATS, Format
 from vlhub.formats.tensors import TensorMeta
@@ -36,15 +38,17 @@ class _HashingFile:
     """A file being written that hashes its bytes on the way out (sha256 for the manifest).
 
     Large writes are hashed on `hasher` while the write itself runs, so hashing costs no extra time
-    when the disk is the bottleneck (both release the GIL). A seek (zip rewrites its local headers)
-    breaks the running hash; `sha256()` then reads the file back.
+    when the disk is the bottleneck (both release the GIL). The bytes go around the page cache where the
+    filesystem allows it (`direct_io`: nothing reads a new checkpoint's bytes back soon, and the kernel's
+    page-cache work was most of a conversion's CPU). A seek (zip rewrites its local headers) breaks the
+    running hash; `sha256()` then reads the file back.
     """
 
     _OVERLAP = 1 << 20  # below this, a second thread costs more than it saves
 
     def __init__(self, path: Path, hasher: ThreadPoolExecutor) -> None:
         self.path = path
-        self._file = open(path, "wb")  # noqa: SIM115 - closed by close()
+        self._file = DirectWriteFile(path)
         self._hash = hashlib.sha256()
         self._hasher = hasher
         self._sequential = True
@@ -207,7 +211,8 @@ class CheckpointWriter:
         """Remove everything written so far."""
         self._hasher.shutdown()
         if self._stream is not None:
-            self._stream.close()
+            with contextlib.suppress(OSError):  # the write that failed (a full disk) is being raised already
+                self._stream.close()
             self._writer = self._stream = None
         for temp in self._temporaries:
             temp.unlink(missing_ok=True)
