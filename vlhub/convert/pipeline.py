@@ -32,7 +32,6 @@ few buffers reused for every tiled tensor (fresh ones cost their pages zeroed: a
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import math
 import os
@@ -70,8 +69,6 @@ _TILES_IN_FLIGHT = 2
 # bytes of tiled tensors the reader may have read into the page cache before the calling thread has tiled them:
 # page cache, not this process's memory, so the reader can keep the disk busy through a long transpose
 _TILED_AHEAD_BYTES = 1 << 30
-# glibc's mallopt parameter for the size from which allocations are mapped on their own
-_M_MMAP_THRESHOLD = -3
 # bytes spliced to /dev/null (or read, where the kernel cannot splice) at a time, to bring a tiled tensor into the
 # page cache
 _CACHE_CHUNK = 64 << 20
@@ -150,7 +147,7 @@ class BufferBudget:
         with self._cond:
             if nbytes in self._spares:
                 return self._take_spare(nbytes).view(dtype).reshape(shape)
-        return np.empty(shape, dtype=dtype)
+        return direct_io.mapped_buffer(nbytes).view(dtype).reshape(shape)
 
     def release(self, array: np.ndarray) -> None:
         """The buffer is done with: its bytes leave the reservation and it becomes a spare if it fits."""
@@ -218,7 +215,7 @@ class TileBuffers:
             if buffer is None and self._unmade > 0:
                 self._unmade -= 1
         if buffer is None or buffer.nbytes < nbytes:
-            buffer = np.empty(max(nbytes, self._nbytes), np.uint8)
+            buffer = direct_io.mapped_buffer(max(nbytes, self._nbytes))
         return buffer
 
     def give_back(self, buffer: np.ndarray) -> None:
@@ -371,23 +368,9 @@ class _Stage:
         self.thread.start()
 
 
-def _return_freed_buffers_to_the_kernel() -> None:
-    """Have glibc map every allocation of 1 MiB or more on its own, so a freed buffer leaves the process.
-
-    By default glibc raises that threshold (up to 32 MiB) once a mapped buffer is freed; from then on the buffers
-    of up to 32 MiB that the stages' threads free stay in its per-thread heaps, and a 7B conversion's peak rose
-    from 518 MB to 595-705 MB. Elsewhere than glibc this does nothing."""
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return
-    mallopt(_M_MMAP_THRESHOLD, 1 << 20)
-
-
 def run_plan(plan: Plan, checkpoint: Checkpoint, writer: CheckpointWriter, *, memory_budget: int = MEMORY_BUDGET,
              tile_bytes: int = TILE_BYTES) -> None:
     """Write every step of `plan` through `writer` (whose tensor order must be `ordered_steps`)."""
-    _return_freed_buffers_to_the_kernel()
     budget = BufferBudget(memory_budget)
     memory_tile_bytes = min(tile_bytes, _MEMORY_TILE_BYTES)
     tiles = TileBuffers(_TILES_IN_FLIGHT, memory_tile_bytes + _ALIGN)  # grown for a block of a mapped source

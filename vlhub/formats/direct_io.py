@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import mmap
 import os
 import threading
 from collections.abc import Iterator
@@ -38,11 +39,16 @@ _O_DIRECT = getattr(os, "O_DIRECT", 0)
 _buffers = threading.local()  # each reading thread's aligned read buffer, reused for every read
 
 
-def aligned_buffer(nbytes: int) -> np.ndarray:
-    """A uint8 array of `nbytes` whose first byte is aligned for direct I/O."""
-    raw = np.empty(nbytes + ALIGN, np.uint8)
-    start = -raw.ctypes.data % ALIGN
-    return raw[start : start + nbytes]
+def mapped_buffer(nbytes: int) -> np.ndarray:
+    """A uint8 array of `nbytes` in memory mapped for it alone: page-aligned (so aligned for direct I/O), and
+    returned to the kernel when the array goes. glibc would keep a freed buffer of up to 32 MiB in the heap of
+    the thread that freed it: buffers freed by a conversion's threads raised a 7B's peak from 518 MB to 705 MB."""
+    if not nbytes:
+        return np.empty(0, np.uint8)
+    region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_HUGEPAGE"):  # as numpy asks for its large arrays: a 2 MiB page faults in at once
+        region.madvise(mmap.MADV_HUGEPAGE)
+    return np.frombuffer(region, np.uint8)
 
 
 def set_direct(fd: int, direct: bool) -> bool:
@@ -94,7 +100,7 @@ def read_chunks(path: Path, offset: int, length: int) -> Iterator[memoryview]:
 def _read_buffer() -> np.ndarray:
     buffer = getattr(_buffers, "read", None)
     if buffer is None or buffer.nbytes < CHUNK:
-        buffer = _buffers.read = aligned_buffer(CHUNK)
+        buffer = _buffers.read = mapped_buffer(CHUNK)
     return buffer
 
 
@@ -149,7 +155,7 @@ class DirectWriteFile:
         self._staging = set_direct(self._fd, True)  # the caller's side: bytes go through the staging buffers
         self._position = 0
         self._staged = 0
-        self._buffers = [aligned_buffer(CHUNK), aligned_buffer(CHUNK)] if self._staging else []
+        self._buffers = [mapped_buffer(CHUNK), mapped_buffer(CHUNK)] if self._staging else []
         self._pending: Future | None = None
         self._flusher = ThreadPoolExecutor(1, thread_name_prefix="vlhub-direct-write") if self._staging else None
 
