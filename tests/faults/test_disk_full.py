@@ -30,7 +30,7 @@ import pytest
 
 from tests.helpers import one_line_error, run_vlhub, small_sharded_source
 from vlhub import embeddings
-from vlhub.formats import writers
+from vlhub.formats import direct_io, writers
 from vlhub.units import parse_size
 
 FULL = OSError(errno.ENOSPC, "No space left on device")
@@ -105,6 +105,21 @@ def _fill_shard_writer(monkeypatch: pytest.MonkeyPatch, disk: _Disk) -> None:
     monkeypatch.setattr(writers._HashingFile, "write", write)
 
 
+def _fill_staged_writes(monkeypatch: pytest.MonkeyPatch, disk: _Disk) -> None:
+    """The disk fills under the writer's own thread (`direct_io`'s staged buffers, 64 KB here so that a tiny
+    model's shards fill many), not under the caller's write."""
+    real = direct_io.DirectWriteFile._write_block
+
+    def write_block(self: Any, view: memoryview) -> None:
+        granted = disk.take(len(view))
+        real(self, view[:granted])
+        if granted < len(view):
+            raise FULL
+
+    monkeypatch.setattr(direct_io, "CHUNK", 64 << 10)
+    monkeypatch.setattr(direct_io.DirectWriteFile, "_write_block", write_block)
+
+
 def _fill_kernel_copies(monkeypatch: pytest.MonkeyPatch, disk: _Disk) -> None:
     real = os.copy_file_range
 
@@ -151,14 +166,16 @@ def _fill_table_files(monkeypatch: pytest.MonkeyPatch, disk: _Disk) -> None:
 
 @pytest.mark.parametrize("to", ["safetensors", "paddle"])
 @pytest.mark.parametrize("overwrite", [False, True], ids=["new --out", "--overwrite"])
-def test_convert(source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, to: str, overwrite: bool) -> None:
+@pytest.mark.parametrize("fill", [_fill_shard_writer, _fill_staged_writes], ids=["write", "staged write"])
+def test_convert(source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, to: str, overwrite: bool,
+                 fill: Callable[[pytest.MonkeyPatch, _Disk], None]) -> None:
     out = tmp_path / "out"
     if overwrite:  # an older output, which must stay as it was
         assert run_vlhub("convert", str(source), "--to", to, "--out", str(out), "--dtype", "float32",
                          "--no-smoke").returncode == 0
     older = _digests(out) if overwrite else None
     before, total = _digests(source), _size(source)
-    _fill_shard_writer(monkeypatch, _Disk(total // 2))
+    fill(monkeypatch, _Disk(total // 2))
 
     result = run_vlhub("convert", str(source), "--to", to, "--out", str(out), "--no-smoke",
                        *(["--overwrite"] if overwrite else []))

@@ -160,3 +160,54 @@ def test_a_disk_that_fills_behind_the_writer_is_raised_by_the_next_call(tmp_path
     with contextlib.suppress(OSError):  # what is still staged meets the same full disk
         file.close()
     file.close()  # the descriptor is released: closing again does nothing
+
+
+def test_a_kernel_without_huge_pages_still_gives_buffers(monkeypatch) -> None:
+    """madvise(MADV_HUGEPAGE) fails with EINVAL on a kernel built without transparent huge pages (as for an advice
+    it does not know, which this stands in for): the buffer is made without it, as numpy does."""
+    monkeypatch.setattr(direct_io.mmap, "MADV_HUGEPAGE", 0x7FFF, raising=False)
+    buffer = direct_io.mapped_buffer(3 * direct_io.ALIGN)
+    buffer[:] = 7
+    assert buffer.nbytes == 3 * direct_io.ALIGN and buffer.ctypes.data % direct_io.ALIGN == 0 and buffer.all()
+
+
+def test_small_writes_are_gathered_without_o_direct(tmp_path: Path, monkeypatch) -> None:
+    """Where the filesystem refuses O_DIRECT (and after a seek) a pickle's one-byte opcodes still reach the kernel
+    in whole buffers, not one system call each."""
+    _refuse_direct(monkeypatch, on="set")
+    calls: list[int] = []
+    real_write = os.write
+    monkeypatch.setattr(os, "write", lambda fd, data: calls.append(len(memoryview(data))) or real_write(fd, data))
+    path = tmp_path / "out.bin"
+    file = DirectWriteFile(path)
+    for value in range(5 * CHUNK):
+        file.write(bytes([value % 251]))
+    file.close()
+    assert path.read_bytes() == bytes(value % 251 for value in range(5 * CHUNK))
+    assert len(calls) == 5
+
+
+def test_a_close_that_fails_is_not_repeated_on_another_file(tmp_path: Path, monkeypatch) -> None:
+    """A close that reports a delayed write error (NFS, FUSE) has freed the descriptor all the same; closing again
+    (the writer's abort does) must not close whatever file got that number since."""
+    closed: list[int] = []
+    real_close = os.close
+
+    def failing_close(fd: int) -> None:
+        real_close(fd)
+        closed.append(fd)
+        raise OSError(errno.EIO, "Input/output error")
+
+    file = DirectWriteFile(tmp_path / "out.bin")
+    file.write(b"x" * 10)
+    monkeypatch.setattr(os, "close", failing_close)
+    with pytest.raises(OSError, match="Input/output error"):
+        file.close()
+    monkeypatch.setattr(os, "close", real_close)
+    other = os.open(tmp_path / "other", os.O_WRONLY | os.O_CREAT)  # may get the freed number
+    try:
+        file.close()
+        os.fstat(other)  # still open
+    finally:
+        real_close(other)
+    assert len(closed) == 1

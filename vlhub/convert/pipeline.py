@@ -11,23 +11,24 @@ written from serves the next tensor of that size. Fresh memory costs a page faul
 project's machines that made a 7B conversion a third slower.
 
 A step whose buffers would exceed `TILE_BYTES` (`lm_head`, the MLP weights) is tiled: its output is made in
-consecutive blocks of the output's C order, each at most a tile, and the writer streams them into the file (and
-its hash) in order. A transposed block [c0:c1] is source columns c0:c1 of every source row: they are copied out of
-a memory map of the file, a window of source rows at a time, so only the page cache holds the tensor whole. The
-peak therefore does not grow with the largest tensor. The stages keep their roles: the reader brings the tiled
-tensor's bytes into the page cache once, sequentially (at most 1 GB of them ahead), and the calling thread builds
-the blocks from there while the reader reads the next tensors from disk. Tensors a file does not store plainly in
-C order (pickled views) are still read whole.
+consecutive blocks of the output's C order, and the writer streams them into the file (and its hash) in order. A
+transposed block [c0:c1] is source columns c0:c1 of every source row, so the block needs the whole source: a
+source of at most half the budget (a 7B's MLP weights, 136 MB) is read into a budget buffer, so one can be read
+while another is tiled, and its blocks (16 MB) are transposed from memory; a larger one (an lm_head, a 72B's MLP
+weights) is read into the page cache once, sequentially (at most 1 GB of them ahead), and each block (64 MB:
+every block maps the whole tensor) is copied out of a memory map of the file, a window of source rows at a
+time. A cast alone reads each block from the file. The peak therefore does not grow with the largest tensor.
+Tensors a file does not store plainly in C order (pickled views) are still read whole.
 
 A step joined from parts (a mixture's experts stored one entry each, joined into the official [experts, ., .]
 tensor) is made one expert at a time: the reader joins an expert's parts into its slice of the output, already
 in the output's orientation, and the writer streams the slices in order; memory holds a few experts, not the
 tensor (at 397B-A17B one joined tensor is 8.6 GB).
 
-On this project's machines the kernel's copies are most of a conversion's CPU (`perf record` of a 7B conversion:
-the reader's copies 19%, the writer's 17%), and the conversion runs as fast as its CPU allows: so the reader
-splices a tiled tensor to /dev/null (the page cache fills, nothing is copied out), and the blocks are made in a
-few buffers reused for every tiled tensor (fresh ones cost their pages zeroed: another 12%).
+Bytes stored plainly are read, and every file written, around the page cache where the filesystem allows it
+(`direct_io`): on this project's machines the kernel's page-cache work was most of a conversion's CPU, and a
+conversion reads and writes every byte once. Its buffers are mapped on their own (`direct_io.mapped_buffer`),
+so a freed one leaves the process.
 """
 
 from __future__ import annotations

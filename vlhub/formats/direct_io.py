@@ -16,6 +16,7 @@ one of its reads or writes, the same calls read and write through the page cache
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import mmap
@@ -47,7 +48,8 @@ def mapped_buffer(nbytes: int) -> np.ndarray:
         return np.empty(0, np.uint8)
     region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     if hasattr(mmap, "MADV_HUGEPAGE"):  # as numpy asks for its large arrays: a 2 MiB page faults in at once
-        region.madvise(mmap.MADV_HUGEPAGE)
+        with contextlib.suppress(OSError):  # a kernel built without huge pages refuses (as numpy, go on without)
+            region.madvise(mmap.MADV_HUGEPAGE)
     return np.frombuffer(region, np.uint8)
 
 
@@ -143,35 +145,33 @@ def _read_buffered(fd: int, offset: int, length: int) -> Iterator[memoryview]:
 class DirectWriteFile:
     """A new file written front to back, around the page cache where the filesystem allows it.
 
-    Writes are copied into one of two aligned staging buffers; a full one is written by a thread of its own while
-    the next fills, so the device and the caller work at once. A seek (zip writers rewrite their headers), and the
-    close, write what is staged without O_DIRECT and go on through the page cache. Errors of a background write
+    Writes are copied into one of two staging buffers (aligned); a full one is written by a thread of its own
+    while the next fills, so the device and the caller work at once. A seek (zip writers rewrite their headers)
+    writes what is staged and goes on through the page cache, as does a file whose filesystem refuses O_DIRECT;
+    the staging still gathers small writes (a pickle's opcodes) into large ones. Errors of a background write
     (a full disk) are raised by the next call.
     """
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._buffers = [mapped_buffer(CHUNK), mapped_buffer(CHUNK)]
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
-        self._staging = set_direct(self._fd, True)  # the caller's side: bytes go through the staging buffers
+        self._direct = set_direct(self._fd, True)  # until a seek: the writing thread may also turn it off
         self._position = 0
         self._staged = 0
-        self._buffers = [mapped_buffer(CHUNK), mapped_buffer(CHUNK)] if self._staging else []
         self._pending: Future | None = None
-        self._flusher = ThreadPoolExecutor(1, thread_name_prefix="vlhub-direct-write") if self._staging else None
+        self._flusher = ThreadPoolExecutor(1, thread_name_prefix="vlhub-direct-write")
 
     def write(self, data: bytes | memoryview) -> int:
         view = memoryview(data).cast("B")
-        if not self._staging:
-            _write_all(self._fd, view)
-        else:
-            done = 0
-            while done < len(view):
-                take = min(CHUNK - self._staged, len(view) - done)
-                self._buffers[0][self._staged : self._staged + take] = view[done : done + take]
-                self._staged += take
-                done += take
-                if self._staged == CHUNK:
-                    self._write_staged()
+        done = 0
+        while done < len(view):
+            take = min(CHUNK - self._staged, len(view) - done)
+            self._buffers[0][self._staged : self._staged + take] = view[done : done + take]
+            self._staged += take
+            done += take
+            if self._staged == CHUNK:
+                self._write_staged()
         self._position += len(view)
         return len(view)
 
@@ -180,7 +180,6 @@ class DirectWriteFile:
         self._wait()
         full = self._buffers[0]
         self._buffers.reverse()
-        assert self._flusher is not None
         self._pending = self._flusher.submit(self._write_block, memoryview(full))
         self._staged = 0
 
@@ -188,7 +187,7 @@ class DirectWriteFile:
         try:
             written = os.write(self._fd, view)
         except OSError as exc:
-            if exc.errno not in _REFUSED:
+            if exc.errno not in _REFUSED or not self._direct:
                 raise
             written = 0
         if written < len(view):  # refused, or the device took part of the block: the rest through the page cache
@@ -200,13 +199,12 @@ class DirectWriteFile:
             pending, self._pending = self._pending, None
             pending.result()
 
-    def _stop_staging(self) -> None:
-        """Write what is staged and go on through the page cache (for a seek, or the file's last bytes)."""
-        if not self._staging:
-            return
+    def _write_what_is_staged(self) -> None:
+        """Write what is staged, through the page cache from here on (its length is no whole block)."""
         self._wait()
-        self._staging = False
-        set_direct(self._fd, False)
+        if self._direct:
+            self._direct = False
+            set_direct(self._fd, False)
         _write_all(self._fd, memoryview(self._buffers[0][: self._staged]))
         self._staged = 0
 
@@ -214,7 +212,7 @@ class DirectWriteFile:
         return self._position
 
     def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
-        self._stop_staging()
+        self._write_what_is_staged()
         self._position = os.lseek(self._fd, offset, whence)
         return self._position
 
@@ -225,20 +223,21 @@ class DirectWriteFile:
         return True
 
     def flush(self) -> None:
-        """Staged bytes wait for a whole buffer, or the close."""
+        """Staged bytes wait for a whole buffer, a seek or the close."""
 
     def close(self) -> None:
         """Write what is staged and close; a write that failed in the background is raised here."""
         if self._fd < 0:
             return
         try:
-            self._stop_staging()
+            self._write_what_is_staged()
         finally:
-            if self._flusher is not None:
-                self._flusher.shutdown()
-            os.close(self._fd)
-            self._fd = -1
+            self._flusher.shutdown()
+            # forgotten before it is closed: a close that reports an error has still freed the number, which
+            # another file may get at once
+            fd, self._fd = self._fd, -1
             self._buffers = []
+            os.close(fd)
 
 
 def _write_all(fd: int, view: memoryview) -> None:
