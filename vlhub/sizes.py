@@ -144,14 +144,20 @@ def check_pixel_count(value: int, option: str = "--max-pixels") -> int:
 
 
 def parse_pixel_count(text: str, option: str, what: str, example: int, *, or_image: bool = False) -> int:
-    """A pixel count typed for `option` (921600, or with thousands separators: 921,600 and 921_600), checked by
+    """A pixel count typed for `option` (921600, or with thousands separators: 921_600, 1,003,520), checked by
     `check_pixel_count`. A size typed instead (1280x720, or llm_convert's 1280,720) is answered in one line with its
     pixel count (`what` names the count: "the processor's max_pixels, the largest image's"), and with
-    `or_image` with the --image that gives that size."""
+    `or_image` with the --image that gives that size. One comma before three digits (921,600) reads either way,
+    a count or llm_convert's size: answered in one line with both."""
     digits = text.strip().replace("_", "")
-    if re.fullmatch(r"\d{1,3}(,\d{3})+", digits):
+    if re.fullmatch(r"\d{1,3},\d{3}", digits):
+        width, height = (int(side) for side in digits.split(","))
+        count = int(digits.replace(",", ""))
+        raise UserError(f"{option} {text} reads two ways: {count} pixels, or llm_convert's {width},{height} "
+                        f"({width * height} pixels): write {option} {count} or {option} {width * height}")
+    if re.fullmatch(r"\d{1,3}(,\d{3}){2,}", digits):
         digits = digits.replace(",", "")
-    if digits.isdigit():
+    if re.fullmatch(r"[0-9]+", digits):
         return check_pixel_count(int(digits), option)
     if re.fullmatch(r"\s*\d+\s*[x,]\s*\d+\s*", text.lower()):
         width, height = parse_size_pair(text.lower().replace(",", "x"), option)

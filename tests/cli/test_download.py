@@ -305,7 +305,16 @@ def test_modelscope_with_hf_hub_offline_opens_no_connection(modelscope: FakeMode
     again = run_vlhub("download", "qwen2-vl-2b", "--source", "modelscope", "-q", env=offline)
     assert (again.returncode, again.stdout) == (0, online.stdout), again.stderr
     assert modelscope.requests == []
-    (Path(online.stdout.strip()) / SHARD).unlink()
+    shard = Path(online.stdout.strip()) / SHARD
+    damaged = bytearray(shard.read_bytes())
+    damaged[-1] ^= 0xFF  # the same size: only its hash tells
+    shard.write_bytes(bytes(damaged))
+    assert run_vlhub("cache", "verify", env=offline).returncode == 1  # found: no longer recorded as checked
+    line = one_line_error(run_vlhub("download", "qwen2-vl-2b", "--source", "modelscope", env=offline), code=1,
+                          after_progress=True)
+    assert SHARD in line and "HF_HUB_OFFLINE" in line, line
+    assert modelscope.requests == []  # not fetched afresh behind the user's back
+    shard.unlink()
     line = one_line_error(run_vlhub("download", "qwen2-vl-2b", "--source", "modelscope", env=offline))
     assert SHARD in line and "1 file" in line, line
     assert modelscope.requests == []

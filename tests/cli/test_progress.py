@@ -94,7 +94,9 @@ def test_plural(count: int, noun: str, many: str | None, said: str) -> None:
 @pytest.mark.parametrize("env", [{}, TERMINAL], ids=["piped", "terminal"])
 def test_threads_may_count_bytes_at_once(env: dict[str, str], monkeypatch: pytest.MonkeyPatch,
                                          capsys: pytest.CaptureFixture[str]) -> None:
-    """A download's files report their bytes from several threads: one bar (or one first line), an exact count."""
+    """A download's files report their bytes from several threads: one bar (or one first line), an exact count.
+    This checks the result; CPython 3.11 did not show the race even with the counter's lock taken out (30 runs, and
+    with a 1 us switch interval), so it does not prove the lock, which stays for interpreters that would."""
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     from vlhub.cli import _output

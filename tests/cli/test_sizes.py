@@ -66,11 +66,11 @@ def test_llm_convert_s_own_spelling_is_read_with_a_one_line_note(tiny_qwen2_vl: 
     # a size typed where a pixel count is asked for: its count in one line (plan's was click's four-line usage
     # error), and llm_convert's W,H is a size too, not 1,280,720 pixels (vamc took it as that count)
     (["plan", "qwen2-vl-7b", "--image", "1280x720", "--max-pixels", "1280x720"],
-     "--max-pixels 1280x720: the processor's max_pixels, the largest image's pixel count, e.g. --max-pixels 921600 "
-     "(1280x720)"),
+     ("--max-pixels 1280x720: the processor's max_pixels, the largest image's pixel count, e.g. --max-pixels 921600 "
+      "(1280x720)")),
     (["plan", "qwen2-vl-7b", "--image", "1280x720", "--min-pixels", "56X56"],
-     "--min-pixels 56X56: the processor's min_pixels, the smallest image's pixel count, e.g. --min-pixels 3136 "
-     "(56x56)"),
+     ("--min-pixels 56X56: the processor's min_pixels, the smallest image's pixel count, e.g. --min-pixels 3136 "
+      "(56x56)")),
     (["plan", "qwen2-vl-7b", "--image", "1280x720", "--max-pixels", "lots"], "--max-pixels 'lots': the processor's"),
     (["convert", "tiny-qwen2-vl", "--to", "vamc", "--max-pixels", "1280,720", "--dry-run"],
      "--max-pixels 1280,720: for --to vamc the largest image's pixel count, e.g. --max-pixels 921600 (1280x720)"),
@@ -85,11 +85,25 @@ def test_sizes_out_of_bounds_are_one_line_exit_2(args: list[str], says: str, tin
 
 
 def test_a_pixel_count_may_be_written_with_separators() -> None:
-    """921_600 and 921,600 (thousands) are 921600, as vamc has read them; plan reads them the same way."""
-    plain = run_vlhub("plan", "qwen2-vl-7b", "--image", "1280x720", "--max-pixels", "921600", "--json")
-    for written in ("921,600", "921_600"):
+    """921_600 is 921600, and so is 1,003,520 read as 1003520; plan and vamc read them the same way."""
+    for plain, written in (("921600", "921_600"), ("1003520", "1,003,520")):
+        expected = run_vlhub("plan", "qwen2-vl-7b", "--image", "1280x720", "--max-pixels", plain, "--json")
         result = run_vlhub("plan", "qwen2-vl-7b", "--image", "1280x720", "--max-pixels", written, "--json")
-        assert result.returncode == 0 and result.stdout == plain.stdout, result.stderr
+        assert result.returncode == 0 and result.stdout == expected.stdout, result.stderr
+
+
+@pytest.mark.parametrize("command", [["plan", "qwen2-vl-7b", "--image", "1280x720"],
+                                     ["convert", "tiny-qwen2-vl", "--to", "vamc", "--dry-run"]])
+def test_one_comma_before_three_digits_is_answered_with_both_readings(command: list[str], tiny_qwen2_vl: Path) -> None:
+    """640,480 is llm_convert's size as much as a count with a thousands separator: it was read as 640480 pixels."""
+    line = one_line_error(run_vlhub(*command, "--max-pixels", "640,480"))
+    assert "640480 pixels" in line and "640,480 (307200 pixels)" in line, line
+
+
+@pytest.mark.parametrize("written", ["\u00b2", "\u0663\u0660\u0660"])  # a superscript two; Arabic-Indic 300
+def test_digits_python_knows_but_int_does_not_are_one_line(written: str) -> None:
+    assert "--max-pixels" in one_line_error(run_vlhub("plan", "qwen2-vl-7b", "--image", "1280x720",
+                                                      "--max-pixels", written))
 
 
 def test_the_vamc_readme_names_its_images_as_plan_does(tiny_qwen2_vl: Path, tmp_path: Path) -> None:

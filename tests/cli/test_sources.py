@@ -5,7 +5,6 @@ its cached snapshot; and the source a conversion records, absolute, so `vlhub sm
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -97,9 +96,10 @@ def test_a_repo_downloaded_at_another_revision_is_found_by_vlhubs_record(
     assert Path(json.loads(inspected.stdout)["path"]).name == commit
 
 
-def test_a_repo_id_not_downloaded_says_to_download_it(env: dict[str, str], tmp_path: Path) -> None:
+def test_a_repo_id_not_downloaded_says_to_download_it(env: dict[str, str], hub: FakeHub) -> None:
+    hub.requests.clear()
     for command in (["inspect"], ["plan"], ["convert", "--to", "safetensors"]):
         args = [command[0], "tiny-org/Not-Here", *command[1:]]
         line = one_line_error(run_vlhub(*args, env=env))
         assert "`vlhub download tiny-org/Not-Here`" in line and "no such file or directory" in line, line
-    assert not os.listdir(tmp_path / "hf") if (tmp_path / "hf").exists() else True  # nothing was fetched
+    assert hub.requests == []  # nothing was asked of the hub, let alone fetched

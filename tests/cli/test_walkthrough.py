@@ -1,7 +1,9 @@
 """docs/walkthrough.md, run as a user runs it: every `$ ` command of its console blocks in order, in a shell, against
 the fake hub serving the checkpoint the page names (a Qwen2.5-VL that transformers saved from a tiny config), with
-fresh caches. Each command must exit as the page shows (`$ echo $?` after it, else 0), print the first and the last
-line the page shows for it, and a `find` listing must hold exactly the files the page lists. Lines are compared
+fresh caches. Each command must exit as the page shows (`$ echo $?` after it, else 0), print every line the page shows
+for it in the page's order (stdout's lines, then stderr's: the page shows them as a terminal interleaves them, so
+a command whose shown lines mix the two is compared stream by stream), and a `find` listing must hold exactly the
+files the page lists. Lines are compared
 with the run's paths and the mirror's URL put in, digits masked (times, dates, free memory vary) and spaces collapsed
 (table widths vary): not byte for byte."""
 
@@ -91,12 +93,17 @@ def test_the_walkthrough_runs_as_the_page_shows(mirror: FakeHub, tmp_path: Path)
         result = subprocess.run(["bash", "-c", command], check=False, cwd=cwd, env=env, capture_output=True, text=True,
                                 timeout=120)
         ran += 1
-        printed = {comparable(line) for line in (result.stdout + result.stderr).splitlines()}
+        streams = [[comparable(line) for line in text.splitlines()] for text in (result.stdout, result.stderr)]
         assert result.returncode == step.code, f"{step.command}: exit {result.returncode}\n{result.stderr}"
         shown = [here(line) for line in step.shown if line != SKIPPED]
         if step.command.startswith("find "):
             assert sorted(result.stdout.splitlines()) == sorted(shown), step.command  # `sort` follows the locale
             continue
-        for line in (shown[0], shown[-1]):
-            assert comparable(line) in printed, f"{step.command}: no {line!r} in\n{result.stdout}{result.stderr}"
+        # every line the page shows, in the page's order within its stream (lines it leaves out, `...`, between)
+        found = [0, 0]  # where the next line of stdout, of stderr, is looked for
+        for line in shown:
+            wanted = comparable(line)
+            stream = next((i for i in (0, 1) if wanted in streams[i][found[i]:]), None)
+            assert stream is not None, f"{step.command}: no {line!r} (in this order) in\n{result.stdout}{result.stderr}"
+            found[stream] += streams[stream][found[stream]:].index(wanted) + 1
     assert ran >= 10

@@ -229,3 +229,17 @@ def test_a_download_record_reads_back_typed_and_keeps_its_json_form(tmp_path: Pa
     assert json.loads(path.read_text()) == written
     path.write_text(json.dumps({**written, "files": {"config.json": ["not", "an", "entry"]}}))
     assert load_record("huggingface", "Org/Name", "c" * 40) is None  # a record from elsewhere is ignored
+
+
+def test_a_proxy_named_without_its_scheme_is_an_http_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`http_proxy=127.0.0.1:3128` is a common spelling that httpx and requests read as http://127.0.0.1:3128;
+    the probe once took it for a proxy with no host and failed every ModelScope download behind it."""
+    from vlhub.hub.download import proxy_for
+
+    for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "no_proxy", "NO_PROXY", "all_proxy",
+                 "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("https_proxy", "127.0.0.1:3128")
+    assert proxy_for("https://modelscope.cn") == ("http://127.0.0.1:3128", "HTTPS_PROXY")
+    monkeypatch.setenv("https_proxy", "socks5://127.0.0.1:1080")
+    assert proxy_for("https://modelscope.cn") == ("socks5://127.0.0.1:1080", "HTTPS_PROXY")

@@ -61,8 +61,8 @@ _MEMORY_TILE_BYTES = 16 << 20
 # windows of source rows mapped at a time (at most a tile): the mapped pages count as resident while mapped
 _WINDOW_BYTES = 16 << 20
 # The buffers read ahead: untiled tensors (each costs at most a tile, or it would be tiled), and the sources of
-# tiled transposes read into memory, each at most half of this, so one can be read while another is tiled
-# (a 7B's MLP weights, 136 MB; a 72B's, 484 MB, go through the page cache).
+# tiled transposes read into memory, each at most half of this, so one can be read while another is tiled (a
+# 7B's MLP weights, 136 MB, are; a 72B's, 484 MB, and lm_heads go through the page cache instead).
 MEMORY_BUDGET = 280 << 20
 # blocks of a tiled tensor in flight between the calling thread and the writer; buffers of their own, so a
 # reader that has reserved its budget for the tensors after a tiled one cannot stall the tiling

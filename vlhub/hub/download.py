@@ -128,6 +128,8 @@ def proxy_for(endpoint: str) -> tuple[str, str] | None:
     proxy = getproxies().get(parts.scheme)
     if proxy is None or proxy_bypass(parts.hostname or ""):
         return None
+    if "://" not in proxy:  # `host:port`, as httpx and requests read it
+        proxy = "http://" + proxy
     return proxy, f"{parts.scheme.upper()}_PROXY"
 
 

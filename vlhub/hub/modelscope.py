@@ -68,7 +68,8 @@ class ModelScopeDownload:
         self.snapshot = (self.cache_dir / "models" / ref.repo_id.replace("/", "--") / "snapshots" / ref.revision)
         from huggingface_hub import constants
 
-        if constants.HF_HUB_OFFLINE:  # vlhub's offline switch for either hub: the cache's copy, no connection
+        self.offline = bool(constants.HF_HUB_OFFLINE)
+        if self.offline:  # vlhub's offline switch for either hub: the cache's copy, no connection
             self.record = cached_record(load_record(ref.source, ref.repo_id, self.commit), ref, options,
                                         self.cache_dir)
             self.snapshot = Path(self.record.path)  # the client may have used an older SDK's folder
@@ -132,6 +133,10 @@ class ModelScopeDownload:
                                            hash_file(self.snapshot / file.path, file, on_bytes) != file.sha256):
                 missing.append(file)
 
+        if missing and self.offline:  # the cache's copy is damaged, and the hub may not be asked for another
+            raise CheckFailed(f"{', '.join(f.path for f in missing)} of {self.ref} in the cache ({self.snapshot}): "
+                              "not the sha256 ModelScope lists, and HF_HUB_OFFLINE is set: run the same command where "
+                              "the hub is reachable to download afresh")
         counted = threading.Lock()
 
         def received(n: int) -> None:

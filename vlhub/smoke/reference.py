@@ -23,7 +23,6 @@ from vlhub.keymaps.config import text_config, tie_word_embeddings
 from vlhub.smoke.inputs import MASKED, SmokeInput, VisionInputs
 from vlhub.smoke.weights import ModelWeights
 
-
 # ---------------------------------------------------------------------------------------------- ops
 
 def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
@@ -312,6 +311,10 @@ class MRopeDecoderForward(ReferenceForward):
     def head_dim(self) -> int:
         return self.text["hidden_size"] // self.text["num_attention_heads"]
 
+    def rms_eps(self) -> float:
+        """The RMSNorms' epsilon: config.json's `rms_norm_eps` (transformers saves it in every release)."""
+        return float(self.text["rms_norm_eps"])
+
     def qk_norm(self, q: np.ndarray, k: np.ndarray, prefix: str) -> tuple[np.ndarray, np.ndarray]:
         """q [L, heads, d] and k [L, kv heads, d] as the rotary takes them (as they are by default)."""
         return q, k
@@ -336,7 +339,7 @@ class MRopeDecoderForward(ReferenceForward):
         t = self.text
         p = f"{self.text_prefix}layers.{layer}."
         heads, kv_heads = t["num_attention_heads"], t["num_key_value_heads"]
-        h = rms_norm(x, self.w(p + "input_layernorm.weight"), t["rms_norm_eps"])
+        h = rms_norm(x, self.w(p + "input_layernorm.weight"), self.rms_eps())
         q = self.dense(h, p + "self_attn.q_proj").reshape(len(x), heads, -1)
         k = self.dense(h, p + "self_attn.k_proj").reshape(len(x), kv_heads, -1)
         v = self.dense(h, p + "self_attn.v_proj").reshape(len(x), kv_heads, -1)
@@ -344,7 +347,7 @@ class MRopeDecoderForward(ReferenceForward):
         keys, values = cache.extend(layer, apply_rotary(k, cos, sin), v)
         x = x + self.dense(attention(apply_rotary(q, cos, sin), keys, values, mask), p + "self_attn.o_proj",
                            bias=False)
-        h = rms_norm(x, self.w(p + "post_attention_layernorm.weight"), t["rms_norm_eps"])
+        h = rms_norm(x, self.w(p + "post_attention_layernorm.weight"), self.rms_eps())
         return x + self.mlp(h, layer, p)
 
     def routed_experts(self, h: np.ndarray, prefix: str, top_k: int, *, transposed: bool,
@@ -371,7 +374,7 @@ class MRopeDecoderForward(ReferenceForward):
         return out
 
     def final_norm(self, x: np.ndarray) -> np.ndarray:
-        return rms_norm(x, self.w(self.text_prefix + "norm.weight"), self.text["rms_norm_eps"])
+        return rms_norm(x, self.w(self.text_prefix + "norm.weight"), self.rms_eps())
 
     def lm_head(self) -> str:
         return self.embedding if tie_word_embeddings(self.config) else "lm_head.weight"

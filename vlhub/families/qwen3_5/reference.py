@@ -141,8 +141,7 @@ class Reference(TableVisionForward):
         return interleaved_mrope(position_ids, self._rotary_dim, float(rope.get("rope_theta", DEFAULT_ROPE_THETA)),
                                  rope.get("mrope_section", DEFAULT_MROPE_SECTION))
 
-    @cached_property
-    def _eps(self) -> float:
+    def rms_eps(self) -> float:
         return float(self._dims["eps"])  # type: ignore[arg-type]
 
     @cached_property
@@ -153,7 +152,7 @@ class Reference(TableVisionForward):
 
     def norm(self, x: np.ndarray, name: str) -> np.ndarray:
         """A zero-centred RMSNorm: x / rms(x) * (1 + w)."""
-        return rms_norm(x, 1 + self.w(name), self._eps)
+        return rms_norm(x, 1 + self.w(name), self.rms_eps())
 
     def final_norm(self, x: np.ndarray) -> np.ndarray:
         return self.norm(x, self.text_prefix + "norm.weight")
@@ -209,7 +208,7 @@ class Reference(TableVisionForward):
         out, state = gated_delta_rule(q, k, v, g, beta, state)
         cache.states[layer] = (past_inputs, state)
         z = self.dense(h, p + "in_proj_z", bias=False).reshape(len(h), nv, dv)
-        out = rms_norm(out, self.w(p + "norm.weight"), self._eps) * silu(z)  # silu here whatever hidden_act
+        out = rms_norm(out, self.w(p + "norm.weight"), self.rms_eps()) * silu(z)  # silu here whatever hidden_act
         return self.dense(out.reshape(len(h), nv * dv), p + "out_proj", bias=False)
 
     # -- MoE

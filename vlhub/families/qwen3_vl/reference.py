@@ -55,8 +55,13 @@ class Reference(TableVisionForward):
         tied = (self.weights.checkpoint.config or {}).get("tie_word_embeddings", False)
         return self.embedding if tied else "lm_head.weight"
 
+    def rms_eps(self) -> float:
+        """`rms_norm_eps`, or the key map's default where config.json leaves it out (as transformers defaults it)."""
+        config = self.weights.checkpoint.config or self.config
+        return float(self.weights.plan.keymap.resolve_dims(config)["eps"])  # type: ignore[arg-type]
+
     def qk_norm(self, q: np.ndarray, k: np.ndarray, prefix: str) -> tuple[np.ndarray, np.ndarray]:
-        eps = self.text["rms_norm_eps"]
+        eps = self.rms_eps()
         return (rms_norm(q, self.w(prefix + "self_attn.q_norm.weight"), eps),
                 rms_norm(k, self.w(prefix + "self_attn.k_norm.weight"), eps))
 

@@ -415,7 +415,6 @@ def _planned_for(config: dict, options: VamcOptions) -> list[str]:
     return ["", f"Planned for `--image` (width x height) {sizes}."]
 
 
-
 def _patch_values(config: dict) -> int:
     """Values per patch row: 3 channels x temporal patch x patch x patch (1176)."""
     geometry = VisionGeometry.from_config(config)
